@@ -1,0 +1,75 @@
+//! Diagnostics: what is wrong in a spec, and where, rendered like a compiler's.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// A position in the spec's text: line and column, both counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+pub struct Pos {
+    pub line: u32,
+    pub col: u32,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+/// One problem found in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Diagnostic {
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn error(pos: Pos, message: impl Into<String>) -> Self {
+        Diagnostic { pos, message: message.into() }
+    }
+
+    /// The one-line form tools parse: `PATH:LINE:COL: error: MESSAGE`.
+    pub fn line(&self, path: &str) -> String {
+        format!("{path}:{}:{}: error: {}", self.pos.line, self.pos.col, self.message)
+    }
+
+    /// The one-line form followed by the offending source line and a caret under the column,
+    /// as compilers print them.
+    pub fn render(&self, path: &str, source: &str) -> String {
+        let mut out = self.line(path);
+        let line_no = self.pos.line as usize;
+        if let Some(text) = source.lines().nth(line_no.saturating_sub(1)) {
+            let gutter = line_no.to_string();
+            let pad = " ".repeat(gutter.len());
+            let caret_at: String = text
+                .chars()
+                .take((self.pos.col as usize).saturating_sub(1))
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            out.push_str(&format!("\n{pad} |\n{gutter} | {text}\n{pad} | {caret_at}^"));
+        }
+        out
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: error: {}", self.pos, self.message)
+    }
+}
+
+/// Suggests the closest of `candidates` to a misspelt `word`, if one is close enough.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// ` (did you mean 'x'?)` or nothing.
+pub(crate) fn suggestion<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    did_you_mean(word, candidates).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default()
+}

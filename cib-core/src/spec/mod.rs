@@ -1,0 +1,80 @@
+//! The build spec, `.cib.yml`: reading it, checking it, and describing it as a JSON Schema.
+//!
+//! Reading goes in three stages, each reporting every problem it finds with a line and column:
+//! YAML text to a tree of positioned nodes (`yaml`), the tree to the raw serde types (`de`,
+//! `raw`), and the raw types to the checked model the engine runs (`validate`, `model`).
+//! Nothing here does I/O: callers hand in the text.
+
+mod de;
+mod diag;
+pub mod model;
+pub mod raw;
+mod types;
+mod validate;
+mod yaml;
+
+pub use diag::{Diagnostic, Pos, did_you_mean};
+pub use model::*;
+pub use types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
+pub use validate::DEFAULT_LAYOUT;
+
+/// The conventional file name of a spec, at the root of a repository.
+pub const FILE_NAME: &str = ".cib.yml";
+
+/// Reads and checks a spec. On failure, every problem found, sorted by position.
+///
+/// When some values are malformed, the rest of the spec is still checked, so that one run shows
+/// every problem. Checks of references (to steps, services, pipelines) are then left out, since
+/// the thing referred to may be one of the malformed values.
+pub fn parse(source: &str) -> Result<Spec, Vec<Diagnostic>> {
+    let (raw, mut diags) = read(source);
+    let Some(raw) = raw else { return Err(diags) };
+    match validate::validate(raw, !diags.is_empty()) {
+        Ok(spec) if diags.is_empty() => Ok(spec),
+        Ok(_) => Err(diags),
+        Err(more) => {
+            diags.extend(more);
+            diags.sort();
+            diags.dedup();
+            Err(diags)
+        }
+    }
+}
+
+/// Reads a spec into its raw form, without the checks that need the whole spec.
+pub fn parse_raw(source: &str) -> Result<raw::RawSpec, Vec<Diagnostic>> {
+    match read(source) {
+        (Some(v), diags) if diags.is_empty() => Ok(v),
+        (_, diags) => Err(diags),
+    }
+}
+
+fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
+    let (tree, mut diags) = match yaml::parse(source) {
+        Ok(parsed) => parsed,
+        Err(d) => return (None, vec![d]),
+    };
+    let (value, more) = de::from_tree::<raw::RawSpec>(&tree);
+    diags.extend(more);
+    diags.sort();
+    diags.dedup();
+    (value, diags)
+}
+
+/// The YAML document as JSON (merge keys applied, aliases expanded, YAML 1.2 core types), for
+/// tools that check a spec against the JSON Schema.
+pub fn to_json(source: &str) -> Result<serde_json::Value, Diagnostic> {
+    let (tree, _) = yaml::parse(source)?;
+    Ok(yaml::to_json(&tree))
+}
+
+/// The JSON Schema of the spec (draft 7, which editors' YAML language servers read best).
+pub fn schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft07().into_generator();
+    let mut schema = generator.into_root_schema_for::<raw::RawSpec>();
+    schema.insert("$id".into(), SCHEMA_ID.into());
+    schema.to_value()
+}
+
+/// Where the schema is published; a spec names it on a `# yaml-language-server: $schema=` line.
+pub const SCHEMA_ID: &str = "https://cib.invalid/schema/cib.schema.json";

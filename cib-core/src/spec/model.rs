@@ -1,0 +1,371 @@
+//! The validated spec: what the engine runs. Every reference in it resolves, every name is
+//! unique, the step graph has no cycle, and every default is filled in.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+pub use super::raw::{EventKind, GateKind, Network, PipelineKind, RetryOn, RunStatus};
+use super::types::{Cron, Duration, Glob, Memory};
+
+/// A checked build spec.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spec {
+    pub version: u32,
+    pub pipelines: Vec<Pipeline>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<PromotionPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergePolicy>,
+}
+
+impl Spec {
+    pub fn pipeline(&self, name: &str) -> Option<&Pipeline> {
+        self.pipelines.iter().find(|p| p.name == name)
+    }
+
+    /// The pipelines an event starts, in the order the spec lists them.
+    pub fn plan<'s>(&'s self, event: &TriggerEvent) -> Vec<&'s Pipeline> {
+        self.pipelines.iter().filter(|p| p.triggers.matches(event)).collect()
+    }
+}
+
+/// A checked pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    pub name: String,
+    pub kind: PipelineKind,
+    pub triggers: Triggers,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceRequest>,
+    /// Steps in the order written; `depends_on` gives the graph.
+    pub steps: Vec<Step>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deliverables: Vec<Deliverable>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+impl Pipeline {
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// `names` and every step they depend on, directly or not, in spec order.
+    pub fn closure(&self, names: &[&str]) -> Vec<&Step> {
+        let mut wanted: Vec<&str> = names.to_vec();
+        let mut keep = std::collections::BTreeSet::new();
+        while let Some(n) = wanted.pop() {
+            if keep.insert(n.to_owned())
+                && let Some(step) = self.step(n)
+            {
+                wanted.extend(step.depends_on.iter().map(String::as_str));
+            }
+        }
+        self.steps.iter().filter(|s| keep.contains(&s.name)).collect()
+    }
+}
+
+/// What starts a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Triggers {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushTrigger>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<PullRequestTrigger>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<BranchFilter>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manual: Option<BranchFilter>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<Schedule>,
+}
+
+/// An event as trigger matching sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TriggerEvent {
+    pub kind: EventKind,
+    /// The branch pushed, promoted or built; for a pull request, its base branch.
+    pub branch: Option<String>,
+    /// The tag pushed, for a tag push.
+    pub tag: Option<String>,
+    /// Files changed, when known. `None` means unknown, and path filters then let the event through.
+    pub changed_paths: Option<Vec<String>>,
+}
+
+impl TriggerEvent {
+    pub fn push(branch: &str) -> Self {
+        TriggerEvent { kind: EventKind::Push, branch: Some(branch.to_owned()), tag: None, changed_paths: None }
+    }
+
+    pub fn pull_request(base: &str) -> Self {
+        TriggerEvent { kind: EventKind::PullRequest, branch: Some(base.to_owned()), tag: None, changed_paths: None }
+    }
+
+    pub fn of(kind: EventKind, branch: &str) -> Self {
+        TriggerEvent { kind, branch: Some(branch.to_owned()), tag: None, changed_paths: None }
+    }
+}
+
+impl Triggers {
+    pub fn matches(&self, event: &TriggerEvent) -> bool {
+        let branch = event.branch.as_deref();
+        match event.kind {
+            EventKind::Push => self.push.as_ref().is_some_and(|p| p.matches(event)),
+            EventKind::PullRequest => self.pull_request.as_ref().is_some_and(|p| {
+                branch.is_some_and(|b| p.branches.matches(b)) && p.paths.matches(event.changed_paths.as_deref())
+            }),
+            EventKind::Promotion => self.promotion.as_ref().is_some_and(|f| branch.is_some_and(|b| f.matches(b))),
+            EventKind::Manual => self.manual.as_ref().is_some_and(|f| branch.is_none_or(|b| f.matches(b))),
+            EventKind::Schedule => !self.schedule.is_empty(),
+        }
+    }
+}
+
+/// Branch globs with exclusions; no `include` list means every branch.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct BranchFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub include: Option<Vec<Glob>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<Glob>,
+}
+
+impl BranchFilter {
+    pub fn matches(&self, branch: &str) -> bool {
+        let included = self.include.as_ref().is_none_or(|globs| globs.iter().any(|g| g.is_match(branch)));
+        included && !self.exclude.iter().any(|g| g.is_match(branch))
+    }
+}
+
+/// Path globs: at least one changed file must match `include` (when given), and not every
+/// changed file may match `exclude`.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct PathFilter {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<Glob>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<Glob>,
+}
+
+impl PathFilter {
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty()
+    }
+
+    /// Unknown changes (`None`) pass: building too much is better than missing a build.
+    pub fn matches(&self, changed: Option<&[String]>) -> bool {
+        let Some(changed) = changed else { return true };
+        let included = self.include.is_empty() || changed.iter().any(|p| self.include.iter().any(|g| g.is_match(p)));
+        let all_ignored =
+            !self.exclude.is_empty() && changed.iter().all(|p| self.exclude.iter().any(|g| g.is_match(p)));
+        included && !all_ignored
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PushTrigger {
+    pub branches: BranchFilter,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<Glob>,
+    #[serde(skip_serializing_if = "PathFilter::is_empty")]
+    pub paths: PathFilter,
+}
+
+impl PushTrigger {
+    fn matches(&self, event: &TriggerEvent) -> bool {
+        let target = match (&event.tag, &event.branch) {
+            (Some(tag), _) => self.tags.iter().any(|g| g.is_match(tag)),
+            (None, Some(branch)) => self.branches.matches(branch),
+            (None, None) => false,
+        };
+        target && self.paths.matches(event.changed_paths.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PullRequestTrigger {
+    /// Filter over the pull request's base branch.
+    pub branches: BranchFilter,
+    #[serde(skip_serializing_if = "PathFilter::is_empty")]
+    pub paths: PathFilter,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    pub cron: Cron,
+    pub branch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub image: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Readiness>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Readiness {
+    pub command: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceRequest {
+    pub pool: String,
+    pub count: u32,
+}
+
+/// A checked step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub action: Action,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_output_timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub network: Network,
+    pub limits: Limits,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    #[serde(skip_serializing_if = "Condition::is_always")]
+    pub when: Condition,
+    /// The services this step waits for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceRequest>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_failure: bool,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Run { image: String, commands: Vec<String> },
+    Gate(Gate),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Gate {
+    pub kind: GateKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    pub approvals: u32,
+    pub from: Approvers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+/// Who may approve. Both lists empty means anyone with write access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Approvers {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub teams: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct RetryPolicy {
+    /// Extra attempts after the first.
+    pub count: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<RetryOn>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exit_codes: Vec<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// When a step runs at all.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Condition {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branches: Option<Vec<Glob>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<Glob>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventKind>,
+    pub status: RunStatus,
+}
+
+impl Default for Condition {
+    fn default() -> Self {
+        Condition { branches: None, paths: Vec::new(), events: Vec::new(), status: RunStatus::OnSuccess }
+    }
+}
+
+impl Condition {
+    pub fn is_always(&self) -> bool {
+        *self == Condition::default()
+    }
+
+    /// Whether the event's branch, paths and kind let the step run (status is the engine's part).
+    pub fn admits(&self, event: &TriggerEvent) -> bool {
+        let branch_ok = match (&self.branches, &event.branch) {
+            (None, _) => true,
+            (Some(globs), Some(b)) => globs.iter().any(|g| g.is_match(b)),
+            (Some(_), None) => false,
+        };
+        let events_ok = self.events.is_empty() || self.events.contains(&event.kind);
+        let paths_ok =
+            PathFilter { include: self.paths.clone(), exclude: Vec::new() }.matches(event.changed_paths.as_deref());
+        branch_ok && events_ok && paths_ok
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deliverable {
+    Pypi { index: String, credentials: String, files: Glob },
+    Docker { image: String, context: String, dockerfile: String, tags: Vec<String>, credentials: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromotionPolicy {
+    pub from: String,
+    pub to: String,
+    pub pipelines: Vec<String>,
+    pub approvals: u32,
+    pub approvers: Approvers,
+    pub self_approval: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MergePolicy {
+    pub into: String,
+    pub fast_forward_only: bool,
+    pub pipelines: Vec<String>,
+    pub reviews: u32,
+    pub up_to_date: bool,
+}

@@ -1,0 +1,551 @@
+//! The spec as written: serde types read from `.cib.yml`, and the source of its JSON Schema.
+//!
+//! These types say what may be written; `validate` turns them into the checked model in
+//! `model`. Every struct refuses unknown keys (the schema says `additionalProperties: false`)
+//! but accepts keys starting with `x-`, which are ignored so that YAML anchors have a home.
+//! Enums are externally tagged, since positions survive only through those.
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer};
+
+use super::types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
+
+/// Treats a key written with no value (`push:`) like an empty mapping (`push: {}`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(Option::<T>::deserialize(d)?.unwrap_or_default()))
+}
+
+/// A cib build spec: the `.cib.yml` file at the root of a repository.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "cib build spec", extend("patternProperties" = { "^x-": {} }))]
+pub struct RawSpec {
+    /// The version of the spec format. Only `1` exists; it is the default.
+    #[serde(default)]
+    pub version: Option<Spanned<u32>>,
+    /// The pipelines, by name. `test`, `staging` and `production` get default triggers for the
+    /// master/production strategy when they have no `on`.
+    pub pipelines: IndexMap<Spanned<String>, RawPipeline>,
+    /// What a promotion from one branch to another requires (master to production).
+    #[serde(default)]
+    pub promotion: Option<RawPromotion>,
+    /// What merging a pull request requires.
+    #[serde(default)]
+    pub merge: Option<RawMerge>,
+}
+
+/// A named pipeline: when it runs, and the steps it runs.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPipeline {
+    /// The events that start this pipeline. Defaults exist for `test`, `staging` and `production`.
+    #[serde(default, rename = "on")]
+    pub on: Option<Spanned<RawTriggers>>,
+    /// `test` pipelines are superseded by a newer push to the same branch or pull request;
+    /// `deploy` pipelines are never cancelled by a push: they queue in order. Defaults to
+    /// `deploy` for `staging` and `production`, `test` otherwise.
+    #[serde(default)]
+    pub kind: Option<PipelineKind>,
+    /// Environment variables for every step.
+    #[serde(default)]
+    pub env: IndexMap<String, EnvValue>,
+    /// Sidecar containers reachable from steps by their name.
+    #[serde(default)]
+    pub services: IndexMap<Spanned<String>, RawService>,
+    /// Units requested from resource pools, held for the whole pipeline.
+    #[serde(default)]
+    pub resources: Vec<RawResource>,
+    /// The steps. They run in parallel unless `depends_on` orders them.
+    pub steps: Spanned<Vec<RawStep>>,
+    /// What the pipeline publishes once every step has passed.
+    #[serde(default)]
+    pub deliverables: Vec<RawDeliverable>,
+    /// Time limit for the whole pipeline.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+/// `test` or `deploy`: see `kind` on a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineKind {
+    Test,
+    Deploy,
+}
+
+/// The events that start a pipeline. Several may be given.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawTriggers {
+    /// A push to a branch (or a tag).
+    #[serde(default, deserialize_with = "present")]
+    pub push: Option<RawPushTrigger>,
+    /// A pull request opened or updated against a base branch.
+    #[serde(default, deserialize_with = "present")]
+    pub pull_request: Option<RawPullRequestTrigger>,
+    /// A promotion moved a branch (for example `production`) to a new commit.
+    #[serde(default, deserialize_with = "present")]
+    pub promotion: Option<RawBranchesTrigger>,
+    /// Started by hand, from the API or a chat command.
+    #[serde(default, deserialize_with = "present")]
+    pub manual: Option<RawBranchesTrigger>,
+    /// Started on a schedule.
+    #[serde(default)]
+    pub schedule: Vec<RawSchedule>,
+}
+
+/// Which pushes start the pipeline. With no filter, every branch push does.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPushTrigger {
+    /// Branch globs; a push to a matching branch starts the pipeline.
+    #[serde(default)]
+    pub branches: Option<Vec<Glob>>,
+    /// Branch globs excluded even when `branches` matches.
+    #[serde(default)]
+    pub branches_ignore: Vec<Glob>,
+    /// Tag globs; a push of a matching tag starts the pipeline.
+    #[serde(default)]
+    pub tags: Vec<Glob>,
+    /// Only when a changed file matches one of these globs.
+    #[serde(default)]
+    pub paths: Vec<Glob>,
+    /// Not when every changed file matches one of these globs.
+    #[serde(default)]
+    pub paths_ignore: Vec<Glob>,
+}
+
+/// Which pull requests start the pipeline, by their base branch.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPullRequestTrigger {
+    /// Globs over the base branch (the branch the pull request merges into).
+    #[serde(default)]
+    pub branches: Option<Vec<Glob>>,
+    /// Only when a changed file matches one of these globs.
+    #[serde(default)]
+    pub paths: Vec<Glob>,
+    /// Not when every changed file matches one of these globs.
+    #[serde(default)]
+    pub paths_ignore: Vec<Glob>,
+}
+
+/// A trigger filtered by branch only.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawBranchesTrigger {
+    /// Branch globs; any branch when absent.
+    #[serde(default)]
+    pub branches: Option<Vec<Glob>>,
+}
+
+/// A scheduled run.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawSchedule {
+    /// Five-field cron expression, in UTC.
+    pub cron: Cron,
+    /// The branch to build; `master` when absent.
+    #[serde(default)]
+    pub branch: Option<String>,
+}
+
+/// A sidecar container for the pipeline's steps.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawService {
+    /// The container image.
+    pub image: Spanned<String>,
+    /// Environment variables for the service.
+    #[serde(default)]
+    pub env: IndexMap<String, EnvValue>,
+    /// Replaces the image's command.
+    #[serde(default)]
+    pub command: Option<Commands>,
+    /// How to tell the service is ready; steps wait for it. Without it, a started container counts as ready.
+    #[serde(default)]
+    pub ready: Option<RawReadiness>,
+}
+
+/// A readiness check: a command run inside the service until it succeeds. A string is the command.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawReadinessFull {
+    /// The check, run with `sh -c` in the service's container.
+    pub command: String,
+    /// Time between checks (default 1s).
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    /// Give up after this long (default 60s).
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+/// `ready: pg_isready` or `ready: { command: ..., interval: ..., timeout: ... }`.
+#[derive(Debug, JsonSchema)]
+#[schemars(untagged)]
+pub enum RawReadiness {
+    Command(String),
+    Full(RawReadinessFull),
+}
+
+impl<'de> Deserialize<'de> for RawReadiness {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawReadiness;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a command, or a mapping with `command`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawReadiness, E> {
+                Ok(RawReadiness::Command(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawReadiness, A::Error> {
+                RawReadinessFull::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawReadiness::Full)
+            }
+        }
+        // Asking for a struct lets the deserializer check the mapping's keys against these fields.
+        d.deserialize_struct("RawReadinessFull", &["command", "interval", "timeout"], V)
+    }
+}
+
+/// Units requested from a resource pool.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawResource {
+    /// The pool's name, as configured on the server.
+    pub pool: Spanned<String>,
+    /// How many units (default 1). All are granted together or none.
+    #[serde(default)]
+    pub count: Option<Spanned<u32>>,
+}
+
+/// One step: commands run in a container, or a gate a person passes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawStep {
+    /// The step's name, unique in its pipeline.
+    pub name: Spanned<String>,
+    /// The container image the commands run in.
+    #[serde(default)]
+    pub image: Option<Spanned<String>>,
+    /// Shell commands, run in order with `sh -e`.
+    #[serde(default)]
+    pub commands: Option<Spanned<Commands>>,
+    /// Environment variables (added to the pipeline's).
+    #[serde(default)]
+    pub env: IndexMap<String, EnvValue>,
+    /// Names of secrets passed as environment variables. Values never appear in the spec.
+    #[serde(default)]
+    pub secrets: Vec<Spanned<String>>,
+    /// Working directory, relative to the workspace.
+    #[serde(default)]
+    pub workdir: Option<Spanned<String>>,
+    /// Time limit for one attempt of this step.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Fail the step when it prints nothing for this long.
+    #[serde(default)]
+    pub no_output_timeout: Option<Duration>,
+    /// When and how often to try again.
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+    /// `bridge` (default) or `none` for no network at all.
+    #[serde(default)]
+    pub network: Option<Network>,
+    /// Resource limits for the step's container.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    /// Steps that must succeed before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<Spanned<String>>,
+    /// Conditions under which the step runs at all.
+    #[serde(default)]
+    pub when: Option<RawWhen>,
+    /// The pipeline's services this step needs (default: all of them).
+    #[serde(default)]
+    pub services: Option<Vec<Spanned<String>>>,
+    /// Units requested from resource pools, held for this step only.
+    #[serde(default)]
+    pub resources: Vec<RawResource>,
+    /// Makes this step a gate: an approval or a hold for manual testing, with no container.
+    #[serde(default)]
+    pub gate: Option<Spanned<RawGate>>,
+    /// A failure of this step does not fail the pipeline.
+    #[serde(default)]
+    pub allow_failure: bool,
+}
+
+/// `bridge` or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// The pipeline's private network, with the services and outside access.
+    Bridge,
+    /// No network at all.
+    None,
+}
+
+/// Retry policy for a step.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawRetry {
+    /// Extra attempts after the first one (at most 10).
+    pub count: Spanned<u32>,
+    /// What is worth retrying. Default: `infrastructure` only, never a plain test failure.
+    #[serde(default)]
+    pub on: Vec<RetryOn>,
+    /// Also retry when the step exits with one of these codes.
+    #[serde(default)]
+    pub exit_codes: Vec<i32>,
+}
+
+/// A reason to retry a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// The infrastructure failed (the container could not start, the daemon went away).
+    Infrastructure,
+    /// The step ran past its `timeout` or `no_output_timeout`.
+    Timeout,
+    /// The step exited with any non-zero code.
+    Failure,
+}
+
+/// Resource limits for a container.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawLimits {
+    /// Memory limit, e.g. `512m`, `2g`.
+    #[serde(default)]
+    pub memory: Option<Memory>,
+    /// CPUs, e.g. `2` or `0.5`.
+    #[serde(default)]
+    pub cpus: Option<Spanned<f64>>,
+    /// Maximum number of processes.
+    #[serde(default)]
+    pub pids: Option<Spanned<u32>>,
+}
+
+/// Conditions for running a step. All given conditions must hold.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawWhen {
+    /// Only on these branches.
+    #[serde(default)]
+    pub branches: Option<Vec<Glob>>,
+    /// Only when a changed file matches one of these globs.
+    #[serde(default)]
+    pub paths: Vec<Glob>,
+    /// Only for these events.
+    #[serde(default)]
+    pub events: Vec<EventKind>,
+    /// Run depending on how the steps before it went (default `on_success`).
+    #[serde(default)]
+    pub status: Option<RunStatus>,
+}
+
+/// The kinds of event that start pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Push,
+    PullRequest,
+    Promotion,
+    Manual,
+    Schedule,
+}
+
+/// When a step runs relative to the steps it depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Only when everything it depends on succeeded (the default).
+    OnSuccess,
+    /// Only when something in the pipeline failed (for clean-up or reports).
+    OnFailure,
+    /// Whatever happened before it.
+    Always,
+}
+
+/// A gate: the pipeline waits for people.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawGate {
+    /// `approval`: people approve or reject. `hold`: a person tests by hand, then passes or fails it.
+    pub kind: GateKind,
+    /// Shown to the people asked.
+    #[serde(default)]
+    pub instructions: Option<String>,
+    /// How many distinct people must approve (default 1).
+    #[serde(default)]
+    pub approvals: Option<Spanned<u32>>,
+    /// Who may answer. Anyone with write access when absent.
+    #[serde(default)]
+    pub from: Option<RawApprovers>,
+    /// The gate fails when nobody answers in time.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+/// `approval` or `hold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GateKind {
+    Approval,
+    Hold,
+}
+
+/// People allowed to approve: users by login, teams by slug.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawApprovers {
+    #[serde(default)]
+    pub users: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub teams: Vec<Spanned<String>>,
+}
+
+/// Something the pipeline publishes once its steps pass.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RawDeliverable {
+    /// Python distributions uploaded to a package index.
+    Pypi(RawPypi),
+    /// A Docker image built and pushed to a registry.
+    Docker(RawDockerImage),
+}
+
+/// A Python package upload.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPypi {
+    /// The index's upload URL, e.g. `https://upload.pypi.org/legacy/`.
+    pub index: Spanned<String>,
+    /// Name of the secret holding the index token or `user:password`.
+    pub credentials: Spanned<String>,
+    /// The files to upload (default `dist/*`).
+    #[serde(default)]
+    pub files: Option<Glob>,
+}
+
+/// A Docker image build and push.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawDockerImage {
+    /// The image's repository, with its registry host: `registry.example.com/team/app`.
+    pub image: Spanned<String>,
+    /// Build context, relative to the workspace (default `.`).
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Dockerfile, relative to the context (default `Dockerfile`).
+    #[serde(default)]
+    pub dockerfile: Option<String>,
+    /// Tags to push. `{{commit}}`, `{{short_commit}}` and `{{branch}}` are replaced. Default: `{{commit}}`.
+    #[serde(default)]
+    pub tags: Vec<Spanned<String>>,
+    /// Name of the secret holding `user:password` for the registry.
+    #[serde(default)]
+    pub credentials: Option<Spanned<String>>,
+}
+
+/// The promotion policy: how a commit moves from one branch to the next.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPromotion {
+    /// The branch commits are promoted from (default `master`).
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
+    /// The branch moved by fast-forward (default `production`).
+    #[serde(default)]
+    pub to: Option<Spanned<String>>,
+    /// What the commit needs before it may be promoted.
+    #[serde(default)]
+    pub requires: Option<RawPromotionRequires>,
+}
+
+/// Requirements for a promotion.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawPromotionRequires {
+    /// Pipelines that must be green on this exact commit.
+    #[serde(default)]
+    pub pipelines: Vec<Spanned<String>>,
+    /// Approvals from people.
+    #[serde(default)]
+    pub approvals: Option<RawApprovalPolicy>,
+}
+
+/// How many approvals, from whom, valid how long.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawApprovalPolicy {
+    /// Distinct approvers needed.
+    pub count: Spanned<u32>,
+    /// Who may approve.
+    #[serde(default)]
+    pub from: Option<RawApprovers>,
+    /// May the commit's author approve it? Default false.
+    #[serde(default)]
+    pub self_approval: bool,
+    /// An approval lapses after this long (default: never).
+    #[serde(default)]
+    pub expires: Option<Duration>,
+}
+
+/// The merge policy for pull requests.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawMerge {
+    /// The branch pull requests merge into (default `master`).
+    #[serde(default)]
+    pub into: Option<Spanned<String>>,
+    /// Only fast-forward merges (default true; cib never writes merge commits).
+    #[serde(default)]
+    pub fast_forward_only: Option<Spanned<bool>>,
+    /// What a pull request needs before it may be merged.
+    #[serde(default)]
+    pub requires: Option<RawMergeRequires>,
+}
+
+/// Requirements for a merge.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+pub struct RawMergeRequires {
+    /// Pipelines that must be green on the pull request's head.
+    #[serde(default)]
+    pub pipelines: Vec<Spanned<String>>,
+    /// Approving reviews needed.
+    #[serde(default)]
+    pub reviews: u32,
+    /// The branch must contain the tip of the target branch (default true).
+    #[serde(default)]
+    pub up_to_date: Option<bool>,
+}

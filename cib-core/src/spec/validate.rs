@@ -1,0 +1,585 @@
+//! From the spec as written to the checked model: names, references, the step graph, gates
+//! and defaults. Every problem is collected; none stops the others from being found.
+
+use std::collections::{BTreeMap, HashMap};
+
+use indexmap::IndexMap;
+
+use super::diag::{Diagnostic, Pos, suggestion};
+use super::model::*;
+use super::raw::*;
+use super::types::{Duration, EnvValue, Glob, Spanned};
+
+/// Pipelines that have default triggers and kinds: the master/production strategy.
+pub const DEFAULT_LAYOUT: &[&str] = &["test", "staging", "production"];
+
+const MAX_RETRIES: u32 = 10;
+
+struct Checker {
+    diags: Vec<Diagnostic>,
+    /// Some values were malformed and left out, so a reference may point at one of them.
+    partial: bool,
+}
+
+impl Checker {
+    fn err(&mut self, pos: Pos, message: impl Into<String>) {
+        self.diags.push(Diagnostic::error(pos, message));
+    }
+}
+
+pub(crate) fn validate(raw: RawSpec, partial: bool) -> Result<Spec, Vec<Diagnostic>> {
+    let mut c = Checker { diags: Vec::new(), partial };
+    let version = match &raw.version {
+        Some(v) if v.value != 1 => {
+            c.err(v.pos, format!("unsupported spec version {}: this cib reads version 1", v.value));
+            v.value
+        }
+        _ => 1,
+    };
+    let names: Vec<&str> = raw.pipelines.keys().map(|k| k.value.as_str()).collect();
+    if raw.pipelines.is_empty() && !partial {
+        c.err(Pos { line: 1, col: 1 }, "the spec defines no pipelines");
+    }
+    let mut pipelines = Vec::new();
+    for (name, pipeline) in &raw.pipelines {
+        pipelines.push(pipeline_model(&mut c, name, pipeline));
+    }
+    let promotion = raw.promotion.as_ref().map(|p| promotion_model(&mut c, p, &names));
+    let merge = raw.merge.as_ref().map(|m| merge_model(&mut c, m, &names));
+    if c.diags.is_empty() {
+        Ok(Spec { version, pipelines, promotion, merge })
+    } else {
+        c.diags.sort();
+        c.diags.dedup();
+        Err(c.diags)
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_name(c: &mut Checker, what: &str, name: &Spanned<String>) {
+    if !is_name(&name.value) {
+        c.err(name.pos, format!("invalid {what} name '{}': use letters, digits, '-', '_' and '.'", name.value));
+    }
+}
+
+fn env_map(c: &mut Checker, at: Pos, env: &IndexMap<String, EnvValue>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in env {
+        if !is_env_name(k) {
+            c.err(
+                at,
+                format!(
+                    "invalid environment variable name '{k}': use letters, digits and '_', not starting with a digit"
+                ),
+            );
+        }
+        out.insert(k.clone(), v.0.clone());
+    }
+    out
+}
+
+fn positive(c: &mut Checker, at: Pos, what: &str, d: Option<Duration>) -> Option<Duration> {
+    if let Some(d) = d
+        && d.as_secs() == 0
+    {
+        c.err(at, format!("{what} must be longer than 0s"));
+    }
+    d
+}
+
+fn default_triggers(name: &str) -> Option<Triggers> {
+    let glob = |s: &str| Glob::parse(s).ok();
+    match name {
+        "test" => Some(Triggers {
+            push: Some(PushTrigger {
+                branches: BranchFilter {
+                    include: None,
+                    exclude: ["master", "production"].iter().filter_map(|b| glob(b)).collect(),
+                },
+                tags: Vec::new(),
+                paths: PathFilter::default(),
+            }),
+            pull_request: Some(PullRequestTrigger { branches: BranchFilter::default(), paths: PathFilter::default() }),
+            ..Triggers::default()
+        }),
+        "staging" | "production" => Some(Triggers {
+            push: Some(PushTrigger {
+                branches: BranchFilter {
+                    include: Some(glob(if name == "staging" { "master" } else { "production" }).into_iter().collect()),
+                    exclude: Vec::new(),
+                },
+                tags: Vec::new(),
+                paths: PathFilter::default(),
+            }),
+            ..Triggers::default()
+        }),
+        _ => None,
+    }
+}
+
+fn triggers_model(c: &mut Checker, name: &Spanned<String>, on: Option<&Spanned<RawTriggers>>) -> Triggers {
+    let Some(on) = on else {
+        return default_triggers(&name.value).unwrap_or_else(|| {
+            c.err(
+                name.pos,
+                format!("pipeline '{}' has no 'on': say which events start it (only test, staging and production have defaults)", name.value),
+            );
+            Triggers::default()
+        });
+    };
+    let raw = &on.value;
+    let t = Triggers {
+        push: raw.push.as_ref().map(|p| PushTrigger {
+            // A push trigger that names only tags does not fire on branch pushes.
+            branches: BranchFilter {
+                include: match (&p.branches, p.tags.is_empty()) {
+                    (None, false) => Some(Vec::new()),
+                    (b, _) => b.clone(),
+                },
+                exclude: p.branches_ignore.clone(),
+            },
+            tags: p.tags.clone(),
+            paths: PathFilter { include: p.paths.clone(), exclude: p.paths_ignore.clone() },
+        }),
+        pull_request: raw.pull_request.as_ref().map(|p| PullRequestTrigger {
+            branches: BranchFilter { include: p.branches.clone(), exclude: Vec::new() },
+            paths: PathFilter { include: p.paths.clone(), exclude: p.paths_ignore.clone() },
+        }),
+        promotion: raw.promotion.as_ref().map(|p| BranchFilter { include: p.branches.clone(), exclude: Vec::new() }),
+        manual: raw.manual.as_ref().map(|p| BranchFilter { include: p.branches.clone(), exclude: Vec::new() }),
+        schedule: raw
+            .schedule
+            .iter()
+            .map(|s| Schedule { cron: s.cron.clone(), branch: s.branch.clone().unwrap_or_else(|| "master".into()) })
+            .collect(),
+    };
+    if t == Triggers::default() {
+        c.err(on.pos, "'on' names no event: use push, pull_request, promotion, manual or schedule");
+    }
+    t
+}
+
+fn resources_model(c: &mut Checker, raw: &[RawResource]) -> Vec<ResourceRequest> {
+    let mut out: Vec<ResourceRequest> = Vec::new();
+    for r in raw {
+        check_name(c, "pool", &r.pool);
+        let count = r.count.as_ref().map_or(1, |n| n.value);
+        if let Some(n) = &r.count
+            && n.value == 0
+        {
+            c.err(n.pos, "a resource request needs a count of at least 1");
+        }
+        if out.iter().any(|o| o.pool == r.pool.value) {
+            c.err(r.pool.pos, format!("pool '{}' is requested twice: ask once with the total count", r.pool.value));
+        }
+        out.push(ResourceRequest { pool: r.pool.value.clone(), count });
+    }
+    out
+}
+
+fn approvers(c: &mut Checker, from: Option<&RawApprovers>) -> Approvers {
+    let Some(from) = from else { return Approvers::default() };
+    for list in [&from.users, &from.teams] {
+        let mut seen: HashMap<&str, Pos> = HashMap::new();
+        for u in list {
+            if let Some(first) = seen.insert(&u.value, u.pos) {
+                c.err(u.pos, format!("'{}' is listed twice (first at line {})", u.value, first.line));
+            }
+        }
+    }
+    Approvers {
+        users: from.users.iter().map(|u| u.value.clone()).collect(),
+        teams: from.teams.iter().map(|u| u.value.clone()).collect(),
+    }
+}
+
+/// Approval counts no list of people can meet.
+fn check_count(c: &mut Checker, count: &Spanned<u32>, who: &Approvers, what: &str) {
+    if count.value == 0 {
+        c.err(count.pos, format!("{what} needs at least 1 approval"));
+    } else if who.teams.is_empty() && !who.users.is_empty() && count.value as usize > who.users.len() {
+        c.err(
+            count.pos,
+            format!(
+                "{what} asks for {} distinct approvals but only {} user{} may approve",
+                count.value,
+                who.users.len(),
+                if who.users.len() == 1 { "" } else { "s" }
+            ),
+        );
+    }
+}
+
+fn gate_model(c: &mut Checker, gate: &Spanned<RawGate>) -> Gate {
+    let g = &gate.value;
+    let from = approvers(c, g.from.as_ref());
+    let approvals = match (&g.approvals, g.kind) {
+        (Some(n), GateKind::Hold) => {
+            c.err(n.pos, "'approvals' applies to approval gates; a hold is passed or failed by one person");
+            1
+        }
+        (Some(n), GateKind::Approval) => {
+            check_count(c, n, &from, "this gate");
+            n.value
+        }
+        (None, _) => 1,
+    };
+    Gate {
+        kind: g.kind,
+        instructions: g.instructions.clone(),
+        approvals,
+        from,
+        timeout: positive(c, gate.pos, "a gate's timeout", g.timeout),
+    }
+}
+
+fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
+    check_name(c, "step", &s.name);
+    let action = match &s.gate {
+        Some(gate) => {
+            if let Some(image) = &s.image {
+                c.err(image.pos, "a gate step runs no container: remove 'image'");
+            }
+            if let Some(commands) = &s.commands {
+                c.err(commands.pos, "a gate step runs no container: remove 'commands'");
+            }
+            Action::Gate(gate_model(c, gate))
+        }
+        None => {
+            let image = match &s.image {
+                Some(i) if i.value.trim().is_empty() => {
+                    c.err(i.pos, "'image' cannot be empty");
+                    String::new()
+                }
+                Some(i) => i.value.clone(),
+                None => {
+                    c.err(s.name.pos, format!("step '{}' needs an 'image' (or a 'gate')", s.name.value));
+                    String::new()
+                }
+            };
+            let commands = match &s.commands {
+                Some(cmds) if cmds.value.0.iter().all(|l| l.trim().is_empty()) => {
+                    c.err(cmds.pos, format!("step '{}' has no commands", s.name.value));
+                    Vec::new()
+                }
+                Some(cmds) => cmds.value.0.clone(),
+                None => {
+                    c.err(s.name.pos, format!("step '{}' needs 'commands' (or a 'gate')", s.name.value));
+                    Vec::new()
+                }
+            };
+            Action::Run { image, commands }
+        }
+    };
+    for secret in &s.secrets {
+        if !is_env_name(&secret.value) {
+            c.err(
+                secret.pos,
+                format!("invalid secret name '{}': secrets are named like environment variables", secret.value),
+            );
+        }
+    }
+    if let Some(w) = &s.workdir
+        && (w.value.starts_with('/') || w.value.split('/').any(|part| part == ".."))
+    {
+        c.err(w.pos, "'workdir' is relative to the workspace and stays inside it");
+    }
+    let retry = match &s.retry {
+        None => RetryPolicy::default(),
+        Some(r) => {
+            if r.count.value > MAX_RETRIES {
+                c.err(r.count.pos, format!("at most {MAX_RETRIES} retries"));
+            }
+            let mut on = r.on.clone();
+            on.sort();
+            on.dedup();
+            if on.is_empty() && r.exit_codes.is_empty() {
+                on.push(RetryOn::Infrastructure);
+            }
+            RetryPolicy { count: r.count.value, on, exit_codes: r.exit_codes.clone() }
+        }
+    };
+    let limits = match &s.limits {
+        None => Limits::default(),
+        Some(l) => {
+            if let Some(cpus) = &l.cpus
+                && !(cpus.value > 0.0 && cpus.value <= 1024.0)
+            {
+                c.err(cpus.pos, "'cpus' must be more than 0");
+            }
+            if let Some(pids) = &l.pids
+                && pids.value < 8
+            {
+                c.err(pids.pos, "'pids' must be at least 8: a shell and its commands need a few processes");
+            }
+            Limits { memory: l.memory, cpus: l.cpus.as_ref().map(|x| x.value), pids: l.pids.as_ref().map(|x| x.value) }
+        }
+    };
+    let services = match &s.services {
+        None => service_names.iter().map(|s| (*s).to_owned()).collect(),
+        Some(list) => {
+            for svc in list.iter().take(if c.partial { 0 } else { usize::MAX }) {
+                if !service_names.contains(&svc.value.as_str()) {
+                    c.err(
+                        svc.pos,
+                        format!(
+                            "unknown service '{}'{}",
+                            svc.value,
+                            suggestion(&svc.value, service_names.iter().copied())
+                        ),
+                    );
+                }
+            }
+            list.iter().map(|s| s.value.clone()).collect()
+        }
+    };
+    let when = s.when.as_ref().map_or_else(Condition::default, |w| Condition {
+        branches: w.branches.clone(),
+        paths: w.paths.clone(),
+        events: w.events.clone(),
+        status: w.status.unwrap_or(RunStatus::OnSuccess),
+    });
+    Step {
+        name: s.name.value.clone(),
+        action,
+        env: env_map(c, s.name.pos, &s.env),
+        secrets: s.secrets.iter().map(|x| x.value.clone()).collect(),
+        workdir: s.workdir.as_ref().map(|w| w.value.clone()),
+        timeout: positive(c, s.name.pos, "'timeout'", s.timeout),
+        no_output_timeout: positive(c, s.name.pos, "'no_output_timeout'", s.no_output_timeout),
+        retry,
+        network: s.network.unwrap_or(Network::Bridge),
+        limits,
+        depends_on: s.depends_on.iter().map(|d| d.value.clone()).collect(),
+        when,
+        services: if s.gate.is_some() { Vec::new() } else { services },
+        resources: resources_model(c, &s.resources),
+        allow_failure: s.allow_failure,
+    }
+}
+
+/// Unknown names in `depends_on`, and cycles, each reported once.
+fn check_graph(c: &mut Checker, steps: &[RawStep]) {
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.value.as_str(), i)).collect();
+    let names: Vec<&str> = steps.iter().map(|s| s.name.value.as_str()).collect();
+    for s in steps {
+        for d in s.depends_on.iter().take(if c.partial { 0 } else { usize::MAX }) {
+            if !index.contains_key(d.value.as_str()) {
+                c.err(
+                    d.pos,
+                    format!("unknown step '{}' in depends_on{}", d.value, suggestion(&d.value, names.iter().copied())),
+                );
+            }
+        }
+    }
+    // Depth-first search with colours; a grey node reached again closes a cycle.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Colour {
+        White,
+        Grey,
+        Black,
+    }
+    let mut colour = vec![Colour::White; steps.len()];
+    for start in 0..steps.len() {
+        if colour[start] != Colour::White {
+            continue;
+        }
+        let mut path: Vec<usize> = vec![start];
+        let mut edges: Vec<usize> = vec![0];
+        colour[start] = Colour::Grey;
+        while let Some(&node) = path.last() {
+            let depth = path.len() - 1;
+            let deps = &steps[node].depends_on;
+            if edges[depth] < deps.len() {
+                let dep = &deps[edges[depth]];
+                edges[depth] += 1;
+                let Some(&next) = index.get(dep.value.as_str()) else { continue };
+                match colour[next] {
+                    Colour::White => {
+                        colour[next] = Colour::Grey;
+                        path.push(next);
+                        edges.push(0);
+                    }
+                    Colour::Grey => {
+                        let from = path.iter().position(|&n| n == next).unwrap_or(0);
+                        let mut cycle: Vec<&str> = path[from..].iter().map(|&n| names[n]).collect();
+                        cycle.push(names[next]);
+                        c.err(dep.pos, format!("steps depend on each other in a cycle: {}", cycle.join(" -> ")));
+                    }
+                    Colour::Black => {}
+                }
+            } else {
+                colour[node] = Colour::Black;
+                path.pop();
+                edges.pop();
+            }
+        }
+    }
+}
+
+fn pipeline_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline) -> Pipeline {
+    check_name(c, "pipeline", name);
+    let triggers = triggers_model(c, name, p.on.as_ref());
+    let kind = p.kind.unwrap_or(if matches!(name.value.as_str(), "staging" | "production") {
+        PipelineKind::Deploy
+    } else {
+        PipelineKind::Test
+    });
+    let service_names: Vec<&str> = p.services.keys().map(|k| k.value.as_str()).collect();
+    let mut services = Vec::new();
+    for (svc_name, svc) in &p.services {
+        let dns_ok = !svc_name.value.is_empty()
+            && svc_name.value.len() <= 63
+            && svc_name.value.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+            && !svc_name.value.starts_with('-');
+        if !dns_ok {
+            c.err(svc_name.pos, format!("invalid service name '{}': steps reach it as a host name, so use lower-case letters, digits and '-'", svc_name.value));
+        }
+        if svc.image.value.trim().is_empty() {
+            c.err(svc.image.pos, "'image' cannot be empty");
+        }
+        let ready = svc.ready.as_ref().map(|r| match r {
+            RawReadiness::Command(cmd) => {
+                Readiness { command: cmd.clone(), interval: Duration::from_secs(1), timeout: Duration::from_secs(60) }
+            }
+            RawReadiness::Full(f) => Readiness {
+                command: f.command.clone(),
+                interval: positive(c, svc_name.pos, "a readiness interval", f.interval)
+                    .unwrap_or(Duration::from_secs(1)),
+                timeout: positive(c, svc_name.pos, "a readiness timeout", f.timeout).unwrap_or(Duration::from_secs(60)),
+            },
+        });
+        services.push(Service {
+            name: svc_name.value.clone(),
+            image: svc.image.value.clone(),
+            env: env_map(c, svc_name.pos, &svc.env),
+            command: svc.command.as_ref().map(|x| x.0.clone()),
+            ready,
+        });
+    }
+    let raw_steps = &p.steps.value;
+    if raw_steps.is_empty() {
+        c.err(p.steps.pos, format!("pipeline '{}' has no steps", name.value));
+    }
+    let mut seen: HashMap<&str, Pos> = HashMap::new();
+    for s in raw_steps {
+        if let Some(first) = seen.insert(&s.name.value, s.name.pos) {
+            c.err(s.name.pos, format!("duplicate step name '{}' (first at line {})", s.name.value, first.line));
+        }
+    }
+    check_graph(c, raw_steps);
+    let steps: Vec<Step> = raw_steps.iter().map(|s| step_model(c, s, &service_names)).collect();
+    let deliverables = p
+        .deliverables
+        .iter()
+        .map(|d| match d {
+            RawDeliverable::Pypi(x) => {
+                secret_name(c, &x.credentials);
+                if !(x.index.value.starts_with("https://") || x.index.value.starts_with("http://")) {
+                    c.err(x.index.pos, "'index' must be an http(s) URL");
+                }
+                Deliverable::Pypi {
+                    index: x.index.value.clone(),
+                    credentials: x.credentials.value.clone(),
+                    files: x.files.clone().unwrap_or_else(|| Glob::parse("dist/*").expect("dist/* is a valid glob")),
+                }
+            }
+            RawDeliverable::Docker(x) => {
+                if let Some(cred) = &x.credentials {
+                    secret_name(c, cred);
+                }
+                if x.image.value.trim().is_empty() || x.image.value.contains(char::is_whitespace) {
+                    c.err(x.image.pos, format!("invalid image name '{}'", x.image.value));
+                }
+                for t in &x.tags {
+                    if t.value.trim().is_empty() {
+                        c.err(t.pos, "an image tag cannot be empty");
+                    }
+                }
+                Deliverable::Docker {
+                    image: x.image.value.clone(),
+                    context: x.context.clone().unwrap_or_else(|| ".".into()),
+                    dockerfile: x.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
+                    tags: if x.tags.is_empty() {
+                        vec!["{{commit}}".into()]
+                    } else {
+                        x.tags.iter().map(|t| t.value.clone()).collect()
+                    },
+                    credentials: x.credentials.as_ref().map(|c| c.value.clone()),
+                }
+            }
+        })
+        .collect();
+    Pipeline {
+        name: name.value.clone(),
+        kind,
+        triggers,
+        env: env_map(c, name.pos, &p.env),
+        services,
+        resources: resources_model(c, &p.resources),
+        steps,
+        deliverables,
+        timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout),
+    }
+}
+
+fn secret_name(c: &mut Checker, s: &Spanned<String>) {
+    if !is_env_name(&s.value) {
+        c.err(s.pos, format!("invalid secret name '{}': secrets are named like environment variables", s.value));
+    }
+}
+
+fn pipeline_refs(c: &mut Checker, refs: &[Spanned<String>], names: &[&str]) -> Vec<String> {
+    for r in refs.iter().take(if c.partial { 0 } else { usize::MAX }) {
+        if !names.contains(&r.value.as_str()) {
+            c.err(r.pos, format!("unknown pipeline '{}'{}", r.value, suggestion(&r.value, names.iter().copied())));
+        }
+    }
+    refs.iter().map(|r| r.value.clone()).collect()
+}
+
+fn promotion_model(c: &mut Checker, p: &RawPromotion, names: &[&str]) -> PromotionPolicy {
+    let from = p.from.as_ref().map_or("master".to_owned(), |f| f.value.clone());
+    let to = p.to.as_ref().map_or("production".to_owned(), |t| t.value.clone());
+    if from == to {
+        let pos = p.to.as_ref().or(p.from.as_ref()).map(|s| s.pos).unwrap_or_default();
+        c.err(pos, format!("promotion goes from '{from}' to itself"));
+    }
+    let requires = p.requires.as_ref();
+    let pipelines = requires.map(|r| pipeline_refs(c, &r.pipelines, names)).unwrap_or_default();
+    let (approvals, approvers, self_approval, expires) = match requires.and_then(|r| r.approvals.as_ref()) {
+        None => (0, Approvers::default(), false, None),
+        Some(a) => {
+            let who = approvers(c, a.from.as_ref());
+            check_count(c, &a.count, &who, "promotion");
+            let expires = positive(c, a.count.pos, "an approval's expiry", a.expires);
+            (a.count.value, who, a.self_approval, expires)
+        }
+    };
+    PromotionPolicy { from, to, pipelines, approvals, approvers, self_approval, expires }
+}
+
+fn merge_model(c: &mut Checker, m: &RawMerge, names: &[&str]) -> MergePolicy {
+    if let Some(ff) = &m.fast_forward_only
+        && !ff.value
+    {
+        c.err(ff.pos, "cib merges by fast-forward only; 'fast_forward_only: false' is not supported");
+    }
+    let requires = m.requires.as_ref();
+    MergePolicy {
+        into: m.into.as_ref().map_or("master".to_owned(), |i| i.value.clone()),
+        fast_forward_only: true,
+        pipelines: requires.map(|r| pipeline_refs(c, &r.pipelines, names)).unwrap_or_default(),
+        reviews: requires.map_or(0, |r| r.reviews),
+        up_to_date: requires.and_then(|r| r.up_to_date).unwrap_or(true),
+    }
+}
