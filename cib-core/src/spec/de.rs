@@ -23,6 +23,9 @@ use super::yaml::{Kind, NodeId, Tree};
 pub(crate) const SPANNED: &str = "$cib::Spanned";
 pub(crate) const SPANNED_FIELDS: &[&str] = &["$line", "$col", "$value"];
 
+/// The name by which [`super::types::Text`] asks for a scalar's text, whatever its type.
+pub(crate) const TEXT: &str = "$cib::Text";
+
 /// More rounds than this and the rest of the mistakes go unreported (the first ones are enough).
 const MAX_ROUNDS: usize = 100;
 
@@ -53,6 +56,29 @@ fn describe_unexpected(u: &de::Unexpected<'_>) -> String {
         de::Unexpected::Float(n) => format!("the number {n}"),
         other => other.to_string(),
     }
+}
+
+/// How YAML 1.2's core schema reads a plain scalar that is not a string.
+fn resolved(text: &str) -> de::Unexpected<'_> {
+    match text {
+        "true" | "True" | "TRUE" => de::Unexpected::Bool(true),
+        "false" | "False" | "FALSE" => de::Unexpected::Bool(false),
+        t => {
+            if let Ok(n) = t.parse::<u64>() {
+                de::Unexpected::Unsigned(n)
+            } else if let Ok(n) = t.parse::<i64>() {
+                de::Unexpected::Signed(n)
+            } else if let Some(n) = t.parse::<f64>().ok().filter(|_| t.chars().any(|c| c.is_ascii_digit())) {
+                de::Unexpected::Float(n)
+            } else {
+                de::Unexpected::Str(t)
+            }
+        }
+    }
+}
+
+fn resolves_to_non_string(text: &str) -> bool {
+    !matches!(resolved(text), de::Unexpected::Str(_))
 }
 
 fn describe_expected(e: &dyn de::Expected) -> String {
@@ -184,7 +210,8 @@ impl<'c, 't> NodeDe<'c, 't> {
     fn unexpected(&self) -> de::Unexpected<'t> {
         match self.kind() {
             Kind::Null => de::Unexpected::Unit,
-            Kind::Scalar { text, .. } => de::Unexpected::Str(text),
+            Kind::Scalar { text, plain: true } => resolved(text),
+            Kind::Scalar { text, plain: false } => de::Unexpected::Str(text),
             Kind::Seq(_) => de::Unexpected::Seq,
             Kind::Map(_) => de::Unexpected::Map,
         }
@@ -241,20 +268,12 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_, '_> {
         let result = match self.kind() {
             Kind::Null => visitor.visit_unit(),
             Kind::Scalar { text, plain: false } => visitor.visit_str(text),
-            Kind::Scalar { text, plain: true } => match text.as_str() {
-                "true" | "True" | "TRUE" => visitor.visit_bool(true),
-                "false" | "False" | "FALSE" => visitor.visit_bool(false),
-                t => {
-                    if let Ok(n) = t.parse::<u64>() {
-                        visitor.visit_u64(n)
-                    } else if let Ok(n) = t.parse::<i64>() {
-                        visitor.visit_i64(n)
-                    } else if let (true, Ok(n)) = (t.chars().any(|c| c.is_ascii_digit()), t.parse::<f64>()) {
-                        visitor.visit_f64(n)
-                    } else {
-                        visitor.visit_str(t)
-                    }
-                }
+            Kind::Scalar { text, plain: true } => match resolved(text) {
+                de::Unexpected::Bool(b) => visitor.visit_bool(b),
+                de::Unexpected::Unsigned(n) => visitor.visit_u64(n),
+                de::Unexpected::Signed(n) => visitor.visit_i64(n),
+                de::Unexpected::Float(n) => visitor.visit_f64(n),
+                _ => visitor.visit_str(text),
             },
             Kind::Seq(items) => visitor.visit_seq(self.seq_access(items)),
             Kind::Map(entries) => visitor.visit_map(self.map_access(entries, None)),
@@ -287,7 +306,14 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_, '_> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        // A plain `true` or `3` is a boolean or a number, as the schema (and every other YAML
+        // reader) sees it; asking for quotes keeps the reader exactly as strict as the schema.
         match self.scalar() {
+            Some((text, true)) if resolves_to_non_string(text) => Err(<DeError as de::Error>::custom(format!(
+                "expected a string, found {}: put it in quotes, like \"{text}\"",
+                describe_unexpected(&resolved(text))
+            ))
+            .at(self.id)),
             Some((text, _)) => visitor.visit_str(text).at(self.id),
             None => Err(self.type_error(&Expecting("a string"))),
         }
@@ -323,7 +349,14 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_, '_> {
         self.deserialize_unit(visitor)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+        if name == TEXT {
+            // Values that are text whatever they look like (environment values, commands).
+            return match self.scalar() {
+                Some((text, _)) => visitor.visit_str(text).at(self.id),
+                None => Err(self.type_error(&Expecting("a string, number or boolean"))),
+            };
+        }
         visitor.visit_newtype_struct(self)
     }
 

@@ -24,6 +24,7 @@ where
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "cib build spec", extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Spec")]
 pub struct RawSpec {
     /// The version of the spec format. Only `1` exists; it is the default.
     #[serde(default)]
@@ -43,6 +44,7 @@ pub struct RawSpec {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Pipeline")]
 pub struct RawPipeline {
     /// The events that start this pipeline. Defaults exist for `test`, `staging` and `production`.
     #[serde(default, rename = "on")]
@@ -83,6 +85,7 @@ pub enum PipelineKind {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Triggers")]
 pub struct RawTriggers {
     /// A push to a branch (or a tag).
     #[serde(default, deserialize_with = "present")]
@@ -105,6 +108,7 @@ pub struct RawTriggers {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "PushTrigger")]
 pub struct RawPushTrigger {
     /// Branch globs; a push to a matching branch starts the pipeline.
     #[serde(default)]
@@ -127,6 +131,7 @@ pub struct RawPushTrigger {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "PullRequestTrigger")]
 pub struct RawPullRequestTrigger {
     /// Globs over the base branch (the branch the pull request merges into).
     #[serde(default)]
@@ -143,6 +148,7 @@ pub struct RawPullRequestTrigger {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "BranchesTrigger")]
 pub struct RawBranchesTrigger {
     /// Branch globs; any branch when absent.
     #[serde(default)]
@@ -153,6 +159,7 @@ pub struct RawBranchesTrigger {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Schedule")]
 pub struct RawSchedule {
     /// Five-field cron expression, in UTC.
     pub cron: Cron,
@@ -165,6 +172,7 @@ pub struct RawSchedule {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Service")]
 pub struct RawService {
     /// The container image.
     pub image: Spanned<String>,
@@ -183,6 +191,7 @@ pub struct RawService {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "ReadinessFull")]
 pub struct RawReadinessFull {
     /// The check, run with `sh -c` in the service's container.
     pub command: String,
@@ -197,6 +206,7 @@ pub struct RawReadinessFull {
 /// `ready: pg_isready` or `ready: { command: ..., interval: ..., timeout: ... }`.
 #[derive(Debug, JsonSchema)]
 #[schemars(untagged)]
+#[schemars(rename = "Readiness")]
 pub enum RawReadiness {
     Command(String),
     Full(RawReadinessFull),
@@ -226,6 +236,7 @@ impl<'de> Deserialize<'de> for RawReadiness {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Resource")]
 pub struct RawResource {
     /// The pool's name, as configured on the server.
     pub pool: Spanned<String>,
@@ -238,6 +249,7 @@ pub struct RawResource {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Step")]
 pub struct RawStep {
     /// The step's name, unique in its pipeline.
     pub name: Spanned<String>,
@@ -305,6 +317,7 @@ pub enum Network {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Retry")]
 pub struct RawRetry {
     /// Extra attempts after the first one (at most 10).
     pub count: Spanned<u32>,
@@ -332,6 +345,7 @@ pub enum RetryOn {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Limits")]
 pub struct RawLimits {
     /// Memory limit, e.g. `512m`, `2g`.
     #[serde(default)]
@@ -348,6 +362,7 @@ pub struct RawLimits {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "When")]
 pub struct RawWhen {
     /// Only on these branches.
     #[serde(default)]
@@ -390,6 +405,7 @@ pub enum RunStatus {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Gate")]
 pub struct RawGate {
     /// `approval`: people approve or reject. `hold`: a person tests by hand, then passes or fails it.
     pub kind: GateKind,
@@ -419,6 +435,7 @@ pub enum GateKind {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Approvers")]
 pub struct RawApprovers {
     #[serde(default)]
     pub users: Vec<Spanned<String>>,
@@ -429,6 +446,7 @@ pub struct RawApprovers {
 /// Something the pipeline publishes once its steps pass.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "Deliverable")]
 pub enum RawDeliverable {
     /// Python distributions uploaded to a package index.
     Pypi(RawPypi),
@@ -440,6 +458,7 @@ pub enum RawDeliverable {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Pypi")]
 pub struct RawPypi {
     /// The index's upload URL, e.g. `https://upload.pypi.org/legacy/`.
     pub index: Spanned<String>,
@@ -454,6 +473,7 @@ pub struct RawPypi {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "DockerImage")]
 pub struct RawDockerImage {
     /// The image's repository, with its registry host: `registry.example.com/team/app`.
     pub image: Spanned<String>,
@@ -475,6 +495,7 @@ pub struct RawDockerImage {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Promotion")]
 pub struct RawPromotion {
     /// The branch commits are promoted from (default `master`).
     #[serde(default)]
@@ -491,6 +512,7 @@ pub struct RawPromotion {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "PromotionRequires")]
 pub struct RawPromotionRequires {
     /// Pipelines that must be green on this exact commit.
     #[serde(default)]
@@ -504,6 +526,7 @@ pub struct RawPromotionRequires {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "ApprovalPolicy")]
 pub struct RawApprovalPolicy {
     /// Distinct approvers needed.
     pub count: Spanned<u32>,
@@ -522,6 +545,7 @@ pub struct RawApprovalPolicy {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Merge")]
 pub struct RawMerge {
     /// The branch pull requests merge into (default `master`).
     #[serde(default)]
@@ -538,6 +562,7 @@ pub struct RawMerge {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "MergeRequires")]
 pub struct RawMergeRequires {
     /// Pipelines that must be green on the pull request's head.
     #[serde(default)]

@@ -12,7 +12,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde::{Serialize, Serializer};
 
-use super::de::{SPANNED, SPANNED_FIELDS};
+use super::de::{SPANNED, SPANNED_FIELDS, TEXT};
 use super::diag::Pos;
 
 /// A value with the position it was read from, so that later checks can point at it.
@@ -301,7 +301,11 @@ impl Cron {
             .year(croner::parser::Year::Disallowed)
             .build()
             .parse(text)
-            .map_err(|e| format!("invalid cron expression '{text}': {e}"))?;
+            .map_err(|e| {
+                let reason = e.to_string();
+                let reason = reason.trim_start_matches("Component error: ").trim_end_matches('.');
+                format!("invalid cron expression '{text}': {}", reason.to_lowercase())
+            })?;
         Ok(Cron { text: text.to_owned(), cron })
     }
 
@@ -414,7 +418,30 @@ pub struct EnvValue(pub String);
 
 impl<'de> Deserialize<'de> for EnvValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(EnvValue)
+        Text::deserialize(d).map(|t| EnvValue(t.0))
+    }
+}
+
+/// A scalar's text as written, whether YAML would read it as a string, a number or a boolean,
+/// so that `PORT: 8080` stays `8080` and `RATIO: 0.50` stays `0.50`.
+pub(crate) struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Text, D::Error> {
+                String::deserialize(d).map(Text)
+            }
+        }
+        d.deserialize_newtype_struct(TEXT, V)
     }
 }
 
@@ -446,10 +473,13 @@ impl<'de> Deserialize<'de> for Commands {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Commands, E> {
                 Ok(Commands(vec![v.to_string()]))
             }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Commands, E> {
+                Ok(Commands(vec![v.to_string()]))
+            }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Commands, A::Error> {
                 let mut out = Vec::new();
-                while let Some(c) = seq.next_element::<String>()? {
-                    out.push(c);
+                while let Some(c) = seq.next_element::<Text>()? {
+                    out.push(c.0);
                 }
                 Ok(Commands(out))
             }
@@ -466,8 +496,8 @@ impl JsonSchema for Commands {
         json_schema!({
             "description": "Shell commands run in order with `sh -e`: a list, or one (possibly multi-line) string.",
             "anyOf": [
-                { "type": "string" },
-                { "type": "array", "items": { "type": "string" } }
+                { "type": ["string", "number", "boolean"] },
+                { "type": "array", "items": { "type": ["string", "number", "boolean"] } }
             ]
         })
     }

@@ -162,7 +162,7 @@ fn triggers_model(c: &mut Checker, name: &Spanned<String>, on: Option<&Spanned<R
             .map(|s| Schedule { cron: s.cron.clone(), branch: s.branch.clone().unwrap_or_else(|| "master".into()) })
             .collect(),
     };
-    if t == Triggers::default() {
+    if t == Triggers::default() && !c.partial {
         c.err(on.pos, "'on' names no event: use push, pull_request, promotion, manual or schedule");
     }
     t
@@ -192,7 +192,7 @@ fn approvers(c: &mut Checker, from: Option<&RawApprovers>) -> Approvers {
         let mut seen: HashMap<&str, Pos> = HashMap::new();
         for u in list {
             if let Some(first) = seen.insert(&u.value, u.pos) {
-                c.err(u.pos, format!("'{}' is listed twice (first at line {})", u.value, first.line));
+                c.err(u.pos, format!("'{}' is listed twice (first at {first})", u.value));
             }
         }
     }
@@ -262,7 +262,10 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
                 }
                 Some(i) => i.value.clone(),
                 None => {
-                    c.err(s.name.pos, format!("step '{}' needs an 'image' (or a 'gate')", s.name.value));
+                    // When values were left out as malformed, the image may have been one of them.
+                    if !c.partial {
+                        c.err(s.name.pos, format!("step '{}' needs an 'image' (or a 'gate')", s.name.value));
+                    }
                     String::new()
                 }
             };
@@ -273,7 +276,9 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
                 }
                 Some(cmds) => cmds.value.0.clone(),
                 None => {
-                    c.err(s.name.pos, format!("step '{}' needs 'commands' (or a 'gate')", s.name.value));
+                    if !c.partial {
+                        c.err(s.name.pos, format!("step '{}' needs 'commands' (or a 'gate')", s.name.value));
+                    }
                     Vec::new()
                 }
             };
@@ -467,7 +472,7 @@ fn pipeline_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline) -> P
         });
     }
     let raw_steps = &p.steps.value;
-    if raw_steps.is_empty() {
+    if raw_steps.is_empty() && !c.partial {
         c.err(p.steps.pos, format!("pipeline '{}' has no steps", name.value));
     }
     let mut seen: HashMap<&str, Pos> = HashMap::new();

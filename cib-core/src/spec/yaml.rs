@@ -172,9 +172,8 @@ impl Builder {
                 if let Some(tag) = tag {
                     if tag.is_yaml_core_schema() && tag.suffix == "str" {
                         plain = false;
-                    } else if !tag.is_yaml_core_schema() {
-                        self.diags
-                            .push(Diagnostic::error(at, format!("YAML tags such as '{tag}' are not supported here")));
+                    } else {
+                        self.check_tag(Some(&tag), span);
                     }
                 }
                 let kind = if plain && matches!(&*text, "" | "~" | "null" | "Null" | "NULL") {
@@ -190,13 +189,15 @@ impl Builder {
                 Some(&id) => self.add(id)?,
                 None => return Err(Diagnostic::error(pos(span), "alias to an unknown anchor")),
             },
-            Event::SequenceStart(anchor, _) => {
+            Event::SequenceStart(anchor, tag) => {
                 self.depth_check(span)?;
+                self.check_tag(tag.as_deref(), span);
                 let id = self.push(Kind::Seq(Vec::new()), pos(span));
                 self.stack.push(Frame::Seq { id, anchor, items: Vec::new() });
             }
-            Event::MappingStart(anchor, _) => {
+            Event::MappingStart(anchor, tag) => {
                 self.depth_check(span)?;
+                self.check_tag(tag.as_deref(), span);
                 let id = self.push(Kind::Map(Vec::new()), pos(span));
                 self.stack.push(Frame::Map { id, anchor, entries: Vec::new(), pending_key: None });
             }
@@ -218,6 +219,13 @@ impl Builder {
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
         }
         Ok(())
+    }
+
+    /// Custom tags (GitLab's `!reference`, say) mean nothing to cib; core tags are harmless.
+    fn check_tag(&mut self, tag: Option<&saphyr_parser::Tag>, span: &Span) {
+        if let Some(tag) = tag.filter(|t| !t.is_yaml_core_schema()) {
+            self.diags.push(Diagnostic::error(pos(span), format!("YAML tags such as '{tag}' are not supported here")));
+        }
     }
 
     fn depth_check(&self, span: &Span) -> Result<(), Diagnostic> {

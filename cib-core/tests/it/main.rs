@@ -1,0 +1,5 @@
+//! cib-core's integration tests, in one binary so that linking happens once.
+
+mod spec;
+mod spec_fuzz;
+mod spec_schema;
