@@ -1,2 +1,8 @@
-//! The pure heart of cib.
+//! The pure heart of cib: the build spec, the pipeline state machine, the resource lease table,
+//! the typed events, and the ports through which the engine reaches the world.
+//!
+//! `spec`, `pipeline` and `lease` do no I/O, spawn nothing and read no clock: time and
+//! identifiers come in as arguments, so every scenario is a deterministic unit test.
+
 pub mod spec;
+pub mod time;
