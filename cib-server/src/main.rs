@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cib_core::spec::EventKind;
 use clap::{Parser, Subcommand};
 
 mod lint;
+mod plan;
 
 #[derive(Debug, Parser)]
 #[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
@@ -27,12 +29,41 @@ enum Command {
     },
     /// Print the JSON Schema of the build spec, for editors and validators.
     Schema,
+    /// Show which pipelines and steps an event would start.
+    Plan {
+        /// The spec to read.
+        #[arg(default_value = cib_core::spec::FILE_NAME)]
+        path: PathBuf,
+        /// The event: push, pull_request, promotion, manual or schedule.
+        #[arg(long, default_value = "push", value_parser = parse_event)]
+        event: EventKind,
+        /// The branch (for a pull request, its base branch). Default: the current git branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// A tag push instead of a branch push.
+        #[arg(long, conflicts_with = "branch")]
+        tag: Option<String>,
+        /// Changed files, for path filters (repeat or separate with commas). Default: unknown.
+        #[arg(long, value_delimiter = ',')]
+        changed: Option<Vec<String>>,
+        /// Print JSON instead of a tree.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_event(text: &str) -> Result<EventKind, String> {
+    serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
+        .map_err(|_| format!("unknown event '{text}': use push, pull_request, promotion, manual or schedule"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Lint { path, short } => lint::run(&path, short),
+        Command::Plan { path, event, branch, tag, changed, json } => {
+            plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
+        }
         Command::Schema => {
             let schema = cib_core::spec::schema();
             let text = serde_json::to_string_pretty(&schema).unwrap_or_default();

@@ -1,0 +1,100 @@
+//! `cib plan`: which pipelines and steps an event would start, as a tree or as JSON.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use cib_core::spec::{self, Action, EventKind, TriggerEvent};
+use serde_json::json;
+
+pub struct PlanArgs<'a> {
+    pub path: &'a Path,
+    pub event: EventKind,
+    pub branch: Option<String>,
+    pub tag: Option<String>,
+    pub changed: Option<Vec<String>>,
+    pub json: bool,
+}
+
+/// The current branch of the repository around `path`, if git can tell.
+fn current_branch(path: &Path) -> Option<String> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out =
+        std::process::Command::new("git").arg("-C").arg(dir).args(["symbolic-ref", "--short", "HEAD"]).output().ok()?;
+    let name = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !name.is_empty()).then_some(name)
+}
+
+pub fn run(args: PlanArgs<'_>) -> ExitCode {
+    let shown = args.path.display().to_string();
+    let source = match std::fs::read_to_string(args.path) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{shown}: error: cannot read the spec: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let parsed = match spec::parse(&source) {
+        Ok(s) => s,
+        Err(diags) => {
+            let mut err = std::io::stderr().lock();
+            for d in &diags {
+                let _ = writeln!(err, "{}", d.render(&shown, &source));
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let branch = args.branch.or_else(|| if args.tag.is_some() { None } else { current_branch(args.path) });
+    let branch = branch.or_else(|| args.tag.is_none().then(|| "master".to_owned()));
+    let event = TriggerEvent { kind: args.event, branch, tag: args.tag, changed_paths: args.changed };
+    let pipelines = parsed.plan(&event);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let value = json!({
+            "event": event,
+            "pipelines": pipelines.iter().map(|p| json!({
+                "name": p.name,
+                "kind": p.kind,
+                "steps": p.steps.iter().map(|s| json!({
+                    "name": s.name,
+                    "depends_on": s.depends_on,
+                    "runs": s.when.admits(&event),
+                    "image": match &s.action { Action::Run { image, .. } => Some(image), Action::Gate(_) => None },
+                    "gate": match &s.action { Action::Gate(g) => Some(g.kind), Action::Run { .. } => None },
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let target = match (&event.tag, &event.branch) {
+        (Some(t), _) => format!("tag {t}"),
+        (None, Some(b)) => b.clone(),
+        (None, None) => "(no branch)".into(),
+    };
+    let kind = serde_json::to_value(event.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let _ = writeln!(out, "{kind} on {target}");
+    if pipelines.is_empty() {
+        let _ = writeln!(out, "└─ no pipeline runs");
+    }
+    for (i, p) in pipelines.iter().enumerate() {
+        let last_pipeline = i + 1 == pipelines.len();
+        let (branch_mark, indent) = if last_pipeline { ("└─", "   ") } else { ("├─", "│  ") };
+        let kind = if p.kind == spec::PipelineKind::Deploy { "deploy" } else { "test" };
+        let _ = writeln!(out, "{branch_mark} {} ({kind}, {} steps)", p.name, p.steps.len());
+        for (j, s) in p.steps.iter().enumerate() {
+            let mark = if j + 1 == p.steps.len() { "└─" } else { "├─" };
+            let what = match &s.action {
+                Action::Run { image, .. } => format!("[{image}]"),
+                Action::Gate(g) => {
+                    format!("[{} gate]", if g.kind == spec::GateKind::Hold { "hold" } else { "approval" })
+                }
+            };
+            let after =
+                if s.depends_on.is_empty() { String::new() } else { format!("  after {}", s.depends_on.join(", ")) };
+            let skipped = if s.when.admits(&event) { "" } else { "  (skipped by its 'when')" };
+            let _ = writeln!(out, "{indent}{mark} {} {what}{after}{skipped}", s.name);
+        }
+    }
+    ExitCode::SUCCESS
+}

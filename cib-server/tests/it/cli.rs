@@ -1,0 +1,107 @@
+//! `cib lint`, `cib schema` and `cib plan`, run as processes, with their output and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cib(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cib")).args(args).output().expect("run cib")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn temp_spec(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cib-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(".cib.yml");
+    std::fs::write(&path, text).expect("write spec");
+    path
+}
+
+#[test]
+fn lint_accepts_every_example() {
+    for example in ["python-app", "rust-app", "node-app", "shell"] {
+        let path = repo().join("examples").join(example).join(".cib.yml");
+        let out = cib(&["lint", path.to_str().expect("utf-8 path")]);
+        assert_eq!(out.status.code(), Some(0), "{example}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn lint_prints_every_problem_with_line_and_column_and_exits_1() {
+    let path = temp_spec(
+        "invalid",
+        "pipelines:\n  test:\n    steps:\n      - name: a\n        image: busybox\n        comands: [ls]\n      - name: b\n        image: busybox\n        commands: [ls]\n        depends_on: [c]\n",
+    );
+    let shown = path.to_str().expect("utf-8 path");
+    let out = cib(&["lint", "--short", shown]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [format!("{shown}:6:9: error: unknown key 'comands' (did you mean 'commands'?)")],
+        "the unknown key is reported; references are not checked on a partly malformed spec"
+    );
+    let path = temp_spec(
+        "unknown-dep",
+        "pipelines:\n  test:\n    steps:\n      - { name: b, image: x, commands: [ls], depends_on: [c] }\n",
+    );
+    let out = cib(&["lint", path.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(first.ends_with(":4:59: error: unknown step 'c' in depends_on"), "{stdout}");
+    assert!(stdout.contains("4 |       - { name: b"), "the excerpt shows the line: {stdout}");
+}
+
+#[test]
+fn lint_exits_2_when_the_file_cannot_be_read() {
+    let out = cib(&["lint", "/nonexistent/.cib.yml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the spec"));
+    let path = temp_spec("binary", "");
+    std::fs::write(&path, [0xff, 0xfe, 0x00]).expect("write");
+    assert_eq!(cib(&["lint", path.to_str().expect("utf-8 path")]).status.code(), Some(2));
+}
+
+#[test]
+fn lint_defaults_to_the_spec_in_the_current_directory() {
+    let path =
+        temp_spec("default", "pipelines:\n  test:\n    steps: [{ name: a, image: busybox, commands: [true] }]\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .arg("lint")
+        .current_dir(path.parent().expect("dir"))
+        .output()
+        .expect("run cib");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn schema_command_prints_the_committed_schema() {
+    let out = cib(&["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    let committed = std::fs::read_to_string(repo().join("docs/cib.schema.json")).expect("schema");
+    assert_eq!(String::from_utf8(out.stdout).expect("utf-8"), committed);
+}
+
+#[test]
+fn plan_shows_the_pipelines_an_event_starts() {
+    let path = repo().join("examples/python-app/.cib.yml");
+    let path = path.to_str().expect("utf-8 path");
+    let out = cib(&["plan", "--branch", "master", path]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(text.starts_with("push on master\n└─ staging (deploy, 3 steps)\n"), "{text}");
+    assert!(text.contains("manual-qa [hold gate]  after e2e"), "{text}");
+
+    let out = cib(&["plan", "--event", "pull_request", "--branch", "master", "--json", path]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let names: Vec<&str> =
+        value["pipelines"].as_array().expect("array").iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["test"]);
+
+    let out = cib(&["plan", "--event", "deploy", path]);
+    assert_eq!(out.status.code(), Some(2), "an unknown event is a command-line error");
+}

@@ -1,0 +1,3 @@
+//! cib-server's integration tests, in one binary: the `cib` command as a user runs it.
+
+mod cli;
