@@ -73,7 +73,24 @@ pub fn schema() -> serde_json::Value {
     let generator = schemars::generate::SchemaSettings::draft07().into_generator();
     let mut schema = generator.into_root_schema_for::<raw::RawSpec>();
     schema.insert("$id".into(), SCHEMA_ID.into());
-    schema.to_value()
+    let mut value = schema.to_value();
+    drop_null_defaults(&mut value);
+    value
+}
+
+/// `"default": null` says nothing a reader needs, and editors insert it as a placeholder
+/// (`workdir: null`), so it is left out.
+fn drop_null_defaults(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("default").is_some_and(serde_json::Value::is_null) {
+                map.remove("default");
+            }
+            map.values_mut().for_each(drop_null_defaults);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_defaults),
+        _ => {}
+    }
 }
 
 /// Where the schema is published; a spec names it on a `# yaml-language-server: $schema=` line.

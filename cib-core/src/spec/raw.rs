@@ -320,6 +320,7 @@ pub enum Network {
 #[schemars(rename = "Retry")]
 pub struct RawRetry {
     /// Extra attempts after the first one (at most 10).
+    #[schemars(range(max = 10))]
     pub count: Spanned<u32>,
     /// What is worth retrying. Default: `infrastructure` only, never a plain test failure.
     #[serde(default)]

@@ -75,8 +75,14 @@ fn fragment() -> impl Strategy<Value = String> {
         .prop_map(|(indent, k, v, dash)| format!("{}{}{k}: {v}", "  ".repeat(indent), if dash { "- " } else { "" }))
 }
 
+/// Cases per property: 2,000 in the test suite; `CIB_FUZZ_CASES=500000` for a long run.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("CIB_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+    #![proptest_config(config())]
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
