@@ -4,5 +4,8 @@
 //! `spec`, `pipeline` and `lease` do no I/O, spawn nothing and read no clock: time and
 //! identifiers come in as arguments, so every scenario is a deterministic unit test.
 
+pub mod event;
+pub mod lease;
+pub mod pipeline;
 pub mod spec;
 pub mod time;

@@ -86,7 +86,7 @@ pub struct Triggers {
 }
 
 /// An event as trigger matching sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TriggerEvent {
     pub kind: EventKind,
     /// The branch pushed, promoted or built; for a pull request, its base branch.

@@ -1,0 +1,229 @@
+//! Typed events: one for every change of state, numbered in the order they happened.
+//!
+//! Everything that reports status (GitHub checks, chat, the server-sent event stream, outgoing
+//! webhooks) reads this one stream. Events carry a sequence number so that a subscriber can
+//! resume where it stopped, and enough data that a subscriber never has to ask the engine.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::Timestamp;
+
+/// A build's identifier, chosen by whoever creates the build (the engine, a test).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BuildId(pub String);
+
+impl std::fmt::Display for BuildId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for BuildId {
+    fn from(s: &str) -> Self {
+        BuildId(s.to_owned())
+    }
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conclusion {
+    Success,
+    Failed,
+    Cancelled,
+    TimedOut,
+    /// The infrastructure failed; the code under test may be fine.
+    Errored,
+}
+
+/// How one step (or one attempt of it) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepConclusion {
+    Success,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Errored,
+    Skipped,
+    /// A gate that people rejected.
+    Rejected,
+}
+
+/// One numbered event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    BuildQueued {
+        build: BuildId,
+        pipeline: String,
+        repo: String,
+        commit: String,
+        branch: Option<String>,
+    },
+    /// The build waits for an earlier deploy of the same pipeline to finish.
+    BuildWaitingForTurn {
+        build: BuildId,
+        behind: BuildId,
+    },
+    BuildStarted {
+        build: BuildId,
+    },
+    /// A newer push replaced this test build.
+    BuildSuperseded {
+        build: BuildId,
+        by: BuildId,
+    },
+    BuildCancelling {
+        build: BuildId,
+        by: String,
+        reason: String,
+    },
+    StepStarted {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+    },
+    StepFinished {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+        conclusion: StepConclusion,
+        /// What ended it, in words: `exit code 1`, `no output for 5m`, `out of memory`.
+        detail: String,
+        /// Another attempt follows.
+        will_retry: bool,
+    },
+    StepSkipped {
+        build: BuildId,
+        step: String,
+        reason: String,
+    },
+    ServiceReady {
+        build: BuildId,
+        service: String,
+    },
+    GateWaiting {
+        build: BuildId,
+        step: String,
+        kind: String,
+        instructions: Option<String>,
+        approvals: u32,
+    },
+    Approved {
+        build: BuildId,
+        step: String,
+        by: String,
+        comment: Option<String>,
+        count: u32,
+        needed: u32,
+    },
+    Rejected {
+        build: BuildId,
+        step: String,
+        by: String,
+        comment: Option<String>,
+    },
+    /// A decision the gate could not take (not an allowed approver, approved twice).
+    DecisionRefused {
+        build: BuildId,
+        step: String,
+        by: String,
+        reason: String,
+    },
+    GateExpired {
+        build: BuildId,
+        step: String,
+    },
+    LeaseWaiting {
+        lease: String,
+        holder: String,
+        positions: BTreeMap<String, usize>,
+    },
+    LeaseGranted {
+        lease: String,
+        holder: String,
+        units: BTreeMap<String, Vec<String>>,
+        token: u64,
+        expires_at: Timestamp,
+    },
+    LeaseRenewed {
+        lease: String,
+        token: u64,
+        expires_at: Timestamp,
+    },
+    /// A person's lease ends soon.
+    LeaseWarning {
+        lease: String,
+        holder: String,
+        deadline: Timestamp,
+    },
+    LeaseExpired {
+        lease: String,
+        token: u64,
+    },
+    LeaseReleased {
+        lease: String,
+        token: u64,
+    },
+    LeaseRevoked {
+        lease: String,
+        token: u64,
+    },
+    LeaseCancelled {
+        lease: String,
+    },
+    /// A lease operation was refused: a stale fencing token, an unknown pool, too many units.
+    LeaseRefused {
+        reason: String,
+    },
+    BuildFinished {
+        build: BuildId,
+        conclusion: Conclusion,
+    },
+}
+
+impl EventBody {
+    /// The build the event is about, if any.
+    pub fn build(&self) -> Option<&BuildId> {
+        use EventBody::*;
+        match self {
+            BuildQueued { build, .. }
+            | BuildWaitingForTurn { build, .. }
+            | BuildStarted { build }
+            | BuildSuperseded { build, .. }
+            | BuildCancelling { build, .. }
+            | StepStarted { build, .. }
+            | StepFinished { build, .. }
+            | StepSkipped { build, .. }
+            | ServiceReady { build, .. }
+            | GateWaiting { build, .. }
+            | Approved { build, .. }
+            | Rejected { build, .. }
+            | DecisionRefused { build, .. }
+            | GateExpired { build, .. }
+            | BuildFinished { build, .. } => Some(build),
+            LeaseWaiting { .. }
+            | LeaseGranted { .. }
+            | LeaseRenewed { .. }
+            | LeaseWarning { .. }
+            | LeaseExpired { .. }
+            | LeaseReleased { .. }
+            | LeaseRevoked { .. }
+            | LeaseCancelled { .. }
+            | LeaseRefused { .. } => None,
+        }
+    }
+}

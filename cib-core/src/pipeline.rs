@@ -1,0 +1,1414 @@
+//! The pipeline machine: given an input and the time, what changes and what must be done.
+//!
+//! `Machine::handle(input, now) -> Vec<Effect>` is synchronous and deterministic: it does no
+//! I/O, reads no clock and spawns nothing. The engine stores every input before handing it
+//! here, carries out the effects through the ports, and feeds completions back as inputs, so
+//! replaying the stored inputs rebuilds exactly the same machine. The machine owns the lease
+//! table too, so that a build's leases move in the same step as the build.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
+use crate::lease::{self, Holder, LeaseEvent, LeaseId, LeaseTable, PoolConfig, PoolKind, Want};
+use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
+use crate::time::Timestamp;
+
+/// Settings of the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Steps running at once across all builds; more wait in a FIFO queue.
+    pub max_running_steps: usize,
+    /// Time to live of a build's leases; the machine renews them on every tick while the build lives.
+    pub build_lease_ttl: Duration,
+    /// Resource pools.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { max_running_steps: 8, build_lease_ttl: Duration::from_secs(600), pools: Vec::new() }
+    }
+}
+
+/// Where a build's code comes from and why it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildContext {
+    pub repo: String,
+    pub commit: String,
+    /// The branch built (for a pull request, its head branch).
+    pub branch: Option<String>,
+    pub pull_request: Option<u64>,
+    /// The event as trigger matching and `when` conditions see it.
+    pub event: spec::TriggerEvent,
+    /// Who caused the build, from an authenticated source.
+    pub actor: Option<String>,
+}
+
+/// A person deciding at a gate, as the frontend authenticated them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub login: String,
+    pub teams: Vec<String>,
+    /// Write access to the repository, from the forge's permission API.
+    pub can_write: bool,
+}
+
+/// How an attempt of a step ended, as the executor saw it. A failing test is a value here;
+/// `Infrastructure` means the executor could not run the step properly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepResult {
+    Exited(i32),
+    TimedOut,
+    NoOutput,
+    OutOfMemory,
+    Cancelled,
+    Infrastructure(String),
+}
+
+/// Everything that can happen to the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "input", rename_all = "snake_case")]
+pub enum Input {
+    /// Start a build of one pipeline of a spec. The spec travels as text so that stored inputs
+    /// stay plain data; the machine reads it again.
+    Enqueue {
+        build: BuildId,
+        spec: Arc<str>,
+        pipeline: String,
+        context: BuildContext,
+    },
+    StepFinished {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+        result: StepResult,
+    },
+    /// The step printed something since the machine last heard; the engine coalesces these.
+    StepOutput {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+    },
+    ServiceReady {
+        build: BuildId,
+        service: String,
+    },
+    ServiceFailed {
+        build: BuildId,
+        service: String,
+        message: String,
+    },
+    TimerFired {
+        timer: TimerId,
+    },
+    Cancel {
+        build: BuildId,
+        by: String,
+        reason: String,
+    },
+    Decide {
+        build: BuildId,
+        step: String,
+        actor: Actor,
+        approve: bool,
+        comment: Option<String>,
+    },
+    /// A person (or a tool) asks for units; builds ask through their spec.
+    TakeLease {
+        request: lease::Request,
+    },
+    RenewLease {
+        lease: LeaseId,
+        token: u64,
+    },
+    ReturnLease {
+        lease: LeaseId,
+        token: u64,
+    },
+    RevokeLease {
+        lease: LeaseId,
+    },
+    CancelLeaseRequest {
+        lease: LeaseId,
+    },
+    /// Time passes: leases expire or are renewed for live builds.
+    Tick,
+}
+
+/// A timer the machine armed; the engine fires it back as [`Input::TimerFired`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "timer", rename_all = "snake_case")]
+pub enum TimerId {
+    BuildTimeout {
+        build: BuildId,
+    },
+    StepTimeout {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+    },
+    NoOutput {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+    },
+    Gate {
+        build: BuildId,
+        step: String,
+    },
+    /// The lease table's next expiry or warning.
+    Leases,
+}
+
+/// A unit of a resource pool granted to a step, with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedUnit {
+    pub pool: String,
+    pub unit: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Everything an executor needs to run one attempt of a step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepJob {
+    pub build: BuildId,
+    pub pipeline: String,
+    pub step: spec::Step,
+    pub attempt: u32,
+    pub context: BuildContext,
+    /// Pipeline and step variables, `CIB_*` variables and resource variables, merged.
+    pub env: BTreeMap<String, String>,
+    pub resources: Vec<GrantedUnit>,
+}
+
+/// Why the machine stops a running step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Cancelled,
+    TimedOut,
+    NoOutput,
+}
+
+/// What the machine asks the world to do.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Effect {
+    StartServices {
+        build: BuildId,
+        services: Vec<spec::Service>,
+    },
+    StartStep(Box<StepJob>),
+    StopStep {
+        build: BuildId,
+        step: String,
+        attempt: u32,
+        reason: StopReason,
+    },
+    /// Remove everything the build left: containers, services, network, workspace.
+    Cleanup {
+        build: BuildId,
+    },
+    ArmTimer {
+        timer: TimerId,
+        at: Timestamp,
+    },
+    CancelTimer {
+        timer: TimerId,
+    },
+    Publish(Event),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    Queued,
+    WaitingForTurn,
+    WaitingForResources,
+    Running,
+    Finished(Conclusion),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    WaitingForLease {
+        attempt: u32,
+    },
+    /// Ready, waiting for a free run slot.
+    Ready {
+        attempt: u32,
+    },
+    Running {
+        attempt: u32,
+    },
+    AtGate,
+    Done(StepConclusion),
+}
+
+/// One try of a step; every attempt is kept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    pub conclusion: Option<StepConclusion>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepState {
+    pub name: String,
+    pub status: StepStatus,
+    pub attempts: Vec<Attempt>,
+    /// Approvers so far, for an approval gate.
+    pub approvals: Vec<String>,
+    #[serde(skip)]
+    last_output: Timestamp,
+    #[serde(skip)]
+    stopping: Option<StopReason>,
+    #[serde(skip)]
+    units: Vec<GrantedUnit>,
+}
+
+/// One build of one pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Build {
+    pub id: BuildId,
+    pub pipeline: spec::Pipeline,
+    pub context: BuildContext,
+    pub state: BuildState,
+    pub steps: Vec<StepState>,
+    pub queued_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    #[serde(skip)]
+    arrival: u64,
+    /// Set once the build is being cancelled: by whom and what the conclusion will be.
+    #[serde(skip)]
+    ending: Option<(String, Conclusion)>,
+    #[serde(skip)]
+    services_ready: BTreeSet<String>,
+    #[serde(skip)]
+    pipeline_units: Vec<GrantedUnit>,
+}
+
+impl Build {
+    fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    fn is_finished(&self) -> bool {
+        matches!(self.state, BuildState::Finished(_))
+    }
+
+    fn supersede_key(&self) -> (String, String, String) {
+        let target = match (self.context.pull_request, &self.context.branch) {
+            (Some(pr), _) => format!("pr#{pr}"),
+            (None, Some(b)) => format!("branch:{b}"),
+            (None, None) => format!("commit:{}", self.context.commit),
+        };
+        (self.context.repo.clone(), self.pipeline.name.clone(), target)
+    }
+}
+
+/// Who a lease of the table belongs to, when a build asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+enum LeaseOwner {
+    Pipeline(BuildId),
+    Step(BuildId, String, u32),
+}
+
+/// The machine: every build, the lease table, and the queue of steps waiting for a slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    config: Config,
+    builds: BTreeMap<BuildId, Build>,
+    leases: LeaseTable,
+    lease_owners: BTreeMap<LeaseId, LeaseOwner>,
+    ready: VecDeque<(BuildId, String)>,
+    running: usize,
+    next_event: u64,
+    arrivals: u64,
+    lease_timer: Option<Timestamp>,
+    /// Effects gathered while handling one input.
+    out: Vec<Effect>,
+}
+
+/// The lease id a build's pipeline-wide request uses.
+pub fn pipeline_lease_id(build: &BuildId) -> LeaseId {
+    LeaseId(build.0.clone())
+}
+
+/// The lease id of one attempt of a step's request.
+pub fn step_lease_id(build: &BuildId, step: &str, attempt: u32) -> LeaseId {
+    LeaseId(format!("{}/{step}/{attempt}", build.0))
+}
+
+impl Machine {
+    /// A machine with no builds. Fails when the pools are misconfigured (a duplicate name, say).
+    pub fn new(config: Config) -> Result<Self, lease::LeaseError> {
+        let leases = LeaseTable::new(config.pools.clone())?;
+        Ok(Machine {
+            config,
+            builds: BTreeMap::new(),
+            leases,
+            lease_owners: BTreeMap::new(),
+            ready: VecDeque::new(),
+            running: 0,
+            next_event: 1,
+            arrivals: 0,
+            lease_timer: None,
+            out: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn build(&self, id: &BuildId) -> Option<&Build> {
+        self.builds.get(id)
+    }
+
+    pub fn builds(&self) -> impl Iterator<Item = &Build> {
+        self.builds.values()
+    }
+
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// Steps running now, across all builds.
+    pub fn running_steps(&self) -> usize {
+        self.running
+    }
+
+    /// The sequence number the next event will get.
+    pub fn next_event_seq(&self) -> u64 {
+        self.next_event
+    }
+
+    /// Drops finished builds from memory (their records live in the store), keeping the
+    /// machine small on a long-running server.
+    pub fn forget_finished(&mut self) {
+        self.builds.retain(|_, b| !b.is_finished());
+    }
+
+    /// Handles one input at time `now` and returns what must be done, in order.
+    pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Effect> {
+        match input {
+            Input::Enqueue { build, spec, pipeline, context } => self.enqueue(build, &spec, &pipeline, context, now),
+            Input::StepFinished { build, step, attempt, result } => {
+                self.step_finished(&build, &step, attempt, result, now)
+            }
+            Input::StepOutput { build, step, attempt } => {
+                if let Some(s) = self.step_mut(&build, &step)
+                    && s.status == (StepStatus::Running { attempt })
+                {
+                    s.last_output = now;
+                }
+            }
+            Input::ServiceReady { build, service } => {
+                if let Some(b) = self.builds.get_mut(&build)
+                    && b.state == BuildState::Running
+                    && b.services_ready.insert(service.clone())
+                {
+                    self.publish(now, EventBody::ServiceReady { build: build.clone(), service });
+                    self.advance(&build, now);
+                }
+            }
+            Input::ServiceFailed { build, service, message } => {
+                self.end_build(
+                    &build,
+                    "cib",
+                    Conclusion::Errored,
+                    &format!("service '{service}' failed: {message}"),
+                    now,
+                );
+            }
+            Input::TimerFired { timer } => self.timer(timer, now),
+            Input::Cancel { build, by, reason } => self.end_build(&build, &by, Conclusion::Cancelled, &reason, now),
+            Input::Decide { build, step, actor, approve, comment } => {
+                self.decide(&build, &step, actor, approve, comment, now)
+            }
+            Input::TakeLease { request } => {
+                let id = request.id.clone();
+                let result = self.leases.request(request, now);
+                self.lease_result(result, Some(id), now);
+            }
+            Input::RenewLease { lease, token } => {
+                let result = self.leases.renew(&lease, token, now);
+                self.lease_result(result, None, now);
+            }
+            Input::ReturnLease { lease, token } => {
+                let result = self.leases.release(&lease, token, now);
+                self.lease_result(result, None, now);
+            }
+            Input::RevokeLease { lease } => {
+                let result = self.leases.revoke(&lease, now);
+                self.lease_result(result, None, now);
+            }
+            Input::CancelLeaseRequest { lease } => {
+                let events = self.leases.cancel(&lease, now);
+                self.lease_events(events, now);
+            }
+            Input::Tick => self.tick(now),
+        }
+        self.schedule(now);
+        self.arm_lease_timer();
+        std::mem::take(&mut self.out)
+    }
+
+    fn publish(&mut self, now: Timestamp, body: EventBody) {
+        let event = Event { seq: self.next_event, at: now, body };
+        self.next_event += 1;
+        self.out.push(Effect::Publish(event));
+    }
+
+    fn step_mut(&mut self, build: &BuildId, step: &str) -> Option<&mut StepState> {
+        let b = self.builds.get_mut(build)?;
+        let i = b.step_index(step)?;
+        b.steps.get_mut(i)
+    }
+
+    // ---- builds ----------------------------------------------------------------------------
+
+    fn enqueue(&mut self, id: BuildId, source: &str, pipeline: &str, context: BuildContext, now: Timestamp) {
+        if self.builds.contains_key(&id) {
+            return; // The same input twice (a replayed delivery) changes nothing.
+        }
+        let found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
+        let errored = found.is_none();
+        let pipeline = found.unwrap_or_else(|| spec::Pipeline {
+            name: pipeline.to_owned(),
+            kind: PipelineKind::Test,
+            triggers: spec::Triggers::default(),
+            env: BTreeMap::new(),
+            services: Vec::new(),
+            resources: Vec::new(),
+            steps: Vec::new(),
+            deliverables: Vec::new(),
+            timeout: None,
+        });
+        self.arrivals += 1;
+        let steps = pipeline
+            .steps
+            .iter()
+            .map(|s| StepState {
+                name: s.name.clone(),
+                status: StepStatus::Pending,
+                attempts: Vec::new(),
+                approvals: Vec::new(),
+                last_output: now,
+                stopping: None,
+                units: Vec::new(),
+            })
+            .collect();
+        let build = Build {
+            id: id.clone(),
+            pipeline,
+            context,
+            state: BuildState::Queued,
+            steps,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            arrival: self.arrivals,
+            ending: None,
+            services_ready: BTreeSet::new(),
+            pipeline_units: Vec::new(),
+        };
+        self.publish(
+            now,
+            EventBody::BuildQueued {
+                build: id.clone(),
+                pipeline: build.pipeline.name.clone(),
+                repo: build.context.repo.clone(),
+                commit: build.context.commit.clone(),
+                branch: build.context.branch.clone(),
+            },
+        );
+        let key = build.supersede_key();
+        let kind = build.pipeline.kind;
+        self.builds.insert(id.clone(), build);
+        if errored {
+            self.finish(&id, Conclusion::Errored, now);
+            return;
+        }
+        // A newer push supersedes older test builds of the same branch or pull request; deploy
+        // builds are never cancelled by a push.
+        if kind == PipelineKind::Test {
+            let older: Vec<BuildId> = self
+                .builds
+                .values()
+                .filter(|b| b.id != id && !b.is_finished() && b.pipeline.kind == PipelineKind::Test)
+                .filter(|b| b.supersede_key() == key && b.ending.is_none())
+                .map(|b| b.id.clone())
+                .collect();
+            for old in older {
+                self.publish(now, EventBody::BuildSuperseded { build: old.clone(), by: id.clone() });
+                self.end_build(&old, "cib", Conclusion::Cancelled, &format!("superseded by {id}"), now);
+            }
+        }
+        self.admit(&id, now);
+    }
+
+    /// The earlier unfinished deploy build this one must wait for, if any.
+    fn blocking_deploy(&self, id: &BuildId) -> Option<BuildId> {
+        let b = self.builds.get(id)?;
+        if b.pipeline.kind != PipelineKind::Deploy {
+            return None;
+        }
+        self.builds
+            .values()
+            .filter(|o| o.arrival < b.arrival && !o.is_finished())
+            .filter(|o| o.pipeline.kind == PipelineKind::Deploy)
+            .filter(|o| o.context.repo == b.context.repo && o.pipeline.name == b.pipeline.name)
+            .min_by_key(|o| o.arrival)
+            .map(|o| o.id.clone())
+    }
+
+    fn admit(&mut self, id: &BuildId, now: Timestamp) {
+        if let Some(behind) = self.blocking_deploy(id) {
+            if let Some(b) = self.builds.get_mut(id)
+                && b.state != BuildState::WaitingForTurn
+            {
+                b.state = BuildState::WaitingForTurn;
+                self.publish(now, EventBody::BuildWaitingForTurn { build: id.clone(), behind });
+            }
+            return;
+        }
+        let Some(b) = self.builds.get_mut(id) else { return };
+        if b.pipeline.resources.is_empty() {
+            self.run(id, now);
+            return;
+        }
+        b.state = BuildState::WaitingForResources;
+        let wants: Vec<Want> =
+            b.pipeline.resources.iter().map(|r| Want { pool: r.pool.clone(), count: r.count }).collect();
+        let lease = pipeline_lease_id(id);
+        self.lease_owners.insert(lease.clone(), LeaseOwner::Pipeline(id.clone()));
+        let request = self.build_request(lease.clone(), id, None, wants);
+        let result = self.leases.request(request, now);
+        self.lease_result(result, Some(lease), now);
+    }
+
+    fn build_request(&self, id: LeaseId, build: &BuildId, step: Option<&str>, wants: Vec<Want>) -> lease::Request {
+        lease::Request {
+            id,
+            holder: Holder::Build { build: build.0.clone(), step: step.map(str::to_owned) },
+            wants,
+            priority: 0,
+            ttl: self.config.build_lease_ttl,
+            deadline: None,
+            warn_before: None,
+            reason: format!("build {build}"),
+        }
+    }
+
+    fn run(&mut self, id: &BuildId, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        b.state = BuildState::Running;
+        b.started_at = Some(now);
+        let timeout = b.pipeline.timeout;
+        let services = b.pipeline.services.clone();
+        self.publish(now, EventBody::BuildStarted { build: id.clone() });
+        if let Some(t) = timeout {
+            self.out
+                .push(Effect::ArmTimer { timer: TimerId::BuildTimeout { build: id.clone() }, at: now + t.as_std() });
+        }
+        if !services.is_empty() {
+            self.out.push(Effect::StartServices { build: id.clone(), services });
+        }
+        self.advance(id, now);
+    }
+
+    /// Moves every step that can move: skips, gates, lease requests, the run queue. Finishes
+    /// the build when every step is done.
+    fn advance(&mut self, id: &BuildId, now: Timestamp) {
+        loop {
+            let Some(b) = self.builds.get(id) else { return };
+            if b.state != BuildState::Running {
+                return;
+            }
+            let Some((index, decision)) = next_move(b) else { break };
+            self.apply_move(id, index, decision, now);
+        }
+        let done = self.builds.get(id).is_some_and(|b| b.steps.iter().all(|s| matches!(s.status, StepStatus::Done(_))));
+        if done {
+            let conclusion = self.builds.get(id).map_or(Conclusion::Errored, conclude);
+            self.finish(id, conclusion, now);
+        }
+    }
+
+    fn apply_move(&mut self, id: &BuildId, index: usize, decision: Move, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let step = b.pipeline.steps[index].clone();
+        match decision {
+            Move::Skip(reason) => {
+                b.steps[index].status = StepStatus::Done(StepConclusion::Skipped);
+                self.publish(now, EventBody::StepSkipped { build: id.clone(), step: step.name, reason });
+            }
+            Move::Start => match &step.action {
+                Action::Gate(gate) => {
+                    b.steps[index].status = StepStatus::AtGate;
+                    let kind = if gate.kind == GateKind::Hold { "hold" } else { "approval" };
+                    let (instructions, approvals, timeout) = (gate.instructions.clone(), gate.approvals, gate.timeout);
+                    self.publish(
+                        now,
+                        EventBody::GateWaiting {
+                            build: id.clone(),
+                            step: step.name.clone(),
+                            kind: kind.into(),
+                            instructions,
+                            approvals,
+                        },
+                    );
+                    if let Some(t) = timeout {
+                        let timer = TimerId::Gate { build: id.clone(), step: step.name };
+                        self.out.push(Effect::ArmTimer { timer, at: now + t.as_std() });
+                    }
+                }
+                Action::Run { .. } => {
+                    let attempt = b.steps[index].attempts.len() as u32 + 1;
+                    self.request_step(id, index, attempt, now);
+                }
+            },
+        }
+    }
+
+    /// Asks for a step's own resources, or queues it for a slot when it has none.
+    fn request_step(&mut self, id: &BuildId, index: usize, attempt: u32, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let step = &b.pipeline.steps[index];
+        if step.resources.is_empty() {
+            b.steps[index].status = StepStatus::Ready { attempt };
+            self.ready.push_back((id.clone(), step.name.clone()));
+            return;
+        }
+        b.steps[index].status = StepStatus::WaitingForLease { attempt };
+        let name = step.name.clone();
+        let wants = step.resources.iter().map(|r| Want { pool: r.pool.clone(), count: r.count }).collect();
+        let lease = step_lease_id(id, &name, attempt);
+        self.lease_owners.insert(lease.clone(), LeaseOwner::Step(id.clone(), name.clone(), attempt));
+        let request = self.build_request(lease.clone(), id, Some(&name), wants);
+        let result = self.leases.request(request, now);
+        self.lease_result(result, Some(lease), now);
+    }
+
+    /// Starts ready steps while run slots are free, oldest first.
+    fn schedule(&mut self, now: Timestamp) {
+        while self.running < self.config.max_running_steps {
+            let Some((id, name)) = self.ready.pop_front() else { break };
+            let Some(b) = self.builds.get_mut(&id) else { continue };
+            let Some(index) = b.step_index(&name) else { continue };
+            let StepStatus::Ready { attempt } = b.steps[index].status else { continue };
+            b.steps[index].status = StepStatus::Running { attempt };
+            b.steps[index].last_output = now;
+            b.steps[index].stopping = None;
+            b.steps[index].attempts.push(Attempt {
+                number: attempt,
+                started_at: now,
+                finished_at: None,
+                conclusion: None,
+                detail: String::new(),
+            });
+            self.running += 1;
+            let step = b.pipeline.steps[index].clone();
+            let mut resources = b.pipeline_units.clone();
+            resources.extend(b.steps[index].units.iter().cloned());
+            let env = step_env(b, &step, attempt, &resources);
+            let job = StepJob {
+                build: id.clone(),
+                pipeline: b.pipeline.name.clone(),
+                step: step.clone(),
+                attempt,
+                context: b.context.clone(),
+                env,
+                resources,
+            };
+            self.publish(now, EventBody::StepStarted { build: id.clone(), step: name.clone(), attempt });
+            self.out.push(Effect::StartStep(Box::new(job)));
+            if let Some(t) = step.timeout {
+                let timer = TimerId::StepTimeout { build: id.clone(), step: name.clone(), attempt };
+                self.out.push(Effect::ArmTimer { timer, at: now + t.as_std() });
+            }
+            if let Some(t) = step.no_output_timeout {
+                let timer = TimerId::NoOutput { build: id.clone(), step: name.clone(), attempt };
+                self.out.push(Effect::ArmTimer { timer, at: now + t.as_std() });
+            }
+        }
+    }
+
+    fn step_finished(&mut self, id: &BuildId, name: &str, attempt: u32, result: StepResult, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let Some(index) = b.step_index(name) else { return };
+        // A late or repeated report of an attempt that is no longer running changes nothing.
+        if b.steps[index].status != (StepStatus::Running { attempt }) {
+            return;
+        }
+        self.running = self.running.saturating_sub(1);
+        let step = b.pipeline.steps[index].clone();
+        let state = &mut b.steps[index];
+        let (conclusion, detail, reason) = classify(&result, state.stopping);
+        let cancelling = b.ending.is_some();
+        let retry = !cancelling && attempt <= step.retry.count && should_retry(&step.retry, &result, reason);
+        let state = &mut b.steps[index];
+        if let Some(a) = state.attempts.last_mut() {
+            a.finished_at = Some(now);
+            a.conclusion = Some(conclusion);
+            a.detail = detail.clone();
+        }
+        state.units.clear();
+        state.status = if retry { StepStatus::Pending } else { StepStatus::Done(conclusion) };
+        if step.timeout.is_some() {
+            let timer = TimerId::StepTimeout { build: id.clone(), step: name.to_owned(), attempt };
+            self.out.push(Effect::CancelTimer { timer });
+        }
+        if step.no_output_timeout.is_some() {
+            let timer = TimerId::NoOutput { build: id.clone(), step: name.to_owned(), attempt };
+            self.out.push(Effect::CancelTimer { timer });
+        }
+        self.publish(
+            now,
+            EventBody::StepFinished {
+                build: id.clone(),
+                step: name.to_owned(),
+                attempt,
+                conclusion,
+                detail,
+                will_retry: retry,
+            },
+        );
+        self.release_owned(&step_lease_id(id, name, attempt), now);
+        if retry
+            && let Some(b) = self.builds.get(id)
+            && let Some(index) = b.step_index(name)
+        {
+            self.request_step(id, index, attempt + 1, now);
+        }
+        self.after_step_change(id, now);
+    }
+
+    /// After a step changes: a cancelled build may now be finished; a running one moves on.
+    fn after_step_change(&mut self, id: &BuildId, now: Timestamp) {
+        let Some(b) = self.builds.get(id) else { return };
+        if let Some((_, conclusion)) = b.ending {
+            let still_running = b.steps.iter().any(|s| matches!(s.status, StepStatus::Running { .. }));
+            if !still_running {
+                self.finish(id, conclusion, now);
+            }
+        } else {
+            self.advance(id, now);
+        }
+    }
+
+    fn timer(&mut self, timer: TimerId, now: Timestamp) {
+        match timer {
+            TimerId::BuildTimeout { build } => {
+                self.end_build(&build, "cib", Conclusion::TimedOut, "the pipeline's timeout passed", now)
+            }
+            TimerId::StepTimeout { build, step, attempt } => {
+                self.stop_step(&build, &step, attempt, StopReason::TimedOut)
+            }
+            TimerId::NoOutput { build, step, attempt } => {
+                let limit = self
+                    .builds
+                    .get(&build)
+                    .and_then(|b| b.pipeline.step(&step))
+                    .and_then(|s| s.no_output_timeout)
+                    .map(|d| d.as_std());
+                let Some(limit) = limit else { return };
+                let Some(state) = self.step_mut(&build, &step) else { return };
+                if state.status != (StepStatus::Running { attempt }) {
+                    return;
+                }
+                let deadline = state.last_output + limit;
+                if deadline <= now {
+                    self.stop_step(&build, &step, attempt, StopReason::NoOutput);
+                } else {
+                    // Output came since the timer was armed: wait for the rest of the quiet period.
+                    self.out.push(Effect::ArmTimer { timer: TimerId::NoOutput { build, step, attempt }, at: deadline });
+                }
+            }
+            TimerId::Gate { build, step } => {
+                let Some(state) = self.step_mut(&build, &step) else { return };
+                if state.status != StepStatus::AtGate {
+                    return;
+                }
+                state.status = StepStatus::Done(StepConclusion::TimedOut);
+                self.publish(now, EventBody::GateExpired { build: build.clone(), step });
+                self.after_step_change(&build, now);
+            }
+            TimerId::Leases => {
+                self.lease_timer = None;
+                self.tick(now);
+            }
+        }
+    }
+
+    fn stop_step(&mut self, id: &BuildId, name: &str, attempt: u32, reason: StopReason) {
+        let Some(state) = self.step_mut(id, name) else { return };
+        if state.status != (StepStatus::Running { attempt }) || state.stopping.is_some() {
+            return;
+        }
+        state.stopping = Some(reason);
+        self.out.push(Effect::StopStep { build: id.clone(), step: name.to_owned(), attempt, reason });
+    }
+
+    /// Ends a build early: cancel, timeout, a lost lease, a failed service. Running steps are
+    /// stopped and the build finishes when they report back; everything else ends now.
+    fn end_build(&mut self, id: &BuildId, by: &str, conclusion: Conclusion, reason: &str, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        if b.is_finished() || b.ending.is_some() {
+            return;
+        }
+        b.ending = Some((by.to_owned(), conclusion));
+        let started = b.state == BuildState::Running;
+        self.publish(
+            now,
+            EventBody::BuildCancelling { build: id.clone(), by: by.to_owned(), reason: reason.to_owned() },
+        );
+        if !started {
+            self.finish(id, conclusion, now);
+            return;
+        }
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let mut to_stop = Vec::new();
+        let mut to_release = Vec::new();
+        let mut gates = Vec::new();
+        for s in &mut b.steps {
+            match s.status {
+                StepStatus::Running { attempt } => to_stop.push((s.name.clone(), attempt)),
+                StepStatus::WaitingForLease { attempt } => {
+                    to_release.push(step_lease_id(id, &s.name, attempt));
+                    s.status = StepStatus::Done(StepConclusion::Cancelled);
+                }
+                StepStatus::AtGate => {
+                    gates.push(s.name.clone());
+                    s.status = StepStatus::Done(StepConclusion::Cancelled);
+                }
+                StepStatus::Pending | StepStatus::Ready { .. } => {
+                    s.status = StepStatus::Done(StepConclusion::Cancelled)
+                }
+                StepStatus::Done(_) => {}
+            }
+        }
+        let stop = match conclusion {
+            Conclusion::TimedOut => StopReason::TimedOut,
+            _ => StopReason::Cancelled,
+        };
+        for (name, attempt) in to_stop {
+            self.stop_step(id, &name, attempt, stop);
+        }
+        for lease in to_release {
+            self.release_owned(&lease, now);
+        }
+        for step in gates {
+            self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step } });
+        }
+        self.ready.retain(|(b, _)| b != id);
+        self.after_step_change(id, now);
+    }
+
+    fn finish(&mut self, id: &BuildId, conclusion: Conclusion, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        if b.is_finished() {
+            return;
+        }
+        let started = b.started_at.is_some();
+        let had_timeout = b.pipeline.timeout.is_some();
+        let gates: Vec<String> =
+            b.steps.iter().filter(|s| s.status == StepStatus::AtGate).map(|s| s.name.clone()).collect();
+        for s in &mut b.steps {
+            if !matches!(s.status, StepStatus::Done(_)) {
+                s.status = StepStatus::Done(StepConclusion::Cancelled);
+            }
+        }
+        b.state = BuildState::Finished(conclusion);
+        b.finished_at = Some(now);
+        let key = (b.context.repo.clone(), b.pipeline.name.clone(), b.pipeline.kind);
+        self.ready.retain(|(b, _)| b != id);
+        for step in gates {
+            self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step } });
+        }
+        if had_timeout {
+            self.out.push(Effect::CancelTimer { timer: TimerId::BuildTimeout { build: id.clone() } });
+        }
+        if started {
+            self.out.push(Effect::Cleanup { build: id.clone() });
+        }
+        self.publish(now, EventBody::BuildFinished { build: id.clone(), conclusion });
+        // Every lease of the build ends while handling the same input that records its end,
+        // so a restart can never find a finished build still holding units.
+        let owned: Vec<LeaseId> = self
+            .lease_owners
+            .iter()
+            .filter(|(_, o)| matches!(o, LeaseOwner::Pipeline(b) | LeaseOwner::Step(b, _, _) if b == id))
+            .map(|(l, _)| l.clone())
+            .collect();
+        for lease in owned {
+            self.release_owned(&lease, now);
+        }
+        // The next deploy of the same pipeline may go now.
+        if key.2 == PipelineKind::Deploy {
+            let next = self
+                .builds
+                .values()
+                .filter(|o| o.state == BuildState::WaitingForTurn)
+                .filter(|o| o.context.repo == key.0 && o.pipeline.name == key.1)
+                .min_by_key(|o| o.arrival)
+                .map(|o| o.id.clone());
+            if let Some(next) = next {
+                self.admit(&next, now);
+            }
+        }
+    }
+
+    // ---- gates -----------------------------------------------------------------------------
+
+    fn decide(
+        &mut self,
+        id: &BuildId,
+        name: &str,
+        actor: Actor,
+        approve: bool,
+        comment: Option<String>,
+        now: Timestamp,
+    ) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let Some(index) = b.step_index(name) else { return };
+        let refuse = |reason: &str| EventBody::DecisionRefused {
+            build: id.clone(),
+            step: name.to_owned(),
+            by: actor.login.clone(),
+            reason: reason.to_owned(),
+        };
+        let Action::Gate(gate) = &b.pipeline.steps[index].action else {
+            let body = refuse("this step is not a gate");
+            self.publish(now, body);
+            return;
+        };
+        if b.steps[index].status != StepStatus::AtGate {
+            let body = refuse("the gate is not waiting for a decision");
+            self.publish(now, body);
+            return;
+        }
+        let allowed = if gate.from.users.is_empty() && gate.from.teams.is_empty() {
+            actor.can_write
+        } else {
+            gate.from.users.contains(&actor.login) || actor.teams.iter().any(|t| gate.from.teams.contains(t))
+        };
+        if !allowed {
+            let body = refuse("not one of the people this gate asks");
+            self.publish(now, body);
+            return;
+        }
+        let needed = if gate.kind == GateKind::Hold { 1 } else { gate.approvals };
+        let state = &mut b.steps[index];
+        if !approve {
+            state.status = StepStatus::Done(StepConclusion::Rejected);
+            self.publish(
+                now,
+                EventBody::Rejected { build: id.clone(), step: name.to_owned(), by: actor.login, comment },
+            );
+        } else if state.approvals.contains(&actor.login) {
+            let body = refuse("already approved by this person; approvals come from distinct people");
+            self.publish(now, body);
+            return;
+        } else {
+            state.approvals.push(actor.login.clone());
+            let count = state.approvals.len() as u32;
+            if count >= needed {
+                state.status = StepStatus::Done(StepConclusion::Success);
+            }
+            self.publish(
+                now,
+                EventBody::Approved {
+                    build: id.clone(),
+                    step: name.to_owned(),
+                    by: actor.login,
+                    comment,
+                    count,
+                    needed,
+                },
+            );
+        }
+        if matches!(self.step_mut(id, name).map(|s| &s.status), Some(StepStatus::Done(_))) {
+            self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step: name.to_owned() } });
+        }
+        self.after_step_change(id, now);
+    }
+
+    // ---- leases ----------------------------------------------------------------------------
+
+    fn tick(&mut self, now: Timestamp) {
+        // Live builds renew their leases: their holder is this machine, and it is alive.
+        let renewals: Vec<(LeaseId, u64)> = self
+            .lease_owners
+            .keys()
+            .filter_map(|l| self.leases.lease(l).map(|lease| (l.clone(), lease.token)))
+            .collect();
+        for (lease, token) in renewals {
+            let result = self.leases.renew(&lease, token, now);
+            self.lease_result(result, None, now);
+        }
+        let events = self.leases.tick(now);
+        self.lease_events(events, now);
+    }
+
+    fn release_owned(&mut self, lease: &LeaseId, now: Timestamp) {
+        self.lease_owners.remove(lease);
+        if let Some(token) = self.leases.lease(lease).map(|l| l.token) {
+            let result = self.leases.release(lease, token, now);
+            self.lease_result(result, None, now);
+        } else {
+            let events = self.leases.cancel(lease, now);
+            self.lease_events(events, now);
+        }
+    }
+
+    fn lease_result(
+        &mut self,
+        result: Result<Vec<LeaseEvent>, lease::LeaseError>,
+        requested: Option<LeaseId>,
+        now: Timestamp,
+    ) {
+        match result {
+            Ok(events) => self.lease_events(events, now),
+            Err(error) => {
+                // Whoever asked (a person, through the API) learns why from the event stream.
+                self.publish(now, EventBody::LeaseRefused { reason: error.to_string() });
+                // A build asked for something the pools cannot give: the build cannot run.
+                if let Some(lease) = requested
+                    && let Some(owner) = self.lease_owners.remove(&lease)
+                {
+                    let build = match owner {
+                        LeaseOwner::Pipeline(b) | LeaseOwner::Step(b, _, _) => b,
+                    };
+                    self.end_build(
+                        &build,
+                        "cib",
+                        Conclusion::Errored,
+                        &format!("resources cannot be granted: {error}"),
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    fn lease_events(&mut self, events: Vec<LeaseEvent>, now: Timestamp) {
+        for event in events {
+            match event {
+                LeaseEvent::Waiting { id, positions } => {
+                    let holder = self
+                        .leases
+                        .waiting()
+                        .iter()
+                        .find(|w| w.request.id == id)
+                        .map(|w| holder_text(&w.request.holder))
+                        .unwrap_or_default();
+                    let positions = positions.into_iter().collect();
+                    self.publish(now, EventBody::LeaseWaiting { lease: id.0, holder, positions });
+                }
+                LeaseEvent::Granted { lease } => {
+                    let units: BTreeMap<String, Vec<String>> = lease.units.clone().into_iter().collect();
+                    self.publish(
+                        now,
+                        EventBody::LeaseGranted {
+                            lease: lease.id.0.clone(),
+                            holder: holder_text(&lease.holder),
+                            units,
+                            token: lease.token,
+                            expires_at: lease.expires_at,
+                        },
+                    );
+                    self.granted(&lease.id, now);
+                }
+                LeaseEvent::Renewed { id, token, expires_at } => {
+                    // Renewals of build leases happen on every tick; they are not news.
+                    if !self.lease_owners.contains_key(&id) {
+                        self.publish(now, EventBody::LeaseRenewed { lease: id.0, token, expires_at });
+                    }
+                }
+                LeaseEvent::Warning { id, deadline, .. } => {
+                    let holder = self.leases.lease(&id).map(|l| holder_text(&l.holder)).unwrap_or_default();
+                    self.publish(now, EventBody::LeaseWarning { lease: id.0, holder, deadline });
+                }
+                LeaseEvent::Expired { id, token } => {
+                    self.publish(now, EventBody::LeaseExpired { lease: id.0.clone(), token });
+                    self.lost(&id, now);
+                }
+                LeaseEvent::Released { id, token } => {
+                    self.publish(now, EventBody::LeaseReleased { lease: id.0, token })
+                }
+                LeaseEvent::Revoked { id, token } => {
+                    self.publish(now, EventBody::LeaseRevoked { lease: id.0.clone(), token });
+                    self.lost(&id, now);
+                }
+                LeaseEvent::Cancelled { id } => self.publish(now, EventBody::LeaseCancelled { lease: id.0 }),
+                LeaseEvent::Refused { id, error } => {
+                    self.publish(now, EventBody::LeaseCancelled { lease: id.0.clone() });
+                    self.lease_result(Err(error), Some(id), now);
+                }
+            }
+        }
+    }
+
+    /// A build's lease was granted: the build or the step goes on.
+    fn granted(&mut self, lease: &LeaseId, now: Timestamp) {
+        let Some(owner) = self.lease_owners.get(lease).cloned() else { return };
+        let units = self.units_of(lease);
+        match owner {
+            LeaseOwner::Pipeline(build) => {
+                let Some(b) = self.builds.get_mut(&build) else { return };
+                if b.state != BuildState::WaitingForResources {
+                    return;
+                }
+                b.pipeline_units = units;
+                self.run(&build, now);
+            }
+            LeaseOwner::Step(build, step, attempt) => {
+                let Some(b) = self.builds.get_mut(&build) else { return };
+                let Some(index) = b.step_index(&step) else { return };
+                if b.steps[index].status != (StepStatus::WaitingForLease { attempt }) {
+                    return;
+                }
+                b.steps[index].units = units;
+                b.steps[index].status = StepStatus::Ready { attempt };
+                self.ready.push_back((build, step));
+            }
+        }
+    }
+
+    /// A build lost a lease it held (expired or revoked): it cannot trust its resources.
+    fn lost(&mut self, lease: &LeaseId, now: Timestamp) {
+        if let Some(owner) = self.lease_owners.remove(lease) {
+            let build = match owner {
+                LeaseOwner::Pipeline(b) | LeaseOwner::Step(b, _, _) => b,
+            };
+            self.end_build(&build, "cib", Conclusion::Errored, &format!("lease {} was lost", lease.0), now);
+        }
+    }
+
+    fn units_of(&self, lease: &LeaseId) -> Vec<GrantedUnit> {
+        let Some(l) = self.leases.lease(lease) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (pool, units) in &l.units {
+            for unit in units {
+                out.push(GrantedUnit {
+                    pool: pool.clone(),
+                    unit: unit.clone(),
+                    metadata: self.unit_metadata(pool, unit),
+                });
+            }
+        }
+        out
+    }
+
+    fn unit_metadata(&self, pool: &str, unit: &str) -> BTreeMap<String, String> {
+        self.config
+            .pools
+            .iter()
+            .filter(|p| p.name == pool)
+            .find_map(|p| match &p.kind {
+                PoolKind::Units(units) => units.iter().find(|u| u.name == unit).map(|u| u.metadata.clone()),
+                PoolKind::Counting { .. } => None,
+            })
+            .unwrap_or_default()
+    }
+
+    fn arm_lease_timer(&mut self) {
+        let next = self.leases.next_wakeup();
+        if next != self.lease_timer {
+            if self.lease_timer.is_some() {
+                self.out.push(Effect::CancelTimer { timer: TimerId::Leases });
+            }
+            if let Some(at) = next {
+                self.out.push(Effect::ArmTimer { timer: TimerId::Leases, at });
+            }
+            self.lease_timer = next;
+        }
+    }
+}
+
+/// A holder in words, for events: `build 42`, `build 42 step e2e`, `alice`.
+pub fn holder_text(holder: &Holder) -> String {
+    match holder {
+        Holder::Build { build, step: None } => format!("build {build}"),
+        Holder::Build { build, step: Some(step) } => format!("build {build} step {step}"),
+        Holder::Person { login } => login.clone(),
+    }
+}
+
+/// What to do with the next step that can move.
+enum Move {
+    Skip(String),
+    Start,
+}
+
+fn is_ok(b: &Build, name: &str) -> bool {
+    let Some(i) = b.step_index(name) else { return false };
+    match b.steps[i].status {
+        StepStatus::Done(StepConclusion::Success) => true,
+        StepStatus::Done(StepConclusion::Skipped) => false,
+        StepStatus::Done(_) => b.pipeline.steps[i].allow_failure,
+        _ => false,
+    }
+}
+
+fn is_done(b: &Build, name: &str) -> bool {
+    b.step_index(name).is_some_and(|i| matches!(b.steps[i].status, StepStatus::Done(_)))
+}
+
+/// A failure that counts against the build (allowed failures do not).
+fn failed(b: &Build, i: usize) -> bool {
+    matches!(
+        b.steps[i].status,
+        StepStatus::Done(
+            StepConclusion::Failed | StepConclusion::TimedOut | StepConclusion::Errored | StepConclusion::Rejected
+        )
+    ) && !b.pipeline.steps[i].allow_failure
+}
+
+/// The first pending step, in spec order, that can be skipped or started now.
+fn next_move(b: &Build) -> Option<(usize, Move)> {
+    for (i, step) in b.pipeline.steps.iter().enumerate() {
+        if b.steps[i].status != StepStatus::Pending {
+            continue;
+        }
+        if !step.depends_on.iter().all(|d| is_done(b, d)) {
+            continue;
+        }
+        let status = step.when.status;
+        if status != RunStatus::OnSuccess {
+            // Steps that run on failure or always are the pipeline's finalizers: they wait
+            // until every ordinary step has settled, so that "did anything fail" is known.
+            let ordinary_settled = b
+                .pipeline
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(j, s)| *j != i && s.when.status == RunStatus::OnSuccess)
+                .all(|(j, _)| matches!(b.steps[j].status, StepStatus::Done(_)));
+            if !ordinary_settled {
+                continue;
+            }
+            let any_failed = (0..b.steps.len()).any(|j| failed(b, j));
+            if status == RunStatus::OnFailure && !any_failed {
+                return Some((i, Move::Skip("nothing failed".into())));
+            }
+        } else if let Some(d) = step.depends_on.iter().find(|d| !is_ok(b, d)) {
+            return Some((i, Move::Skip(format!("'{d}' did not succeed"))));
+        }
+        if !step.when.admits(&b.context.event) {
+            return Some((i, Move::Skip("its 'when' does not match this event".into())));
+        }
+        if !step.services.iter().all(|s| b.services_ready.contains(s)) {
+            continue;
+        }
+        return Some((i, Move::Start));
+    }
+    None
+}
+
+/// The conclusion of a build whose steps are all done.
+fn conclude(b: &Build) -> Conclusion {
+    let counted = |c: StepConclusion| {
+        b.steps.iter().zip(&b.pipeline.steps).any(|(s, spec)| s.status == StepStatus::Done(c) && !spec.allow_failure)
+    };
+    if counted(StepConclusion::Errored) {
+        Conclusion::Errored
+    } else if counted(StepConclusion::TimedOut) {
+        Conclusion::TimedOut
+    } else if counted(StepConclusion::Failed) || counted(StepConclusion::Rejected) {
+        Conclusion::Failed
+    } else if counted(StepConclusion::Cancelled) {
+        Conclusion::Cancelled
+    } else {
+        Conclusion::Success
+    }
+}
+
+/// The conclusion of an attempt, a description, and what kind of reason it is for retries.
+fn classify(result: &StepResult, stopping: Option<StopReason>) -> (StepConclusion, String, Option<RetryOn>) {
+    // When the machine stopped the step, its reason wins over what the container said.
+    match stopping {
+        Some(StopReason::TimedOut) => {
+            return (StepConclusion::TimedOut, "ran past its timeout".into(), Some(RetryOn::Timeout));
+        }
+        Some(StopReason::NoOutput) => {
+            return (StepConclusion::TimedOut, "printed nothing for too long".into(), Some(RetryOn::Timeout));
+        }
+        Some(StopReason::Cancelled) => return (StepConclusion::Cancelled, "cancelled".into(), None),
+        None => {}
+    }
+    match result {
+        StepResult::Exited(0) => (StepConclusion::Success, "exit code 0".into(), None),
+        StepResult::Exited(code) => (StepConclusion::Failed, format!("exit code {code}"), Some(RetryOn::Failure)),
+        StepResult::TimedOut => (StepConclusion::TimedOut, "ran past its timeout".into(), Some(RetryOn::Timeout)),
+        StepResult::NoOutput => {
+            (StepConclusion::TimedOut, "printed nothing for too long".into(), Some(RetryOn::Timeout))
+        }
+        StepResult::OutOfMemory => (StepConclusion::Failed, "out of memory".into(), Some(RetryOn::Failure)),
+        StepResult::Cancelled => (StepConclusion::Cancelled, "cancelled".into(), None),
+        StepResult::Infrastructure(message) => {
+            (StepConclusion::Errored, format!("infrastructure error: {message}"), Some(RetryOn::Infrastructure))
+        }
+    }
+}
+
+fn should_retry(policy: &spec::RetryPolicy, result: &StepResult, reason: Option<RetryOn>) -> bool {
+    if let StepResult::Exited(code) = result
+        && *code != 0
+        && policy.exit_codes.contains(code)
+    {
+        return true;
+    }
+    reason.is_some_and(|r| policy.on.contains(&r))
+}
+
+/// Environment of one attempt: pipeline variables, step variables, then cib's own, which win.
+fn step_env(b: &Build, step: &spec::Step, attempt: u32, resources: &[GrantedUnit]) -> BTreeMap<String, String> {
+    let mut env = b.pipeline.env.clone();
+    env.extend(step.env.clone());
+    let ctx = &b.context;
+    env.insert("CI".into(), "true".into());
+    env.insert("CIB".into(), "true".into());
+    env.insert("CIB_BUILD".into(), b.id.0.clone());
+    env.insert("CIB_PIPELINE".into(), b.pipeline.name.clone());
+    env.insert("CIB_STEP".into(), step.name.clone());
+    env.insert("CIB_ATTEMPT".into(), attempt.to_string());
+    env.insert("CIB_REPO".into(), ctx.repo.clone());
+    env.insert("CIB_COMMIT".into(), ctx.commit.clone());
+    if let Some(branch) = &ctx.branch {
+        env.insert("CIB_BRANCH".into(), branch.clone());
+    }
+    if let Some(pr) = ctx.pull_request {
+        env.insert("CIB_PULL_REQUEST".into(), pr.to_string());
+    }
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    for unit in resources {
+        let n = index.entry(unit.pool.as_str()).or_insert(0);
+        let prefix = format!("CIB_RESOURCE_{}_{n}", env_key(&unit.pool));
+        env.insert(format!("{prefix}_NAME"), unit.unit.clone());
+        for (k, v) in &unit.metadata {
+            env.insert(format!("{prefix}_{}", env_key(k)), v.clone());
+        }
+        *n += 1;
+    }
+    env
+}
+
+/// `staging-env` becomes `STAGING_ENV`.
+fn env_key(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}

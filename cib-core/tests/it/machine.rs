@@ -1,0 +1,698 @@
+//! Scenario tests of the pipeline machine: inputs at explicit times, and the trace of effects
+//! and events they cause, pinned with insta. Each trace reads as a story: `@time input` lines,
+//! each followed by the effects it caused.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cib_core::event::{BuildId, Conclusion};
+use cib_core::lease::{Holder, LeaseId, PoolConfig, Request, Unit, Want};
+use cib_core::pipeline::{Actor, BuildContext, BuildState, Config, Effect, Input, Machine, StepResult, TimerId};
+use cib_core::spec::TriggerEvent;
+use cib_core::time::Timestamp;
+
+pub struct Sim {
+    pub machine: Machine,
+    pub trace: String,
+    /// Every input with its time, for replay tests.
+    pub inputs: Vec<(Input, Timestamp)>,
+}
+
+pub fn context(branch: &str) -> BuildContext {
+    BuildContext {
+        repo: "acme/shop".into(),
+        commit: format!("c0ffee-{branch}"),
+        branch: Some(branch.into()),
+        pull_request: None,
+        event: TriggerEvent::push(branch),
+        actor: Some("dev".into()),
+    }
+}
+
+pub fn person(login: &str) -> Actor {
+    Actor { login: login.into(), teams: Vec::new(), can_write: true }
+}
+
+fn timer_text(t: &TimerId) -> String {
+    match t {
+        TimerId::BuildTimeout { build } => format!("build-timeout {build}"),
+        TimerId::StepTimeout { build, step, attempt } => format!("step-timeout {build}/{step}#{attempt}"),
+        TimerId::NoOutput { build, step, attempt } => format!("no-output {build}/{step}#{attempt}"),
+        TimerId::Gate { build, step } => format!("gate {build}/{step}"),
+        TimerId::Leases => "leases".into(),
+    }
+}
+
+fn input_text(input: &Input) -> String {
+    match input {
+        Input::Enqueue { build, pipeline, context, .. } => {
+            format!("enqueue {build} {pipeline} on {}", context.branch.as_deref().unwrap_or("-"))
+        }
+        Input::StepFinished { build, step, attempt, result } => format!("finished {build}/{step}#{attempt} {result:?}"),
+        Input::StepOutput { build, step, attempt } => format!("output {build}/{step}#{attempt}"),
+        Input::ServiceReady { build, service } => format!("service ready {build}/{service}"),
+        Input::ServiceFailed { build, service, message } => format!("service failed {build}/{service}: {message}"),
+        Input::TimerFired { timer } => format!("timer {}", timer_text(timer)),
+        Input::Cancel { build, by, reason } => format!("cancel {build} by {by}: {reason}"),
+        Input::Decide { build, step, actor, approve, .. } => {
+            format!("{} {build}/{step} by {}", if *approve { "approve" } else { "reject" }, actor.login)
+        }
+        Input::TakeLease { request } => format!("take lease {} {:?}", request.id, request.wants),
+        Input::RenewLease { lease, token } => format!("renew lease {lease} token {token}"),
+        Input::ReturnLease { lease, token } => format!("return lease {lease} token {token}"),
+        Input::RevokeLease { lease } => format!("revoke lease {lease}"),
+        Input::CancelLeaseRequest { lease } => format!("cancel lease request {lease}"),
+        Input::Tick => "tick".into(),
+    }
+}
+
+fn effect_text(effect: &Effect) -> String {
+    match effect {
+        Effect::Publish(e) => {
+            let mut body = serde_json::to_value(&e.body).expect("event json");
+            let kind = body.get("type").and_then(|t| t.as_str()).unwrap_or("?").to_owned();
+            if let Some(map) = body.as_object_mut() {
+                map.remove("type");
+            }
+            format!("#{} {kind} {body}", e.seq)
+        }
+        Effect::StartStep(job) => {
+            let resources: Vec<String> = job
+                .env
+                .iter()
+                .filter(|(k, _)| k.starts_with("CIB_RESOURCE_"))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let mut text = format!("start {}/{}#{}", job.build, job.step.name, job.attempt);
+            if !resources.is_empty() {
+                write!(text, " [{}]", resources.join(" ")).expect("write");
+            }
+            text
+        }
+        Effect::StopStep { build, step, attempt, reason } => format!("stop {build}/{step}#{attempt} ({reason:?})"),
+        Effect::StartServices { build, services } => {
+            format!(
+                "start services {build}: {}",
+                services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        }
+        Effect::Cleanup { build } => format!("cleanup {build}"),
+        Effect::ArmTimer { timer, at } => format!("arm {} at {}", timer_text(timer), at.millis()),
+        Effect::CancelTimer { timer } => format!("disarm {}", timer_text(timer)),
+    }
+}
+
+impl Sim {
+    pub fn new(config: Config) -> Self {
+        Sim { machine: Machine::new(config).expect("valid config"), trace: String::new(), inputs: Vec::new() }
+    }
+
+    pub fn with_pools(pools: Vec<PoolConfig>) -> Self {
+        Sim::new(Config { pools, ..Config::default() })
+    }
+
+    pub fn input(&mut self, at: u64, input: Input) -> Vec<Effect> {
+        writeln!(self.trace, "@{at} {}", input_text(&input)).expect("write");
+        self.inputs.push((input.clone(), Timestamp(at)));
+        let effects = self.machine.handle(input, Timestamp(at));
+        for e in &effects {
+            writeln!(self.trace, "    {}", effect_text(e)).expect("write");
+        }
+        effects
+    }
+
+    pub fn enqueue(&mut self, at: u64, build: &str, spec: &str, pipeline: &str, context: BuildContext) {
+        let input =
+            Input::Enqueue { build: BuildId::from(build), spec: Arc::from(spec), pipeline: pipeline.into(), context };
+        self.input(at, input);
+    }
+
+    pub fn finish(&mut self, at: u64, build: &str, step: &str, attempt: u32, result: StepResult) {
+        self.input(at, Input::StepFinished { build: build.into(), step: step.into(), attempt, result });
+    }
+
+    pub fn timer(&mut self, at: u64, timer: TimerId) {
+        self.input(at, Input::TimerFired { timer });
+    }
+
+    pub fn decide(&mut self, at: u64, build: &str, step: &str, actor: Actor, approve: bool) {
+        self.input(at, Input::Decide { build: build.into(), step: step.into(), actor, approve, comment: None });
+    }
+
+    pub fn state(&self, build: &str) -> BuildState {
+        self.machine.build(&BuildId::from(build)).map(|b| b.state.clone()).expect("build exists")
+    }
+
+    pub fn token(&self, lease: &str) -> u64 {
+        self.machine.leases().lease(&LeaseId::new(lease)).map(|l| l.token).expect("live lease")
+    }
+}
+
+const ONE_STEP: &str =
+    "pipelines:\n  test:\n    steps:\n      - { name: unit, image: busybox, commands: [make test] }\n";
+
+fn finished(sim: &Sim, build: &str, conclusion: Conclusion) {
+    assert_eq!(sim.state(build), BuildState::Finished(conclusion), "{}", sim.trace);
+}
+
+#[test]
+fn success() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", ONE_STEP, "test", context("feature/a"));
+    sim.finish(1_500, "b1", "unit", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn failure() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", ONE_STEP, "test", context("feature/a"));
+    sim.finish(900, "b1", "unit", 1, StepResult::Exited(2));
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+const DAG: &str = r#"
+pipelines:
+  test:
+    steps:
+      - { name: lint, image: busybox, commands: [lint] }
+      - { name: unit, image: busybox, commands: [unit] }
+      - { name: package, image: busybox, commands: [pack], depends_on: [lint, unit] }
+      - { name: docs, image: busybox, commands: [docs] }
+"#;
+
+#[test]
+fn parallel_dag() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", DAG, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(0));
+    sim.finish(200, "b1", "docs", 1, StepResult::Exited(0));
+    sim.finish(300, "b1", "lint", 1, StepResult::Exited(0));
+    sim.finish(400, "b1", "package", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn run_slots_limit_running_steps() {
+    let mut sim = Sim::new(Config { max_running_steps: 1, ..Config::default() });
+    sim.enqueue(0, "b1", DAG, "test", context("feature/a"));
+    sim.enqueue(10, "b2", ONE_STEP, "test", context("feature/b"));
+    assert_eq!(sim.machine.running_steps(), 1);
+    sim.finish(100, "b1", "lint", 1, StepResult::Exited(0));
+    sim.finish(200, "b1", "unit", 1, StepResult::Exited(0));
+    sim.finish(300, "b1", "docs", 1, StepResult::Exited(0));
+    sim.finish(400, "b2", "unit", 1, StepResult::Exited(0));
+    sim.finish(500, "b1", "package", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    finished(&sim, "b2", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn failure_skips_dependents_but_not_independent_steps() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", DAG, "test", context("feature/a"));
+    sim.finish(100, "b1", "lint", 1, StepResult::Exited(1));
+    sim.finish(200, "b1", "unit", 1, StepResult::Exited(0));
+    sim.finish(300, "b1", "docs", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn allowed_failure_does_not_fail_the_build() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: flaky, image: busybox, commands: [x], allow_failure: true }
+      - { name: after, image: busybox, commands: [y], depends_on: [flaky] }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.finish(100, "b1", "flaky", 1, StepResult::Exited(1));
+    sim.finish(200, "b1", "after", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+const RETRY_INFRA: &str = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x], retry: { count: 2, on: [infrastructure] } }
+"#;
+
+#[test]
+fn retry_on_infrastructure_error_keeps_every_attempt() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", RETRY_INFRA, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Infrastructure("container could not start".into()));
+    sim.finish(200, "b1", "unit", 2, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    let build = sim.machine.build(&"b1".into()).expect("build");
+    assert_eq!(build.steps[0].attempts.len(), 2, "every attempt is kept");
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn no_retry_on_a_test_failure() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", RETRY_INFRA, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(1));
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn retries_run_out() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", RETRY_INFRA, "test", context("feature/a"));
+    for attempt in 1..=3 {
+        sim.finish(100 * u64::from(attempt), "b1", "unit", attempt, StepResult::Infrastructure("daemon gone".into()));
+    }
+    finished(&sim, "b1", Conclusion::Errored);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn retry_on_listed_exit_codes_only() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x], retry: { count: 3, exit_codes: [75] } }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(75));
+    sim.finish(200, "b1", "unit", 2, StepResult::Exited(1));
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+const TIMEOUTS: &str = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x], timeout: 10m, no_output_timeout: 1m }
+"#;
+
+#[test]
+fn total_timeout_stops_the_step() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", TIMEOUTS, "test", context("feature/a"));
+    for minute in 1..10 {
+        sim.input(minute * 60_000 - 1_000, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+        sim.timer(minute * 60_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    }
+    sim.timer(600_000, TimerId::StepTimeout { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    sim.finish(601_000, "b1", "unit", 1, StepResult::Cancelled);
+    finished(&sim, "b1", Conclusion::TimedOut);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn no_output_timeout_is_rearmed_by_output_and_then_fires() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", TIMEOUTS, "test", context("feature/a"));
+    sim.input(30_000, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    sim.timer(60_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    sim.timer(90_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    sim.finish(90_500, "b1", "unit", 1, StepResult::Exited(137));
+    finished(&sim, "b1", Conclusion::TimedOut);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn executor_reported_outcomes_are_data() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: oom, image: busybox, commands: [x] }
+      - { name: quiet, image: busybox, commands: [x] }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.finish(100, "b1", "oom", 1, StepResult::OutOfMemory);
+    sim.finish(200, "b1", "quiet", 1, StepResult::NoOutput);
+    finished(&sim, "b1", Conclusion::TimedOut);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn pipeline_timeout_ends_the_build() {
+    let spec = "pipelines:\n  test:\n    timeout: 30m\n    steps:\n      - { name: unit, image: busybox, commands: [x] }\n      - { name: after, image: busybox, commands: [x], depends_on: [unit] }\n";
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.timer(1_800_000, TimerId::BuildTimeout { build: "b1".into() });
+    sim.finish(1_801_000, "b1", "unit", 1, StepResult::Cancelled);
+    finished(&sim, "b1", Conclusion::TimedOut);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn cancel_stops_running_steps_and_cancels_the_rest() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", DAG, "test", context("feature/a"));
+    sim.finish(100, "b1", "docs", 1, StepResult::Exited(0));
+    sim.input(200, Input::Cancel { build: "b1".into(), by: "alice".into(), reason: "wrong branch".into() });
+    assert_eq!(sim.state("b1"), BuildState::Running, "it waits for the running steps to stop");
+    sim.finish(300, "b1", "lint", 1, StepResult::Cancelled);
+    sim.finish(400, "b1", "unit", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Cancelled);
+    // Cancelling twice, or a finished build, changes nothing.
+    assert!(
+        sim.machine
+            .handle(Input::Cancel { build: "b1".into(), by: "bob".into(), reason: String::new() }, Timestamp(500))
+            .is_empty()
+    );
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn newer_push_supersedes_a_running_test_build() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", ONE_STEP, "test", context("feature/a"));
+    sim.enqueue(100, "b2", ONE_STEP, "test", context("feature/a"));
+    sim.enqueue(150, "b3", ONE_STEP, "test", context("feature/other"));
+    sim.finish(200, "b1", "unit", 1, StepResult::Cancelled);
+    sim.finish(300, "b2", "unit", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Cancelled);
+    finished(&sim, "b2", Conclusion::Success);
+    assert_eq!(sim.state("b3"), BuildState::Running, "another branch is not superseded");
+    insta::assert_snapshot!(sim.trace);
+}
+
+const DEPLOY: &str =
+    "pipelines:\n  staging:\n    steps:\n      - { name: deploy, image: busybox, commands: [./deploy.sh] }\n";
+
+#[test]
+fn deploy_builds_queue_in_order_and_are_never_superseded() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "d1", DEPLOY, "staging", context("master"));
+    sim.enqueue(100, "d2", DEPLOY, "staging", context("master"));
+    sim.enqueue(200, "d3", DEPLOY, "staging", context("master"));
+    assert_eq!(sim.state("d2"), BuildState::WaitingForTurn);
+    sim.finish(300, "d1", "deploy", 1, StepResult::Exited(0));
+    assert_eq!(sim.state("d2"), BuildState::Running);
+    assert_eq!(sim.state("d3"), BuildState::WaitingForTurn);
+    sim.finish(400, "d2", "deploy", 1, StepResult::Exited(1));
+    sim.finish(500, "d3", "deploy", 1, StepResult::Exited(0));
+    finished(&sim, "d1", Conclusion::Success);
+    finished(&sim, "d2", Conclusion::Failed);
+    finished(&sim, "d3", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+const GATED: &str = r#"
+pipelines:
+  staging:
+    steps:
+      - { name: deploy, image: busybox, commands: [x] }
+      - name: sign-off
+        depends_on: [deploy]
+        gate: { kind: approval, approvals: 2, from: { users: [alice, bob, carol] }, timeout: 1h, instructions: Read the notes. }
+      - { name: announce, image: busybox, commands: [x], depends_on: [sign-off] }
+"#;
+
+#[test]
+fn gate_approved_by_distinct_people() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", GATED, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    sim.decide(200, "b1", "sign-off", person("alice"), true);
+    sim.decide(300, "b1", "sign-off", person("alice"), true);
+    sim.decide(400, "b1", "sign-off", person("mallory"), true);
+    sim.decide(500, "b1", "sign-off", person("bob"), true);
+    sim.finish(600, "b1", "announce", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn gate_rejected() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", GATED, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    sim.decide(200, "b1", "sign-off", person("carol"), false);
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn gate_expired() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", GATED, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    sim.decide(200, "b1", "sign-off", person("alice"), true);
+    sim.timer(3_600_100, TimerId::Gate { build: "b1".into(), step: "sign-off".into() });
+    sim.decide(3_600_200, "b1", "sign-off", person("bob"), true);
+    finished(&sim, "b1", Conclusion::TimedOut);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn hold_gate_for_manual_testing() {
+    let spec = r#"
+pipelines:
+  staging:
+    steps:
+      - name: manual-qa
+        gate: { kind: hold, from: { teams: [qa] }, instructions: Try checkout. }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "staging", context("master"));
+    sim.decide(100, "b1", "manual-qa", person("dev"), true);
+    let tester = Actor { login: "quinn".into(), teams: vec!["qa".into()], can_write: false };
+    sim.decide(200, "b1", "manual-qa", tester, true);
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn services_are_ready_before_steps_that_need_them_start() {
+    let spec = r#"
+pipelines:
+  test:
+    services:
+      db: { image: postgres, ready: pg_isready }
+    steps:
+      - { name: unit, image: busybox, commands: [x] }
+      - { name: lint, image: busybox, commands: [x], services: [] }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.input(500, Input::ServiceReady { build: "b1".into(), service: "db".into() });
+    sim.finish(600, "b1", "lint", 1, StepResult::Exited(0));
+    sim.finish(700, "b1", "unit", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_failed_service_errors_the_build() {
+    let spec = "pipelines:\n  test:\n    services:\n      db: { image: postgres }\n    steps:\n      - { name: unit, image: busybox, commands: [x] }\n";
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.input(
+        500,
+        Input::ServiceFailed { build: "b1".into(), service: "db".into(), message: "not ready after 60s".into() },
+    );
+    finished(&sim, "b1", Conclusion::Errored);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn when_conditions_and_finalizers() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x] }
+      - { name: docs-only, image: busybox, commands: [x], when: { branches: ["docs/**"] } }
+      - { name: on-failure, image: busybox, commands: [x], when: { status: on_failure } }
+      - { name: always, image: busybox, commands: [x], when: { status: always } }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(1));
+    sim.finish(200, "b1", "on-failure", 1, StepResult::Exited(0));
+    sim.finish(300, "b1", "always", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Failed);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_spec_that_does_not_name_the_pipeline_errors_the_build() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", ONE_STEP, "nope", context("feature/a"));
+    finished(&sim, "b1", Conclusion::Errored);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn late_and_repeated_reports_change_nothing() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", RETRY_INFRA, "test", context("feature/a"));
+    sim.enqueue(1, "b1", RETRY_INFRA, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Infrastructure("lost".into()));
+    sim.finish(150, "b1", "unit", 1, StepResult::Exited(0));
+    sim.finish(160, "b1", "unit", 7, StepResult::Exited(0));
+    sim.finish(170, "nope", "unit", 1, StepResult::Exited(0));
+    sim.finish(200, "b1", "unit", 2, StepResult::Exited(0));
+    sim.finish(250, "b1", "unit", 2, StepResult::Exited(1));
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+// ---- leases --------------------------------------------------------------------------------
+
+fn staging_pool() -> Vec<PoolConfig> {
+    vec![
+        PoolConfig::units("staging-env", [Unit::new("stage-1").with_meta("host", "stage-1.example.com")]),
+        PoolConfig::counting("licences", 2),
+    ]
+}
+
+const STAGING: &str = r#"
+pipelines:
+  staging:
+    resources: [{ pool: staging-env }]
+    steps:
+      - { name: deploy, image: busybox, commands: [x] }
+      - { name: e2e, image: busybox, commands: [x], depends_on: [deploy], resources: [{ pool: licences, count: 2 }] }
+"#;
+
+#[test]
+fn leases_wait_grant_and_release() {
+    let mut sim = Sim::with_pools(staging_pool());
+    sim.enqueue(0, "s1", STAGING, "staging", context("master"));
+    sim.enqueue(10, "s2", STAGING, "staging", BuildContext { repo: "acme/other".into(), ..context("master") });
+    assert_eq!(sim.state("s2"), BuildState::WaitingForResources);
+    sim.finish(100, "s1", "deploy", 1, StepResult::Exited(0));
+    sim.finish(200, "s1", "e2e", 1, StepResult::Exited(0));
+    assert_eq!(sim.state("s2"), BuildState::Running);
+    sim.finish(300, "s2", "deploy", 1, StepResult::Exited(0));
+    sim.finish(400, "s2", "e2e", 1, StepResult::Exited(1));
+    finished(&sim, "s2", Conclusion::Failed);
+    assert_eq!(sim.machine.leases().leases().count(), 0, "every lease released");
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn leases_released_when_cancelled_while_waiting_and_while_running() {
+    let mut sim = Sim::with_pools(staging_pool());
+    sim.enqueue(0, "s1", STAGING, "staging", context("master"));
+    sim.enqueue(10, "s2", STAGING, "staging", BuildContext { repo: "acme/other".into(), ..context("master") });
+    sim.input(20, Input::Cancel { build: "s2".into(), by: "alice".into(), reason: "not needed".into() });
+    sim.input(30, Input::Cancel { build: "s1".into(), by: "alice".into(), reason: "stop".into() });
+    sim.finish(40, "s1", "deploy", 1, StepResult::Cancelled);
+    finished(&sim, "s1", Conclusion::Cancelled);
+    finished(&sim, "s2", Conclusion::Cancelled);
+    assert_eq!(sim.machine.leases().leases().count(), 0);
+    assert!(sim.machine.leases().waiting().is_empty());
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn leases_released_on_timeout_and_step_resources_reach_the_environment() {
+    let spec = r#"
+pipelines:
+  staging:
+    timeout: 1h
+    resources: [{ pool: staging-env }]
+    steps:
+      - { name: deploy, image: busybox, commands: [x] }
+"#;
+    let mut sim = Sim::with_pools(staging_pool());
+    sim.enqueue(0, "s1", spec, "staging", context("master"));
+    sim.timer(3_600_000, TimerId::BuildTimeout { build: "s1".into() });
+    sim.finish(3_601_000, "s1", "deploy", 1, StepResult::Cancelled);
+    finished(&sim, "s1", Conclusion::TimedOut);
+    assert_eq!(sim.machine.leases().leases().count(), 0);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_person_holds_the_environment_and_builds_wait() {
+    let mut sim = Sim::with_pools(staging_pool());
+    let request =
+        Request::new("alice-1", Holder::person("alice"), vec![Want::new("staging-env", 1)], Duration::from_secs(3600))
+            .with_deadline(Timestamp(7_200_000), Some(Duration::from_secs(600)))
+            .with_reason("manual testing");
+    sim.input(0, Input::TakeLease { request });
+    sim.enqueue(1_000, "s1", STAGING, "staging", context("master"));
+    assert_eq!(sim.state("s1"), BuildState::WaitingForResources);
+    let token = sim.token("alice-1");
+    sim.input(1_800_000, Input::RenewLease { lease: LeaseId::new("alice-1"), token });
+    sim.input(2_000_000, Input::ReturnLease { lease: LeaseId::new("alice-1"), token });
+    assert_eq!(sim.state("s1"), BuildState::Running);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_dead_holder_expires_and_its_late_release_is_refused() {
+    let mut sim = Sim::with_pools(staging_pool());
+    let request =
+        Request::new("bot-1", Holder::person("bot"), vec![Want::new("staging-env", 1)], Duration::from_secs(60));
+    sim.input(0, Input::TakeLease { request });
+    let token = sim.token("bot-1");
+    sim.enqueue(1_000, "s1", STAGING, "staging", context("master"));
+    sim.timer(60_000, TimerId::Leases);
+    assert_eq!(sim.state("s1"), BuildState::Running, "the expired holder's unit went to the waiting build");
+    sim.input(61_000, Input::ReturnLease { lease: LeaseId::new("bot-1"), token });
+    sim.input(62_000, Input::RenewLease { lease: LeaseId::new("bot-1"), token });
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn live_builds_renew_their_leases_on_every_tick() {
+    let mut sim =
+        Sim::new(Config { build_lease_ttl: Duration::from_secs(60), pools: staging_pool(), ..Config::default() });
+    sim.enqueue(0, "s1", STAGING, "staging", context("master"));
+    for t in 1..=5 {
+        sim.input(t * 30_000, Input::Tick);
+    }
+    assert_eq!(sim.state("s1"), BuildState::Running, "renewed leases never expire under a live build");
+    sim.finish(160_000, "s1", "deploy", 1, StepResult::Exited(0));
+    sim.finish(170_000, "s1", "e2e", 1, StepResult::Exited(0));
+    finished(&sim, "s1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_build_that_loses_its_lease_errors() {
+    let mut sim =
+        Sim::new(Config { build_lease_ttl: Duration::from_secs(60), pools: staging_pool(), ..Config::default() });
+    sim.enqueue(0, "s1", STAGING, "staging", context("master"));
+    sim.input(10_000, Input::RevokeLease { lease: LeaseId::new("s1") });
+    sim.finish(11_000, "s1", "deploy", 1, StepResult::Cancelled);
+    finished(&sim, "s1", Conclusion::Errored);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn impossible_resource_requests_error_the_build() {
+    let spec = "pipelines:\n  staging:\n    resources: [{ pool: phones, count: 1 }]\n    steps:\n      - { name: a, image: busybox, commands: [x] }\n";
+    let mut sim = Sim::with_pools(staging_pool());
+    sim.enqueue(0, "s1", spec, "staging", context("master"));
+    finished(&sim, "s1", Conclusion::Errored);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn builds_of_a_repo_cannot_trust_events_of_another() {
+    // Two test builds on the same branch name in different repositories do not supersede each other.
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "a1", ONE_STEP, "test", context("feature/x"));
+    sim.enqueue(10, "b1", ONE_STEP, "test", BuildContext { repo: "acme/other".into(), ..context("feature/x") });
+    assert_eq!(sim.state("a1"), BuildState::Running);
+    assert_eq!(sim.state("b1"), BuildState::Running);
+    insta::assert_snapshot!(sim.trace);
+}
