@@ -506,7 +506,10 @@ impl LeaseTable {
     }
 
     /// Asks for units. The request is granted at once if it can be, and queued otherwise; it is
-    /// refused, and nothing changes, if it could never be served or its id is in use.
+    /// refused, and nothing changes, if it could never be served or its id is in use. Refusals
+    /// are checked in this order: duplicate id; then, want by want, unknown pool and zero count;
+    /// then the merged counts against capacity; then a deadline already past. A request with no
+    /// wants at all is granted at once and holds nothing, which keeps the rule total.
     pub fn request(&mut self, mut request: Request, now: Timestamp) -> Result<Vec<LeaseEvent>, LeaseError> {
         if self.leases.contains_key(&request.id) || self.waiting.iter().any(|w| w.request.id == request.id) {
             return Err(LeaseError::DuplicateId { id: request.id });
@@ -919,8 +922,6 @@ mod opt_millis {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    // serde's `with` hands over `&Option<_>`, so the signature cannot take `Option<&_>`.
-    #[allow(clippy::ref_option)]
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),

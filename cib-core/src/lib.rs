@@ -4,8 +4,12 @@
 //! `spec`, `pipeline` and `lease` do no I/O, spawn nothing and read no clock: time and
 //! identifiers come in as arguments, so every scenario is a deterministic unit test.
 
+pub mod engine;
 pub mod event;
 pub mod lease;
 pub mod pipeline;
+pub mod ports;
 pub mod spec;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;

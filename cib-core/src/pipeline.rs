@@ -88,11 +88,12 @@ pub enum Input {
         attempt: u32,
         result: StepResult,
     },
-    /// The step printed something since the machine last heard; the engine coalesces these.
+    /// The step printed something, last at `at`; the engine coalesces these.
     StepOutput {
         build: BuildId,
         step: String,
         attempt: u32,
+        at: Timestamp,
     },
     ServiceReady {
         build: BuildId,
@@ -408,11 +409,11 @@ impl Machine {
             Input::StepFinished { build, step, attempt, result } => {
                 self.step_finished(&build, &step, attempt, result, now)
             }
-            Input::StepOutput { build, step, attempt } => {
+            Input::StepOutput { build, step, attempt, at } => {
                 if let Some(s) = self.step_mut(&build, &step)
                     && s.status == (StepStatus::Running { attempt })
                 {
-                    s.last_output = now;
+                    s.last_output = s.last_output.max(at.min(now));
                 }
             }
             Input::ServiceReady { build, service } => {

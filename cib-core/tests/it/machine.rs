@@ -50,7 +50,7 @@ fn input_text(input: &Input) -> String {
             format!("enqueue {build} {pipeline} on {}", context.branch.as_deref().unwrap_or("-"))
         }
         Input::StepFinished { build, step, attempt, result } => format!("finished {build}/{step}#{attempt} {result:?}"),
-        Input::StepOutput { build, step, attempt } => format!("output {build}/{step}#{attempt}"),
+        Input::StepOutput { build, step, attempt, at } => format!("output {build}/{step}#{attempt} at {}", at.millis()),
         Input::ServiceReady { build, service } => format!("service ready {build}/{service}"),
         Input::ServiceFailed { build, service, message } => format!("service failed {build}/{service}: {message}"),
         Input::TimerFired { timer } => format!("timer {}", timer_text(timer)),
@@ -307,7 +307,8 @@ fn total_timeout_stops_the_step() {
     let mut sim = Sim::new(Config::default());
     sim.enqueue(0, "b1", TIMEOUTS, "test", context("feature/a"));
     for minute in 1..10 {
-        sim.input(minute * 60_000 - 1_000, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+        let at = minute * 60_000 - 1_000;
+        sim.input(at, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1, at: Timestamp(at) });
         sim.timer(minute * 60_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
     }
     sim.timer(600_000, TimerId::StepTimeout { build: "b1".into(), step: "unit".into(), attempt: 1 });
@@ -320,7 +321,7 @@ fn total_timeout_stops_the_step() {
 fn no_output_timeout_is_rearmed_by_output_and_then_fires() {
     let mut sim = Sim::new(Config::default());
     sim.enqueue(0, "b1", TIMEOUTS, "test", context("feature/a"));
-    sim.input(30_000, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
+    sim.input(30_000, Input::StepOutput { build: "b1".into(), step: "unit".into(), attempt: 1, at: Timestamp(29_000) });
     sim.timer(60_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
     sim.timer(90_000, TimerId::NoOutput { build: "b1".into(), step: "unit".into(), attempt: 1 });
     sim.finish(90_500, "b1", "unit", 1, StepResult::Exited(137));

@@ -1,7 +1,10 @@
 //! cib-core's integration tests, in one binary so that linking happens once.
 
-mod machine;
+mod conformance;
+mod engine;
 mod lease;
+mod machine;
+mod replay;
 mod spec;
 mod spec_fuzz;
 mod spec_schema;

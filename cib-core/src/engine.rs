@@ -1,0 +1,516 @@
+//! The engine: the async driver around the pure machine.
+//!
+//! One loop: store the input, hand it to the machine, carry out the effects through the ports,
+//! and feed completions back as inputs. It is a value (`Engine::start` returns a handle and a
+//! future) so an embedder chooses the runtime. On start it replays the stored inputs to rebuild
+//! the machine exactly, then reconciles with the executor: steps that were running when the
+//! previous process died are reported as infrastructure errors, so their retry policy decides.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::event::{BuildId, Event};
+use crate::lease::LeaseError;
+use crate::pipeline::{Config, Effect, Input, Machine, StepJob, StepResult, StepStatus, TimerId};
+use crate::ports::{
+    Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal, Store, StoreError,
+    StoredInput, Stream, Vcs,
+};
+use crate::time::Timestamp;
+
+/// The backends the engine works through.
+#[derive(Clone)]
+pub struct Ports {
+    pub executor: Arc<dyn Executor>,
+    pub vcs: Arc<dyn Vcs>,
+    pub store: Arc<dyn Store>,
+    pub notifiers: Vec<Arc<dyn Notifier>>,
+    pub clock: Arc<dyn Clock>,
+    pub secrets: Arc<dyn Secrets>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ports").field("notifiers", &self.notifiers.len()).finish_non_exhaustive()
+    }
+}
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub machine: Config,
+    /// Where build workspaces are checked out, one directory per build.
+    pub workspace_root: PathBuf,
+    /// How often time is told to the machine, so that leases are renewed and expired.
+    pub tick_every: Duration,
+}
+
+/// Why the engine stopped or refused an input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the resource pools are misconfigured: {0}")]
+    Pools(#[from] LeaseError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+type Query = Box<dyn FnOnce(&Machine) + Send>;
+
+enum Command {
+    Input(Box<Input>, oneshot::Sender<Result<(), EngineError>>),
+    Query(Query),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Talks to a running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Hands an input to the engine; returns once it is stored and handled.
+    pub async fn submit(&self, input: Input) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Input(Box::new(input), reply)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Live events from now on. A subscriber that falls behind misses events (the receiver
+    /// says how many); the store has them all, for a resumable read.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Reads the machine's state.
+    pub async fn query<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Machine) -> R + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let query: Query = Box::new(move |m| {
+            let _ = reply.send(f(m));
+        });
+        self.tx.send(Command::Query(query)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stops the engine loop after the input in hand. Steps still running are left to the
+    /// executor; the next start reports them as interrupted.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// The engine itself.
+#[derive(Debug)]
+pub struct Engine;
+
+enum LogMessage {
+    Data(LogKey, Vec<u8>),
+    Finish(LogKey, oneshot::Sender<()>),
+}
+
+/// Output seen per step attempt: when last, and whether the machine has heard.
+type OutputSeen = Arc<Mutex<HashMap<LogKey, (Timestamp, bool)>>>;
+
+struct EngineSink {
+    key: LogKey,
+    tx: mpsc::UnboundedSender<LogMessage>,
+    clock: Arc<dyn Clock>,
+    seen: OutputSeen,
+}
+
+impl LogSink for EngineSink {
+    fn write(&self, _stream: Stream, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(self.key.clone(), (self.clock.now(), false));
+        }
+        let _ = self.tx.send(LogMessage::Data(self.key.clone(), bytes.to_vec()));
+    }
+}
+
+struct Runner {
+    ports: Ports,
+    config: EngineConfig,
+    machine: Machine,
+    timers: BTreeMap<TimerId, Timestamp>,
+    stops: HashMap<(BuildId, String, u32), StopHandle>,
+    workspaces: HashMap<BuildId, Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>>,
+    internal: mpsc::UnboundedSender<Input>,
+    logs: mpsc::UnboundedSender<LogMessage>,
+    seen: OutputSeen,
+    events: broadcast::Sender<Event>,
+    notify: mpsc::UnboundedSender<Event>,
+}
+
+impl Engine {
+    /// Builds an engine. Drive the returned future (spawn it) and talk through the handle.
+    pub fn start(ports: Ports, config: EngineConfig) -> (EngineHandle, impl Future<Output = Result<(), EngineError>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let handle = EngineHandle { tx, events: events.clone() };
+        (handle, run(ports, config, rx, events))
+    }
+}
+
+async fn run(
+    ports: Ports,
+    config: EngineConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: broadcast::Sender<Event>,
+) -> Result<(), EngineError> {
+    let machine = Machine::new(config.machine.clone())?;
+    let (internal, mut completions) = mpsc::unbounded_channel();
+    let (logs, log_rx) = mpsc::unbounded_channel();
+    let (notify, notify_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_logs(ports.store.clone(), log_rx));
+    tokio::spawn(notify_all(ports.notifiers.clone(), notify_rx));
+    let mut runner = Runner {
+        ports,
+        config,
+        machine,
+        timers: BTreeMap::new(),
+        stops: HashMap::new(),
+        workspaces: HashMap::new(),
+        internal,
+        logs,
+        seen: Arc::new(Mutex::new(HashMap::new())),
+        events,
+        notify,
+    };
+    runner.recover().await?;
+    let mut next_tick = runner.ports.clock.now() + runner.config.tick_every;
+    loop {
+        let next_timer = runner.timers.values().min().copied();
+        let wake = next_timer.map_or(next_tick, |t| t.min(next_tick));
+        let clock = runner.ports.clock.clone();
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Input(input, reply)) => {
+                    let result = runner.process(*input).await;
+                    let _ = reply.send(result);
+                }
+                Some(Command::Query(query)) => query(&runner.machine),
+                Some(Command::Shutdown(reply)) => {
+                    let _ = reply.send(());
+                    return Ok(());
+                }
+                None => return Ok(()),
+            },
+            Some(input) = completions.recv() => runner.process(input).await?,
+            () = clock.sleep_until(wake) => {
+                let now = runner.ports.clock.now();
+                if now >= next_tick {
+                    next_tick = now + runner.config.tick_every;
+                    runner.process(Input::Tick).await?;
+                }
+                runner.fire_timers(now).await?;
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// Replays the journal into the machine, then repairs what the previous process left.
+    async fn recover(&mut self) -> Result<(), EngineError> {
+        let mut after = 0;
+        loop {
+            let batch = self.ports.store.inputs_after(after, 1000).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, stored) in batch {
+                after = seq;
+                let effects = self.machine.handle(stored.input, stored.at);
+                let mut replayed = Vec::new();
+                for effect in effects {
+                    match effect {
+                        Effect::ArmTimer { timer, at } => {
+                            self.timers.insert(timer, at);
+                        }
+                        Effect::CancelTimer { timer } => {
+                            self.timers.remove(&timer);
+                        }
+                        // Events may not have reached the store before a crash; the store
+                        // skips the ones it has.
+                        Effect::Publish(event) => replayed.push(event),
+                        _ => {}
+                    }
+                }
+                self.ports.store.append_events(&replayed).await?;
+            }
+        }
+        let live: Vec<BuildId> =
+            self.machine.builds().filter(|b| b.finished_at.is_none()).map(|b| b.id.clone()).collect();
+        if let Err(error) = self.ports.executor.reconcile(&live).await {
+            tracing::warn!(%error, "reconcile after restart failed");
+        }
+        // The processes of steps that were running died with the previous engine.
+        let interrupted: Vec<(BuildId, String, u32)> = self
+            .machine
+            .builds()
+            .flat_map(|b| {
+                b.steps.iter().filter_map(|s| match s.status {
+                    StepStatus::Running { attempt } => Some((b.id.clone(), s.name.clone(), attempt)),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (build, step, attempt) in interrupted {
+            let result = StepResult::Infrastructure("the engine restarted while the step ran".into());
+            self.process(Input::StepFinished { build, step, attempt, result }).await?;
+        }
+        Ok(())
+    }
+
+    async fn fire_timers(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let due: Vec<TimerId> = self.timers.iter().filter(|(_, at)| **at <= now).map(|(t, _)| t.clone()).collect();
+        for timer in due {
+            self.timers.remove(&timer);
+            if let TimerId::NoOutput { build, step, attempt } = &timer {
+                // Tell the machine about output it has not heard of, so it judges the quiet
+                // period from the last line rather than from when the timer was armed.
+                let key = LogKey { build: build.clone(), step: step.clone(), attempt: *attempt };
+                let unreported = self.seen.lock().ok().and_then(|mut seen| {
+                    seen.get_mut(&key).filter(|(_, reported)| !reported).map(|entry| {
+                        entry.1 = true;
+                        entry.0
+                    })
+                });
+                if let Some(at) = unreported {
+                    let input = Input::StepOutput { build: build.clone(), step: step.clone(), attempt: *attempt, at };
+                    self.process(input).await?;
+                }
+            }
+            self.process(Input::TimerFired { timer }).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores an input, hands it to the machine and carries out the effects.
+    async fn process(&mut self, input: Input) -> Result<(), EngineError> {
+        let now = self.ports.clock.now();
+        self.ports.store.append_input(&StoredInput { at: now, input: input.clone() }).await?;
+        let effects = self.machine.handle(input, now);
+        let mut events = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Publish(event) => events.push(event),
+                other => self.execute(other),
+            }
+        }
+        if !events.is_empty() {
+            self.ports.store.append_events(&events).await?;
+            for event in events {
+                let _ = self.events.send(event.clone());
+                let _ = self.notify.send(event);
+            }
+        }
+        Ok(())
+    }
+
+    fn workspace(&mut self, build: &BuildId) -> Arc<tokio::sync::OnceCell<Result<PathBuf, String>>> {
+        self.workspaces.entry(build.clone()).or_default().clone()
+    }
+
+    fn execute(&mut self, effect: Effect) {
+        match effect {
+            Effect::Publish(_) => {}
+            Effect::ArmTimer { timer, at } => {
+                self.timers.insert(timer, at);
+            }
+            Effect::CancelTimer { timer } => {
+                self.timers.remove(&timer);
+            }
+            Effect::StartStep(job) => self.start_step(*job),
+            Effect::StopStep { build, step, attempt, reason } => {
+                if let Some(handle) = self.stops.get(&(build, step, attempt)) {
+                    handle.stop(reason);
+                }
+            }
+            Effect::StartServices { build, services } => {
+                let executor = self.ports.executor.clone();
+                let internal = self.internal.clone();
+                tokio::spawn(async move {
+                    match executor.start_services(&build, &services).await {
+                        Ok(()) => {
+                            for s in services {
+                                let _ = internal.send(Input::ServiceReady { build: build.clone(), service: s.name });
+                            }
+                        }
+                        Err((service, error)) => {
+                            let message = error.to_string();
+                            let _ = internal.send(Input::ServiceFailed { build, service, message });
+                        }
+                    }
+                });
+            }
+            Effect::Cleanup { build } => {
+                self.stops.retain(|(b, _, _), _| *b != build);
+                let workspace = self.workspaces.remove(&build);
+                let executor = self.ports.executor.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = executor.cleanup(&build).await {
+                        tracing::warn!(%build, %error, "cleanup failed; reconcile will retry");
+                    }
+                    if let Some(Some(Ok(dir))) = workspace.as_ref().map(|w| w.get()) {
+                        let _ = tokio::fs::remove_dir_all(dir).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn start_step(&mut self, job: StepJob) {
+        let key = LogKey { build: job.build.clone(), step: job.step.name.clone(), attempt: job.attempt };
+        let (handle, stop) = StopSignal::new();
+        self.stops.insert((job.build.clone(), job.step.name.clone(), job.attempt), handle);
+        let workspace = self.workspace(&job.build);
+        let dir = self.config.workspace_root.join(safe_dir_name(&job.build.0));
+        let ports = self.ports.clone();
+        let internal = self.internal.clone();
+        let logs = self.logs.clone();
+        let sink = Arc::new(EngineSink {
+            key: key.clone(),
+            tx: logs.clone(),
+            clock: ports.clock.clone(),
+            seen: self.seen.clone(),
+        });
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            let result = run_step(&ports, job.clone(), workspace, dir, sink, stop).await;
+            let (done, finished) = oneshot::channel();
+            let _ = logs.send(LogMessage::Finish(key.clone(), done));
+            let _ = finished.await;
+            if let Ok(mut seen) = seen.lock() {
+                seen.remove(&key);
+            }
+            let input = Input::StepFinished { build: job.build, step: job.step.name, attempt: job.attempt, result };
+            let _ = internal.send(input);
+        });
+    }
+}
+
+/// Prepares the build's workspace once, resolves the step's secrets and runs it.
+async fn run_step(
+    ports: &Ports,
+    job: StepJob,
+    workspace: Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>,
+    dir: PathBuf,
+    sink: Arc<EngineSink>,
+    stop: StopSignal,
+) -> StepResult {
+    let prepared = workspace
+        .get_or_init(|| async {
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| format!("cannot create the workspace {}: {e}", dir.display()))?;
+            ports
+                .vcs
+                .prepare_workspace(&job.context.repo, &job.context.commit, &dir)
+                .await
+                .map_err(|e| format!("cannot check out {} at {}: {e}", job.context.repo, job.context.commit))?;
+            Ok(dir.clone())
+        })
+        .await
+        .clone();
+    let workspace = match prepared {
+        Ok(dir) => dir,
+        Err(message) => return StepResult::Infrastructure(message),
+    };
+    let mut secrets = BTreeMap::new();
+    for name in &job.step.secrets {
+        match ports.secrets.get(&job.context.repo, name) {
+            Some(value) => {
+                secrets.insert(name.clone(), value);
+            }
+            None => return StepResult::Infrastructure(format!("secret '{name}' is not configured")),
+        }
+    }
+    let run = StepRun { job, secrets, workspace };
+    match ports.executor.run(&run, sink, stop).await {
+        Ok(Outcome::Exited(code)) => StepResult::Exited(code),
+        Ok(Outcome::TimedOut) => StepResult::TimedOut,
+        Ok(Outcome::NoOutput) => StepResult::NoOutput,
+        Ok(Outcome::OutOfMemory) => StepResult::OutOfMemory,
+        Ok(Outcome::Cancelled) => StepResult::Cancelled,
+        Err(error) => StepResult::Infrastructure(error.to_string()),
+    }
+}
+
+/// Build ids are chosen by callers; a directory name must not escape the workspace root.
+fn safe_dir_name(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// Writes output to the store in batches: whatever arrived while the last write ran goes in
+/// the next one, so a chatty step costs few writes.
+async fn write_logs(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogMessage>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let mut pending: Vec<(LogKey, Vec<u8>)> = Vec::new();
+        for message in batch {
+            match message {
+                LogMessage::Data(key, data) => match pending.last_mut() {
+                    Some((last, buf)) if *last == key => buf.extend_from_slice(&data),
+                    _ => pending.push((key, data)),
+                },
+                LogMessage::Finish(key, done) => {
+                    flush(&store, &mut pending).await;
+                    if let Err(error) = store.finish_log(&key).await {
+                        tracing::warn!(%error, "cannot finish a log");
+                    }
+                    let _ = done.send(());
+                }
+            }
+        }
+        flush(&store, &mut pending).await;
+    }
+}
+
+async fn flush(store: &Arc<dyn Store>, pending: &mut Vec<(LogKey, Vec<u8>)>) {
+    for (key, data) in pending.drain(..) {
+        if let Err(error) = store.append_log(&key, &data).await {
+            tracing::warn!(%error, build = %key.build, step = %key.step, "cannot store output");
+        }
+    }
+}
+
+/// Sends events to every notifier in order; a failing notifier is logged, never blocks the engine.
+async fn notify_all(notifiers: Vec<Arc<dyn Notifier>>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = rx.recv().await {
+        for notifier in &notifiers {
+            if let Err(error) = notifier.publish(&event).await {
+                tracing::warn!(%error, seq = event.seq, "a notifier failed");
+            }
+        }
+    }
+}

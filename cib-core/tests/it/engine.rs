@@ -1,0 +1,231 @@
+//! The engine with the fakes: builds run end to end, inputs are journaled, and a restart
+//! replays the journal and reports steps the previous process left running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cib_core::engine::{Engine, EngineConfig, EngineHandle, Ports};
+use cib_core::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
+use cib_core::pipeline::{BuildContext, BuildState, Config, Input};
+use cib_core::ports::{Clock, LogKey, Store};
+use cib_core::spec::TriggerEvent;
+use cib_core::testing::{
+    FakeExecutor, FakeVcs, ManualClock, MemoryStore, RecordingNotifier, StaticSecrets, SystemClock,
+};
+use cib_core::time::Timestamp;
+
+struct World {
+    vcs: Arc<FakeVcs>,
+    executor: Arc<FakeExecutor>,
+    store: Arc<MemoryStore>,
+    notifier: Arc<RecordingNotifier>,
+    clock: Arc<dyn Clock>,
+    workspaces: tempfile::TempDir,
+}
+
+impl World {
+    fn new(clock: Arc<dyn Clock>) -> Self {
+        World {
+            vcs: FakeVcs::new(),
+            executor: FakeExecutor::new(),
+            store: MemoryStore::new(),
+            notifier: RecordingNotifier::new(),
+            clock,
+            workspaces: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn start(&self) -> (EngineHandle, tokio::task::JoinHandle<Result<(), cib_core::engine::EngineError>>) {
+        let ports = Ports {
+            executor: self.executor.clone(),
+            vcs: self.vcs.clone(),
+            store: self.store.clone(),
+            notifiers: vec![self.notifier.clone()],
+            clock: self.clock.clone(),
+            secrets: Arc::new(StaticSecrets([("TOKEN".to_owned(), "hunter2".to_owned())].into())),
+        };
+        let config = EngineConfig {
+            machine: Config::default(),
+            workspace_root: self.workspaces.path().to_path_buf(),
+            tick_every: Duration::from_secs(30),
+        };
+        let (handle, future) = Engine::start(ports, config);
+        (handle, tokio::spawn(future))
+    }
+
+    /// Commits the spec and returns the input that builds `pipeline` at that commit.
+    fn enqueue(&self, build: &str, spec: &str, pipeline: &str) -> Input {
+        let commit = self.vcs.commit("acme/shop", "master", &[(".cib.yml", spec), ("README", "hello")]);
+        Input::Enqueue {
+            build: BuildId::from(build),
+            spec: Arc::from(spec),
+            pipeline: pipeline.into(),
+            context: BuildContext {
+                repo: "acme/shop".into(),
+                commit,
+                branch: Some("feature/x".into()),
+                pull_request: None,
+                event: TriggerEvent::push("feature/x"),
+                actor: Some("dev".into()),
+            },
+        }
+    }
+
+    async fn finished(&self, build: &str) -> Conclusion {
+        let event = self
+            .notifier
+            .wait_for(
+                Duration::from_secs(30),
+                |e| matches!(&e.body, EventBody::BuildFinished { build: b, .. } if b.0 == build),
+            )
+            .await
+            .unwrap_or_else(|| panic!("build {build} did not finish: {:#?}", self.notifier.events()));
+        match event.body {
+            EventBody::BuildFinished { conclusion, .. } => conclusion,
+            _ => unreachable!("matched above"),
+        }
+    }
+}
+
+fn step_events(events: &[Event], build: &str) -> Vec<(String, u32, StepConclusion)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::StepFinished { build: b, step, attempt, conclusion, .. } if b.0 == build => {
+                Some((step.clone(), *attempt, *conclusion))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+const SPEC: &str = r#"
+pipelines:
+  test:
+    steps:
+      - { name: hello, image: busybox, commands: ["echo hello from $CIB_STEP", "echo token=$TOKEN"], secrets: [TOKEN] }
+      - { name: unit, image: busybox, commands: [true], depends_on: [hello], retry: { count: 1 } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_runs_end_to_end_with_logs_events_and_cleanup() {
+    let world = World::new(Arc::new(SystemClock));
+    let (engine, task) = world.start();
+    let mut live = engine.subscribe();
+    engine.submit(world.enqueue("b1", SPEC, "test")).await.expect("submit");
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+
+    let key = LogKey { build: BuildId::from("b1"), step: "hello".into(), attempt: 1 };
+    let log = world.store.read_log(&key, 0, 1 << 20).await.expect("log");
+    let text = String::from_utf8_lossy(&log.data);
+    assert!(text.contains("hello from hello"), "{text}");
+    assert!(text.contains("token=***") && !text.contains("hunter2"), "secrets are masked: {text}");
+    assert!(log.complete, "the log is finished when the step is");
+
+    let stored = world.store.events_after(0, 1000).await.expect("events");
+    assert_eq!(stored, world.notifier.events(), "the store and the notifier saw the same events");
+    let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "sequence numbers have no gaps");
+    assert_eq!(live.recv().await.expect("live event").seq, 1, "subscribers see events live");
+    assert!(world.store.input_count() >= 3, "every input is journaled");
+    assert!(world.executor.cleaned().contains(&BuildId::from("b1")), "the build was cleaned up");
+    let state = engine.query(|m| m.build(&"b1".into()).map(|b| b.state.clone())).await.expect("query");
+    assert_eq!(state, Some(BuildState::Finished(Conclusion::Success)));
+    engine.shutdown().await;
+    task.await.expect("join").expect("engine ended cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infrastructure_errors_are_retried_and_failures_are_not() {
+    let world = World::new(Arc::new(SystemClock));
+    world.executor.fail_infrastructure("unit", 1);
+    let (engine, _task) = world.start();
+    engine.submit(world.enqueue("b1", SPEC, "test")).await.expect("submit");
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+    let steps = step_events(&world.notifier.events(), "b1");
+    assert_eq!(
+        steps,
+        [
+            ("hello".into(), 1, StepConclusion::Success),
+            ("unit".into(), 1, StepConclusion::Errored),
+            ("unit".into(), 2, StepConclusion::Success)
+        ]
+    );
+
+    let failing = "pipelines:\n  test:\n    steps:\n      - { name: unit, image: busybox, commands: [\"echo no\", exit 4], retry: { count: 2 } }\n";
+    engine.submit(world.enqueue("b2", failing, "test")).await.expect("submit");
+    assert_eq!(world.finished("b2").await, Conclusion::Failed);
+    assert_eq!(step_events(&world.notifier.events(), "b2"), [("unit".into(), 1, StepConclusion::Failed)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_through_the_handle_stops_the_running_step() {
+    let world = World::new(Arc::new(SystemClock));
+    let (engine, _task) = world.start();
+    let spec =
+        "pipelines:\n  test:\n    steps:\n      - { name: slow, image: busybox, commands: [echo started, sleep 60] }\n";
+    engine.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    world
+        .notifier
+        .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
+        .await
+        .expect("step started");
+    engine
+        .submit(Input::Cancel { build: "b1".into(), by: "alice".into(), reason: "not needed".into() })
+        .await
+        .expect("cancel");
+    assert_eq!(world.finished("b1").await, Conclusion::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_output_timeout_is_a_timer_of_the_machine() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let world = World::new(clock.clone());
+    let (engine, _task) = world.start();
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: quiet, image: busybox, commands: [echo one, sleep 600], no_output_timeout: 1m }\n";
+    engine.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    world
+        .notifier
+        .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
+        .await
+        .expect("step started");
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(world.finished("b1").await, Conclusion::TimedOut);
+    let detail = world.notifier.events().iter().find_map(|e| match &e.body {
+        EventBody::StepFinished { detail, .. } => Some(detail.clone()),
+        _ => None,
+    });
+    assert_eq!(detail.as_deref(), Some("printed nothing for too long"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_the_journal_and_reports_interrupted_steps() {
+    let world = World::new(Arc::new(SystemClock));
+    let (first, task) = world.start();
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: slow, image: busybox, commands: [sleep 1], retry: { count: 1 } }\n";
+    first.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    world
+        .notifier
+        .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
+        .await
+        .expect("step started");
+    let before = first.query(|m| m.build(&"b1".into()).cloned()).await.expect("query").expect("build");
+    // The first engine dies with the step running.
+    task.abort();
+    let _ = task.await;
+
+    let (second, _task) = world.start();
+    let replayed = second.query(|m| m.build(&"b1".into()).map(|b| b.steps[0].attempts.len())).await.expect("query");
+    assert!(replayed.is_some_and(|n| n >= 1), "the journal rebuilt the build");
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+    let steps = step_events(&world.notifier.events(), "b1");
+    assert_eq!(steps, [("slow".into(), 1, StepConclusion::Errored), ("slow".into(), 2, StepConclusion::Success)]);
+    let detail = world.notifier.events().iter().find_map(|e| match &e.body {
+        EventBody::StepFinished { attempt: 1, detail, .. } => Some(detail.clone()),
+        _ => None,
+    });
+    assert_eq!(detail.as_deref(), Some("infrastructure error: the engine restarted while the step ran"));
+    assert_eq!(before.state, BuildState::Running);
+    let seqs: Vec<u64> = world.store.events_after(0, 1000).await.expect("events").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "numbering goes on across the restart");
+}
