@@ -6,6 +6,9 @@
 //! replaying the stored inputs rebuilds exactly the same machine. The machine owns the lease
 //! table too, so that a build's leases move in the same step as the build.
 
+// Pure code: no clock, environment, files or threads (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -289,8 +292,6 @@ pub struct Build {
     pub queued_at: Timestamp,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
-    #[serde(skip)]
-    arrival: u64,
     /// Set once the build is being cancelled: by whom and what the conclusion will be.
     #[serde(skip)]
     ending: Option<(String, Conclusion)>,
@@ -333,11 +334,16 @@ pub struct Machine {
     builds: BTreeMap<BuildId, Build>,
     leases: LeaseTable,
     lease_owners: BTreeMap<LeaseId, LeaseOwner>,
+    /// Unfinished test builds by what a newer push would supersede (repo, pipeline, branch or PR).
+    test_builds: BTreeMap<(String, String, String), BTreeSet<BuildId>>,
+    /// Unfinished deploy builds of each (repo, pipeline), in arrival order: only the first runs.
+    deploy_queues: BTreeMap<(String, String), VecDeque<BuildId>>,
     ready: VecDeque<(BuildId, String)>,
     running: usize,
     next_event: u64,
-    arrivals: u64,
     lease_timer: Option<Timestamp>,
+    /// The lease table changed while handling the current input.
+    leases_touched: bool,
     /// Effects gathered while handling one input.
     out: Vec<Effect>,
 }
@@ -361,11 +367,13 @@ impl Machine {
             builds: BTreeMap::new(),
             leases,
             lease_owners: BTreeMap::new(),
+            test_builds: BTreeMap::new(),
+            deploy_queues: BTreeMap::new(),
             ready: VecDeque::new(),
             running: 0,
             next_event: 1,
-            arrivals: 0,
             lease_timer: None,
+            leases_touched: false,
             out: Vec::new(),
         })
     }
@@ -463,7 +471,11 @@ impl Machine {
             Input::Tick => self.tick(now),
         }
         self.schedule(now);
-        self.arm_lease_timer();
+        // Finding the table's next wake-up walks every lease, so it is done only when the
+        // table was touched.
+        if std::mem::take(&mut self.leases_touched) {
+            self.arm_lease_timer();
+        }
         std::mem::take(&mut self.out)
     }
 
@@ -498,7 +510,6 @@ impl Machine {
             deliverables: Vec::new(),
             timeout: None,
         });
-        self.arrivals += 1;
         let steps = pipeline
             .steps
             .iter()
@@ -521,7 +532,6 @@ impl Machine {
             queued_at: now,
             started_at: None,
             finished_at: None,
-            arrival: self.arrivals,
             ending: None,
             services_ready: BTreeSet::new(),
             pipeline_units: Vec::new(),
@@ -538,25 +548,27 @@ impl Machine {
         );
         let key = build.supersede_key();
         let kind = build.pipeline.kind;
+        let queue = (build.context.repo.clone(), build.pipeline.name.clone());
         self.builds.insert(id.clone(), build);
         if errored {
             self.finish(&id, Conclusion::Errored, now);
             return;
         }
-        // A newer push supersedes older test builds of the same branch or pull request; deploy
-        // builds are never cancelled by a push.
-        if kind == PipelineKind::Test {
-            let older: Vec<BuildId> = self
-                .builds
-                .values()
-                .filter(|b| b.id != id && !b.is_finished() && b.pipeline.kind == PipelineKind::Test)
-                .filter(|b| b.supersede_key() == key && b.ending.is_none())
-                .map(|b| b.id.clone())
-                .collect();
-            for old in older {
-                self.publish(now, EventBody::BuildSuperseded { build: old.clone(), by: id.clone() });
-                self.end_build(&old, "cib", Conclusion::Cancelled, &format!("superseded by {id}"), now);
+        match kind {
+            // A newer push supersedes older test builds of the same branch or pull request.
+            PipelineKind::Test => {
+                let older: Vec<BuildId> =
+                    self.test_builds.get(&key).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                for old in older {
+                    if self.builds.get(&old).is_some_and(|b| b.ending.is_none()) {
+                        self.publish(now, EventBody::BuildSuperseded { build: old.clone(), by: id.clone() });
+                        self.end_build(&old, "cib", Conclusion::Cancelled, &format!("superseded by {id}"), now);
+                    }
+                }
+                self.test_builds.entry(key).or_default().insert(id.clone());
             }
+            // Deploy builds are never cancelled by a push: they queue in order.
+            PipelineKind::Deploy => self.deploy_queues.entry(queue).or_default().push_back(id.clone()),
         }
         self.admit(&id, now);
     }
@@ -567,13 +579,8 @@ impl Machine {
         if b.pipeline.kind != PipelineKind::Deploy {
             return None;
         }
-        self.builds
-            .values()
-            .filter(|o| o.arrival < b.arrival && !o.is_finished())
-            .filter(|o| o.pipeline.kind == PipelineKind::Deploy)
-            .filter(|o| o.context.repo == b.context.repo && o.pipeline.name == b.pipeline.name)
-            .min_by_key(|o| o.arrival)
-            .map(|o| o.id.clone())
+        let front = self.deploy_queues.get(&(b.context.repo.clone(), b.pipeline.name.clone()))?.front()?;
+        (front != id).then(|| front.clone())
     }
 
     fn admit(&mut self, id: &BuildId, now: Timestamp) {
@@ -915,7 +922,7 @@ impl Machine {
         for step in gates {
             self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step } });
         }
-        self.ready.retain(|(b, _)| b != id);
+        // Queued entries of this build are skipped when they come up: their steps are done.
         self.after_step_change(id, now);
     }
 
@@ -935,8 +942,14 @@ impl Machine {
         }
         b.state = BuildState::Finished(conclusion);
         b.finished_at = Some(now);
-        let key = (b.context.repo.clone(), b.pipeline.name.clone(), b.pipeline.kind);
-        self.ready.retain(|(b, _)| b != id);
+        let queue = (b.context.repo.clone(), b.pipeline.name.clone());
+        let kind = b.pipeline.kind;
+        let key = b.supersede_key();
+        let step_leases: Vec<LeaseId> = b
+            .steps
+            .iter()
+            .flat_map(|s| (1..=s.attempts.len() as u32 + 1).map(|a| step_lease_id(id, &s.name, a)))
+            .collect();
         for step in gates {
             self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step } });
         }
@@ -949,26 +962,34 @@ impl Machine {
         self.publish(now, EventBody::BuildFinished { build: id.clone(), conclusion });
         // Every lease of the build ends while handling the same input that records its end,
         // so a restart can never find a finished build still holding units.
-        let owned: Vec<LeaseId> = self
-            .lease_owners
-            .iter()
-            .filter(|(_, o)| matches!(o, LeaseOwner::Pipeline(b) | LeaseOwner::Step(b, _, _) if b == id))
-            .map(|(l, _)| l.clone())
-            .collect();
-        for lease in owned {
-            self.release_owned(&lease, now);
+        for lease in std::iter::once(pipeline_lease_id(id)).chain(step_leases) {
+            if self.lease_owners.contains_key(&lease) {
+                self.release_owned(&lease, now);
+            }
         }
-        // The next deploy of the same pipeline may go now.
-        if key.2 == PipelineKind::Deploy {
-            let next = self
-                .builds
-                .values()
-                .filter(|o| o.state == BuildState::WaitingForTurn)
-                .filter(|o| o.context.repo == key.0 && o.pipeline.name == key.1)
-                .min_by_key(|o| o.arrival)
-                .map(|o| o.id.clone());
-            if let Some(next) = next {
-                self.admit(&next, now);
+        match kind {
+            PipelineKind::Test => {
+                if let Some(set) = self.test_builds.get_mut(&key) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        self.test_builds.remove(&key);
+                    }
+                }
+            }
+            PipelineKind::Deploy => {
+                // The next deploy of the same pipeline may go now.
+                let next = self.deploy_queues.get_mut(&queue).and_then(|q| {
+                    q.retain(|b| b != id);
+                    q.front().cloned()
+                });
+                if self.deploy_queues.get(&queue).is_some_and(VecDeque::is_empty) {
+                    self.deploy_queues.remove(&queue);
+                }
+                if let Some(next) = next
+                    && self.builds.get(&next).is_some_and(|b| b.state == BuildState::WaitingForTurn)
+                {
+                    self.admit(&next, now);
+                }
             }
         }
     }
@@ -1066,7 +1087,9 @@ impl Machine {
     }
 
     fn release_owned(&mut self, lease: &LeaseId, now: Timestamp) {
-        self.lease_owners.remove(lease);
+        if self.lease_owners.remove(lease).is_none() {
+            return;
+        }
         if let Some(token) = self.leases.lease(lease).map(|l| l.token) {
             let result = self.leases.release(lease, token, now);
             self.lease_result(result, None, now);
@@ -1082,6 +1105,7 @@ impl Machine {
         requested: Option<LeaseId>,
         now: Timestamp,
     ) {
+        self.leases_touched = true;
         match result {
             Ok(events) => self.lease_events(events, now),
             Err(error) => {
@@ -1107,6 +1131,7 @@ impl Machine {
     }
 
     fn lease_events(&mut self, events: Vec<LeaseEvent>, now: Timestamp) {
+        self.leases_touched = true;
         for event in events {
             match event {
                 LeaseEvent::Waiting { id, positions } => {

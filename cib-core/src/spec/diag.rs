@@ -38,6 +38,7 @@ impl Diagnostic {
     /// as compilers print them.
     pub fn render(&self, path: &str, source: &str) -> String {
         let mut out = self.line(path);
+        let source = normalize_newlines(source);
         let line_no = self.pos.line as usize;
         if let Some(text) = source.lines().nth(line_no.saturating_sub(1)) {
             let gutter = line_no.to_string();
@@ -56,6 +57,16 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: error: {}", self.pos, self.message)
+    }
+}
+
+/// YAML counts a lone carriage return as a line break, as it counts `\r\n`; lines are counted
+/// the same way everywhere once both are plain `\n`.
+pub(crate) fn normalize_newlines(source: &str) -> std::borrow::Cow<'_, str> {
+    if source.contains('\r') {
+        std::borrow::Cow::Owned(source.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        std::borrow::Cow::Borrowed(source)
     }
 }
 

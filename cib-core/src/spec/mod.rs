@@ -5,6 +5,9 @@
 //! `raw`), and the raw types to the checked model the engine runs (`validate`, `model`).
 //! Nothing here does I/O: callers hand in the text.
 
+// Pure code: no clock, environment, files or threads (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
 mod de;
 mod diag;
 pub mod model;
@@ -50,7 +53,8 @@ pub fn parse_raw(source: &str) -> Result<raw::RawSpec, Vec<Diagnostic>> {
 }
 
 fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
-    let (tree, mut diags) = match yaml::parse(source) {
+    let source = diag::normalize_newlines(source);
+    let (tree, mut diags) = match yaml::parse(&source) {
         Ok(parsed) => parsed,
         Err(d) => return (None, vec![d]),
     };
@@ -64,7 +68,7 @@ fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
 /// The YAML document as JSON (merge keys applied, aliases expanded, YAML 1.2 core types), for
 /// tools that check a spec against the JSON Schema.
 pub fn to_json(source: &str) -> Result<serde_json::Value, Diagnostic> {
-    let (tree, _) = yaml::parse(source)?;
+    let (tree, _) = yaml::parse(&diag::normalize_newlines(source))?;
     Ok(yaml::to_json(&tree))
 }
 

@@ -675,3 +675,13 @@ fn lint_line_format_is_path_line_col() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn carriage_returns_count_as_line_breaks() {
+    for newline in ["\r\n", "\r"] {
+        let text = ["pipelines:", "  test:", "    steps:", "      - name: a", "        imag: x"].join(newline);
+        let Err(diags) = spec::parse(&text) else { panic!("should fail") };
+        assert_eq!(diags[0].line("f"), "f:5:9: error: unknown key 'imag' (did you mean 'image'?)", "{newline:?}");
+        assert!(diags[0].render("f", &text).contains("5 |         imag: x"), "{newline:?}");
+    }
+}
