@@ -64,6 +64,7 @@ fn machine_bench() {
                 event: TriggerEvent::push(&branch),
                 actor: None,
             },
+            only: None,
         };
         let effects = machine.handle(input, Timestamp(i as u64));
         collect(effects, &mut running);

@@ -70,11 +70,20 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// A piece of a step's output, as live readers see it (already masked by the executor).
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub key: LogKey,
+    pub stream: Stream,
+    pub data: Arc<[u8]>,
+}
+
 /// Talks to a running engine. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<Event>,
+    logs: broadcast::Sender<LogLine>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -95,6 +104,12 @@ impl EngineHandle {
     /// says how many); the store has them all, for a resumable read.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Live output of every step from now on. Like events, a reader that falls behind misses
+    /// pieces; the store has them all.
+    pub fn subscribe_logs(&self) -> broadcast::Receiver<LogLine> {
+        self.logs.subscribe()
     }
 
     /// Reads the machine's state.
@@ -135,12 +150,13 @@ type OutputSeen = Arc<Mutex<HashMap<LogKey, (Timestamp, bool)>>>;
 struct EngineSink {
     key: LogKey,
     tx: mpsc::UnboundedSender<LogMessage>,
+    live: broadcast::Sender<LogLine>,
     clock: Arc<dyn Clock>,
     seen: OutputSeen,
 }
 
 impl LogSink for EngineSink {
-    fn write(&self, _stream: Stream, bytes: &[u8]) {
+    fn write(&self, stream: Stream, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
@@ -148,6 +164,9 @@ impl LogSink for EngineSink {
             seen.insert(self.key.clone(), (self.clock.now(), false));
         }
         let _ = self.tx.send(LogMessage::Data(self.key.clone(), bytes.to_vec()));
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(LogLine { key: self.key.clone(), stream, data: Arc::from(bytes) });
+        }
     }
 }
 
@@ -162,6 +181,7 @@ struct Runner {
     logs: mpsc::UnboundedSender<LogMessage>,
     seen: OutputSeen,
     events: broadcast::Sender<Event>,
+    live_logs: broadcast::Sender<LogLine>,
     notify: mpsc::UnboundedSender<Event>,
 }
 
@@ -170,8 +190,9 @@ impl Engine {
     pub fn start(ports: Ports, config: EngineConfig) -> (EngineHandle, impl Future<Output = Result<(), EngineError>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
-        let handle = EngineHandle { tx, events: events.clone() };
-        (handle, run(ports, config, rx, events))
+        let (logs, _) = broadcast::channel(16384);
+        let handle = EngineHandle { tx, events: events.clone(), logs: logs.clone() };
+        (handle, run(ports, config, rx, events, logs))
     }
 }
 
@@ -180,6 +201,7 @@ async fn run(
     config: EngineConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: broadcast::Sender<Event>,
+    live_logs: broadcast::Sender<LogLine>,
 ) -> Result<(), EngineError> {
     let machine = Machine::new(config.machine.clone())?;
     let (internal, mut completions) = mpsc::unbounded_channel();
@@ -198,6 +220,7 @@ async fn run(
         logs,
         seen: Arc::new(Mutex::new(HashMap::new())),
         events,
+        live_logs,
         notify,
     };
     runner.recover().await?;
@@ -395,6 +418,7 @@ impl Runner {
         let sink = Arc::new(EngineSink {
             key: key.clone(),
             tx: logs.clone(),
+            live: self.live_logs.clone(),
             clock: ports.clock.clone(),
             seen: self.seen.clone(),
         });

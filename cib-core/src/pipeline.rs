@@ -84,6 +84,9 @@ pub enum Input {
         spec: Arc<str>,
         pipeline: String,
         context: BuildContext,
+        /// Run only these steps and what they depend on (`cib run --step`); all when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        only: Option<Vec<String>>,
     },
     StepFinished {
         build: BuildId,
@@ -413,7 +416,9 @@ impl Machine {
     /// Handles one input at time `now` and returns what must be done, in order.
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Effect> {
         match input {
-            Input::Enqueue { build, spec, pipeline, context } => self.enqueue(build, &spec, &pipeline, context, now),
+            Input::Enqueue { build, spec, pipeline, context, only } => {
+                self.enqueue(build, &spec, &pipeline, context, only.as_deref(), now)
+            }
             Input::StepFinished { build, step, attempt, result } => {
                 self.step_finished(&build, &step, attempt, result, now)
             }
@@ -493,11 +498,28 @@ impl Machine {
 
     // ---- builds ----------------------------------------------------------------------------
 
-    fn enqueue(&mut self, id: BuildId, source: &str, pipeline: &str, context: BuildContext, now: Timestamp) {
+    fn enqueue(
+        &mut self,
+        id: BuildId,
+        source: &str,
+        pipeline: &str,
+        context: BuildContext,
+        only: Option<&[String]>,
+        now: Timestamp,
+    ) {
         if self.builds.contains_key(&id) {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
-        let found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
+        let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
+        if let (Some(p), Some(only)) = (found.as_mut(), only) {
+            // The chosen steps and everything they depend on; the rest is left out entirely.
+            let names: Vec<&str> = only.iter().map(String::as_str).collect();
+            let keep: BTreeSet<String> = p.closure(&names).iter().map(|s| s.name.clone()).collect();
+            p.steps.retain(|s| keep.contains(&s.name));
+            if p.steps.is_empty() {
+                found = None;
+            }
+        }
         let errored = found.is_none();
         let pipeline = found.unwrap_or_else(|| spec::Pipeline {
             name: pipeline.to_owned(),

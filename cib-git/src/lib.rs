@@ -15,6 +15,9 @@ use cib_core::ports::{Comparison, Permission, Vcs, VcsError};
 use cib_core::spec;
 use tokio::process::Command;
 
+mod working_tree;
+pub use working_tree::WorkingTree;
+
 /// Git repositories on this machine.
 #[derive(Debug, Clone, Default)]
 pub struct GitVcs {
@@ -53,7 +56,7 @@ impl GitVcs {
 }
 
 /// Runs `git` in `dir` and returns its standard output.
-async fn git(dir: &Path, args: &[&str]) -> Result<Vec<u8>, VcsError> {
+pub(crate) async fn git(dir: &Path, args: &[&str]) -> Result<Vec<u8>, VcsError> {
     let output = Command::new("git")
         .arg("-C")
         .arg(dir)

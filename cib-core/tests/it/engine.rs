@@ -68,6 +68,7 @@ impl World {
                 event: TriggerEvent::push("feature/x"),
                 actor: Some("dev".into()),
             },
+            only: None,
         }
     }
 

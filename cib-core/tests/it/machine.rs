@@ -123,8 +123,25 @@ impl Sim {
     }
 
     pub fn enqueue(&mut self, at: u64, build: &str, spec: &str, pipeline: &str, context: BuildContext) {
-        let input =
-            Input::Enqueue { build: BuildId::from(build), spec: Arc::from(spec), pipeline: pipeline.into(), context };
+        self.enqueue_only(at, build, spec, pipeline, context, None);
+    }
+
+    pub fn enqueue_only(
+        &mut self,
+        at: u64,
+        build: &str,
+        spec: &str,
+        pipeline: &str,
+        context: BuildContext,
+        only: Option<Vec<String>>,
+    ) {
+        let input = Input::Enqueue {
+            build: BuildId::from(build),
+            spec: Arc::from(spec),
+            pipeline: pipeline.into(),
+            context,
+            only,
+        };
         self.input(at, input);
     }
 
@@ -696,4 +713,19 @@ fn builds_of_a_repo_cannot_trust_events_of_another() {
     assert_eq!(sim.state("a1"), BuildState::Running);
     assert_eq!(sim.state("b1"), BuildState::Running);
     insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn only_the_chosen_steps_and_their_dependencies_run() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue_only(0, "b1", DAG, "test", context("feature/a"), Some(vec!["package".into()]));
+    sim.finish(100, "b1", "lint", 1, StepResult::Exited(0));
+    sim.finish(200, "b1", "unit", 1, StepResult::Exited(0));
+    sim.finish(300, "b1", "package", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
+    let names: Vec<String> =
+        sim.machine.build(&"b1".into()).expect("build").steps.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["lint", "unit", "package"], "docs is left out");
+    sim.enqueue_only(400, "b2", DAG, "test", context("feature/b"), Some(vec!["nope".into()]));
+    finished(&sim, "b2", Conclusion::Errored);
 }

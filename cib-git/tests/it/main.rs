@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cib_core::ports::{Comparison, Permission, Vcs, VcsError};
-use cib_git::GitVcs;
+use cib_git::{GitVcs, WorkingTree};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -110,4 +110,41 @@ async fn permissions_are_configured() {
     assert_eq!(vcs.permission("r", "bob").await.expect("permission"), Permission::None);
     let open = GitVcs::new().with_default_permission(Permission::Write);
     assert_eq!(open.permission("r", "bob").await.expect("permission"), Permission::Write);
+}
+
+#[tokio::test]
+async fn a_working_tree_is_copied_as_it_is() {
+    let (dir, _, _, _) = repo();
+    std::fs::write(dir.path().join(".gitignore"), "target/\n").expect("write");
+    std::fs::write(dir.path().join("untracked.txt"), "draft\n").expect("write");
+    std::fs::write(dir.path().join("README"), "edited\n").expect("write");
+    std::fs::create_dir_all(dir.path().join("target")).expect("mkdir");
+    std::fs::write(dir.path().join("target/big.bin"), "ignored").expect("write");
+    std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\necho hi\n").expect("write");
+    std::fs::set_permissions(dir.path().join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let tree = WorkingTree::new(dir.path());
+    assert_eq!(tree.read_spec("", "").await.expect("read"), Some("pipelines: {}\n".into()));
+    let dest = tempfile::tempdir().expect("temp dir");
+    tree.prepare_workspace("", "", dest.path()).await.expect("copy");
+    assert_eq!(std::fs::read_to_string(dest.path().join("README")).expect("file"), "edited\n", "edits are included");
+    assert!(dest.path().join("untracked.txt").exists(), "untracked files are included");
+    assert!(!dest.path().join("target/big.bin").exists(), "ignored files are not");
+    assert!(!dest.path().join(".git").exists());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dest.path().join("run.sh")).expect("meta").permissions(),
+    );
+    assert_eq!(mode & 0o111, 0o111, "scripts stay executable");
+}
+
+#[tokio::test]
+async fn a_plain_directory_is_copied_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("src")).expect("mkdir");
+    std::fs::write(dir.path().join("src/main.sh"), "echo\n").expect("write");
+    let tree = WorkingTree::new(dir.path());
+    assert_eq!(tree.read_spec("", "").await.expect("read"), None);
+    let dest = tempfile::tempdir().expect("temp dir");
+    tree.prepare_workspace("", "", dest.path()).await.expect("copy");
+    assert!(dest.path().join("src/main.sh").exists());
 }
