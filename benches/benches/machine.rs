@@ -65,6 +65,7 @@ fn machine_bench() {
                 actor: None,
             },
             only: None,
+            variables: Default::default(),
         };
         let effects = machine.handle(input, Timestamp(i as u64));
         collect(effects, &mut running);

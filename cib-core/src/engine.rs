@@ -538,3 +538,25 @@ async fn notify_all(notifiers: Vec<Arc<dyn Notifier>>, mut rx: mpsc::UnboundedRe
         }
     }
 }
+
+/// The wall clock, for engines that run for real.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+#[async_trait::async_trait]
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Timestamp(millis)
+    }
+
+    async fn sleep_until(&self, at: Timestamp) {
+        let now = self.now();
+        if at > now {
+            tokio::time::sleep(at.since(now)).await;
+        }
+    }
+}

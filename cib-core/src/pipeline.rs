@@ -87,6 +87,10 @@ pub enum Input {
         /// Run only these steps and what they depend on (`cib run --step`); all when `None`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         only: Option<Vec<String>>,
+        /// Variables given when the build was started (`cib run --env`, the trigger API); they
+        /// win over the spec's.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        variables: BTreeMap<String, String>,
     },
     StepFinished {
         build: BuildId,
@@ -302,6 +306,8 @@ pub struct Build {
     services_ready: BTreeSet<String>,
     #[serde(skip)]
     pipeline_units: Vec<GrantedUnit>,
+    /// Variables given when the build was started.
+    pub variables: BTreeMap<String, String>,
 }
 
 impl Build {
@@ -416,8 +422,8 @@ impl Machine {
     /// Handles one input at time `now` and returns what must be done, in order.
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Effect> {
         match input {
-            Input::Enqueue { build, spec, pipeline, context, only } => {
-                self.enqueue(build, &spec, &pipeline, context, only.as_deref(), now)
+            Input::Enqueue { build, spec, pipeline, context, only, variables } => {
+                self.enqueue(build, &spec, &pipeline, context, only.as_deref(), variables, now)
             }
             Input::StepFinished { build, step, attempt, result } => {
                 self.step_finished(&build, &step, attempt, result, now)
@@ -505,6 +511,7 @@ impl Machine {
         pipeline: &str,
         context: BuildContext,
         only: Option<&[String]>,
+        variables: BTreeMap<String, String>,
         now: Timestamp,
     ) {
         if self.builds.contains_key(&id) {
@@ -557,6 +564,7 @@ impl Machine {
             ending: None,
             services_ready: BTreeSet::new(),
             pipeline_units: Vec::new(),
+            variables,
         };
         self.publish(
             now,
@@ -1424,10 +1432,12 @@ fn should_retry(policy: &spec::RetryPolicy, result: &StepResult, reason: Option<
     reason.is_some_and(|r| policy.on.contains(&r))
 }
 
-/// Environment of one attempt: pipeline variables, step variables, then cib's own, which win.
+/// Environment of one attempt: the pipeline's variables, the step's, those given when the build
+/// started, then cib's own, each winning over the ones before.
 fn step_env(b: &Build, step: &spec::Step, attempt: u32, resources: &[GrantedUnit]) -> BTreeMap<String, String> {
     let mut env = b.pipeline.env.clone();
     env.extend(step.env.clone());
+    env.extend(b.variables.clone());
     let ctx = &b.context;
     env.insert("CI".into(), "true".into());
     env.insert("CIB".into(), "true".into());

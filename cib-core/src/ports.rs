@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{BuildId, Event};
+use crate::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use crate::pipeline::{Input, StepJob, StopReason};
 use crate::spec;
 use crate::time::Timestamp;
@@ -244,6 +244,8 @@ pub trait Notifier: Send + Sync {
     async fn publish(&self, event: &Event) -> Result<(), NotifyError>;
 }
 
+// ---- store ---------------------------------------------------------------------------------
+
 /// An input as stored: what it was and when the engine took it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredInput {
@@ -260,6 +262,12 @@ pub struct LogKey {
 }
 
 /// A range of a log.
+///
+/// Offsets count the bytes the step printed, whether or not the store kept them all: past the
+/// store's per-step limit, the middle of a log is dropped (see [`Store::append_log`]), and a read
+/// that reaches the dropped part gets a marker line ([`omitted_marker`]) in `data` while
+/// `next_offset` jumps over the gap. Offsets therefore never move, and a reader that follows a
+/// live log never sees a byte twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRead {
     pub data: Vec<u8>,
@@ -267,6 +275,48 @@ pub struct LogRead {
     pub next_offset: u64,
     /// The log is finished and `next_offset` is its end.
     pub complete: bool,
+}
+
+/// The line a log read returns in place of `omitted` bytes that the store did not keep.
+pub fn omitted_marker(omitted: u64) -> String {
+    format!("\n[cib: {omitted} bytes omitted]\n")
+}
+
+/// The default per-step log limit: 64 MiB.
+pub const DEFAULT_LOG_LIMIT: u64 = 64 << 20;
+
+/// How a store keeps a log that outgrows its limit: the first `head` bytes and the last `tail`
+/// bytes, and nothing between them. Both parts are fixed when the log is created, so that a
+/// store whose limit changes keeps reading its older logs the way they were written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLimit {
+    pub head: u64,
+    pub tail: u64,
+}
+
+impl LogLimit {
+    /// Splits `limit` bytes into a head of the first half and a tail of the rest.
+    pub fn new(limit: u64) -> Self {
+        LogLimit { head: limit / 2, tail: limit - limit / 2 }
+    }
+
+    /// Where the kept tail of a log of `length` bytes starts. Everything in `head..tail_start`
+    /// is omitted; when the two are equal nothing is.
+    pub fn tail_start(&self, length: u64) -> u64 {
+        length.saturating_sub(self.tail).max(self.head.min(length))
+    }
+
+    /// The range of a log of `length` bytes that is omitted, if any.
+    pub fn omitted(&self, length: u64) -> Option<std::ops::Range<u64>> {
+        let tail_start = self.tail_start(length);
+        (tail_start > self.head).then_some(self.head..tail_start)
+    }
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        LogLimit::new(DEFAULT_LOG_LIMIT)
+    }
 }
 
 /// A webhook delivery, stored before anything else is done with it.
@@ -280,7 +330,324 @@ pub struct Delivery {
     pub body: Vec<u8>,
 }
 
-/// Durable storage: inputs (the engine's journal), events, logs and deliveries.
+/// Where a build stands, as the API lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    Queued,
+    /// Waiting for an earlier deploy of the same pipeline.
+    Waiting,
+    Running,
+    Cancelling,
+    Success,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Errored,
+}
+
+impl BuildStatus {
+    pub const ALL: [BuildStatus; 9] = [
+        BuildStatus::Queued,
+        BuildStatus::Waiting,
+        BuildStatus::Running,
+        BuildStatus::Cancelling,
+        BuildStatus::Success,
+        BuildStatus::Failed,
+        BuildStatus::Cancelled,
+        BuildStatus::TimedOut,
+        BuildStatus::Errored,
+    ];
+
+    /// The build ended; its status will not change again.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Success
+                | BuildStatus::Failed
+                | BuildStatus::Cancelled
+                | BuildStatus::TimedOut
+                | BuildStatus::Errored
+        )
+    }
+
+    /// The status's stable name, the same as its serde name, for stores to keep in a column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Waiting => "waiting",
+            BuildStatus::Running => "running",
+            BuildStatus::Cancelling => "cancelling",
+            BuildStatus::Success => "success",
+            BuildStatus::Failed => "failed",
+            BuildStatus::Cancelled => "cancelled",
+            BuildStatus::TimedOut => "timed_out",
+            BuildStatus::Errored => "errored",
+        }
+    }
+
+    /// The status with this stable name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        BuildStatus::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl From<Conclusion> for BuildStatus {
+    fn from(c: Conclusion) -> Self {
+        match c {
+            Conclusion::Success => BuildStatus::Success,
+            Conclusion::Failed => BuildStatus::Failed,
+            Conclusion::Cancelled => BuildStatus::Cancelled,
+            Conclusion::TimedOut => BuildStatus::TimedOut,
+            Conclusion::Errored => BuildStatus::Errored,
+        }
+    }
+}
+
+/// Where one step attempt (or a gate, or a skipped step) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepRecordStatus {
+    /// A gate waiting for people.
+    Waiting,
+    Running,
+    Success,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Errored,
+    Skipped,
+    Rejected,
+}
+
+impl StepRecordStatus {
+    pub const ALL: [StepRecordStatus; 9] = [
+        StepRecordStatus::Waiting,
+        StepRecordStatus::Running,
+        StepRecordStatus::Success,
+        StepRecordStatus::Failed,
+        StepRecordStatus::TimedOut,
+        StepRecordStatus::Cancelled,
+        StepRecordStatus::Errored,
+        StepRecordStatus::Skipped,
+        StepRecordStatus::Rejected,
+    ];
+
+    /// The status's stable name, the same as its serde name, for stores to keep in a column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepRecordStatus::Waiting => "waiting",
+            StepRecordStatus::Running => "running",
+            StepRecordStatus::Success => "success",
+            StepRecordStatus::Failed => "failed",
+            StepRecordStatus::TimedOut => "timed_out",
+            StepRecordStatus::Cancelled => "cancelled",
+            StepRecordStatus::Errored => "errored",
+            StepRecordStatus::Skipped => "skipped",
+            StepRecordStatus::Rejected => "rejected",
+        }
+    }
+
+    /// The status with this stable name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        StepRecordStatus::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl From<StepConclusion> for StepRecordStatus {
+    fn from(c: StepConclusion) -> Self {
+        match c {
+            StepConclusion::Success => StepRecordStatus::Success,
+            StepConclusion::Failed => StepRecordStatus::Failed,
+            StepConclusion::TimedOut => StepRecordStatus::TimedOut,
+            StepConclusion::Cancelled => StepRecordStatus::Cancelled,
+            StepConclusion::Errored => StepRecordStatus::Errored,
+            StepConclusion::Skipped => StepRecordStatus::Skipped,
+            StepConclusion::Rejected => StepRecordStatus::Rejected,
+        }
+    }
+}
+
+/// A build as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub id: BuildId,
+    pub repo: String,
+    pub branch: Option<String>,
+    pub commit: String,
+    pub pipeline: String,
+    pub status: BuildStatus,
+    pub queued_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl BuildSummary {
+    /// The cursor that pages on after this build.
+    pub fn cursor(&self) -> BuildCursor {
+        BuildCursor { queued_at: self.queued_at, id: self.id.clone() }
+    }
+}
+
+/// One step attempt of a build. Attempt 0 is a step that ran no process: a gate or a skip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub name: String,
+    pub attempt: u32,
+    pub status: StepRecordStatus,
+    /// What ended it or what it waits for, in words: `exit code 1`, `1 of 2 approvals`.
+    pub detail: Option<String>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One build with its step attempts, in the order they were first recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub build: BuildSummary,
+    pub steps: Vec<StepRecord>,
+}
+
+/// Which builds to list. Every field that is set must match; an empty `statuses` matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildFilter {
+    pub repo: Option<String>,
+    pub branch: Option<String>,
+    pub statuses: Vec<BuildStatus>,
+    /// Queued at or after this time.
+    pub queued_from: Option<Timestamp>,
+    /// Queued strictly before this time.
+    pub queued_until: Option<Timestamp>,
+}
+
+/// A position in the list of builds, which is ordered newest first by queue time and then by
+/// id. Paging by a position rather than by a count keeps pages stable while builds arrive.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BuildCursor {
+    pub queued_at: Timestamp,
+    pub id: BuildId,
+}
+
+/// One page of a build listing: at most `limit` builds after `after` (from the newest when
+/// `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    pub limit: usize,
+    pub after: Option<BuildCursor>,
+}
+
+impl Page {
+    /// The first page of `limit` builds.
+    pub fn first(limit: usize) -> Self {
+        Page { limit, after: None }
+    }
+
+    /// The page after one that ended with `last`.
+    pub fn after(limit: usize, last: &BuildSummary) -> Self {
+        Page { limit, after: Some(last.cursor()) }
+    }
+}
+
+/// What an event changes in the build records. This is the one reading of events that every
+/// store applies, so that the stores cannot disagree about what a build's status is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildUpdate {
+    /// A new build. A store keeps the first one it sees for an id.
+    Queued(BuildSummary),
+    /// The build's status changes. A store ignores it for an unknown or finished build, sets
+    /// `started_at` the first time the build runs and `finished_at` when it finishes.
+    Status { build: BuildId, status: BuildStatus, at: Timestamp },
+    /// A step attempt is recorded or changes, keyed by build, name and attempt. A store ignores
+    /// it for an unknown build; it keeps the first `started_at`, and a `detail` or
+    /// `finished_at` of `None` leaves the stored one. Steps are listed in the order of the
+    /// sequence number of the event that first recorded them.
+    Step { build: BuildId, step: StepRecord },
+}
+
+impl BuildUpdate {
+    /// How an event changes the build records, if it does.
+    pub fn from_event(event: &Event) -> Option<BuildUpdate> {
+        let at = event.at;
+        let status = |build: &BuildId, status| Some(BuildUpdate::Status { build: build.clone(), status, at });
+        let step = |build: &BuildId, name: &str, attempt, status, detail, started: bool, finished: bool| {
+            Some(BuildUpdate::Step {
+                build: build.clone(),
+                step: StepRecord {
+                    name: name.to_owned(),
+                    attempt,
+                    status,
+                    detail,
+                    started_at: started.then_some(at),
+                    finished_at: finished.then_some(at),
+                },
+            })
+        };
+        match &event.body {
+            EventBody::BuildQueued { build, pipeline, repo, commit, branch } => {
+                Some(BuildUpdate::Queued(BuildSummary {
+                    id: build.clone(),
+                    repo: repo.clone(),
+                    branch: branch.clone(),
+                    commit: commit.clone(),
+                    pipeline: pipeline.clone(),
+                    status: BuildStatus::Queued,
+                    queued_at: at,
+                    started_at: None,
+                    finished_at: None,
+                }))
+            }
+            EventBody::BuildWaitingForTurn { build, .. } => status(build, BuildStatus::Waiting),
+            EventBody::BuildStarted { build } => status(build, BuildStatus::Running),
+            EventBody::BuildCancelling { build, .. } => status(build, BuildStatus::Cancelling),
+            EventBody::BuildFinished { build, conclusion } => status(build, BuildStatus::from(*conclusion)),
+            EventBody::StepStarted { build, step: name, attempt } => {
+                step(build, name, *attempt, StepRecordStatus::Running, None, true, false)
+            }
+            EventBody::StepFinished { build, step: name, attempt, conclusion, detail, .. } => {
+                step(build, name, *attempt, StepRecordStatus::from(*conclusion), Some(detail.clone()), false, true)
+            }
+            EventBody::StepSkipped { build, step: name, reason } => {
+                step(build, name, 0, StepRecordStatus::Skipped, Some(reason.clone()), false, true)
+            }
+            EventBody::GateWaiting { build, step: name, kind, .. } => {
+                let detail = format!("waiting for {kind}");
+                step(build, name, 0, StepRecordStatus::Waiting, Some(detail), true, false)
+            }
+            EventBody::Approved { build, step: name, by, count, needed, .. } => {
+                if count >= needed {
+                    step(build, name, 0, StepRecordStatus::Success, Some(format!("approved by {by}")), false, true)
+                } else {
+                    let detail = format!("{count} of {needed} approvals");
+                    step(build, name, 0, StepRecordStatus::Waiting, Some(detail), false, false)
+                }
+            }
+            EventBody::Rejected { build, step: name, by, .. } => {
+                step(build, name, 0, StepRecordStatus::Rejected, Some(format!("rejected by {by}")), false, true)
+            }
+            EventBody::GateExpired { build, step: name } => {
+                let detail = "no decision in time".to_owned();
+                step(build, name, 0, StepRecordStatus::TimedOut, Some(detail), false, true)
+            }
+            // A superseded build is finished by the `BuildFinished` that follows; the other
+            // events say nothing about a build's or a step's status.
+            EventBody::BuildSuperseded { .. }
+            | EventBody::ServiceReady { .. }
+            | EventBody::DecisionRefused { .. }
+            | EventBody::LeaseWaiting { .. }
+            | EventBody::LeaseGranted { .. }
+            | EventBody::LeaseRenewed { .. }
+            | EventBody::LeaseWarning { .. }
+            | EventBody::LeaseExpired { .. }
+            | EventBody::LeaseReleased { .. }
+            | EventBody::LeaseRevoked { .. }
+            | EventBody::LeaseCancelled { .. }
+            | EventBody::LeaseRefused { .. } => None,
+        }
+    }
+}
+
+/// Durable storage: inputs (the engine's journal), events, the build records kept from them,
+/// logs and deliveries.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Appends an input durably and returns its sequence number (1, 2, ...).
@@ -289,20 +656,29 @@ pub trait Store: Send + Sync {
     /// Inputs with a sequence number above `after`, in order, at most `limit`.
     async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError>;
 
-    /// Appends events; an event whose sequence number is already stored is skipped, so that
-    /// replays do not duplicate.
+    /// Appends events, all or none; an event whose sequence number is already stored is
+    /// skipped, so that replays do not duplicate. Each new event updates the build records as
+    /// [`BuildUpdate::from_event`] says.
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
 
     /// Events with a sequence number above `after`, in order, at most `limit`.
     async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
 
-    /// Appends to a log and returns its new length in bytes.
+    /// Appends to a log and returns its new length in bytes: every byte the step printed,
+    /// kept or not. Appending to a finished log is a permanent error.
+    ///
+    /// A store keeps at most its limit of each log ([`LogLimit`], 64 MiB by default): the
+    /// head (the first half) and the tail (the last half, a ring that moves as output
+    /// arrives). Bytes between them are dropped, the step's result does not change, and reads
+    /// show a marker where they were.
     async fn append_log(&self, key: &LogKey, data: &[u8]) -> Result<u64, StoreError>;
 
     /// Marks a log finished.
     async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError>;
 
-    /// Reads at most `max` bytes of a log from `offset`.
+    /// Reads at most `max` bytes of a log from `offset` (clamped to the log's length). Where
+    /// the range crosses omitted bytes, `data` holds an [`omitted_marker`] in their place,
+    /// which counts towards `max` unless it is the first thing read, so a read always moves on.
     async fn read_log(&self, key: &LogKey, offset: u64, max: usize) -> Result<LogRead, StoreError>;
 
     /// Stores a delivery unless one with its id exists; `true` when it is new.
@@ -310,6 +686,12 @@ pub trait Store: Send + Sync {
 
     /// A stored delivery.
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError>;
+
+    /// Builds that match `filter`, newest first (by queue time, then by id descending).
+    async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError>;
+
+    /// One build with its steps.
+    async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError>;
 }
 
 /// The engine's clock. Tests use a manual one.

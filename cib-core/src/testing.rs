@@ -455,23 +455,140 @@ impl Notifier for RecordingNotifier {
 
 // ---- store ---------------------------------------------------------------------------------
 
+/// One log in memory: the head, and the tail as a ring that drops its oldest bytes.
+#[derive(Debug)]
+struct MemoryLog {
+    limit: LogLimit,
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    length: u64,
+    done: bool,
+}
+
+impl MemoryLog {
+    fn new(limit: LogLimit) -> Self {
+        MemoryLog { limit, head: Vec::new(), tail: Default::default(), length: 0, done: false }
+    }
+
+    fn append(&mut self, data: &[u8]) {
+        let head_room = usize::try_from(self.limit.head.saturating_sub(self.length)).unwrap_or(usize::MAX);
+        let (head, rest) = data.split_at(head_room.min(data.len()));
+        self.head.extend_from_slice(head);
+        let keep = usize::try_from(self.limit.tail).unwrap_or(usize::MAX);
+        // Only the last `keep` bytes of `rest` can survive, so the rest is never copied.
+        let rest = &rest[rest.len().saturating_sub(keep)..];
+        self.tail.extend(rest);
+        let excess = self.tail.len().saturating_sub(keep);
+        self.tail.drain(..excess);
+        self.length += data.len() as u64;
+    }
+
+    fn read(&self, offset: u64, max: usize) -> LogRead {
+        let length = self.length;
+        let omitted = self.limit.omitted(length);
+        let tail_start = length - self.tail.len() as u64;
+        let mut pos = offset.min(length);
+        let mut data = Vec::new();
+        while pos < length && data.len() < max {
+            if let Some(gap) = omitted.as_ref().filter(|g| g.contains(&pos)) {
+                let marker = omitted_marker(gap.end - pos);
+                if !data.is_empty() && data.len() + marker.len() > max {
+                    break;
+                }
+                data.extend_from_slice(marker.as_bytes());
+                pos = gap.end;
+                continue;
+            }
+            let room = max - data.len();
+            if pos < self.head.len() as u64 {
+                let from = pos as usize;
+                let to = self.head.len().min(from.saturating_add(room));
+                data.extend_from_slice(&self.head[from..to]);
+                pos = to as u64;
+            } else {
+                let from = (pos - tail_start) as usize;
+                let to = self.tail.len().min(from.saturating_add(room));
+                data.extend(self.tail.range(from..to));
+                pos = tail_start + to as u64;
+            }
+        }
+        LogRead { data, next_offset: pos, complete: self.done && pos == length }
+    }
+}
+
+/// One build in memory, with its steps and the sequence number that first recorded each.
+#[derive(Debug)]
+struct MemoryBuild {
+    summary: BuildSummary,
+    steps: Vec<(u64, StepRecord)>,
+}
+
 #[derive(Debug, Default)]
 struct Memory {
     inputs: Vec<StoredInput>,
     events: BTreeMap<u64, Event>,
-    logs: BTreeMap<LogKey, (Vec<u8>, bool)>,
+    logs: BTreeMap<LogKey, MemoryLog>,
     deliveries: BTreeMap<String, Delivery>,
+    builds: BTreeMap<BuildId, MemoryBuild>,
+}
+
+impl Memory {
+    fn apply(&mut self, seq: u64, update: BuildUpdate) {
+        match update {
+            BuildUpdate::Queued(summary) => {
+                self.builds.entry(summary.id.clone()).or_insert(MemoryBuild { summary, steps: Vec::new() });
+            }
+            BuildUpdate::Status { build, status, at } => {
+                let Some(b) = self.builds.get_mut(&build) else { return };
+                let summary = &mut b.summary;
+                if summary.status.is_finished() {
+                    return;
+                }
+                summary.status = status;
+                if status == BuildStatus::Running && summary.started_at.is_none() {
+                    summary.started_at = Some(at);
+                }
+                if status.is_finished() {
+                    summary.finished_at = Some(at);
+                }
+            }
+            BuildUpdate::Step { build, step } => {
+                let Some(b) = self.builds.get_mut(&build) else { return };
+                match b.steps.iter_mut().find(|(_, s)| s.name == step.name && s.attempt == step.attempt) {
+                    Some((_, stored)) => {
+                        stored.status = step.status;
+                        stored.detail = step.detail.or(stored.detail.take());
+                        stored.started_at = stored.started_at.or(step.started_at);
+                        stored.finished_at = step.finished_at.or(stored.finished_at);
+                    }
+                    None => b.steps.push((seq, step)),
+                }
+            }
+        }
+    }
 }
 
 /// A store in memory: what a process keeps when it does not need to survive itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Memory>,
+    log_limit: LogLimit,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore { inner: Mutex::default(), log_limit: LogLimit::default() }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Arc<Self> {
         Arc::new(MemoryStore::default())
+    }
+
+    /// A store that keeps at most `limit` bytes of each log.
+    pub fn with_log_limit(limit: u64) -> Arc<Self> {
+        Arc::new(MemoryStore { inner: Mutex::default(), log_limit: LogLimit::new(limit) })
     }
 
     /// How many inputs are stored.
@@ -497,7 +614,13 @@ impl Store for MemoryStore {
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
         let mut m = lock(&self.inner);
         for e in events {
-            m.events.entry(e.seq).or_insert_with(|| e.clone());
+            if m.events.contains_key(&e.seq) {
+                continue;
+            }
+            m.events.insert(e.seq, e.clone());
+            if let Some(update) = BuildUpdate::from_event(e) {
+                m.apply(e.seq, update);
+            }
         }
         Ok(())
     }
@@ -509,28 +632,28 @@ impl Store for MemoryStore {
 
     async fn append_log(&self, key: &LogKey, data: &[u8]) -> Result<u64, StoreError> {
         let mut m = lock(&self.inner);
-        let (buf, done) = m.logs.entry(key.clone()).or_default();
-        if *done {
+        let log = m.logs.entry(key.clone()).or_insert_with(|| MemoryLog::new(self.log_limit));
+        if log.done {
             return Err(StoreError::Permanent(format!(
                 "the log of {}/{}#{} is finished",
                 key.build, key.step, key.attempt
             )));
         }
-        buf.extend_from_slice(data);
-        Ok(buf.len() as u64)
+        log.append(data);
+        Ok(log.length)
     }
 
     async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError> {
-        lock(&self.inner).logs.entry(key.clone()).or_default().1 = true;
+        lock(&self.inner).logs.entry(key.clone()).or_insert_with(|| MemoryLog::new(self.log_limit)).done = true;
         Ok(())
     }
 
     async fn read_log(&self, key: &LogKey, offset: u64, max: usize) -> Result<LogRead, StoreError> {
         let m = lock(&self.inner);
-        let (buf, done) = m.logs.get(key).map(|(b, d)| (b.as_slice(), *d)).unwrap_or((&[], false));
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
-        let end = start.saturating_add(max).min(buf.len());
-        Ok(LogRead { data: buf[start..end].to_vec(), next_offset: end as u64, complete: done && end == buf.len() })
+        Ok(match m.logs.get(key) {
+            Some(log) => log.read(offset, max),
+            None => LogRead { data: Vec::new(), next_offset: 0, complete: false },
+        })
     }
 
     async fn insert_delivery(&self, delivery: &Delivery) -> Result<bool, StoreError> {
@@ -544,6 +667,32 @@ impl Store for MemoryStore {
 
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
         Ok(lock(&self.inner).deliveries.get(id).cloned())
+    }
+
+    async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError> {
+        let m = lock(&self.inner);
+        let mut found: Vec<&BuildSummary> = m
+            .builds
+            .values()
+            .map(|b| &b.summary)
+            .filter(|b| filter.repo.as_ref().is_none_or(|r| *r == b.repo))
+            .filter(|b| filter.branch.is_none() || filter.branch == b.branch)
+            .filter(|b| filter.statuses.is_empty() || filter.statuses.contains(&b.status))
+            .filter(|b| filter.queued_from.is_none_or(|t| b.queued_at >= t))
+            .filter(|b| filter.queued_until.is_none_or(|t| b.queued_at < t))
+            .filter(|b| page.after.as_ref().is_none_or(|c| b.cursor() < *c))
+            .collect();
+        found.sort_by(|a, b| b.cursor().cmp(&a.cursor()));
+        Ok(found.into_iter().take(page.limit).cloned().collect())
+    }
+
+    async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError> {
+        let m = lock(&self.inner);
+        Ok(m.builds.get(id).map(|b| {
+            let mut steps = b.steps.clone();
+            steps.sort_by_key(|(seq, s)| (*seq, s.attempt));
+            BuildRecord { build: b.summary.clone(), steps: steps.into_iter().map(|(_, s)| s).collect() }
+        }))
     }
 }
 
@@ -673,8 +822,18 @@ pub async fn executor_conformance(executor: Arc<dyn Executor>, image: &str, work
     check(outcome == Outcome::Cancelled, format!("stop gave {outcome:?}"))?;
     check(started.elapsed() < Duration::from_secs(30), format!("stop took {:?}", started.elapsed()))?;
 
+    // A stop asked before the step runs ends it at once, and its reason is the outcome.
+    let (handle, stop) = StopSignal::new();
+    handle.stop(StopReason::TimedOut);
+    let job = conformance_job("conf-5", "late", image, &["sleep 60"]);
+    let started = std::time::Instant::now();
+    let outcome =
+        executor.run(&run(job, BTreeMap::new()), CollectingSink::new(), stop).await.map_err(|e| e.to_string())?;
+    check(outcome == Outcome::TimedOut, format!("an early timeout gave {outcome:?}"))?;
+    check(started.elapsed() < Duration::from_secs(30), format!("an early stop took {:?}", started.elapsed()))?;
+
     // Cleanup and reconcile leave nothing of these builds, and may be repeated.
-    for build in ["conf-1", "conf-2", "conf-3", "conf-4"] {
+    for build in ["conf-1", "conf-2", "conf-3", "conf-4", "conf-5"] {
         executor.cleanup(&BuildId::from(build)).await.map_err(|e| format!("cleanup: {e}"))?;
         executor.cleanup(&BuildId::from(build)).await.map_err(|e| format!("second cleanup: {e}"))?;
     }
@@ -760,5 +919,254 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
         }
     }
     check(new == 1, format!("{new} of 20 concurrent copies were stored as new"))?;
+
+    // A finished log takes no more output.
+    let refused = store.append_log(&key, b"late").await;
+    check(
+        refused.as_ref().is_err_and(|e| e.kind() == ErrorKind::Permanent),
+        format!("appending to a finished log gave {refused:?}"),
+    )?;
+    let never = LogKey { step: "never-ran".into(), ..key.clone() };
+    store.finish_log(&never).await.map_err(err)?;
+    let read = store.read_log(&never, 0, 100).await.map_err(err)?;
+    check(read.data.is_empty() && read.complete, format!("a finished empty log: {read:?}"))?;
+
+    build_records_conformance(store.as_ref()).await
+}
+
+/// The build records kept from events, their filters and their pages.
+async fn build_records_conformance(store: &dyn Store) -> Result<(), String> {
+    use crate::event::{Conclusion, EventBody, StepConclusion};
+    let err = |e: StoreError| e.to_string();
+    let b = |id: &str| BuildId::from(id);
+    let at = |secs: u64| Timestamp::from_secs(secs);
+    let ev = |seq: u64, body: EventBody| Event { seq, at: at(seq), body };
+    let queued = |build: &str, repo: &str, branch: Option<&str>| EventBody::BuildQueued {
+        build: b(build),
+        pipeline: "test".into(),
+        repo: repo.into(),
+        commit: format!("c-{build}"),
+        branch: branch.map(Into::into),
+    };
+    let step_finished = |step: &str, attempt, conclusion, detail: &str| EventBody::StepFinished {
+        build: b("b1"),
+        step: step.into(),
+        attempt,
+        conclusion,
+        detail: detail.into(),
+        will_retry: false,
+    };
+    let events = vec![
+        ev(10, queued("b1", "acme/app", Some("main"))),
+        ev(11, EventBody::BuildStarted { build: b("b1") }),
+        ev(12, EventBody::StepStarted { build: b("b1"), step: "unit".into(), attempt: 1 }),
+        ev(13, step_finished("unit", 1, StepConclusion::Failed, "exit code 1")),
+        ev(14, EventBody::StepStarted { build: b("b1"), step: "unit".into(), attempt: 2 }),
+        ev(15, step_finished("unit", 2, StepConclusion::Success, "exit code 0")),
+        ev(16, EventBody::StepSkipped { build: b("b1"), step: "docs".into(), reason: "only on tags".into() }),
+        ev(
+            17,
+            EventBody::GateWaiting {
+                build: b("b1"),
+                step: "release".into(),
+                kind: "approval".into(),
+                instructions: None,
+                approvals: 2,
+            },
+        ),
+        ev(
+            18,
+            EventBody::Approved {
+                build: b("b1"),
+                step: "release".into(),
+                by: "alice".into(),
+                comment: None,
+                count: 1,
+                needed: 2,
+            },
+        ),
+        ev(19, EventBody::Rejected { build: b("b1"), step: "release".into(), by: "bob".into(), comment: None }),
+        ev(20, EventBody::BuildFinished { build: b("b1"), conclusion: Conclusion::Failed }),
+        ev(21, queued("b2", "acme/app", Some("feature"))),
+        ev(22, EventBody::BuildStarted { build: b("b2") }),
+        ev(23, queued("b3", "acme/lib", Some("main"))),
+        ev(24, EventBody::BuildCancelling { build: b("b3"), by: "carol".into(), reason: "oops".into() }),
+        ev(25, EventBody::BuildFinished { build: b("b3"), conclusion: Conclusion::Cancelled }),
+        // A finished build stays finished, whatever comes after.
+        ev(26, EventBody::BuildStarted { build: b("b3") }),
+        Event { seq: 27, at: at(27), body: queued("b4", "acme/app", Some("main")) },
+        // Queued at the same moment as b4: the id breaks the tie.
+        Event { seq: 28, at: at(27), body: queued("b5", "acme/app", None) },
+    ];
+    store.append_events(&events[..5]).await.map_err(err)?;
+    store.append_events(&events[5..]).await.map_err(err)?;
+
+    let running = store.build(&b("b2")).await.map_err(err)?.ok_or("b2 is not recorded")?;
+    check(running.build.status == BuildStatus::Running, format!("b2: {running:?}"))?;
+    check(running.build.started_at == Some(at(22)) && running.build.finished_at.is_none(), "b2's times")?;
+
+    let record = store.build(&b("b1")).await.map_err(err)?.ok_or("b1 is not recorded")?;
+    let summary = BuildSummary {
+        id: b("b1"),
+        repo: "acme/app".into(),
+        branch: Some("main".into()),
+        commit: "c-b1".into(),
+        pipeline: "test".into(),
+        status: BuildStatus::Failed,
+        queued_at: at(10),
+        started_at: Some(at(11)),
+        finished_at: Some(at(20)),
+    };
+    check(record.build == summary, format!("b1's summary: {:?}", record.build))?;
+    let step = |name: &str, attempt, status, detail: &str, started: Option<u64>, finished: Option<u64>| StepRecord {
+        name: name.into(),
+        attempt,
+        status,
+        detail: Some(detail.into()),
+        started_at: started.map(at),
+        finished_at: finished.map(at),
+    };
+    let steps = vec![
+        step("unit", 1, StepRecordStatus::Failed, "exit code 1", Some(12), Some(13)),
+        step("unit", 2, StepRecordStatus::Success, "exit code 0", Some(14), Some(15)),
+        step("docs", 0, StepRecordStatus::Skipped, "only on tags", None, Some(16)),
+        step("release", 0, StepRecordStatus::Rejected, "rejected by bob", Some(17), Some(19)),
+    ];
+    check(record.steps == steps, format!("b1's steps: {:#?}", record.steps))?;
+
+    // Replayed events change nothing, and a second BuildQueued for an id does not replace it.
+    store.append_events(&events).await.map_err(err)?;
+    store.append_events(&[ev(29, queued("b1", "elsewhere/repo", None))]).await.map_err(err)?;
+    let again = store.build(&b("b1")).await.map_err(err)?;
+    check(again.as_ref() == Some(&record), format!("b1 after a replay: {again:?}"))?;
+    check(store.build(&b("b")).await.map_err(err)?.is_none(), "events of a build never queued make no record")?;
+    check(store.build(&b("nope")).await.map_err(err)?.is_none(), "an unknown build has no record")?;
+    let b3 = store.build(&b("b3")).await.map_err(err)?.ok_or("b3 is not recorded")?;
+    check(b3.build.status == BuildStatus::Cancelled && b3.build.started_at.is_none(), format!("b3: {b3:?}"))?;
+
+    // Listings: newest first, filtered, and paged without gaps or repeats.
+    let list = |filter: BuildFilter, page: Page| async move {
+        store.builds(&filter, page).await.map(|v| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>())
+    };
+    let all = BuildFilter::default();
+    let cases: Vec<(BuildFilter, Vec<&str>)> = vec![
+        (all.clone(), vec!["b5", "b4", "b3", "b2", "b1"]),
+        (BuildFilter { repo: Some("acme/lib".into()), ..all.clone() }, vec!["b3"]),
+        (BuildFilter { branch: Some("main".into()), ..all.clone() }, vec!["b4", "b3", "b1"]),
+        (BuildFilter { repo: Some("acme/app".into()), branch: Some("main".into()), ..all.clone() }, vec!["b4", "b1"]),
+        (
+            BuildFilter { statuses: vec![BuildStatus::Running, BuildStatus::Queued], ..all.clone() },
+            vec!["b5", "b4", "b2"],
+        ),
+        (BuildFilter { statuses: vec![BuildStatus::Success], ..all.clone() }, vec![]),
+        (BuildFilter { queued_from: Some(at(21)), queued_until: Some(at(27)), ..all.clone() }, vec!["b3", "b2"]),
+        (BuildFilter { queued_from: Some(at(27)), ..all.clone() }, vec!["b5", "b4"]),
+    ];
+    for (filter, expected) in cases {
+        let got = list(filter.clone(), Page::first(100)).await.map_err(err)?;
+        check(got == expected, format!("builds matching {filter:?}: {got:?}, expected {expected:?}"))?;
+        // Walking pages of two gives the same list.
+        let mut walked = Vec::new();
+        let mut page = Page::first(2);
+        loop {
+            let batch = store.builds(&filter, page.clone()).await.map_err(err)?;
+            check(batch.len() <= 2, format!("a page of two held {}", batch.len()))?;
+            let Some(last) = batch.last() else { break };
+            page = Page::after(2, last);
+            walked.extend(batch.iter().map(|s| s.id.0.clone()));
+        }
+        check(walked == expected, format!("pages of {filter:?}: {walked:?}, expected {expected:?}"))?;
+    }
+    check(list(all, Page::first(0)).await.map_err(err)?.is_empty(), "a page of zero is empty")?;
+    Ok(())
+}
+
+/// The byte at `offset` of the logs the log limit suite writes.
+fn log_byte(offset: u64) -> u8 {
+    b"0123456789abcdefghijklmnopqrstuvwxyz\n"[(offset % 37) as usize]
+}
+
+fn log_bytes(range: std::ops::Range<u64>) -> Vec<u8> {
+    range.map(log_byte).collect()
+}
+
+/// What every [`Store`] must do with logs that outgrow its limit. `store` must keep at most
+/// 100 bytes of each log. Returns the first broken promise.
+pub async fn store_log_limit_conformance(store: Arc<dyn Store>) -> Result<(), String> {
+    let err = |e: StoreError| e.to_string();
+    let key = LogKey { build: BuildId::from("limited"), step: "loud".into(), attempt: 1 };
+    let mut length = 0u64;
+    let mut append = async |n: u64| -> Result<u64, String> {
+        let got = store.append_log(&key, &log_bytes(length..length + n)).await.map_err(err)?;
+        length += n;
+        check(got == length, format!("length {got} after appending up to {length}"))?;
+        Ok(length)
+    };
+    let expect = |length: u64| -> Vec<u8> {
+        let mut v = log_bytes(0..50.min(length));
+        if length > 100 {
+            v.extend_from_slice(omitted_marker(length - 100).as_bytes());
+        }
+        v.extend(log_bytes(50.max(length.saturating_sub(50)).min(length)..length));
+        v
+    };
+    let read_all = async |key: &LogKey| store.read_log(key, 0, 1 << 20).await.map_err(err);
+
+    // Within the limit, everything is kept.
+    append(30).await?;
+    append(70).await?;
+    let read = read_all(&key).await?;
+    check(read.data == log_bytes(0..100) && read.next_offset == 100, format!("100 bytes: {read:?}"))?;
+
+    // One byte over: the head, a marker and the tail.
+    append(1).await?;
+    let read = read_all(&key).await?;
+    check(read.data == expect(101), format!("101 bytes read {:?}", String::from_utf8_lossy(&read.data)))?;
+    check(read.next_offset == 101, format!("next offset {}", read.next_offset))?;
+
+    // Readers that follow see the marker once, where the gap starts, and offsets never move.
+    append(29).await?;
+    let read = store.read_log(&key, 40, 5).await.map_err(err)?;
+    check(read.data == log_bytes(40..45) && read.next_offset == 45, format!("read at 40: {read:?}"))?;
+    let read = store.read_log(&key, 45, 10).await.map_err(err)?;
+    check(read.data == log_bytes(45..50) && read.next_offset == 50, "a marker that does not fit waits")?;
+    let read = store.read_log(&key, 50, 1).await.map_err(err)?;
+    let marker = omitted_marker(30);
+    check(read.data == marker.as_bytes() && read.next_offset == 80, format!("the marker alone: {read:?}"))?;
+    let read = store.read_log(&key, 60, 1000).await.map_err(err)?;
+    let mut want = omitted_marker(20).into_bytes();
+    want.extend(log_bytes(80..130));
+    check(read.data == want && read.next_offset == 130, format!("read inside the gap: {read:?}"))?;
+    check(read_all(&key).await?.data == expect(130), "130 bytes")?;
+
+    // A large write keeps only its end; many small ones move the tail along.
+    append(1000).await?;
+    check(read_all(&key).await?.data == expect(1130), "after a large write")?;
+    for _ in 0..300 {
+        append(1).await?;
+    }
+    for _ in 0..20 {
+        append(7).await?;
+    }
+    let read = read_all(&key).await?;
+    check(read.data == expect(length), format!("after small writes: {:?}", String::from_utf8_lossy(&read.data)))?;
+    check(!read.complete, "not finished yet")?;
+
+    // Finishing keeps it all readable; the log reads the same in pieces of any size.
+    store.finish_log(&key).await.map_err(err)?;
+    for max in [1usize, 7, 49, 50, 64, 1 << 20] {
+        let mut offset = 0;
+        let mut data = Vec::new();
+        loop {
+            let read = store.read_log(&key, offset, max).await.map_err(err)?;
+            check(read.next_offset > offset || read.complete, format!("no progress at {offset} with max {max}"))?;
+            data.extend_from_slice(&read.data);
+            offset = read.next_offset;
+            if read.complete {
+                break;
+            }
+        }
+        check(data == expect(length), format!("reading in pieces of {max}: {:?}", String::from_utf8_lossy(&data)))?;
+    }
     Ok(())
 }

@@ -1,1 +1,44 @@
-//! The Docker executor for cib (see issue 4): not written yet; this crate only reserves its place in the workspace.
+//! cib's [`Executor`](cib_core::ports::Executor) on the Docker Engine API: every step runs in a
+//! container of the image its spec names, and nothing is left behind.
+//!
+//! - **Per build**: a workspace volume holding the checkout, copied in through the archive API
+//!   (so the daemon never needs to see the host's path), and a private bridge network on which
+//!   services are reachable by their names. Both are created on first use and removed by
+//!   `cleanup`.
+//! - **Per step**: a container running the step's commands with `sh -e` from a script copied
+//!   into it; variables and secrets arrive as environment variables, never in the script. Its
+//!   output is streamed to the log sink with secrets masked, even across read boundaries.
+//! - **Safety by default**: memory (without swap), CPU and process limits, `no-new-privileges`,
+//!   all capabilities dropped but a few build commands need ([`DEFAULT_CAPABILITIES`]), never
+//!   privileged, no host paths mounted (so never the Docker socket), `network: none` on request.
+//! - **Outcomes**: the exit code; out of memory; total and no-output timeouts and stops, each
+//!   ending with SIGTERM and, after a grace period, SIGKILL.
+//! - **Labels**: everything carries `org.cib.engine` and `org.cib.build`, which `cleanup` and
+//!   `reconcile` query, so a crashed engine's leftovers are found without any saved state.
+//!
+//! Decisions worth knowing:
+//! - The workspace is filled once per build, by a container of the step's image that is
+//!   created with the volume mounted but never started; the checkout is streamed to it as a tar
+//!   archive with `copyUIDGID`, so files belong to the image's user. A copier found later means
+//!   the copy was interrupted, and the volume is filled again from scratch. Steps of one build
+//!   share the volume: what one step writes, the next one sees.
+//! - Steps run under Docker's small init (`--init`), so SIGTERM reaches the shell, and with the
+//!   `none` log driver, since the executor streams the output itself through an attach made
+//!   before the start (nothing is lost at the beginning).
+//! - Out of memory is reported when the kernel killed something for memory *and* the step
+//!   failed; a script that survives a killed command (`|| true`) succeeded.
+//! - The log sink receives bytes as the process wrote them, without timestamps: the port has
+//!   no place for them, and writing them into the text would change what the step printed.
+
+mod containers;
+mod errors;
+mod executor;
+mod image;
+pub mod mask;
+pub mod naming;
+mod options;
+mod workspace;
+
+pub use containers::{SCRIPT_PATH, WORKSPACE};
+pub use executor::{DockerExecutor, Resource, ResourceKind};
+pub use options::{DEFAULT_CAPABILITIES, DefaultLimits, DockerOptions};

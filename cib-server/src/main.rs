@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod lint;
 mod plan;
+mod run;
 
 #[derive(Debug, Parser)]
 #[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
@@ -29,6 +30,42 @@ enum Command {
     },
     /// Print the JSON Schema of the build spec, for editors and validators.
     Schema,
+    /// Run the spec here, with the engine itself, in Docker containers.
+    Run {
+        /// The repository (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The event to run for: push, pull_request, promotion, manual or schedule.
+        #[arg(long, value_parser = parse_event)]
+        event: Option<EventKind>,
+        /// The branch (default: the current one).
+        #[arg(long)]
+        branch: Option<String>,
+        /// Run this pipeline whatever its triggers (repeatable).
+        #[arg(long = "pipeline")]
+        pipelines: Vec<String>,
+        /// Run only this step and what it depends on (repeatable).
+        #[arg(long = "step")]
+        steps: Vec<String>,
+        /// A variable for every step, NAME=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// A secret, NAME=VALUE (repeatable). It is masked in the output.
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+        /// A file of NAME=VALUE lines holding secrets.
+        #[arg(long)]
+        secrets_file: Option<PathBuf>,
+        /// Run a clean checkout of this commit instead of the working tree as it is.
+        #[arg(long)]
+        commit: Option<String>,
+        /// Keep the store and workspaces here (default: a temporary directory).
+        #[arg(long, env = "CIB_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Colour and a progress line: auto (on a terminal), always or never.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+        color: String,
+    },
     /// Show which pipelines and steps an event would start.
     Plan {
         /// The spec to read.
@@ -61,6 +98,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Lint { path, short } => lint::run(&path, short),
+        Command::Run { dir, event, branch, pipelines, steps, env, secrets, secrets_file, commit, data_dir, color } => {
+            let color = match color.as_str() {
+                "always" => Some(true),
+                "never" => Some(false),
+                _ => None,
+            };
+            run::run(run::RunArgs {
+                dir,
+                event,
+                branch,
+                pipelines,
+                steps,
+                env,
+                secrets,
+                secrets_file,
+                commit,
+                data_dir,
+                color,
+            })
+        }
         Command::Plan { path, event, branch, tag, changed, json } => {
             plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
         }

@@ -69,6 +69,7 @@ impl World {
                 actor: Some("dev".into()),
             },
             only: None,
+            variables: Default::default(),
         }
     }
 

@@ -141,6 +141,7 @@ impl Sim {
             pipeline: pipeline.into(),
             context,
             only,
+            variables: Default::default(),
         };
         self.input(at, input);
     }
@@ -728,4 +729,29 @@ fn only_the_chosen_steps_and_their_dependencies_run() {
     assert_eq!(names, ["lint", "unit", "package"], "docs is left out");
     sim.enqueue_only(400, "b2", DAG, "test", context("feature/b"), Some(vec!["nope".into()]));
     finished(&sim, "b2", Conclusion::Errored);
+}
+
+#[test]
+fn variables_given_at_start_win_over_the_spec() {
+    let spec = "pipelines:\n  test:\n    env: { MODE: spec, KEEP: yes }\n    steps:\n      - { name: a, image: busybox, commands: [x], env: { MODE: step } }\n";
+    let mut sim = Sim::new(Config::default());
+    let input = Input::Enqueue {
+        build: "b1".into(),
+        spec: Arc::from(spec),
+        pipeline: "test".into(),
+        context: context("feature/a"),
+        only: None,
+        variables: [("MODE".to_owned(), "cli".to_owned())].into(),
+    };
+    let effects = sim.input(0, input);
+    let job = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::StartStep(job) => Some(job.clone()),
+            _ => None,
+        })
+        .expect("the step started");
+    assert_eq!(job.env.get("MODE").map(String::as_str), Some("cli"));
+    assert_eq!(job.env.get("KEEP").map(String::as_str), Some("yes"));
+    assert_eq!(job.env.get("CIB_STEP").map(String::as_str), Some("a"));
 }

@@ -1,0 +1,754 @@
+//! The [`Executor`] on the Docker Engine API.
+//!
+//! Per build there is a workspace volume holding the checkout and a private bridge network;
+//! both are created on first use (the first step or the services) and removed by `cleanup`.
+//! Per step there is one container, created, fed its script, attached to, started, watched
+//! and removed, on every path: an error, a stop, a timeout, or the future being dropped.
+//! Everything carries the engine's and the build's labels, which is how `cleanup` and
+//! `reconcile` find it again without any state surviving a crash.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::exec::StartExecResults;
+use bollard::models::{ContainerCreateBody, ExecConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
+    ListContainersOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, UploadToContainerOptions, WaitContainerOptions,
+};
+use cib_core::event::BuildId;
+use cib_core::pipeline::StopReason;
+use cib_core::ports::{ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
+use cib_core::spec;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::time::Instant;
+
+use crate::containers::{self, StepContainer};
+use crate::errors::{exec_error, is_not_found, status};
+use crate::image;
+use crate::mask::Masker;
+use crate::naming::{BuildNames, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, Role, label_filter};
+use crate::options::DockerOptions;
+use crate::workspace;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data behind these locks stays consistent at every point, so a panic elsewhere must not
+    // make the executor unusable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What exists of a build, as far as this process knows.
+#[derive(Debug, Default)]
+struct BuildState {
+    network: bool,
+    workspace: bool,
+}
+
+/// A kind of Docker resource the executor creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ResourceKind {
+    // In removal order: containers hold volumes and networks.
+    Container,
+    Volume,
+    Network,
+}
+
+/// A container, volume or network carrying this engine's label.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    /// The id (containers, networks) or name (volumes) to remove it by.
+    pub id: String,
+    /// The build it belongs to, from its label.
+    pub build: Option<String>,
+}
+
+/// Runs steps and services in Docker containers. See the crate documentation.
+pub struct DockerExecutor {
+    docker: Docker,
+    options: DockerOptions,
+    /// The daemon's CPU count, which caps CPU limits.
+    host_cpus: Option<f64>,
+    /// Each build's state behind its own async lock, so that two steps of one build starting
+    /// together create its network and workspace once.
+    builds: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<BuildState>>>>,
+}
+
+impl std::fmt::Debug for DockerExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerExecutor").field("options", &self.options).field("host_cpus", &self.host_cpus).finish()
+    }
+}
+
+/// Removes a container when dropped, unless it was removed already: a step whose future is
+/// dropped midway (the engine gave up on it) still leaves nothing behind.
+struct ContainerGuard {
+    docker: Docker,
+    id: Option<String>,
+}
+
+const REMOVE: RemoveContainerOptions = RemoveContainerOptions { v: true, force: true, link: false };
+
+impl ContainerGuard {
+    fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or_default()
+    }
+
+    async fn remove(mut self) -> Result<(), ExecError> {
+        let Some(id) = self.id.take() else { return Ok(()) };
+        remove_container(&self.docker, &id).await
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let docker = self.docker.clone();
+            runtime.spawn(async move {
+                if let Err(e) = remove_container(&docker, &id).await {
+                    tracing::warn!(container = %id, error = %e, "could not remove an abandoned container");
+                }
+            });
+        }
+    }
+}
+
+/// Removes a container with its anonymous volumes (an image's `VOLUME`s carry no labels of ours,
+/// so this is the only chance to remove them). Gone already counts as done.
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), ExecError> {
+    match docker.remove_container(id, Some(REMOVE)).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        // "Removal already in progress": another cleanup got there first.
+        Err(e) if status(&e) == Some(409) => Ok(()),
+        Err(e) => Err(exec_error(&format!("removing container {id}"), e)),
+    }
+}
+
+fn stopped(reason: StopReason) -> Outcome {
+    match reason {
+        StopReason::Cancelled => Outcome::Cancelled,
+        StopReason::TimedOut => Outcome::TimedOut,
+        StopReason::NoOutput => Outcome::NoOutput,
+    }
+}
+
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How the watched container ended.
+enum Ending {
+    Exited,
+    Stopped(StopReason),
+}
+
+impl DockerExecutor {
+    /// Connects to the daemon, agrees on an API version (Debian's dockerd 20.10 speaks 1.41,
+    /// older than bollard's default), and reads its CPU count. Fails as `Misconfigured` when no
+    /// daemon answers.
+    pub async fn connect(options: DockerOptions) -> Result<Self, ExecError> {
+        let address = options
+            .host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+        let unreachable = |e: ExecError| match e {
+            ExecError::Transient(m) | ExecError::Misconfigured(m) => {
+                ExecError::Misconfigured(format!("cannot reach the Docker daemon at {address}: {m}"))
+            }
+            other => other,
+        };
+        let docker = match &options.host {
+            Some(host) => Docker::connect_with_host(host),
+            None => Docker::connect_with_defaults(),
+        }
+        .map_err(|e| unreachable(exec_error("connecting", e)))?
+        .with_timeout(options.api_timeout);
+        let docker =
+            docker.negotiate_version().await.map_err(|e| unreachable(exec_error("negotiating the API version", e)))?;
+        let info = docker.info().await.map_err(|e| unreachable(exec_error("reading the daemon's info", e)))?;
+        let host_cpus = info.ncpu.filter(|n| *n > 0).map(|n| n as f64);
+        Ok(DockerExecutor { docker, options, host_cpus, builds: Mutex::new(HashMap::new()) })
+    }
+
+    /// The client, for callers that need more of the API than the port offers (tests, tools).
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    pub fn options(&self) -> &DockerOptions {
+        &self.options
+    }
+
+    fn build_state(&self, build: &BuildId) -> Arc<tokio::sync::Mutex<BuildState>> {
+        lock(&self.builds).entry(build.clone()).or_default().clone()
+    }
+
+    /// Everything carrying this engine's label, of one build or of all, containers first.
+    pub async fn resources(&self, build: Option<&BuildId>) -> Result<Vec<Resource>, ExecError> {
+        let mut labels = vec![(LABEL_ENGINE, self.options.instance.as_str())];
+        if let Some(b) = build {
+            labels.push((LABEL_BUILD, b.0.as_str()));
+        }
+        let filters = label_filter(&labels);
+        let build_of = |labels: Option<&HashMap<String, String>>| labels.and_then(|l| l.get(LABEL_BUILD).cloned());
+        let mut found = Vec::new();
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| exec_error("listing containers", e))?;
+        for c in containers {
+            if let Some(id) = c.id {
+                found.push(Resource { kind: ResourceKind::Container, id, build: build_of(c.labels.as_ref()) });
+            }
+        }
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) }))
+            .await
+            .map_err(|e| exec_error("listing volumes", e))?;
+        for v in volumes.volumes.unwrap_or_default() {
+            found.push(Resource { kind: ResourceKind::Volume, id: v.name, build: v.labels.get(LABEL_BUILD).cloned() });
+        }
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
+            .await
+            .map_err(|e| exec_error("listing networks", e))?;
+        for n in networks {
+            if let Some(id) = n.id {
+                found.push(Resource { kind: ResourceKind::Network, id, build: build_of(n.labels.as_ref()) });
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Removes resources in order (containers, then volumes, then networks). Tries every one
+    /// and reports the first failure, so that one stuck resource does not keep the rest.
+    async fn remove_all(&self, resources: &[Resource]) -> Result<usize, ExecError> {
+        let mut removed = 0;
+        let mut first_error = None;
+        for r in resources {
+            let result = match r.kind {
+                ResourceKind::Container => remove_container(&self.docker, &r.id).await,
+                ResourceKind::Volume => {
+                    match self.docker.remove_volume(&r.id, Some(RemoveVolumeOptions { force: true })).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if is_not_found(&e) => Ok(()),
+                        Err(e) => Err(exec_error(&format!("removing volume {}", r.id), e)),
+                    }
+                }
+                ResourceKind::Network => match self.docker.remove_network(&r.id).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    Err(e) => Err(exec_error(&format!("removing network {}", r.id), e)),
+                },
+            };
+            match result {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(resource = %r.id, error = %e, "could not remove");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
+    }
+
+    async fn ensure_network(&self, names: &BuildNames, state: &mut BuildState) -> Result<(), ExecError> {
+        if state.network {
+            return Ok(());
+        }
+        let name = names.network();
+        match self.docker.inspect_network(&name, None).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                let request = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".to_owned()),
+                    labels: Some(names.labels(Role::Network)),
+                    ..Default::default()
+                };
+                self.docker
+                    .create_network(request)
+                    .await
+                    .map_err(|e| exec_error(&format!("creating network {name}"), e))?;
+            }
+            Err(e) => return Err(exec_error(&format!("inspecting network {name}"), e)),
+        }
+        state.network = true;
+        Ok(())
+    }
+
+    /// Creates the build's workspace volume and copies the checkout into it, once per build.
+    ///
+    /// The copy goes through a container that is created but never started, with the volume
+    /// mounted: creating it creates the labelled volume in the same call, and the archive API
+    /// extracts into it. A leftover copier of this build means an earlier copy did not finish
+    /// (the engine died midway), so the volume is thrown away and filled again.
+    async fn ensure_workspace(
+        &self,
+        names: &BuildNames,
+        build: &BuildId,
+        image: &str,
+        dir: &Path,
+        state: &mut BuildState,
+    ) -> Result<(), ExecError> {
+        if state.workspace {
+            return Ok(());
+        }
+        let volume = names.volume();
+        let role = Role::Populate.as_str();
+        let filters = label_filter(&[
+            (LABEL_ENGINE, self.options.instance.as_str()),
+            (LABEL_BUILD, build.0.as_str()),
+            (LABEL_ROLE, role),
+        ]);
+        let unfinished = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("listing workspace copiers", e))?;
+        if unfinished.is_empty() {
+            match self.docker.inspect_volume(&volume).await {
+                Ok(_) => {
+                    state.workspace = true;
+                    return Ok(());
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(exec_error(&format!("inspecting volume {volume}"), e)),
+            }
+        } else {
+            for c in unfinished.iter().filter_map(|c| c.id.as_deref()) {
+                remove_container(&self.docker, c).await?;
+            }
+            match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(exec_error(&format!("removing half-filled volume {volume}"), e)),
+            }
+        }
+        if !dir.is_dir() {
+            return Err(ExecError::Permanent(format!("the workspace {} is not a directory", dir.display())));
+        }
+        let body = containers::populate_body(image, names, &self.options);
+        let copier = self.create(&names.populate_container(), body).await?;
+        let (archive, writer) = workspace::archive(dir.to_path_buf());
+        let options = UploadToContainerOptions {
+            path: containers::WORKSPACE.to_owned(),
+            // Files belong to the image's user, so that a non-root image can write its workspace.
+            copy_uidgid: Some("1".to_owned()),
+            ..Default::default()
+        };
+        let uploaded =
+            self.docker.upload_to_container(copier.id(), Some(options), bollard::body_try_stream(archive)).await;
+        let written = writer.await.map_err(|e| ExecError::Transient(format!("archiving the workspace: {e}")))?;
+        // The archiving error explains an upload failure better than the daemon's "unexpected EOF".
+        written.map_err(|e| ExecError::Permanent(e.to_string()))?;
+        uploaded.map_err(|e| exec_error(&format!("copying the workspace into volume {volume}"), e))?;
+        copier.remove().await?;
+        state.workspace = true;
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<ContainerGuard, ExecError> {
+        let options = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| exec_error(&format!("creating container {name}"), e))?;
+        Ok(ContainerGuard { docker: self.docker.clone(), id: Some(created.id) })
+    }
+
+    async fn kill(&self, id: &str, signal: &str) -> Result<(), ExecError> {
+        match self.docker.kill_container(id, Some(KillContainerOptions { signal: signal.to_owned() })).await {
+            Ok(()) => Ok(()),
+            // Not running (409) or gone (404): it stopped by itself meanwhile.
+            Err(e) if matches!(status(&e), Some(404 | 409)) => Ok(()),
+            Err(e) => Err(exec_error(&format!("sending {signal} to container {id}"), e)),
+        }
+    }
+
+    /// Runs the step in its container; the caller removes the container.
+    async fn supervise(
+        &self,
+        run: &StepRun,
+        container: &ContainerGuard,
+        script: &str,
+        logs: Arc<dyn LogSink>,
+        stop: &mut StopSignal,
+    ) -> Result<Outcome, ExecError> {
+        let id = container.id();
+        let step = &run.job.step;
+        let archive =
+            containers::script_archive(script).map_err(|e| ExecError::Transient(format!("packing the script: {e}")))?;
+        self.docker
+            .upload_to_container(
+                id,
+                Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
+                bollard::body_full(archive.into()),
+            )
+            .await
+            .map_err(|e| exec_error("copying the script into the container", e))?;
+
+        // Attaching before the start is what keeps the first lines of output.
+        let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
+        let attached =
+            self.docker.attach_container(id, Some(attach)).await.map_err(|e| exec_error("attaching to the step", e))?;
+        let last_output = Arc::new(Mutex::new(Instant::now()));
+        let mut reader = tokio::spawn(forward_output(
+            attached.output,
+            run.secrets.values().cloned().collect(),
+            logs,
+            last_output.clone(),
+        ));
+
+        self.docker.start_container(id, None).await.map_err(|e| exec_error("starting the step", e))?;
+        let started = Instant::now();
+        *lock(&last_output) = started;
+
+        let wait_options = WaitContainerOptions { condition: "not-running".to_owned() };
+        let mut wait = Box::pin(self.docker.wait_container(id, Some(wait_options)));
+        let total = step.timeout.map(|t| started + t.as_std());
+        let silence = step.no_output_timeout.map(|t| t.as_std());
+        let ending = loop {
+            let quiet_until = silence.map(|d| *lock(&last_output) + d);
+            tokio::select! {
+                exit = wait.next() => match exit {
+                    None | Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) => break Ending::Exited,
+                    Some(Err(e)) => return Err(exec_error("waiting for the step", e)),
+                },
+                reason = stop.stopped() => break Ending::Stopped(reason),
+                () = until(total) => break Ending::Stopped(StopReason::TimedOut),
+                () = until(quiet_until) => {
+                    // Output may have arrived while we slept; then the deadline moved on.
+                    if let Some(d) = silence && lock(&last_output).elapsed() >= d {
+                        break Ending::Stopped(StopReason::NoOutput);
+                    }
+                }
+            }
+        };
+
+        if let Ending::Stopped(_) = ending {
+            // SIGTERM first, so that the step can clean up; SIGKILL once the grace period is over.
+            self.kill(id, "SIGTERM").await?;
+            let exited = tokio::time::timeout(self.options.stop_grace, wait.next()).await.is_ok();
+            if !exited {
+                self.kill(id, "SIGKILL").await?;
+                if tokio::time::timeout(self.options.api_timeout, wait.next()).await.is_err() {
+                    return Err(ExecError::Transient("the step's container did not stop after SIGKILL".to_owned()));
+                }
+            }
+        }
+
+        // The output stream ends once the container has exited and its pipes are drained.
+        if tokio::time::timeout(self.options.log_drain_timeout, &mut reader).await.is_err() {
+            reader.abort();
+            tracing::warn!(step = %step.name, "the step's output did not end after it exited; the rest is dropped");
+        }
+
+        let (code, oom_killed) = self.exit_state(id).await?;
+        Ok(match ending {
+            Ending::Stopped(reason) => stopped(reason),
+            // A command killed for memory that the script shrugged off (`|| true`) did not end
+            // the step, so only a failing exit counts as out of memory.
+            Ending::Exited if oom_killed && code != 0 => Outcome::OutOfMemory,
+            Ending::Exited => Outcome::Exited(i32::try_from(code).unwrap_or(-1)),
+        })
+    }
+
+    /// The exit code of a finished container and whether the kernel killed something in it for
+    /// memory.
+    ///
+    /// The daemon hears of the exit and of the OOM kill through two separate events, and under
+    /// load the exit can come first: the container then looks like a plain `exit 137` for a few
+    /// milliseconds. So when the code is 137 (a SIGKILL, which is what the OOM killer sends) and
+    /// the flag is not set yet, ask again for a short while before believing it.
+    async fn exit_state(&self, id: &str) -> Result<(i64, bool), ExecError> {
+        let patience = Instant::now() + Duration::from_secs(1);
+        loop {
+            let inspected = self
+                .docker
+                .inspect_container(id, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| exec_error("inspecting the finished step", e))?;
+            let state = inspected.state.unwrap_or_default();
+            let code = state.exit_code.unwrap_or(-1);
+            let oom_killed = state.oom_killed == Some(true);
+            if oom_killed || code != 137 || Instant::now() >= patience {
+                return Ok((code, oom_killed));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates, starts and checks one service.
+    async fn start_service(
+        &self,
+        names: &BuildNames,
+        build: &BuildId,
+        service: &spec::Service,
+    ) -> Result<(), ExecError> {
+        image::ensure(&self.docker, &service.image, self.options.pull_timeout).await?;
+        // Starting the services again (an engine that replays its journal) replaces them.
+        let filters = label_filter(&[
+            (LABEL_ENGINE, self.options.instance.as_str()),
+            (LABEL_BUILD, build.0.as_str()),
+            (LABEL_SERVICE, service.name.as_str()),
+        ]);
+        let old = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("listing services", e))?;
+        for c in old.iter().filter_map(|c| c.id.as_deref()) {
+            remove_container(&self.docker, c).await?;
+        }
+        let body = containers::service_body(service, names, &self.options, self.host_cpus);
+        let mut container = self.create(&names.service_container(&service.name), body).await?;
+        let id = container.id().to_owned();
+        self.docker
+            .start_container(&id, None)
+            .await
+            .map_err(|e| exec_error(&format!("starting service {}", service.name), e))?;
+        // From here the container belongs to the build: cleanup removes it.
+        container.id = None;
+        self.wait_ready(&id, service).await
+    }
+
+    /// Runs the readiness command in the service's container until it succeeds or time is up.
+    async fn wait_ready(&self, id: &str, service: &spec::Service) -> Result<(), ExecError> {
+        let Some(ready) = &service.ready else {
+            return self.still_running(id, service).await;
+        };
+        let deadline = Instant::now() + ready.timeout.as_std();
+        let interval = ready.interval.as_std().max(Duration::from_millis(100));
+        let mut last = String::from("did not run");
+        loop {
+            self.still_running(id, service).await?;
+            match tokio::time::timeout_at(deadline, self.exec(id, &ready.command)).await {
+                Ok(Ok((0, _))) => return Ok(()),
+                Ok(Ok((code, output))) => last = format!("exited with {code}: {}", output.trim()),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => break,
+            }
+            if Instant::now() + interval >= deadline {
+                break;
+            }
+            tokio::time::sleep(interval).await;
+        }
+        Err(ExecError::Permanent(format!(
+            "service {} was not ready within {} s: its check `{}` {last}{}",
+            service.name,
+            ready.timeout.as_secs(),
+            ready.command,
+            self.tail(id).await
+        )))
+    }
+
+    async fn still_running(&self, id: &str, service: &spec::Service) -> Result<(), ExecError> {
+        let inspected = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| exec_error(&format!("inspecting service {}", service.name), e))?;
+        let state = inspected.state.unwrap_or_default();
+        if state.running == Some(true) {
+            return Ok(());
+        }
+        Err(ExecError::Permanent(format!(
+            "service {} exited with code {} before it was ready{}",
+            service.name,
+            state.exit_code.unwrap_or(-1),
+            self.tail(id).await
+        )))
+    }
+
+    /// The last lines a service printed, to explain why it failed.
+    async fn tail(&self, id: &str) -> String {
+        let options = LogsOptions { stdout: true, stderr: true, tail: "20".to_owned(), ..Default::default() };
+        match self.docker.logs(id, Some(options)).try_collect::<Vec<_>>().await {
+            Ok(lines) if !lines.is_empty() => {
+                let text: String = lines.iter().map(ToString::to_string).collect();
+                format!("; its last output:\n{}", text.trim_end())
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// Runs `sh -c command` in a running container and returns its exit code and output.
+    async fn exec(&self, id: &str, command: &str) -> Result<(i64, String), ExecError> {
+        let config = ExecConfig {
+            cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), command.to_owned()]),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let exec =
+            self.docker.create_exec(id, config).await.map_err(|e| exec_error("creating a readiness check", e))?;
+        let mut output = String::new();
+        if let StartExecResults::Attached { output: mut stream, .. } =
+            self.docker.start_exec(&exec.id, None).await.map_err(|e| exec_error("running a readiness check", e))?
+        {
+            while let Some(Ok(chunk)) = stream.next().await {
+                // Enough to explain a failure; a chatty check must not fill memory.
+                if output.len() < 2048 {
+                    output.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+                }
+            }
+        }
+        let inspected = self
+            .docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| exec_error("reading a readiness check's result", e))?;
+        Ok((inspected.exit_code.unwrap_or(-1), output))
+    }
+}
+
+/// Copies a step's output into the sink, masked, and notes when output last arrived.
+async fn forward_output(
+    mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>>,
+    secrets: Vec<String>,
+    sink: Arc<dyn LogSink>,
+    last_output: Arc<Mutex<Instant>>,
+) {
+    // One masker per stream: a secret split between stdout and stderr is not one secret.
+    let mut out = Masker::new(&secrets);
+    let mut err = Masker::new(&secrets);
+    while let Some(item) = output.next().await {
+        let (stream, masker, message) = match item {
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => (Stream::Stdout, &mut out, message),
+            Ok(LogOutput::StdErr { message }) => (Stream::Stderr, &mut err, message),
+            Ok(LogOutput::StdIn { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the step's output failed");
+                break;
+            }
+        };
+        *lock(&last_output) = Instant::now();
+        let masked = masker.push(&message);
+        if !masked.is_empty() {
+            sink.write(stream, &masked);
+        }
+    }
+    for (stream, masker) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
+        let rest = masker.finish();
+        if !rest.is_empty() {
+            sink.write(stream, &rest);
+        }
+    }
+}
+
+#[async_trait]
+impl Executor for DockerExecutor {
+    async fn healthcheck(&self) -> Result<(), ExecError> {
+        self.docker.ping().await.map(|_| ()).map_err(|e| exec_error("ping", e))
+    }
+
+    async fn run(&self, run: &StepRun, logs: Arc<dyn LogSink>, mut stop: StopSignal) -> Result<Outcome, ExecError> {
+        let job = &run.job;
+        let (image, commands) = match &job.step.action {
+            spec::Action::Run { image, commands } => (image, commands),
+            spec::Action::Gate(_) => {
+                return Err(ExecError::Permanent(format!("step {} is a gate: there is nothing to run", job.step.name)));
+            }
+        };
+        if let Some(reason) = stop.reason() {
+            return Ok(stopped(reason));
+        }
+        let names = BuildNames::new(&self.options.instance, &job.build);
+        let prepare = async {
+            image::ensure(&self.docker, image, self.options.pull_timeout).await?;
+            let state = self.build_state(&job.build);
+            let mut state = state.lock().await;
+            if job.step.network == spec::Network::Bridge {
+                self.ensure_network(&names, &mut state).await?;
+            }
+            self.ensure_workspace(&names, &job.build, image, &run.workspace, &mut state).await?;
+            let body = StepContainer {
+                job,
+                image,
+                secrets: &run.secrets,
+                names: &names,
+                options: &self.options,
+                host_cpus: self.host_cpus,
+            }
+            .body()?;
+            self.create(&names.step_container(&job.step.name, job.attempt), body).await
+        };
+        // A stop during the preparation ends it; whatever it had created is removed by its guard
+        // or by the build's cleanup.
+        let container = tokio::select! {
+            created = prepare => created?,
+            reason = stop.stopped() => return Ok(stopped(reason)),
+        };
+        let outcome = self.supervise(run, &container, &containers::script(commands), logs, &mut stop).await;
+        if let Err(e) = container.remove().await {
+            // The outcome stands; the build's cleanup removes the container by its labels.
+            tracing::warn!(step = %job.step.name, error = %e, "could not remove the step's container");
+        }
+        outcome
+    }
+
+    async fn start_services(&self, build: &BuildId, services: &[spec::Service]) -> Result<(), (String, ExecError)> {
+        let Some(first) = services.first() else { return Ok(()) };
+        let names = BuildNames::new(&self.options.instance, build);
+        {
+            let state = self.build_state(build);
+            let mut state = state.lock().await;
+            self.ensure_network(&names, &mut state).await.map_err(|e| (first.name.clone(), e))?;
+        }
+        // Services start together, and each is checked on its own, so a slow database does not
+        // delay the cache next to it.
+        let results = futures_util::future::join_all(
+            services
+                .iter()
+                .map(|s| async { self.start_service(&names, build, s).await.map_err(|e| (s.name.clone(), e)) }),
+        )
+        .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+    }
+
+    async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
+        let found = self.resources(Some(build)).await?;
+        lock(&self.builds).remove(build);
+        self.remove_all(&found).await.map(|_| ())
+    }
+
+    async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError> {
+        let live: BTreeSet<&str> = live.iter().map(|b| b.0.as_str()).collect();
+        // Something of ours without a build label belongs to no live build either.
+        let dead: Vec<Resource> = self
+            .resources(None)
+            .await?
+            .into_iter()
+            .filter(|r| r.build.as_deref().is_none_or(|b| !live.contains(b)))
+            .collect();
+        lock(&self.builds).retain(|b, _| live.contains(b.0.as_str()));
+        self.remove_all(&dead).await
+    }
+}

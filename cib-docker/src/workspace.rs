@@ -1,0 +1,118 @@
+//! Streaming a host directory as a tar archive, to copy the checkout into a workspace volume.
+//!
+//! The archive goes to the daemon through the API rather than as a bind mount, so the host path
+//! never needs to be visible to the daemon (a remote daemon, or a Swarm node, sees only the
+//! bytes). It is written on a blocking thread and handed over in chunks through a bounded
+//! channel, so a large checkout is never held in memory whole.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+const CHUNK: usize = 256 * 1024;
+
+/// A `Write` that sends what it gets in chunks over a channel.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload of the workspace stopped reading"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+fn write_archive(dir: &std::path::Path, writer: ChannelWriter) -> io::Result<ChannelWriter> {
+    let mut tar = tar::Builder::new(writer);
+    // A symbolic link in the checkout stays a link: following it could copy files of the host
+    // that the repository merely points at (`ln -s /etc/shadow`).
+    tar.follow_symlinks(false);
+    tar.mode(tar::HeaderMode::Complete);
+    tar.append_dir_all(".", dir)?;
+    tar.into_inner()
+}
+
+/// Starts archiving `dir` and returns the archive as a stream, with the task that writes it.
+///
+/// A failure while archiving reaches the stream as an error, so that the upload fails instead
+/// of leaving a partial workspace; the task returns the same error for a clearer message.
+pub fn archive(dir: PathBuf) -> (impl Stream<Item = io::Result<Bytes>> + Send + 'static, JoinHandle<io::Result<()>>) {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+    let task = tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
+        match write_archive(&dir, writer).and_then(|mut w| w.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let report = io::Error::new(e.kind(), format!("archiving {}: {e}", dir.display()));
+                // The receiver may be gone already; then the upload has failed anyway.
+                let _ = tx.blocking_send(Err(io::Error::new(e.kind(), report.to_string())));
+                Err(report)
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (stream, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn archives_files_and_keeps_links_as_links() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        std::fs::create_dir(dir.path().join("src")).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        std::fs::write(dir.path().join("src/main.rs"), "fn main() {}").unwrap_or_else(|e| panic!("write: {e}"));
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("leak")).unwrap_or_else(|e| panic!("link: {e}"));
+        let (stream, task) = archive(dir.path().to_path_buf());
+        let chunks: Vec<io::Result<Bytes>> = stream.collect().await;
+        task.await.unwrap_or_else(|e| panic!("join: {e}")).unwrap_or_else(|e| panic!("archive: {e}"));
+        let bytes: Vec<u8> =
+            chunks.into_iter().flat_map(|c| c.unwrap_or_else(|e| panic!("chunk: {e}")).to_vec()).collect();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap_or_else(|e| panic!("entries: {e}")) {
+            let entry = entry.unwrap_or_else(|e| panic!("entry: {e}"));
+            let path = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            seen.push((path, entry.header().entry_type()));
+        }
+        assert!(seen.iter().any(|(p, t)| p.ends_with("src/main.rs") && *t == tar::EntryType::Regular), "{seen:?}");
+        assert!(seen.iter().any(|(p, t)| p.ends_with("leak") && *t == tar::EntryType::Symlink), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_fails_the_stream() {
+        let (stream, task) = archive(PathBuf::from("/nonexistent/cib/workspace"));
+        let chunks: Vec<io::Result<Bytes>> = stream.collect().await;
+        assert!(chunks.iter().any(Result::is_err), "the stream must carry the error");
+        let err = task.await.unwrap_or_else(|e| panic!("join: {e}")).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("/nonexistent/cib/workspace")));
+    }
+}

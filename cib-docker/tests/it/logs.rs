@@ -1,0 +1,80 @@
+//! Output: complete and in order at volume, streams kept apart, secrets masked across reads.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Instant;
+
+use cib_core::event::BuildId;
+use cib_core::ports::{Executor, Outcome, StepRun, StopSignal, Stream};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_lines_arrive_complete_and_in_order() {
+    let exec = executor("lines").await;
+    let dir = tempdir();
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let job = job("lines", "seq", &["seq 1 200000", "echo done >&2"]);
+    let started = Instant::now();
+    let outcome = exec.run(&step_run(job, dir.path()), sink.clone(), stop).await;
+    let took = started.elapsed();
+    assert_eq!(outcome.ok(), Some(Outcome::Exited(0)));
+    let expected: String = (1..=200_000).map(|n| format!("{n}\n")).collect();
+    let got = sink.text(Stream::Stdout);
+    if got != expected {
+        let lines: Vec<&str> = got.lines().collect();
+        let first_bad = lines.iter().enumerate().find(|(i, l)| **l != (i + 1).to_string());
+        panic!("{} lines arrived; the first one out of place: {first_bad:?}", lines.len());
+    }
+    assert_eq!(sink.text(Stream::Stderr), "done\n");
+    let _ = writeln!(
+        std::io::stderr(),
+        "200000 lines ({} bytes) in {took:?}, over {} writes to the sink",
+        expected.len(),
+        sink.writes(Stream::Stdout).len()
+    );
+    exec.cleanup(&BuildId::from("lines")).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert_nothing_left(&exec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_printed_across_two_reads_never_reaches_the_sink() {
+    let exec = executor("secret-split").await;
+    let dir = tempdir();
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let secret = "s3cr3t-split-value";
+    // The secret leaves the container in two writes half a second apart, so it arrives in two
+    // frames; on stderr the same, to check both streams.
+    let mut job = job(
+        "secret",
+        "split",
+        &[
+            r#"printf 'token=%s' "$(echo "$TOKEN" | cut -c1-9)""#,
+            "sleep 0.5",
+            r#"printf '%s;\n' "$(echo "$TOKEN" | cut -c10-)""#,
+            r#"printf 'err=%s' "$(echo "$TOKEN" | cut -c1-4)" >&2"#,
+            "sleep 0.5",
+            r#"printf '%s\n' "$(echo "$TOKEN" | cut -c5-)" >&2"#,
+        ],
+    );
+    job.step.secrets = vec!["TOKEN".into()];
+    let run = StepRun {
+        job,
+        secrets: BTreeMap::from([("TOKEN".to_owned(), secret.to_owned())]),
+        workspace: dir.path().to_path_buf(),
+    };
+    assert_eq!(exec.run(&run, sink.clone(), stop).await.ok(), Some(Outcome::Exited(0)));
+    assert_eq!(sink.text(Stream::Stdout), "token=***;\n");
+    assert_eq!(sink.text(Stream::Stderr), "err=***\n");
+    // What reached the sink came in more than one write: the masker did see a split secret.
+    let writes = sink.writes(Stream::Stdout);
+    assert!(writes.len() >= 2, "the output came in one piece, so nothing was split: {writes:?}");
+    for w in writes.iter().chain(sink.writes(Stream::Stderr).iter()) {
+        let text = String::from_utf8_lossy(w);
+        assert!(!text.contains("s3cr") && !text.contains("value"), "part of the secret leaked: {text:?}");
+    }
+    exec.cleanup(&BuildId::from("secret")).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert_nothing_left(&exec).await;
+}

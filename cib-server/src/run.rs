@@ -1,0 +1,631 @@
+//! `cib run`: the spec run locally by the engine itself, with the Docker executor and a store
+//! in a temporary directory, so that what passes here passes on the server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cib_core::engine::{Engine, EngineConfig, EngineHandle, LogLine, Ports, SystemClock};
+use cib_core::event::{BuildId, Conclusion, EventBody, StepConclusion};
+use cib_core::pipeline::{BuildContext, Config, Input};
+use cib_core::ports::{Clock, Secrets, Vcs};
+use cib_core::spec::{self, EventKind, TriggerEvent};
+use cib_git::{GitVcs, WorkingTree};
+use tokio::sync::broadcast::error::RecvError;
+
+/// The exit codes of `cib run`, each with a meaning a script can rely on.
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const INFRASTRUCTURE: u8 = 3;
+}
+
+#[derive(Debug, Default)]
+pub struct RunArgs {
+    pub dir: PathBuf,
+    pub event: Option<EventKind>,
+    pub branch: Option<String>,
+    pub pipelines: Vec<String>,
+    pub steps: Vec<String>,
+    pub env: Vec<String>,
+    pub secrets: Vec<String>,
+    pub secrets_file: Option<PathBuf>,
+    pub commit: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub color: Option<bool>,
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+fn eprint(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// Secrets given on the command line, for every repository.
+struct CliSecrets(BTreeMap<String, String>);
+
+impl Secrets for CliSecrets {
+    fn get(&self, _repo: &str, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// `NAME=VALUE` pairs; the value may contain `=`.
+fn pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>, Failure> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let Some((name, value)) = item.split_once('=') else {
+            return Err(fail(exit::USAGE, format!("{what} '{item}' is not NAME=VALUE")));
+        };
+        out.insert(name.trim().to_owned(), value.to_owned());
+    }
+    Ok(out)
+}
+
+/// A file of `NAME=VALUE` lines; blank lines and `#` comments are skipped, and a value may be
+/// quoted.
+fn secrets_file(path: &Path) -> Result<BTreeMap<String, String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(exit::USAGE, format!("cannot read the secrets file {}: {e}", path.display())))?;
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(fail(exit::USAGE, format!("{}:{}: expected NAME=VALUE", path.display(), n + 1)));
+        };
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        out.insert(name.trim().to_owned(), value.to_owned());
+    }
+    Ok(out)
+}
+
+fn git_output(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// One selected pipeline, with the steps asked for.
+struct Planned {
+    build: BuildId,
+    pipeline: String,
+    only: Option<Vec<String>>,
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprint(&format!("cib run: cannot start the runtime: {e}"));
+            return ExitCode::from(exit::INFRASTRUCTURE);
+        }
+    };
+    match runtime.block_on(run_async(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprint(&format!("cib run: {}", failure.message));
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run_async(args: RunArgs) -> Result<u8, Failure> {
+    // The project is the nearest directory holding a spec, up to the repository's top.
+    let start = args.dir.canonicalize().unwrap_or(args.dir.clone());
+    let top = git_output(&start, &["rev-parse", "--show-toplevel"]).map(PathBuf::from);
+    let root = start
+        .ancestors()
+        .take_while(|d| top.as_ref().is_none_or(|t| d.starts_with(t)))
+        .find(|d| d.join(spec::FILE_NAME).is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or(start.clone());
+    let repo = root.to_string_lossy().into_owned();
+
+    // The spec and the code: the working tree as it is, or a clean checkout of a commit.
+    let (vcs, commit): (Arc<dyn Vcs>, String) = match &args.commit {
+        Some(rev) => {
+            let git = GitVcs::new();
+            let commit = git
+                .resolve(&repo, rev)
+                .await
+                .map_err(|e| fail(exit::USAGE, format!("cannot find commit {rev}: {e}")))?;
+            (Arc::new(git), commit)
+        }
+        None => {
+            let head = git_output(&root, &["rev-parse", "HEAD"]).unwrap_or_else(|| "0".repeat(40));
+            (Arc::new(WorkingTree::new(&root)), head)
+        }
+    };
+    let shown = root.join(spec::FILE_NAME).display().to_string();
+    let source = vcs
+        .read_spec(&repo, &commit)
+        .await
+        .map_err(|e| fail(exit::USAGE, format!("cannot read the spec: {e}")))?
+        .ok_or_else(|| {
+            fail(exit::USAGE, format!("no {} in {}: write one (see docs/spec.md)", spec::FILE_NAME, root.display()))
+        })?;
+    let parsed = match spec::parse(&source) {
+        Ok(s) => s,
+        Err(diags) => {
+            for d in &diags {
+                eprint(&d.render(&shown, &source));
+            }
+            return Err(fail(exit::USAGE, format!("{} is not valid ({} errors)", spec::FILE_NAME, diags.len())));
+        }
+    };
+
+    // What to run.
+    let branch = args
+        .branch
+        .clone()
+        .or_else(|| git_output(&root, &["symbolic-ref", "--short", "HEAD"]))
+        .unwrap_or_else(|| "master".into());
+    let kind = args.event.unwrap_or(EventKind::Push);
+    let event = TriggerEvent::of(kind, &branch);
+    let mut chosen: Vec<&spec::Pipeline> = if args.pipelines.is_empty() {
+        parsed.plan(&event)
+    } else {
+        let mut out = Vec::new();
+        for name in &args.pipelines {
+            let p = parsed.pipeline(name).ok_or_else(|| {
+                let names: Vec<&str> = parsed.pipelines.iter().map(|p| p.name.as_str()).collect();
+                fail(exit::USAGE, format!("no pipeline '{name}' in the spec (it has: {})", names.join(", ")))
+            })?;
+            out.push(p);
+        }
+        out
+    };
+    if !args.steps.is_empty() {
+        for step in &args.steps {
+            if !chosen.iter().any(|p| p.step(step).is_some()) {
+                return Err(fail(exit::USAGE, format!("no step '{step}' in the pipelines that run")));
+            }
+        }
+        chosen.retain(|p| args.steps.iter().any(|s| p.step(s).is_some()));
+    }
+    if chosen.is_empty() {
+        let kind_text = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let _ =
+            writeln!(std::io::stdout(), "no pipeline runs for a {kind_text} on {branch}; choose one with --pipeline");
+        return Ok(exit::SUCCESS);
+    }
+
+    // Secrets and variables.
+    let mut secrets = match &args.secrets_file {
+        Some(path) => secrets_file(path)?,
+        None => BTreeMap::new(),
+    };
+    secrets.extend(pairs(&args.secrets, "--secret")?);
+    let env = pairs(&args.env, "--env")?;
+    for p in &chosen {
+        for s in &p.steps {
+            for name in &s.secrets {
+                if !secrets.contains_key(name) {
+                    return Err(fail(
+                        exit::USAGE,
+                        format!(
+                            "step '{}' needs the secret {name}: pass --secret {name}=VALUE or --secrets-file FILE",
+                            s.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    // The engine, on real Docker and a store of its own.
+    let executor =
+        cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new("cib-run")).await.map_err(|e| {
+            fail(
+                exit::INFRASTRUCTURE,
+                format!("cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST), then run again."),
+            )
+        })?;
+    let (_temp, data_dir) = match &args.data_dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let temp = tempfile::tempdir()
+                .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot make a temporary directory: {e}")))?;
+            let path = temp.path().to_path_buf();
+            (Some(temp), path)
+        }
+    };
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot create {}: {e}", data_dir.display())))?;
+    let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), cib_store::SqliteOptions::default())
+        .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot open the store: {e}")))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ports = Ports {
+        executor: Arc::new(executor),
+        vcs,
+        store: Arc::new(store),
+        notifiers: Vec::new(),
+        clock: clock.clone(),
+        secrets: Arc::new(CliSecrets(secrets)),
+    };
+    let config = EngineConfig {
+        machine: Config { max_running_steps: 4, ..Config::default() },
+        workspace_root: data_dir.join("workspaces"),
+        tick_every: Duration::from_secs(30),
+    };
+    let (engine, future) = Engine::start(ports, config);
+    let engine_task = tokio::spawn(future);
+    let events = engine.subscribe();
+    let logs = engine.subscribe_logs();
+
+    let run_id = clock.now().millis();
+    let planned: Vec<Planned> = chosen
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Planned {
+            build: BuildId(format!("local-{run_id}-{}", i + 1)),
+            pipeline: p.name.clone(),
+            only: (!args.steps.is_empty())
+                .then(|| args.steps.iter().filter(|s| p.step(s).is_some()).cloned().collect()),
+        })
+        .collect();
+    let color = args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
+    let mut printer = Printer::new(color, &planned);
+    printer.header(&event, &planned);
+    let spec_text: Arc<str> = Arc::from(source.as_str());
+    for p in &planned {
+        let mut context = BuildContext {
+            repo: repo.clone(),
+            commit: commit.clone(),
+            branch: Some(branch.clone()),
+            pull_request: None,
+            event: event.clone(),
+            actor: std::env::var("USER").ok(),
+        };
+        context.event.changed_paths = None;
+        let input = Input::Enqueue {
+            build: p.build.clone(),
+            spec: spec_text.clone(),
+            pipeline: p.pipeline.clone(),
+            context,
+            only: p.only.clone(),
+            variables: env.clone(),
+        };
+        engine.submit(input).await.map_err(|e| fail(exit::INFRASTRUCTURE, format!("the engine stopped: {e}")))?;
+    }
+    let conclusions = watch(&engine, events, logs, &mut printer, &planned).await;
+    printer.summary(&engine, &planned, &conclusions).await;
+    engine.shutdown().await;
+    let _ = engine_task.await;
+    let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
+        exit::INFRASTRUCTURE
+    } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
+        exit::SUCCESS
+    } else {
+        exit::FAILED
+    };
+    Ok(code)
+}
+
+/// Prints events and output until every build has finished; Ctrl-C cancels the builds, and a
+/// second Ctrl-C stops waiting.
+async fn watch(
+    engine: &EngineHandle,
+    mut events: tokio::sync::broadcast::Receiver<cib_core::event::Event>,
+    mut logs: tokio::sync::broadcast::Receiver<LogLine>,
+    printer: &mut Printer,
+    planned: &[Planned],
+) -> BTreeMap<BuildId, Conclusion> {
+    let mut done: BTreeMap<BuildId, Conclusion> = BTreeMap::new();
+    let mut interrupts = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while done.len() < planned.len() {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if let EventBody::BuildFinished { build, conclusion } = &event.body
+                        && planned.iter().any(|p| p.build == *build)
+                    {
+                        done.insert(build.clone(), *conclusion);
+                    }
+                    printer.event(&event.body);
+                }
+                Err(RecvError::Lagged(n)) => printer.note(&format!("({n} events skipped: the terminal is slower than the build)")),
+                Err(RecvError::Closed) => break,
+            },
+            line = logs.recv() => match line {
+                Ok(line) => printer.output(&line),
+                Err(RecvError::Lagged(n)) => printer.note(&format!("({n} pieces of output skipped on screen; the store has them)")),
+                Err(RecvError::Closed) => break,
+            },
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts > 1 {
+                    printer.note("stopped waiting; containers are removed by the next run's reconcile");
+                    break;
+                }
+                printer.note("cancelling (press Ctrl-C again to stop waiting)");
+                for p in planned {
+                    let _ = engine.submit(Input::Cancel { build: p.build.clone(), by: "you".into(), reason: "interrupted".into() }).await;
+                }
+            },
+            _ = tick.tick() => printer.progress(),
+        }
+    }
+    printer.clear_progress();
+    done
+}
+
+const PALETTE: [&str; 6] = ["36", "35", "33", "32", "34", "91"];
+
+/// Everything `cib run` shows: prefixed output, step lines, a progress line on a terminal, and
+/// the closing summary.
+struct Printer {
+    color: bool,
+    multi: bool,
+    colors: HashMap<String, &'static str>,
+    partial: HashMap<(BuildId, String, u32), Vec<u8>>,
+    running: BTreeMap<(BuildId, String), Instant>,
+    progress_shown: bool,
+    started: Instant,
+    pipelines: HashMap<BuildId, String>,
+}
+
+impl Printer {
+    fn new(color: bool, planned: &[Planned]) -> Self {
+        Printer {
+            color,
+            multi: planned.len() > 1,
+            colors: HashMap::new(),
+            partial: HashMap::new(),
+            running: BTreeMap::new(),
+            progress_shown: false,
+            started: Instant::now(),
+            pipelines: planned.iter().map(|p| (p.build.clone(), p.pipeline.clone())).collect(),
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
+    }
+
+    fn label(&mut self, build: &BuildId, step: &str) -> String {
+        let name = if self.multi {
+            format!("{}/{step}", self.pipelines.get(build).map(String::as_str).unwrap_or("?"))
+        } else {
+            step.to_owned()
+        };
+        let next = PALETTE[self.colors.len() % PALETTE.len()];
+        let code = *self.colors.entry(name.clone()).or_insert(next);
+        self.paint(code, &name)
+    }
+
+    fn write(&mut self, text: &str) {
+        self.clear_progress();
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
+    }
+
+    fn note(&mut self, text: &str) {
+        let text = self.paint("2", text);
+        self.write(&text);
+    }
+
+    fn header(&mut self, event: &TriggerEvent, planned: &[Planned]) {
+        let names: Vec<&str> = planned.iter().map(|p| p.pipeline.as_str()).collect();
+        let kind =
+            serde_json::to_value(event.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let text = format!("cib run: {kind} on {} → {}", event.branch.as_deref().unwrap_or("-"), names.join(", "));
+        let text = self.paint("1", &text);
+        self.write(&text);
+    }
+
+    fn output(&mut self, line: &LogLine) {
+        let key = (line.key.build.clone(), line.key.step.clone(), line.key.attempt);
+        let mut buf = self.partial.remove(&key).unwrap_or_default();
+        buf.extend_from_slice(&line.data);
+        let mut lines: Vec<String> = Vec::new();
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let rest = buf.split_off(pos + 1);
+            lines.push(String::from_utf8_lossy(&buf[..pos]).trim_end_matches('\r').to_owned());
+            buf = rest;
+        }
+        if !buf.is_empty() {
+            self.partial.insert(key.clone(), buf);
+        }
+        let label = self.label(&key.0, &key.1);
+        for text in lines {
+            self.write(&format!("{label} | {text}"));
+        }
+    }
+
+    fn flush_partial(&mut self, build: &BuildId, step: &str, attempt: u32) {
+        if let Some(buf) = self.partial.remove(&(build.clone(), step.to_owned(), attempt)) {
+            let label = self.label(build, step);
+            self.write(&format!("{label} | {}", String::from_utf8_lossy(&buf)));
+        }
+    }
+
+    fn event(&mut self, body: &EventBody) {
+        match body {
+            EventBody::StepStarted { build, step, attempt } => {
+                self.running.insert((build.clone(), step.clone()), Instant::now());
+                let label = self.label(build, step);
+                let again = if *attempt > 1 { format!(" (attempt {attempt})") } else { String::new() };
+                let text = self.paint("2", &format!("started{again}"));
+                self.write(&format!("{label} ▶ {text}"));
+            }
+            EventBody::StepFinished { build, step, attempt, conclusion, detail, will_retry } => {
+                self.flush_partial(build, step, *attempt);
+                let took = self.running.remove(&(build.clone(), step.clone())).map(|t| t.elapsed()).unwrap_or_default();
+                let label = self.label(build, step);
+                let (code, word) = conclusion_style(*conclusion);
+                let mut text = format!("{label} ■ {} in {} ({detail})", self.paint(code, word), human(took));
+                if *will_retry {
+                    text.push_str(", trying again");
+                }
+                self.write(&text);
+            }
+            EventBody::StepSkipped { build, step, reason } => {
+                let label = self.label(build, step);
+                let text = self.paint("2", &format!("skipped: {reason}"));
+                self.write(&format!("{label} ○ {text}"));
+            }
+            EventBody::ServiceReady { build, service } => {
+                let label = self.label(build, service);
+                let text = self.paint("2", "service ready");
+                self.write(&format!("{label} ● {text}"));
+            }
+            EventBody::GateWaiting { step, kind, instructions, .. } => {
+                let text = format!(
+                    "{step} waits at a {kind} gate{} (a local run has nobody to answer; cancel with Ctrl-C)",
+                    instructions.as_ref().map(|i| format!(": {i}")).unwrap_or_default()
+                );
+                self.note(&text);
+            }
+            EventBody::BuildCancelling { reason, .. } => self.note(&format!("cancelling: {reason}")),
+            EventBody::LeaseWaiting { lease, .. } => {
+                self.note(&format!("{lease} waits for resources (a local run has no resource pools)"))
+            }
+            _ => {}
+        }
+    }
+
+    fn progress(&mut self) {
+        if !self.color || self.running.is_empty() {
+            return;
+        }
+        let parts: Vec<String> = self
+            .running
+            .iter()
+            .map(|((build, step), since)| {
+                let name = if self.multi {
+                    format!("{}/{step}", self.pipelines.get(build).map(String::as_str).unwrap_or("?"))
+                } else {
+                    step.clone()
+                };
+                format!("{name} {}", human(since.elapsed()))
+            })
+            .collect();
+        let spinner = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"]
+            [(self.started.elapsed().as_millis() / 250 % 10) as usize];
+        let _ = write!(std::io::stdout().lock(), "\r\x1b[2K{spinner} running: {}", parts.join(", "));
+        let _ = std::io::stdout().flush();
+        self.progress_shown = true;
+    }
+
+    fn clear_progress(&mut self) {
+        if self.progress_shown {
+            let _ = write!(std::io::stdout().lock(), "\r\x1b[2K");
+            self.progress_shown = false;
+        }
+    }
+
+    async fn summary(
+        &mut self,
+        engine: &EngineHandle,
+        planned: &[Planned],
+        conclusions: &BTreeMap<BuildId, Conclusion>,
+    ) {
+        let ids: Vec<BuildId> = planned.iter().map(|p| p.build.clone()).collect();
+        let builds = engine
+            .query(move |m| ids.iter().filter_map(|id| m.build(id).cloned()).collect::<Vec<_>>())
+            .await
+            .unwrap_or_default();
+        let mut rows: Vec<[String; 5]> = Vec::new();
+        for b in &builds {
+            for s in &b.steps {
+                let last = s.attempts.last();
+                let took = last
+                    .and_then(|a| a.finished_at.map(|f| f.since(a.started_at)))
+                    .map(human)
+                    .unwrap_or_else(|| "-".into());
+                let conclusion = match &s.status {
+                    cib_core::pipeline::StepStatus::Done(c) => *c,
+                    _ => StepConclusion::Cancelled,
+                };
+                let name = if self.multi { format!("{}/{}", b.pipeline.name, s.name) } else { s.name.clone() };
+                rows.push([
+                    name,
+                    conclusion_style(conclusion).1.to_owned(),
+                    took,
+                    s.attempts.len().to_string(),
+                    last.map(|a| a.detail.clone()).unwrap_or_default(),
+                ]);
+            }
+        }
+        let headers = ["STEP", "RESULT", "TIME", "TRIES", "DETAIL"];
+        let widths: Vec<usize> = (0..5)
+            .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(headers[i].len()))
+            .collect();
+        self.write("");
+        let head: Vec<String> = headers.iter().zip(&widths).map(|(h, w)| format!("{h:<w$}")).collect();
+        let head = self.paint("1", head.join("  ").trim_end());
+        self.write(&head);
+        for row in rows {
+            let (code, _) = conclusion_style(match row[1].as_str() {
+                "success" => StepConclusion::Success,
+                "skipped" => StepConclusion::Skipped,
+                _ => StepConclusion::Failed,
+            });
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let mut line = cells.join("  ").trim_end().to_owned();
+            if self.color {
+                line = line.replacen(&row[1], &self.paint(code, &row[1]), 1);
+            }
+            self.write(&line);
+        }
+        self.write("");
+        for p in planned {
+            let conclusion = conclusions.get(&p.build).copied();
+            let word = match conclusion {
+                Some(Conclusion::Success) => self.paint("32;1", "succeeded"),
+                Some(Conclusion::Failed) => self.paint("31;1", "failed"),
+                Some(Conclusion::TimedOut) => self.paint("31;1", "timed out"),
+                Some(Conclusion::Cancelled) => self.paint("33;1", "was cancelled"),
+                Some(Conclusion::Errored) => self.paint("31;1", "errored (infrastructure)"),
+                None => self.paint("33;1", "did not finish"),
+            };
+            let text = format!("pipeline {} {word} in {}", p.pipeline, human(self.started.elapsed()));
+            self.write(&text);
+        }
+    }
+}
+
+fn conclusion_style(c: StepConclusion) -> (&'static str, &'static str) {
+    match c {
+        StepConclusion::Success => ("32", "success"),
+        StepConclusion::Failed => ("31", "failed"),
+        StepConclusion::TimedOut => ("31", "timed out"),
+        StepConclusion::Cancelled => ("33", "cancelled"),
+        StepConclusion::Errored => ("31", "errored"),
+        StepConclusion::Skipped => ("2", "skipped"),
+        StepConclusion::Rejected => ("31", "rejected"),
+    }
+}
+
+/// `850ms`, `4.2s`, `3m05s`.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    }
+}

@@ -1,0 +1,184 @@
+//! The queries behind the reads: the journal, events, deliveries and the build records.
+//! Each runs on a read-only connection inside one read transaction, so what it returns is a
+//! single committed state.
+
+use cib_core::event::{BuildId, Event, EventBody};
+use cib_core::pipeline::Input;
+use cib_core::ports::{
+    BuildFilter, BuildRecord, BuildStatus, BuildSummary, Delivery, Page, StepRecord, StepRecordStatus, StoreError,
+    StoredInput,
+};
+use cib_core::time::Timestamp;
+use rusqlite::types::Value;
+use rusqlite::{Connection, params, params_from_iter};
+
+use crate::error::{corrupt, db, from_sql, query_opt, sql_limit, to_sql};
+
+fn time(value: i64) -> Result<Timestamp, StoreError> {
+    from_sql(value).map(Timestamp)
+}
+
+fn opt_time(value: Option<i64>) -> Result<Option<Timestamp>, StoreError> {
+    value.map(time).transpose()
+}
+
+pub(crate) fn inputs_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
+    let after = to_sql(after)?;
+    let rows: Vec<(i64, i64, String)> = conn
+        .prepare_cached("SELECT seq, at, input FROM inputs WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+        .and_then(|mut s| {
+            s.query_map(params![after, sql_limit(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+        })
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(seq, at, input)| {
+            let input: Input = serde_json::from_str(&input).map_err(|e| corrupt(format!("input {seq}: {e}")))?;
+            Ok((from_sql(seq)?, StoredInput { at: time(at)?, input }))
+        })
+        .collect()
+}
+
+pub(crate) fn events_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    let after = to_sql(after)?;
+    let rows: Vec<(i64, i64, String)> = conn
+        .prepare_cached("SELECT seq, at, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+        .and_then(|mut s| {
+            s.query_map(params![after, sql_limit(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+        })
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(seq, at, body)| {
+            let body: EventBody = serde_json::from_str(&body).map_err(|e| corrupt(format!("event {seq}: {e}")))?;
+            Ok(Event { seq: from_sql(seq)?, at: time(at)?, body })
+        })
+        .collect()
+}
+
+pub(crate) fn delivery(conn: &Connection, id: &str) -> Result<Option<Delivery>, StoreError> {
+    let row: Option<(String, String, i64, Vec<u8>)> =
+        query_opt(conn, "SELECT source, event, received_at, body FROM deliveries WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+    row.map(|(source, event, received_at, body)| {
+        Ok(Delivery { id: id.to_owned(), source, event, received_at: time(received_at)?, body })
+    })
+    .transpose()
+}
+
+const SUMMARY_COLUMNS: &str = "id, repo, branch, commit_sha, pipeline, status, queued_at, started_at, finished_at";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryRow> {
+    Ok(SummaryRow {
+        id: r.get(0)?,
+        repo: r.get(1)?,
+        branch: r.get(2)?,
+        commit: r.get(3)?,
+        pipeline: r.get(4)?,
+        status: r.get(5)?,
+        queued_at: r.get(6)?,
+        started_at: r.get(7)?,
+        finished_at: r.get(8)?,
+    })
+}
+
+/// A `builds` row before its values are checked.
+struct SummaryRow {
+    id: String,
+    repo: String,
+    branch: Option<String>,
+    commit: String,
+    pipeline: String,
+    status: String,
+    queued_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl SummaryRow {
+    fn check(self) -> Result<BuildSummary, StoreError> {
+        let status =
+            BuildStatus::from_name(&self.status).ok_or_else(|| corrupt(format!("build status {}", self.status)))?;
+        Ok(BuildSummary {
+            id: BuildId(self.id),
+            repo: self.repo,
+            branch: self.branch,
+            commit: self.commit,
+            pipeline: self.pipeline,
+            status,
+            queued_at: time(self.queued_at)?,
+            started_at: opt_time(self.started_at)?,
+            finished_at: opt_time(self.finished_at)?,
+        })
+    }
+}
+
+/// Builds newest first. The cursor compares as `(queued_at, id) < (cursor)`, written out with
+/// `OR` because row-value comparisons are not everywhere; text compares byte by byte in
+/// SQLite, as `String` does in Rust.
+pub(crate) fn builds(conn: &Connection, filter: &BuildFilter, page: &Page) -> Result<Vec<BuildSummary>, StoreError> {
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM builds WHERE 1 = 1");
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(repo) = &filter.repo {
+        sql.push_str(" AND repo = ?");
+        values.push(Value::Text(repo.clone()));
+    }
+    if let Some(branch) = &filter.branch {
+        sql.push_str(" AND branch = ?");
+        values.push(Value::Text(branch.clone()));
+    }
+    if !filter.statuses.is_empty() {
+        let marks = vec!["?"; filter.statuses.len()].join(", ");
+        sql.push_str(&format!(" AND status IN ({marks})"));
+        values.extend(filter.statuses.iter().map(|s| Value::Text(s.as_str().to_owned())));
+    }
+    if let Some(from) = filter.queued_from {
+        sql.push_str(" AND queued_at >= ?");
+        values.push(Value::Integer(to_sql(from.0)?));
+    }
+    if let Some(until) = filter.queued_until {
+        sql.push_str(" AND queued_at < ?");
+        values.push(Value::Integer(to_sql(until.0)?));
+    }
+    if let Some(after) = &page.after {
+        let at = to_sql(after.queued_at.0)?;
+        sql.push_str(" AND (queued_at < ? OR (queued_at = ? AND id < ?))");
+        values.extend([Value::Integer(at), Value::Integer(at), Value::Text(after.id.0.clone())]);
+    }
+    sql.push_str(" ORDER BY queued_at DESC, id DESC LIMIT ?");
+    values.push(Value::Integer(sql_limit(page.limit)));
+    let rows: Vec<SummaryRow> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_map(params_from_iter(values), summary)?.collect())
+        .map_err(db)?;
+    rows.into_iter().map(SummaryRow::check).collect()
+}
+
+pub(crate) fn build(conn: &Connection, id: &BuildId) -> Result<Option<BuildRecord>, StoreError> {
+    let sql = format!("SELECT {SUMMARY_COLUMNS} FROM builds WHERE id = ?1");
+    let Some(row) = query_opt(conn, &sql, [&id.0], summary)? else { return Ok(None) };
+    let build = row.check()?;
+    type StepRow = (String, i64, String, Option<String>, Option<i64>, Option<i64>);
+    let rows: Vec<StepRow> = conn
+        .prepare_cached(
+            "SELECT step, attempt, status, detail, started_at, finished_at FROM build_steps
+             WHERE build = ?1 ORDER BY ord, attempt",
+        )
+        .and_then(|mut s| {
+            s.query_map([&id.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?.collect()
+        })
+        .map_err(db)?;
+    let steps = rows
+        .into_iter()
+        .map(|(name, attempt, status, detail, started_at, finished_at)| {
+            Ok(StepRecord {
+                name,
+                attempt: u32::try_from(attempt).map_err(|_| corrupt(format!("attempt {attempt}")))?,
+                status: StepRecordStatus::from_name(&status).ok_or_else(|| corrupt(format!("step status {status}")))?,
+                detail,
+                started_at: opt_time(started_at)?,
+                finished_at: opt_time(finished_at)?,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(Some(BuildRecord { build, steps }))
+}

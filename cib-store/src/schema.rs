@@ -1,0 +1,142 @@
+//! The schema and its versioned migrations.
+//!
+//! Each migration runs in its own transaction together with the row that records it in
+//! `schema_version`, so a crash leaves the schema at one version or the next, never between.
+//! The SQL sticks to what SQLite and PostgreSQL share (plain tables, `BIGINT`, `TEXT`, composite
+//! primary keys, no `AUTOINCREMENT` or `WITHOUT ROWID`), so that a PostgreSQL store can keep
+//! the same tables, with `BYTEA` for `BLOB`.
+
+use cib_core::ports::StoreError;
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::error::db;
+
+/// Version 1: the journal, events, deliveries, build records and logs.
+///
+/// - `inputs`: the engine's journal, numbered from 1 without gaps.
+/// - `events`: numbered by the engine; `build` lets the API read one build's events.
+/// - `deliveries`: webhook deliveries, one row per delivery id.
+/// - `builds` and `build_steps`: what the events say about builds, kept for the API. `ord` is
+///   the sequence number of the event that first recorded a step, which orders the steps.
+/// - `logs`: one row per step attempt: its length (every byte printed), the head and tail it
+///   keeps once past the limit, whether it is finished, and its raw suffix (`raw_from`,
+///   `raw_bytes`: output not yet compressed, see `logs.rs`).
+/// - `log_chunks`: the kept bytes `start_offset..end_offset` of a log, compressed (`codec` 1,
+///   zlib) or not yet (`codec` 0).
+const V1: &str = "
+CREATE TABLE inputs (
+    seq BIGINT NOT NULL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    input TEXT NOT NULL
+);
+CREATE TABLE events (
+    seq BIGINT NOT NULL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    build TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX events_by_build ON events (build, seq);
+CREATE TABLE deliveries (
+    id TEXT NOT NULL PRIMARY KEY,
+    source TEXT NOT NULL,
+    event TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE builds (
+    id TEXT NOT NULL PRIMARY KEY,
+    repo TEXT NOT NULL,
+    branch TEXT,
+    commit_sha TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queued_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT
+);
+CREATE INDEX builds_by_time ON builds (queued_at, id);
+CREATE INDEX builds_by_repo ON builds (repo, branch, queued_at, id);
+CREATE INDEX builds_by_status ON builds (status, queued_at, id);
+CREATE TABLE build_steps (
+    build TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    ord BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    started_at BIGINT,
+    finished_at BIGINT,
+    PRIMARY KEY (build, step, attempt)
+);
+CREATE TABLE logs (
+    build TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    length BIGINT NOT NULL,
+    head_limit BIGINT NOT NULL,
+    tail_limit BIGINT NOT NULL,
+    raw_from BIGINT,
+    raw_bytes BIGINT NOT NULL,
+    finished SMALLINT NOT NULL,
+    PRIMARY KEY (build, step, attempt)
+);
+CREATE TABLE log_chunks (
+    build TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    start_offset BIGINT NOT NULL,
+    end_offset BIGINT NOT NULL,
+    codec SMALLINT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (build, step, attempt, start_offset)
+);
+";
+
+/// Every migration, in order. A migration, once released, is never edited: a change is a new
+/// migration.
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
+/// once: each migration reads the version inside its own write transaction, so exactly one of
+/// them applies it. A database from a newer version of cib is refused rather than damaged.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .map_err(db)?;
+    let current = version(conn)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Misconfigured(format!(
+            "the database has schema version {current}, newer than this cib's {SCHEMA_VERSION}; upgrade cib"
+        )));
+    }
+    for &(version, sql) in MIGRATIONS {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let current: i64 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)).map_err(db)?;
+        if current >= version {
+            continue;
+        }
+        tx.execute_batch(sql).map_err(db)?;
+        tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)", (version, now_millis()))
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        tracing::info!(version, "migrated the store's schema");
+    }
+    Ok(())
+}
+
+/// The schema version of an open database, 0 when it has none.
+pub(crate) fn version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)).map_err(db)
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,318 @@
+//! [`SqliteStore`]: the [`Store`] port on one SQLite file, with one writer thread and a few
+//! reader threads.
+//!
+//! rusqlite is synchronous, and a connection must never be held across an `.await`, so each
+//! connection lives on a thread of its own and async callers talk to it through channels:
+//! writes queue for the writer (which commits them in groups, see `writer.rs`), reads go to
+//! whichever reader is free. The threads are plain OS threads, so the store works under any
+//! async runtime, or none for `open`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cib_core::event::{BuildId, Event};
+use cib_core::ports::{
+    BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, LogKey, LogLimit, LogRead, Page,
+    Store, StoreError, StoredInput,
+};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{db, stopped};
+use crate::logs::{self, LogConfig};
+use crate::read;
+use crate::schema;
+use crate::writer::{self, BatchLimits, Command, Done, EventRow, Op};
+
+/// How hard SQLite works to make a commit survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Every commit is flushed to disk before it is reported: it survives a crash of the
+    /// process and of the machine. The default, since a lost webhook or result cannot be
+    /// taken back.
+    #[default]
+    Full,
+    /// Commits survive a crash of the process but the last ones may be lost when the machine
+    /// loses power; the database stays consistent either way. Faster on slow disks.
+    Normal,
+}
+
+/// How a [`SqliteStore`] is set up. Start from `SqliteOptions::default()`.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The most of each step attempt's log that is kept, in bytes: past it, the first half
+    /// and the last half are kept (see [`LogLimit`]). 64 MiB by default.
+    pub log_limit: u64,
+    /// How long a write waits for another process that holds the database. 5 s by default.
+    pub busy_timeout: Duration,
+    pub synchronous: Synchronous,
+    /// Read-only connections, each on its own thread. 2 by default.
+    pub readers: usize,
+    /// Uncompressed bytes per log chunk: larger chunks compress better, smaller ones make
+    /// small reads cheaper. 64 KiB by default.
+    pub log_chunk_size: usize,
+    /// zlib level for log chunks, 0 (store) to 9 (smallest). 1 by default: logs compress well
+    /// even at the fastest level, and the writer thread's time is what limits ingest.
+    pub compression_level: u32,
+    /// The most writes one group commit takes. 1024 by default.
+    pub max_batch_writes: usize,
+    /// The most bytes one group commit takes, roughly. 8 MiB by default.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            log_limit: DEFAULT_LOG_LIMIT,
+            busy_timeout: Duration::from_secs(5),
+            synchronous: Synchronous::Full,
+            readers: 2,
+            log_chunk_size: 64 << 10,
+            compression_level: 1,
+            max_batch_writes: 1024,
+            max_batch_bytes: 8 << 20,
+        }
+    }
+}
+
+type ReadJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The store on a SQLite file in WAL mode.
+///
+/// Opening runs the schema's migrations. Dropping the store lets the writer finish what is
+/// queued and waits for its threads; a write whose caller stopped waiting still happens.
+#[derive(Debug)]
+pub struct SqliteStore {
+    // Declared before `threads`, so that they are dropped first and the threads see their
+    // channels close before they are joined.
+    writer: mpsc::Sender<Command>,
+    readers: std_mpsc::Sender<ReadJob>,
+    path: PathBuf,
+    log_limit: LogLimit,
+    _threads: Threads,
+}
+
+/// Joins the store's threads when dropped.
+#[derive(Debug, Default)]
+struct Threads(Vec<JoinHandle<()>>);
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for thread in self.0.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a store thread panicked");
+            }
+        }
+    }
+}
+
+/// Settings every connection gets.
+fn configure(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreError> {
+    conn.busy_timeout(options.busy_timeout).map_err(db)?;
+    let synchronous = match options.synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous).map_err(db)?;
+    Ok(())
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|e| StoreError::Transient(format!("cannot start a store thread: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`, brings its schema up to date, and starts the
+    /// writer and reader threads. It blocks while it does so: call it before starting the
+    /// runtime, or from `spawn_blocking`.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if options.readers == 0 || options.log_chunk_size == 0 || options.compression_level > 9 {
+            return Err(StoreError::Misconfigured(format!(
+                "SQLite store options need readers >= 1, log_chunk_size >= 1 and compression_level <= 9: {options:?}"
+            )));
+        }
+        let mut conn = Connection::open(&path).map_err(db)?;
+        configure(&conn, &options)?;
+        // WAL lets readers read while the writer writes, and makes a commit one append to the
+        // log file. A database that cannot use it (in memory, say) is refused: its crash
+        // behaviour is not what this store promises.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Misconfigured(format!(
+                "{} cannot use WAL mode (journal mode is {mode})",
+                path.display()
+            )));
+        }
+        schema::migrate(&mut conn)?;
+
+        let log_limit = LogLimit::new(options.log_limit);
+        let logs = LogConfig { limit: log_limit, chunk: options.log_chunk_size, level: options.compression_level };
+        let limits = BatchLimits { commands: options.max_batch_writes.max(1), bytes: options.max_batch_bytes.max(1) };
+        let mut threads = Threads::default();
+        let (writer, rx) = mpsc::channel(limits.commands);
+        threads.0.push(spawn("cib-store-writer", move || writer::run(conn, rx, logs, limits))?);
+
+        let (readers, jobs) = std_mpsc::channel::<ReadJob>();
+        let jobs = Arc::new(Mutex::new(jobs));
+        for i in 0..options.readers {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let mut conn = Connection::open_with_flags(&path, flags).map_err(db)?;
+            conn.busy_timeout(options.busy_timeout).map_err(db)?;
+            let jobs = jobs.clone();
+            threads.0.push(spawn(&format!("cib-store-reader-{i}"), move || {
+                loop {
+                    // The lock is held only to take a job, so readers run jobs in parallel.
+                    let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    match job {
+                        Ok(job) => job(&mut conn),
+                        Err(_) => return,
+                    }
+                }
+            })?);
+        }
+        Ok(SqliteStore { writer, readers, path, log_limit, _threads: threads })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What this store keeps of a new log.
+    pub fn log_limit(&self) -> LogLimit {
+        self.log_limit
+    }
+
+    /// Runs SQLite's integrity check; an error lists what it found.
+    pub async fn integrity_check(&self) -> Result<(), StoreError> {
+        let problems = self
+            .read(|conn| {
+                conn.prepare("PRAGMA integrity_check")
+                    .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>())
+                    .map_err(db)
+            })
+            .await?;
+        if problems == ["ok"] {
+            Ok(())
+        } else {
+            Err(StoreError::Misconfigured(format!("{} is damaged: {}", self.path.display(), problems.join("; "))))
+        }
+    }
+
+    async fn write(&self, op: Op) -> Result<Done, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command { op, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` on a reader's connection, in one read transaction.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn: &mut Connection| {
+            let result = conn.transaction().map_err(db).and_then(|tx| f(&tx));
+            let _ = reply.send(result);
+        });
+        self.readers.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn unexpected(done: Done) -> StoreError {
+    StoreError::Permanent(format!("the store's writer gave an unexpected answer: {done:?}"))
+}
+
+fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Permanent(format!("cannot serialize {what}: {e}")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError> {
+        let json = to_json(&input.input, "an input")?;
+        match self.write(Op::Input { at: input.at.0, input: json }).await? {
+            Done::Seq(seq) => Ok(seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
+        self.read(move |c| read::inputs_after(c, after, limit)).await
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let rows = events
+            .iter()
+            .map(|e| {
+                Ok(EventRow {
+                    seq: e.seq,
+                    at: e.at.0,
+                    build: e.body.build().map(|b| b.0.clone()),
+                    body: to_json(&e.body, "an event")?,
+                    update: BuildUpdate::from_event(e),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        match self.write(Op::Events(rows)).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read(move |c| read::events_after(c, after, limit)).await
+    }
+
+    async fn append_log(&self, key: &LogKey, data: &[u8]) -> Result<u64, StoreError> {
+        match self.write(Op::AppendLog { key: key.clone(), data: data.to_vec() }).await? {
+            Done::Length(length) => Ok(length),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError> {
+        match self.write(Op::FinishLog { key: key.clone() }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn read_log(&self, key: &LogKey, offset: u64, max: usize) -> Result<LogRead, StoreError> {
+        let key = key.clone();
+        self.read(move |c| logs::read(c, &key, offset, max)).await
+    }
+
+    async fn insert_delivery(&self, delivery: &Delivery) -> Result<bool, StoreError> {
+        match self.write(Op::Delivery(delivery.clone())).await? {
+            Done::New(new) => Ok(new),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| read::delivery(c, &id)).await
+    }
+
+    async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |c| read::builds(c, &filter, &page)).await
+    }
+
+    async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |c| read::build(c, &id)).await
+    }
+}

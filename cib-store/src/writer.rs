@@ -1,0 +1,239 @@
+//! The one thread that writes, and its group commits.
+//!
+//! Every write goes through a channel to this thread, which takes whatever has queued up
+//! (up to a count and a size) and applies it in one transaction: a chatty step, many steps at
+//! once and a burst of webhooks all share commits instead of each paying for one. Each write
+//! runs inside a savepoint, so one that fails (say, an append to a finished log) is undone
+//! alone while the others commit. Callers hear back only after the commit, so a reported
+//! write is a durable write.
+
+use cib_core::ports::{BuildStatus, BuildUpdate, Delivery, LogKey, StoreError};
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{corrupt, db, exec, from_sql, query_opt, to_sql};
+use crate::logs::{self, LogConfig};
+
+/// An event as the writer stores it: serialized by the caller, so the writer thread spends
+/// its time on SQLite alone.
+#[derive(Debug)]
+pub(crate) struct EventRow {
+    pub seq: u64,
+    pub at: u64,
+    pub build: Option<String>,
+    pub body: String,
+    pub update: Option<BuildUpdate>,
+}
+
+/// One write.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Input { at: u64, input: String },
+    Events(Vec<EventRow>),
+    AppendLog { key: LogKey, data: Vec<u8> },
+    FinishLog { key: LogKey },
+    Delivery(Delivery),
+}
+
+impl Op {
+    /// Roughly how many bytes the write carries, to keep a batch's memory bounded.
+    fn weight(&self) -> usize {
+        match self {
+            Op::Input { input, .. } => input.len(),
+            Op::Events(rows) => rows.iter().map(|r| r.body.len()).sum(),
+            Op::AppendLog { data, .. } => data.len(),
+            Op::FinishLog { .. } => 0,
+            Op::Delivery(d) => d.body.len(),
+        }
+    }
+}
+
+/// What a write returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Done {
+    Seq(u64),
+    Length(u64),
+    Unit,
+    New(bool),
+}
+
+/// A write and where its answer goes.
+#[derive(Debug)]
+pub(crate) struct Command {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+/// How large a group commit may grow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub commands: usize,
+    pub bytes: usize,
+}
+
+/// Runs until every sender is gone, then closes the connection.
+pub(crate) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, logs: LogConfig, limits: BatchLimits) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut weight = first.op.weight();
+        batch.push(first);
+        while batch.len() < limits.commands && weight < limits.bytes {
+            match rx.try_recv() {
+                Ok(next) => {
+                    weight += next.op.weight();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let results = match execute(&mut conn, &logs, &batch) {
+            Ok(results) => results,
+            Err(error) => {
+                tracing::warn!(%error, writes = batch.len(), "a group commit failed");
+                batch.iter().map(|_| Err(error.clone())).collect()
+            }
+        };
+        for (command, result) in batch.drain(..).zip(results) {
+            // A caller that stopped waiting does not need the answer; the write stands.
+            let _ = command.reply.send(result);
+        }
+    }
+}
+
+/// Applies a batch in one transaction and returns each write's result, or an error for all of
+/// them when the transaction itself fails.
+fn execute(
+    conn: &mut Connection,
+    logs: &LogConfig,
+    batch: &[Command],
+) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+    // Taking the write lock up front means a busy database is waited for (busy timeout) here,
+    // rather than failing halfway through when a read would have to become a write.
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for command in batch {
+        let savepoint = tx.savepoint().map_err(db)?;
+        let result = apply(&savepoint, logs, &command.op);
+        if result.is_ok() {
+            savepoint.commit().map_err(db)?;
+        } else {
+            drop(savepoint);
+            // Some errors (a full disk, an I/O error) make SQLite roll back the whole
+            // transaction; the writes after it would then commit one by one, outside it.
+            if tx.is_autocommit() {
+                return Err(result.err().unwrap_or_else(|| StoreError::Transient("rolled back".into())));
+            }
+        }
+        results.push(result);
+    }
+    tx.commit().map_err(db)?;
+    Ok(results)
+}
+
+fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreError> {
+    match op {
+        Op::Input { at, input } => {
+            // The writer is the only one writing in this transaction, and the transaction
+            // holds the write lock, so the next number is free and numbers have no gaps.
+            let last: i64 = query_opt(conn, "SELECT COALESCE(MAX(seq), 0) FROM inputs", [], |r| r.get(0))?.unwrap_or(0);
+            let seq = from_sql(last)? + 1;
+            let (sql_seq, at) = (to_sql(seq)?, to_sql(*at)?);
+            exec(conn, "INSERT INTO inputs (seq, at, input) VALUES (?1, ?2, ?3)", params![sql_seq, at, input])?;
+            Ok(Done::Seq(seq))
+        }
+        Op::Events(rows) => {
+            for row in rows {
+                let (seq, at) = (to_sql(row.seq)?, to_sql(row.at)?);
+                let inserted = exec(
+                    conn,
+                    "INSERT INTO events (seq, at, build, body) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (seq) DO NOTHING",
+                    params![seq, at, row.build, row.body],
+                )?;
+                // Only a new event moves the build records, so replays change nothing.
+                if let (1, Some(update)) = (inserted, &row.update) {
+                    apply_update(conn, row.seq, update)?;
+                }
+            }
+            Ok(Done::Unit)
+        }
+        Op::AppendLog { key, data } => logs::append(conn, logs, key, data).map(Done::Length),
+        Op::FinishLog { key } => logs::finish(conn, logs, key).map(|()| Done::Unit),
+        Op::Delivery(d) => {
+            let received_at = to_sql(d.received_at.0)?;
+            let inserted = exec(
+                conn,
+                "INSERT INTO deliveries (id, source, event, received_at, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO NOTHING",
+                params![d.id, d.source, d.event, received_at, d.body],
+            )?;
+            Ok(Done::New(inserted == 1))
+        }
+    }
+}
+
+/// Applies one event's change to the build records, as [`BuildUpdate`] describes.
+fn apply_update(conn: &Connection, seq: u64, update: &BuildUpdate) -> Result<(), StoreError> {
+    let opt = |t: Option<cib_core::time::Timestamp>| t.map(|t| to_sql(t.0)).transpose();
+    match update {
+        BuildUpdate::Queued(b) => {
+            let (queued_at, started_at, finished_at) =
+                (to_sql(b.queued_at.0)?, opt(b.started_at)?, opt(b.finished_at)?);
+            exec(
+                conn,
+                "INSERT INTO builds (id, repo, branch, commit_sha, pipeline, status, queued_at, started_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+                params![b.id.0, b.repo, b.branch, b.commit, b.pipeline, b.status.as_str(), queued_at, started_at, finished_at],
+            )?;
+        }
+        BuildUpdate::Status { build, status, at } => {
+            let current: Option<(String, Option<i64>)> =
+                query_opt(conn, "SELECT status, started_at FROM builds WHERE id = ?1", [&build.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            let Some((current, started_at)) = current else { return Ok(()) };
+            let current = BuildStatus::from_name(&current).ok_or_else(|| corrupt(format!("build status {current}")))?;
+            if current.is_finished() {
+                return Ok(());
+            }
+            let at = to_sql(at.0)?;
+            let started_at = started_at.or((*status == BuildStatus::Running).then_some(at));
+            let finished_at = status.is_finished().then_some(at);
+            exec(
+                conn,
+                "UPDATE builds SET status = ?2, started_at = ?3, finished_at = ?4 WHERE id = ?1",
+                params![build.0, status.as_str(), started_at, finished_at],
+            )?;
+        }
+        BuildUpdate::Step { build, step } => {
+            let known = conn
+                .prepare_cached("SELECT 1 FROM builds WHERE id = ?1")
+                .and_then(|mut s| s.exists([&build.0]))
+                .map_err(db)?;
+            if !known {
+                return Ok(());
+            }
+            let (ord, started_at, finished_at) = (to_sql(seq)?, opt(step.started_at)?, opt(step.finished_at)?);
+            exec(
+                conn,
+                "INSERT INTO build_steps (build, step, attempt, ord, status, detail, started_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (build, step, attempt) DO UPDATE SET
+                     status = excluded.status,
+                     detail = COALESCE(excluded.detail, build_steps.detail),
+                     started_at = COALESCE(build_steps.started_at, excluded.started_at),
+                     finished_at = COALESCE(excluded.finished_at, build_steps.finished_at)",
+                params![
+                    build.0,
+                    step.name,
+                    i64::from(step.attempt),
+                    ord,
+                    step.status.as_str(),
+                    step.detail,
+                    started_at,
+                    finished_at
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
