@@ -423,7 +423,8 @@ impl Machine {
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Effect> {
         match input {
             Input::Enqueue { build, spec, pipeline, context, only, variables } => {
-                self.enqueue(build, &spec, &pipeline, context, only.as_deref(), variables, now)
+                let new = NewBuild { id: build, context, only, variables };
+                self.enqueue(new, &spec, &pipeline, now)
             }
             Input::StepFinished { build, step, attempt, result } => {
                 self.step_finished(&build, &step, attempt, result, now)
@@ -504,21 +505,13 @@ impl Machine {
 
     // ---- builds ----------------------------------------------------------------------------
 
-    fn enqueue(
-        &mut self,
-        id: BuildId,
-        source: &str,
-        pipeline: &str,
-        context: BuildContext,
-        only: Option<&[String]>,
-        variables: BTreeMap<String, String>,
-        now: Timestamp,
-    ) {
+    fn enqueue(&mut self, new: NewBuild, source: &str, pipeline: &str, now: Timestamp) {
+        let NewBuild { id, context, only, variables } = new;
         if self.builds.contains_key(&id) {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
         let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
-        if let (Some(p), Some(only)) = (found.as_mut(), only) {
+        if let (Some(p), Some(only)) = (found.as_mut(), &only) {
             // The chosen steps and everything they depend on; the rest is left out entirely.
             let names: Vec<&str> = only.iter().map(String::as_str).collect();
             let keep: BTreeSet<String> = p.closure(&names).iter().map(|s| s.name.clone()).collect();
@@ -1303,6 +1296,14 @@ pub fn holder_text(holder: &Holder) -> String {
         Holder::Build { build, step: Some(step) } => format!("build {build} step {step}"),
         Holder::Person { login } => login.clone(),
     }
+}
+
+/// A build being enqueued, apart from its spec.
+struct NewBuild {
+    id: BuildId,
+    context: BuildContext,
+    only: Option<Vec<String>>,
+    variables: BTreeMap<String, String>,
 }
 
 /// What to do with the next step that can move.

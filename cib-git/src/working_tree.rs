@@ -15,12 +15,24 @@ use crate::{GitVcs, git};
 pub struct WorkingTree {
     root: PathBuf,
     git: GitVcs,
+    /// Paths under the root that are never copied (cib's own data directory, say).
+    exclude: Vec<PathBuf>,
 }
 
 impl WorkingTree {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         let root = root.into();
-        WorkingTree { git: GitVcs::new().with_repo("", &root), root }
+        WorkingTree { git: GitVcs::new().with_repo("", &root), root, exclude: Vec::new() }
+    }
+
+    /// Never copies `path` (absolute, or relative to the root) or anything under it.
+    pub fn excluding(mut self, path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref();
+        let relative = path.strip_prefix(&self.root).unwrap_or(path);
+        if relative.is_relative() {
+            self.exclude.push(relative.to_path_buf());
+        }
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -41,6 +53,7 @@ impl WorkingTree {
             Err(_) => walk(&self.root)
                 .map_err(|e| VcsError::Transient(format!("cannot list {}: {e}", self.root.display())))?,
         };
+        files.retain(|f| !self.exclude.iter().any(|x| f.starts_with(x)));
         files.sort();
         files.dedup();
         Ok(files)

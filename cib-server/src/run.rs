@@ -153,7 +153,13 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         }
         None => {
             let head = git_output(&root, &["rev-parse", "HEAD"]).unwrap_or_else(|| "0".repeat(40));
-            (Arc::new(WorkingTree::new(&root)), head)
+            let mut tree = WorkingTree::new(&root);
+            // A data directory inside the project must not be copied into its own workspaces.
+            if let Some(data) = &args.data_dir {
+                let data = data.canonicalize().unwrap_or(data.clone());
+                tree = tree.excluding(data);
+            }
+            (Arc::new(tree), head)
         }
     };
     let shown = root.join(spec::FILE_NAME).display().to_string();
@@ -218,7 +224,13 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     secrets.extend(pairs(&args.secrets, "--secret")?);
     let env = pairs(&args.env, "--env")?;
     for p in &chosen {
-        for s in &p.steps {
+        let running: Vec<&spec::Step> = if args.steps.is_empty() {
+            p.steps.iter().collect()
+        } else {
+            let names: Vec<&str> = args.steps.iter().map(String::as_str).collect();
+            p.closure(&names)
+        };
+        for s in running {
             for name in &s.secrets {
                 if !secrets.contains_key(name) {
                     return Err(fail(

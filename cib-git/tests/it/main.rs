@@ -123,7 +123,9 @@ async fn a_working_tree_is_copied_as_it_is() {
     std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\necho hi\n").expect("write");
     std::fs::set_permissions(dir.path().join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let tree = WorkingTree::new(dir.path());
+    std::fs::create_dir_all(dir.path().join(".cib-data")).expect("mkdir");
+    std::fs::write(dir.path().join(".cib-data/cib.db"), "data").expect("write");
+    let tree = WorkingTree::new(dir.path()).excluding(dir.path().join(".cib-data"));
     assert_eq!(tree.read_spec("", "").await.expect("read"), Some("pipelines: {}\n".into()));
     let dest = tempfile::tempdir().expect("temp dir");
     tree.prepare_workspace("", "", dest.path()).await.expect("copy");
@@ -131,6 +133,7 @@ async fn a_working_tree_is_copied_as_it_is() {
     assert!(dest.path().join("untracked.txt").exists(), "untracked files are included");
     assert!(!dest.path().join("target/big.bin").exists(), "ignored files are not");
     assert!(!dest.path().join(".git").exists());
+    assert!(!dest.path().join(".cib-data").exists(), "excluded paths are not copied");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(dest.path().join("run.sh")).expect("meta").permissions(),
     );

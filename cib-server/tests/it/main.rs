@@ -1,3 +1,5 @@
 //! cib-server's integration tests, in one binary: the `cib` command as a user runs it.
 
 mod cli;
+mod plan;
+mod run;

@@ -1,0 +1,161 @@
+//! `cib run` end to end: a temporary Git repository, real Docker, and the command as a user
+//! runs it, with its output and exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A repository on branch `feature/e2e` holding `spec` and a script.
+fn project(spec: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    git(dir.path(), &["init", "-q", "-b", "feature/e2e"]);
+    std::fs::write(dir.path().join(".cib.yml"), spec).expect("write spec");
+    std::fs::write(dir.path().join("check.sh"), "#!/bin/sh\necho \"checking $1\"\n").expect("write script");
+    std::fs::set_permissions(dir.path().join("check.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    git(dir.path(), &["add", "."]);
+    git(dir.path(), &["commit", "-q", "-m", "start"]);
+    dir
+}
+
+fn cib_run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cib"))
+        .arg("run")
+        .args(args)
+        .current_dir(dir)
+        .env("CIB_DATA_DIR", dir.join(".cib-data"))
+        .output()
+        .expect("run cib")
+}
+
+const SPEC: &str = r#"
+pipelines:
+  test:
+    services:
+      web:
+        image: busybox
+        command: ["sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ready: wget -q -O /dev/null http://localhost:8080/
+    steps:
+      - name: lint
+        image: busybox
+        services: []
+        commands: [./check.sh lint, "echo lint-done"]
+      - name: unit
+        image: busybox
+        secrets: [API_TOKEN]
+        commands:
+          - ./check.sh unit
+          - wget -q -O - http://web:8080/
+          - echo "token is $API_TOKEN"
+      - name: flaky
+        image: busybox
+        services: []
+        commands: ["echo about to fail", "exit 3"]
+      - name: package
+        image: busybox
+        depends_on: [lint, unit]
+        services: []
+        commands: ["echo packaged by $CIB_STEP with MODE=$MODE"]
+      - name: after-flaky
+        image: busybox
+        depends_on: [flaky]
+        services: []
+        commands: ["echo never"]
+"#;
+
+#[test]
+fn a_run_with_parallel_steps_a_service_a_secret_and_a_failure() {
+    let dir = project(SPEC);
+    let out = cib_run(dir.path(), &["--secret", "API_TOKEN=sup3r-s3cret", "--env", "MODE=e2e", "--color", "never"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a failing step fails the run\n{stdout}\n{stderr}");
+    assert!(stdout.starts_with("cib run: push on feature/e2e → test\n"), "{stdout}");
+    // Output is prefixed by its step, the service answered by name, and the secret is masked.
+    assert!(stdout.contains("lint | checking lint"), "{stdout}");
+    assert!(stdout.contains("unit | hello-from-web"), "{stdout}");
+    assert!(stdout.contains("unit | token is ***"), "{stdout}");
+    assert!(!stdout.contains("sup3r-s3cret") && !stderr.contains("sup3r-s3cret"), "the secret leaked");
+    assert!(stdout.contains("package | packaged by package with MODE=e2e"), "{stdout}");
+    assert!(stdout.contains("flaky | about to fail"), "{stdout}");
+    assert!(stdout.contains("web ● service ready"), "{stdout}");
+    assert!(!stdout.contains("never"), "a step after a failure does not run: {stdout}");
+    // The summary: one row per step, and the pipeline's conclusion.
+    let summary: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("STEP")).collect();
+    assert!(summary[0].starts_with("STEP") && summary[0].contains("RESULT"), "{stdout}");
+    let row = |step: &str| summary.iter().find(|l| l.starts_with(&format!("{step} "))).copied().unwrap_or_default();
+    assert!(row("lint").contains("success"), "{stdout}");
+    assert!(row("unit").contains("success"), "{stdout}");
+    assert!(row("package").contains("success"), "{stdout}");
+    assert!(row("flaky").contains("failed") && row("flaky").contains("exit code 3"), "{stdout}");
+    assert!(row("after-flaky").contains("skipped"), "{stdout}");
+    assert!(stdout.contains("pipeline test failed in"), "{stdout}");
+}
+
+#[test]
+fn only_the_chosen_step_runs_and_success_exits_0() {
+    let dir = project(SPEC);
+    let out = cib_run(dir.path(), &["--step", "lint", "--color", "never"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("lint | lint-done"), "{stdout}");
+    assert!(!stdout.contains("unit"), "{stdout}");
+    assert!(stdout.contains("pipeline test succeeded"), "{stdout}");
+}
+
+#[test]
+fn a_broken_spec_gives_its_diagnostics_and_exit_2() {
+    let dir = project("pipelines:\n  test:\n    steps:\n      - name: a\n        imag: busybox\n");
+    let out = cib_run(dir.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains(".cib.yml:5:9: error: unknown key 'imag' (did you mean 'image'?)"), "{stderr}");
+}
+
+#[test]
+fn a_missing_secret_is_a_usage_error() {
+    let dir = project(SPEC);
+    let out = cib_run(dir.path(), &["--step", "unit"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs the secret API_TOKEN"));
+}
+
+#[test]
+fn no_docker_daemon_gives_a_clear_message_and_exit_3() {
+    let dir = project(SPEC);
+    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .args(["run", "--step", "lint"])
+        .current_dir(dir.path())
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .expect("run cib");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot use Docker") && stderr.contains("Start a Docker daemon"), "{stderr}");
+}
+
+#[test]
+fn a_clean_checkout_of_a_commit_ignores_the_working_tree() {
+    let dir = project(SPEC);
+    std::fs::write(dir.path().join("check.sh"), "#!/bin/sh\necho \"edited $1\"\n").expect("edit");
+    let out = cib_run(dir.path(), &["--step", "lint", "--commit", "HEAD", "--color", "never"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("lint | checking lint"), "the committed script ran: {stdout}");
+    let out = cib_run(dir.path(), &["--step", "lint", "--color", "never"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lint | edited lint"), "the working tree ran");
+}
