@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod event;
+pub mod forge;
 pub mod lease;
 pub mod pipeline;
 pub mod ports;
