@@ -448,6 +448,11 @@ async fn run_step(
 ) -> StepResult {
     let prepared = workspace
         .get_or_init(|| async {
+            // A directory left by a previous process (a restart mid-build) is started afresh:
+            // a checkout needs an empty directory, and stale files must not leak into the build.
+            if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+            }
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(|e| format!("cannot create the workspace {}: {e}", dir.display()))?;

@@ -73,8 +73,9 @@ pub struct PullRequest {
     pub base_commit: String,
     pub head_branch: String,
     pub head_commit: String,
-    /// The repository the head branch lives in.
-    pub head_repo: RepoName,
+    /// The repository the head branch lives in, or `None` when the forge no longer knows it (a
+    /// fork deleted after the pull request was opened); such a pull request counts as a fork.
+    pub head_repo: Option<RepoName>,
     /// The head lives in a fork: no secrets and no privileged steps until a maintainer approves.
     pub from_fork: bool,
     pub author: String,
@@ -112,7 +113,10 @@ mod tests {
     #[test]
     fn commands_are_found_on_their_own_line() {
         assert_eq!(parse_command("/cib merge"), Some(vec!["merge".to_owned()]));
-        assert_eq!(parse_command("Looks good.\n  /cib promote abc123  \nthanks"), Some(vec!["promote".into(), "abc123".into()]));
+        assert_eq!(
+            parse_command("Looks good.\n  /cib promote abc123  \nthanks"),
+            Some(vec!["promote".into(), "abc123".into()])
+        );
         assert_eq!(parse_command("/cib"), Some(vec![]));
         assert_eq!(parse_command("/cibmerge"), None);
         assert_eq!(parse_command("please /cib merge"), None);

@@ -21,7 +21,7 @@ use bollard::models::{ContainerCreateBody, ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
     ListContainersOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, UploadToContainerOptions, WaitContainerOptions,
+    RemoveVolumeOptions, RenameContainerOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
@@ -99,6 +99,11 @@ const REMOVE: RemoveContainerOptions = RemoveContainerOptions { v: true, force: 
 impl ContainerGuard {
     fn id(&self) -> &str {
         self.id.as_deref().unwrap_or_default()
+    }
+
+    /// Hands the container over to the build: from now on its cleanup removes it.
+    fn keep(mut self) {
+        self.id = None;
     }
 
     async fn remove(mut self) -> Result<(), ExecError> {
@@ -306,8 +311,10 @@ impl DockerExecutor {
     ///
     /// The copy goes through a container that is created but never started, with the volume
     /// mounted: creating it creates the labelled volume in the same call, and the archive API
-    /// extracts into it. A leftover copier of this build means an earlier copy did not finish
-    /// (the engine died midway), so the volume is thrown away and filled again.
+    /// extracts into it. Once the copy is complete the copier is renamed to the build's
+    /// "workspace filled" name and kept until cleanup: that rename is atomic, so the marker
+    /// exists exactly when the volume is whole. A volume without it was left half-filled (an
+    /// upload failed, or the engine died midway), and is thrown away and filled again.
     async fn ensure_workspace(
         &self,
         names: &BuildNames,
@@ -319,58 +326,74 @@ impl DockerExecutor {
         if state.workspace {
             return Ok(());
         }
-        let volume = names.volume();
-        let role = Role::Populate.as_str();
-        let filters = label_filter(&[
-            (LABEL_ENGINE, self.options.instance.as_str()),
-            (LABEL_BUILD, build.0.as_str()),
-            (LABEL_ROLE, role),
-        ]);
-        let unfinished = self
-            .docker
-            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-            .await
-            .map_err(|e| exec_error("listing workspace copiers", e))?;
-        if unfinished.is_empty() {
-            match self.docker.inspect_volume(&volume).await {
-                Ok(_) => {
-                    state.workspace = true;
-                    return Ok(());
-                }
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(exec_error(&format!("inspecting volume {volume}"), e)),
+        let filled = names.workspace_filled();
+        match self.docker.inspect_container(&filled, None::<InspectContainerOptions>).await {
+            Ok(_) => {
+                state.workspace = true;
+                return Ok(());
             }
-        } else {
-            for c in unfinished.iter().filter_map(|c| c.id.as_deref()) {
-                remove_container(&self.docker, c).await?;
-            }
-            match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(exec_error(&format!("removing half-filled volume {volume}"), e)),
-            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(exec_error("looking for the workspace's marker", e)),
         }
         if !dir.is_dir() {
             return Err(ExecError::Permanent(format!("the workspace {} is not a directory", dir.display())));
         }
+        self.discard_workspace(names, build).await?;
         let body = containers::populate_body(image, names, &self.options);
         let copier = self.create(&names.populate_container(), body).await?;
+        if let Err(e) = self.fill(copier.id(), dir, &filled).await {
+            // Best effort: what stays is found by the next attempt, or by cleanup.
+            let _ = copier.remove().await;
+            let _ = self.discard_workspace(names, build).await;
+            return Err(e);
+        }
+        // From here the copier is the marker; cleanup removes it with the build.
+        copier.keep();
+        state.workspace = true;
+        Ok(())
+    }
+
+    /// Streams the checkout into the copier's volume, then renames the copier to `marker`.
+    async fn fill(&self, copier: &str, dir: &Path, marker: &str) -> Result<(), ExecError> {
         let (archive, writer) = workspace::archive(dir.to_path_buf());
         let options = UploadToContainerOptions {
             path: containers::WORKSPACE.to_owned(),
-            // Files belong to the image's user, so that a non-root image can write its workspace.
+            // When the image names a user, files become that user's, so that it can write them.
             copy_uidgid: Some("1".to_owned()),
             ..Default::default()
         };
-        let uploaded =
-            self.docker.upload_to_container(copier.id(), Some(options), bollard::body_try_stream(archive)).await;
+        let uploaded = self.docker.upload_to_container(copier, Some(options), bollard::body_try_stream(archive)).await;
         let written = writer.await.map_err(|e| ExecError::Transient(format!("archiving the workspace: {e}")))?;
         // The archiving error explains an upload failure better than the daemon's "unexpected EOF".
         written.map_err(|e| ExecError::Permanent(e.to_string()))?;
-        uploaded.map_err(|e| exec_error(&format!("copying the workspace into volume {volume}"), e))?;
-        copier.remove().await?;
-        state.workspace = true;
-        Ok(())
+        uploaded.map_err(|e| exec_error("copying the workspace into its volume", e))?;
+        self.docker
+            .rename_container(copier, RenameContainerOptions { name: marker.to_owned() })
+            .await
+            .map_err(|e| exec_error("marking the workspace as filled", e))
+    }
+
+    /// Removes a build's copiers and its workspace volume, whole or not.
+    async fn discard_workspace(&self, names: &BuildNames, build: &BuildId) -> Result<(), ExecError> {
+        let filters = label_filter(&[
+            (LABEL_ENGINE, self.options.instance.as_str()),
+            (LABEL_BUILD, build.0.as_str()),
+            (LABEL_ROLE, Role::Populate.as_str()),
+        ]);
+        let copiers = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("listing workspace copiers", e))?;
+        for c in copiers.iter().filter_map(|c| c.id.as_deref()) {
+            remove_container(&self.docker, c).await?;
+        }
+        let volume = names.volume();
+        match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(exec_error(&format!("removing the half-filled volume {volume}"), e)),
+        }
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<ContainerGuard, ExecError> {

@@ -19,9 +19,10 @@
 //! Decisions worth knowing:
 //! - The workspace is filled once per build, by a container of the step's image that is
 //!   created with the volume mounted but never started; the checkout is streamed to it as a tar
-//!   archive with `copyUIDGID`, so files belong to the image's user. A copier found later means
-//!   the copy was interrupted, and the volume is filled again from scratch. Steps of one build
-//!   share the volume: what one step writes, the next one sees.
+//!   archive whose files belong to root, or to the image's user when it names one
+//!   (`copyUIDGID`). Once whole, the copier is renamed to a marker kept until cleanup; a volume
+//!   without its marker was left half-filled and is filled again from scratch. Steps of one
+//!   build share the volume: what one step writes, the next one sees.
 //! - Steps run under Docker's small init (`--init`), so SIGTERM reaches the shell, and with the
 //!   `none` log driver, since the executor streams the output itself through an attach made
 //!   before the start (nothing is lost at the beginning).

@@ -31,8 +31,8 @@ pub enum Role {
     Step,
     /// A sidecar container running a service.
     Service,
-    /// A container that is never started, used only to copy the checkout into the workspace
-    /// volume. If one is found, that copy did not finish.
+    /// A container that is never started, used to copy the checkout into the workspace volume
+    /// and then kept, renamed, as the sign that the copy finished.
     Populate,
     /// The build's workspace volume.
     Workspace,
@@ -115,6 +115,11 @@ impl BuildNames {
 
     pub fn populate_container(&self) -> String {
         format!("{}-populate-{}", self.prefix, nonce())
+    }
+
+    /// The name the copier takes once the workspace is whole: its existence is the proof.
+    pub fn workspace_filled(&self) -> String {
+        format!("{}-ws-filled", self.prefix)
     }
 
     /// The labels every resource of this build carries, plus its role.

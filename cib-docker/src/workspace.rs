@@ -6,7 +6,8 @@
 //! channel, so a large checkout is never held in memory whole.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -47,14 +48,61 @@ impl Write for ChannelWriter {
     }
 }
 
-fn write_archive(dir: &std::path::Path, writer: ChannelWriter) -> io::Result<ChannelWriter> {
+fn write_archive(dir: &Path, writer: ChannelWriter) -> io::Result<ChannelWriter> {
     let mut tar = tar::Builder::new(writer);
-    // A symbolic link in the checkout stays a link: following it could copy files of the host
-    // that the repository merely points at (`ln -s /etc/shadow`).
-    tar.follow_symlinks(false);
-    tar.mode(tar::HeaderMode::Complete);
-    tar.append_dir_all(".", dir)?;
+    append_tree(&mut tar, dir, Path::new("."))?;
     tar.into_inner()
+}
+
+/// Appends `dir` and everything under it as `name`, in name order.
+///
+/// The walk is our own rather than `Builder::append_dir_all`, to set the owner of every entry
+/// to root: the host's user ids mean nothing in the container, and the daemon gives the files
+/// to the image's user (`copyUIDGID`) only when the image names one. Modes and times are kept,
+/// since builds look at both. A symbolic link stays a link: following it could copy files of
+/// the host that the repository merely points at (`ln -s /etc/shadow`).
+fn append_tree<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    tar.append_data(&mut header(&meta), name, io::empty())?;
+    let mut entries = std::fs::read_dir(dir)?.collect::<io::Result<Vec<_>>>()?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let path = entry.path();
+        let inner = name.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&path)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            append_tree(tar, &path, &inner)?;
+        } else if kind.is_file() {
+            tar.append_data(&mut header(&meta), &inner, std::fs::File::open(&path)?)?;
+        } else if kind.is_symlink() {
+            tar.append_link(&mut header(&meta), &inner, std::fs::read_link(&path)?)?;
+        } else {
+            let what = if kind.is_socket() {
+                "a socket"
+            } else if kind.is_fifo() {
+                "a named pipe"
+            } else {
+                "a device"
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is {what}, which cannot be copied into a workspace", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn header(meta: &std::fs::Metadata) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    header.set_uid(0);
+    header.set_gid(0);
+    // Names that agree with the ids, for extractors that prefer names (GNU tar does).
+    let _ = header.set_username("root");
+    let _ = header.set_groupname("root");
+    header
 }
 
 /// Starts archiving `dir` and returns the archive as a stream, with the task that writes it.
@@ -101,6 +149,7 @@ mod tests {
         for entry in archive.entries().unwrap_or_else(|e| panic!("entries: {e}")) {
             let entry = entry.unwrap_or_else(|e| panic!("entry: {e}"));
             let path = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            assert_eq!(entry.header().uid().ok(), Some(0), "{path} must belong to root");
             seen.push((path, entry.header().entry_type()));
         }
         assert!(seen.iter().any(|(p, t)| p.ends_with("src/main.rs") && *t == tar::EntryType::Regular), "{seen:?}");

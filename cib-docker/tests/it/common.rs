@@ -9,9 +9,9 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions, ListVolumesOptions};
 use cib_core::pipeline::StepJob;
-use cib_core::ports::{LogSink, StepRun, Stream};
+use cib_core::ports::{Executor, LogSink, StepRun, Stream};
 use cib_core::testing::conformance_job;
-use cib_docker::naming::LABEL_ENGINE;
+use cib_docker::naming::{LABEL_ENGINE, LABEL_ROLE};
 use cib_docker::{DockerExecutor, DockerOptions};
 
 /// The image every test runs, built locally by `scripts/build-test-images`.
@@ -28,11 +28,42 @@ pub async fn executor_with(test: &str, adjust: impl FnOnce(&mut DockerOptions)) 
     let mut options = DockerOptions::new(instance(test));
     adjust(&mut options);
     match DockerExecutor::connect(options).await {
-        Ok(e) => Arc::new(e),
+        Ok(e) => {
+            sweep_dead_test_instances(e.docker()).await;
+            Arc::new(e)
+        }
         Err(e) => panic!(
             "cannot reach Docker: {e}\nThe cib-docker tests run real containers and never skip: start a daemon with \
              scripts/ensure-docker (scripts/test does it first) and build the images with scripts/build-test-images."
         ),
+    }
+}
+
+/// Removes what earlier test processes left when they failed before their cleanup: instances
+/// named `it-…-<pid>` whose process is gone. Tests of a live process are never touched, so
+/// parallel runs stay apart. Best effort: a failure here is not this test's failure.
+async fn sweep_dead_test_instances(docker: &Docker) {
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![LABEL_ENGINE.to_owned()])]);
+    let mut instances = std::collections::BTreeSet::new();
+    let all = ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() };
+    for c in docker.list_containers(Some(all)).await.unwrap_or_default() {
+        instances.extend(c.labels.and_then(|mut l| l.remove(LABEL_ENGINE)));
+    }
+    let volumes = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) })).await;
+    for v in volumes.ok().and_then(|v| v.volumes).unwrap_or_default() {
+        instances.extend(v.labels.get(LABEL_ENGINE).cloned());
+    }
+    for n in docker.list_networks(Some(ListNetworksOptions { filters: Some(filters) })).await.unwrap_or_default() {
+        instances.extend(n.labels.and_then(|mut l| l.remove(LABEL_ENGINE)));
+    }
+    for instance in instances {
+        let Some(pid) = instance.strip_prefix("it-").and_then(|rest| rest.rsplit('-').next()) else { continue };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        if let Ok(stale) = DockerExecutor::connect(DockerOptions::new(instance)).await {
+            let _ = stale.reconcile(&[]).await;
+        }
     }
 }
 
@@ -120,7 +151,13 @@ pub async fn assert_nothing_left(exec: &DockerExecutor) {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
-/// The step containers of an engine instance that are still there.
-pub async fn containers_of(docker: &Docker, instance: &str) -> Vec<String> {
-    leftovers(docker, instance).await.into_iter().filter(|l| l.starts_with("container")).collect()
+/// The ids of the step containers of an engine instance that are still there.
+pub async fn step_containers(docker: &Docker, instance: &str) -> Vec<String> {
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{LABEL_ENGINE}={instance}"), format!("{LABEL_ROLE}=step")],
+    )]);
+    let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+    let containers = docker.list_containers(Some(options)).await.unwrap_or_else(|e| panic!("listing containers: {e}"));
+    containers.into_iter().filter_map(|c| c.id).collect()
 }

@@ -47,12 +47,13 @@ async fn success_and_failure_leave_nothing_after_cleanup() {
     assert_eq!(run(&exec, job("ok", "pass", &["echo fine"]), sink.clone()).await, Outcome::Exited(0));
     assert_eq!(run(&exec, job("ko", "fail", &["echo failing", "exit 3"]), sink.clone()).await, Outcome::Exited(3));
     assert_eq!(sink.text(Stream::Stdout), "fine\nfailing\n");
-    // Step containers go as soon as the step ends; the builds' workspace and network stay for
-    // their next steps, until cleanup.
-    assert!(containers_of(exec.docker(), &exec.options().instance).await.is_empty());
+    // Step containers go as soon as the step ends; the builds' workspace (with the marker that
+    // says it is whole) and network stay for their next steps, until cleanup.
+    assert!(step_containers(exec.docker(), &exec.options().instance).await.is_empty());
     let left = leftovers(exec.docker(), &exec.options().instance).await;
     assert_eq!(left.iter().filter(|l| l.starts_with("volume")).count(), 2, "{left:?}");
     assert_eq!(left.iter().filter(|l| l.starts_with("network")).count(), 2, "{left:?}");
+    assert_eq!(left.iter().filter(|l| l.contains("-ws-filled")).count(), 2, "{left:?}");
     cleanup(&exec, "ok").await;
     cleanup(&exec, "ko").await;
     assert_nothing_left(&exec).await;
@@ -141,12 +142,12 @@ async fn a_dropped_run_removes_its_container() {
         })
     };
     sink.wait_for(Stream::Stdout, "ready", Duration::from_secs(30)).await;
-    assert_eq!(containers_of(exec.docker(), &exec.options().instance).await.len(), 1);
+    assert_eq!(step_containers(exec.docker(), &exec.options().instance).await.len(), 1);
     // The engine gives up on the step without stopping it: the future is dropped.
     task.abort();
     let _ = task.await;
     let start = Instant::now();
-    while !containers_of(exec.docker(), &exec.options().instance).await.is_empty() {
+    while !step_containers(exec.docker(), &exec.options().instance).await.is_empty() {
         assert!(start.elapsed() < Duration::from_secs(20), "the container of a dropped run stayed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -215,11 +216,12 @@ async fn a_killed_engine_leaves_nothing_after_reconcile() {
     assert_eq!(exec.run(&alive, Sink::new(), stop).await.ok(), Some(Outcome::Exited(0)));
 
     let crashed = exec.resources(Some(&BuildId::from("crashed"))).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(crashed.len(), 3, "the crash should have left a container, a volume and a network: {crashed:?}");
+    // The running step's container, the workspace's marker, the volume and the network.
+    assert_eq!(crashed.len(), 4, "the crash should have left two containers, a volume and a network: {crashed:?}");
     let removed = exec.reconcile(&[BuildId::from("alive")]).await.unwrap_or_else(|e| panic!("reconcile: {e}"));
-    assert_eq!(removed, 3);
+    assert_eq!(removed, 4);
     let left = leftovers(exec.docker(), &instance).await;
-    assert_eq!(left.len(), 2, "only the live build's volume and network may stay: {left:?}");
+    assert_eq!(left.len(), 3, "only the live build's marker, volume and network may stay: {left:?}");
     // Reconciling again finds nothing more to do.
     assert_eq!(exec.reconcile(&[BuildId::from("alive")]).await.ok(), Some(0));
     cleanup(&exec, "alive").await;

@@ -26,12 +26,8 @@ async fn limits_and_hardening_are_applied() {
     let run = step_run(job, dir.path());
     let inspect = async {
         sink.wait_for(Stream::Stdout, "ready", Duration::from_secs(30)).await;
-        let ids = exec.resources(Some(&BuildId::from("limits"))).await.unwrap_or_else(|e| panic!("{e}"));
-        let id = ids
-            .iter()
-            .find(|r| r.kind == cib_docker::ResourceKind::Container)
-            .map(|r| r.id.clone())
-            .unwrap_or_else(|| panic!("no container among {ids:?}"));
+        let ids = step_containers(exec.docker(), &exec.options().instance).await;
+        let id = ids.first().cloned().unwrap_or_else(|| panic!("no step container"));
         let inspected = exec.docker().inspect_container(&id, None::<InspectContainerOptions>).await;
         handle.stop(StopReason::Cancelled);
         inspected.unwrap_or_else(|e| panic!("inspect: {e}"))
