@@ -687,6 +687,15 @@ pub trait Store: Send + Sync {
     /// A stored delivery.
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError>;
 
+    /// Deliveries not yet marked done, oldest first (by the time they were received, then by
+    /// id), at most `limit`: what a receiver that stopped between storing a delivery and acting
+    /// on it left to do.
+    async fn pending_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Marks a delivery processed, so that it is no longer pending; it stays stored, and a copy
+    /// of it is still not new. Marking an unknown or already processed delivery does nothing.
+    async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError>;
+
     /// Builds that match `filter`, newest first (by queue time, then by id descending).
     async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError>;
 

@@ -528,7 +528,8 @@ struct Memory {
     inputs: Vec<StoredInput>,
     events: BTreeMap<u64, Event>,
     logs: BTreeMap<LogKey, MemoryLog>,
-    deliveries: BTreeMap<String, Delivery>,
+    /// Each delivery, and whether it is done.
+    deliveries: BTreeMap<String, (Delivery, bool)>,
     builds: BTreeMap<BuildId, MemoryBuild>,
 }
 
@@ -569,16 +570,10 @@ impl Memory {
 }
 
 /// A store in memory: what a process keeps when it does not need to survive itself.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Memory>,
     log_limit: LogLimit,
-}
-
-impl Default for MemoryStore {
-    fn default() -> Self {
-        MemoryStore { inner: Mutex::default(), log_limit: LogLimit::default() }
-    }
 }
 
 impl MemoryStore {
@@ -661,12 +656,26 @@ impl Store for MemoryStore {
         if m.deliveries.contains_key(&delivery.id) {
             return Ok(false);
         }
-        m.deliveries.insert(delivery.id.clone(), delivery.clone());
+        m.deliveries.insert(delivery.id.clone(), (delivery.clone(), false));
         Ok(true)
     }
 
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        Ok(lock(&self.inner).deliveries.get(id).cloned())
+        Ok(lock(&self.inner).deliveries.get(id).map(|(d, _)| d.clone()))
+    }
+
+    async fn pending_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        let m = lock(&self.inner);
+        let mut pending: Vec<&Delivery> = m.deliveries.values().filter(|(_, done)| !done).map(|(d, _)| d).collect();
+        pending.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+        Ok(pending.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError> {
+        if let Some((_, done)) = lock(&self.inner).deliveries.get_mut(id) {
+            *done = true;
+        }
+        Ok(())
     }
 
     async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError> {
@@ -682,7 +691,7 @@ impl Store for MemoryStore {
             .filter(|b| filter.queued_until.is_none_or(|t| b.queued_at < t))
             .filter(|b| page.after.as_ref().is_none_or(|c| b.cursor() < *c))
             .collect();
-        found.sort_by(|a, b| b.cursor().cmp(&a.cursor()));
+        found.sort_by_key(|b| std::cmp::Reverse(b.cursor()));
         Ok(found.into_iter().take(page.limit).cloned().collect())
     }
 
@@ -920,6 +929,23 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     }
     check(new == 1, format!("{new} of 20 concurrent copies were stored as new"))?;
 
+    // Deliveries stay pending, oldest first, until marked done; a done one is still not new.
+    let at = |id: &str, t: u64| Delivery { id: id.into(), received_at: Timestamp(t), ..delivery(b"") };
+    check(store.insert_delivery(&at("d-0", 0)).await.map_err(err)?, "an early delivery is new")?;
+    check(store.insert_delivery(&at("d-2", 1)).await.map_err(err)?, "a delivery received with d-1 is new")?;
+    // (`d-race` was received at a random time, so it is left out of the order.)
+    let ids = |v: Vec<Delivery>| v.into_iter().map(|d| d.id).filter(|id| id != "d-race").collect::<Vec<_>>();
+    let pending = ids(store.pending_deliveries(10).await.map_err(err)?);
+    check(pending == ["d-0", "d-1", "d-2"], format!("pending: {pending:?}"))?;
+    check(ids(store.pending_deliveries(1).await.map_err(err)?) == ["d-0"], "the oldest pending delivery")?;
+    store.mark_delivery_done("d-1").await.map_err(err)?;
+    store.mark_delivery_done("d-1").await.map_err(err)?;
+    store.mark_delivery_done("no-such-delivery").await.map_err(err)?;
+    let pending = ids(store.pending_deliveries(10).await.map_err(err)?);
+    check(pending == ["d-0", "d-2"], format!("pending after d-1 is done: {pending:?}"))?;
+    check(!store.insert_delivery(&delivery(b"again")).await.map_err(err)?, "a done delivery is not new again")?;
+    check(store.delivery("d-1").await.map_err(err)?.is_some(), "a done delivery stays stored")?;
+
     // A finished log takes no more output.
     let refused = store.append_log(&key, b"late").await;
     check(
@@ -1034,8 +1060,11 @@ async fn build_records_conformance(store: &dyn Store) -> Result<(), String> {
     ];
     check(record.steps == steps, format!("b1's steps: {:#?}", record.steps))?;
 
-    // Replayed events change nothing, and a second BuildQueued for an id does not replace it.
+    // Replayed events change nothing, whether the whole history or a few early events alone
+    // (which, applied again, would move a finished step back to running), and a second
+    // BuildQueued for an id does not replace it.
     store.append_events(&events).await.map_err(err)?;
+    store.append_events(&[events[2].clone(), events[7].clone()]).await.map_err(err)?;
     store.append_events(&[ev(29, queued("b1", "elsewhere/repo", None))]).await.map_err(err)?;
     let again = store.build(&b("b1")).await.map_err(err)?;
     check(again.as_ref() == Some(&record), format!("b1 after a replay: {again:?}"))?;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod lint;
 mod plan;
 mod run;
+mod serve;
 
 #[derive(Debug, Parser)]
 #[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
@@ -66,6 +67,12 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
         color: String,
     },
+    /// Serve webhooks, the REST API and the event stream (configuration: a TOML file and CIB_* variables).
+    Serve {
+        /// The configuration file.
+        #[arg(long, env = "CIB_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Show which pipelines and steps an event would start.
     Plan {
         /// The spec to read.
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
                 color,
             })
         }
+        Command::Serve { config } => serve::run(config.as_deref()),
         Command::Plan { path, event, branch, tag, changed, json } => {
             plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
         }

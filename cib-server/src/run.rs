@@ -246,8 +246,11 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
 
     // The engine, on real Docker and a store of its own.
+    // Each local run has its own name in Docker, so that two runs at once never take each
+    // other's containers for leftovers.
+    let instance = format!("cib-run-{}", std::process::id());
     let executor =
-        cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new("cib-run")).await.map_err(|e| {
+        cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance)).await.map_err(|e| {
             fail(
                 exit::INFRASTRUCTURE,
                 format!("cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST), then run again."),

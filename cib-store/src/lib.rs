@@ -13,7 +13,8 @@
 //!   between), so a step printing gigabytes costs bounded disk and memory.
 //!
 //! The SQL is kept to what SQLite and PostgreSQL share, so that a PostgreSQL store can follow
-//! with the same tables and the same conformance suite ([`cib_core::testing::store_conformance`]).
+//! with the same tables and the same conformance suite (`cib_core::testing::store_conformance`,
+//! behind cib-core's `testing` feature).
 
 mod error;
 mod logs;

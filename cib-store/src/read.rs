@@ -65,6 +65,24 @@ pub(crate) fn delivery(conn: &Connection, id: &str) -> Result<Option<Delivery>, 
     .transpose()
 }
 
+pub(crate) fn pending_deliveries(conn: &Connection, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+    type Row = (String, String, String, i64, Vec<u8>);
+    let rows: Vec<Row> = conn
+        .prepare_cached(
+            "SELECT id, source, event, received_at, body FROM deliveries WHERE done = 0
+             ORDER BY received_at, id LIMIT ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([sql_limit(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+        })
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(id, source, event, received_at, body)| {
+            Ok(Delivery { id, source, event, received_at: time(received_at)?, body })
+        })
+        .collect()
+}
+
 const SUMMARY_COLUMNS: &str = "id, repo, branch, commit_sha, pipeline, status, queued_at, started_at, finished_at";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryRow> {

@@ -92,12 +92,19 @@ CREATE TABLE log_chunks (
 );
 ";
 
+/// Version 2: the inbox remembers which deliveries were processed (`done`), so that those a
+/// crash interrupted are found again, oldest first.
+const V2: &str = "
+ALTER TABLE deliveries ADD COLUMN done SMALLINT NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_pending ON deliveries (done, received_at, id);
+";
+
 /// Every migration, in order. A migration, once released, is never edited: a change is a new
 /// migration.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

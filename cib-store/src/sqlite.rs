@@ -152,7 +152,8 @@ impl SqliteStore {
         }
         schema::migrate(&mut conn)?;
 
-        let log_limit = LogLimit::new(options.log_limit);
+        // Offsets are stored as SQL's signed 64-bit integers; no log comes near the clamp.
+        let log_limit = LogLimit::new(options.log_limit.min(i64::MAX as u64));
         let logs = LogConfig { limit: log_limit, chunk: options.log_chunk_size, level: options.compression_level };
         let limits = BatchLimits { commands: options.max_batch_writes.max(1), bytes: options.max_batch_bytes.max(1) };
         let mut threads = Threads::default();
@@ -304,6 +305,17 @@ impl Store for SqliteStore {
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
         let id = id.to_owned();
         self.read(move |c| read::delivery(c, &id)).await
+    }
+
+    async fn pending_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.read(move |c| read::pending_deliveries(c, limit)).await
+    }
+
+    async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError> {
+        match self.write(Op::DeliveryDone { id: id.to_owned() }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError> {

@@ -33,6 +33,7 @@ pub(crate) enum Op {
     AppendLog { key: LogKey, data: Vec<u8> },
     FinishLog { key: LogKey },
     Delivery(Delivery),
+    DeliveryDone { id: String },
 }
 
 impl Op {
@@ -44,6 +45,7 @@ impl Op {
             Op::AppendLog { data, .. } => data.len(),
             Op::FinishLog { .. } => 0,
             Op::Delivery(d) => d.body.len(),
+            Op::DeliveryDone { .. } => 0,
         }
     }
 }
@@ -114,17 +116,23 @@ fn execute(
     for command in batch {
         let savepoint = tx.savepoint().map_err(db)?;
         let result = apply(&savepoint, logs, &command.op);
-        if result.is_ok() {
-            savepoint.commit().map_err(db)?;
-        } else {
-            drop(savepoint);
-            // Some errors (a full disk, an I/O error) make SQLite roll back the whole
-            // transaction; the writes after it would then commit one by one, outside it.
-            if tx.is_autocommit() {
-                return Err(result.err().unwrap_or_else(|| StoreError::Transient("rolled back".into())));
+        match result {
+            Ok(done) => {
+                savepoint.commit().map_err(db)?;
+                results.push(Ok(done));
+            }
+            Err(error) => {
+                // Dropping a savepoint rolls it back; `finish` does the same and reports a
+                // failure to do so, which must fail the batch rather than commit half a write.
+                savepoint.finish().map_err(db)?;
+                // Some errors (a full disk, an I/O error) make SQLite roll back the whole
+                // transaction; the writes after it would then commit one by one, outside it.
+                if tx.is_autocommit() {
+                    return Err(error);
+                }
+                results.push(Err(error));
             }
         }
-        results.push(result);
     }
     tx.commit().map_err(db)?;
     Ok(results)
@@ -167,6 +175,10 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
                 params![d.id, d.source, d.event, received_at, d.body],
             )?;
             Ok(Done::New(inserted == 1))
+        }
+        Op::DeliveryDone { id } => {
+            exec(conn, "UPDATE deliveries SET done = 1 WHERE id = ?1", [id])?;
+            Ok(Done::Unit)
         }
     }
 }

@@ -21,7 +21,7 @@ fn temp_spec(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn lint_accepts_every_example() {
-    for example in ["python-app", "rust-app", "node-app", "shell"] {
+    for example in ["python-app", "python-tests", "rust-app", "node-app", "shell"] {
         let path = repo().join("examples").join(example).join(".cib.yml");
         let out = cib(&["lint", path.to_str().expect("utf-8 path")]);
         assert_eq!(out.status.code(), Some(0), "{example}: {}", String::from_utf8_lossy(&out.stdout));

@@ -2,4 +2,6 @@
 
 mod cli;
 mod plan;
+mod restart;
 mod run;
+mod server;

@@ -65,7 +65,13 @@ pub fn report(line: &str) {
 /// which tests the workload and the checks themselves.
 #[test]
 fn child_process_entry() {
-    match std::env::var(MODE).as_deref() {
+    let mode = std::env::var(MODE);
+    if mode.is_ok() {
+        // libtest has printed `test child::child_process_entry ... ` without a newline; the
+        // reports must start lines of their own.
+        let _ = std::io::stdout().lock().write_all(b"\n");
+    }
+    match mode.as_deref() {
         Ok("crash-writer") => crate::crash::child_main(),
         Ok("big-log") => crate::big_log::child_main(),
         Ok(other) => panic!("unknown child mode {other}"),

@@ -36,6 +36,7 @@ struct Facts {
     logs: BTreeMap<(String, String), u64>,
     finished: BTreeSet<(String, String)>,
     deliveries: BTreeSet<String>,
+    done: BTreeSet<String>,
 }
 
 impl Facts {
@@ -57,6 +58,9 @@ impl Facts {
             }
             "delivery" => {
                 self.deliveries.insert(words[1].to_owned());
+            }
+            "done" => {
+                self.done.insert(words[1].to_owned());
             }
             _ => panic!("unknown report {line:?}"),
         }
@@ -160,6 +164,10 @@ async fn workload(store: Arc<SqliteStore>, trial: u64, seed: u64, report: Report
                             let new = store.insert_delivery(&delivery).await.expect("delivery");
                             if new {
                                 report(&format!("delivery {id}"));
+                                if rng.chance(50) {
+                                    store.mark_delivery_done(&id).await.expect("done");
+                                    report(&format!("done {id}"));
+                                }
                             }
                         }
                     }
@@ -244,6 +252,10 @@ async fn verify(path: &Path, facts: &Facts, context: &str) -> usize {
     for id in &facts.deliveries {
         assert!(store.delivery(id).await.expect("delivery").is_some(), "{context}: delivery {id} is lost");
     }
+    let pending: BTreeSet<String> =
+        store.pending_deliveries(usize::MAX).await.expect("pending").into_iter().map(|d| d.id).collect();
+    let undone: Vec<_> = facts.done.intersection(&pending).collect();
+    assert!(undone.is_empty(), "{context}: deliveries {undone:?} were reported done but are pending");
     store.integrity_check().await.expect("integrity");
     facts.inputs.len() + facts.batches.len() + facts.logs.len() + facts.deliveries.len()
 }
@@ -315,7 +327,7 @@ fn sixty_kills_at_random_moments_lose_no_committed_write_and_leave_nothing_half_
         // Every twelfth child dies while it may still be opening (and, first, migrating) the
         // database; the others some time after they started writing.
         let delay = if trial % 12 == 0 {
-            Duration::from_millis(rng.below(40))
+            Duration::from_millis(rng.below(8))
         } else {
             let ready = loop {
                 match lines.recv_timeout(Duration::from_secs(30)) {
@@ -351,11 +363,12 @@ fn sixty_kills_at_random_moments_lose_no_committed_write_and_leave_nothing_half_
     let _ = writeln!(
         err,
         "crash: {trials} kills ({killed_before_ready} before the writer was ready), {reported} reported writes checked, \
-         {} inputs, {} event batches, {} logs, {} deliveries, {size} byte database, {:.1?}",
+         {} inputs, {} event batches, {} logs, {} deliveries ({} done), {size} byte database, {:.1?}",
         facts.inputs.len(),
         facts.batches.len(),
         facts.logs.len(),
         facts.deliveries.len(),
+        facts.done.len(),
         started.elapsed()
     );
     assert!(facts.inputs.len() > 100 && facts.logs.len() > 50, "seed {seed}: the writers wrote too little: {facts:?}");

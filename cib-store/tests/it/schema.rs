@@ -70,3 +70,31 @@ fn files_that_are_not_databases_and_bad_options_are_misconfigurations() {
     let error = SqliteStore::open(dir.path().join("ok.db"), options).expect_err("refused");
     assert_eq!(error.kind(), ErrorKind::Misconfigured, "{error}");
 }
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
+    use cib_core::ports::Store;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cib.db");
+    drop(open(&path, SqliteOptions::default()));
+    // Take the file back to version 1, as an older cib left it, with a delivery in it.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch(
+        "DROP INDEX deliveries_pending;
+         ALTER TABLE deliveries DROP COLUMN done;
+         DELETE FROM schema_version WHERE version > 1;
+         INSERT INTO deliveries (id, source, event, received_at, body) VALUES ('old', 'github', 'push', 5, x'7b7d');",
+    )
+    .expect("downgrade");
+    drop(conn);
+
+    let store = open(&path, SqliteOptions::default());
+    let pending = store.pending_deliveries(10).await.expect("pending");
+    assert_eq!(pending.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["old"], "the old delivery is pending");
+    assert_eq!(pending[0].body, b"{}");
+    store.mark_delivery_done("old").await.expect("done");
+    assert!(store.pending_deliveries(10).await.expect("pending").is_empty());
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let version: i64 = conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).expect("version");
+    assert_eq!(version, SCHEMA_VERSION);
+}

@@ -1,0 +1,82 @@
+//! `cib serve`: the server with its real backends: Docker, SQLite and local Git repositories.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cib_git::GitVcs;
+use cib_server::config::ServerConfig;
+use cib_server::server;
+
+fn eprint(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+pub fn run(config_path: Option<&Path>) -> ExitCode {
+    let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CIB_")).collect();
+    let config = match ServerConfig::load(config_path, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint(&format!("cib serve: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprint(&format!("cib serve: cannot start the runtime: {e}"));
+            return ExitCode::from(3);
+        }
+    };
+    runtime.block_on(async move {
+        if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+            eprint(&format!("cib serve: cannot create {}: {e}", config.data_dir.display()));
+            return ExitCode::from(3);
+        }
+        let store = match cib_store::SqliteStore::open(config.data_dir.join("cib.db"), cib_store::SqliteOptions::default()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprint(&format!("cib serve: cannot open the store: {e}"));
+                return ExitCode::from(3);
+            }
+        };
+        let executor = match cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(config.instance.clone())).await {
+            Ok(e) => e,
+            Err(e) => {
+                eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
+                return ExitCode::from(3);
+            }
+        };
+        let mut vcs = GitVcs::new();
+        for repo in &config.repos {
+            vcs = vcs.with_repo(repo.name.clone(), repo.path.clone());
+        }
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprint(&format!("cib serve: cannot listen on {}: {e}", config.listen));
+                return ExitCode::from(3);
+            }
+        };
+        let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let running = server::start(config, Arc::new(executor), Arc::new(store), Arc::new(vcs));
+        eprint(&format!("cib serve: listening on http://{address}"));
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        if let Err(e) = server::serve(running.state.clone(), listener, shutdown).await {
+            eprint(&format!("cib serve: {e}"));
+        }
+        eprint("cib serve: stopping: requests in flight finished; running builds resume at the next start");
+        running.inbox_task.abort();
+        running.state.engine.shutdown().await;
+        let _ = running.engine_task.await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,210 @@
+//! `cib serve` as a process, killed with SIGKILL and started again, on real Docker and SQLite.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cib_server::outgoing::sign;
+
+use super::server::{SECRET, push_payload, repo};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+fn config(dir: &Path, port: u16, repo_path: &Path) -> PathBuf {
+    let path = dir.join("cib.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+instance = "test-server-{port}"
+
+[github]
+webhook_secret = "{SECRET}"
+
+[[tokens]]
+name = "reader"
+token = "reader-token-0123456789"
+role = "read"
+
+[[repos]]
+name = "acme/shop"
+path = "{repo}"
+"#,
+        data = dir.join("data").display(),
+        repo = repo_path.display(),
+    );
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn start(config: &Path, port: u16) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start cib serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "cib serve did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server { child, url }
+}
+
+impl Server {
+    fn kill(mut self) {
+        // SIGKILL: no chance to clean anything up.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking HTTP/1.1 request over a plain socket, enough for a test.
+fn http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let address = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("write");
+    stream.write_all(body).expect("write body");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn hook(url: &str, delivery: &str, body: &[u8]) -> u16 {
+    let signature = sign(SECRET.as_bytes(), body);
+    let headers =
+        [("x-github-event", "push"), ("x-github-delivery", delivery), ("x-hub-signature-256", signature.as_str())];
+    http(url, "POST", "/hooks/github", &headers, body).0
+}
+
+fn builds(url: &str) -> serde_json::Value {
+    let (status, body) =
+        http(url, "GET", "/api/v1/builds", &[("authorization", "Bearer reader-token-0123456789")], b"");
+    assert_eq!(status, 200, "{body}");
+    // The answer may be chunked; the JSON object sits between the first `{` and the last `}`.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn wait_for(url: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let b = builds(url);
+        if pred(&b) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "{what}: {b:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn docker_left(build: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for kind in ["container", "volume", "network"] {
+        let out = Command::new("docker")
+            .args([kind, "ls", "-q", "--filter", &format!("label=org.cib.build={build}")])
+            .args(if kind == "container" { &["-a"][..] } else { &[][..] })
+            .output()
+            .expect("docker answers");
+        left.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("{kind} {l}")));
+    }
+    left
+}
+
+#[test]
+fn a_delivery_answered_but_not_processed_before_a_kill_builds_once_after_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The repository is not there yet, so the first server cannot process the delivery.
+    let later = dir.path().join("shop");
+    let staged = dir.path().join("staged");
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: hello, image: busybox, commands: [echo hello] }\n";
+    let commit = repo(&staged, spec);
+    let port = free_port();
+    let config = config(dir.path(), port, &later);
+    let server = start(&config, port);
+    let body = push_payload(&commit);
+    assert_eq!(hook(&server.url, "d-1", &body), 202);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(builds(&server.url)["builds"].as_array().map(Vec::len), Some(0), "nothing could be processed yet");
+    server.kill();
+
+    std::fs::rename(&staged, &later).expect("the repository arrives");
+    let server = start(&config, port);
+    let done = wait_for(&server.url, "the stored delivery was built after the restart", |b| {
+        b["builds"].as_array().is_some_and(|a| a.len() == 1 && a[0]["status"] == "success")
+    });
+    assert_eq!(hook(&server.url, "d-1", &body), 202, "a repeat is answered");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(builds(&server.url)["builds"].as_array().map(Vec::len), Some(1), "and builds nothing new: {done:#}");
+}
+
+#[test]
+fn a_build_running_when_the_server_is_killed_is_reported_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = "pipelines:\n  test:\n    steps:\n      - name: slow\n        image: busybox\n        commands: [echo started, sleep 4, echo done]\n        retry: { count: 1 }\n";
+    let commit = repo(&dir.path().join("shop"), spec);
+    let port = free_port();
+    let config = config(dir.path(), port, &dir.path().join("shop"));
+    let server = start(&config, port);
+    assert_eq!(hook(&server.url, "d-run", &push_payload(&commit)), 202);
+    let running = wait_for(&server.url, "the build runs", |b| b["builds"][0]["status"] == "running");
+    let id = running["builds"][0]["id"].as_str().expect("id").to_owned();
+    // Give the step's container time to start, then kill the server under it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker_left(&id).iter().any(|r| r.starts_with("container")) {
+        assert!(Instant::now() < deadline, "the step's container never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.kill();
+    assert!(!docker_left(&id).is_empty(), "the killed server left its containers behind");
+
+    let server = start(&config, port);
+    let done = wait_for(&server.url, "the interrupted build ends after the restart", |b| {
+        b["builds"][0]["status"] != "running" && b["builds"][0]["status"] != "queued"
+    });
+    let (_, record) = http(
+        &server.url,
+        "GET",
+        &format!("/api/v1/builds/{id}"),
+        &[("authorization", "Bearer reader-token-0123456789")],
+        b"",
+    );
+    assert_eq!(done["builds"][0]["status"], "success", "the interrupted step was retried: {record}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker_left(&id).is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", docker_left(&id));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(server);
+}
