@@ -91,6 +91,10 @@ pub struct Answer {
 
 impl TestServer {
     pub async fn start(spec: &str) -> Self {
+        Self::start_with(spec, Vec::new()).await
+    }
+
+    pub async fn start_with(spec: &str, webhooks: Vec<cib_server::config::WebhookConfig>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
         let config = ServerConfig {
@@ -98,6 +102,7 @@ impl TestServer {
             tokens: tokens(),
             github: cib_server::config::GithubConfig { webhook_secret: Some(SECRET.into()) },
             max_body_bytes: 1024 * 1024,
+            webhooks,
             ..ServerConfig::default()
         };
         std::fs::create_dir_all(&config.data_dir).expect("data dir");
@@ -415,4 +420,70 @@ async fn the_event_stream_resumes_after_the_last_id() {
     let resumed = read_sse(&s, "/api/v1/events", Some("2"), |e| e.len() >= all.len() - 2).await;
     assert_eq!(resumed.first().map(|(id, _, _)| id.as_str()), Some("3"));
     assert_eq!(&resumed[..all.len() - 2], &all[2..], "the same events, from the one after the last id");
+}
+
+/// A receiver of outgoing webhooks that fails its first answer, then records what it gets.
+async fn receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/cib", listener.local_addr().expect("address"));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (recorded, calls) = (recorded.clone(), calls.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (recorded, calls) = (recorded.clone(), calls.clone());
+                    async move {
+                        let header =
+                            |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                        let (signature, seq) = (header("x-cib-signature-256"), header("x-cib-event-seq"));
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                        // The very first delivery is refused with a 503, to see it retried.
+                        let status =
+                            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 { 503 } else { 200 };
+                        if status == 200 {
+                            recorded.lock().expect("lock").push((signature, seq, body));
+                        }
+                        let mut response = http::Response::new(Full::new(Bytes::new()));
+                        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgoing_webhooks_are_signed_ordered_and_retried() {
+    let (url, seen) = receiver().await;
+    let hook = cib_server::config::WebhookConfig { url, secret: "hook-secret".into() };
+    let s = TestServer::start_with(SPEC, vec![hook]).await;
+    let trigger =
+        serde_json::to_vec(&serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }))
+            .expect("json");
+    assert_eq!(s.request("POST", "/api/v1/builds", Some(&token(Role::Trigger)), &trigger).await.status, 201);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = seen.lock().expect("lock").clone();
+        if got.iter().any(|(_, _, body)| String::from_utf8_lossy(body).contains("gate_waiting")) {
+            let seqs: Vec<u64> = got.iter().map(|(_, seq, _)| seq.parse().expect("seq")).collect();
+            assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "in order, the refused first one retried");
+            for (signature, _, body) in &got {
+                assert_eq!(signature, &sign(b"hook-secret", body), "every delivery is signed over its body");
+                let event: serde_json::Value = serde_json::from_slice(body).expect("an event as JSON");
+                assert!(event["seq"].is_u64() && event["type"].is_string(), "{event}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the receiver got {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
