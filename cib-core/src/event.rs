@@ -187,6 +187,7 @@ pub enum EventBody {
     },
     /// A lease operation was refused: a stale fencing token, an unknown pool, too many units.
     LeaseRefused {
+        lease: Option<String>,
         reason: String,
     },
     BuildFinished {

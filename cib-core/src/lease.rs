@@ -570,6 +570,32 @@ impl LeaseTable {
         Ok(vec![LeaseEvent::Renewed { id: id.clone(), token, expires_at: live.lease.expires_at }])
     }
 
+    /// Moves a live lease's deadline (a person keeping an environment longer, or giving it
+    /// back sooner): the lease now expires at `until`, and its warning, if it has one, comes
+    /// again the same time before the new deadline.
+    pub fn extend(
+        &mut self,
+        id: &LeaseId,
+        token: u64,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<LeaseEvent>, LeaseError> {
+        let fenced = || LeaseError::Fenced { id: id.clone(), token };
+        let live = self.leases.get_mut(id).ok_or_else(fenced)?;
+        if live.lease.token != token || live.lease.expires_at <= now {
+            return Err(fenced());
+        }
+        if until <= now {
+            return Err(LeaseError::DeadlinePassed { id: id.clone(), deadline: until });
+        }
+        let warn_before = live.lease.deadline.zip(live.lease.warn_at).map(|(d, w)| d.since(w));
+        live.lease.deadline = Some(until);
+        live.lease.expires_at = until;
+        live.lease.warn_at = warn_before.map(|w| until - w);
+        live.warned = live.lease.warn_at.is_some_and(|at| at <= now) && live.warned;
+        Ok(vec![LeaseEvent::Renewed { id: id.clone(), token, expires_at: until }])
+    }
+
     /// Ends a live lease and grants its units to waiters. Releasing a lease that its holder
     /// already released, with the same token, succeeds with no events. Any other token is
     /// refused with `Fenced`, including the token of a lease that expired or was revoked.

@@ -137,6 +137,12 @@ pub enum Input {
         lease: LeaseId,
         token: u64,
     },
+    /// A person keeps a lease until another time.
+    ExtendLease {
+        lease: LeaseId,
+        token: u64,
+        until: Timestamp,
+    },
     ReturnLease {
         lease: LeaseId,
         token: u64,
@@ -466,15 +472,19 @@ impl Machine {
             }
             Input::RenewLease { lease, token } => {
                 let result = self.leases.renew(&lease, token, now);
-                self.lease_result(result, None, now);
+                self.person_result(result, &lease, now);
+            }
+            Input::ExtendLease { lease, token, until } => {
+                let result = self.leases.extend(&lease, token, until, now);
+                self.person_result(result, &lease, now);
             }
             Input::ReturnLease { lease, token } => {
                 let result = self.leases.release(&lease, token, now);
-                self.lease_result(result, None, now);
+                self.person_result(result, &lease, now);
             }
             Input::RevokeLease { lease } => {
                 let result = self.leases.revoke(&lease, now);
-                self.lease_result(result, None, now);
+                self.person_result(result, &lease, now);
             }
             Input::CancelLeaseRequest { lease } => {
                 let events = self.leases.cancel(&lease, now);
@@ -571,6 +581,7 @@ impl Machine {
         );
         let key = build.supersede_key();
         let kind = build.pipeline.kind;
+        let supersedes = matches!(build.context.event.kind, spec::EventKind::Push | spec::EventKind::PullRequest);
         let queue = (build.context.repo.clone(), build.pipeline.name.clone());
         self.builds.insert(id.clone(), build);
         if errored {
@@ -578,8 +589,9 @@ impl Machine {
             return;
         }
         match kind {
-            // A newer push supersedes older test builds of the same branch or pull request.
-            PipelineKind::Test => {
+            // A newer push supersedes older test builds of the same branch or pull request;
+            // builds started by hand or on a schedule supersede nothing and are not superseded.
+            PipelineKind::Test if supersedes => {
                 let older: Vec<BuildId> =
                     self.test_builds.get(&key).map(|s| s.iter().cloned().collect()).unwrap_or_default();
                 for old in older {
@@ -590,6 +602,7 @@ impl Machine {
                 }
                 self.test_builds.entry(key).or_default().insert(id.clone());
             }
+            PipelineKind::Test => {}
             // Deploy builds are never cancelled by a push: they queue in order.
             PipelineKind::Deploy => self.deploy_queues.entry(queue).or_default().push_back(id.clone()),
         }
@@ -1133,7 +1146,8 @@ impl Machine {
             Ok(events) => self.lease_events(events, now),
             Err(error) => {
                 // Whoever asked (a person, through the API) learns why from the event stream.
-                self.publish(now, EventBody::LeaseRefused { reason: error.to_string() });
+                let lease = requested.as_ref().map(|l| l.0.clone());
+                self.publish(now, EventBody::LeaseRefused { lease, reason: error.to_string() });
                 // A build asked for something the pools cannot give: the build cannot run.
                 if let Some(lease) = requested
                     && let Some(owner) = self.lease_owners.remove(&lease)
@@ -1149,6 +1163,17 @@ impl Machine {
                         now,
                     );
                 }
+            }
+        }
+    }
+
+    /// The answer to a person's operation on their lease; a refusal names the lease.
+    fn person_result(&mut self, result: Result<Vec<LeaseEvent>, lease::LeaseError>, lease: &LeaseId, now: Timestamp) {
+        match result {
+            Ok(events) => self.lease_events(events, now),
+            Err(error) => {
+                self.leases_touched = true;
+                self.publish(now, EventBody::LeaseRefused { lease: Some(lease.0.clone()), reason: error.to_string() });
             }
         }
     }

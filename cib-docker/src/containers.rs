@@ -21,6 +21,8 @@ use crate::options::{DefaultLimits, DockerOptions};
 pub const WORKSPACE: &str = "/workspace";
 /// The directory the step's script is copied into, in the container's own file system.
 pub const SCRIPT_DIR: &str = ".cib";
+/// Where a step finds the resource units it holds, as JSON, inside the workspace.
+pub const RESOURCES_FILE: &str = "/workspace/.cib/resources.json";
 /// The script's path in the container.
 pub const SCRIPT_PATH: &str = "/.cib/step.sh";
 
@@ -120,6 +122,24 @@ pub fn script_archive(script: &str) -> std::io::Result<Vec<u8>> {
     tar.into_inner()
 }
 
+/// A tar archive holding the units a step holds (`[{pool, unit, metadata}]`), to upload into
+/// the workspace, so that tools can read them without parsing variable names.
+pub fn resources_archive(units: &[cib_core::pipeline::GrantedUnit]) -> std::io::Result<Vec<u8>> {
+    let json = serde_json::to_vec_pretty(units).map_err(std::io::Error::other)?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    tar.append_data(&mut dir, format!("{SCRIPT_DIR}/"), std::io::empty())?;
+    let mut file = tar::Header::new_gnu();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o644);
+    file.set_size(json.len() as u64);
+    tar.append_data(&mut file, format!("{SCRIPT_DIR}/resources.json"), json.as_slice())?;
+    tar.into_inner()
+}
+
 fn workspace_mount(names: &BuildNames) -> Mount {
     Mount {
         target: Some(WORKSPACE.to_owned()),
@@ -184,7 +204,13 @@ impl StepContainer<'_> {
             // (`git`, `docker`) would otherwise receive the shell as arguments.
             entrypoint: Some(vec!["sh".to_owned(), "-e".to_owned(), SCRIPT_PATH.to_owned()]),
             cmd: Some(Vec::new()),
-            env: Some(env_list(&self.job.env, self.secrets)),
+            env: Some({
+                let mut env = env_list(&self.job.env, self.secrets);
+                if !self.job.resources.is_empty() {
+                    env.push(format!("CIB_RESOURCES_FILE={RESOURCES_FILE}"));
+                }
+                env
+            }),
             working_dir: Some(workdir(step)?),
             labels: Some(labels),
             attach_stdout: Some(true),

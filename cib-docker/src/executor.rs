@@ -436,6 +436,18 @@ impl DockerExecutor {
             )
             .await
             .map_err(|e| exec_error("copying the script into the container", e))?;
+        if !run.job.resources.is_empty() {
+            let archive = containers::resources_archive(&run.job.resources)
+                .map_err(|e| ExecError::Transient(format!("packing the resources file: {e}")))?;
+            self.docker
+                .upload_to_container(
+                    id,
+                    Some(UploadToContainerOptions { path: containers::WORKSPACE.to_owned(), ..Default::default() }),
+                    bollard::body_full(archive.into()),
+                )
+                .await
+                .map_err(|e| exec_error("copying the resources file into the workspace", e))?;
+        }
 
         // Attaching before the start is what keeps the first lines of output.
         let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };

@@ -6,5 +6,6 @@ pub mod http;
 pub mod inbox;
 pub mod openapi;
 pub mod outgoing;
+pub mod pools;
 pub mod server;
 pub mod sse;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use cib_core::spec::EventKind;
 use clap::{Parser, Subcommand};
 
+mod client;
 mod lint;
 mod plan;
 mod run;
@@ -73,6 +74,20 @@ enum Command {
         #[arg(long, env = "CIB_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Resource pools on a server: `cib pool list`.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Take, extend, return or revoke units of a pool on a server, for manual testing.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Show which pipelines and steps an event would start.
     Plan {
         /// The spec to read.
@@ -94,6 +109,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// The server's address.
+    #[arg(long, env = "CIB_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    server: String,
+    /// Your API token.
+    #[arg(long, env = "CIB_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Each pool's units, who holds what until when, and who waits in which position.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Take units of a pool now, or wait in its queue.
+    Take {
+        pool: String,
+        /// How long: 30m, 2h, 1d.
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Keep a lease longer: it now ends this long from now.
+    Extend {
+        lease: String,
+        #[arg(long = "for")]
+        duration: String,
+    },
+    /// Give units back (or leave the queue).
+    Return { lease: String },
+    /// End anyone's lease (admins).
+    Revoke { lease: String },
 }
 
 fn parse_event(text: &str) -> Result<EventKind, String> {
@@ -126,6 +182,20 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Pool { command: PoolCommand::List, remote } => {
+            client::pool_list(&client::Remote { server: remote.server, token: remote.token })
+        }
+        Command::Lease { command, remote } => {
+            let remote = client::Remote { server: remote.server, token: remote.token };
+            match command {
+                LeaseCommand::Take { pool, duration, count, reason } => {
+                    client::take(&remote, &pool, count, &duration, &reason)
+                }
+                LeaseCommand::Extend { lease, duration } => client::extend(&remote, &lease, &duration),
+                LeaseCommand::Return { lease } => client::give_back(&remote, &lease),
+                LeaseCommand::Revoke { lease } => client::revoke(&remote, &lease),
+            }
+        }
         Command::Plan { path, event, branch, tag, changed, json } => {
             plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
         }

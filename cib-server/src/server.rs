@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Role, ServerConfig, TokenConfig};
 use crate::http::{Body, BodyError, error, json, query, read_body, segments, text};
-use crate::{inbox, outgoing, sse};
+use crate::{inbox, outgoing, pools, sse};
 
 /// Everything a request handler may touch.
 pub struct AppState {
@@ -42,6 +42,13 @@ pub struct AppState {
     /// Wakes the inbox processor when a delivery is stored.
     pub inbox: Arc<Notify>,
     counter: AtomicU64,
+}
+
+impl AppState {
+    /// A counter for ids made by this process (API builds, people's leases).
+    pub fn counter(&self) -> &AtomicU64 {
+        &self.counter
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -288,6 +295,36 @@ where
                 Err(r) => r,
             }
         }
+        (Method::GET, ["api", "v1", "pools"]) => match require(state, &req, Role::Read) {
+            Ok(_) => pools::list(state).await,
+            Err(r) => r,
+        },
+        (Method::POST, ["api", "v1", "leases"]) => match require(state, &req, Role::Trigger) {
+            Ok(token) => {
+                let who = token.clone();
+                pools::take(state, req, &who).await
+            }
+            Err(r) => r,
+        },
+        (Method::GET, ["api", "v1", "leases", id]) => match require(state, &req, Role::Read) {
+            Ok(_) => pools::get(state, id).await,
+            Err(r) => r,
+        },
+        (Method::POST, ["api", "v1", "leases", id, "extend"]) => match require(state, &req, Role::Trigger) {
+            Ok(token) => {
+                let (who, id) = (token.clone(), id.to_string());
+                pools::extend(state, req, &id, &who).await
+            }
+            Err(r) => r,
+        },
+        (Method::POST, ["api", "v1", "leases", id, "return"]) => match require(state, &req, Role::Trigger) {
+            Ok(token) => pools::give_back(state, id, &token.clone()).await,
+            Err(r) => r,
+        },
+        (Method::POST, ["api", "v1", "leases", id, "revoke"]) => match require(state, &req, Role::Admin) {
+            Ok(_) => pools::revoke(state, id).await,
+            Err(r) => r,
+        },
         (Method::GET, ["api", "v1", "events"]) => match require(state, &req, Role::Read) {
             Ok(_) => sse::event_stream(state.clone(), &req, stopping),
             Err(r) => r,
@@ -303,7 +340,9 @@ fn known_path(path: &[&str]) -> bool {
         path,
         ["healthz"]
             | ["hooks", "github"]
-            | ["api", "v1", "openapi.json" | "builds" | "events"]
+            | ["api", "v1", "openapi.json" | "builds" | "events" | "pools" | "leases"]
+            | ["api", "v1", "leases", _]
+            | ["api", "v1", "leases", _, "extend" | "return" | "revoke"]
             | ["api", "v1", "builds", _]
             | ["api", "v1", "builds", _, "cancel" | "retry"]
             | ["api", "v1", "builds", _, "gates", _, "approve" | "reject"]
@@ -431,7 +470,11 @@ struct TriggerRequest {
     variables: BTreeMap<String, String>,
 }
 
-async fn read_json<T: serde::de::DeserializeOwned, B>(state: &AppState, req: Request<B>) -> Result<T, Response<Body>>
+/// Reads a JSON body of at most the configured size, or the answer to give.
+pub async fn read_json_body<T: serde::de::DeserializeOwned, B>(
+    state: &AppState,
+    req: Request<B>,
+) -> Result<T, Response<Body>>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -451,7 +494,7 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let request: TriggerRequest = match read_json(state, req).await {
+    let request: TriggerRequest = match read_json_body(state, req).await {
         Ok(r) => r,
         Err(response) => return response,
     };

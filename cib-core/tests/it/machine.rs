@@ -60,6 +60,9 @@ fn input_text(input: &Input) -> String {
         }
         Input::TakeLease { request } => format!("take lease {} {:?}", request.id, request.wants),
         Input::RenewLease { lease, token } => format!("renew lease {lease} token {token}"),
+        Input::ExtendLease { lease, token, until } => {
+            format!("extend lease {lease} token {token} until {}", until.millis())
+        }
         Input::ReturnLease { lease, token } => format!("return lease {lease} token {token}"),
         Input::RevokeLease { lease } => format!("revoke lease {lease}"),
         Input::CancelLeaseRequest { lease } => format!("cancel lease request {lease}"),
@@ -754,4 +757,40 @@ fn variables_given_at_start_win_over_the_spec() {
     assert_eq!(job.env.get("MODE").map(String::as_str), Some("cli"));
     assert_eq!(job.env.get("KEEP").map(String::as_str), Some("yes"));
     assert_eq!(job.env.get("CIB_STEP").map(String::as_str), Some("a"));
+}
+
+#[test]
+fn builds_started_by_hand_supersede_nothing() {
+    let mut sim = Sim::new(Config::default());
+    let manual = |branch: &str| BuildContext {
+        event: TriggerEvent::of(cib_core::spec::EventKind::Manual, branch),
+        ..context(branch)
+    };
+    sim.enqueue(0, "m1", ONE_STEP, "test", manual("feature/a"));
+    sim.enqueue(10, "m2", ONE_STEP, "test", manual("feature/a"));
+    sim.enqueue(20, "p1", ONE_STEP, "test", context("feature/a"));
+    assert_eq!(sim.state("m1"), BuildState::Running);
+    assert_eq!(sim.state("m2"), BuildState::Running);
+    assert_eq!(sim.state("p1"), BuildState::Running, "a push supersedes pushes, not builds started by hand");
+}
+
+#[test]
+fn a_person_extends_a_lease_and_it_expires_at_the_new_deadline() {
+    let mut sim = Sim::with_pools(staging_pool());
+    let request =
+        Request::new("alice-1", Holder::person("alice"), vec![Want::new("staging-env", 1)], Duration::from_secs(3600))
+            .with_deadline(Timestamp(3_600_000), Some(Duration::from_secs(600)));
+    sim.input(0, Input::TakeLease { request });
+    let token = sim.token("alice-1");
+    sim.input(1_000, Input::ExtendLease { lease: LeaseId::new("alice-1"), token, until: Timestamp(7_200_000) });
+    sim.input(
+        2_000,
+        Input::ExtendLease { lease: LeaseId::new("alice-1"), token: token + 5, until: Timestamp(9_000_000) },
+    );
+    sim.timer(3_600_000, TimerId::Leases);
+    assert!(sim.machine.leases().lease(&LeaseId::new("alice-1")).is_some(), "still held past the old deadline");
+    sim.timer(6_600_000, TimerId::Leases);
+    sim.timer(7_200_000, TimerId::Leases);
+    assert!(sim.machine.leases().lease(&LeaseId::new("alice-1")).is_none(), "gone at the new deadline");
+    insta::assert_snapshot!(sim.trace);
 }

@@ -78,3 +78,29 @@ async fn a_secret_printed_across_two_reads_never_reaches_the_sink() {
     exec.cleanup(&BuildId::from("secret")).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
     assert_nothing_left(&exec).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_units_reach_the_step_as_variables_and_a_file_in_the_workspace() {
+    let exec = executor("resources-file").await;
+    let dir = tempdir();
+    let mut job = job("resources", "use", &["cat \"$CIB_RESOURCES_FILE\"", "echo \"host=$CIB_RESOURCE_ENV_0_HOST\""]);
+    job.env.insert("CIB_RESOURCE_ENV_0_HOST".into(), "stage-1.internal".into());
+    job.resources = vec![cib_core::pipeline::GrantedUnit {
+        pool: "env".into(),
+        unit: "stage-1".into(),
+        metadata: [("host".to_owned(), "stage-1.internal".to_owned())].into(),
+    }];
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let outcome = exec.run(&step_run(job, dir.path()), sink.clone(), stop).await.expect("run");
+    assert_eq!(outcome, Outcome::Exited(0), "{}", sink.text(Stream::Stderr));
+    let out = sink.text(Stream::Stdout);
+    let start = out.find('[').expect("JSON in the output");
+    let end = out.rfind(']').expect("JSON in the output");
+    let units: serde_json::Value = serde_json::from_str(&out[start..=end]).expect("the file is JSON");
+    assert_eq!(units[0]["pool"], "env");
+    assert_eq!(units[0]["unit"], "stage-1");
+    assert_eq!(units[0]["metadata"]["host"], "stage-1.internal");
+    assert!(out.contains("host=stage-1.internal"), "{out}");
+    exec.cleanup(&"resources".into()).await.expect("cleanup");
+}

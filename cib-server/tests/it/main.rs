@@ -2,6 +2,7 @@
 
 mod cli;
 mod plan;
+mod pools;
 mod restart;
 mod run;
 mod server;

@@ -14,6 +14,10 @@ struct Server {
 }
 
 fn config(dir: &Path, port: u16, repo_path: &Path) -> PathBuf {
+    config_with(dir, port, repo_path, "")
+}
+
+fn config_with(dir: &Path, port: u16, repo_path: &Path, extra: &str) -> PathBuf {
     let path = dir.join("cib.toml");
     let text = format!(
         r#"
@@ -29,9 +33,15 @@ name = "reader"
 token = "reader-token-0123456789"
 role = "read"
 
+[[tokens]]
+name = "tester"
+token = "tester-token-0123456789"
+role = "trigger"
+
 [[repos]]
 name = "acme/shop"
 path = "{repo}"
+{extra}
 "#,
         data = dir.join("data").display(),
         repo = repo_path.display(),
@@ -207,4 +217,58 @@ fn a_build_running_when_the_server_is_killed_is_reported_and_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(server);
+}
+
+fn api(url: &str, method: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let text = body.to_string();
+    let (status, answer) = http(
+        url,
+        method,
+        path,
+        &[("authorization", "Bearer tester-token-0123456789"), ("content-type", "application/json")],
+        text.as_bytes(),
+    );
+    let start = answer.find('{').unwrap_or(0);
+    let end = answer.rfind('}').map_or(answer.len(), |e| e + 1);
+    (status, serde_json::from_str(&answer[start..end]).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn leases_survive_a_kill_and_a_dead_holder_is_freed_at_its_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = "pipelines:\n  test:\n    on: { manual: {} }\n    resources: [{ pool: env }]\n    steps:\n      - { name: use, image: busybox, commands: [echo got it] }\n";
+    repo(&dir.path().join("shop"), spec);
+    let port = free_port();
+    let pools = "\n[[pools]]\nname = \"env\"\nunits = [{ name = \"stage-1\" }]\n";
+    let config = config_with(dir.path(), port, &dir.path().join("shop"), pools);
+    let server = start(&config, port);
+    let (status, lease) = api(
+        &server.url,
+        "POST",
+        "/api/v1/leases",
+        serde_json::json!({ "pool": "env", "for": "4s", "reason": "by hand" }),
+    );
+    assert_eq!(status, 201, "{lease}");
+    let id = lease["lease"].as_str().expect("id").to_owned();
+    let token = lease["token"].clone();
+    let (status, build) = api(
+        &server.url,
+        "POST",
+        "/api/v1/builds",
+        serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }),
+    );
+    assert_eq!(status, 201, "{build}");
+    server.kill();
+
+    let server = start(&config, port);
+    let (status, after) = api(&server.url, "GET", &format!("/api/v1/leases/{id}"), serde_json::Value::Null);
+    assert_eq!(status, 200, "the lease is still there: {after}");
+    assert_eq!(after["granted"], true);
+    assert_eq!(after["token"], token, "with the same fencing token");
+    // Nobody returns it: at its deadline it expires and the waiting build gets the unit.
+    wait_for(&server.url, "the waiting build ran once the dead holder's lease expired", |b| {
+        b["builds"].as_array().is_some_and(|a| a.len() == 1 && a[0]["status"] == "success")
+    });
+    let (status, _) = api(&server.url, "GET", &format!("/api/v1/leases/{id}"), serde_json::Value::Null);
+    assert_eq!(status, 404, "the expired lease is gone");
 }

@@ -95,16 +95,20 @@ impl TestServer {
     }
 
     pub async fn start_with(spec: &str, webhooks: Vec<cib_server::config::WebhookConfig>) -> Self {
+        Self::start_configured(spec, |c| c.webhooks = webhooks).await
+    }
+
+    pub async fn start_configured(spec: &str, configure: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             data_dir: dir.path().join("data"),
             tokens: tokens(),
             github: cib_server::config::GithubConfig { webhook_secret: Some(SECRET.into()) },
             max_body_bytes: 1024 * 1024,
-            webhooks,
             ..ServerConfig::default()
         };
+        configure(&mut config);
         std::fs::create_dir_all(&config.data_dir).expect("data dir");
         let store = Arc::new(
             cib_store::SqliteStore::open(config.data_dir.join("cib.db"), cib_store::SqliteOptions::default())
