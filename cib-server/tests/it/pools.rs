@@ -192,3 +192,41 @@ async fn leases_are_extended_revoked_and_refused_with_reasons() {
     let answer = s.request("GET", &format!("/api/v1/leases/{lease}"), Some(&token(Role::Read)), b"").await;
     assert_eq!(answer.status, 404, "a revoked lease is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_commands_talk_to_the_server() {
+    let s = TestServer::start_configured(CONTENDED, |c| c.pools = vec![devices(1)]).await;
+    let cib = |args: Vec<String>, role: Role| {
+        let url = s.url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_cib"))
+                    .args(&args)
+                    .env("CIB_SERVER", url)
+                    .env("CIB_TOKEN", token(role))
+                    .output()
+                    .expect("run cib")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let out = cib(args(&["lease", "take", "devices", "--for", "30m", "--reason", "poking at it"]), Role::Trigger).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(": granted until"), "{text}");
+    let lease = text.split(':').next().expect("the lease id").to_owned();
+    let out = cib(args(&["pool", "list"]), Role::Read).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("devices: 0 of 1 free") && text.contains(&format!("held by trigger ({lease})")), "{text}");
+    let out = cib(args(&["lease", "revoke", &lease]), Role::Trigger).await;
+    assert_eq!(out.status.code(), Some(1), "only admins revoke");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    let out = cib(args(&["lease", "extend", &lease, "--for", "2h"]), Role::Trigger).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cib(args(&["lease", "return", &lease]), Role::Trigger).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cib(args(&["pool", "list"]), Role::Read).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("devices: 1 of 1 free"));
+}
