@@ -58,7 +58,7 @@ pub async fn list(state: &AppState) -> Response<Body> {
                     let holders: Vec<serde_json::Value> = table
                         .leases()
                         .filter(|l| l.units.iter().any(|(pool, _)| pool == name))
-                        .map(|l| lease_json(l))
+                        .map(lease_json)
                         .collect();
                     Some(serde_json::json!({ "pool": status, "leases": holders, "waiting": waiting }))
                 })

@@ -5,10 +5,6 @@
 //! bad input gets a 4xx with a reason, never a 500, and nothing stored is touched by a request
 //! that fails.
 
-// Handlers answer with a whole response on every path, errors included; boxing those would
-// only add noise.
-#![allow(clippy::result_large_err)]
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
