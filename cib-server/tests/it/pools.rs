@@ -128,7 +128,7 @@ pipelines:
     let b2 = trigger(&s).await;
     let b3 = trigger(&s).await;
     let (holders, waiting) = devices_view(&s).await;
-    assert_eq!(holders, [lease.clone()]);
+    assert_eq!(holders, std::slice::from_ref(&lease));
     assert_eq!(waiting, [(b1.clone(), 0), (b2.clone(), 1), (b3.clone(), 2)]);
     // Someone else may not give it back; the holder may.
     let answer = s.request("POST", &format!("/api/v1/leases/{lease}/return"), Some(&token(Role::Approve)), b"").await;
