@@ -194,6 +194,24 @@ pub enum EventBody {
         build: BuildId,
         conclusion: Conclusion,
     },
+    Reviewed {
+        repo: String,
+        commit: String,
+        by: String,
+    },
+    PromotionApproved {
+        repo: String,
+        commit: String,
+        by: String,
+    },
+    /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
+    BranchMoved {
+        repo: String,
+        branch: String,
+        commit: String,
+        by: String,
+        promotion: bool,
+    },
 }
 
 impl EventBody {
@@ -224,7 +242,10 @@ impl EventBody {
             | LeaseReleased { .. }
             | LeaseRevoked { .. }
             | LeaseCancelled { .. }
-            | LeaseRefused { .. } => None,
+            | LeaseRefused { .. }
+            | Reviewed { .. }
+            | PromotionApproved { .. }
+            | BranchMoved { .. } => None,
         }
     }
 }

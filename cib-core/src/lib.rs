@@ -14,3 +14,4 @@ pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod workflow;

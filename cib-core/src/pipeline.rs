@@ -19,6 +19,18 @@ use crate::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use crate::lease::{self, Holder, LeaseEvent, LeaseId, LeaseTable, PoolConfig, PoolKind, Want};
 use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
+pub use crate::workflow::Approval;
+
+/// An environment on record: which commit is there, since when, moved by whom, approved by whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub commit: String,
+    pub since: Timestamp,
+    pub by: String,
+    pub approved_by: Vec<String>,
+    /// The deploy build that put it there, when one did.
+    pub build: Option<BuildId>,
+}
 
 /// Settings of the machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +167,27 @@ pub enum Input {
     },
     /// Time passes: leases expire or are renewed for live builds.
     Tick,
+    /// An approving review of a commit, for the merge policy (forges without reviews of their own).
+    Review {
+        repo: String,
+        commit: String,
+        actor: Actor,
+    },
+    /// An approval to promote a commit; it is bound to that commit.
+    ApprovePromotion {
+        repo: String,
+        commit: String,
+        actor: Actor,
+    },
+    /// A branch was fast-forwarded by a merge or a promotion.
+    Moved {
+        repo: String,
+        branch: String,
+        commit: String,
+        by: String,
+        promotion: bool,
+        approved_by: Vec<String>,
+    },
 }
 
 /// A timer the machine armed; the engine fires it back as [`Input::TimerFired`].
@@ -359,6 +392,11 @@ pub struct Machine {
     lease_timer: Option<Timestamp>,
     /// The lease table changed while handling the current input.
     leases_touched: bool,
+    /// Reviews and promotion approvals by repository; each is bound to a commit.
+    reviews: BTreeMap<String, Vec<Approval>>,
+    approvals: BTreeMap<String, Vec<Approval>>,
+    /// What runs where, by repository and environment (a branch or a deploy pipeline).
+    environments: BTreeMap<String, BTreeMap<String, Environment>>,
     /// Effects gathered while handling one input.
     out: Vec<Effect>,
 }
@@ -389,6 +427,9 @@ impl Machine {
             next_event: 1,
             lease_timer: None,
             leases_touched: false,
+            reviews: BTreeMap::new(),
+            approvals: BTreeMap::new(),
+            environments: BTreeMap::new(),
             out: Vec::new(),
         })
     }
@@ -410,6 +451,35 @@ impl Machine {
     }
 
     /// Steps running now, across all builds.
+    /// Approving reviews given through cib in a repository.
+    pub fn reviews(&self, repo: &str) -> &[Approval] {
+        self.reviews.get(repo).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Promotion approvals given in a repository, for every commit.
+    pub fn approvals(&self, repo: &str) -> &[Approval] {
+        self.approvals.get(repo).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// What runs where: by branch moved by cib, and by deploy pipeline that succeeded.
+    pub fn environments(&self, repo: &str) -> BTreeMap<String, Environment> {
+        self.environments.get(repo).cloned().unwrap_or_default()
+    }
+
+    /// The latest conclusion of each pipeline on one commit.
+    pub fn results(&self, repo: &str, commit: &str) -> BTreeMap<String, Conclusion> {
+        let mut latest: BTreeMap<String, (Timestamp, Conclusion)> = BTreeMap::new();
+        for b in self.builds.values().filter(|b| b.context.repo == repo && b.context.commit == commit) {
+            if let (BuildState::Finished(c), Some(at)) = (&b.state, b.finished_at) {
+                let entry = latest.entry(b.pipeline.name.clone()).or_insert((at, *c));
+                if at >= entry.0 {
+                    *entry = (at, *c);
+                }
+            }
+        }
+        latest.into_iter().map(|(p, (_, c))| (p, c)).collect()
+    }
+
     pub fn running_steps(&self) -> usize {
         self.running
     }
@@ -491,6 +561,23 @@ impl Machine {
                 self.lease_events(events, now);
             }
             Input::Tick => self.tick(now),
+            Input::Review { repo, commit, actor } => {
+                let approval =
+                    Approval { commit: commit.clone(), by: actor.login.clone(), teams: actor.teams, at: now };
+                self.reviews.entry(repo.clone()).or_default().push(approval);
+                self.publish(now, EventBody::Reviewed { repo, commit, by: actor.login });
+            }
+            Input::ApprovePromotion { repo, commit, actor } => {
+                let approval =
+                    Approval { commit: commit.clone(), by: actor.login.clone(), teams: actor.teams, at: now };
+                self.approvals.entry(repo.clone()).or_default().push(approval);
+                self.publish(now, EventBody::PromotionApproved { repo, commit, by: actor.login });
+            }
+            Input::Moved { repo, branch, commit, by, promotion, approved_by } => {
+                let env = Environment { commit: commit.clone(), since: now, by: by.clone(), approved_by, build: None };
+                self.environments.entry(repo.clone()).or_default().insert(branch.clone(), env);
+                self.publish(now, EventBody::BranchMoved { repo, branch, commit, by, promotion });
+            }
         }
         self.schedule(now);
         // Finding the table's next wake-up walks every lease, so it is done only when the
@@ -996,6 +1083,23 @@ impl Machine {
             self.out.push(Effect::Cleanup { build: id.clone() });
         }
         self.publish(now, EventBody::BuildFinished { build: id.clone(), conclusion });
+        // A deploy that succeeded is what now runs in its environment.
+        if kind == PipelineKind::Deploy
+            && conclusion == Conclusion::Success
+            && let Some(b) = self.builds.get(id)
+        {
+            let (repo, name, commit) = (b.context.repo.clone(), b.pipeline.name.clone(), b.context.commit.clone());
+            let by = b.context.actor.clone().unwrap_or_default();
+            let approved_by = self
+                .environments
+                .get(&repo)
+                .and_then(|e| e.get(&name))
+                .filter(|e| e.commit == commit)
+                .map(|e| e.approved_by.clone())
+                .unwrap_or_default();
+            let env = Environment { commit, since: now, by, approved_by, build: Some(id.clone()) };
+            self.environments.entry(repo).or_default().insert(name, env);
+        }
         // Every lease of the build ends while handling the same input that records its end,
         // so a restart can never find a finished build still holding units.
         for lease in std::iter::once(pipeline_lease_id(id)).chain(step_leases) {

@@ -235,6 +235,12 @@ pub trait Vcs: Send + Sync {
 
     /// A user's permission on the repository.
     async fn permission(&self, repo: &str, user: &str) -> Result<Permission, VcsError>;
+
+    /// Who wrote a commit, as the forge names people, when it can tell. Used only to refuse
+    /// self-approval, never to grant anything.
+    async fn author(&self, _repo: &str, _rev: &str) -> Result<Option<String>, VcsError> {
+        Ok(None)
+    }
 }
 
 /// Publishes events somewhere (commit statuses, chat, webhooks). Publishing the same event
@@ -641,7 +647,10 @@ impl BuildUpdate {
             | EventBody::LeaseReleased { .. }
             | EventBody::LeaseRevoked { .. }
             | EventBody::LeaseCancelled { .. }
-            | EventBody::LeaseRefused { .. } => None,
+            | EventBody::LeaseRefused { .. }
+            | EventBody::Reviewed { .. }
+            | EventBody::PromotionApproved { .. }
+            | EventBody::BranchMoved { .. } => None,
         }
     }
 }

@@ -174,6 +174,13 @@ impl Vcs for GitVcs {
         self.commit_of(repo, rev).await
     }
 
+    /// The author's name: local repositories have no accounts, so names stand for people.
+    async fn author(&self, repo: &str, rev: &str) -> Result<Option<String>, VcsError> {
+        let commit = self.commit_of(repo, rev).await?;
+        let name = text(git(&self.path(repo), &["log", "-1", "--format=%an", &commit]).await?);
+        Ok((!name.is_empty()).then_some(name))
+    }
+
     async fn permission(&self, _repo: &str, user: &str) -> Result<Permission, VcsError> {
         Ok(self.permissions.get(user).copied().or(self.default_permission).unwrap_or(Permission::None))
     }

@@ -13,3 +13,4 @@ pub mod outgoing;
 pub mod pools;
 pub mod server;
 pub mod sse;
+pub mod workflow;

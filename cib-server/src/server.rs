@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Role, ServerConfig, TokenConfig};
 use crate::http::{Body, BodyError, error, json, query, read_body, segments, text};
-use crate::{inbox, outgoing, pools, sse};
+use crate::{inbox, outgoing, pools, sse, workflow};
 
 /// Everything a request handler may touch.
 pub struct AppState {
@@ -321,6 +321,31 @@ where
             Ok(_) => pools::revoke(state, id).await,
             Err(r) => r,
         },
+        (method, ["api", "v1", "repos", rest @ ..]) if rest.len() >= 2 => {
+            // `owner/name` arrives as two segments, or as one when its slash is encoded.
+            let (repo, action) = match rest {
+                [owner, name, action] => (format!("{owner}/{name}"), *action),
+                [repo, action] => ((*repo).to_owned(), *action),
+                _ => return error(StatusCode::NOT_FOUND, "no such resource"),
+            };
+            let need = match (&method, action) {
+                (&Method::GET, "environments") => Role::Read,
+                (&Method::POST, "reviews" | "approvals") => Role::Approve,
+                (&Method::POST, "merge" | "promote") => Role::Trigger,
+                _ => return error(StatusCode::NOT_FOUND, "no such resource"),
+            };
+            let who = match require(state, &req, need) {
+                Ok(t) => t.clone(),
+                Err(r) => return r,
+            };
+            match action {
+                "environments" => workflow::environments(state, &repo).await,
+                "reviews" => workflow::review(state, req, &repo, &who).await,
+                "approvals" => workflow::approve(state, req, &repo, &who).await,
+                "merge" => workflow::merge(state, req, &repo, &who).await,
+                _ => workflow::promote(state, req, &repo, &who).await,
+            }
+        }
         (Method::GET, ["api", "v1", "events"]) => match require(state, &req, Role::Read) {
             Ok(_) => sse::event_stream(state.clone(), &req, stopping),
             Err(r) => r,

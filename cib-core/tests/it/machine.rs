@@ -67,6 +67,13 @@ fn input_text(input: &Input) -> String {
         Input::RevokeLease { lease } => format!("revoke lease {lease}"),
         Input::CancelLeaseRequest { lease } => format!("cancel lease request {lease}"),
         Input::Tick => "tick".into(),
+        Input::Review { repo, commit, actor } => format!("review {repo}@{commit} by {}", actor.login),
+        Input::ApprovePromotion { repo, commit, actor } => {
+            format!("approve promotion {repo}@{commit} by {}", actor.login)
+        }
+        Input::Moved { repo, branch, commit, by, promotion, .. } => {
+            format!("moved {repo} {branch} to {commit} by {by}{}", if *promotion { " (promotion)" } else { "" })
+        }
     }
 }
 

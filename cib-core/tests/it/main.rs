@@ -8,3 +8,4 @@ mod replay;
 mod spec;
 mod spec_fuzz;
 mod spec_schema;
+mod workflow;

@@ -6,3 +6,4 @@ mod pools;
 mod restart;
 mod run;
 mod server;
+mod workflow;

@@ -78,6 +78,7 @@ pub fn push_payload(commit: &str) -> Vec<u8> {
 
 pub struct TestServer {
     pub url: String,
+    pub repo_path: std::path::PathBuf,
     pub store: Arc<cib_store::SqliteStore>,
     pub commit: String,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -120,7 +121,7 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().expect("address"));
         tokio::spawn(server::serve(running.state.clone(), listener, std::future::pending()));
         let client = Client::builder(TokioExecutor::new()).build_http();
-        TestServer { url, store, commit, client, _dir: dir }
+        TestServer { url, repo_path: dir.path().join("shop"), store, commit, client, _dir: dir }
     }
 
     pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Answer {

@@ -1,0 +1,197 @@
+//! The master/production workflow's rules: when a branch may be merged into `master` by
+//! fast-forward, and when a commit may be promoted to `production`. Pure: callers gather the
+//! facts (comparisons, build results, reviews, approvals, the time) and get back either a yes
+//! or every reason for a no, in words a person can act on.
+
+// Pure code: no clock, environment, files or threads (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Conclusion;
+use crate::ports::{Comparison, Permission};
+use crate::spec::{Approvers, MergePolicy, PromotionPolicy};
+use crate::time::Timestamp;
+
+/// One reason a merge or a promotion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Refusal {
+    /// The person asking may not write to the repository.
+    NoPermission { user: String },
+    /// The branch lacks commits of the target: it must be rebased first.
+    Stale { target: String, behind: u32 },
+    /// A required pipeline has not passed on this exact commit.
+    NotGreen { pipeline: String, state: String },
+    /// Fewer approving reviews than the policy asks.
+    MissingReviews { have: u32, need: u32 },
+    /// The target cannot be fast-forwarded to the commit (it has commits the commit lacks).
+    NotFastForward { target: String },
+    /// Fewer valid approvals than the policy asks.
+    TooFewApprovals { have: u32, need: u32 },
+    /// An approval that does not count, and why.
+    ApprovalIgnored { by: String, why: String },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NoPermission { user } => write!(f, "{user} has no write permission on the repository"),
+            Refusal::Stale { target, behind } => {
+                write!(f, "the branch is {behind} commit(s) behind {target}: rebase it on {target} first")
+            }
+            Refusal::NotGreen { pipeline, state } => write!(f, "pipeline '{pipeline}' has {state} on this commit"),
+            Refusal::MissingReviews { have, need } => write!(f, "{have} approving review(s), {need} needed"),
+            Refusal::NotFastForward { target } => {
+                write!(f, "{target} has commits this commit does not contain: it cannot move by fast-forward")
+            }
+            Refusal::TooFewApprovals { have, need } => write!(f, "{have} valid approval(s), {need} needed"),
+            Refusal::ApprovalIgnored { by, why } => write!(f, "the approval by {by} does not count: {why}"),
+        }
+    }
+}
+
+/// The latest result of each pipeline on one commit, as the build records say.
+pub type PipelineResults = BTreeMap<String, Conclusion>;
+
+fn green(required: &[String], results: &PipelineResults, out: &mut Vec<Refusal>) {
+    for pipeline in required {
+        let state = match results.get(pipeline) {
+            Some(Conclusion::Success) => continue,
+            Some(other) => serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.as_str().map(|s| format!("a {} build", s.replace('_', " "))))
+                .unwrap_or_else(|| "no green build".into()),
+            None => "never run".into(),
+        };
+        out.push(Refusal::NotGreen { pipeline: pipeline.clone(), state });
+    }
+}
+
+/// The facts of a merge request.
+#[derive(Debug, Clone)]
+pub struct MergeFacts<'a> {
+    pub user: &'a str,
+    pub permission: Permission,
+    /// The branch's head compared with the target's tip (`base` = target, `head` = branch).
+    pub comparison: Comparison,
+    /// Results on the branch's head commit.
+    pub results: &'a PipelineResults,
+    /// Approving reviews at the head commit, from distinct people other than the author.
+    pub reviews: u32,
+}
+
+/// Whether a branch may be fast-forwarded into the policy's target. Every reason is listed.
+pub fn check_merge(policy: &MergePolicy, facts: &MergeFacts<'_>) -> Result<(), Vec<Refusal>> {
+    let mut out = Vec::new();
+    if facts.permission < Permission::Write {
+        out.push(Refusal::NoPermission { user: facts.user.to_owned() });
+    }
+    if (policy.up_to_date || policy.fast_forward_only) && facts.comparison.behind > 0 {
+        out.push(Refusal::Stale { target: policy.into.clone(), behind: facts.comparison.behind });
+    }
+    green(&policy.pipelines, facts.results, &mut out);
+    if facts.reviews < policy.reviews {
+        out.push(Refusal::MissingReviews { have: facts.reviews, need: policy.reviews });
+    }
+    if out.is_empty() { Ok(()) } else { Err(out) }
+}
+
+/// An approval of a promotion, bound to one commit, as recorded when it was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub commit: String,
+    pub by: String,
+    /// The approver's teams, from the authenticated source, when the approval was given.
+    pub teams: Vec<String>,
+    pub at: Timestamp,
+}
+
+/// The facts of a promotion request.
+#[derive(Debug, Clone)]
+pub struct PromotionFacts<'a> {
+    pub commit: &'a str,
+    /// Who wrote the commit, when known; they may not approve it unless the policy allows.
+    pub author: Option<&'a str>,
+    /// The target branch's tip compared with the commit (`base` = target, `head` = commit).
+    pub comparison: Comparison,
+    /// Results on this exact commit.
+    pub results: &'a PipelineResults,
+    /// Every approval given in the repository (for any commit).
+    pub approvals: &'a [Approval],
+    pub now: Timestamp,
+}
+
+fn allowed(approvers: &Approvers, a: &Approval) -> bool {
+    (approvers.users.is_empty() && approvers.teams.is_empty())
+        || approvers.users.contains(&a.by)
+        || a.teams.iter().any(|t| approvers.teams.contains(t))
+}
+
+/// Whether a commit may be promoted: the people whose approvals count, or every reason it may
+/// not, including each approval that does not count and why.
+pub fn check_promotion(policy: &PromotionPolicy, facts: &PromotionFacts<'_>) -> Result<Vec<String>, Vec<Refusal>> {
+    let mut out = Vec::new();
+    if facts.comparison.behind > 0 {
+        out.push(Refusal::NotFastForward { target: policy.to.clone() });
+    }
+    green(&policy.pipelines, facts.results, &mut out);
+    let mut counted: Vec<&str> = Vec::new();
+    let mut ignored = Vec::new();
+    for a in facts.approvals {
+        let why = if a.commit != facts.commit {
+            // Approvals of other commits are not listed one by one: only those that could
+            // have been meant for this one are worth a word.
+            continue;
+        } else if !policy.self_approval && facts.author == Some(a.by.as_str()) {
+            Some("the commit's author may not approve it".to_owned())
+        } else if !allowed(&policy.approvers, a) {
+            Some("not one of the allowed approvers".to_owned())
+        } else if policy.expires.is_some_and(|e| a.at + e.as_std() <= facts.now) {
+            Some("it has expired; approve again".to_owned())
+        } else if counted.contains(&a.by.as_str()) {
+            None
+        } else {
+            counted.push(&a.by);
+            None
+        };
+        if let Some(why) = why {
+            ignored.push(Refusal::ApprovalIgnored { by: a.by.clone(), why });
+        }
+    }
+    let have = counted.len() as u32;
+    // Approvals that do not count matter only when too few do: then each says why.
+    if have < policy.approvals {
+        out.extend(ignored);
+        out.push(Refusal::TooFewApprovals { have, need: policy.approvals });
+        // Approvals given for other commits explain a shortfall: name them.
+        let mut others: Vec<&Approval> = facts.approvals.iter().filter(|a| a.commit != facts.commit).collect();
+        others.sort_by(|a, b| a.by.cmp(&b.by));
+        others.dedup_by(|a, b| a.by == b.by);
+        for a in others {
+            if !counted.contains(&a.by.as_str()) {
+                out.push(Refusal::ApprovalIgnored {
+                    by: a.by.clone(),
+                    why: format!("it approves another commit ({})", short(&a.commit)),
+                });
+            }
+        }
+    }
+    if out.is_empty() { Ok(counted.into_iter().map(str::to_owned).collect()) } else { Err(out) }
+}
+
+fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+/// Renders refusals as a comment or an API answer: one reason a line.
+pub fn explain(what: &str, refusals: &[Refusal]) -> String {
+    let mut text = format!("cib cannot {what}:");
+    for r in refusals {
+        text.push_str(&format!("\n- {r}"));
+    }
+    text
+}

@@ -1,0 +1,217 @@
+//! The master/production workflow end to end on a local Git repository: tests on a branch,
+//! review, merge by fast-forward, staging with its unit and manual QA, approvals, promotion by
+//! fast-forward and production; and each refusal, explained.
+
+use std::time::{Duration, Instant};
+
+use cib_core::ports::BuildStatus;
+use cib_server::config::{PoolFileConfig, Role, UnitConfig};
+
+use super::server::{TestServer, git, token};
+
+const SPEC: &str = r#"
+pipelines:
+  test:
+    on: { push: { branches: ["**"], branches_ignore: [master, production] } }
+    steps: [{ name: unit, image: busybox, commands: ["echo tests pass"] }]
+  staging:
+    on: { push: { branches: [master] } }
+    resources: [{ pool: staging-env }]
+    steps:
+      - { name: deploy, image: busybox, commands: ["echo deploying to $CIB_RESOURCE_STAGING_ENV_0_NAME"] }
+      - { name: e2e, image: busybox, commands: ["echo e2e pass"], depends_on: [deploy] }
+      - name: manual-qa
+        depends_on: [e2e]
+        gate: { kind: hold, from: { users: [approve] }, instructions: Click through checkout. }
+  production:
+    on: { push: { branches: [production] } }
+    steps: [{ name: deploy, image: busybox, commands: ["echo deploying to production"] }]
+promotion:
+  requires:
+    pipelines: [staging]
+    approvals: { count: 2, from: { users: [approve, admin, carol] }, expires: 1d }
+merge:
+  requires: { pipelines: [test], reviews: 1 }
+"#;
+
+const CAROL: &str = "carol-token-0123456789";
+
+struct Flow {
+    s: TestServer,
+}
+
+impl Flow {
+    async fn post(&self, path: &str, role: Role, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let answer = self.s.request("POST", path, Some(&token(role)), body.to_string().as_bytes()).await;
+        (answer.status, serde_json::from_str(&answer.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn rev(&self, what: &str) -> String {
+        git(&self.s.repo_path, &["rev-parse", what])
+    }
+
+    async fn wait_status(&self, id: &str, status: BuildStatus) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let builds = self.s.wait_builds(|_| true).await;
+            if builds.iter().any(|b| b.id.0 == id && b.status == status) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} never reached {status:?}: {builds:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn refusals(&self, path: &str, role: Role, body: serde_json::Value) -> String {
+        let (status, answer) = self.post(path, role, body).await;
+        assert_eq!(status, 409, "{answer}");
+        answer["error"].as_str().expect("a reason").to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
+    let pool = PoolFileConfig {
+        name: "staging-env".into(),
+        units: vec![UnitConfig { name: "stage-1".into(), metadata: Default::default() }],
+        capacity: None,
+    };
+    let s = TestServer::start_configured(SPEC, |c| {
+        c.pools = vec![pool];
+        c.tokens.push(cib_server::config::TokenConfig {
+            name: "carol".into(),
+            token: CAROL.into(),
+            role: Role::Approve,
+            teams: Vec::new(),
+        });
+    })
+    .await;
+    let repo = s.repo_path.clone();
+    // master holds the spec; feature/x adds a commit written by `admin`.
+    git(&repo, &["branch", "master"]);
+    let base = git(&repo, &["rev-parse", "master"]);
+    std::fs::write(repo.join("feature.txt"), "new\n").expect("write");
+    git(&repo, &["add", "feature.txt"]);
+    git(
+        &repo,
+        &["-c", "user.name=admin", "commit", "-q", "--author", "admin <admin@example.invalid>", "-m", "feature"],
+    );
+    let flow = Flow { s };
+    let head = flow.rev("feature/x");
+    let r = "/api/v1/repos/acme/shop";
+
+    // Tests run on the branch.
+    let (status, answer) = flow
+        .post(
+            "/api/v1/builds",
+            Role::Trigger,
+            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test", "event": "push" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    flow.wait_status(answer["build"].as_str().expect("id"), BuildStatus::Success).await;
+
+    // No review yet: refused, with the reason.
+    let why = flow.refusals(&format!("{r}/merge"), Role::Trigger, serde_json::json!({ "head": "feature/x" })).await;
+    assert_eq!(why, "cib cannot merge this branch:\n- 0 approving review(s), 1 needed");
+    assert_eq!(flow.rev("master"), base, "a refused merge moves nothing");
+    let (status, _) = flow.post(&format!("{r}/reviews"), Role::Approve, serde_json::json!({ "commit": head })).await;
+    assert_eq!(status, 201);
+
+    // Merged by fast-forward: master is the branch's head, and staging runs.
+    let (status, merged) =
+        flow.post(&format!("{r}/merge"), Role::Trigger, serde_json::json!({ "head": "feature/x" })).await;
+    assert_eq!(status, 200, "{merged}");
+    assert_eq!(flow.rev("master"), head, "no merge commit: master is the branch's head");
+    let staging = merged["builds"][0].as_str().expect("a staging build").to_owned();
+    assert!(staging.ends_with("-staging"), "{merged}");
+
+    // A branch made before the merge is now stale.
+    git(&repo, &["checkout", "-q", "-b", "late", &base]);
+    std::fs::write(repo.join("late.txt"), "late\n").expect("write");
+    git(&repo, &["add", "late.txt"]);
+    git(&repo, &["commit", "-q", "-m", "late"]);
+    let why = flow.refusals(&format!("{r}/merge"), Role::Trigger, serde_json::json!({ "head": "late" })).await;
+    assert!(why.contains("the branch is 1 commit(s) behind master: rebase it on master first"), "{why}");
+    assert!(why.contains("pipeline 'test' has never run on this commit"), "{why}");
+
+    // Staging waits at manual QA; promotion is refused until it passes and is approved.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = flow
+            .post(
+                &format!("/api/v1/builds/{staging}/gates/manual-qa/approve"),
+                Role::Approve,
+                serde_json::json!({ "comment": "checkout works" }),
+            )
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the manual QA gate never waited");
+        let why = flow.refusals(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+        assert!(why.contains("pipeline 'staging' has never run on this commit"), "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    flow.wait_status(&staging, BuildStatus::Success).await;
+
+    // Approvals: the author's does not count, nor one for another commit.
+    let why = flow.refusals(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert_eq!(why, "cib cannot promote this commit:\n- 0 valid approval(s), 2 needed");
+    for (role, commit) in [(Role::Admin, &head), (Role::Approve, &head), (Role::Trigger, &base)] {
+        let (status, answer) =
+            flow.post(&format!("{r}/approvals"), role, serde_json::json!({ "commit": commit })).await;
+        assert!(status == 201 || (role == Role::Trigger && status == 403), "{role:?}: {status} {answer}");
+    }
+    let (status, _) = flow.post(&format!("{r}/approvals"), Role::Admin, serde_json::json!({ "commit": base })).await;
+    assert_eq!(status, 201);
+    let why = flow.refusals(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert!(why.contains("the approval by admin does not count: the commit's author may not approve it"), "{why}");
+    assert!(why.contains("1 valid approval(s), 2 needed"), "{why}");
+    assert!(why.contains("it approves another commit"), "{why}");
+    assert!(flow.s.request("GET", "/api/v1/builds", Some(&token(Role::Read)), b"").await.body.contains("staging"));
+
+    // Approving twice counts once.
+    let (status, _) = flow.post(&format!("{r}/approvals"), Role::Approve, serde_json::json!({ "commit": head })).await;
+    assert_eq!(status, 201);
+    let why = flow.refusals(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert!(why.contains("1 valid approval(s), 2 needed"), "the same person twice counts once: {why}");
+
+    // A second allowed approver: promoted by fast-forward, and production deploys.
+    let answer = flow
+        .s
+        .request(
+            "POST",
+            &format!("{r}/approvals"),
+            Some(CAROL),
+            serde_json::json!({ "commit": head }).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let (status, promoted) =
+        flow.post(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert_eq!(status, 200, "{promoted}");
+    assert_eq!(flow.rev("production"), head, "production moved to the commit by fast-forward");
+    let production = promoted["builds"][0].as_str().expect("a production build").to_owned();
+    flow.wait_status(&production, BuildStatus::Success).await;
+
+    // Environments on record: what is where, since when, moved and approved by whom.
+    let answer = flow.s.request("GET", &format!("{r}/environments"), Some(&token(Role::Read)), b"").await;
+    let envs: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+    let envs = &envs["environments"];
+    assert_eq!(envs["staging"]["commit"], head.as_str(), "{envs:#}");
+    assert_eq!(envs["production"]["commit"], head.as_str(), "{envs:#}");
+    assert_eq!(envs["production"]["approved_by"], serde_json::json!(["approve", "carol"]), "{envs:#}");
+    assert_eq!(envs["master"]["by"], "trigger", "{envs:#}");
+
+    // Production moves only by fast-forward: a commit made there by hand blocks the next one.
+    git(&repo, &["checkout", "-q", "production"]);
+    std::fs::write(repo.join("hotfix.txt"), "by hand\n").expect("write");
+    git(&repo, &["add", "hotfix.txt"]);
+    git(&repo, &["commit", "-q", "-m", "hotfix by hand"]);
+    let why = flow.refusals(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert_eq!(
+        why,
+        "cib cannot promote this commit:\n- production has commits this commit does not contain: it cannot move by fast-forward"
+    );
+}
