@@ -66,27 +66,8 @@ impl Clock for ManualClock {
     }
 }
 
-/// The wall clock.
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-#[async_trait]
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        Timestamp(millis)
-    }
-
-    async fn sleep_until(&self, at: Timestamp) {
-        let now = self.now();
-        if at > now {
-            tokio::time::sleep(at.since(now)).await;
-        }
-    }
-}
+/// The wall clock, for tests that run in real time.
+pub use crate::engine::SystemClock;
 
 // ---- secrets -------------------------------------------------------------------------------
 

@@ -340,8 +340,8 @@ where
             };
             match action {
                 "environments" => workflow::environments(state, &repo).await,
-                "reviews" => workflow::review(state, req, &repo, &who).await,
-                "approvals" => workflow::approve(state, req, &repo, &who).await,
+                "reviews" => workflow::approve(state, req, &repo, &who, false).await,
+                "approvals" => workflow::approve(state, req, &repo, &who, true).await,
                 "merge" => workflow::merge(state, req, &repo, &who).await,
                 _ => workflow::promote(state, req, &repo, &who).await,
             }

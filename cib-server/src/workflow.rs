@@ -119,8 +119,15 @@ async fn record(state: &AppState, input: Input) -> Result<(), Response<Body>> {
     state.engine.submit(input).await.map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
-/// `POST /api/v1/repos/{repo}/reviews {"commit"}`: an approving review, bound to the commit.
-pub async fn review<B>(state: &Arc<AppState>, req: http::Request<B>, repo: &str, who: &TokenConfig) -> Response<Body>
+/// `POST /api/v1/repos/{repo}/reviews {"commit"}`: an approving review, bound to the commit;
+/// `.../approvals {"commit"}`: approves promoting that exact commit.
+pub async fn approve<B>(
+    state: &Arc<AppState>,
+    req: http::Request<B>,
+    repo: &str,
+    who: &TokenConfig,
+    promotion: bool,
+) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -133,30 +140,15 @@ where
         Ok(c) => c,
         Err(r) => return r,
     };
-    let input = Input::Review { repo: repo.to_owned(), commit: commit.clone(), actor: actor(who) };
-    match record(state, input).await {
-        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ "reviewed": commit, "by": who.name })),
-        Err(r) => r,
-    }
-}
-
-/// `POST /api/v1/repos/{repo}/approvals {"commit"}`: approves promoting that exact commit.
-pub async fn approve<B>(state: &Arc<AppState>, req: http::Request<B>, repo: &str, who: &TokenConfig) -> Response<Body>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let body: CommitBody = match read_json_body(state, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
+    let (repo, actor) = (repo.to_owned(), actor(who));
+    let input = if promotion {
+        Input::ApprovePromotion { repo, commit: commit.clone(), actor }
+    } else {
+        Input::Review { repo, commit: commit.clone(), actor }
     };
-    let commit = match resolve(state, repo, &body.commit).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let input = Input::ApprovePromotion { repo: repo.to_owned(), commit: commit.clone(), actor: actor(who) };
+    let what = if promotion { "approved" } else { "reviewed" };
     match record(state, input).await {
-        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ "approved": commit, "by": who.name })),
+        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ what: commit, "by": who.name })),
         Err(r) => r,
     }
 }
