@@ -204,6 +204,21 @@ pub enum EventBody {
         commit: String,
         by: String,
     },
+    /// Whether a pull request's head contains its base's tip (the second status of a PR).
+    UpToDate {
+        repo: String,
+        number: u64,
+        commit: String,
+        base: String,
+        up_to_date: bool,
+        behind: u32,
+    },
+    /// cib's answer to a `/cib` command, for the notifier to post as a comment.
+    CommandAnswered {
+        repo: String,
+        number: u64,
+        text: String,
+    },
     /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
     BranchMoved {
         repo: String,
@@ -245,7 +260,9 @@ impl EventBody {
             | LeaseRefused { .. }
             | Reviewed { .. }
             | PromotionApproved { .. }
-            | BranchMoved { .. } => None,
+            | BranchMoved { .. }
+            | UpToDate { .. }
+            | CommandAnswered { .. } => None,
         }
     }
 }

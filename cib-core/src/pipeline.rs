@@ -21,6 +21,14 @@ use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
 pub use crate::workflow::Approval;
 
+/// An open pull request as the workflow needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenPullRequest {
+    pub base: String,
+    pub head_branch: String,
+    pub head_commit: String,
+}
+
 /// An environment on record: which commit is there, since when, moved by whom, approved by whom.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Environment {
@@ -178,6 +186,29 @@ pub enum Input {
         repo: String,
         commit: String,
         actor: Actor,
+    },
+    /// A pull request is open at this head, or (`open: false`) closed.
+    PullRequest {
+        repo: String,
+        number: u64,
+        base: String,
+        head_branch: String,
+        head_commit: String,
+        open: bool,
+    },
+    /// Whether a pull request's head contains its base's tip, evaluated when either moved.
+    UpToDate {
+        repo: String,
+        number: u64,
+        head_commit: String,
+        base: String,
+        behind: u32,
+    },
+    /// cib's answer to a command given in a comment.
+    Answer {
+        repo: String,
+        number: u64,
+        text: String,
     },
     /// A branch was fast-forwarded by a merge or a promotion.
     Moved {
@@ -397,6 +428,8 @@ pub struct Machine {
     approvals: BTreeMap<String, Vec<Approval>>,
     /// What runs where, by repository and environment (a branch or a deploy pipeline).
     environments: BTreeMap<String, BTreeMap<String, Environment>>,
+    /// Open pull requests by repository and number, as the forge last said.
+    pull_requests: BTreeMap<String, BTreeMap<u64, OpenPullRequest>>,
     /// Effects gathered while handling one input.
     out: Vec<Effect>,
 }
@@ -430,6 +463,7 @@ impl Machine {
             reviews: BTreeMap::new(),
             approvals: BTreeMap::new(),
             environments: BTreeMap::new(),
+            pull_requests: BTreeMap::new(),
             out: Vec::new(),
         })
     }
@@ -451,6 +485,11 @@ impl Machine {
     }
 
     /// Steps running now, across all builds.
+    /// The open pull requests of a repository, by number.
+    pub fn pull_requests(&self, repo: &str) -> BTreeMap<u64, OpenPullRequest> {
+        self.pull_requests.get(repo).cloned().unwrap_or_default()
+    }
+
     /// Approving reviews given through cib in a repository.
     pub fn reviews(&self, repo: &str) -> &[Approval] {
         self.reviews.get(repo).map(Vec::as_slice).unwrap_or_default()
@@ -561,6 +600,23 @@ impl Machine {
                 self.lease_events(events, now);
             }
             Input::Tick => self.tick(now),
+            Input::PullRequest { repo, number, base, head_branch, head_commit, open } => {
+                let prs = self.pull_requests.entry(repo).or_default();
+                if open {
+                    prs.insert(number, OpenPullRequest { base, head_branch, head_commit });
+                } else {
+                    prs.remove(&number);
+                }
+            }
+            Input::UpToDate { repo, number, head_commit, base, behind } => {
+                self.publish(
+                    now,
+                    EventBody::UpToDate { repo, number, commit: head_commit, base, up_to_date: behind == 0, behind },
+                );
+            }
+            Input::Answer { repo, number, text } => {
+                self.publish(now, EventBody::CommandAnswered { repo, number, text })
+            }
             Input::Review { repo, commit, actor } => {
                 let approval =
                     Approval { commit: commit.clone(), by: actor.login.clone(), teams: actor.teams, at: now };

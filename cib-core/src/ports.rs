@@ -650,7 +650,9 @@ impl BuildUpdate {
             | EventBody::LeaseRefused { .. }
             | EventBody::Reviewed { .. }
             | EventBody::PromotionApproved { .. }
-            | EventBody::BranchMoved { .. } => None,
+            | EventBody::BranchMoved { .. }
+            | EventBody::UpToDate { .. }
+            | EventBody::CommandAnswered { .. } => None,
         }
     }
 }

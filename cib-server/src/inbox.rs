@@ -7,12 +7,13 @@
 
 use std::sync::Arc;
 
-use cib_core::engine::EngineHandle;
 use cib_core::event::BuildId;
-use cib_core::forge::{ForgeEvent, PullRequestAction};
-use cib_core::pipeline::{BuildContext, Input};
-use cib_core::ports::{Delivery, Vcs};
+use cib_core::forge::{Command, ForgeEvent, PullRequestAction};
+use cib_core::pipeline::{Actor, BuildContext, Input};
+use cib_core::ports::{Delivery, Permission};
 use cib_core::spec::{self, TriggerEvent};
+
+use crate::server::AppState;
 
 /// What processing one delivery did, for the operator's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,17 +29,82 @@ pub fn build_id(delivery: &str, pipeline: &str) -> BuildId {
     BuildId(format!("{}-{}", clean(delivery), clean(pipeline)))
 }
 
-/// Turns a forge event into builds.
-pub async fn process(
-    engine: &EngineHandle,
-    vcs: &Arc<dyn Vcs>,
-    delivery_id: &str,
-    event: ForgeEvent,
-) -> Result<Processed, String> {
+/// Re-evaluates whether each open pull request into `base` contains its tip: the second
+/// status of a pull request, which changes when the base moves as much as when the head does.
+pub async fn reevaluate(state: &Arc<AppState>, repo: &str, base: &str) {
+    let repo_q = repo.to_owned();
+    let Ok(prs) = state.engine.query(move |m| m.pull_requests(&repo_q)).await else { return };
+    for (number, pr) in prs.into_iter().filter(|(_, pr)| pr.base == base) {
+        if let Ok(c) = state.vcs.compare(repo, &pr.base, &pr.head_commit).await {
+            let input = Input::UpToDate {
+                repo: repo.to_owned(),
+                number,
+                head_commit: pr.head_commit,
+                base: pr.base,
+                behind: c.behind,
+            };
+            let _ = state.engine.submit(input).await;
+        }
+    }
+}
+
+/// Answers a `/cib` command: merge, promote, approve, or help. The answer goes out as an event
+/// (the forge's notifier posts it as a comment); the identity is the comment's authenticated
+/// author, and their permission comes from the forge.
+async fn command(state: &Arc<AppState>, c: Command) -> String {
+    let permission = state.vcs.permission(&c.repo, &c.sender).await.unwrap_or(Permission::None);
+    let pr = {
+        let (repo, number) = (c.repo.clone(), c.number);
+        state.engine.query(move |m| m.pull_requests(&repo).get(&number).cloned()).await.ok().flatten()
+    };
+    let words: Vec<&str> = c.words.iter().map(String::as_str).collect();
+    let response = match (words.as_slice(), pr) {
+        (["merge"], Some(pr)) => {
+            crate::workflow::try_merge(state, &c.repo, &pr.head_commit, &c.sender, permission).await
+        }
+        (["merge"], None) => return "cib can only merge an open pull request it knows of.".into(),
+        (["promote", commit], _) if permission >= Permission::Write => {
+            crate::workflow::try_promote(state, &c.repo, commit, &c.sender).await
+        }
+        (["approve", commit], _) if permission >= Permission::Write => {
+            let actor = Actor { login: c.sender.clone(), teams: Vec::new(), can_write: true };
+            crate::workflow::try_approve(state, &c.repo, commit, actor, true).await
+        }
+        (["promote" | "approve", _], _) => return format!("{} has no write permission on {}.", c.sender, c.repo),
+        _ => return "cib knows `/cib merge`, `/cib approve <commit>` and `/cib promote <commit>`.".into(),
+    };
+    let status = response.status();
+    let body = crate::server::body_bytes(response).await;
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if status.is_success() {
+        match words.first() {
+            Some(&"merge") => format!(
+                "Merged by fast-forward: {} is now {}.",
+                value["into"].as_str().unwrap_or("master"),
+                value["merged"].as_str().unwrap_or("?")
+            ),
+            Some(&"promote") => format!(
+                "Promoted: {} is now {}.",
+                value["to"].as_str().unwrap_or("production"),
+                value["promoted"].as_str().unwrap_or("?")
+            ),
+            _ => format!("Approved {} for promotion.", value["approved"].as_str().unwrap_or("?")),
+        }
+    } else {
+        value["error"].as_str().unwrap_or("cib could not do it").to_owned()
+    }
+}
+
+/// Turns a forge event into builds (and the workflow's records).
+pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent) -> Result<Processed, String> {
+    let (engine, vcs) = (&state.engine, &state.vcs);
     let (repo, commit, trigger, branch, pull_request, actor, spec_rev) = match event {
         ForgeEvent::Push(push) => {
             if push.deleted {
                 return Ok(Processed::Nothing("a deleted ref builds nothing".into()));
+            }
+            if let Some(branch) = &push.branch {
+                reevaluate(state, &push.repo, branch).await;
             }
             let trigger = TriggerEvent {
                 kind: spec::EventKind::Push,
@@ -49,6 +115,32 @@ pub async fn process(
             (push.repo, push.after.clone(), trigger, push.branch, None, push.sender, push.after)
         }
         ForgeEvent::PullRequest(pr) => {
+            let open = matches!(
+                pr.action,
+                PullRequestAction::Opened
+                    | PullRequestAction::Synchronize
+                    | PullRequestAction::Reopened
+                    | PullRequestAction::BaseChanged
+            );
+            let record = Input::PullRequest {
+                repo: pr.repo.clone(),
+                number: pr.number,
+                base: pr.base_branch.clone(),
+                head_branch: pr.head_branch.clone(),
+                head_commit: pr.head_commit.clone(),
+                open,
+            };
+            engine.submit(record).await.map_err(|e| e.to_string())?;
+            if open && let Ok(c) = vcs.compare(&pr.repo, &pr.base_branch, &pr.head_commit).await {
+                let input = Input::UpToDate {
+                    repo: pr.repo.clone(),
+                    number: pr.number,
+                    head_commit: pr.head_commit.clone(),
+                    base: pr.base_branch.clone(),
+                    behind: c.behind,
+                };
+                engine.submit(input).await.map_err(|e| e.to_string())?;
+            }
             if !matches!(
                 pr.action,
                 PullRequestAction::Opened | PullRequestAction::Synchronize | PullRequestAction::Reopened
@@ -63,7 +155,10 @@ pub async fn process(
         }
         ForgeEvent::Ping { .. } => return Ok(Processed::Nothing("ping".into())),
         ForgeEvent::Command(c) => {
-            return Ok(Processed::Nothing(format!("command {:?} is handled by the workflow", c.words)));
+            let (repo, number) = (c.repo.clone(), c.number);
+            let text = command(state, c).await;
+            engine.submit(Input::Answer { repo, number, text: text.clone() }).await.map_err(|e| e.to_string())?;
+            return Ok(Processed::Nothing(format!("answered: {text}")));
         }
         ForgeEvent::Rerun { .. } => return Ok(Processed::Nothing("re-runs are handled by the workflow".into())),
         ForgeEvent::Ignored { event, .. } => return Ok(Processed::Nothing(format!("{event} is ignored"))),

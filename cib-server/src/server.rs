@@ -122,7 +122,7 @@ async fn process_inbox(state: Arc<AppState>) {
             Ok(pending) if !pending.is_empty() => {
                 for delivery in pending {
                     let outcome = match inbox::parse_github(&delivery) {
-                        Ok(event) => inbox::process(&state.engine, &state.vcs, &delivery.id, event).await,
+                        Ok(event) => inbox::process(&state, &delivery.id, event).await,
                         Err(reason) => Ok(inbox::Processed::Nothing(format!("unreadable: {reason}"))),
                     };
                     match outcome {

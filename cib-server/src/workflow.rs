@@ -136,11 +136,23 @@ where
         Ok(b) => b,
         Err(r) => return r,
     };
-    let commit = match resolve(state, repo, &body.commit).await {
+    try_approve(state, repo, &body.commit, actor(who), promotion).await
+}
+
+/// Records a review or a promotion approval of `commit` by `actor`.
+pub async fn try_approve(
+    state: &Arc<AppState>,
+    repo: &str,
+    commit: &str,
+    actor: Actor,
+    promotion: bool,
+) -> Response<Body> {
+    let commit = match resolve(state, repo, commit).await {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let (repo, actor) = (repo.to_owned(), actor(who));
+    let who = actor.login.clone();
+    let repo = repo.to_owned();
     let input = if promotion {
         Input::ApprovePromotion { repo, commit: commit.clone(), actor }
     } else {
@@ -148,7 +160,7 @@ where
     };
     let what = if promotion { "approved" } else { "reviewed" };
     match record(state, input).await {
-        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ what: commit, "by": who.name })),
+        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ what: commit, "by": who })),
         Err(r) => r,
     }
 }
@@ -164,6 +176,18 @@ where
         Ok(b) => b,
         Err(r) => return r,
     };
+    try_merge(state, repo, &body.head, &who.name, permission(who)).await
+}
+
+/// Merges `head` into the target by fast-forward for `user`, whose permission the caller
+/// established (a token's role, or the forge's permission API for a comment's author).
+pub async fn try_merge(
+    state: &Arc<AppState>,
+    repo: &str,
+    head: &str,
+    user: &str,
+    permission: Permission,
+) -> Response<Body> {
     // The policy of the branch merged into, which the merged code cannot change.
     let into = "master";
     let spec = match policy_spec(state, repo, into).await {
@@ -177,7 +201,7 @@ where
         reviews: 0,
         up_to_date: true,
     });
-    let head = match resolve(state, repo, &body.head).await {
+    let head = match resolve(state, repo, head).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -186,7 +210,7 @@ where
         Err(r) => return r,
     };
     let (results, reviews) = {
-        let (repo_q, head_q, user) = (repo.to_owned(), head.clone(), who.name.clone());
+        let (repo_q, head_q, user) = (repo.to_owned(), head.clone(), user.to_owned());
         match state
             .engine
             .query(move |m| {
@@ -207,7 +231,7 @@ where
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     };
-    let facts = MergeFacts { user: &who.name, permission: permission(who), comparison, results: &results, reviews };
+    let facts = MergeFacts { user, permission, comparison, results: &results, reviews };
     if let Err(refusals) = check_merge(&policy, &facts) {
         let message = explain("merge this branch", &refusals);
         return json(StatusCode::CONFLICT, &serde_json::json!({ "error": message, "refusals": refusals }));
@@ -219,14 +243,15 @@ where
         repo: repo.to_owned(),
         branch: policy.into.clone(),
         commit: head.clone(),
-        by: who.name.clone(),
+        by: user.to_owned(),
         promotion: false,
         approved_by: Vec::new(),
     };
     if let Err(r) = record(state, moved).await {
         return r;
     }
-    let builds = build_branch(state, repo, &policy.into, &head, &who.name, "merge").await;
+    let builds = build_branch(state, repo, &policy.into, &head, user, "merge").await;
+    crate::inbox::reevaluate(state, repo, &policy.into).await;
     json(StatusCode::OK, &serde_json::json!({ "merged": head, "into": policy.into, "builds": builds }))
 }
 
@@ -241,9 +266,11 @@ where
         Ok(b) => b,
         Err(r) => return r,
     };
-    if who.role < Role::Trigger {
-        return error(StatusCode::FORBIDDEN, "promoting needs the trigger role");
-    }
+    try_promote(state, repo, &body.commit, &who.name).await
+}
+
+/// Promotes `commit` for `user`, who the caller established may ask.
+pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: &str) -> Response<Body> {
     let spec = match policy_spec(state, repo, "master").await {
         Ok(s) => s,
         Err(r) => return r,
@@ -251,7 +278,7 @@ where
     let Some(policy) = spec.promotion.clone() else {
         return error(StatusCode::UNPROCESSABLE_ENTITY, "the spec on master has no promotion policy");
     };
-    let commit = match resolve(state, repo, &body.commit).await {
+    let commit = match resolve(state, repo, commit).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -300,14 +327,14 @@ where
         repo: repo.to_owned(),
         branch: policy.to.clone(),
         commit: commit.clone(),
-        by: who.name.clone(),
+        by: user.to_owned(),
         promotion: true,
         approved_by,
     };
     if let Err(r) = record(state, moved).await {
         return r;
     }
-    let builds = build_branch(state, repo, &policy.to, &commit, &who.name, "promote").await;
+    let builds = build_branch(state, repo, &policy.to, &commit, user, "promote").await;
     json(StatusCode::OK, &serde_json::json!({ "promoted": commit, "to": policy.to, "builds": builds }))
 }
 

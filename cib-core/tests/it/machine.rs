@@ -71,6 +71,9 @@ fn input_text(input: &Input) -> String {
         Input::ApprovePromotion { repo, commit, actor } => {
             format!("approve promotion {repo}@{commit} by {}", actor.login)
         }
+        Input::PullRequest { repo, number, open, .. } => format!("pull request {repo}#{number} open={open}"),
+        Input::UpToDate { repo, number, behind, .. } => format!("up to date {repo}#{number} behind={behind}"),
+        Input::Answer { repo, number, text } => format!("answer {repo}#{number}: {text}"),
         Input::Moved { repo, branch, commit, by, promotion, .. } => {
             format!("moved {repo} {branch} to {commit} by {by}{}", if *promotion { " (promotion)" } else { "" })
         }

@@ -3,12 +3,20 @@
 //! `recorded` pins what every payload from `@octokit/webhooks-examples` parses into; `derived`
 //! edits those payloads to reach the cases the recordings lack (forks, merges, commands);
 //! `malformed` checks the reasons given for bad bodies; `fuzz` checks nothing makes `parse` panic.
+//! `api_fake`, `vcs`, `notifier` and `app_auth` run the API ports against the fake GitHub of
+//! `cib_github::testing`, which checks every request against GitHub's OpenAPI description;
+//! `child` re-runs this binary as a process the notifier test kills.
 
+mod api_fake;
+mod app_auth;
+mod child;
 mod derived;
 mod fuzz;
 mod malformed;
+mod notifier;
 mod recorded;
 mod signature;
+mod vcs;
 
 use std::path::{Path, PathBuf};
 

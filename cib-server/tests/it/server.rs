@@ -115,7 +115,10 @@ impl TestServer {
             cib_store::SqliteStore::open(config.data_dir.join("cib.db"), cib_store::SqliteOptions::default())
                 .expect("store"),
         );
-        let vcs = GitVcs::new().with_repo("acme/shop", dir.path().join("shop"));
+        // Local repositories have no accounts: every user writes, as on a team's own server.
+        let vcs = GitVcs::new()
+            .with_repo("acme/shop", dir.path().join("shop"))
+            .with_default_permission(cib_core::ports::Permission::Write);
         let running = server::start(config, FakeExecutor::new(), store.clone(), Arc::new(vcs));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));

@@ -215,3 +215,119 @@ async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
         "cib cannot promote this commit:\n- production has commits this commit does not contain: it cannot move by fast-forward"
     );
 }
+
+fn pull_request(action: &str, number: u64, head_branch: &str, head: &str, base_sha: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "action": action,
+        "pull_request": {
+            "number": number,
+            "merged": false,
+            "user": { "login": "dev" },
+            "base": { "ref": "master", "sha": base_sha, "repo": { "full_name": "acme/shop" } },
+            "head": { "ref": head_branch, "sha": head, "repo": { "full_name": "acme/shop" } }
+        },
+        "repository": { "full_name": "acme/shop" },
+        "sender": { "login": "dev" }
+    }))
+    .expect("json")
+}
+
+fn comment(number: u64, body: &str, by: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "action": "created",
+        "issue": { "number": number, "pull_request": { "url": "x" } },
+        "comment": { "id": 99, "body": body },
+        "repository": { "full_name": "acme/shop" },
+        "sender": { "login": by }
+    }))
+    .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_requests_get_an_up_to_date_status_and_are_merged_by_a_comment() {
+    let spec = SPEC.replace(
+        r#"on: { push: { branches: ["**"], branches_ignore: [master, production] } }"#,
+        r#"on: { pull_request: { branches: [master] } }"#,
+    );
+    let s = TestServer::start_configured(&spec, |c| {
+        c.pools = vec![PoolFileConfig { name: "staging-env".into(), units: vec![], capacity: Some(1) }]
+    })
+    .await;
+    let repo = s.repo_path.clone();
+    git(&repo, &["branch", "master"]);
+    let base = git(&repo, &["rev-parse", "master"]);
+    std::fs::write(repo.join("a.txt"), "a\n").expect("write");
+    git(&repo, &["add", "a.txt"]);
+    git(&repo, &["commit", "-q", "-m", "a"]);
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["checkout", "-q", "-b", "other", &base]);
+    std::fs::write(repo.join("b.txt"), "b\n").expect("write");
+    git(&repo, &["add", "b.txt"]);
+    git(&repo, &["commit", "-q", "-m", "b"]);
+    let other = git(&repo, &["rev-parse", "HEAD"]);
+    let flow = Flow { s };
+    let hook = |event: &'static str, delivery: String, body: Vec<u8>| {
+        let s = &flow.s;
+        async move {
+            let signature = cib_server::outgoing::sign(super::server::SECRET.as_bytes(), &body);
+            let answer = s.hook(event, &delivery, &body, Some(&signature)).await;
+            assert_eq!(answer.status, 202, "{}", answer.body);
+        }
+    };
+    hook("pull_request", "pr-7".into(), pull_request("opened", 7, "feature/x", &head, &base)).await;
+    hook("pull_request", "pr-8".into(), pull_request("opened", 8, "other", &other, &base)).await;
+    let builds = flow.s.wait_builds(|b| b.len() == 2 && b.iter().all(|x| x.status == BuildStatus::Success)).await;
+    assert!(builds.iter().all(|b| b.pipeline == "test"), "{builds:#?}");
+    let events = |flow: &Flow| {
+        let store = flow.s.store.clone();
+        async move { cib_core::ports::Store::events_after(&*store, 0, 10_000).await.expect("events") }
+    };
+    let up_to_date = |events: &[cib_core::event::Event], number: u64| {
+        events.iter().rev().find_map(|e| match &e.body {
+            cib_core::event::EventBody::UpToDate { number: n, up_to_date, behind, .. } if *n == number => {
+                Some((*up_to_date, *behind))
+            }
+            _ => None,
+        })
+    };
+    let now = events(&flow).await;
+    assert_eq!(up_to_date(&now, 7), Some((true, 0)));
+    assert_eq!(up_to_date(&now, 8), Some((true, 0)));
+
+    // No review: the comment is answered with the reason, and nothing moves.
+    hook("issue_comment", "c-1".into(), comment(7, "/cib merge", "dev")).await;
+    let answered = |text: &'static str| {
+        let flow = &flow;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let found = events(flow).await.iter().find_map(|e| match &e.body {
+                    cib_core::event::EventBody::CommandAnswered { text: t, .. } if t.contains(text) => Some(t.clone()),
+                    _ => None,
+                });
+                if let Some(t) = found {
+                    return t;
+                }
+                assert!(Instant::now() < deadline, "no answer containing {text:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let answer = answered("approving review").await;
+    assert_eq!(answer, "cib cannot merge this branch:\n- 0 approving review(s), 1 needed");
+    let (status, _) =
+        flow.post("/api/v1/repos/acme/shop/reviews", Role::Approve, serde_json::json!({ "commit": head })).await;
+    assert_eq!(status, 201);
+    hook("issue_comment", "c-2".into(), comment(7, "Looks good.\n/cib merge", "dev")).await;
+    let answer = answered("Merged by fast-forward").await;
+    assert_eq!(answer, format!("Merged by fast-forward: master is now {head}."));
+    assert_eq!(flow.rev("master"), head);
+    // Master moved: the other pull request is re-evaluated and is now behind.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up_to_date(&events(&flow).await, 8) != Some((false, 1)) {
+        assert!(Instant::now() < deadline, "PR 8 was not re-evaluated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook("issue_comment", "c-3".into(), comment(7, "/cib dance", "dev")).await;
+    answered("cib knows").await;
+}

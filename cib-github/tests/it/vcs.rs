@@ -1,0 +1,122 @@
+//! `GithubVcs` against the fake GitHub.
+
+use cib_core::ports::{ErrorKind, Permission, Vcs};
+use cib_github::GithubVcs;
+use cib_github::client::{Auth, GithubClient};
+use cib_github::testing::{FakeGithub, TEST_TOKEN};
+
+struct Setup {
+    fake: FakeGithub,
+    vcs: GithubVcs,
+    first: String,
+    second: String,
+}
+
+/// `o/r` with `main` at `second`, whose parent is `first`.
+async fn setup() -> Setup {
+    let fake = FakeGithub::start().await.expect("fake");
+    fake.create_repo("o/r");
+    let first = fake.commit("o/r", &[], &[(".cib.yml", "pipelines: {}\n"), ("src/lib.rs", "fn a() {}\n")], "one");
+    let second = fake.commit("o/r", &[&first], &[("bin/run.sh", "#!/bin/sh\necho hi\n")], "two");
+    fake.set_branch("o/r", "main", &second);
+    let vcs = GithubVcs::new(GithubClient::new(fake.url(), Auth::Token(TEST_TOKEN.into())).expect("client"));
+    Setup { fake, vcs, first, second }
+}
+
+#[tokio::test]
+async fn specs_are_read_at_a_revision() {
+    let s = setup().await;
+    assert_eq!(s.vcs.read_spec("o/r", &s.first).await.expect("read"), Some("pipelines: {}\n".to_owned()));
+    assert_eq!(s.vcs.read_spec("o/r", "main").await.expect("read"), Some("pipelines: {}\n".to_owned()));
+    let other = s.vcs.clone().with_spec_path("missing.yml");
+    assert_eq!(other.read_spec("o/r", "main").await.expect("read"), None);
+    let e = s.vcs.read_spec("o/absent", "main").await;
+    assert_eq!(e.expect("a missing repository has no spec"), None);
+    s.fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn workspaces_are_unpacked_from_the_tarball() {
+    let s = setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    s.vcs.prepare_workspace("o/r", "main", dir.path()).await.expect("workspace");
+    assert_eq!(std::fs::read_to_string(dir.path().join("src/lib.rs")).expect("file"), "fn a() {}\n");
+    assert_eq!(std::fs::read_to_string(dir.path().join("bin/run.sh")).expect("file"), "#!/bin/sh\necho hi\n");
+    assert!(dir.path().join(".cib.yml").exists());
+    s.fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn compare_resolve_and_fast_forward() {
+    let s = setup().await;
+    assert_eq!(s.vcs.resolve("o/r", "main").await.expect("resolve"), s.second);
+    let c = s.vcs.compare("o/r", &s.first, &s.second).await.expect("compare");
+    assert_eq!((c.ahead, c.behind), (1, 0));
+
+    // A third commit on top of main fast-forwards; a sibling of it does not.
+    let third = s.fake.commit("o/r", &[&s.second], &[("c", "3")], "three");
+    let sibling = s.fake.commit("o/r", &[&s.second], &[("d", "4")], "sibling");
+    s.vcs.fast_forward("o/r", "main", &third).await.expect("fast-forward");
+    assert_eq!(s.fake.branch("o/r", "main"), Some(third.clone()));
+    let e = s.vcs.fast_forward("o/r", "main", &sibling).await.expect_err("diverged");
+    assert_eq!(e.kind(), ErrorKind::Permanent);
+    assert_eq!(s.fake.branch("o/r", "main"), Some(third.clone()));
+    let c = s.vcs.compare("o/r", &third, &sibling).await.expect("compare");
+    assert_eq!((c.ahead, c.behind), (1, 1));
+
+    // Moving backwards is refused too.
+    let e = s.vcs.fast_forward("o/r", "main", &s.first).await.expect_err("backwards");
+    assert_eq!(e.kind(), ErrorKind::Permanent);
+    let e = s.vcs.resolve("o/r", "no-such-branch").await.expect_err("unknown");
+    assert_eq!(e.kind(), ErrorKind::Permanent);
+    s.fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_branch_that_moves_during_a_fast_forward_is_refused() {
+    let s = setup().await;
+    let third = s.fake.commit("o/r", &[&s.second], &[("c", "3")], "three");
+    // GitHub refuses the update itself, as if main had moved after cib's comparison.
+    s.fake.inject(
+        "git/update-ref",
+        422,
+        &[],
+        serde_json::json!({"message": "Update is not a fast forward", "documentation_url": "https://docs.github.com"}),
+        Some(1),
+    );
+    let e = s.vcs.fast_forward("o/r", "main", &third).await.expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Permanent);
+    assert!(e.message().contains("no longer a fast-forward"), "{e}");
+    s.fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn permissions_and_approvals() {
+    let s = setup().await;
+    s.fake.set_permission("o/r", "alice", "admin");
+    s.fake.set_permission("o/r", "bob", "write");
+    s.fake.set_permission("o/r", "carol", "read");
+    assert_eq!(s.vcs.permission("o/r", "alice").await.expect("permission"), Permission::Admin);
+    assert_eq!(s.vcs.permission("o/r", "bob").await.expect("permission"), Permission::Write);
+    assert_eq!(s.vcs.permission("o/r", "carol").await.expect("permission"), Permission::Read);
+    assert_eq!(s.vcs.permission("o/r", "dave").await.expect("permission"), Permission::None);
+
+    let head = s.second.clone();
+    s.fake.add_review("o/r", 5, "alice", "APPROVED", &head);
+    s.fake.add_review("o/r", 5, "alice", "COMMENTED", &head);
+    s.fake.add_review("o/r", 5, "bob", "APPROVED", &s.first);
+    s.fake.add_review("o/r", 5, "carol", "APPROVED", &head);
+    s.fake.add_review("o/r", 5, "carol", "CHANGES_REQUESTED", &head);
+    assert_eq!(s.vcs.approvals("o/r", 5, &head).await.expect("reviews"), vec!["alice".to_owned()]);
+    s.fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn server_errors_are_transient() {
+    let s = setup().await;
+    s.fake.inject("repos/get-commit", 503, &[], serde_json::json!({"message": "unavailable"}), Some(1));
+    let e = s.vcs.resolve("o/r", "main").await.expect_err("503");
+    assert_eq!(e.kind(), ErrorKind::Transient);
+    assert_eq!(s.vcs.resolve("o/r", "main").await.expect("then fine"), s.second);
+    s.fake.assert_no_violations();
+}
