@@ -63,6 +63,7 @@ fn machine_bench() {
                 pull_request: None,
                 event: TriggerEvent::push(&branch),
                 actor: None,
+                trusted: true,
             },
             only: None,
             variables: Default::default(),

@@ -213,6 +213,13 @@ pub enum EventBody {
         up_to_date: bool,
         behind: u32,
     },
+    /// A maintainer approved a fork's pull request at this commit.
+    ForkTrusted {
+        repo: String,
+        number: u64,
+        commit: String,
+        by: String,
+    },
     /// cib's answer to a `/cib` command, for the notifier to post as a comment.
     CommandAnswered {
         repo: String,
@@ -262,7 +269,8 @@ impl EventBody {
             | PromotionApproved { .. }
             | BranchMoved { .. }
             | UpToDate { .. }
-            | CommandAnswered { .. } => None,
+            | CommandAnswered { .. }
+            | ForkTrusted { .. } => None,
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct OpenPullRequest {
     pub base: String,
     pub head_branch: String,
     pub head_commit: String,
+    pub author: String,
+    pub from_fork: bool,
 }
 
 /// An environment on record: which commit is there, since when, moved by whom, approved by whom.
@@ -69,6 +71,14 @@ pub struct BuildContext {
     pub event: spec::TriggerEvent,
     /// Who caused the build, from an authenticated source.
     pub actor: Option<String>,
+    /// False for a fork's pull request that no maintainer approved at this head: it gets no
+    /// secrets, and its steps that ask for secrets do not run.
+    #[serde(default = "trusted_by_default")]
+    pub trusted: bool,
+}
+
+fn trusted_by_default() -> bool {
+    true
 }
 
 /// A person deciding at a gate, as the frontend authenticated them.
@@ -195,6 +205,10 @@ pub enum Input {
         head_branch: String,
         head_commit: String,
         open: bool,
+        #[serde(default)]
+        author: String,
+        #[serde(default)]
+        from_fork: bool,
     },
     /// Whether a pull request's head contains its base's tip, evaluated when either moved.
     UpToDate {
@@ -209,6 +223,13 @@ pub enum Input {
         repo: String,
         number: u64,
         text: String,
+    },
+    /// A maintainer approved a fork's pull request at this head: its builds may have secrets.
+    TrustFork {
+        repo: String,
+        number: u64,
+        head_commit: String,
+        by: String,
     },
     /// A branch was fast-forwarded by a merge or a promotion.
     Moved {
@@ -428,6 +449,8 @@ pub struct Machine {
     approvals: BTreeMap<String, Vec<Approval>>,
     /// What runs where, by repository and environment (a branch or a deploy pipeline).
     environments: BTreeMap<String, BTreeMap<String, Environment>>,
+    /// Forks' pull requests a maintainer approved, and the head commit approved.
+    trusted_forks: BTreeMap<(String, u64), String>,
     /// Open pull requests by repository and number, as the forge last said.
     pull_requests: BTreeMap<String, BTreeMap<u64, OpenPullRequest>>,
     /// Effects gathered while handling one input.
@@ -464,6 +487,7 @@ impl Machine {
             approvals: BTreeMap::new(),
             environments: BTreeMap::new(),
             pull_requests: BTreeMap::new(),
+            trusted_forks: BTreeMap::new(),
             out: Vec::new(),
         })
     }
@@ -485,6 +509,11 @@ impl Machine {
     }
 
     /// Steps running now, across all builds.
+    /// Whether a fork's pull request was approved at exactly this head commit.
+    pub fn fork_trusted(&self, repo: &str, number: u64, head_commit: &str) -> bool {
+        self.trusted_forks.get(&(repo.to_owned(), number)).is_some_and(|h| h == head_commit)
+    }
+
     /// The open pull requests of a repository, by number.
     pub fn pull_requests(&self, repo: &str) -> BTreeMap<u64, OpenPullRequest> {
         self.pull_requests.get(repo).cloned().unwrap_or_default()
@@ -600,10 +629,10 @@ impl Machine {
                 self.lease_events(events, now);
             }
             Input::Tick => self.tick(now),
-            Input::PullRequest { repo, number, base, head_branch, head_commit, open } => {
+            Input::PullRequest { repo, number, base, head_branch, head_commit, open, author, from_fork } => {
                 let prs = self.pull_requests.entry(repo).or_default();
                 if open {
-                    prs.insert(number, OpenPullRequest { base, head_branch, head_commit });
+                    prs.insert(number, OpenPullRequest { base, head_branch, head_commit, author, from_fork });
                 } else {
                     prs.remove(&number);
                 }
@@ -613,6 +642,10 @@ impl Machine {
                     now,
                     EventBody::UpToDate { repo, number, commit: head_commit, base, up_to_date: behind == 0, behind },
                 );
+            }
+            Input::TrustFork { repo, number, head_commit, by } => {
+                self.trusted_forks.insert((repo.clone(), number), head_commit.clone());
+                self.publish(now, EventBody::ForkTrusted { repo, number, commit: head_commit, by });
             }
             Input::Answer { repo, number, text } => {
                 self.publish(now, EventBody::CommandAnswered { repo, number, text })
@@ -1553,6 +1586,14 @@ fn next_move(b: &Build) -> Option<(usize, Move)> {
         }
         if !step.when.admits(&b.context.event) {
             return Some((i, Move::Skip("its 'when' does not match this event".into())));
+        }
+        if !b.context.trusted && !step.secrets.is_empty() {
+            return Some((
+                i,
+                Move::Skip(
+                    "a fork's pull request runs no step with secrets until a maintainer approves its head".into(),
+                ),
+            ));
         }
         if !step.services.iter().all(|s| b.services_ready.contains(s)) {
             continue;

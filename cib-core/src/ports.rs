@@ -652,7 +652,8 @@ impl BuildUpdate {
             | EventBody::PromotionApproved { .. }
             | EventBody::BranchMoved { .. }
             | EventBody::UpToDate { .. }
-            | EventBody::CommandAnswered { .. } => None,
+            | EventBody::CommandAnswered { .. }
+            | EventBody::ForkTrusted { .. } => None,
         }
     }
 }

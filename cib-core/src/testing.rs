@@ -722,6 +722,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
             pull_request: None,
             event: spec::TriggerEvent::push("master"),
             actor: None,
+            trusted: true,
         },
         env: BTreeMap::new(),
         resources: Vec::new(),

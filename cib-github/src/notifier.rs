@@ -296,6 +296,53 @@ fn summary(steps: &BTreeMap<String, StepConclusion>) -> String {
 impl Notifier for GithubNotifier {
     async fn publish(&self, event: &Event) -> Result<(), NotifyError> {
         let inner = &self.inner;
+        match &event.body {
+            // The second status of a pull request: does its head contain its base's tip?
+            EventBody::UpToDate { repo, commit, base, up_to_date, behind, .. } => {
+                let description = if *up_to_date {
+                    format!("contains the tip of {base}")
+                } else {
+                    format!("{behind} commit(s) behind {base}: rebase before merging")
+                };
+                let update = StatusUpdate {
+                    repo: repo.clone(),
+                    sha: commit.clone(),
+                    context: format!("{}/up-to-date", inner.config.context_prefix),
+                    state: if *up_to_date { "success" } else { "failure" }.to_owned(),
+                    description: truncate(&description, 140),
+                    target_url: None,
+                };
+                let mut state = lock(&inner.state);
+                return inner.enqueue(&mut state, update);
+            }
+            // Answers to `/cib` commands become comments on the pull request. They are sent
+            // once, with a few retries; a replay after a crash may post an answer again,
+            // which says nothing wrong.
+            EventBody::CommandAnswered { repo, number, text } => {
+                let (client, repo, number, text) = (inner.client.clone(), repo.clone(), *number, text.clone());
+                tokio::spawn(async move {
+                    let Ok(path) = repo_path(&repo) else { return };
+                    let path = format!("{path}/issues/{number}/comments");
+                    let body = serde_json::json!({ "body": text });
+                    let mut delay = Duration::from_millis(500);
+                    for _ in 0..5 {
+                        match client.send(Method::POST, &path, Some(&body)).await {
+                            Ok(_) => return,
+                            Err(e) if e.kind == cib_core::ports::ErrorKind::Transient => {
+                                tokio::time::sleep(delay.max(e.retry_after.unwrap_or_default())).await;
+                                delay *= 2;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%repo, number, error = %e.message, "a command's answer could not be posted");
+                                return;
+                            }
+                        }
+                    }
+                });
+                return Ok(());
+            }
+            _ => {}
+        }
         let mut state = lock(&inner.state);
         let Some(build) = event.body.build().cloned() else { return Ok(()) };
         if let EventBody::BuildQueued { repo, commit, pipeline, .. } = &event.body {

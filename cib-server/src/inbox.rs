@@ -70,8 +70,50 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
             let actor = Actor { login: c.sender.clone(), teams: Vec::new(), can_write: true };
             crate::workflow::try_approve(state, &c.repo, commit, actor, true).await
         }
+        (["trust"], Some(pr)) => {
+            if permission < Permission::Write {
+                return format!("{} has no write permission on {}.", c.sender, c.repo);
+            }
+            if !pr.from_fork {
+                return "This pull request is not from a fork: its builds are trusted already.".into();
+            }
+            if pr.author == c.sender {
+                return "The author of a pull request cannot approve it for secrets; another maintainer must.".into();
+            }
+            let input = Input::TrustFork {
+                repo: c.repo.clone(),
+                number: c.number,
+                head_commit: pr.head_commit.clone(),
+                by: c.sender.clone(),
+            };
+            if state.engine.submit(input).await.is_err() {
+                return "cib could not record the approval; try again.".into();
+            }
+            // Build again, now with secrets: the approval holds for this head only.
+            let spec_rev = state.vcs.resolve(&c.repo, &pr.base).await.unwrap_or_else(|_| pr.base.clone());
+            let planned = Planned {
+                repo: c.repo.clone(),
+                commit: pr.head_commit.clone(),
+                trigger: TriggerEvent::pull_request(&pr.base),
+                branch: Some(pr.head_branch.clone()),
+                pull_request: Some(c.number),
+                actor: c.sender.clone(),
+                spec_rev,
+                trusted: true,
+            };
+            let short = pr.head_commit.get(..12).unwrap_or(&pr.head_commit).to_owned();
+            let tag = format!("trust-{}-{short}", c.number);
+            return match Box::pin(enqueue(state, &tag, planned)).await {
+                Ok(_) => format!(
+                    "Approved {short} of this fork's pull request: its builds run with secrets until the next push."
+                ),
+                Err(e) => format!("Approved, but the build could not start: {e}"),
+            };
+        }
         (["promote" | "approve", _], _) => return format!("{} has no write permission on {}.", c.sender, c.repo),
-        _ => return "cib knows `/cib merge`, `/cib approve <commit>` and `/cib promote <commit>`.".into(),
+        _ => {
+            return "cib knows `/cib merge`, `/cib trust`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
+        }
     };
     let status = response.status();
     let body = crate::server::body_bytes(response).await;
@@ -98,7 +140,7 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
 /// Turns a forge event into builds (and the workflow's records).
 pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent) -> Result<Processed, String> {
     let (engine, vcs) = (&state.engine, &state.vcs);
-    let (repo, commit, trigger, branch, pull_request, actor, spec_rev) = match event {
+    let (repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted) = match event {
         ForgeEvent::Push(push) => {
             if push.deleted {
                 return Ok(Processed::Nothing("a deleted ref builds nothing".into()));
@@ -112,7 +154,7 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
                 tag: push.tag.clone(),
                 changed_paths: push.changed_paths.clone(),
             };
-            (push.repo, push.after.clone(), trigger, push.branch, None, push.sender, push.after)
+            (push.repo, push.after.clone(), trigger, push.branch, None, push.sender, push.after, true)
         }
         ForgeEvent::PullRequest(pr) => {
             let open = matches!(
@@ -129,6 +171,8 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
                 head_branch: pr.head_branch.clone(),
                 head_commit: pr.head_commit.clone(),
                 open,
+                author: pr.author.clone(),
+                from_fork: pr.from_fork,
             };
             engine.submit(record).await.map_err(|e| e.to_string())?;
             if open && let Ok(c) = vcs.compare(&pr.repo, &pr.base_branch, &pr.head_commit).await {
@@ -151,7 +195,12 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
             // secrets or privileged steps.
             let spec_rev = if pr.from_fork { pr.base_commit.clone() } else { pr.head_commit.clone() };
             let trigger = TriggerEvent::pull_request(&pr.base_branch);
-            (pr.repo, pr.head_commit, trigger, Some(pr.head_branch), Some(pr.number), pr.sender, spec_rev)
+            // A fork's code is trusted with secrets only once a maintainer approved this head.
+            let trusted = !pr.from_fork || {
+                let (repo, number, head) = (pr.repo.clone(), pr.number, pr.head_commit.clone());
+                engine.query(move |m| m.fork_trusted(&repo, number, &head)).await.unwrap_or(false)
+            };
+            (pr.repo, pr.head_commit, trigger, Some(pr.head_branch), Some(pr.number), pr.sender, spec_rev, trusted)
         }
         ForgeEvent::Ping { .. } => return Ok(Processed::Nothing("ping".into())),
         ForgeEvent::Command(c) => {
@@ -163,6 +212,28 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
         ForgeEvent::Rerun { .. } => return Ok(Processed::Nothing("re-runs are handled by the workflow".into())),
         ForgeEvent::Ignored { event, .. } => return Ok(Processed::Nothing(format!("{event} is ignored"))),
     };
+    let planned = Planned { repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted };
+    enqueue(state, delivery_id, planned).await
+}
+
+/// What an event asks to build, before the spec is read.
+struct Planned {
+    repo: String,
+    commit: String,
+    trigger: TriggerEvent,
+    branch: Option<String>,
+    pull_request: Option<u64>,
+    actor: String,
+    /// Where the policy (the spec) is read from.
+    spec_rev: String,
+    trusted: bool,
+}
+
+/// Reads the spec, plans, and enqueues one build per pipeline, with ids derived from `tag`.
+async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<Processed, String> {
+    let Planned { repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted } = planned;
+    let (engine, vcs) = (&state.engine, &state.vcs);
+    let delivery_id = tag;
     let source =
         match vcs.read_spec(&repo, &spec_rev).await.map_err(|e| format!("cannot read the spec of {repo}: {e}"))? {
             Some(text) => text,
@@ -190,6 +261,7 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
             pull_request,
             event: trigger.clone(),
             actor: Some(actor.clone()),
+            trusted,
         };
         let input = Input::Enqueue {
             build: id.clone(),

@@ -311,6 +311,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
             pull_request: None,
             event: event.clone(),
             actor: std::env::var("USER").ok(),
+            trusted: true,
         };
         context.event.changed_paths = None;
         let input = Input::Enqueue {

@@ -559,6 +559,7 @@ where
             pull_request: None,
             event,
             actor: Some(who.to_owned()),
+            trusted: true,
         },
         only: None,
         variables: request.variables,

@@ -67,6 +67,7 @@ impl World {
                 pull_request: None,
                 event: TriggerEvent::push("feature/x"),
                 actor: Some("dev".into()),
+                trusted: true,
             },
             only: None,
             variables: Default::default(),

@@ -27,6 +27,7 @@ pub fn context(branch: &str) -> BuildContext {
         pull_request: None,
         event: TriggerEvent::push(branch),
         actor: Some("dev".into()),
+        trusted: true,
     }
 }
 
@@ -73,6 +74,9 @@ fn input_text(input: &Input) -> String {
         }
         Input::PullRequest { repo, number, open, .. } => format!("pull request {repo}#{number} open={open}"),
         Input::UpToDate { repo, number, behind, .. } => format!("up to date {repo}#{number} behind={behind}"),
+        Input::TrustFork { repo, number, head_commit, by } => {
+            format!("trust fork {repo}#{number} at {head_commit} by {by}")
+        }
         Input::Answer { repo, number, text } => format!("answer {repo}#{number}: {text}"),
         Input::Moved { repo, branch, commit, by, promotion, .. } => {
             format!("moved {repo} {branch} to {commit} by {by}{}", if *promotion { " (promotion)" } else { "" })

@@ -173,3 +173,40 @@ pub fn child_main() {
         tokio::time::sleep(Duration::from_secs(120)).await;
     });
 }
+
+#[tokio::test]
+async fn up_to_date_statuses_and_command_answers_reach_the_pull_request() {
+    let fake = FakeGithub::start().await.expect("fake");
+    let sha = fake.commit("o/r", &[], &[("a", "1")], "one");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notifier = GithubNotifier::new(client(fake.url()), dir.path(), config()).expect("notifier");
+    let behind = EventBody::UpToDate {
+        repo: "o/r".into(),
+        number: 4,
+        commit: sha.clone(),
+        base: "master".into(),
+        up_to_date: false,
+        behind: 2,
+    };
+    notifier.publish(&event(1, behind)).await.expect("publish");
+    let answer = EventBody::CommandAnswered {
+        repo: "o/r".into(),
+        number: 4,
+        text: "cib cannot merge this branch:\n- 0 approving review(s), 1 needed".into(),
+    };
+    notifier.publish(&event(2, answer)).await.expect("publish");
+    assert!(notifier.flush(Duration::from_secs(10)).await, "delivered");
+    let statuses = fake.statuses("o/r");
+    let last = statuses.last().expect("a status");
+    assert_eq!((last.state.as_str(), last.context.as_str()), ("failure", "cib/up-to-date"));
+    assert_eq!(last.description.as_deref(), Some("2 commit(s) behind master: rebase before merging"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.comments("o/r").is_empty() {
+        assert!(Instant::now() < deadline, "the answer was never posted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let comments = fake.comments("o/r");
+    assert_eq!(comments[0].0, 4, "on the pull request");
+    assert!(comments[0].1.contains("0 approving review(s), 1 needed"), "{comments:?}");
+    fake.assert_no_violations();
+}

@@ -331,3 +331,115 @@ async fn pull_requests_get_an_up_to_date_status_and_are_merged_by_a_comment() {
     hook("issue_comment", "c-3".into(), comment(7, "/cib dance", "dev")).await;
     answered("cib knows").await;
 }
+
+fn fork_pull_request(action: &str, number: u64, head: &str, base_sha: &str) -> Vec<u8> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&pull_request(action, number, "patch-1", head, base_sha)).expect("json");
+    v["pull_request"]["head"]["repo"]["full_name"] = "stranger/shop".into();
+    v["pull_request"]["user"]["login"] = "stranger".into();
+    serde_json::to_vec(&v).expect("json")
+}
+
+const FORK_SPEC: &str = r#"
+pipelines:
+  test:
+    on: { pull_request: { branches: [master] } }
+    steps:
+      - { name: plain, image: busybox, commands: ["echo plain"] }
+      - { name: with-secret, image: busybox, secrets: [TOKEN], commands: ["echo token=$TOKEN"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_head() {
+    let s = TestServer::start_configured(FORK_SPEC, |c| {
+        c.secrets.insert("TOKEN".into(), "t0ps3cret".into());
+    })
+    .await;
+    let repo = s.repo_path.clone();
+    git(&repo, &["branch", "master"]);
+    let base = git(&repo, &["rev-parse", "master"]);
+    let commit_as = |file: &str| {
+        std::fs::write(repo.join(file), "x\n").expect("write");
+        git(&repo, &["add", file]);
+        git(&repo, &["commit", "-q", "-m", file]);
+        git(&repo, &["rev-parse", "HEAD"])
+    };
+    let first = commit_as("one.txt");
+    let flow = Flow { s };
+    let hook = |event: &'static str, delivery: &'static str, body: Vec<u8>| {
+        let s = &flow.s;
+        async move {
+            let signature = cib_server::outgoing::sign(super::server::SECRET.as_bytes(), &body);
+            assert_eq!(s.hook(event, delivery, &body, Some(&signature)).await.status, 202);
+        }
+    };
+    let events = || {
+        let store = flow.s.store.clone();
+        async move { cib_core::ports::Store::events_after(&*store, 0, 10_000).await.expect("events") }
+    };
+    let step_outcome = |events: &[cib_core::event::Event], build_prefix: &str| -> Option<String> {
+        events.iter().find_map(|e| match &e.body {
+            cib_core::event::EventBody::StepSkipped { build, step, reason }
+                if step == "with-secret" && build.0.starts_with(build_prefix) =>
+            {
+                Some(format!("skipped: {reason}"))
+            }
+            cib_core::event::EventBody::StepFinished { build, step, conclusion, .. }
+                if step == "with-secret" && build.0.starts_with(build_prefix) =>
+            {
+                Some(format!("{conclusion:?}"))
+            }
+            _ => None,
+        })
+    };
+    let wait_outcome = |prefix: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(o) = step_outcome(&events().await, prefix) {
+                return o;
+            }
+            assert!(Instant::now() < deadline, "no outcome for {prefix}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    hook("pull_request", "fork-1", fork_pull_request("opened", 3, &first, &base)).await;
+    let outcome = wait_outcome("fork-1").await;
+    assert_eq!(
+        outcome,
+        "skipped: a fork's pull request runs no step with secrets until a maintainer approves its head"
+    );
+
+    // The author cannot approve their own; a maintainer can, for this head.
+    hook("issue_comment", "trust-by-author", comment(3, "/cib trust", "stranger")).await;
+    hook("issue_comment", "trust-by-maintainer", comment(3, "/cib trust", "maintainer")).await;
+    let outcome = wait_outcome("trust-3-").await;
+    assert_eq!(outcome, "Success");
+    let texts: Vec<String> = events()
+        .await
+        .iter()
+        .filter_map(|e| match &e.body {
+            cib_core::event::EventBody::CommandAnswered { text, .. } => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(texts[0].contains("cannot approve it for secrets"), "{texts:?}");
+    assert!(texts[1].starts_with("Approved"), "{texts:?}");
+    let short = &first[..12];
+    let answer = flow
+        .s
+        .request(
+            "GET",
+            &format!("/api/v1/builds/trust-3-{short}-test/steps/with-secret/log"),
+            Some(&token(Role::Read)),
+            b"",
+        )
+        .await;
+    assert_eq!(answer.body, "token=***\n", "the secret reached the step, masked in its log");
+
+    // A new push needs a new approval.
+    let second = commit_as("two.txt");
+    hook("pull_request", "fork-2", fork_pull_request("synchronize", 3, &second, &base)).await;
+    let outcome = wait_outcome("fork-2").await;
+    assert!(outcome.starts_with("skipped"), "{outcome}");
+}
