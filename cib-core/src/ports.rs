@@ -236,6 +236,12 @@ pub trait Vcs: Send + Sync {
     /// A user's permission on the repository.
     async fn permission(&self, repo: &str, user: &str) -> Result<Permission, VcsError>;
 
+    /// The people whose latest review of a pull request approves exactly `head`, when the forge
+    /// has reviews of its own (`None` when it has not: cib's own records count then).
+    async fn approving_reviews(&self, _repo: &str, _pull: u64, _head: &str) -> Result<Option<Vec<String>>, VcsError> {
+        Ok(None)
+    }
+
     /// Who wrote a commit, as the forge names people, when it can tell. Used only to refuse
     /// self-approval, never to grant anything.
     async fn author(&self, _repo: &str, _rev: &str) -> Result<Option<String>, VcsError> {

@@ -60,6 +60,10 @@ impl GithubVcs {
     /// A review of an earlier commit does not count, and neither does an approval its author
     /// later replaced by a request for changes; comments leave a user's verdict as it was.
     pub async fn approvals(&self, repo: &str, number: u64, head: &str) -> Result<Vec<String>, VcsError> {
+        self.approving(repo, number, head).await
+    }
+
+    async fn approving(&self, repo: &str, number: u64, head: &str) -> Result<Vec<String>, VcsError> {
         let base = format!("{}/pulls/{number}/reviews", repo_path(repo)?);
         let mut verdicts: BTreeMap<String, (String, String)> = BTreeMap::new();
         for page in 1.. {
@@ -166,6 +170,10 @@ impl Vcs for GithubVcs {
         let path = format!("{}/commits/{}?per_page=1", repo_path(repo)?, encode(rev, true));
         let answer = self.client.send(Method::GET, &path, None).await?.json()?;
         answer.get("sha").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| bad_answer("the commit's sha"))
+    }
+
+    async fn approving_reviews(&self, repo: &str, pull: u64, head: &str) -> Result<Option<Vec<String>>, VcsError> {
+        self.approving(repo, pull, head).await.map(Some)
     }
 
     async fn permission(&self, repo: &str, user: &str) -> Result<Permission, VcsError> {

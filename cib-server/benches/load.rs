@@ -29,7 +29,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = ServerConfig {
             data_dir: dir.path().to_path_buf(),
-            github: GithubConfig { webhook_secret: Some(SECRET.into()) },
+            github: GithubConfig { webhook_secret: Some(SECRET.into()), ..Default::default() },
             ..ServerConfig::default()
         };
         let store = Arc::new(

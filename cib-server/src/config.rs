@@ -76,6 +76,22 @@ pub struct GithubConfig {
     /// The secret GitHub signs deliveries with.
     #[serde(default)]
     pub webhook_secret: Option<String>,
+    /// The REST API's address (`https://api.github.com`, or a GitHub Enterprise server's).
+    /// Repositories not listed under `[[repos]]` are reached through it.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// A token (`CIB_GITHUB_TOKEN` overrides), or the App settings below.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub app_id: Option<u64>,
+    #[serde(default)]
+    pub private_key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub installation_id: Option<u64>,
+    /// Links from commit statuses to builds: `<public_url>/builds/<id>`.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 /// The whole configuration.
@@ -166,6 +182,9 @@ impl ServerConfig {
         }
         if let Some(secret) = env.get("CIB_GITHUB_WEBHOOK_SECRET") {
             config.github.webhook_secret = Some(secret.clone());
+        }
+        if let Some(token) = env.get("CIB_GITHUB_TOKEN") {
+            config.github.token = Some(token.clone());
         }
         config.check()?;
         Ok(config)

@@ -60,7 +60,7 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
     let words: Vec<&str> = c.words.iter().map(String::as_str).collect();
     let response = match (words.as_slice(), pr) {
         (["merge"], Some(pr)) => {
-            crate::workflow::try_merge(state, &c.repo, &pr.head_commit, &c.sender, permission).await
+            crate::workflow::try_merge(state, &c.repo, &pr.head_commit, Some(c.number), &c.sender, permission).await
         }
         (["merge"], None) => return "cib can only merge an open pull request it knows of.".into(),
         (["promote", commit], _) if permission >= Permission::Write => {

@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod config;
+pub mod forge;
 pub mod http;
 pub mod inbox;
 pub mod openapi;

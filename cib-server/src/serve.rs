@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use cib_git::GitVcs;
 use cib_server::config::ServerConfig;
 use cib_server::server;
 
@@ -49,10 +48,24 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(3);
             }
         };
-        let mut vcs = GitVcs::new();
-        for repo in &config.repos {
-            vcs = vcs.with_repo(repo.name.clone(), repo.path.clone());
+        let github = match cib_server::forge::github_client(&config) {
+            Ok(g) => g,
+            Err(e) => {
+                eprint(&format!("cib serve: {e}"));
+                return ExitCode::from(2);
+            }
+        };
+        let mut notifiers = Vec::new();
+        if let Some(client) = github.clone() {
+            match cib_server::forge::github_notifier(&config, client) {
+                Ok(n) => notifiers.push(n),
+                Err(e) => {
+                    eprint(&format!("cib serve: cannot set up GitHub statuses: {e}"));
+                    return ExitCode::from(3);
+                }
+            }
         }
+        let vcs = cib_server::forge::Forges::new(&config, github);
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -61,7 +74,7 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
             }
         };
         let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let running = server::start(config, Arc::new(executor), Arc::new(store), Arc::new(vcs));
+        let running = server::start_with(config, Arc::new(executor), Arc::new(store), Arc::new(vcs), notifiers);
         eprint(&format!("cib serve: listening on http://{address}"));
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -41,6 +41,13 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whether cib starts a branch's pipelines itself when it moves the branch: yes for local
+    /// repositories, no for a forge that sends its own push webhook (a second build would
+    /// deploy twice).
+    pub fn builds_on_move(&self, repo: &str) -> bool {
+        self.config.github.api_url.is_none() || self.config.repos.iter().any(|r| r.name == repo)
+    }
+
     /// A counter for ids made by this process (API builds, people's leases).
     pub fn counter(&self) -> &AtomicU64 {
         &self.counter
@@ -76,8 +83,18 @@ pub fn start(
     store: Arc<dyn Store>,
     vcs: Arc<dyn Vcs>,
 ) -> Running {
+    start_with(config, executor, store, vcs, Vec::new())
+}
+
+/// [`start`], with more notifiers (the forge's, say) besides the configured webhooks.
+pub fn start_with(
+    config: ServerConfig,
+    executor: Arc<dyn cib_core::ports::Executor>,
+    store: Arc<dyn Store>,
+    vcs: Arc<dyn Vcs>,
+    mut notifiers: Vec<Arc<dyn Notifier>>,
+) -> Running {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mut notifiers: Vec<Arc<dyn Notifier>> = Vec::new();
     for hook in &config.webhooks {
         notifiers.push(Arc::new(outgoing::WebhookNotifier::new(hook.url.clone(), hook.secret.clone())));
     }

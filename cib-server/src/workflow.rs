@@ -31,6 +31,9 @@ struct CommitBody {
 struct MergeBody {
     /// The branch (or commit) to merge.
     head: String,
+    /// The pull request it belongs to, whose reviews on the forge then count.
+    #[serde(default)]
+    pull: Option<u64>,
 }
 
 fn actor(who: &TokenConfig) -> Actor {
@@ -86,6 +89,9 @@ async fn compare(state: &AppState, repo: &str, target: &str, head: &str) -> Resu
 /// come for a local repository). Build ids are derived from the move, so doing it twice makes
 /// nothing new.
 async fn build_branch(state: &AppState, repo: &str, branch: &str, commit: &str, by: &str, tag: &str) -> Vec<BuildId> {
+    if !state.builds_on_move(repo) {
+        return Vec::new();
+    }
     let Ok(Some(source)) = state.vcs.read_spec(repo, commit).await else { return Vec::new() };
     let Ok(parsed) = spec::parse(&source) else { return Vec::new() };
     let event = TriggerEvent::push(branch);
@@ -177,7 +183,7 @@ where
         Ok(b) => b,
         Err(r) => return r,
     };
-    try_merge(state, repo, &body.head, &who.name, permission(who)).await
+    try_merge(state, repo, &body.head, body.pull, &who.name, permission(who)).await
 }
 
 /// Merges `head` into the target by fast-forward for `user`, whose permission the caller
@@ -186,6 +192,7 @@ pub async fn try_merge(
     state: &Arc<AppState>,
     repo: &str,
     head: &str,
+    pull: Option<u64>,
     user: &str,
     permission: Permission,
 ) -> Response<Body> {
@@ -210,21 +217,19 @@ pub async fn try_merge(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let (results, reviews) = {
-        let (repo_q, head_q, user) = (repo.to_owned(), head.clone(), user.to_owned());
+    // Reviews: the forge's own (for a pull request), and those recorded through cib.
+    let mut reviewers: Vec<String> = match pull {
+        Some(number) => state.vcs.approving_reviews(repo, number, &head).await.ok().flatten().unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let (results, recorded) = {
+        let (repo_q, head_q) = (repo.to_owned(), head.clone());
         match state
             .engine
             .query(move |m| {
-                let results = m.results(&repo_q, &head_q);
-                let mut by: Vec<&str> = m
-                    .reviews(&repo_q)
-                    .iter()
-                    .filter(|r| r.commit == head_q && r.by != user)
-                    .map(|r| r.by.as_str())
-                    .collect();
-                by.sort_unstable();
-                by.dedup();
-                (results, by.len() as u32)
+                let by: Vec<String> =
+                    m.reviews(&repo_q).iter().filter(|r| r.commit == head_q).map(|r| r.by.clone()).collect();
+                (m.results(&repo_q, &head_q), by)
             })
             .await
         {
@@ -232,6 +237,11 @@ pub async fn try_merge(
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     };
+    reviewers.extend(recorded);
+    reviewers.retain(|r| r != user);
+    reviewers.sort_unstable();
+    reviewers.dedup();
+    let reviews = reviewers.len() as u32;
     let facts = MergeFacts { user, permission, comparison, results: &results, reviews };
     if let Err(refusals) = check_merge(&policy, &facts) {
         let message = explain("merge this branch", &refusals);

@@ -1,6 +1,7 @@
 //! cib-server's integration tests, in one binary: the `cib` command as a user runs it.
 
 mod cli;
+mod github_flow;
 mod plan;
 mod pools;
 mod restart;

@@ -105,7 +105,7 @@ impl TestServer {
         let mut config = ServerConfig {
             data_dir: dir.path().join("data"),
             tokens: tokens(),
-            github: cib_server::config::GithubConfig { webhook_secret: Some(SECRET.into()) },
+            github: cib_server::config::GithubConfig { webhook_secret: Some(SECRET.into()), ..Default::default() },
             max_body_bytes: 1024 * 1024,
             ..ServerConfig::default()
         };
