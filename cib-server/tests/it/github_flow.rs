@@ -80,7 +80,7 @@ impl World {
     async fn status(&self, sha: &str, context: &str, state: &str) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let latest = self.fake.statuses(REPO).into_iter().filter(|s| s.sha == sha && s.context == context).last();
+            let latest = self.fake.statuses(REPO).into_iter().rev().find(|s| s.sha == sha && s.context == context);
             if latest.as_ref().is_some_and(|s| s.state == state) {
                 return;
             }
