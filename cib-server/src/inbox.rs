@@ -110,9 +110,51 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                 Err(e) => format!("Approved, but the build could not start: {e}"),
             };
         }
+        (["pass" | "fail"], _) => {
+            // The manual test waiting in this repository (a hold gate), passed or failed by a
+            // person the gate allows; the gate itself checks who may answer.
+            let repo = c.repo.clone();
+            let waiting = state
+                .engine
+                .query(move |m| {
+                    m.builds()
+                        .filter(|b| b.context.repo == repo && b.finished_at.is_none())
+                        .flat_map(|b| {
+                            b.steps.iter().filter(|s| s.status == cib_core::pipeline::StepStatus::AtGate).filter_map(
+                                |s| {
+                                    let hold = matches!(
+                                        b.pipeline.step(&s.name).map(|x| &x.action),
+                                        Some(spec::Action::Gate(g)) if g.kind == spec::GateKind::Hold
+                                    );
+                                    hold.then(|| (b.id.clone(), s.name.clone()))
+                                },
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            let [(build, step)] = waiting.as_slice() else {
+                return format!("{} manual tests wait in {}; pass or fail one through the API.", waiting.len(), c.repo);
+            };
+            let approve = words[0] == "pass";
+            let mut events = state.engine.subscribe();
+            let actor =
+                Actor { login: c.sender.clone(), teams: Vec::new(), can_write: permission >= Permission::Write };
+            let input = Input::Decide { build: build.clone(), step: step.clone(), actor, approve, comment: None };
+            if state.engine.submit(input).await.is_err() {
+                return "cib could not record the result; try again.".into();
+            }
+            while let Ok(event) = events.try_recv() {
+                if let cib_core::event::EventBody::DecisionRefused { reason, .. } = event.body {
+                    return format!("The manual test {step} of {build} was not marked: {reason}.");
+                }
+            }
+            return format!("Manual test {step} of {build} marked as {}.", if approve { "passed" } else { "failed" });
+        }
         (["promote" | "approve", _], _) => return format!("{} has no write permission on {}.", c.sender, c.repo),
         _ => {
-            return "cib knows `/cib merge`, `/cib trust`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
+            return "cib knows `/cib merge`, `/cib trust`, `/cib pass`, `/cib fail`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
         }
     };
     let status = response.status();

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cib_github::testing::{FakeGithub, TEST_TOKEN};
-use cib_server::config::{GithubConfig, PoolFileConfig, Role, ServerConfig};
+use cib_server::config::{GithubConfig, PoolFileConfig, ServerConfig};
 use cib_server::outgoing::sign;
 use cib_server::server;
 
-use super::server::{SECRET, token, tokens};
+use super::server::{SECRET, tokens};
 
 const SPEC: &str = r#"
 pipelines:
@@ -66,14 +66,6 @@ impl World {
         let status = response.status();
         let text = response.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(status, 202, "{}", String::from_utf8_lossy(&text));
-    }
-
-    async fn api(&self, path: &str, role: Role, body: serde_json::Value) -> u16 {
-        let request = http::Request::post(format!("{}{path}", self.url))
-            .header("authorization", format!("Bearer {}", token(role)))
-            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
-            .expect("request");
-        self.client.request(request).await.expect("response").status().as_u16()
     }
 
     /// Waits until the status `context` on `sha` is `state`.
@@ -196,16 +188,31 @@ async fn from_pull_request_to_production_on_github() {
     // GitHub announces the push to master: staging deploys, tests, and waits for manual QA.
     w.hook("push", "d-push-master", push("master", &base, &head)).await;
     w.status(&head, "cib/staging", "pending").await;
+    // Manual QA is passed by a comment of the tester the gate names; anyone else is refused.
     let staging = "d-push-master-staging";
     let deadline = Instant::now() + Duration::from_secs(90);
-    while w
-        .api(&format!("/api/v1/builds/{staging}/gates/manual-qa/approve"), Role::Approve, serde_json::json!({}))
-        .await
-        != 200
-    {
+    for n in 100.. {
+        let before = w.fake.comments(REPO).len();
+        w.hook("issue_comment", &format!("d-qa-{n}"), comment(1, "/cib pass", "dev", n)).await;
+        let answer = loop {
+            let all = w.fake.comments(REPO);
+            if all.len() > before {
+                break all[before].1.clone();
+            }
+            assert!(Instant::now() < deadline, "no answer to /cib pass");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if answer.contains("not marked") {
+            assert!(answer.contains("not one of the people this gate asks"), "{answer}");
+            break;
+        }
+        assert!(answer.contains("0 manual tests wait"), "{answer}");
         assert!(Instant::now() < deadline, "manual QA never waited");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    w.fake.set_permission(REPO, "approve", "write");
+    w.hook("issue_comment", "d-qa-ok", comment(1, "/cib pass", "approve", 200)).await;
+    w.comment(1, &format!("Manual test manual-qa of {staging} marked as passed")).await;
     w.status(&head, "cib/staging", "success").await;
 
     // Promotion needs two approvals of this commit, given by comment.
