@@ -122,6 +122,33 @@ async fn build_branch(state: &AppState, repo: &str, branch: &str, commit: &str, 
     ids
 }
 
+/// Fast-forwards `branch` to `commit`, records the move (with the approvals that allowed a
+/// promotion), and starts the branch's pipelines when no webhook will.
+async fn move_branch(
+    state: &Arc<AppState>,
+    repo: &str,
+    branch: &str,
+    commit: &str,
+    user: &str,
+    promotion: bool,
+    approved_by: Vec<String>,
+) -> Result<Vec<BuildId>, Response<Body>> {
+    if let Err(e) = state.vcs.fast_forward(repo, branch, commit).await {
+        return Err(error(StatusCode::CONFLICT, format!("{branch} could not be fast-forwarded: {e}")));
+    }
+    let moved = Input::Moved {
+        repo: repo.to_owned(),
+        branch: branch.to_owned(),
+        commit: commit.to_owned(),
+        by: user.to_owned(),
+        promotion,
+        approved_by,
+    };
+    record(state, moved).await?;
+    let tag = if promotion { "promote" } else { "merge" };
+    Ok(build_branch(state, repo, branch, commit, user, tag).await)
+}
+
 async fn record(state: &AppState, input: Input) -> Result<(), Response<Body>> {
     state.engine.submit(input).await.map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
@@ -247,21 +274,10 @@ pub async fn try_merge(
         let message = explain("merge this branch", &refusals);
         return json(StatusCode::CONFLICT, &serde_json::json!({ "error": message, "refusals": refusals }));
     }
-    if let Err(e) = state.vcs.fast_forward(repo, &policy.into, &head).await {
-        return error(StatusCode::CONFLICT, format!("{} could not be fast-forwarded: {e}", policy.into));
-    }
-    let moved = Input::Moved {
-        repo: repo.to_owned(),
-        branch: policy.into.clone(),
-        commit: head.clone(),
-        by: user.to_owned(),
-        promotion: false,
-        approved_by: Vec::new(),
+    let builds = match move_branch(state, repo, &policy.into, &head, user, false, Vec::new()).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    if let Err(r) = record(state, moved).await {
-        return r;
-    }
-    let builds = build_branch(state, repo, &policy.into, &head, user, "merge").await;
     crate::inbox::reevaluate(state, repo, &policy.into).await;
     json(StatusCode::OK, &serde_json::json!({ "merged": head, "into": policy.into, "builds": builds }))
 }
@@ -331,21 +347,10 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
             return json(StatusCode::CONFLICT, &serde_json::json!({ "error": message, "refusals": refusals }));
         }
     };
-    if let Err(e) = state.vcs.fast_forward(repo, &policy.to, &commit).await {
-        return error(StatusCode::CONFLICT, format!("{} could not be fast-forwarded: {e}", policy.to));
-    }
-    let moved = Input::Moved {
-        repo: repo.to_owned(),
-        branch: policy.to.clone(),
-        commit: commit.clone(),
-        by: user.to_owned(),
-        promotion: true,
-        approved_by,
+    let builds = match move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    if let Err(r) = record(state, moved).await {
-        return r;
-    }
-    let builds = build_branch(state, repo, &policy.to, &commit, user, "promote").await;
     json(StatusCode::OK, &serde_json::json!({ "promoted": commit, "to": policy.to, "builds": builds }))
 }
 
