@@ -140,7 +140,8 @@ impl EngineHandle {
 pub struct Engine;
 
 enum LogMessage {
-    Data(LogKey, Vec<u8>),
+    /// Output, and when it arrived.
+    Data(LogKey, Vec<u8>, Timestamp),
     Finish(LogKey, oneshot::Sender<()>),
 }
 
@@ -160,10 +161,11 @@ impl LogSink for EngineSink {
         if bytes.is_empty() {
             return;
         }
+        let now = self.clock.now();
         if let Ok(mut seen) = self.seen.lock() {
-            seen.insert(self.key.clone(), (self.clock.now(), false));
+            seen.insert(self.key.clone(), (now, false));
         }
-        let _ = self.tx.send(LogMessage::Data(self.key.clone(), bytes.to_vec()));
+        let _ = self.tx.send(LogMessage::Data(self.key.clone(), bytes.to_vec(), now));
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(LogLine { key: self.key.clone(), stream, data: Arc::from(bytes) });
         }
@@ -500,6 +502,8 @@ fn safe_dir_name(id: &str) -> String {
 /// Writes output to the store in batches: whatever arrived while the last write ran goes in
 /// the next one, so a chatty step costs few writes.
 async fn write_logs(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogMessage>) {
+    // When each log was last marked with a time: marks are kept to about one a second.
+    let mut marked: HashMap<LogKey, Timestamp> = HashMap::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -508,30 +512,45 @@ async fn write_logs(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogMe
                 break;
             }
         }
-        let mut pending: Vec<(LogKey, Vec<u8>)> = Vec::new();
+        let mut pending: Vec<(LogKey, Vec<u8>, Timestamp)> = Vec::new();
         for message in batch {
             match message {
-                LogMessage::Data(key, data) => match pending.last_mut() {
-                    Some((last, buf)) if *last == key => buf.extend_from_slice(&data),
-                    _ => pending.push((key, data)),
+                LogMessage::Data(key, data, at) => match pending.last_mut() {
+                    Some((last, buf, _)) if *last == key => buf.extend_from_slice(&data),
+                    _ => pending.push((key, data, at)),
                 },
                 LogMessage::Finish(key, done) => {
-                    flush(&store, &mut pending).await;
+                    flush(&store, &mut pending, &mut marked).await;
                     if let Err(error) = store.finish_log(&key).await {
                         tracing::warn!(%error, "cannot finish a log");
                     }
+                    marked.remove(&key);
                     let _ = done.send(());
                 }
             }
         }
-        flush(&store, &mut pending).await;
+        flush(&store, &mut pending, &mut marked).await;
     }
 }
 
-async fn flush(store: &Arc<dyn Store>, pending: &mut Vec<(LogKey, Vec<u8>)>) {
-    for (key, data) in pending.drain(..) {
-        if let Err(error) = store.append_log(&key, &data).await {
-            tracing::warn!(%error, build = %key.build, step = %key.step, "cannot store output");
+async fn flush(
+    store: &Arc<dyn Store>,
+    pending: &mut Vec<(LogKey, Vec<u8>, Timestamp)>,
+    marked: &mut HashMap<LogKey, Timestamp>,
+) {
+    for (key, data, at) in pending.drain(..) {
+        match store.append_log(&key, &data).await {
+            Ok(length) => {
+                let due = marked.get(&key).is_none_or(|last| at.since(*last) >= Duration::from_secs(1));
+                if due {
+                    let start = length.saturating_sub(data.len() as u64);
+                    if let Err(error) = store.mark_log_time(&key, start, at).await {
+                        tracing::debug!(%error, "cannot mark a log's time");
+                    }
+                    marked.insert(key, at);
+                }
+            }
+            Err(error) => tracing::warn!(%error, build = %key.build, step = %key.step, "cannot store output"),
         }
     }
 }

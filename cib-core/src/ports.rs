@@ -694,6 +694,18 @@ pub trait Store: Send + Sync {
     /// Marks a log finished.
     async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError>;
 
+    /// Records that the output starting at byte `offset` arrived at `at`. The engine marks a
+    /// log at most once a second of output, so marks stay few; readers use them to show when
+    /// each line was printed. Stores that keep no times may ignore marks.
+    async fn mark_log_time(&self, _key: &LogKey, _offset: u64, _at: Timestamp) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The time marks of a log with an offset of at least `from`, in order, at most `limit`.
+    async fn log_times(&self, _key: &LogKey, _from: u64, _limit: usize) -> Result<Vec<(u64, Timestamp)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Reads at most `max` bytes of a log from `offset` (clamped to the log's length). Where
     /// the range crosses omitted bytes, `data` holds an [`omitted_marker`] in their place,
     /// which counts towards `max` unless it is the first thing read, so a read always moves on.

@@ -509,6 +509,7 @@ struct Memory {
     inputs: Vec<StoredInput>,
     events: BTreeMap<u64, Event>,
     logs: BTreeMap<LogKey, MemoryLog>,
+    log_times: BTreeMap<LogKey, BTreeMap<u64, Timestamp>>,
     /// Each delivery, and whether it is done.
     deliveries: BTreeMap<String, (Delivery, bool)>,
     builds: BTreeMap<BuildId, MemoryBuild>,
@@ -622,6 +623,19 @@ impl Store for MemoryStore {
     async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError> {
         lock(&self.inner).logs.entry(key.clone()).or_insert_with(|| MemoryLog::new(self.log_limit)).done = true;
         Ok(())
+    }
+
+    async fn mark_log_time(&self, key: &LogKey, offset: u64, at: Timestamp) -> Result<(), StoreError> {
+        lock(&self.inner).log_times.entry(key.clone()).or_default().entry(offset).or_insert(at);
+        Ok(())
+    }
+
+    async fn log_times(&self, key: &LogKey, from: u64, limit: usize) -> Result<Vec<(u64, Timestamp)>, StoreError> {
+        let m = lock(&self.inner);
+        Ok(m.log_times
+            .get(key)
+            .map(|t| t.range(from..).take(limit).map(|(o, a)| (*o, *a)).collect())
+            .unwrap_or_default())
     }
 
     async fn read_log(&self, key: &LogKey, offset: u64, max: usize) -> Result<LogRead, StoreError> {
@@ -868,6 +882,19 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     check(read.data == b"world\n" && read.next_offset == 12 && !read.complete, format!("read from 6: {read:?}"))?;
     let read = store.read_log(&key, 0, 5).await.map_err(err)?;
     check(read.data == b"hello" && read.next_offset == 5, format!("read 5 bytes: {read:?}"))?;
+    // Time marks, when the store keeps them, come back in order from any offset.
+    store.mark_log_time(&key, 0, Timestamp(1_000)).await.map_err(err)?;
+    store.mark_log_time(&key, 6, Timestamp(2_000)).await.map_err(err)?;
+    store.mark_log_time(&key, 6, Timestamp(9_000)).await.map_err(err)?;
+    let marks = store.log_times(&key, 0, 10).await.map_err(err)?;
+    check(
+        marks.is_empty() || marks == [(0, Timestamp(1_000)), (6, Timestamp(2_000))],
+        format!("time marks: {marks:?}"),
+    )?;
+    if !marks.is_empty() {
+        let later = store.log_times(&key, 1, 10).await.map_err(err)?;
+        check(later == [(6, Timestamp(2_000))], format!("time marks from offset 1: {later:?}"))?;
+    }
     store.finish_log(&key).await.map_err(err)?;
     let read = store.read_log(&key, 12, 100).await.map_err(err)?;
     check(read.data.is_empty() && read.complete, format!("read at the end of a finished log: {read:?}"))?;

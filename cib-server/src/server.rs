@@ -737,9 +737,16 @@ async fn read_log<B>(state: &AppState, req: &Request<B>, id: &str, step: &str) -
         Some(Ok(o)) => o,
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "'offset' is a byte offset"),
     };
+    let stamped = q.get("timestamps").is_some_and(|v| v == "true" || v.is_empty());
     match state.store.read_log(&key, offset, 4 * 1024 * 1024).await {
         Ok(read) => {
-            let mut response = text(StatusCode::OK, "text/plain; charset=utf-8", read.data);
+            let body = if stamped {
+                let marks = state.store.log_times(&key, 0, 1_000_000).await.unwrap_or_default();
+                stamp_lines(&read.data, offset, &marks)
+            } else {
+                read.data.clone()
+            };
+            let mut response = text(StatusCode::OK, "text/plain; charset=utf-8", body);
             let headers = response.headers_mut();
             if let Ok(v) = http::HeaderValue::from_str(&read.next_offset.to_string()) {
                 headers.insert("x-cib-next-offset", v);
@@ -750,6 +757,24 @@ async fn read_log<B>(state: &AppState, req: &Request<B>, id: &str, step: &str) -
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// Prefixes each line of `data` (which starts at byte `offset` of its log) with the time of
+/// the last mark at or before the line's start: `[2026-11-29T05:59:13.123Z] text`.
+fn stamp_lines(data: &[u8], offset: u64, marks: &[(u64, cib_core::time::Timestamp)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8);
+    let mut start = 0usize;
+    while start < data.len() {
+        let end = data[start..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| start + i + 1);
+        let at = offset + start as u64;
+        match marks.iter().take_while(|(o, _)| *o <= at).last() {
+            Some((_, t)) => out.extend_from_slice(format!("[{}] ", t.rfc3339()).as_bytes()),
+            None => out.extend_from_slice(b"[unknown time] "),
+        }
+        out.extend_from_slice(&data[start..end]);
+        start = end;
+    }
+    out
 }
 
 /// A full body as bytes, for tests that call the router directly.

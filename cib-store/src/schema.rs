@@ -101,10 +101,22 @@ CREATE INDEX deliveries_pending ON deliveries (done, received_at, id);
 
 /// Every migration, in order. A migration, once released, is never edited: a change is a new
 /// migration.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+/// Version 3: when each piece of a log arrived, marked at most once a second of output.
+const V3: &str = "
+CREATE TABLE log_times (
+    build TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    start_offset BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (build, step, attempt, start_offset)
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -18,6 +18,7 @@ use cib_core::ports::{
     BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, LogKey, LogLimit, LogRead, Page,
     Store, StoreError, StoredInput,
 };
+use cib_core::time::Timestamp;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
@@ -288,6 +289,39 @@ impl Store for SqliteStore {
             Done::Unit => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn mark_log_time(&self, key: &LogKey, offset: u64, at: Timestamp) -> Result<(), StoreError> {
+        match self.write(Op::LogTime { key: key.clone(), offset, at: at.0 }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn log_times(&self, key: &LogKey, from: u64, limit: usize) -> Result<Vec<(u64, Timestamp)>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT start_offset, at FROM log_times WHERE build = ?1 AND step = ?2 AND attempt = ?3 \
+                     AND start_offset >= ?4 ORDER BY start_offset LIMIT ?5",
+                )
+                .map_err(db)?;
+            let from = i64::try_from(from).unwrap_or(i64::MAX);
+            let limit = crate::error::sql_limit(limit);
+            let rows = stmt
+                .query_map(rusqlite::params![key.build.0, key.step, i64::from(key.attempt), from, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (offset, at) = row.map_err(db)?;
+                out.push((crate::error::from_sql(offset)?, Timestamp(crate::error::from_sql(at)?)));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn read_log(&self, key: &LogKey, offset: u64, max: usize) -> Result<LogRead, StoreError> {

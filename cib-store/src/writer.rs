@@ -32,6 +32,7 @@ pub(crate) enum Op {
     Events(Vec<EventRow>),
     AppendLog { key: LogKey, data: Vec<u8> },
     FinishLog { key: LogKey },
+    LogTime { key: LogKey, offset: u64, at: u64 },
     Delivery(Delivery),
     DeliveryDone { id: String },
 }
@@ -43,7 +44,7 @@ impl Op {
             Op::Input { input, .. } => input.len(),
             Op::Events(rows) => rows.iter().map(|r| r.body.len()).sum(),
             Op::AppendLog { data, .. } => data.len(),
-            Op::FinishLog { .. } => 0,
+            Op::FinishLog { .. } | Op::LogTime { .. } => 0,
             Op::Delivery(d) => d.body.len(),
             Op::DeliveryDone { .. } => 0,
         }
@@ -166,6 +167,15 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
         }
         Op::AppendLog { key, data } => logs::append(conn, logs, key, data).map(Done::Length),
         Op::FinishLog { key } => logs::finish(conn, logs, key).map(|()| Done::Unit),
+        Op::LogTime { key, offset, at } => {
+            let (build, step, attempt) = (key.build.0.as_str(), key.step.as_str(), i64::from(key.attempt));
+            exec(
+                conn,
+                "INSERT INTO log_times (build, step, attempt, start_offset, at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                rusqlite::params![build, step, attempt, to_sql(*offset)?, to_sql(*at)?],
+            )?;
+            Ok(Done::Unit)
+        }
         Op::Delivery(d) => {
             let received_at = to_sql(d.received_at.0)?;
             let inserted = exec(

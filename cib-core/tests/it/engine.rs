@@ -124,6 +124,8 @@ async fn a_build_runs_end_to_end_with_logs_events_and_cleanup() {
     assert!(text.contains("hello from hello"), "{text}");
     assert!(text.contains("token=***") && !text.contains("hunter2"), "secrets are masked: {text}");
     assert!(log.complete, "the log is finished when the step is");
+    let marks = world.store.log_times(&key, 0, 100).await.expect("time marks");
+    assert_eq!(marks.first().map(|(offset, _)| *offset), Some(0), "the output's arrival is marked: {marks:?}");
 
     let stored = world.store.events_after(0, 1000).await.expect("events");
     assert_eq!(stored, world.notifier.events(), "the store and the notifier saw the same events");

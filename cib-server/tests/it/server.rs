@@ -405,6 +405,22 @@ async fn a_cut_log_stream_resumes_with_no_byte_lost_or_repeated() {
         .await;
     assert_eq!(streamed, stored.body, "the resumed stream equals the stored log");
     assert_eq!(streamed, "alpha é ünïcode\nbeta\ngamma\ndelta\nepsilon\n");
+    // Each line can be shown with when it was printed.
+    let stamped = s
+        .request(
+            "GET",
+            &format!("/api/v1/builds/{id}/steps/chatty/log?attempt=1&timestamps=true"),
+            Some(&token(Role::Read)),
+            b"",
+        )
+        .await;
+    let lines: Vec<&str> = stamped.body.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", stamped.body);
+    for (line, text) in lines.iter().zip(["alpha é ünïcode", "beta", "gamma", "delta", "epsilon"]) {
+        let (time, rest) = line.split_once("] ").expect("a time prefix");
+        assert!(time.starts_with("[20") && time.ends_with('Z'), "{line}");
+        assert_eq!(rest, text);
+    }
     // Offsets chain: each event starts where the previous one ended.
     let mut offset = 0u64;
     for (id, kind, data) in first.iter().chain(&rest).filter(|(_, k, _)| k == "log") {

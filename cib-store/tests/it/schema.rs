@@ -80,7 +80,8 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
     // Take the file back to version 1, as an older cib left it, with a delivery in it.
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
-        "DROP INDEX deliveries_pending;
+        "DROP TABLE log_times;
+         DROP INDEX deliveries_pending;
          ALTER TABLE deliveries DROP COLUMN done;
          DELETE FROM schema_version WHERE version > 1;
          INSERT INTO deliveries (id, source, event, received_at, body) VALUES ('old', 'github', 'push', 5, x'7b7d');",
