@@ -203,6 +203,38 @@ impl DockerExecutor {
     }
 
     /// Everything carrying this engine's label, of one build or of all, containers first.
+    /// The names of every engine instance with something in this daemon (containers,
+    /// volumes or networks labelled by cib), so that leftovers of dead instances can be found.
+    pub async fn instances(&self) -> Result<Vec<String>, ExecError> {
+        let filters = HashMap::from([("label".to_owned(), vec![LABEL_ENGINE.to_owned()])]);
+        let mut names = std::collections::BTreeSet::new();
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| exec_error("listing containers", e))?;
+        names.extend(containers.into_iter().filter_map(|c| c.labels.and_then(|l| l.get(LABEL_ENGINE).cloned())));
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) }))
+            .await
+            .map_err(|e| exec_error("listing volumes", e))?;
+        names.extend(
+            volumes.volumes.unwrap_or_default().into_iter().filter_map(|v| v.labels.get(LABEL_ENGINE).cloned()),
+        );
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
+            .await
+            .map_err(|e| exec_error("listing networks", e))?;
+        names.extend(networks.into_iter().filter_map(|n| n.labels.and_then(|l| l.get(LABEL_ENGINE).cloned())));
+        Ok(names.into_iter().collect())
+    }
+
     pub async fn resources(&self, build: Option<&BuildId>) -> Result<Vec<Resource>, ExecError> {
         let mut labels = vec![(LABEL_ENGINE, self.options.instance.as_str())];
         if let Some(b) = build {

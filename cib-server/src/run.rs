@@ -267,11 +267,13 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     };
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot create {}: {e}", data_dir.display())))?;
+    let executor: Arc<cib_docker::DockerExecutor> = Arc::new(executor);
+    remove_leftovers_of_dead_runs(&executor).await;
     let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), cib_store::SqliteOptions::default())
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot open the store: {e}")))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ports = Ports {
-        executor: Arc::new(executor),
+        executor: executor.clone(),
         vcs,
         store: Arc::new(store),
         notifiers: Vec::new(),
@@ -328,6 +330,13 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     printer.summary(&engine, &planned, &conclusions).await;
     engine.shutdown().await;
     let _ = engine_task.await;
+    // The engine cleans up each build on a task of its own; this process is about to end, so
+    // the cleanup is done here and waited for (it may be repeated), leaving nothing in Docker.
+    for p in &planned {
+        if let Err(e) = cib_core::ports::Executor::cleanup(&*executor, &p.build).await {
+            eprint(&format!("cib run: could not remove everything of {}: {e}", p.build));
+        }
+    }
     let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
         exit::INFRASTRUCTURE
     } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
@@ -336,6 +345,21 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         exit::FAILED
     };
     Ok(code)
+}
+
+/// Each `cib run` names itself in Docker after its process; one that was killed left its
+/// containers, volumes and networks behind. Those of processes that no longer exist are removed.
+async fn remove_leftovers_of_dead_runs(executor: &cib_docker::DockerExecutor) {
+    let Ok(instances) = executor.instances().await else { return };
+    for instance in instances {
+        let Some(pid) = instance.strip_prefix("cib-run-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(dead) = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance)).await {
+            let _ = cib_core::ports::Executor::reconcile(&dead, &[]).await;
+        }
+    }
 }
 
 /// Prints events and output until every build has finished; Ctrl-C cancels the builds, and a

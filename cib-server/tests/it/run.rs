@@ -20,13 +20,33 @@ fn project(spec: &str) -> tempfile::TempDir {
 }
 
 fn cib_run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cib"))
+    cib_run_with_pid(dir, args).0
+}
+
+/// Runs `cib run` and returns its output and its process id (which names it in Docker).
+fn cib_run_with_pid(dir: &Path, args: &[&str]) -> (Output, u32) {
+    let child = Command::new(env!("CARGO_BIN_EXE_cib"))
         .arg("run")
         .args(args)
         .current_dir(dir)
         .env("CIB_DATA_DIR", dir.join(".cib-data"))
-        .output()
-        .expect("run cib")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cib");
+    let pid = child.id();
+    (child.wait_with_output().expect("cib ends"), pid)
+}
+
+/// What a `cib run` process left in Docker: containers, volumes and networks with its name.
+fn left_in_docker(pid: u32) -> Vec<String> {
+    let label = format!("label=org.cib.engine=cib-run-{pid}");
+    let mut left = Vec::new();
+    for kind in [&["ps", "-aq"][..], &["volume", "ls", "-q"][..], &["network", "ls", "-q"][..]] {
+        let out = Command::new("docker").args(kind).args(["--filter", &label]).output().expect("docker answers");
+        left.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
+    }
+    left
 }
 
 const SPEC: &str = r#"
@@ -68,7 +88,9 @@ pipelines:
 #[test]
 fn a_run_with_parallel_steps_a_service_a_secret_and_a_failure() {
     let dir = project(SPEC);
-    let out = cib_run(dir.path(), &["--secret", "API_TOKEN=sup3r-s3cret", "--env", "MODE=e2e", "--color", "never"]);
+    let (out, pid) =
+        cib_run_with_pid(dir.path(), &["--secret", "API_TOKEN=sup3r-s3cret", "--env", "MODE=e2e", "--color", "never"]);
+    assert!(left_in_docker(pid).is_empty(), "cib run left {:?} in Docker", left_in_docker(pid));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "a failing step fails the run\n{stdout}\n{stderr}");
