@@ -328,15 +328,19 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
     let conclusions = watch(&engine, events, logs, &mut printer, &planned).await;
     printer.summary(&engine, &planned, &conclusions).await;
-    engine.shutdown().await;
-    let _ = engine_task.await;
-    // The engine cleans up each build on a task of its own; this process is about to end, so
-    // the cleanup is done here and waited for (it may be repeated), leaving nothing in Docker.
+    // The engine removes each build's containers, volume and network on a task of its own;
+    // this process is about to end, so wait for that (then make sure), leaving nothing behind.
     for p in &planned {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while executor.resources(Some(&p.build)).await.is_ok_and(|r| !r.is_empty()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if let Err(e) = cib_core::ports::Executor::cleanup(&*executor, &p.build).await {
             eprint(&format!("cib run: could not remove everything of {}: {e}", p.build));
         }
     }
+    engine.shutdown().await;
+    let _ = engine_task.await;
     let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
         exit::INFRASTRUCTURE
     } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {

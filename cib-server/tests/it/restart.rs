@@ -152,6 +152,15 @@ fn docker_left(build: &str) -> Vec<String> {
     left
 }
 
+/// Waits until nothing of `build` is left in Docker (the engine cleans up on a task of its own).
+fn wait_clean(build: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker_left(build).is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", docker_left(build));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_delivery_answered_but_not_processed_before_a_kill_builds_once_after_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -177,6 +186,7 @@ fn a_delivery_answered_but_not_processed_before_a_kill_builds_once_after_restart
     assert_eq!(hook(&server.url, "d-1", &body), 202, "a repeat is answered");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(builds(&server.url)["builds"].as_array().map(Vec::len), Some(1), "and builds nothing new: {done:#}");
+    wait_clean(done["builds"][0]["id"].as_str().expect("id"));
 }
 
 #[test]
@@ -271,4 +281,5 @@ fn leases_survive_a_kill_and_a_dead_holder_is_freed_at_its_deadline() {
     });
     let (status, _) = api(&server.url, "GET", &format!("/api/v1/leases/{id}"), serde_json::Value::Null);
     assert_eq!(status, 404, "the expired lease is gone");
+    wait_clean(build["build"].as_str().expect("id"));
 }

@@ -42,7 +42,11 @@ fn cib_run_with_pid(dir: &Path, args: &[&str]) -> (Output, u32) {
 fn left_in_docker(pid: u32) -> Vec<String> {
     let label = format!("label=org.cib.engine=cib-run-{pid}");
     let mut left = Vec::new();
-    for kind in [&["ps", "-aq"][..], &["volume", "ls", "-q"][..], &["network", "ls", "-q"][..]] {
+    for kind in [
+        &["ps", "-a", "--format", "container {{.Names}} {{.Status}}"][..],
+        &["volume", "ls", "--format", "volume {{.Name}}"][..],
+        &["network", "ls", "--format", "network {{.Name}}"][..],
+    ] {
         let out = Command::new("docker").args(kind).args(["--filter", &label]).output().expect("docker answers");
         left.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
     }
