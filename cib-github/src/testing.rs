@@ -174,6 +174,8 @@ struct FakeReview {
 
 #[derive(Debug, Default)]
 struct Repo {
+    /// A local bare Git repository this one mirrors: its ref updates are applied there too.
+    bare: Option<std::path::PathBuf>,
     commits: BTreeMap<String, FakeCommit>,
     /// Full ref names without `refs/`: `heads/main`, `tags/v1`.
     refs: BTreeMap<String, String>,
@@ -277,6 +279,48 @@ impl FakeGithub {
     /// How many installation tokens the fake has issued.
     pub fn tokens_issued(&self) -> usize {
         self.state().installation_tokens.len()
+    }
+
+    /// Serves a local bare Git repository as `repo`: every commit with its real id, parents,
+    /// files and message, and its branches and tags. From then on, refs the API moves are moved
+    /// in the bare repository too (with `git update-ref`'s compare-and-swap), so that the
+    /// repository on disk is what a test checks.
+    pub fn import_bare(&self, repo: &str, path: &std::path::Path) -> std::io::Result<()> {
+        let git = |args: &[&str]| -> std::io::Result<Vec<u8>> {
+            let out = std::process::Command::new("git").arg("-C").arg(path).args(args).output()?;
+            if out.status.success() {
+                Ok(out.stdout)
+            } else {
+                Err(std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()))
+            }
+        };
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        let mut commits = BTreeMap::new();
+        for line in text(git(&["rev-list", "--all", "--parents"])?).lines() {
+            let mut ids = line.split_whitespace().map(str::to_owned);
+            let Some(sha) = ids.next() else { continue };
+            let parents: Vec<String> = ids.collect();
+            let mut files = BTreeMap::new();
+            for name in text(git(&["ls-tree", "-r", "--name-only", &sha])?).lines() {
+                files.insert(name.to_owned(), git(&["cat-file", "blob", &format!("{sha}:{name}")])?);
+            }
+            let message = text(git(&["log", "-1", "--format=%B", &sha])?).trim().to_owned();
+            commits.insert(sha, FakeCommit { parents, files, message });
+        }
+        let mut refs = BTreeMap::new();
+        for line in
+            text(git(&["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads", "refs/tags"])?).lines()
+        {
+            if let Some((name, sha)) = line.split_once(' ') {
+                refs.insert(name.trim_start_matches("refs/").to_owned(), sha.to_owned());
+            }
+        }
+        let mut state = self.state();
+        let r = state.repos.entry(repo.to_owned()).or_default();
+        r.commits.extend(commits);
+        r.refs.extend(refs);
+        r.bare = Some(path.to_path_buf());
+        Ok(())
     }
 
     pub fn create_repo(&self, repo: &str) {
@@ -788,6 +832,19 @@ fn handle(
             }
             if !force && !ancestors(repo, &to).contains(&current) {
                 return unprocessable("Update is not a fast forward");
+            }
+            if let Some(bare) = &repo.bare {
+                // The repository on disk moves first, and only from the value this fake holds.
+                let full = format!("refs/{reference}");
+                let moved = std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(bare)
+                    .args(["update-ref", &full, &to, &current])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !moved {
+                    return unprocessable("Reference cannot be updated");
+                }
             }
             repo.refs.insert(reference.clone(), to.clone());
             answer(

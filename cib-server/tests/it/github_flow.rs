@@ -1,5 +1,5 @@
-//! The whole way on GitHub's terms: the fake GitHub (every request checked against GitHub's
-//! OpenAPI description), real Docker and SQLite. A pull request is tested, merged by a comment
+//! The whole way on GitHub's terms: a local bare Git repository served by the fake GitHub
+//! (every request checked against GitHub's OpenAPI description), real Docker and SQLite. A pull request is tested, merged by a comment
 //! once reviewed, staging deploys with its unit and passes manual QA, approvals are given by
 //! comment, the commit is promoted by fast-forward and production deploys; statuses, comments
 //! and refs are checked at every point.
@@ -12,7 +12,7 @@ use cib_server::config::{GithubConfig, PoolFileConfig, ServerConfig};
 use cib_server::outgoing::sign;
 use cib_server::server;
 
-use super::server::{SECRET, tokens};
+use super::server::{SECRET, git, tokens};
 
 const SPEC: &str = r#"
 pipelines:
@@ -127,18 +127,31 @@ fn push(branch: &str, before: &str, after: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_pull_request_to_production_on_github() {
+    // The repository is a local bare Git repository, pushed to with git, which the fake
+    // GitHub serves; the refs cib moves through GitHub's API move there.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bare = dir.path().join("shop.git");
+    let work = dir.path().join("work");
+    git(dir.path(), &["init", "-q", "--bare", "-b", "master", &bare.to_string_lossy()]);
+    git(dir.path(), &["clone", "-q", &bare.to_string_lossy(), &work.to_string_lossy()]);
+    std::fs::write(work.join(".cib.yml"), SPEC).expect("spec");
+    std::fs::write(work.join("README"), "shop\n").expect("readme");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "start"]);
+    git(&work, &["push", "-q", "origin", "HEAD:master", "HEAD:production"]);
+    git(&work, &["checkout", "-q", "-b", "feature/x"]);
+    std::fs::write(work.join("feature.txt"), "new\n").expect("feature");
+    git(&work, &["add", "feature.txt"]);
+    git(&work, &["commit", "-q", "-m", "feature"]);
+    git(&work, &["push", "-q", "origin", "feature/x"]);
+    let on_disk = |branch: &str| git(&bare, &["rev-parse", branch]);
+    let (base, head) = (on_disk("master"), on_disk("feature/x"));
     let fake = FakeGithub::start().await.expect("fake GitHub");
-    fake.create_repo(REPO);
-    let base = fake.commit(REPO, &[], &[(".cib.yml", SPEC), ("README", "shop\n")], "start");
-    let head = fake.commit(REPO, &[&base], &[("feature.txt", "new\n")], "feature");
-    fake.set_branch(REPO, "master", &base);
-    fake.set_branch(REPO, "production", &base);
-    fake.set_branch(REPO, "feature/x", &head);
+    fake.import_bare(REPO, &bare).expect("the bare repository is served");
     for user in ["dev", "alice", "bob"] {
         fake.set_permission(REPO, user, "write");
     }
 
-    let dir = tempfile::tempdir().expect("temp dir");
     let config = ServerConfig {
         data_dir: dir.path().join("data"),
         instance: format!("it-github-flow-{}", std::process::id()),
@@ -180,10 +193,13 @@ async fn from_pull_request_to_production_on_github() {
     let answer = w.comment(1, "cib cannot merge").await;
     assert_eq!(answer, "cib cannot merge this branch:\n- 0 approving review(s), 1 needed");
     assert_eq!(w.fake.branch(REPO, "master").as_deref(), Some(base.as_str()));
+    assert_eq!(on_disk("master"), base, "nothing moved on disk either");
     w.fake.add_review(REPO, 1, "alice", "APPROVED", &head);
     w.hook("issue_comment", "d-c2", comment(1, "/cib merge", "dev", 12)).await;
     w.comment(1, "Merged by fast-forward").await;
     assert_eq!(w.fake.branch(REPO, "master").as_deref(), Some(head.as_str()), "master moved by fast-forward");
+    assert_eq!(on_disk("master"), head, "and in the bare repository");
+    assert_eq!(on_disk("production"), base, "production has not moved");
 
     // GitHub announces the push to master: staging deploys, tests, and waits for manual QA.
     w.hook("push", "d-push-master", push("master", &base, &head)).await;
@@ -224,6 +240,8 @@ async fn from_pull_request_to_production_on_github() {
     w.hook("issue_comment", "d-c6", comment(1, &format!("/cib promote {head}"), "dev", 16)).await;
     w.comment(1, "Promoted").await;
     assert_eq!(w.fake.branch(REPO, "production").as_deref(), Some(head.as_str()), "production moved by fast-forward");
+    assert_eq!(on_disk("production"), head, "and in the bare repository");
+    assert_eq!(git(&bare, &["rev-list", "--count", "--merges", "--all"]), "0", "no merge commit anywhere");
 
     // GitHub announces the push to production: production deploys.
     w.hook("push", "d-push-production", push("production", &base, &head)).await;
