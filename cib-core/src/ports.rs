@@ -323,6 +323,41 @@ impl LogLimit {
         let tail_start = self.tail_start(length);
         (tail_start > self.head).then_some(self.head..tail_start)
     }
+
+    /// Reads a log of `length` bytes kept under this limit from `offset`, as
+    /// [`Store::read_log`] says: at most `max` bytes, with [`omitted_marker`] in place of the
+    /// omitted range (a marker is never cut, but is always given when it comes first).
+    /// `copy(pos, end, out)` appends kept bytes from `pos` towards `end` (never past it; a
+    /// gap or the end of the log is never inside) and returns the offset it reached, which
+    /// must be past `pos`. Returns the bytes and the offset to ask for next. Every store
+    /// reads through this, so that they agree on where markers go.
+    pub fn read<E>(
+        &self,
+        length: u64,
+        offset: u64,
+        max: usize,
+        mut copy: impl FnMut(u64, u64, &mut Vec<u8>) -> Result<u64, E>,
+    ) -> Result<(Vec<u8>, u64), E> {
+        let omitted = self.omitted(length);
+        let mut pos = offset.min(length);
+        let mut data = Vec::new();
+        while pos < length && data.len() < max {
+            if let Some(gap) = omitted.as_ref().filter(|g| g.contains(&pos)) {
+                let marker = omitted_marker(gap.end - pos);
+                if !data.is_empty() && data.len() + marker.len() > max {
+                    break;
+                }
+                data.extend_from_slice(marker.as_bytes());
+                pos = gap.end;
+                continue;
+            }
+            // Stop at the gap, at the log's end and at the caller's maximum.
+            let stop = omitted.as_ref().filter(|g| pos < g.start).map_or(length, |g| g.start);
+            let end = stop.min(pos.saturating_add((max - data.len()) as u64));
+            pos = copy(pos, end, &mut data)?;
+        }
+        Ok((data, pos))
+    }
 }
 
 impl Default for LogLimit {

@@ -466,34 +466,22 @@ impl MemoryLog {
 
     fn read(&self, offset: u64, max: usize) -> LogRead {
         let length = self.length;
-        let omitted = self.limit.omitted(length);
         let tail_start = length - self.tail.len() as u64;
-        let mut pos = offset.min(length);
-        let mut data = Vec::new();
-        while pos < length && data.len() < max {
-            if let Some(gap) = omitted.as_ref().filter(|g| g.contains(&pos)) {
-                let marker = omitted_marker(gap.end - pos);
-                if !data.is_empty() && data.len() + marker.len() > max {
-                    break;
-                }
-                data.extend_from_slice(marker.as_bytes());
-                pos = gap.end;
-                continue;
-            }
-            let room = max - data.len();
+        let copied = self.limit.read(length, offset, max, |pos, end, data| {
             if pos < self.head.len() as u64 {
-                let from = pos as usize;
-                let to = self.head.len().min(from.saturating_add(room));
-                data.extend_from_slice(&self.head[from..to]);
-                pos = to as u64;
+                let to = (self.head.len() as u64).min(end);
+                data.extend_from_slice(&self.head[pos as usize..to as usize]);
+                Ok::<_, std::convert::Infallible>(to)
             } else {
-                let from = (pos - tail_start) as usize;
-                let to = self.tail.len().min(from.saturating_add(room));
-                data.extend(self.tail.range(from..to));
-                pos = tail_start + to as u64;
+                data.extend(self.tail.range((pos - tail_start) as usize..(end - tail_start) as usize));
+                Ok(end)
             }
-        }
-        LogRead { data, next_offset: pos, complete: self.done && pos == length }
+        });
+        let (data, next_offset) = match copied {
+            Ok(read) => read,
+            Err(never) => match never {},
+        };
+        LogRead { data, next_offset, complete: self.done && next_offset == length }
     }
 }
 

@@ -45,7 +45,17 @@ impl Sub<std::time::Duration> for Timestamp {
 impl Timestamp {
     /// The time in UTC as RFC 3339 with milliseconds: `2026-11-29T05:59:13.123Z`.
     pub fn rfc3339(self) -> String {
-        let millis = self.0 % 1000;
+        format!("{}.{:03}Z", self.date_time(), self.0 % 1000)
+    }
+
+    /// The time in UTC as RFC 3339 to the second, the way GitHub writes times:
+    /// `2026-11-29T05:59:13Z`.
+    pub fn rfc3339_secs(self) -> String {
+        format!("{}Z", self.date_time())
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS` in UTC.
+    fn date_time(self) -> String {
         let secs = self.0 / 1000;
         let (days, rest) = (secs / 86_400, secs % 86_400);
         // Howard Hinnant's days-to-civil: the proleptic Gregorian date of a day count.
@@ -58,12 +68,7 @@ impl Timestamp {
         let day = doy - (153 * mp + 2) / 5 + 1;
         let month = if mp < 10 { mp + 3 } else { mp - 9 };
         let year = yoe + era * 400 + i64::from(month <= 2);
-        format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-            rest / 3600,
-            (rest % 3600) / 60,
-            rest % 60
-        )
+        format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rest / 3600, (rest % 3600) / 60, rest % 60)
     }
 }
 

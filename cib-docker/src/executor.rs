@@ -202,46 +202,37 @@ impl DockerExecutor {
         lock(&self.builds).entry(build.clone()).or_default().clone()
     }
 
-    /// Everything carrying this engine's label, of one build or of all, containers first.
     /// The names of every engine instance with something in this daemon (containers,
     /// volumes or networks labelled by cib), so that leftovers of dead instances can be found.
     pub async fn instances(&self) -> Result<Vec<String>, ExecError> {
         let filters = HashMap::from([("label".to_owned(), vec![LABEL_ENGINE.to_owned()])]);
-        let mut names = std::collections::BTreeSet::new();
-        let containers = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters.clone()),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| exec_error("listing containers", e))?;
-        names.extend(containers.into_iter().filter_map(|c| c.labels.and_then(|l| l.get(LABEL_ENGINE).cloned())));
-        let volumes = self
-            .docker
-            .list_volumes(Some(ListVolumesOptions { filters: Some(filters.clone()) }))
-            .await
-            .map_err(|e| exec_error("listing volumes", e))?;
-        names.extend(
-            volumes.volumes.unwrap_or_default().into_iter().filter_map(|v| v.labels.get(LABEL_ENGINE).cloned()),
-        );
-        let networks = self
-            .docker
-            .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
-            .await
-            .map_err(|e| exec_error("listing networks", e))?;
-        names.extend(networks.into_iter().filter_map(|n| n.labels.and_then(|l| l.get(LABEL_ENGINE).cloned())));
+        let names: std::collections::BTreeSet<String> =
+            self.labelled(filters).await?.into_iter().filter_map(|(_, _, mut l)| l.remove(LABEL_ENGINE)).collect();
         Ok(names.into_iter().collect())
     }
 
+    /// Everything carrying this engine's label, of one build or of all, containers first.
     pub async fn resources(&self, build: Option<&BuildId>) -> Result<Vec<Resource>, ExecError> {
         let mut labels = vec![(LABEL_ENGINE, self.options.instance.as_str())];
         if let Some(b) = build {
             labels.push((LABEL_BUILD, b.0.as_str()));
         }
-        let filters = label_filter(&labels);
-        let build_of = |labels: Option<&HashMap<String, String>>| labels.and_then(|l| l.get(LABEL_BUILD).cloned());
+        let mut found: Vec<Resource> = self
+            .labelled(label_filter(&labels))
+            .await?
+            .into_iter()
+            .map(|(kind, id, mut l)| Resource { kind, id, build: l.remove(LABEL_BUILD) })
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
+    /// The containers, volumes and networks that match `filters`, each with its kind, the id
+    /// (or volume name) to remove it by, and its labels.
+    async fn labelled(
+        &self,
+        filters: HashMap<String, Vec<String>>,
+    ) -> Result<Vec<(ResourceKind, String, HashMap<String, String>)>, ExecError> {
         let mut found = Vec::new();
         let containers = self
             .docker
@@ -254,7 +245,7 @@ impl DockerExecutor {
             .map_err(|e| exec_error("listing containers", e))?;
         for c in containers {
             if let Some(id) = c.id {
-                found.push(Resource { kind: ResourceKind::Container, id, build: build_of(c.labels.as_ref()) });
+                found.push((ResourceKind::Container, id, c.labels.unwrap_or_default()));
             }
         }
         let volumes = self
@@ -263,7 +254,7 @@ impl DockerExecutor {
             .await
             .map_err(|e| exec_error("listing volumes", e))?;
         for v in volumes.volumes.unwrap_or_default() {
-            found.push(Resource { kind: ResourceKind::Volume, id: v.name, build: v.labels.get(LABEL_BUILD).cloned() });
+            found.push((ResourceKind::Volume, v.name, v.labels));
         }
         let networks = self
             .docker
@@ -272,10 +263,9 @@ impl DockerExecutor {
             .map_err(|e| exec_error("listing networks", e))?;
         for n in networks {
             if let Some(id) = n.id {
-                found.push(Resource { kind: ResourceKind::Network, id, build: build_of(n.labels.as_ref()) });
+                found.push((ResourceKind::Network, id, n.labels.unwrap_or_default()));
             }
         }
-        found.sort();
         Ok(found)
     }
 

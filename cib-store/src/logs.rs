@@ -19,7 +19,7 @@
 
 use std::io::{Read, Write};
 
-use cib_core::ports::{LogKey, LogLimit, LogRead, StoreError, omitted_marker};
+use cib_core::ports::{LogKey, LogLimit, LogRead, StoreError};
 use flate2::Compression;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
@@ -319,9 +319,6 @@ pub(crate) fn read(conn: &Connection, key: &LogKey, offset: u64, max: usize) -> 
     };
     let (build, step, attempt) = key_params(key);
     let length = meta.length;
-    let omitted = meta.limit.omitted(length);
-    let mut pos = offset.min(length);
-    let mut data = Vec::new();
     let mut chunk_at = conn
         .prepare_cached(
             "SELECT start_offset, end_offset, codec, data FROM log_chunks
@@ -329,16 +326,7 @@ pub(crate) fn read(conn: &Connection, key: &LogKey, offset: u64, max: usize) -> 
              ORDER BY start_offset DESC LIMIT 1",
         )
         .map_err(db)?;
-    while pos < length && data.len() < max {
-        if let Some(gap) = omitted.as_ref().filter(|g| g.contains(&pos)) {
-            let marker = omitted_marker(gap.end - pos);
-            if !data.is_empty() && data.len() + marker.len() > max {
-                break;
-            }
-            data.extend_from_slice(marker.as_bytes());
-            pos = gap.end;
-            continue;
-        }
+    let (data, pos) = meta.limit.read(length, offset, max, |pos, stop, data| {
         let at = to_sql(pos)?;
         let chunk = chunk_at
             .query_row(params![build, step, attempt, at], |r| {
@@ -354,12 +342,9 @@ pub(crate) fn read(conn: &Connection, key: &LogKey, offset: u64, max: usize) -> 
             return Err(corrupt(format!("no chunk holds offset {pos} of {}/{}#{}", key.build, key.step, key.attempt)));
         }
         let bytes = decode(codec, bytes, end - start)?;
-        // Stop at the gap, at the log's end and at the caller's maximum.
-        let stop = omitted.as_ref().filter(|g| pos < g.start).map_or(end, |g| end.min(g.start)).min(length);
-        let room = (max - data.len()) as u64;
-        let to = stop.min(pos.saturating_add(room));
+        let to = stop.min(end);
         data.extend_from_slice(&bytes[(pos - start) as usize..(to - start) as usize]);
-        pos = to;
-    }
+        Ok(to)
+    })?;
     Ok(LogRead { data, next_offset: pos, complete: meta.finished && pos == length })
 }
