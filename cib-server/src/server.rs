@@ -744,7 +744,7 @@ async fn read_log<B>(state: &AppState, req: &Request<B>, id: &str, step: &str) -
                 let marks = state.store.log_times(&key, 0, 1_000_000).await.unwrap_or_default();
                 stamp_lines(&read.data, offset, &marks)
             } else {
-                read.data.clone()
+                read.data
             };
             let mut response = text(StatusCode::OK, "text/plain; charset=utf-8", body);
             let headers = response.headers_mut();
@@ -767,7 +767,8 @@ fn stamp_lines(data: &[u8], offset: u64, marks: &[(u64, cib_core::time::Timestam
     while start < data.len() {
         let end = data[start..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| start + i + 1);
         let at = offset + start as u64;
-        match marks.iter().take_while(|(o, _)| *o <= at).last() {
+        // Marks come in offset order, so the last one at or before the line is found by halving.
+        match marks.partition_point(|(o, _)| *o <= at).checked_sub(1).map(|i| &marks[i]) {
             Some((_, t)) => out.extend_from_slice(format!("[{}] ", t.rfc3339()).as_bytes()),
             None => out.extend_from_slice(b"[unknown time] "),
         }

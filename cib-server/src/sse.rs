@@ -134,7 +134,20 @@ pub fn log_stream<B>(state: Arc<AppState>, key: LogKey, req: &Request<B>, stoppi
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
-                let next = offset + taken as u64;
+                let next = if taken == read.data.len() {
+                    read.next_offset
+                } else if read.next_offset - offset == read.data.len() as u64 {
+                    offset + taken as u64
+                } else {
+                    // The read holds an omitted marker, so its bytes do not map one to one
+                    // onto the log's offsets: read the part taken again (a read never cuts a
+                    // marker, and the cut is never inside one, which is ASCII) to learn where
+                    // it ends in the log.
+                    match state.store.read_log(&key, offset, taken).await {
+                        Ok(again) => again.next_offset,
+                        Err(_) => return,
+                    }
+                };
                 if tx.send(frame(next, "log", &payload.to_string())).await.is_err() {
                     return;
                 }

@@ -100,6 +100,14 @@ impl TestServer {
     }
 
     pub async fn start_configured(spec: &str, configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_with_store(spec, configure, cib_store::SqliteOptions::default()).await
+    }
+
+    pub async fn start_with_store(
+        spec: &str,
+        configure: impl FnOnce(&mut ServerConfig),
+        options: cib_store::SqliteOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
         let mut config = ServerConfig {
@@ -111,10 +119,7 @@ impl TestServer {
         };
         configure(&mut config);
         std::fs::create_dir_all(&config.data_dir).expect("data dir");
-        let store = Arc::new(
-            cib_store::SqliteStore::open(config.data_dir.join("cib.db"), cib_store::SqliteOptions::default())
-                .expect("store"),
-        );
+        let store = Arc::new(cib_store::SqliteStore::open(config.data_dir.join("cib.db"), options).expect("store"));
         // Local repositories have no accounts: every user writes, as on a team's own server.
         let vcs = GitVcs::new()
             .with_repo("acme/shop", dir.path().join("shop"))
@@ -428,6 +433,37 @@ async fn a_cut_log_stream_resumes_with_no_byte_lost_or_repeated() {
         assert_eq!(v["offset"].as_u64(), Some(offset), "{kind} {data}");
         offset = id.parse().expect("offset id");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_over_its_limit_streams_its_marker_once_and_its_tail_once() {
+    let options = cib_store::SqliteOptions { log_limit: 100, ..Default::default() };
+    let s = TestServer::start_with_store(SPEC, |_| {}, options).await;
+    // A head of 50 bytes, 200 omitted, and a tail of 50 whose last byte starts a character
+    // that never ends: the first read holds the marker and is cut before that byte.
+    let key = cib_core::ports::LogKey { build: "b-limit".into(), step: "loud".into(), attempt: 1 };
+    let mut log = vec![b'a'; 50];
+    log.extend(vec![b'b'; 200]);
+    log.extend(vec![b'c'; 49]);
+    log.push(0xC3);
+    s.store.append_log(&key, &log).await.expect("append");
+    s.store.finish_log(&key).await.expect("finish");
+    let path = "/api/v1/builds/b-limit/steps/loud/log/stream?attempt=1";
+    let events = read_sse(&s, path, None, |e| e.last().is_some_and(|(_, kind, _)| kind == "end")).await;
+    let mut text = String::new();
+    let mut bytes = Vec::new();
+    let mut offset = 0u64;
+    for (id, _, data) in events.iter().filter(|(_, kind, _)| kind == "log") {
+        let v: serde_json::Value = serde_json::from_str(data).expect("json");
+        assert_eq!(v["offset"].as_u64(), Some(offset), "offsets chain: {events:?}");
+        text.push_str(v["text"].as_str().unwrap_or_default());
+        bytes.extend(v["bytes"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64));
+        offset = id.parse().expect("offset id");
+    }
+    let want = "a".repeat(50) + &cib_core::ports::omitted_marker(200) + &"c".repeat(49);
+    assert_eq!(text, want, "{events:?}");
+    assert_eq!(bytes, [0xC3], "the unfinished character comes as a number");
+    assert_eq!(offset, 300, "the stream ends at the log's end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
