@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::time::Timestamp;
 
 /// A build's identifier, chosen by whoever creates the build (the engine, a test).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct BuildId(pub String);
 

@@ -59,7 +59,7 @@ pub const ENDED_RECORD_LIMIT: usize = 1024;
 /// The caller's name for a request and for the lease it becomes, such as `build-42/deploy` or
 /// `person-alice-1`. Only one live lease or waiting request may carry a given id at a time; after
 /// the lease ends the same id can be requested again and gets a fresh fencing token.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct LeaseId(pub String);
 
@@ -363,7 +363,7 @@ pub enum LeaseError {
 }
 
 /// A pool as it stands: its units, who holds them, and who waits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PoolStatus {
     pub name: String,
     pub counting: bool,
@@ -381,7 +381,7 @@ pub struct PoolStatus {
 }
 
 /// One unit of a [`PoolStatus`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UnitStatus {
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -394,7 +394,7 @@ pub struct UnitStatus {
 }
 
 /// Which lease holds a unit, and until when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UnitHold {
     pub lease: LeaseId,
     pub token: u64,

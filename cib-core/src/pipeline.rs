@@ -32,7 +32,7 @@ pub struct OpenPullRequest {
 }
 
 /// An environment on record: which commit is there, since when, moved by whom, approved by whom.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Environment {
     pub commit: String,
     pub since: Timestamp,

@@ -378,7 +378,7 @@ pub struct Delivery {
 }
 
 /// Where a build stands, as the API lists it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
     Queued,
@@ -452,7 +452,7 @@ impl From<Conclusion> for BuildStatus {
 }
 
 /// Where one step attempt (or a gate, or a skipped step) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepRecordStatus {
     /// A gate waiting for people.
@@ -516,7 +516,7 @@ impl From<StepConclusion> for StepRecordStatus {
 }
 
 /// A build as the API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BuildSummary {
     pub id: BuildId,
     pub repo: String,
@@ -537,7 +537,7 @@ impl BuildSummary {
 }
 
 /// One step attempt of a build. Attempt 0 is a step that ran no process: a gate or a skip.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepRecord {
     pub name: String,
     pub attempt: u32,
@@ -549,7 +549,7 @@ pub struct StepRecord {
 }
 
 /// One build with its step attempts, in the order they were first recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BuildRecord {
     pub build: BuildSummary,
     pub steps: Vec<StepRecord>,
@@ -569,7 +569,7 @@ pub struct BuildFilter {
 
 /// A position in the list of builds, which is ordered newest first by queue time and then by
 /// id. Paging by a position rather than by a count keeps pages stable while builds arrive.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BuildCursor {
     pub queued_at: Timestamp,
     pub id: BuildId,

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch. The engine reads the clock and passes `now` down; the
 /// pipeline machine and the lease table only compare and add.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 

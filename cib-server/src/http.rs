@@ -87,11 +87,6 @@ fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The path's segments after a prefix, percent-decoded.
-pub fn segments(path: &str) -> Vec<String> {
-    path.split('/').filter(|s| !s.is_empty()).map(decode).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +99,6 @@ mod tests {
         assert_eq!(q.get("branch").map(String::as_str), Some("feature one"));
         assert_eq!(q.get("empty").map(String::as_str), Some(""));
         assert_eq!(q.get("flag").map(String::as_str), Some(""));
-        assert_eq!(segments("/api/v1/builds/b%2F1/"), ["api", "v1", "builds", "b/1"]);
         assert_eq!(decode("%"), "%");
         assert_eq!(decode("%4"), "%4");
         assert_eq!(decode("%zz"), "%zz");

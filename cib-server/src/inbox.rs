@@ -10,10 +10,41 @@ use std::sync::Arc;
 use cib_core::event::BuildId;
 use cib_core::forge::{Command, ForgeEvent, PullRequestAction};
 use cib_core::pipeline::{Actor, BuildContext, Input};
-use cib_core::ports::{Delivery, Permission};
+use cib_core::ports::{Delivery, ErrorKind, Permission};
 use cib_core::spec::{self, TriggerEvent};
 
-use crate::server::AppState;
+use crate::state::AppState;
+use crate::workflow::reevaluate;
+
+/// Why a delivery could not be processed. `kind()` says whether trying again may help, so the
+/// inbox can retry what is transient and set aside what never will work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The engine did not take an input (it is stopping, or its queue is gone).
+    #[error("the engine did not take the input: {0}")]
+    Engine(String),
+    /// The repository could not be read.
+    #[error("cannot read the spec of {repo}: {source}")]
+    Vcs {
+        repo: String,
+        #[source]
+        source: cib_core::ports::VcsError,
+    },
+}
+
+impl InboxError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            InboxError::Engine(_) => ErrorKind::Transient,
+            InboxError::Vcs { source, .. } => source.kind(),
+        }
+    }
+}
+
+fn engine_error(e: impl std::fmt::Display) -> InboxError {
+    InboxError::Engine(e.to_string())
+}
 
 /// What processing one delivery did, for the operator's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,25 +60,6 @@ pub fn build_id(delivery: &str, pipeline: &str) -> BuildId {
     BuildId(format!("{}-{}", clean(delivery), clean(pipeline)))
 }
 
-/// Re-evaluates whether each open pull request into `base` contains its tip: the second
-/// status of a pull request, which changes when the base moves as much as when the head does.
-pub async fn reevaluate(state: &Arc<AppState>, repo: &str, base: &str) {
-    let repo_q = repo.to_owned();
-    let Ok(prs) = state.engine.query(move |m| m.pull_requests(&repo_q)).await else { return };
-    for (number, pr) in prs.into_iter().filter(|(_, pr)| pr.base == base) {
-        if let Ok(c) = state.vcs.compare(repo, &pr.base, &pr.head_commit).await {
-            let input = Input::UpToDate {
-                repo: repo.to_owned(),
-                number,
-                head_commit: pr.head_commit,
-                base: pr.base,
-                behind: c.behind,
-            };
-            let _ = state.engine.submit(input).await;
-        }
-    }
-}
-
 /// Answers a `/cib` command: merge, promote, approve, or help. The answer goes out as an event
 /// (the forge's notifier posts it as a comment); the identity is the comment's authenticated
 /// author, and their permission comes from the forge.
@@ -58,17 +70,26 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
         state.engine.query(move |m| m.pull_requests(&repo).get(&number).cloned()).await.ok().flatten()
     };
     let words: Vec<&str> = c.words.iter().map(String::as_str).collect();
-    let response = match (words.as_slice(), pr) {
+    let answer = match (words.as_slice(), pr) {
         (["merge"], Some(pr)) => {
-            crate::workflow::try_merge(state, &c.repo, &pr.head_commit, Some(c.number), &c.sender, permission).await
+            crate::workflow::try_merge(state, &c.repo, &pr.head_commit, Some(c.number), &c.sender, permission)
+                .await
+                .map(|m| format!("Merged by fast-forward: {} is now {}.", m.into, m.merged))
         }
         (["merge"], None) => return "cib can only merge an open pull request it knows of.".into(),
         (["promote", commit], _) if permission >= Permission::Write => {
-            crate::workflow::try_promote(state, &c.repo, commit, &c.sender).await
+            crate::workflow::try_promote(state, &c.repo, commit, &c.sender)
+                .await
+                .map(|p| format!("Promoted: {} is now {}.", p.to, p.promoted))
         }
         (["approve", commit], _) if permission >= Permission::Write => {
             let actor = Actor { login: c.sender.clone(), teams: Vec::new(), can_write: true };
-            crate::workflow::try_approve(state, &c.repo, commit, actor, true).await
+            crate::workflow::try_approve(state, &c.repo, commit, actor, true).await.map(|r| match r {
+                crate::workflow::Recorded::Approval { approved, .. }
+                | crate::workflow::Recorded::Review { reviewed: approved, .. } => {
+                    format!("Approved {approved} for promotion.")
+                }
+            })
         }
         (["trust"], Some(pr)) => {
             if permission < Permission::Write {
@@ -157,30 +178,12 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
             return "cib knows `/cib merge`, `/cib trust`, `/cib pass`, `/cib fail`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
         }
     };
-    let status = response.status();
-    let body = crate::server::body_bytes(response).await;
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    if status.is_success() {
-        match words.first() {
-            Some(&"merge") => format!(
-                "Merged by fast-forward: {} is now {}.",
-                value["into"].as_str().unwrap_or("master"),
-                value["merged"].as_str().unwrap_or("?")
-            ),
-            Some(&"promote") => format!(
-                "Promoted: {} is now {}.",
-                value["to"].as_str().unwrap_or("production"),
-                value["promoted"].as_str().unwrap_or("?")
-            ),
-            _ => format!("Approved {} for promotion.", value["approved"].as_str().unwrap_or("?")),
-        }
-    } else {
-        value["error"].as_str().unwrap_or("cib could not do it").to_owned()
-    }
+    // A refusal's message lists every reason, in the words the API uses.
+    answer.unwrap_or_else(|e| e.to_string())
 }
 
 /// Turns a forge event into builds (and the workflow's records).
-pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent) -> Result<Processed, String> {
+pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent) -> Result<Processed, InboxError> {
     let (engine, vcs) = (&state.engine, &state.vcs);
     let (repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted) = match event {
         ForgeEvent::Push(push) => {
@@ -216,7 +219,7 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
                 author: pr.author.clone(),
                 from_fork: pr.from_fork,
             };
-            engine.submit(record).await.map_err(|e| e.to_string())?;
+            engine.submit(record).await.map_err(engine_error)?;
             if open && let Ok(c) = vcs.compare(&pr.repo, &pr.base_branch, &pr.head_commit).await {
                 let input = Input::UpToDate {
                     repo: pr.repo.clone(),
@@ -225,7 +228,7 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
                     base: pr.base_branch.clone(),
                     behind: c.behind,
                 };
-                engine.submit(input).await.map_err(|e| e.to_string())?;
+                engine.submit(input).await.map_err(engine_error)?;
             }
             if !matches!(
                 pr.action,
@@ -248,7 +251,7 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
         ForgeEvent::Command(c) => {
             let (repo, number) = (c.repo.clone(), c.number);
             let text = command(state, c).await;
-            engine.submit(Input::Answer { repo, number, text: text.clone() }).await.map_err(|e| e.to_string())?;
+            engine.submit(Input::Answer { repo, number, text: text.clone() }).await.map_err(engine_error)?;
             return Ok(Processed::Nothing(format!("answered: {text}")));
         }
         ForgeEvent::Rerun { .. } => return Ok(Processed::Nothing("re-runs are handled by the workflow".into())),
@@ -272,12 +275,12 @@ struct Planned {
 }
 
 /// Reads the spec, plans, and enqueues one build per pipeline, with ids derived from `tag`.
-async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<Processed, String> {
+async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<Processed, InboxError> {
     let Planned { repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted } = planned;
     let (engine, vcs) = (&state.engine, &state.vcs);
     let delivery_id = tag;
     let source =
-        match vcs.read_spec(&repo, &spec_rev).await.map_err(|e| format!("cannot read the spec of {repo}: {e}"))? {
+        match vcs.read_spec(&repo, &spec_rev).await.map_err(|source| InboxError::Vcs { repo: repo.clone(), source })? {
             Some(text) => text,
             None => return Ok(Processed::Nothing(format!("{repo} has no {} at {spec_rev}", spec::FILE_NAME))),
         };
@@ -313,13 +316,52 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
             only: None,
             variables: Default::default(),
         };
-        engine.submit(input).await.map_err(|e| e.to_string())?;
+        engine.submit(input).await.map_err(engine_error)?;
         builds.push(id);
     }
     Ok(Processed::Builds(builds))
 }
 
 /// Parses a stored delivery from GitHub into a forge event.
-pub fn parse_github(delivery: &Delivery) -> Result<ForgeEvent, String> {
-    cib_github::webhook::parse(&delivery.event, &delivery.body).map_err(|e| e.to_string())
+pub fn parse_github(delivery: &Delivery) -> Result<ForgeEvent, cib_github::webhook::ParseError> {
+    cib_github::webhook::parse(&delivery.event, &delivery.body)
+}
+
+/// Works through stored deliveries: all pending ones at start (a crash may have left some),
+/// then each new one as the receiver stores it.
+pub async fn run(state: Arc<AppState>) {
+    loop {
+        let notified = state.inbox.notified();
+        match state.store.pending_deliveries(100).await {
+            Ok(pending) if !pending.is_empty() => {
+                for delivery in pending {
+                    let outcome = match parse_github(&delivery) {
+                        Ok(event) => process(&state, &delivery.id, event).await,
+                        Err(reason) => Ok(Processed::Nothing(format!("unreadable: {reason}"))),
+                    };
+                    match outcome {
+                        Ok(result) => {
+                            tracing::info!(delivery = %delivery.id, ?result, "delivery processed");
+                            if let Err(e) = state.store.mark_delivery_done(&delivery.id).await {
+                                tracing::warn!(error = %e, "cannot mark a delivery done");
+                            }
+                        }
+                        Err(e) => {
+                            // Left pending: a transient failure (the repository was busy) gets
+                            // another try at the next wake-up.
+                            tracing::warn!(delivery = %delivery.id, error = %e, kind = ?e.kind(), "delivery not processed");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the inbox"),
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
 }

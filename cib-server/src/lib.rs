@@ -5,13 +5,18 @@
 // answers up as `Err`; boxing them would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod api;
+pub mod auth;
 pub mod config;
+pub mod error;
+pub mod extract;
 pub mod forge;
 pub mod http;
 pub mod inbox;
 pub mod openapi;
 pub mod outgoing;
-pub mod pools;
+pub mod routes;
 pub mod server;
 pub mod sse;
+pub mod state;
 pub mod workflow;

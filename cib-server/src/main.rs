@@ -6,11 +6,9 @@ use std::process::ExitCode;
 use cib_core::spec::EventKind;
 use clap::{Parser, Subcommand};
 
-mod client;
-mod lint;
-mod plan;
-mod run;
-mod serve;
+mod cli;
+
+use cli::{client, lint, plan, run, serve};
 
 #[derive(Debug, Parser)]
 #[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
@@ -32,6 +30,8 @@ enum Command {
     },
     /// Print the JSON Schema of the build spec, for editors and validators.
     Schema,
+    /// Print the OpenAPI description of the server's HTTP API.
+    Openapi,
     /// Run the spec here, with the engine itself, in Docker containers.
     Run {
         /// The repository (default: the current directory).
@@ -199,14 +199,7 @@ fn main() -> ExitCode {
         Command::Plan { path, event, branch, tag, changed, json } => {
             plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
         }
-        Command::Schema => {
-            let schema = cib_core::spec::schema();
-            let text = serde_json::to_string_pretty(&schema).unwrap_or_default();
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{text}");
-            }
-            ExitCode::SUCCESS
-        }
+        Command::Schema => cli::schema(),
+        Command::Openapi => cli::openapi(),
     }
 }

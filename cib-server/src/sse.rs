@@ -13,20 +13,33 @@ use std::time::Duration;
 use bytes::Bytes;
 use cib_core::event::Event;
 use cib_core::ports::LogKey;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::http::{Body, query};
-use crate::server::AppState;
+use crate::state::AppState;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-fn last_event_id<B>(req: &Request<B>) -> Option<u64> {
-    let from_header =
-        req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-    from_header.or_else(|| query(req.uri()).get("from").and_then(|v| v.parse().ok()))
+/// Where a stream resumes: the `Last-Event-ID` header, else the `from` query parameter. Either,
+/// when present, must be a whole number.
+pub fn resume_point(headers: &http::HeaderMap, uri: &http::Uri) -> Result<Option<u64>, String> {
+    let number = |v: &str| {
+        if !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()) { v.parse().ok() } else { None }
+    };
+    // Both are checked when both are sent, so that no malformed value passes unseen.
+    let from = match query(uri).get("from") {
+        Some(v) => Some(number(v).ok_or_else(|| format!("'from' ('{v}') is not a whole number"))?),
+        None => None,
+    };
+    if let Some(v) = headers.get("last-event-id") {
+        let text = v.to_str().map_err(|_| "Last-Event-ID is not text".to_owned())?;
+        // HTTP allows whitespace around a header's value; a query value is taken as it is.
+        return number(text.trim()).map(Some).ok_or_else(|| format!("Last-Event-ID '{text}' is not a whole number"));
+    }
+    Ok(from)
 }
 
 /// A streaming response fed by a channel of ready-made SSE frames.
@@ -48,8 +61,9 @@ fn frame(id: u64, event: &str, data: &str) -> Bytes {
 }
 
 /// `GET /api/v1/events`: every event after `Last-Event-ID`, then live ones.
-pub fn event_stream<B>(state: Arc<AppState>, req: &Request<B>, stopping: Arc<Notify>) -> Response<Body> {
-    let mut last = last_event_id(req).unwrap_or(0);
+pub fn event_stream(state: Arc<AppState>, last_event: Option<u64>) -> Response<Body> {
+    let stopping = state.stopping.clone();
+    let mut last = last_event.unwrap_or(0);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let mut live = state.engine.subscribe();
@@ -108,8 +122,9 @@ fn split_text(data: &[u8]) -> usize {
 
 /// `GET .../steps/{step}/log/stream`: the log from `Last-Event-ID` (a byte offset), growing
 /// until the step ends.
-pub fn log_stream<B>(state: Arc<AppState>, key: LogKey, req: &Request<B>, stopping: Arc<Notify>) -> Response<Body> {
-    let mut offset = last_event_id(req).unwrap_or(0);
+pub fn log_stream(state: Arc<AppState>, key: LogKey, from: Option<u64>) -> Response<Body> {
+    let stopping = state.stopping.clone();
+    let mut offset = from.unwrap_or(0);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let mut idle = Duration::ZERO;

@@ -7,82 +7,67 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use cib_core::event::BuildId;
 use cib_core::pipeline::{Actor, BuildContext, Input};
 use cib_core::ports::{Comparison, Permission};
 use cib_core::spec::{self, TriggerEvent};
-use cib_core::workflow::{MergeFacts, PromotionFacts, check_merge, check_promotion, explain};
-use http::{Response, StatusCode};
-use serde::Deserialize;
+use cib_core::workflow::{MergeFacts, PromotionFacts, Refusal, check_merge, check_promotion, explain};
+use serde::Serialize;
 
-use crate::config::{Role, TokenConfig};
-use crate::http::{Body, error, json};
-use crate::server::{AppState, read_json_body};
+use crate::error::ApiError;
+use crate::state::AppState;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommitBody {
-    commit: String,
+/// A review or a promotion approval on record.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum Recorded {
+    Review { reviewed: String, by: String },
+    Approval { approved: String, by: String },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MergeBody {
-    /// The branch (or commit) to merge.
-    head: String,
-    /// The pull request it belongs to, whose reviews on the forge then count.
-    #[serde(default)]
-    pull: Option<u64>,
+/// A merge that was done.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct Merged {
+    pub merged: String,
+    pub into: String,
+    pub builds: Vec<BuildId>,
 }
 
-fn actor(who: &TokenConfig) -> Actor {
-    Actor { login: who.name.clone(), teams: who.teams.clone(), can_write: who.role >= Role::Trigger }
+/// A promotion that was done.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct Promoted {
+    pub promoted: String,
+    pub to: String,
+    pub builds: Vec<BuildId>,
 }
 
-fn permission(who: &TokenConfig) -> Permission {
-    match who.role {
-        Role::Read => Permission::Read,
-        Role::Trigger | Role::Approve => Permission::Write,
-        Role::Admin => Permission::Admin,
-    }
+fn refused(what: &str, refusals: &[Refusal]) -> ApiError {
+    ApiError::Refused { message: explain(what, refusals), refusals: serde_json::to_value(refusals).unwrap_or_default() }
 }
 
 /// The spec on a protected branch.
-async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec::Spec, Response<Body>> {
+async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec::Spec, ApiError> {
     let source = match state.vcs.read_spec(repo, branch).await {
         Ok(Some(s)) => s,
-        Ok(None) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, format!("{repo} has no spec on {branch}"))),
-        Err(e) => {
-            return Err(error(StatusCode::UNPROCESSABLE_ENTITY, format!("cannot read the spec on {branch}: {e}")));
-        }
+        Ok(None) => return Err(ApiError::Unprocessable(format!("{repo} has no spec on {branch}"))),
+        Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec on {branch}: {e}"))),
     };
     spec::parse(&source).map_err(|d| {
-        error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the spec on {branch} is invalid: {}", d[0].line(spec::FILE_NAME)),
-        )
+        let first = d.first().map(|d| d.line(spec::FILE_NAME)).unwrap_or_default();
+        ApiError::Unprocessable(format!("the spec on {branch} is invalid: {first}"))
     })
 }
 
-async fn resolve(state: &AppState, repo: &str, rev: &str) -> Result<String, Response<Body>> {
-    state
-        .vcs
-        .resolve(repo, rev)
-        .await
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, format!("cannot resolve {rev}: {e}")))
+async fn resolve(state: &AppState, repo: &str, rev: &str) -> Result<String, ApiError> {
+    state.vcs.resolve(repo, rev).await.map_err(|e| ApiError::Unprocessable(format!("cannot resolve {rev}: {e}")))
 }
 
 /// Compares `head` with the tip of `target`; a target that does not exist yet is behind nothing.
-async fn compare(state: &AppState, repo: &str, target: &str, head: &str) -> Result<Comparison, Response<Body>> {
+async fn compare(state: &AppState, repo: &str, target: &str, head: &str) -> Result<Comparison, ApiError> {
     if state.vcs.resolve(repo, target).await.is_err() {
         return Ok(Comparison { ahead: 0, behind: 0 });
     }
-    state
-        .vcs
-        .compare(repo, target, head)
-        .await
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, format!("cannot compare: {e}")))
+    state.vcs.compare(repo, target, head).await.map_err(|e| ApiError::Unprocessable(format!("cannot compare: {e}")))
 }
 
 /// Starts the pipelines a push of `branch` at `commit` starts (the forge's webhook does not
@@ -132,9 +117,9 @@ async fn move_branch(
     user: &str,
     promotion: bool,
     approved_by: Vec<String>,
-) -> Result<Vec<BuildId>, Response<Body>> {
+) -> Result<Vec<BuildId>, ApiError> {
     if let Err(e) = state.vcs.fast_forward(repo, branch, commit).await {
-        return Err(error(StatusCode::CONFLICT, format!("{branch} could not be fast-forwarded: {e}")));
+        return Err(ApiError::Conflict(format!("{branch} could not be fast-forwarded: {e}")));
     }
     let moved = Input::Moved {
         repo: repo.to_owned(),
@@ -149,28 +134,8 @@ async fn move_branch(
     Ok(build_branch(state, repo, branch, commit, user, tag).await)
 }
 
-async fn record(state: &AppState, input: Input) -> Result<(), Response<Body>> {
-    state.engine.submit(input).await.map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
-}
-
-/// `POST /api/v1/repos/{repo}/reviews {"commit"}`: an approving review, bound to the commit;
-/// `.../approvals {"commit"}`: approves promoting that exact commit.
-pub async fn approve<B>(
-    state: &Arc<AppState>,
-    req: http::Request<B>,
-    repo: &str,
-    who: &TokenConfig,
-    promotion: bool,
-) -> Response<Body>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let body: CommitBody = match read_json_body(state, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    try_approve(state, repo, &body.commit, actor(who), promotion).await
+async fn record(state: &AppState, input: Input) -> Result<(), ApiError> {
+    state.engine.submit(input).await.map_err(ApiError::unavailable)
 }
 
 /// Records a review or a promotion approval of `commit` by `actor`.
@@ -180,11 +145,8 @@ pub async fn try_approve(
     commit: &str,
     actor: Actor,
     promotion: bool,
-) -> Response<Body> {
-    let commit = match resolve(state, repo, commit).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<Recorded, ApiError> {
+    let commit = resolve(state, repo, commit).await?;
     let who = actor.login.clone();
     let repo = repo.to_owned();
     let input = if promotion {
@@ -192,25 +154,12 @@ pub async fn try_approve(
     } else {
         Input::Review { repo, commit: commit.clone(), actor }
     };
-    let what = if promotion { "approved" } else { "reviewed" };
-    match record(state, input).await {
-        Ok(()) => json(StatusCode::CREATED, &serde_json::json!({ what: commit, "by": who })),
-        Err(r) => r,
-    }
-}
-
-/// `POST /api/v1/repos/{repo}/merge {"head"}`: fast-forwards the target to the branch's head
-/// when the policy allows, or answers every reason it does not.
-pub async fn merge<B>(state: &Arc<AppState>, req: http::Request<B>, repo: &str, who: &TokenConfig) -> Response<Body>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let body: MergeBody = match read_json_body(state, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    try_merge(state, repo, &body.head, body.pull, &who.name, permission(who)).await
+    record(state, input).await?;
+    Ok(if promotion {
+        Recorded::Approval { approved: commit, by: who }
+    } else {
+        Recorded::Review { reviewed: commit, by: who }
+    })
 }
 
 /// Merges `head` into the target by fast-forward for `user`, whose permission the caller
@@ -222,13 +171,10 @@ pub async fn try_merge(
     pull: Option<u64>,
     user: &str,
     permission: Permission,
-) -> Response<Body> {
+) -> Result<Merged, ApiError> {
     // The policy of the branch merged into, which the merged code cannot change.
     let into = "master";
-    let spec = match policy_spec(state, repo, into).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    let spec = policy_spec(state, repo, into).await?;
     let policy = spec.merge.clone().unwrap_or(spec::MergePolicy {
         into: into.to_owned(),
         fast_forward_only: true,
@@ -236,14 +182,8 @@ pub async fn try_merge(
         reviews: 0,
         up_to_date: true,
     });
-    let head = match resolve(state, repo, head).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let comparison = match compare(state, repo, &policy.into, &head).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let head = resolve(state, repo, head).await?;
+    let comparison = compare(state, repo, &policy.into, &head).await?;
     // Reviews: the forge's own (for a pull request), and those recorded through cib.
     let mut reviewers: Vec<String> = match pull {
         Some(number) => state.vcs.approving_reviews(repo, number, &head).await.ok().flatten().unwrap_or_default(),
@@ -251,7 +191,7 @@ pub async fn try_merge(
     };
     let (results, recorded) = {
         let (repo_q, head_q) = (repo.to_owned(), head.clone());
-        match state
+        state
             .engine
             .query(move |m| {
                 let by: Vec<String> =
@@ -259,10 +199,7 @@ pub async fn try_merge(
                 (m.results(&repo_q, &head_q), by)
             })
             .await
-        {
-            Ok(found) => found,
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
+            .map_err(ApiError::unavailable)?
     };
     reviewers.extend(recorded);
     reviewers.retain(|r| r != user);
@@ -270,67 +207,32 @@ pub async fn try_merge(
     reviewers.dedup();
     let reviews = reviewers.len() as u32;
     let facts = MergeFacts { user, permission, comparison, results: &results, reviews };
-    if let Err(refusals) = check_merge(&policy, &facts) {
-        let message = explain("merge this branch", &refusals);
-        return json(StatusCode::CONFLICT, &serde_json::json!({ "error": message, "refusals": refusals }));
-    }
-    let builds = match move_branch(state, repo, &policy.into, &head, user, false, Vec::new()).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    crate::inbox::reevaluate(state, repo, &policy.into).await;
-    json(StatusCode::OK, &serde_json::json!({ "merged": head, "into": policy.into, "builds": builds }))
-}
-
-/// `POST /api/v1/repos/{repo}/promote {"commit"}`: fast-forwards production to the commit when
-/// it passed staging and has its approvals, or answers every reason it may not.
-pub async fn promote<B>(state: &Arc<AppState>, req: http::Request<B>, repo: &str, who: &TokenConfig) -> Response<Body>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let body: CommitBody = match read_json_body(state, req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    try_promote(state, repo, &body.commit, &who.name).await
+    check_merge(&policy, &facts).map_err(|refusals| refused("merge this branch", &refusals))?;
+    let builds = move_branch(state, repo, &policy.into, &head, user, false, Vec::new()).await?;
+    reevaluate(state, repo, &policy.into).await;
+    Ok(Merged { merged: head, into: policy.into, builds })
 }
 
 /// Promotes `commit` for `user`, who the caller established may ask.
-pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: &str) -> Response<Body> {
-    let spec = match policy_spec(state, repo, "master").await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: &str) -> Result<Promoted, ApiError> {
+    let spec = policy_spec(state, repo, "master").await?;
     let Some(policy) = spec.promotion.clone() else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "the spec on master has no promotion policy");
+        return Err(ApiError::Unprocessable("the spec on master has no promotion policy".into()));
     };
-    let commit = match resolve(state, repo, commit).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let commit = resolve(state, repo, commit).await?;
     // The commit must be on the branch it is promoted from.
-    match compare(state, repo, &policy.from, &commit).await {
-        Ok(c) if c.ahead > 0 => {
-            return error(
-                StatusCode::CONFLICT,
-                format!("cib cannot promote this commit:\n- it is not on {}", policy.from),
-            );
-        }
-        Ok(_) => {}
-        Err(r) => return r,
+    if compare(state, repo, &policy.from, &commit).await?.ahead > 0 {
+        return Err(ApiError::Conflict(format!("cib cannot promote this commit:\n- it is not on {}", policy.from)));
     }
-    let comparison = match compare(state, repo, &policy.to, &commit).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let comparison = compare(state, repo, &policy.to, &commit).await?;
     let author = state.vcs.author(repo, &commit).await.ok().flatten();
     let (results, approvals) = {
         let (repo_q, commit_q) = (repo.to_owned(), commit.clone());
-        match state.engine.query(move |m| (m.results(&repo_q, &commit_q), m.approvals(&repo_q).to_vec())).await {
-            Ok(found) => found,
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
+        state
+            .engine
+            .query(move |m| (m.results(&repo_q, &commit_q), m.approvals(&repo_q).to_vec()))
+            .await
+            .map_err(ApiError::unavailable)?
     };
     let facts = PromotionFacts {
         commit: &commit,
@@ -340,25 +242,26 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
         approvals: &approvals,
         now: state.clock.now(),
     };
-    let approved_by = match check_promotion(&policy, &facts) {
-        Ok(who) => who,
-        Err(refusals) => {
-            let message = explain("promote this commit", &refusals);
-            return json(StatusCode::CONFLICT, &serde_json::json!({ "error": message, "refusals": refusals }));
-        }
-    };
-    let builds = match move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    json(StatusCode::OK, &serde_json::json!({ "promoted": commit, "to": policy.to, "builds": builds }))
+    let approved_by = check_promotion(&policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;
+    let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
+    Ok(Promoted { promoted: commit, to: policy.to, builds })
 }
 
-/// `GET /api/v1/repos/{repo}/environments`: which commit is where, since when, approved by whom.
-pub async fn environments(state: &AppState, repo: &str) -> Response<Body> {
-    let repo = repo.to_owned();
-    match state.engine.query(move |m| m.environments(&repo)).await {
-        Ok(envs) => json(StatusCode::OK, &serde_json::json!({ "environments": envs })),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+/// Re-evaluates whether each open pull request into `base` contains its tip: the second
+/// status of a pull request, which changes when the base moves as much as when the head does.
+pub async fn reevaluate(state: &Arc<AppState>, repo: &str, base: &str) {
+    let repo_q = repo.to_owned();
+    let Ok(prs) = state.engine.query(move |m| m.pull_requests(&repo_q)).await else { return };
+    for (number, pr) in prs.into_iter().filter(|(_, pr)| pr.base == base) {
+        if let Ok(c) = state.vcs.compare(repo, &pr.base, &pr.head_commit).await {
+            let input = Input::UpToDate {
+                repo: repo.to_owned(),
+                number,
+                head_commit: pr.head_commit,
+                base: pr.base,
+                behind: c.behind,
+            };
+            let _ = state.engine.submit(input).await;
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! cib-server's integration tests, in one binary: the `cib` command as a user runs it.
 
+mod api;
 mod cli;
 mod github_flow;
+mod openapi_check;
 mod plan;
 mod pools;
 mod restart;

@@ -1,0 +1,399 @@
+//! Builds: listing and reading them, starting one by hand, cancelling, retrying, and deciding
+//! at gates.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::response::Response;
+use cib_core::event::{BuildId, EventBody};
+use cib_core::pipeline::{Actor, BuildContext, Input};
+use cib_core::ports::{BuildFilter, BuildRecord, BuildStatus, BuildSummary, Page};
+use cib_core::spec::{EventKind, TriggerEvent};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, json_response};
+use crate::extract::{JsonBody, OptionalJson, PathParams, QueryMap};
+use crate::openapi::{DocGen, Op, Param};
+use crate::state::AppState;
+
+/// The build statuses a filter may name, for the description's pattern.
+const STATUSES: &str = "queued|waiting|running|cancelling|success|failed|cancelled|timed_out|errored";
+
+fn parse_status(text: &str) -> Option<BuildStatus> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
+}
+
+/// One page of builds.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuildList {
+    pub builds: Vec<BuildSummary>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+/// A page cursor as text: `<queued_at>:<id>`, opaque to clients.
+fn cursor_text(b: &BuildSummary) -> String {
+    format!("{}:{}", b.queued_at.millis(), b.id.0)
+}
+
+fn parse_cursor(text: &str) -> Option<cib_core::ports::BuildCursor> {
+    let (at, id) = text.split_once(':')?;
+    if at.is_empty() || at.len() > 19 || !at.bytes().all(|b| b.is_ascii_digit()) || id.is_empty() {
+        return None;
+    }
+    Some(cib_core::ports::BuildCursor {
+        queued_at: cib_core::time::Timestamp(at.parse().ok()?),
+        id: BuildId(id.to_owned()),
+    })
+}
+
+/// A millisecond time from the query, checked the way the description declares it.
+fn millis(q: &QueryMap, key: &str) -> Result<Option<cib_core::time::Timestamp>, ApiError> {
+    match q.get(key) {
+        None => Ok(None),
+        Some(v) if !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(v.parse::<u64>().ok().map(cib_core::time::Timestamp))
+        }
+        Some(_) => Err(ApiError::BadRequest(format!("'{key}' is milliseconds since the epoch"))),
+    }
+}
+
+/// `GET /api/v1/builds`.
+pub async fn list(State(state): State<Arc<AppState>>, q: QueryMap) -> Result<Response, ApiError> {
+    let mut filter =
+        BuildFilter { repo: q.get("repo").cloned(), branch: q.get("branch").cloned(), ..BuildFilter::default() };
+    if let Some(statuses) = q.get("status") {
+        for s in statuses.split(',').filter(|s| !s.is_empty()) {
+            match parse_status(s) {
+                Some(status) => filter.statuses.push(status),
+                None => return Err(ApiError::BadRequest(format!("unknown status '{s}'"))),
+            }
+        }
+    }
+    filter.queued_from = millis(&q, "since")?;
+    filter.queued_until = millis(&q, "until")?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=500).contains(&n) && l.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => return Err(ApiError::BadRequest("'limit' is a number from 1 to 500".into())),
+        },
+    };
+    let page = match q.get("after") {
+        None => Page::first(limit),
+        Some(text) => match parse_cursor(text) {
+            Some(after) => Page { limit, after: Some(after) },
+            None => return Err(ApiError::BadRequest("'after' is the 'next' cursor of a previous page".into())),
+        },
+    };
+    let builds = state.store.builds(&filter, page).await.map_err(ApiError::unavailable)?;
+    let next = (builds.len() == limit).then(|| builds.last().map(cursor_text)).flatten();
+    Ok(json_response(StatusCode::OK, &BuildList { builds, next }))
+}
+
+pub fn list_doc(g: &mut DocGen) -> Op {
+    let digits = json!({ "type": "string", "pattern": "^[0-9]{1,19}$" });
+    Op::new("List builds, newest first.")
+        .param(Param::query("repo", "Only this repository (`owner/name`).", json!({ "type": "string" })))
+        .param(Param::query("branch", "Only this branch.", json!({ "type": "string" })))
+        .param(Param::query(
+            "status",
+            "Only these statuses, comma-separated.",
+            json!({ "type": "string", "pattern": format!("^({STATUSES})?(,({STATUSES})?)*$") }),
+        ))
+        .param(Param::query("since", "Queued at or after, in milliseconds since the epoch.", digits.clone()))
+        .param(Param::query("until", "Queued before, in milliseconds since the epoch.", digits))
+        .param(Param::query(
+            "limit",
+            "At most this many builds (default 50).",
+            json!({ "type": "string", "pattern": "^0*([1-9][0-9]?|[1-4][0-9][0-9]|500)$" }),
+        ))
+        .param(Param::query(
+            "after",
+            "The `next` cursor of the previous page.",
+            json!({ "type": "string", "pattern": "^[0-9]{1,19}:[\\s\\S]+$" }),
+        ))
+        .json(200, "A page of builds.", g.schema::<BuildList>())
+        .error(g, 400, "A filter is malformed.")
+}
+
+/// `GET /api/v1/builds/{build}`.
+pub async fn get(State(state): State<Arc<AppState>>, PathParams(id): PathParams<String>) -> Result<Response, ApiError> {
+    match state.store.build(&BuildId(id.clone())).await.map_err(ApiError::unavailable)? {
+        Some(record) => Ok(json_response(StatusCode::OK, &record)),
+        None => Err(ApiError::NotFound(format!("no build '{id}'"))),
+    }
+}
+
+pub fn get_doc(g: &mut DocGen) -> Op {
+    Op::new("One build with every step attempt.")
+        .param(Param::path("build", "The build's id."))
+        .json(200, "The build.", g.schema::<BuildRecord>())
+        .error(g, 404, "No such build.")
+}
+
+/// A request to start a build by hand.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerRequest {
+    /// The repository, `owner/name`.
+    pub repo: String,
+    /// A branch or tag name, or a commit.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The pipeline to run.
+    pub pipeline: String,
+    #[serde(default)]
+    pub event: Option<EventKind>,
+    /// Values for the pipeline's steps.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+}
+
+/// A build that was created.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Created {
+    pub build: BuildId,
+}
+
+/// `POST /api/v1/builds`.
+pub async fn trigger(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    JsonBody(request): JsonBody<TriggerRequest>,
+) -> Result<Response, ApiError> {
+    let commit = state
+        .vcs
+        .resolve(&request.repo, &request.reference)
+        .await
+        .map_err(|e| ApiError::Unprocessable(format!("cannot resolve {}: {e}", request.reference)))?;
+    let source = match state.vcs.read_spec(&request.repo, &commit).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(ApiError::Unprocessable(format!("{} has no spec at {commit}", request.repo))),
+        Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
+    };
+    let parsed = super::parse_spec(&source)?;
+    if parsed.pipeline(&request.pipeline).is_none() {
+        return Err(ApiError::Unprocessable(format!("the spec has no pipeline '{}'", request.pipeline)));
+    }
+    let branch = (request.reference != commit).then(|| request.reference.clone());
+    let kind = request.event.unwrap_or(EventKind::Manual);
+    let event = TriggerEvent { kind, branch: branch.clone(), tag: None, changed_paths: None };
+    let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
+    let id = BuildId(format!("api-{}-{n}", state.clock.now().millis()));
+    let input = Input::Enqueue {
+        build: id.clone(),
+        spec: Arc::from(source.as_str()),
+        pipeline: request.pipeline.clone(),
+        context: BuildContext {
+            repo: request.repo,
+            commit,
+            branch,
+            pull_request: None,
+            event,
+            actor: Some(who.name.clone()),
+            trusted: true,
+        },
+        only: None,
+        variables: request.variables,
+    };
+    state.engine.submit(input).await.map_err(|e| ApiError::Unavailable(format!("the engine refused: {e}")))?;
+    Ok(json_response(StatusCode::CREATED, &Created { build: id }))
+}
+
+pub fn trigger_doc(g: &mut DocGen) -> Op {
+    Op::new("Start a build of a pipeline by hand.")
+        .body(g.schema::<TriggerRequest>())
+        .json(201, "The build was queued.", g.schema::<Created>())
+        .error(g, 422, "The ref, the spec or the pipeline cannot be had; an invalid spec lists its diagnostics.")
+}
+
+/// A build being cancelled.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Cancelling {
+    pub build: String,
+    pub cancelling: bool,
+}
+
+/// `POST /api/v1/builds/{build}/cancel`.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Response, ApiError> {
+    let known = state.engine.query({
+        let id = BuildId(id.clone());
+        move |m| m.build(&id).map(|b| b.finished_at.is_some())
+    });
+    match known.await.map_err(ApiError::unavailable)? {
+        Some(false) => {}
+        Some(true) => return Err(ApiError::Conflict(format!("build '{id}' has already finished"))),
+        None => return Err(ApiError::NotFound(format!("no running build '{id}'"))),
+    }
+    let who = who.name;
+    let input = Input::Cancel { build: BuildId(id.clone()), by: who.clone(), reason: format!("cancelled by {who}") };
+    state.engine.submit(input).await.map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::ACCEPTED, &Cancelling { build: id, cancelling: true }))
+}
+
+pub fn cancel_doc(g: &mut DocGen) -> Op {
+    Op::new("Cancel a running build: its steps are stopped and its leases released.")
+        .param(Param::path("build", "The build's id."))
+        .json(202, "The build is being cancelled.", g.schema::<Cancelling>())
+        .error(g, 404, "No such running build.")
+        .error(g, 409, "The build has already finished.")
+}
+
+/// A retry that was queued.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Retried {
+    pub build: BuildId,
+    pub retry_of: String,
+}
+
+/// `POST /api/v1/builds/{build}/retry`.
+pub async fn retry(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Response, ApiError> {
+    let found = state
+        .engine
+        .query({
+            let id = BuildId(id.clone());
+            move |m| m.build(&id).map(|b| (b.pipeline.name.clone(), b.context.clone(), b.variables.clone()))
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    let Some((pipeline, context, variables)) = found else {
+        return Err(ApiError::NotFound(format!("no build '{id}' to retry")));
+    };
+    let source = match state.vcs.read_spec(&context.repo, &context.commit).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(ApiError::Unprocessable("the spec is gone from that commit".into())),
+        Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
+    };
+    let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
+    let new = BuildId(format!("{id}-retry-{n}"));
+    let context = BuildContext { actor: Some(who.name), ..context };
+    let input = Input::Enqueue {
+        build: new.clone(),
+        spec: Arc::from(source.as_str()),
+        pipeline,
+        context,
+        only: None,
+        variables,
+    };
+    state.engine.submit(input).await.map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::CREATED, &Retried { build: new, retry_of: id }))
+}
+
+pub fn retry_doc(g: &mut DocGen) -> Op {
+    Op::new("Run a build's pipeline again at the same commit, as a new build.")
+        .param(Param::path("build", "The build's id."))
+        .json(201, "The new build was queued.", g.schema::<Retried>())
+        .error(g, 404, "No such build.")
+        .error(g, 422, "The spec cannot be read at the build's commit.")
+}
+
+/// A person's word at a gate.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// An approval that was counted.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Approved {
+    pub approved: bool,
+    pub count: u32,
+    pub needed: u32,
+}
+
+/// A rejection that failed the gate.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Rejected {
+    pub rejected: bool,
+}
+
+async fn decide(
+    state: &AppState,
+    who: crate::config::TokenConfig,
+    id: String,
+    step: String,
+    approve: bool,
+    decision: Decision,
+) -> Result<Response, ApiError> {
+    let actor = Actor { login: who.name.clone(), teams: who.teams.clone(), can_write: true };
+    let mut events = state.engine.subscribe();
+    let input = Input::Decide {
+        build: BuildId(id.clone()),
+        step: step.clone(),
+        actor: actor.clone(),
+        approve,
+        comment: decision.comment,
+    };
+    state.engine.submit(input).await.map_err(ApiError::unavailable)?;
+    // The decision's outcome is the event it caused, already sent by the time submit returns.
+    while let Ok(event) = events.try_recv() {
+        match event.body {
+            EventBody::DecisionRefused { by, reason, .. } if by == actor.login => {
+                return Err(ApiError::Conflict(reason));
+            }
+            EventBody::Approved { by, count, needed, .. } if by == actor.login => {
+                return Ok(json_response(StatusCode::OK, &Approved { approved: true, count, needed }));
+            }
+            EventBody::Rejected { by, .. } if by == actor.login => {
+                return Ok(json_response(StatusCode::OK, &Rejected { rejected: true }));
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError::NotFound(format!("no gate '{step}' waiting in build '{id}'")))
+}
+
+/// `POST /api/v1/builds/{build}/gates/{step}/approve`.
+pub async fn approve(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams((id, step)): PathParams<(String, String)>,
+    OptionalJson(decision): OptionalJson<Decision>,
+) -> Result<Response, ApiError> {
+    decide(&state, who, id, step, true, decision).await
+}
+
+/// `POST /api/v1/builds/{build}/gates/{step}/reject`.
+pub async fn reject(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams((id, step)): PathParams<(String, String)>,
+    OptionalJson(decision): OptionalJson<Decision>,
+) -> Result<Response, ApiError> {
+    decide(&state, who, id, step, false, decision).await
+}
+
+fn gate_doc(g: &mut DocGen, summary: &'static str) -> Op {
+    Op::new(summary)
+        .param(Param::path("build", "The build's id."))
+        .param(Param::path("step", "The gate step's name."))
+        .optional_body(g.schema::<Decision>())
+        .error(g, 404, "No such gate waiting in that build.")
+        .error(g, 409, "The decision was refused: not an allowed approver, approved twice, not waiting.")
+}
+
+pub fn approve_doc(g: &mut DocGen) -> Op {
+    let schema = g.schema::<Approved>();
+    gate_doc(g, "Approve a gate.").json(200, "The approval was counted.", schema)
+}
+
+pub fn reject_doc(g: &mut DocGen) -> Op {
+    let schema = g.schema::<Rejected>();
+    gate_doc(g, "Reject a gate: it fails.").json(200, "The gate failed.", schema)
+}

@@ -1,0 +1,217 @@
+//! Repositories and the master/production workflow: reviews, merges by fast-forward,
+//! promotion approvals, promotions, and the environments on record. The rules live in
+//! [`crate::workflow`] (and, purely, in `cib_core::workflow`); this module is their HTTP face.
+//!
+//! A repository is `owner/name`: two path segments, or one with the slash encoded as `%2F`.
+//! Both forms are routes of their own in the table, answered by the same handlers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::Response;
+use cib_core::pipeline::{Actor, Environment};
+use cib_core::ports::Permission;
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Caller;
+use crate::config::{Role, TokenConfig};
+use crate::error::{ApiError, json_response};
+use crate::extract::{JsonBody, PathParams};
+use crate::openapi::{DocGen, Op, Param};
+use crate::state::AppState;
+use crate::workflow::{self, Merged, Promoted, Recorded};
+
+/// The repository a path names, in either form.
+fn repo_of(params: &BTreeMap<String, String>) -> String {
+    match (params.get("owner"), params.get("name")) {
+        (Some(owner), Some(name)) => format!("{owner}/{name}"),
+        (Some(repo), None) => repo.clone(),
+        _ => String::new(),
+    }
+}
+
+/// The path parameters of a route in the two-segment form, or the one-segment form.
+pub fn repo_params(two_segments: bool) -> Vec<Param> {
+    if two_segments {
+        vec![Param::path("owner", "The repository's owner."), Param::path("name", "The repository's name.")]
+    } else {
+        vec![Param::path("owner", "The whole repository, `owner%2Fname`, its slash encoded.")]
+    }
+}
+
+fn with_repo(mut op: Op, two_segments: bool) -> Op {
+    let mut params = repo_params(two_segments);
+    params.append(&mut op.params);
+    op.params = params;
+    op
+}
+
+fn actor(who: &TokenConfig) -> Actor {
+    Actor { login: who.name.clone(), teams: who.teams.clone(), can_write: who.role >= Role::Trigger }
+}
+
+fn permission(who: &TokenConfig) -> Permission {
+    match who.role {
+        Role::Read => Permission::Read,
+        Role::Trigger | Role::Approve => Permission::Write,
+        Role::Admin => Permission::Admin,
+    }
+}
+
+/// A commit named by a request.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    /// A commit, or a branch naming one.
+    pub commit: String,
+}
+
+/// A merge request.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeBody {
+    /// The branch (or commit) to merge.
+    pub head: String,
+    /// The pull request it belongs to, whose reviews on the forge then count.
+    #[serde(default)]
+    pub pull: Option<u64>,
+}
+
+/// `POST /api/v1/repos/{repo}/reviews`.
+pub async fn review(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+    JsonBody(body): JsonBody<CommitBody>,
+) -> Result<Response, ApiError> {
+    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&who), false).await?;
+    Ok(json_response(StatusCode::CREATED, &recorded))
+}
+
+/// `POST /api/v1/repos/{repo}/approvals`.
+pub async fn approval(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+    JsonBody(body): JsonBody<CommitBody>,
+) -> Result<Response, ApiError> {
+    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&who), true).await?;
+    Ok(json_response(StatusCode::CREATED, &recorded))
+}
+
+fn record_doc(g: &mut DocGen, two: bool, summary: &'static str) -> Op {
+    let op = Op::new(summary).body(g.schema::<CommitBody>()).json(201, "Recorded.", g.schema::<Recorded>()).error(
+        g,
+        422,
+        "The commit cannot be resolved.",
+    );
+    with_repo(op, two)
+}
+
+pub fn review_doc(g: &mut DocGen) -> Op {
+    record_doc(g, true, "An approving review of an exact commit.")
+}
+
+pub fn review_doc_encoded(g: &mut DocGen) -> Op {
+    record_doc(g, false, "An approving review of an exact commit.")
+}
+
+pub fn approval_doc(g: &mut DocGen) -> Op {
+    record_doc(g, true, "Approve promoting an exact commit.")
+}
+
+pub fn approval_doc_encoded(g: &mut DocGen) -> Op {
+    record_doc(g, false, "Approve promoting an exact commit.")
+}
+
+/// `POST /api/v1/repos/{repo}/merge`.
+pub async fn merge(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+    JsonBody(body): JsonBody<MergeBody>,
+) -> Result<Response, ApiError> {
+    let merged =
+        workflow::try_merge(&state, &repo_of(&params), &body.head, body.pull, &who.name, permission(&who)).await?;
+    Ok(json_response(StatusCode::OK, &merged))
+}
+
+fn merge_op(g: &mut DocGen, two: bool) -> Op {
+    let op = Op::new("Fast-forward the merge target to a branch, when the policy allows.")
+        .body(g.schema::<MergeBody>())
+        .json(200, "Merged.", g.schema::<Merged>())
+        .error(g, 409, "Refused, with every reason (`refusals`), or the branch could not be fast-forwarded.")
+        .error(g, 422, "The spec or the head cannot be had.");
+    with_repo(op, two)
+}
+
+pub fn merge_doc(g: &mut DocGen) -> Op {
+    merge_op(g, true)
+}
+
+pub fn merge_doc_encoded(g: &mut DocGen) -> Op {
+    merge_op(g, false)
+}
+
+/// `POST /api/v1/repos/{repo}/promote`.
+pub async fn promote(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+    JsonBody(body): JsonBody<CommitBody>,
+) -> Result<Response, ApiError> {
+    let promoted = workflow::try_promote(&state, &repo_of(&params), &body.commit, &who.name).await?;
+    Ok(json_response(StatusCode::OK, &promoted))
+}
+
+fn promote_op(g: &mut DocGen, two: bool) -> Op {
+    let op = Op::new("Promote a commit to production, when it passed staging and has its approvals.")
+        .body(g.schema::<CommitBody>())
+        .json(200, "Promoted.", g.schema::<Promoted>())
+        .error(g, 409, "Refused, with every reason (`refusals`), or production could not be fast-forwarded.")
+        .error(g, 422, "The spec, its promotion policy or the commit cannot be had.");
+    with_repo(op, two)
+}
+
+pub fn promote_doc(g: &mut DocGen) -> Op {
+    promote_op(g, true)
+}
+
+pub fn promote_doc_encoded(g: &mut DocGen) -> Op {
+    promote_op(g, false)
+}
+
+/// Every environment on record.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Environments {
+    pub environments: BTreeMap<String, Environment>,
+}
+
+/// `GET /api/v1/repos/{repo}/environments`: which commit is where, since when, approved by whom.
+pub async fn environments(
+    State(state): State<Arc<AppState>>,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let repo = repo_of(&params);
+    let environments = state.engine.query(move |m| m.environments(&repo)).await.map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::OK, &Environments { environments }))
+}
+
+fn environments_op(g: &mut DocGen, two: bool) -> Op {
+    let op = Op::new("Which commit is where, since when, moved by whom, approved by whom.").json(
+        200,
+        "The environments.",
+        g.schema::<Environments>(),
+    );
+    with_repo(op, two)
+}
+
+pub fn environments_doc(g: &mut DocGen) -> Op {
+    environments_op(g, true)
+}
+
+pub fn environments_doc_encoded(g: &mut DocGen) -> Op {
+    environments_op(g, false)
+}

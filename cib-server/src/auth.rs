@@ -1,0 +1,86 @@
+//! Who is asking: bearer tokens checked in constant time, and the role a route needs enforced
+//! by a layer that the route table puts on every protected route, so no handler checks roles
+//! by hand.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header;
+use http::request::Parts;
+
+use crate::config::{Role, TokenConfig};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: health, the API description.
+    Public,
+    /// Anyone whose request is signed with the webhook secret; the handler checks the
+    /// signature over the raw body, since the body is what is signed.
+    Signed,
+    /// A bearer token with at least this role.
+    Role(Role),
+}
+
+/// The person behind an authenticated request, as the role layer found them.
+#[derive(Debug, Clone)]
+pub struct Caller(pub TokenConfig);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // The role layer inserts the caller; a handler on a route without one has nobody to
+        // act for, which is the same as no token.
+        parts.extensions.get::<Caller>().cloned().ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// The token a request carries in `Authorization: Bearer`, if the server knows it.
+pub fn authenticate<'a>(state: &'a AppState, headers: &http::HeaderMap) -> Option<&'a TokenConfig> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let given = value.strip_prefix("Bearer ")?.trim();
+    // Every token is compared, in constant time, so timing reveals neither a prefix nor which
+    // token matched.
+    let mut found = None;
+    for t in &state.config.tokens {
+        if constant_time_eq(t.token.as_bytes(), given.as_bytes()) && found.is_none() {
+            found = Some(t);
+        }
+    }
+    found
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token when it holds at least `role`, or the refusal.
+pub fn require(state: &AppState, headers: &http::HeaderMap, role: Role) -> Result<TokenConfig, ApiError> {
+    match authenticate(state, headers) {
+        None => Err(ApiError::Unauthorized),
+        Some(t) if t.role < role => {
+            Err(ApiError::Forbidden(format!("'{}' may not do this: it needs the {role:?} role", t.name)))
+        }
+        Some(t) => Ok(t.clone()),
+    }
+}
+
+/// The layer's function: checks the role before the handler runs, and hands the handler the
+/// caller.
+pub async fn layer(State((state, role)): State<(Arc<AppState>, Role)>, mut req: Request, next: Next) -> Response {
+    match require(&state, req.headers(), role) {
+        Ok(token) => {
+            req.extensions_mut().insert(Caller(token));
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,30 @@
+//! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`),
+//! the server (`serve`), and client commands that talk to a server (`pool`, `lease`).
+
+pub mod client;
+pub mod lint;
+pub mod plan;
+pub mod run;
+pub mod serve;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+fn print(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(3),
+    }
+}
+
+/// `cib schema`: the JSON Schema of the build spec.
+pub fn schema() -> ExitCode {
+    print(&serde_json::to_string_pretty(&cib_core::spec::schema()).unwrap_or_default())
+}
+
+/// `cib openapi`: the server's OpenAPI description, as served at `/api/v1/openapi.json` and
+/// committed as `docs/openapi.json`.
+pub fn openapi() -> ExitCode {
+    print(cib_server::routes::document_text().trim_end())
+}

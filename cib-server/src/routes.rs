@@ -1,0 +1,162 @@
+//! The route table: every route of the server, with its method, path, who may call it, its
+//! handler and its description. The axum router, the OpenAPI description and the authorization
+//! test are all built from this one list, so a route cannot exist without its role and its
+//! documentation.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use http::{Method, StatusCode};
+
+use crate::api::{builds, events, hooks, logs, meta, pools, repos};
+use crate::auth::Access;
+use crate::config::Role;
+use crate::error::{ApiError, ErrorCode, plain_error};
+use crate::openapi::{DocGen, Op};
+use crate::state::AppState;
+
+/// One route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub method: Method,
+    /// In axum's syntax, which is also OpenAPI's: `/api/v1/builds/{build}`.
+    pub path: &'static str,
+    pub access: Access,
+    /// The handler, as a method router for this one method.
+    pub handler: fn() -> MethodRouter<Arc<AppState>>,
+    /// The operation's description.
+    pub doc: fn(&mut DocGen) -> Op,
+}
+
+macro_rules! route {
+    (GET $path:literal, $access:expr, $handler:path, $doc:path) => {
+        Route { method: Method::GET, path: $path, access: $access, handler: || axum::routing::get($handler), doc: $doc }
+    };
+    (POST $path:literal, $access:expr, $handler:path, $doc:path) => {
+        Route {
+            method: Method::POST,
+            path: $path,
+            access: $access,
+            handler: || axum::routing::post($handler),
+            doc: $doc,
+        }
+    };
+}
+
+use Access::{Public, Signed};
+const READ: Access = Access::Role(Role::Read);
+const TRIGGER: Access = Access::Role(Role::Trigger);
+const APPROVE: Access = Access::Role(Role::Approve);
+const ADMIN: Access = Access::Role(Role::Admin);
+
+/// Every route the server answers.
+pub fn table() -> Vec<Route> {
+    vec![
+        route!(GET "/healthz", Public, meta::healthz, meta::healthz_doc),
+        route!(GET "/api/v1/openapi.json", Public, openapi, openapi_doc),
+        route!(POST "/hooks/github", Signed, hooks::github, hooks::github_doc),
+        // Builds.
+        route!(GET "/api/v1/builds", READ, builds::list, builds::list_doc),
+        route!(POST "/api/v1/builds", TRIGGER, builds::trigger, builds::trigger_doc),
+        route!(GET "/api/v1/builds/{build}", READ, builds::get, builds::get_doc),
+        route!(POST "/api/v1/builds/{build}/cancel", TRIGGER, builds::cancel, builds::cancel_doc),
+        route!(POST "/api/v1/builds/{build}/retry", TRIGGER, builds::retry, builds::retry_doc),
+        route!(POST "/api/v1/builds/{build}/gates/{step}/approve", APPROVE, builds::approve, builds::approve_doc),
+        route!(POST "/api/v1/builds/{build}/gates/{step}/reject", APPROVE, builds::reject, builds::reject_doc),
+        // Logs and events.
+        route!(GET "/api/v1/builds/{build}/steps/{step}/log", READ, logs::read, logs::read_doc),
+        route!(GET "/api/v1/builds/{build}/steps/{step}/log/stream", READ, logs::stream, logs::stream_doc),
+        route!(GET "/api/v1/events", READ, events::stream, events::stream_doc),
+        // Pools and leases.
+        route!(GET "/api/v1/pools", READ, pools::list, pools::list_doc),
+        route!(POST "/api/v1/leases", TRIGGER, pools::take, pools::take_doc),
+        route!(GET "/api/v1/leases/{lease}", READ, pools::get, pools::get_doc),
+        route!(POST "/api/v1/leases/{lease}/extend", TRIGGER, pools::extend, pools::extend_doc),
+        route!(POST "/api/v1/leases/{lease}/return", TRIGGER, pools::give_back, pools::give_back_doc),
+        route!(POST "/api/v1/leases/{lease}/revoke", ADMIN, pools::revoke, pools::revoke_doc),
+        // Repositories and the workflow, `owner/name` as two segments.
+        route!(POST "/api/v1/repos/{owner}/{name}/reviews", APPROVE, repos::review, repos::review_doc),
+        route!(POST "/api/v1/repos/{owner}/{name}/approvals", APPROVE, repos::approval, repos::approval_doc),
+        route!(POST "/api/v1/repos/{owner}/{name}/merge", TRIGGER, repos::merge, repos::merge_doc),
+        route!(POST "/api/v1/repos/{owner}/{name}/promote", TRIGGER, repos::promote, repos::promote_doc),
+        route!(GET "/api/v1/repos/{owner}/{name}/environments", READ, repos::environments, repos::environments_doc),
+        // The same with the slash encoded (`owner%2Fname`), for clients that keep a name whole.
+        route!(POST "/api/v1/repos/{owner}/reviews", APPROVE, repos::review, repos::review_doc_encoded),
+        route!(POST "/api/v1/repos/{owner}/approvals", APPROVE, repos::approval, repos::approval_doc_encoded),
+        route!(POST "/api/v1/repos/{owner}/merge", TRIGGER, repos::merge, repos::merge_doc_encoded),
+        route!(POST "/api/v1/repos/{owner}/promote", TRIGGER, repos::promote, repos::promote_doc_encoded),
+        route!(GET "/api/v1/repos/{owner}/environments", READ, repos::environments, repos::environments_doc_encoded),
+    ]
+}
+
+/// The router: each route of the table behind its role's layer, a JSON 404 for unknown paths,
+/// and a JSON 405 (with the router's `Allow` header) for a known path with another method.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut router: Router<Arc<AppState>> = Router::new();
+    for route in table() {
+        let mut method_router = (route.handler)();
+        if let Access::Role(role) = route.access {
+            method_router = method_router
+                .route_layer(axum::middleware::from_fn_with_state((state.clone(), role), crate::auth::layer));
+        }
+        router = router.route(route.path, method_router);
+    }
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(explain_405))
+        // Bodies are read with each route's own limit (the webhook's is larger), not axum's.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such resource".into())
+}
+
+/// Gives the router's bare 405 the API's error body, keeping its `Allow` header.
+async fn explain_405(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(http::header::ALLOW).cloned();
+    let mut answer =
+        plain_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, "method not allowed here")
+            .into_response();
+    if let Some(allow) = allow {
+        answer.headers_mut().insert(http::header::ALLOW, allow);
+    }
+    answer
+}
+
+/// The OpenAPI description of every route in the table.
+pub fn document() -> serde_json::Value {
+    let table = table();
+    crate::openapi::document(table.iter().map(|r| (&r.method, r.path, r.access, r.doc)))
+}
+
+/// The description as served and committed: pretty JSON with a final newline.
+pub fn document_text() -> String {
+    let mut text = serde_json::to_string_pretty(&document()).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// `GET /api/v1/openapi.json`: the description, generated once. It lives beside the table it
+/// describes, since a handler in `api/` would make the modules a circle.
+async fn openapi() -> Response {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = TEXT.get_or_init(document_text).clone();
+    let mut response = (StatusCode::OK, text).into_response();
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn openapi_doc(_g: &mut DocGen) -> Op {
+    Op::new("This description (OpenAPI 3.1).").json(
+        200,
+        "The OpenAPI document.",
+        serde_json::json!({ "type": "object" }),
+    )
+}

@@ -1,0 +1,66 @@
+//! The server's shared state. Every other module of the server imports [`AppState`] from
+//! here, and this module imports none of them but the configuration, so the modules form no
+//! cycle through it.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use cib_core::engine::EngineHandle;
+use cib_core::ports::{Clock, Store, Vcs};
+use tokio::sync::Notify;
+
+use crate::config::ServerConfig;
+
+/// Everything a request handler may touch.
+pub struct AppState {
+    pub config: ServerConfig,
+    pub engine: EngineHandle,
+    pub store: Arc<dyn Store>,
+    pub vcs: Arc<dyn Vcs>,
+    pub clock: Arc<dyn Clock>,
+    /// Wakes the inbox processor when a delivery is stored.
+    pub inbox: Arc<Notify>,
+    /// Tells long-lived answers (event and log streams) that the server is stopping.
+    pub stopping: Arc<Notify>,
+    counter: AtomicU64,
+}
+
+impl AppState {
+    /// The state of a server whose engine is already running.
+    pub fn new(
+        config: ServerConfig,
+        engine: EngineHandle,
+        store: Arc<dyn Store>,
+        vcs: Arc<dyn Vcs>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        AppState {
+            config,
+            engine,
+            store,
+            vcs,
+            clock,
+            inbox: Arc::new(Notify::new()),
+            stopping: Arc::new(Notify::new()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether cib starts a branch's pipelines itself when it moves the branch: yes for local
+    /// repositories, no for a forge that sends its own push webhook (a second build would
+    /// deploy twice).
+    pub fn builds_on_move(&self, repo: &str) -> bool {
+        self.config.github.api_url.is_none() || self.config.repos.iter().any(|r| r.name == repo)
+    }
+
+    /// A counter for ids made by this process (API builds, people's leases).
+    pub fn counter(&self) -> &AtomicU64 {
+        &self.counter
+    }
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("listen", &self.config.listen).finish_non_exhaustive()
+    }
+}
