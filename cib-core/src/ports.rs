@@ -391,10 +391,12 @@ pub enum BuildStatus {
     Cancelled,
     TimedOut,
     Errored,
+    /// Passed, but steps needing secrets were skipped for lack of trust.
+    Neutral,
 }
 
 impl BuildStatus {
-    pub const ALL: [BuildStatus; 9] = [
+    pub const ALL: [BuildStatus; 10] = [
         BuildStatus::Queued,
         BuildStatus::Waiting,
         BuildStatus::Running,
@@ -404,6 +406,7 @@ impl BuildStatus {
         BuildStatus::Cancelled,
         BuildStatus::TimedOut,
         BuildStatus::Errored,
+        BuildStatus::Neutral,
     ];
 
     /// The build ended; its status will not change again.
@@ -415,6 +418,7 @@ impl BuildStatus {
                 | BuildStatus::Cancelled
                 | BuildStatus::TimedOut
                 | BuildStatus::Errored
+                | BuildStatus::Neutral
         )
     }
 
@@ -430,6 +434,7 @@ impl BuildStatus {
             BuildStatus::Cancelled => "cancelled",
             BuildStatus::TimedOut => "timed_out",
             BuildStatus::Errored => "errored",
+            BuildStatus::Neutral => "neutral",
         }
     }
 
@@ -447,6 +452,7 @@ impl From<Conclusion> for BuildStatus {
             Conclusion::Cancelled => BuildStatus::Cancelled,
             Conclusion::TimedOut => BuildStatus::TimedOut,
             Conclusion::Errored => BuildStatus::Errored,
+            Conclusion::Neutral => BuildStatus::Neutral,
         }
     }
 }
