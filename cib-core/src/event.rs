@@ -37,6 +37,9 @@ pub enum Conclusion {
     TimedOut,
     /// The infrastructure failed; the code under test may be fine.
     Errored,
+    /// Every step that ran passed, but steps that need secrets were skipped because the build
+    /// was not trusted: it proves nothing about them, so it never counts as a pass.
+    Neutral,
 }
 
 /// How one step (or one attempt of it) ended.

@@ -9,6 +9,7 @@ pub mod event;
 pub mod forge;
 pub mod lease;
 pub mod pipeline;
+pub mod policy;
 pub mod ports;
 pub mod spec;
 #[cfg(feature = "testing")]

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use crate::lease::{self, Holder, LeaseEvent, LeaseId, LeaseTable, PoolConfig, PoolKind, Want};
+use crate::policy;
 use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
 pub use crate::workflow::Approval;
@@ -69,7 +70,9 @@ pub struct BuildContext {
     pub pull_request: Option<u64>,
     /// The event as trigger matching and `when` conditions see it.
     pub event: spec::TriggerEvent,
-    /// Who caused the build, from an authenticated source.
+    /// Who caused the build, from an authenticated source. Frontends that know the people
+    /// directory give the person's name, so that an approval gate refuses them whichever of
+    /// their identities they approve with.
     pub actor: Option<String>,
     /// False for a fork's pull request that no maintainer approved at this head: it gets no
     /// secrets, and its steps that ask for secrets do not run.
@@ -158,6 +161,24 @@ pub enum Input {
         actor: Actor,
         approve: bool,
         comment: Option<String>,
+    },
+    /// A decision at a gate by a person the people directory knows: `person` is their name
+    /// there, whichever identity (`actor.login`) they used, so that two identities of one
+    /// person count once. [`Input::Decide`] counts each login as a person of its own.
+    DecideAs {
+        build: BuildId,
+        step: String,
+        actor: Actor,
+        person: String,
+        approve: bool,
+        comment: Option<String>,
+    },
+    /// Who wrote a commit, as a person, from the forge's record of the commit (never from
+    /// `git` metadata, which anyone can write). Gates do not take this person's approval.
+    CommitAuthor {
+        repo: String,
+        commit: String,
+        person: String,
     },
     /// A person (or a tool) asks for units; builds ask through their spec.
     TakeLease {
@@ -399,6 +420,9 @@ pub struct Build {
     pipeline_units: Vec<GrantedUnit>,
     /// Variables given when the build was started.
     pub variables: BTreeMap<String, String>,
+    /// A step was skipped because the build is not trusted with its secrets.
+    #[serde(skip)]
+    untrusted_skips: bool,
 }
 
 impl Build {
@@ -453,6 +477,8 @@ pub struct Machine {
     trusted_forks: BTreeMap<(String, u64), String>,
     /// Open pull requests by repository and number, as the forge last said.
     pull_requests: BTreeMap<String, BTreeMap<u64, OpenPullRequest>>,
+    /// The person who wrote each commit, by repository and commit, as the forge said.
+    commit_authors: BTreeMap<(String, String), String>,
     /// Effects gathered while handling one input.
     out: Vec<Effect>,
 }
@@ -488,6 +514,7 @@ impl Machine {
             environments: BTreeMap::new(),
             pull_requests: BTreeMap::new(),
             trusted_forks: BTreeMap::new(),
+            commit_authors: BTreeMap::new(),
             out: Vec::new(),
         })
     }
@@ -512,6 +539,11 @@ impl Machine {
     /// Whether a fork's pull request was approved at exactly this head commit.
     pub fn fork_trusted(&self, repo: &str, number: u64, head_commit: &str) -> bool {
         self.trusted_forks.get(&(repo.to_owned(), number)).is_some_and(|h| h == head_commit)
+    }
+
+    /// The person who wrote a commit, when the forge said.
+    pub fn commit_author(&self, repo: &str, commit: &str) -> Option<&str> {
+        self.commit_authors.get(&(repo.to_owned(), commit.to_owned())).map(String::as_str)
     }
 
     /// The open pull requests of a repository, by number.
@@ -601,7 +633,14 @@ impl Machine {
             Input::TimerFired { timer } => self.timer(timer, now),
             Input::Cancel { build, by, reason } => self.end_build(&build, &by, Conclusion::Cancelled, &reason, now),
             Input::Decide { build, step, actor, approve, comment } => {
-                self.decide(&build, &step, actor, approve, comment, now)
+                let person = actor.login.clone();
+                self.decide(&build, &step, actor, person, approve, comment, now)
+            }
+            Input::DecideAs { build, step, actor, person, approve, comment } => {
+                self.decide(&build, &step, actor, person, approve, comment, now)
+            }
+            Input::CommitAuthor { repo, commit, person } => {
+                self.commit_authors.insert((repo, commit), person);
             }
             Input::TakeLease { request } => {
                 let id = request.id.clone();
@@ -717,6 +756,7 @@ impl Machine {
             steps: Vec::new(),
             deliverables: Vec::new(),
             timeout: None,
+            inputs: Vec::new(),
         });
         let steps = pipeline
             .steps
@@ -744,6 +784,7 @@ impl Machine {
             services_ready: BTreeSet::new(),
             pipeline_units: Vec::new(),
             variables,
+            untrusted_skips: false,
         };
         self.publish(
             now,
@@ -874,6 +915,11 @@ impl Machine {
         match decision {
             Move::Skip(reason) => {
                 b.steps[index].status = StepStatus::Done(StepConclusion::Skipped);
+                self.publish(now, EventBody::StepSkipped { build: id.clone(), step: step.name, reason });
+            }
+            Move::SkipUntrusted(reason) => {
+                b.steps[index].status = StepStatus::Done(StepConclusion::Skipped);
+                b.untrusted_skips = true;
                 self.publish(now, EventBody::StepSkipped { build: id.clone(), step: step.name, reason });
             }
             Move::Start => match &step.action {
@@ -1225,15 +1271,19 @@ impl Machine {
 
     // ---- gates -----------------------------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &mut self,
         id: &BuildId,
         name: &str,
         actor: Actor,
+        person: String,
         approve: bool,
         comment: Option<String>,
         now: Timestamp,
     ) {
+        let author =
+            self.builds.get(id).and_then(|b| self.commit_author(&b.context.repo, &b.context.commit)).map(str::to_owned);
         let Some(b) = self.builds.get_mut(id) else { return };
         let Some(index) = b.step_index(name) else { return };
         let refuse = |reason: &str| EventBody::DecisionRefused {
@@ -1252,13 +1302,20 @@ impl Machine {
             self.publish(now, body);
             return;
         }
-        let allowed = if gate.from.users.is_empty() && gate.from.teams.is_empty() {
-            actor.can_write
-        } else {
-            gate.from.users.contains(&actor.login) || actor.teams.iter().any(|t| gate.from.teams.contains(t))
+        let facts = policy::GateFacts {
+            gate,
+            person: &person,
+            login: &actor.login,
+            teams: &actor.teams,
+            can_write: actor.can_write,
+            approve,
+            build_actor: b.context.actor.as_deref(),
+            commit_author: author.as_deref(),
+            approved_by: &b.steps[index].approvals,
         };
-        if !allowed {
-            let body = refuse("not one of the people this gate asks");
+        if let Err(refusals) = policy::check_gate_approval(&facts) {
+            let reasons: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+            let body = refuse(&reasons.join("; "));
             self.publish(now, body);
             return;
         }
@@ -1270,12 +1327,9 @@ impl Machine {
                 now,
                 EventBody::Rejected { build: id.clone(), step: name.to_owned(), by: actor.login, comment },
             );
-        } else if state.approvals.contains(&actor.login) {
-            let body = refuse("already approved by this person; approvals come from distinct people");
-            self.publish(now, body);
-            return;
         } else {
-            state.approvals.push(actor.login.clone());
+            // Approvals are counted per person, so two identities of one person count once.
+            state.approvals.push(person);
             let count = state.approvals.len() as u32;
             if count >= needed {
                 state.status = StepStatus::Done(StepConclusion::Success);
@@ -1527,6 +1581,9 @@ struct NewBuild {
 /// What to do with the next step that can move.
 enum Move {
     Skip(String),
+    /// Skipped because the build is not trusted with the step's secrets: the build then
+    /// concludes `neutral` at best, never `success`.
+    SkipUntrusted(String),
     Start,
 }
 
@@ -1590,7 +1647,7 @@ fn next_move(b: &Build) -> Option<(usize, Move)> {
         if !b.context.trusted && !step.secrets.is_empty() {
             return Some((
                 i,
-                Move::Skip(
+                Move::SkipUntrusted(
                     "a fork's pull request runs no step with secrets until a maintainer approves its head".into(),
                 ),
             ));
@@ -1616,6 +1673,8 @@ fn conclude(b: &Build) -> Conclusion {
         Conclusion::Failed
     } else if counted(StepConclusion::Cancelled) {
         Conclusion::Cancelled
+    } else if b.untrusted_skips {
+        Conclusion::Neutral
     } else {
         Conclusion::Success
     }

@@ -391,10 +391,12 @@ pub enum BuildStatus {
     Cancelled,
     TimedOut,
     Errored,
+    /// Passed, but steps needing secrets were skipped for lack of trust.
+    Neutral,
 }
 
 impl BuildStatus {
-    pub const ALL: [BuildStatus; 9] = [
+    pub const ALL: [BuildStatus; 10] = [
         BuildStatus::Queued,
         BuildStatus::Waiting,
         BuildStatus::Running,
@@ -404,6 +406,7 @@ impl BuildStatus {
         BuildStatus::Cancelled,
         BuildStatus::TimedOut,
         BuildStatus::Errored,
+        BuildStatus::Neutral,
     ];
 
     /// The build ended; its status will not change again.
@@ -415,6 +418,7 @@ impl BuildStatus {
                 | BuildStatus::Cancelled
                 | BuildStatus::TimedOut
                 | BuildStatus::Errored
+                | BuildStatus::Neutral
         )
     }
 
@@ -430,6 +434,7 @@ impl BuildStatus {
             BuildStatus::Cancelled => "cancelled",
             BuildStatus::TimedOut => "timed_out",
             BuildStatus::Errored => "errored",
+            BuildStatus::Neutral => "neutral",
         }
     }
 
@@ -447,6 +452,7 @@ impl From<Conclusion> for BuildStatus {
             Conclusion::Cancelled => BuildStatus::Cancelled,
             Conclusion::TimedOut => BuildStatus::TimedOut,
             Conclusion::Errored => BuildStatus::Errored,
+            Conclusion::Neutral => BuildStatus::Neutral,
         }
     }
 }
@@ -780,4 +786,163 @@ pub trait Clock: Send + Sync {
 /// Secret values by name, for the engine to hand to steps. Never logged.
 pub trait Secrets: Send + Sync {
     fn get(&self, repo: &str, name: &str) -> Option<String>;
+}
+
+/// The fewest bytes a stored secret may have: shorter values turn up by chance in ordinary
+/// output, so masking them would garble logs, and not masking them would leak them.
+pub const MIN_SECRET_LEN: usize = 6;
+
+/// The 32-byte key that seals stored secrets, and where it came from (a key file's path, or
+/// the environment variable), so that an error can name it. Neither `Debug` nor any other
+/// formatting shows the bytes.
+#[derive(Clone)]
+pub struct SecretKey {
+    bytes: [u8; 32],
+    origin: String,
+}
+
+impl SecretKey {
+    /// A key from its bytes; `origin` says where it came from, as in "the key in /etc/cib/key".
+    pub fn new(bytes: [u8; 32], origin: impl Into<String>) -> Self {
+        SecretKey { bytes, origin: origin.into() }
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
+    /// Where the key came from, in words.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretKey").field("origin", &self.origin).field("bytes", &"<redacted>").finish()
+    }
+}
+
+/// A secret's value. `Debug` never shows it; [`SecretValue::expose`] does, on purpose.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretValue(value.into())
+    }
+
+    /// The value itself, for the step's environment and for masking; never for logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretValue(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// A secret to store: its name, value and scope (whose repository it belongs to), and who set
+/// it when.
+#[derive(Debug, Clone)]
+pub struct NewSecret {
+    pub name: String,
+    pub value: SecretValue,
+    pub scope: crate::policy::SecretScope,
+    pub by: String,
+    pub at: Timestamp,
+}
+
+/// What is known of a stored secret without its value: enough to list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub name: String,
+    pub scope: crate::policy::SecretScope,
+    pub set_at: Timestamp,
+    pub set_by: String,
+}
+
+/// A stored secret, opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSecret {
+    pub info: SecretInfo,
+    pub value: SecretValue,
+}
+
+/// Why a secret could not be stored or opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    #[error(
+        "secret '{name}' is {len} bytes long: values shorter than {MIN_SECRET_LEN} bytes cannot be masked safely in logs"
+    )]
+    TooShort { name: String, len: usize },
+    #[error("{0}")]
+    Invalid(String),
+    /// The key does not open what is stored: another key sealed it.
+    #[error("the secrets cannot be opened with {origin}: {detail}; was the key rotated or lost?")]
+    WrongKey { origin: String, detail: String },
+    /// The key itself is unusable: a missing or malformed key file, say.
+    #[error("{0}")]
+    Key(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SecretError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SecretError::TooShort { .. } | SecretError::Invalid(_) => ErrorKind::Permanent,
+            SecretError::WrongKey { .. } | SecretError::Key(_) => ErrorKind::Misconfigured,
+            SecretError::Store(e) => e.kind(),
+        }
+    }
+}
+
+/// Checks a secret before it is stored: a name like an environment variable's, a repository,
+/// and a value long enough to mask.
+pub fn check_new_secret(secret: &NewSecret) -> Result<(), SecretError> {
+    let name = &secret.name;
+    let mut chars = name.chars();
+    let env_like = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !env_like {
+        return Err(SecretError::Invalid(format!(
+            "invalid secret name '{name}': secrets are named like environment variables"
+        )));
+    }
+    if secret.scope.repo.trim().is_empty() {
+        return Err(SecretError::Invalid(format!("secret '{name}' needs a repository in its scope")));
+    }
+    let len = secret.value.expose().len();
+    if len < MIN_SECRET_LEN {
+        return Err(SecretError::TooShort { name: name.clone(), len });
+    }
+    Ok(())
+}
+
+/// Encrypted secrets with scopes. The key is passed to each call that seals or opens, and
+/// never stored: a store holds only nonces and ciphertexts.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// Seals and stores a secret, replacing one of the same repository and name. Refused when
+    /// [`check_new_secret`] refuses it, or when `key` does not open the secrets already stored
+    /// (mixing keys would leave some secrets unreadable under either).
+    async fn set_secret(&self, key: &SecretKey, secret: &NewSecret) -> Result<(), SecretError>;
+
+    /// The secrets of one repository, or of all, by repository then name. Never values.
+    async fn list_secrets(&self, repo: Option<&str>) -> Result<Vec<SecretInfo>, SecretError>;
+
+    /// Removes a secret; `true` when there was one.
+    async fn remove_secret(&self, repo: &str, name: &str) -> Result<bool, SecretError>;
+
+    /// Every secret of a repository, opened, for a build; the caller picks those the build
+    /// may have with [`crate::policy::check_secret`].
+    async fn open_secrets(&self, key: &SecretKey, repo: &str) -> Result<Vec<OpenSecret>, SecretError>;
+
+    /// Re-seals every secret under `new`, all or none; returns how many. Refused when `old`
+    /// does not open them all.
+    async fn rekey(&self, old: &SecretKey, new: &SecretKey) -> Result<usize, SecretError>;
 }

@@ -34,6 +34,26 @@ pub enum Refusal {
     TooFewApprovals { have: u32, need: u32 },
     /// An approval that does not count, and why.
     ApprovalIgnored { by: String, why: String },
+    /// The person is not one of those the gate asks.
+    NotAnApprover { by: String },
+    /// The person started the build, and the gate does not allow self-approval.
+    OwnBuild { by: String },
+    /// The person wrote the commit, and the gate does not allow self-approval.
+    OwnCommit { by: String },
+    /// The person already approved, perhaps under another identity.
+    AlreadyApproved { by: String },
+    /// The pipeline has no `on: manual` trigger, so nobody may start it by hand.
+    NotManual { pipeline: String },
+    /// A trigger asked for an event other than `manual`.
+    NotManualEvent { event: String },
+    /// The manual trigger does not allow this branch.
+    BranchNotAllowed { pipeline: String, branch: String },
+    /// A variable the pipeline does not declare under `inputs`.
+    UnknownInput { name: String, allowed: Vec<String> },
+    /// A value that is not of its input's type.
+    InvalidInput { name: String, why: String },
+    /// A required input that was not given.
+    MissingInput { name: String },
 }
 
 impl fmt::Display for Refusal {
@@ -50,6 +70,35 @@ impl fmt::Display for Refusal {
             }
             Refusal::TooFewApprovals { have, need } => write!(f, "{have} valid approval(s), {need} needed"),
             Refusal::ApprovalIgnored { by, why } => write!(f, "the approval by {by} does not count: {why}"),
+            // The four gate refusals leave the name out: the event that carries them names
+            // the person already, and the API answers the person themselves.
+            Refusal::NotAnApprover { .. } => f.write_str("not one of the people this gate asks"),
+            Refusal::OwnBuild { .. } => {
+                f.write_str("the person who started the build may not approve it (the gate has no self_approval)")
+            }
+            Refusal::OwnCommit { .. } => {
+                f.write_str("the commit's author may not approve it (the gate has no self_approval)")
+            }
+            Refusal::AlreadyApproved { .. } => {
+                f.write_str("already approved by this person; approvals come from distinct people")
+            }
+            Refusal::NotManual { pipeline } => {
+                write!(f, "pipeline '{pipeline}' has no 'manual' trigger, so it cannot be started by hand")
+            }
+            Refusal::NotManualEvent { event } => {
+                write!(f, "a build started by hand is a 'manual' event, not '{event}'")
+            }
+            Refusal::BranchNotAllowed { pipeline, branch } => {
+                write!(f, "pipeline '{pipeline}' may not be started by hand on branch '{branch}'")
+            }
+            Refusal::UnknownInput { name, allowed } if allowed.is_empty() => {
+                write!(f, "'{name}' is not an input of this pipeline, which declares none")
+            }
+            Refusal::UnknownInput { name, allowed } => {
+                write!(f, "'{name}' is not an input of this pipeline; its inputs are {}", allowed.join(", "))
+            }
+            Refusal::InvalidInput { name, why } => write!(f, "input '{name}': {why}"),
+            Refusal::MissingInput { name } => write!(f, "input '{name}' is required"),
         }
     }
 }
@@ -61,6 +110,8 @@ fn green(required: &[String], results: &PipelineResults, out: &mut Vec<Refusal>)
     for pipeline in required {
         let state = match results.get(pipeline) {
             Some(Conclusion::Success) => continue,
+            // A neutral build skipped steps it was not trusted with: it proves nothing.
+            Some(Conclusion::Neutral) => "a neutral build (steps needing secrets were skipped)".into(),
             Some(other) => serde_json::to_value(other)
                 .ok()
                 .and_then(|v| v.as_str().map(|s| format!("a {} build", s.replace('_', " "))))

@@ -380,14 +380,7 @@ impl Notifier for GithubNotifier {
             EventBody::GateWaiting { step, .. } => ("pending", format!("waiting for approval of {step}")),
             EventBody::BuildFinished { conclusion, .. } => {
                 finished = true;
-                let steps = summary(&info.steps);
-                match conclusion {
-                    Conclusion::Success => ("success", format!("passed: {steps}")),
-                    Conclusion::Failed => ("failure", format!("failed: {steps}")),
-                    Conclusion::TimedOut => ("failure", format!("timed out: {steps}")),
-                    Conclusion::Cancelled => ("error", format!("cancelled: {steps}")),
-                    Conclusion::Errored => ("error", format!("infrastructure error: {steps}")),
-                }
+                finished_state(*conclusion, &summary(&info.steps))
             }
             // Approvals, services and superseding show in the next status-changing event.
             _ => return Ok(()),
@@ -476,6 +469,20 @@ async fn deliver(inner: Arc<Inner>) {
     }
 }
 
+/// The commit status of a finished build: its state and description.
+fn finished_state(conclusion: Conclusion, steps: &str) -> (&'static str, String) {
+    match conclusion {
+        Conclusion::Success => ("success", format!("passed: {steps}")),
+        Conclusion::Failed => ("failure", format!("failed: {steps}")),
+        Conclusion::TimedOut => ("failure", format!("timed out: {steps}")),
+        Conclusion::Cancelled => ("error", format!("cancelled: {steps}")),
+        Conclusion::Errored => ("error", format!("infrastructure error: {steps}")),
+        // Commit statuses have no neutral state. A skipped secret step proves nothing, so the
+        // status must never satisfy a required check: "failure", with the reason in words.
+        Conclusion::Neutral => ("failure", format!("neutral: steps needing secrets were skipped; {steps}")),
+    }
+}
+
 async fn send(client: &GithubClient, update: &StatusUpdate) -> Result<(), crate::client::ApiError> {
     let path = format!("{}/statuses/{}", repo_path(&update.repo)?, encode(&update.sha, false));
     let mut body = serde_json::json!({
@@ -501,5 +508,13 @@ mod tests {
         steps.insert("docs".to_owned(), StepConclusion::Skipped);
         assert_eq!(summary(&steps), "1 passed, 1 failed (lint), 1 skipped");
         assert_eq!(truncate(&"x".repeat(200), 140).chars().count(), 140);
+    }
+
+    #[test]
+    fn a_neutral_build_never_reports_success() {
+        let (state, description) = finished_state(Conclusion::Neutral, "1 passed, 1 skipped");
+        assert_eq!(state, "failure");
+        assert!(description.starts_with("neutral: steps needing secrets were skipped"), "{description}");
+        assert_eq!(finished_state(Conclusion::Success, "1 passed").0, "success");
     }
 }

@@ -9,6 +9,7 @@
 //! - The journal numbers inputs from 1 without gaps; events are kept once per sequence number,
 //!   and the build records kept from them move only on new events, so replays are harmless.
 //! - Webhook deliveries are stored once per delivery id, however many copies race.
+//! - Secrets are sealed with a key the database never holds (see `secrets`).
 //! - Each step's log is kept in compressed chunks within a limit (head and tail, with a marker
 //!   between), so a step printing gigabytes costs bounded disk and memory.
 //!
@@ -20,8 +21,10 @@ mod error;
 mod logs;
 mod read;
 mod schema;
+mod secrets;
 mod sqlite;
 mod writer;
 
 pub use schema::SCHEMA_VERSION;
+pub use secrets::{generate_key, load_or_create_key_file, parse_key, read_key_file};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};

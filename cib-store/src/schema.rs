@@ -113,10 +113,26 @@ CREATE TABLE log_times (
 );
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+/// Version 4: secrets, sealed. `scope` is the scope's JSON (branches, pipelines, environments;
+/// the repository is its own column), `nonce` and `ciphertext` the sealed value (see
+/// `secrets.rs`); the key that opens them is never stored.
+const V4: &str = "
+CREATE TABLE secrets (
+    repo TEXT NOT NULL,
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    set_at BIGINT NOT NULL,
+    set_by TEXT NOT NULL,
+    PRIMARY KEY (repo, name)
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cib_core::event::{BuildId, Event};
+use cib_core::policy::SecretScope;
 use cib_core::ports::{
-    BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, LogKey, LogLimit, LogRead, Page,
-    Store, StoreError, StoredInput,
+    BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, LogKey, LogLimit, LogRead,
+    NewSecret, OpenSecret, Page, SecretError, SecretInfo, SecretKey, SecretStore, SecretValue, Store, StoreError,
+    StoredInput, check_new_secret,
 };
 use cib_core::time::Timestamp;
 use rusqlite::{Connection, OpenFlags};
@@ -26,6 +28,7 @@ use crate::error::{db, stopped};
 use crate::logs::{self, LogConfig};
 use crate::read;
 use crate::schema;
+use crate::secrets;
 use crate::writer::{self, BatchLimits, Command, Done, EventRow, Op};
 
 /// How hard SQLite works to make a commit survive.
@@ -360,5 +363,105 @@ impl Store for SqliteStore {
     async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError> {
         let id = id.clone();
         self.read(move |c| read::build(c, &id)).await
+    }
+}
+
+/// The scope as stored: the repository has its own column.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredScope {
+    #[serde(default)]
+    branches: Vec<cib_core::spec::Glob>,
+    #[serde(default)]
+    pipelines: Vec<String>,
+    #[serde(default)]
+    environments: Vec<String>,
+}
+
+type SecretRow = (SecretInfo, Vec<u8>, Vec<u8>);
+
+/// Reads secret rows (info, nonce, ciphertext) of one repository or all, by repository and name.
+fn secret_rows(conn: &Connection, repo: Option<&str>) -> Result<Vec<SecretRow>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT repo, name, scope, nonce, ciphertext, set_at, set_by FROM secrets
+             WHERE ?1 IS NULL OR repo = ?1 ORDER BY repo, name",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map([repo], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (repo, name, scope, nonce, sealed, set_at, set_by) = row.map_err(db)?;
+        let scope: StoredScope =
+            serde_json::from_str(&scope).map_err(|e| crate::error::corrupt(format!("scope of {repo}/{name}: {e}")))?;
+        let scope = SecretScope {
+            repo,
+            branches: scope.branches,
+            pipelines: scope.pipelines,
+            environments: scope.environments,
+        };
+        let info = SecretInfo { name, scope, set_at: Timestamp(crate::error::from_sql(set_at)?), set_by };
+        out.push((info, nonce, sealed));
+    }
+    Ok(out)
+}
+
+fn secret_answer<T>(done: Done, f: impl FnOnce(Done) -> Option<T>) -> Result<T, SecretError> {
+    match done {
+        Done::SecretRefused(e) => Err(e),
+        other => f(other.clone()).ok_or_else(|| SecretError::Store(unexpected(other))),
+    }
+}
+
+#[async_trait]
+impl SecretStore for SqliteStore {
+    async fn set_secret(&self, key: &SecretKey, secret: &NewSecret) -> Result<(), SecretError> {
+        check_new_secret(secret)?;
+        let stored = StoredScope {
+            branches: secret.scope.branches.clone(),
+            pipelines: secret.scope.pipelines.clone(),
+            environments: secret.scope.environments.clone(),
+        };
+        let scope = to_json(&stored, "a secret's scope")?;
+        let op = Op::SetSecret { key: key.clone(), secret: secret.clone(), scope };
+        secret_answer(self.write(op).await?, |d| (d == Done::Unit).then_some(()))
+    }
+
+    async fn list_secrets(&self, repo: Option<&str>) -> Result<Vec<SecretInfo>, SecretError> {
+        let repo = repo.map(str::to_owned);
+        let rows = self.read(move |c| secret_rows(c, repo.as_deref())).await?;
+        Ok(rows.into_iter().map(|(info, _, _)| info).collect())
+    }
+
+    async fn remove_secret(&self, repo: &str, name: &str) -> Result<bool, SecretError> {
+        let op = Op::RemoveSecret { repo: repo.to_owned(), name: name.to_owned() };
+        secret_answer(self.write(op).await?, |d| if let Done::New(removed) = d { Some(removed) } else { None })
+    }
+
+    async fn open_secrets(&self, key: &SecretKey, repo: &str) -> Result<Vec<OpenSecret>, SecretError> {
+        let repo = repo.to_owned();
+        let rows = self.read(move |c| secret_rows(c, Some(&repo))).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (info, nonce, sealed) in rows {
+            let value = secrets::open(key, &info.scope.repo, &info.name, &nonce, &sealed)?;
+            out.push(OpenSecret { info, value: SecretValue::new(value) });
+        }
+        Ok(out)
+    }
+
+    async fn rekey(&self, old: &SecretKey, new: &SecretKey) -> Result<usize, SecretError> {
+        let op = Op::Rekey { old: old.clone(), new: new.clone() };
+        secret_answer(self.write(op).await?, |d| if let Done::Count(n) = d { Some(n) } else { None })
     }
 }

@@ -7,12 +7,13 @@
 //! alone while the others commit. Callers hear back only after the commit, so a reported
 //! write is a durable write.
 
-use cib_core::ports::{BuildStatus, BuildUpdate, Delivery, LogKey, StoreError};
+use cib_core::ports::{BuildStatus, BuildUpdate, Delivery, LogKey, NewSecret, SecretError, SecretKey, StoreError};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{corrupt, db, exec, from_sql, query_opt, to_sql};
 use crate::logs::{self, LogConfig};
+use crate::secrets;
 
 /// An event as the writer stores it: serialized by the caller, so the writer thread spends
 /// its time on SQLite alone.
@@ -35,6 +36,9 @@ pub(crate) enum Op {
     LogTime { key: LogKey, offset: u64, at: u64 },
     Delivery(Delivery),
     DeliveryDone { id: String },
+    SetSecret { key: SecretKey, secret: NewSecret, scope: String },
+    RemoveSecret { repo: String, name: String },
+    Rekey { old: SecretKey, new: SecretKey },
 }
 
 impl Op {
@@ -47,17 +51,23 @@ impl Op {
             Op::FinishLog { .. } | Op::LogTime { .. } => 0,
             Op::Delivery(d) => d.body.len(),
             Op::DeliveryDone { .. } => 0,
+            Op::SetSecret { secret, .. } => secret.value.expose().len(),
+            Op::RemoveSecret { .. } | Op::Rekey { .. } => 0,
         }
     }
 }
 
 /// What a write returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Done {
     Seq(u64),
     Length(u64),
     Unit,
     New(bool),
+    /// How many secrets a rekey re-sealed.
+    Count(usize),
+    /// A secret operation refused before it wrote anything: a wrong key, say.
+    SecretRefused(SecretError),
 }
 
 /// A write and where its answer goes.
@@ -189,6 +199,70 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
         Op::DeliveryDone { id } => {
             exec(conn, "UPDATE deliveries SET done = 1 WHERE id = ?1", [id])?;
             Ok(Done::Unit)
+        }
+        Op::SetSecret { key, secret, scope } => {
+            // The key must open what is stored already: secrets sealed under two keys could
+            // never all be opened again.
+            let repo = secret.scope.repo.as_str();
+            let existing = query_opt(conn, "SELECT repo, name, nonce, ciphertext FROM secrets LIMIT 1", [], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, Vec<u8>>(3)?))
+            })?;
+            if let Some((r, n, nonce, sealed)) = existing
+                && let Err(e) = secrets::open(key, &r, &n, &nonce, &sealed)
+            {
+                return Ok(Done::SecretRefused(e));
+            }
+            let (nonce, sealed) = match secrets::seal(key, repo, &secret.name, secret.value.expose().as_bytes()) {
+                Ok(v) => v,
+                Err(e) => return Ok(Done::SecretRefused(e)),
+            };
+            exec(
+                conn,
+                "INSERT INTO secrets (repo, name, scope, nonce, ciphertext, set_at, set_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (repo, name) DO UPDATE SET scope = excluded.scope, nonce = excluded.nonce,
+                 ciphertext = excluded.ciphertext, set_at = excluded.set_at, set_by = excluded.set_by",
+                params![repo, secret.name, scope, nonce, sealed, to_sql(secret.at.0)?, secret.by],
+            )?;
+            Ok(Done::Unit)
+        }
+        Op::RemoveSecret { repo, name } => {
+            let removed = exec(conn, "DELETE FROM secrets WHERE repo = ?1 AND name = ?2", params![repo, name])?;
+            Ok(Done::New(removed == 1))
+        }
+        Op::Rekey { old, new } => {
+            let mut stmt = conn.prepare_cached("SELECT repo, name, nonce, ciphertext FROM secrets").map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            // Every value is opened before any is rewritten, so a wrong old key changes nothing.
+            let mut opened = Vec::with_capacity(rows.len());
+            for (repo, name, nonce, sealed) in rows {
+                match secrets::open(old, &repo, &name, &nonce, &sealed) {
+                    Ok(value) => opened.push((repo, name, value)),
+                    Err(e) => return Ok(Done::SecretRefused(e)),
+                }
+            }
+            for (repo, name, value) in &opened {
+                let (nonce, sealed) = match secrets::seal(new, repo, name, value.as_bytes()) {
+                    Ok(v) => v,
+                    Err(e) => return Err(StoreError::Permanent(e.to_string())),
+                };
+                exec(
+                    conn,
+                    "UPDATE secrets SET nonce = ?3, ciphertext = ?4 WHERE repo = ?1 AND name = ?2",
+                    params![repo, name, nonce, sealed],
+                )?;
+            }
+            Ok(Done::Count(opened.len()))
         }
     }
 }

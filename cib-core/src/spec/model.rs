@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-pub use super::raw::{EventKind, GateKind, Network, PipelineKind, RetryOn, RunStatus};
+pub use super::raw::{EventKind, GateKind, InputType, Network, PipelineKind, RetryOn, RunStatus};
 use super::types::{Cron, Duration, Glob, Memory};
 
 /// A checked build spec.
@@ -48,6 +48,49 @@ pub struct Pipeline {
     pub deliverables: Vec<Deliverable>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// Values a person may give when starting the pipeline by hand, in the order written.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputDecl>,
+}
+
+/// A declared input of a manually started pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InputDecl {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: InputType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+    /// The allowed values of a `choice`; empty for other types.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+impl InputDecl {
+    /// The environment variable a step reads the input from: `INPUT_` and the name upper-cased.
+    pub fn env_name(&self) -> String {
+        input_env_name(&self.name)
+    }
+
+    /// Why `value` is not a valid value of this input, if it is not.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        match self.kind {
+            InputType::String => Ok(()),
+            InputType::Bool if matches!(value, "true" | "false") => Ok(()),
+            InputType::Bool => Err(format!("'{value}' is not a bool: use true or false")),
+            InputType::Choice if self.options.iter().any(|o| o == value) => Ok(()),
+            InputType::Choice => Err(format!("'{value}' is not one of {}", self.options.join(", "))),
+        }
+    }
+}
+
+/// `INPUT_` and the input's name upper-cased.
+pub fn input_env_name(name: &str) -> String {
+    format!("INPUT_{}", name.to_ascii_uppercase())
 }
 
 impl Pipeline {
@@ -274,6 +317,9 @@ pub struct Gate {
     pub from: Approvers,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// The person who started the build and the commit's author may approve.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub self_approval: bool,
 }
 
 /// Who may approve. Both lists empty means anyone with write access.

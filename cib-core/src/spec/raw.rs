@@ -71,6 +71,42 @@ pub struct RawPipeline {
     /// Time limit for the whole pipeline.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// Values a person may give when starting the pipeline by hand (`on: manual`), by name.
+    /// Steps see each as `INPUT_<NAME>`; nothing else given at a trigger reaches them.
+    #[serde(default)]
+    pub inputs: IndexMap<Spanned<String>, RawInput>,
+}
+
+/// A value given when the pipeline is started by hand.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Input")]
+pub struct RawInput {
+    /// `string`, `bool` (`true` or `false`) or `choice` (one of `options`).
+    #[serde(rename = "type")]
+    pub kind: Spanned<InputType>,
+    /// Shown to the person starting the pipeline.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The value when none is given.
+    #[serde(default)]
+    pub default: Option<Spanned<EnvValue>>,
+    /// The pipeline cannot start without it. Default false.
+    #[serde(default)]
+    pub required: bool,
+    /// The allowed values of a `choice`.
+    #[serde(default)]
+    pub options: Vec<Spanned<String>>,
+}
+
+/// The type of an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    String,
+    Bool,
+    Choice,
 }
 
 /// `test` or `deploy`: see `kind` on a pipeline.
@@ -422,6 +458,9 @@ pub struct RawGate {
     /// The gate fails when nobody answers in time.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// May the person who started the build, or the commit's author, approve it? Default false.
+    #[serde(default)]
+    pub self_approval: bool,
 }
 
 /// `approval` or `hold`.

@@ -239,6 +239,7 @@ fn gate_model(c: &mut Checker, gate: &Spanned<RawGate>) -> Gate {
         approvals,
         from,
         timeout: positive(c, gate.pos, "a gate's timeout", g.timeout),
+        self_approval: g.self_approval,
     }
 }
 
@@ -483,6 +484,7 @@ fn pipeline_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline) -> P
     }
     check_graph(c, raw_steps);
     let steps: Vec<Step> = raw_steps.iter().map(|s| step_model(c, s, &service_names)).collect();
+    let inputs = inputs_model(c, p);
     let deliverables = p
         .deliverables
         .iter()
@@ -534,7 +536,83 @@ fn pipeline_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline) -> P
         steps,
         deliverables,
         timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout),
+        inputs,
     }
+}
+
+fn inputs_model(c: &mut Checker, p: &RawPipeline) -> Vec<InputDecl> {
+    let mut out: Vec<InputDecl> = Vec::new();
+    if !p.inputs.is_empty() && p.on.as_ref().is_some_and(|on| on.value.manual.is_none()) {
+        let first = p.inputs.keys().next().map(|k| k.pos).unwrap_or_default();
+        c.err(first, "inputs are given when a pipeline is started by hand: add 'manual' to its 'on'");
+    }
+    for (name, input) in &p.inputs {
+        if !is_env_name(&name.value) {
+            c.err(
+                name.pos,
+                format!(
+                    "invalid input name '{}': steps read it as INPUT_<NAME>, so use letters, digits and '_'",
+                    name.value
+                ),
+            );
+        }
+        if let Some(other) = out.iter().find(|o| o.name.eq_ignore_ascii_case(&name.value)) {
+            c.err(
+                name.pos,
+                format!("input '{}' and input '{}' would both be {}", other.name, name.value, other.env_name()),
+            );
+        }
+        let options: Vec<String> = input.options.iter().map(|o| o.value.clone()).collect();
+        match input.kind.value {
+            InputType::Choice if options.is_empty() => {
+                c.err(input.kind.pos, format!("input '{}' is a choice: list its 'options'", name.value));
+            }
+            InputType::Choice => {
+                let mut seen: HashMap<&str, Pos> = HashMap::new();
+                for o in &input.options {
+                    if let Some(first) = seen.insert(&o.value, o.pos) {
+                        c.err(o.pos, format!("option '{}' is listed twice (first at {first})", o.value));
+                    }
+                }
+            }
+            _ if !options.is_empty() => {
+                let pos = input.options.first().map_or(input.kind.pos, |o| o.pos);
+                c.err(pos, format!("'options' belong to a choice; input '{}' is not one", name.value));
+            }
+            _ => {}
+        }
+        let decl = InputDecl {
+            name: name.value.clone(),
+            kind: input.kind.value,
+            description: input.description.clone(),
+            default: input.default.as_ref().map(|d| d.value.0.clone()),
+            required: input.required,
+            options,
+        };
+        if let Some(default) = &input.default {
+            if input.required {
+                c.err(default.pos, format!("input '{}' is required, so its default would never be used", name.value));
+            }
+            if let Err(why) = decl.check(&default.value.0) {
+                c.err(default.pos, format!("the default of input '{}' is invalid: {why}", name.value));
+            }
+        }
+        out.push(decl);
+    }
+    // Inputs reach steps only under their own names, so the spec's variables keep their values.
+    let names: Vec<String> = out.iter().map(InputDecl::env_name).collect();
+    let clash = |env: &IndexMap<String, EnvValue>, at: Pos, c: &mut Checker| {
+        for k in env.keys().filter(|k| names.contains(k)) {
+            c.err(at, format!("'{k}' is where an input's value goes: rename the variable"));
+        }
+    };
+    if let Some(first) = p.inputs.keys().next() {
+        clash(&p.env, first.pos, c);
+    }
+    for s in &p.steps.value {
+        clash(&s.env, s.name.pos, c);
+    }
+    out
 }
 
 fn secret_name(c: &mut Checker, s: &Spanned<String>) {

@@ -59,6 +59,11 @@ fn input_text(input: &Input) -> String {
         Input::Decide { build, step, actor, approve, .. } => {
             format!("{} {build}/{step} by {}", if *approve { "approve" } else { "reject" }, actor.login)
         }
+        Input::DecideAs { build, step, actor, person, approve, .. } => {
+            let verb = if *approve { "approve" } else { "reject" };
+            format!("{verb} {build}/{step} by {} as {person}", actor.login)
+        }
+        Input::CommitAuthor { repo, commit, person } => format!("commit {repo}@{commit} written by {person}"),
         Input::TakeLease { request } => format!("take lease {} {:?}", request.id, request.wants),
         Input::RenewLease { lease, token } => format!("renew lease {lease} token {token}"),
         Input::ExtendLease { lease, token, until } => {
@@ -807,4 +812,123 @@ fn a_person_extends_a_lease_and_it_expires_at_the_new_deadline() {
     sim.timer(7_200_000, TimerId::Leases);
     assert!(sim.machine.leases().lease(&LeaseId::new("alice-1")).is_none(), "gone at the new deadline");
     insta::assert_snapshot!(sim.trace);
+}
+
+// ---- trust: who may pass a gate, and builds that were not trusted ---------------------------
+
+/// An approval gate any writer may answer; the build was started by `dev`.
+const SIGN_OFF: &str = r#"
+pipelines:
+  staging:
+    steps:
+      - { name: deploy, image: busybox, commands: [x] }
+      - { name: sign-off, depends_on: [deploy], gate: { kind: approval, approvals: 2 } }
+"#;
+
+fn decide_as(sim: &mut Sim, at: u64, login: &str, person: &str, approve: bool) {
+    let input = Input::DecideAs {
+        build: "b1".into(),
+        step: "sign-off".into(),
+        actor: self::person(login),
+        person: person.into(),
+        approve,
+        comment: None,
+    };
+    sim.input(at, input);
+}
+
+fn refusals(sim: &Sim) -> Vec<String> {
+    sim.trace.lines().filter(|l| l.contains("decision_refused")).map(str::to_owned).collect()
+}
+
+#[test]
+fn the_build_actor_and_the_commit_author_cannot_approve_their_own_build() {
+    let mut sim = Sim::new(Config::default());
+    let ctx = context("master");
+    let commit = ctx.commit.clone();
+    sim.input(0, Input::CommitAuthor { repo: "acme/shop".into(), commit, person: "erin".into() });
+    sim.enqueue(0, "b1", SIGN_OFF, "staging", ctx);
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    // `dev` started the build; `erin` wrote the commit, and approves under a token's name.
+    sim.decide(200, "b1", "sign-off", person("dev"), true);
+    decide_as(&mut sim, 300, "erin-laptop", "erin", true);
+    assert_eq!(refusals(&sim).len(), 2, "{}", sim.trace);
+    assert!(refusals(&sim)[0].contains("started the build"), "{}", sim.trace);
+    assert!(refusals(&sim)[1].contains("commit's author"), "{}", sim.trace);
+    sim.decide(400, "b1", "sign-off", person("alice"), true);
+    sim.decide(500, "b1", "sign-off", person("bob"), true);
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn self_approval_lets_the_build_actor_approve() {
+    let spec = SIGN_OFF.replace("approvals: 2 }", "approvals: 1, self_approval: true }");
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", &spec, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    sim.decide(200, "b1", "sign-off", person("dev"), true);
+    assert!(refusals(&sim).is_empty(), "{}", sim.trace);
+    finished(&sim, "b1", Conclusion::Success);
+}
+
+#[test]
+fn the_build_actor_may_reject_their_own_build() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", SIGN_OFF, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    sim.decide(200, "b1", "sign-off", person("dev"), false);
+    finished(&sim, "b1", Conclusion::Failed);
+}
+
+#[test]
+fn two_identities_of_one_person_count_once() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", SIGN_OFF, "staging", context("master"));
+    sim.finish(100, "b1", "deploy", 1, StepResult::Exited(0));
+    decide_as(&mut sim, 200, "alice-token", "alice", true);
+    decide_as(&mut sim, 300, "alice-gh", "alice", true);
+    assert_eq!(refusals(&sim).len(), 1, "{}", sim.trace);
+    assert!(refusals(&sim)[0].contains("already approved by this person"), "{}", sim.trace);
+    assert_eq!(sim.state("b1"), BuildState::Running, "one person's two identities passed a two-person gate");
+    decide_as(&mut sim, 400, "bob-gh", "bob", true);
+    finished(&sim, "b1", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_build_that_skipped_secret_steps_is_neutral() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x] }
+      - { name: publish, image: busybox, commands: [x], secrets: [TOKEN], depends_on: [unit] }
+"#;
+    let mut sim = Sim::new(Config::default());
+    let untrusted = BuildContext { trusted: false, pull_request: Some(7), ..context("fork-feature") };
+    sim.enqueue(0, "b1", spec, "test", untrusted);
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Neutral);
+    // The same build, trusted, runs the step and succeeds.
+    sim.enqueue(200, "b2", spec, "test", context("feature"));
+    sim.finish(300, "b2", "unit", 1, StepResult::Exited(0));
+    sim.finish(400, "b2", "publish", 1, StepResult::Exited(0));
+    finished(&sim, "b2", Conclusion::Success);
+    insta::assert_snapshot!(sim.trace);
+}
+
+#[test]
+fn a_failing_untrusted_build_is_failed_not_neutral() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - { name: unit, image: busybox, commands: [x] }
+      - { name: publish, image: busybox, commands: [x], secrets: [TOKEN] }
+"#;
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", spec, "test", BuildContext { trusted: false, ..context("feature") });
+    sim.finish(100, "b1", "unit", 1, StepResult::Exited(1));
+    finished(&sim, "b1", Conclusion::Failed);
 }

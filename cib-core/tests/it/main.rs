@@ -4,6 +4,7 @@ mod conformance;
 mod engine;
 mod lease;
 mod machine;
+mod policy;
 mod replay;
 mod spec;
 mod spec_fuzz;

@@ -66,6 +66,42 @@ cases! {
                 - { cron: "@daily", branch: develop }
             steps: [{ name: unit, image: busybox, commands: [true] }]
     "#;
+    manual_inputs = r#"
+        pipelines:
+          deploy:
+            on: { manual: { branches: [master] } }
+            inputs:
+              version: { type: string, required: true, description: The version to deploy. }
+              dry_run: { type: bool, default: false }
+              region: { type: choice, options: [eu, us], default: eu }
+            steps: [{ name: go, image: busybox, commands: [./deploy.sh] }]
+    "#;
+    invalid_inputs = r#"
+        pipelines:
+          deploy:
+            on: { manual: {} }
+            env: { INPUT_REGION: eu }
+            inputs:
+              region: { type: choice }
+              REGION: { type: string }
+              dry-run: { type: bool, default: maybe }
+              size: { type: string, options: [s, m] }
+              level: { type: choice, options: [a, a], default: b }
+              version: { type: string, required: true, default: "1" }
+            steps: [{ name: go, image: busybox, commands: [x], env: { INPUT_VERSION: "2" } }]
+          nightly:
+            on: { push: {} }
+            inputs:
+              x: { type: string }
+            steps: [{ name: go, image: busybox, commands: [x] }]
+    "#;
+    gate_self_approval = r#"
+        pipelines:
+          staging:
+            steps:
+              - { name: deploy, image: busybox, commands: [x] }
+              - { name: ok, depends_on: [deploy], gate: { kind: approval, self_approval: true } }
+    "#;
     trigger_without_value_means_every_branch = r#"
         pipelines:
           ci:

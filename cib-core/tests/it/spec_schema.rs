@@ -35,6 +35,37 @@ fn committed_schema_is_current() {
     );
 }
 
+/// Every complete spec shown in the spec reference (a YAML block with a top-level `pipelines:`)
+/// is read without a diagnostic, so that what the documentation teaches works.
+#[test]
+fn every_complete_spec_in_the_reference_parses() {
+    let text = std::fs::read_to_string(root().join("docs/spec.md")).expect("docs/spec.md");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```yaml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    let complete: Vec<&String> = blocks.iter().filter(|b| b.lines().any(|l| l.starts_with("pipelines:"))).collect();
+    assert!(complete.len() >= 5, "expected the complete examples and the inputs example, found {}", complete.len());
+    for block in complete {
+        if let Err(diags) = cib_core::spec::parse(block) {
+            let rendered: Vec<String> = diags.iter().map(|d| d.render("docs/spec.md", block)).collect();
+            panic!("a spec in docs/spec.md does not parse:\n{}\n{block}", rendered.join("\n"));
+        }
+    }
+}
+
 #[test]
 fn every_example_passes_the_schema_and_the_reader() {
     let validator = validator();

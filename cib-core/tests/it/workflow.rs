@@ -198,3 +198,25 @@ fn a_production_move_that_is_not_a_fast_forward_is_refused() {
         "cib cannot promote this commit:\n- production has commits this commit does not contain: it cannot move by fast-forward"
     );
 }
+
+#[test]
+fn a_neutral_build_does_not_pass_a_required_pipeline() {
+    let (merge, promotion) = policies();
+    let neutral = results(&[("test", Conclusion::Neutral)]);
+    let facts = MergeFacts {
+        user: "dev",
+        permission: Permission::Write,
+        comparison: Comparison { ahead: 2, behind: 0 },
+        results: &neutral,
+        reviews: 1,
+    };
+    let refusals = check_merge(&merge, &facts).expect_err("a neutral build is not green");
+    insta::assert_snapshot!(explain("merge this pull request", &refusals), @r"
+    cib cannot merge this pull request:
+    - pipeline 'test' has a neutral build (steps needing secrets were skipped) on this commit
+    ");
+    let neutral = results(&[("staging", Conclusion::Neutral)]);
+    let approvals = [approval("alice", C, 100), approval("bob", C, 100)];
+    let refused = check_promotion(&promotion, &self::promotion(&neutral, &approvals, 200));
+    assert!(matches!(&refused, Err(r) if matches!(r[..], [Refusal::NotGreen { .. }])), "{refused:?}");
+}

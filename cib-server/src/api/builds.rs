@@ -22,7 +22,7 @@ use crate::openapi::{DocGen, Op, Param};
 use crate::state::AppState;
 
 /// The build statuses a filter may name, for the description's pattern.
-const STATUSES: &str = "queued|waiting|running|cancelling|success|failed|cancelled|timed_out|errored";
+const STATUSES: &str = "queued|waiting|running|cancelling|success|neutral|failed|cancelled|timed_out|errored";
 
 fn parse_status(text: &str) -> Option<BuildStatus> {
     serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()

@@ -642,6 +642,7 @@ impl Printer {
                 Some(Conclusion::TimedOut) => self.paint("31;1", "timed out"),
                 Some(Conclusion::Cancelled) => self.paint("33;1", "was cancelled"),
                 Some(Conclusion::Errored) => self.paint("31;1", "errored (infrastructure)"),
+                Some(Conclusion::Neutral) => self.paint("33;1", "was neutral (steps needing secrets were skipped)"),
                 None => self.paint("33;1", "did not finish"),
             };
             let text = format!("pipeline {} {word} in {}", p.pipeline, human(self.started.elapsed()));

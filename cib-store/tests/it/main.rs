@@ -9,6 +9,7 @@ mod crash;
 mod deliveries;
 mod reads;
 mod schema;
+mod secrets;
 
 use std::path::Path;
 

@@ -81,6 +81,7 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "DROP TABLE log_times;
+         DROP TABLE secrets;
          DROP INDEX deliveries_pending;
          ALTER TABLE deliveries DROP COLUMN done;
          DELETE FROM schema_version WHERE version > 1;
