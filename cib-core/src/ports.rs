@@ -377,6 +377,64 @@ pub struct Delivery {
     pub body: Vec<u8>,
 }
 
+/// Where a delivery stands in the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Waiting to be processed, or to be tried again.
+    Pending,
+    /// Processed (or found to need no processing), with the reason when nothing was built.
+    Done,
+    /// Set aside after its last attempt failed; a person may redeliver it.
+    Dead,
+}
+
+/// A stored delivery's bookkeeping, as an operator sees it (without its body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DeliveryInfo {
+    pub id: String,
+    pub source: String,
+    pub event: String,
+    pub received_at: Timestamp,
+    pub state: DeliveryState,
+    /// How many times processing failed.
+    pub attempts: u32,
+    /// When a pending delivery is next tried.
+    pub next_attempt_at: Timestamp,
+    /// Why it is done without builds, why it failed, or why it was set aside.
+    pub reason: Option<String>,
+}
+
+/// What processing a delivery came to, as the inbox records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Processed; `reason` says why nothing was built, when nothing was.
+    Done { reason: Option<String> },
+    /// Failed, to be tried again at `at`; counts one attempt.
+    Retry { at: Timestamp, reason: String },
+    /// Failed for the last time; counts one attempt and sets the delivery aside.
+    Dead { reason: String },
+}
+
+/// What storing a delivery found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    New,
+    /// A delivery with this id is stored already.
+    DuplicateId,
+    /// A delivery with the same body was stored within the window: a replay under a new id.
+    DuplicateBody,
+}
+
+/// How deep the inbox is, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxDepth {
+    pub pending: u64,
+    pub dead: u64,
+    /// When the oldest pending delivery was received.
+    pub oldest_pending: Option<Timestamp>,
+}
+
 /// Where a build stands, as the API lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -766,6 +824,32 @@ pub trait Store: Send + Sync {
     /// Marks a delivery processed, so that it is no longer pending; it stays stored, and a copy
     /// of it is still not new. Marking an unknown or already processed delivery does nothing.
     async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Stores a delivery unless one with its id exists, or one with the same body digest was
+    /// received at or after `since` (a replay of a captured body under a new id). The digest is
+    /// stored with the delivery.
+    async fn insert_delivery_once(
+        &self,
+        delivery: &Delivery,
+        digest: &str,
+        since: Timestamp,
+    ) -> Result<Intake, StoreError>;
+
+    /// Pending deliveries whose next attempt is due at `now`, oldest first, at most `limit`,
+    /// each with the number of attempts that failed so far.
+    async fn due_deliveries(&self, now: Timestamp, limit: usize) -> Result<Vec<(Delivery, u32)>, StoreError>;
+
+    /// Records what processing a delivery came to. An unknown delivery is ignored.
+    async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome) -> Result<(), StoreError>;
+
+    /// Deliveries in `state` (all when `None`), newest first, at most `limit`.
+    async fn deliveries(&self, state: Option<DeliveryState>, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;
+
+    /// Makes a delivery pending again, due now, with no attempts counted; `false` when unknown.
+    async fn redeliver(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// How deep the inbox is.
+    async fn inbox_depth(&self) -> Result<InboxDepth, StoreError>;
 
     /// Builds that match `filter`, newest first (by queue time, then by id descending).
     async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError>;

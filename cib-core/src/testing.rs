@@ -498,8 +498,8 @@ struct Memory {
     events: BTreeMap<u64, Event>,
     logs: BTreeMap<LogKey, MemoryLog>,
     log_times: BTreeMap<LogKey, BTreeMap<u64, Timestamp>>,
-    /// Each delivery, and whether it is done.
-    deliveries: BTreeMap<String, (Delivery, bool)>,
+    /// Each delivery, with its bookkeeping and its body's digest.
+    deliveries: BTreeMap<String, (Delivery, DeliveryInfo, String)>,
     builds: BTreeMap<BuildId, MemoryBuild>,
 }
 
@@ -635,30 +635,117 @@ impl Store for MemoryStore {
     }
 
     async fn insert_delivery(&self, delivery: &Delivery) -> Result<bool, StoreError> {
+        Ok(self.insert_delivery_once(delivery, "", Timestamp(u64::MAX)).await? == Intake::New)
+    }
+
+    async fn insert_delivery_once(
+        &self,
+        delivery: &Delivery,
+        digest: &str,
+        since: Timestamp,
+    ) -> Result<Intake, StoreError> {
         let mut m = lock(&self.inner);
         if m.deliveries.contains_key(&delivery.id) {
-            return Ok(false);
+            return Ok(Intake::DuplicateId);
         }
-        m.deliveries.insert(delivery.id.clone(), (delivery.clone(), false));
-        Ok(true)
+        if !digest.is_empty() && m.deliveries.values().any(|(d, _, dg)| dg == digest && d.received_at >= since) {
+            return Ok(Intake::DuplicateBody);
+        }
+        let info = DeliveryInfo {
+            id: delivery.id.clone(),
+            source: delivery.source.clone(),
+            event: delivery.event.clone(),
+            received_at: delivery.received_at,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_at: Timestamp(0),
+            reason: None,
+        };
+        m.deliveries.insert(delivery.id.clone(), (delivery.clone(), info, digest.to_owned()));
+        Ok(Intake::New)
     }
 
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        Ok(lock(&self.inner).deliveries.get(id).map(|(d, _)| d.clone()))
+        Ok(lock(&self.inner).deliveries.get(id).map(|(d, _, _)| d.clone()))
     }
 
     async fn pending_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        Ok(self.due_deliveries(Timestamp(u64::MAX), limit).await?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    async fn due_deliveries(&self, now: Timestamp, limit: usize) -> Result<Vec<(Delivery, u32)>, StoreError> {
         let m = lock(&self.inner);
-        let mut pending: Vec<&Delivery> = m.deliveries.values().filter(|(_, done)| !done).map(|(d, _)| d).collect();
-        pending.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
-        Ok(pending.into_iter().take(limit).cloned().collect())
+        let mut pending: Vec<(&Delivery, u32)> = m
+            .deliveries
+            .values()
+            .filter(|(_, i, _)| i.state == DeliveryState::Pending && i.next_attempt_at <= now)
+            .map(|(d, i, _)| (d, i.attempts))
+            .collect();
+        pending.sort_by(|(a, _), (b, _)| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+        Ok(pending.into_iter().take(limit).map(|(d, n)| (d.clone(), n)).collect())
     }
 
     async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError> {
-        if let Some((_, done)) = lock(&self.inner).deliveries.get_mut(id) {
-            *done = true;
+        self.finish_delivery(id, DeliveryOutcome::Done { reason: None }).await
+    }
+
+    async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome) -> Result<(), StoreError> {
+        if let Some((_, info, _)) = lock(&self.inner).deliveries.get_mut(id) {
+            match outcome {
+                DeliveryOutcome::Done { reason } => {
+                    info.state = DeliveryState::Done;
+                    info.reason = reason;
+                }
+                DeliveryOutcome::Retry { at, reason } => {
+                    info.attempts += 1;
+                    info.next_attempt_at = at;
+                    info.reason = Some(reason);
+                }
+                DeliveryOutcome::Dead { reason } => {
+                    info.attempts += 1;
+                    info.state = DeliveryState::Dead;
+                    info.reason = Some(reason);
+                }
+            }
         }
         Ok(())
+    }
+
+    async fn deliveries(&self, state: Option<DeliveryState>, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError> {
+        let m = lock(&self.inner);
+        let mut found: Vec<&DeliveryInfo> =
+            m.deliveries.values().map(|(_, i, _)| i).filter(|i| state.is_none_or(|s| i.state == s)).collect();
+        found.sort_by(|a, b| (b.received_at, &b.id).cmp(&(a.received_at, &a.id)));
+        Ok(found.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn redeliver(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(match lock(&self.inner).deliveries.get_mut(id) {
+            Some((_, info, _)) => {
+                info.state = DeliveryState::Pending;
+                info.attempts = 0;
+                info.next_attempt_at = Timestamp(0);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn inbox_depth(&self) -> Result<InboxDepth, StoreError> {
+        let m = lock(&self.inner);
+        let mut depth = InboxDepth::default();
+        for (_, info, _) in m.deliveries.values() {
+            match info.state {
+                DeliveryState::Pending => {
+                    depth.pending += 1;
+                    depth.oldest_pending =
+                        Some(depth.oldest_pending.map_or(info.received_at, |o| o.min(info.received_at)));
+                }
+                DeliveryState::Dead => depth.dead += 1,
+                DeliveryState::Done => {}
+            }
+        }
+        Ok(depth)
     }
 
     async fn builds(&self, filter: &BuildFilter, page: Page) -> Result<Vec<BuildSummary>, StoreError> {
@@ -954,7 +1041,78 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     let read = store.read_log(&never, 0, 100).await.map_err(err)?;
     check(read.data.is_empty() && read.complete, format!("a finished empty log: {read:?}"))?;
 
+    inbox_conformance(store.as_ref()).await?;
     build_records_conformance(store.as_ref()).await
+}
+
+/// The inbox's bookkeeping: replays by body, retries when due, dead deliveries, redelivery.
+async fn inbox_conformance(store: &dyn Store) -> Result<(), String> {
+    let err = |e: StoreError| e.to_string();
+    let at = |id: &str, t: u64, body: &[u8]| Delivery {
+        id: id.into(),
+        source: "github".into(),
+        event: "push".into(),
+        received_at: Timestamp(t),
+        body: body.to_vec(),
+    };
+    let since = Timestamp(1_000);
+    let first = store.insert_delivery_once(&at("i-1", 2_000, b"one"), "digest-one", since).await.map_err(err)?;
+    check(first == Intake::New, format!("a new delivery: {first:?}"))?;
+    let again = store.insert_delivery_once(&at("i-1", 2_001, b"two"), "digest-two", since).await.map_err(err)?;
+    check(again == Intake::DuplicateId, format!("the same id again: {again:?}"))?;
+    let replay = store.insert_delivery_once(&at("i-2", 2_002, b"one"), "digest-one", since).await.map_err(err)?;
+    check(replay == Intake::DuplicateBody, format!("the same body under a new id: {replay:?}"))?;
+    check(store.delivery("i-2").await.map_err(err)?.is_none(), "a replay is not stored")?;
+    let later = Timestamp(3_000);
+    let old = store.insert_delivery_once(&at("i-3", 3_000, b"one"), "digest-one", later).await.map_err(err)?;
+    check(old == Intake::New, format!("the same body after the window: {old:?}"))?;
+
+    let due = |v: Vec<(Delivery, u32)>| {
+        v.into_iter().map(|(d, _)| d.id).filter(|id| id.starts_with("i-")).collect::<Vec<_>>()
+    };
+    check(due(store.due_deliveries(Timestamp(5_000), 100).await.map_err(err)?) == ["i-1", "i-3"], "both are due")?;
+    let retry = DeliveryOutcome::Retry { at: Timestamp(10_000), reason: "busy".into() };
+    store.finish_delivery("i-1", retry).await.map_err(err)?;
+    let now = due(store.due_deliveries(Timestamp(5_000), 100).await.map_err(err)?);
+    check(now == ["i-3"], format!("a delivery waiting for its retry is not due: {now:?}"))?;
+    let then = store.due_deliveries(Timestamp(10_000), 100).await.map_err(err)?;
+    check(
+        then.iter().any(|(d, attempts)| d.id == "i-1" && *attempts == 1),
+        format!("it is due at its time, with its attempt counted: {then:?}"),
+    )?;
+    let then = due(then);
+    check(then == ["i-1", "i-3"], format!("it is due at its time: {then:?}"))?;
+    store.finish_delivery("i-1", DeliveryOutcome::Dead { reason: "gone for good".into() }).await.map_err(err)?;
+    store.finish_delivery("i-3", DeliveryOutcome::Done { reason: Some("not served".into()) }).await.map_err(err)?;
+    store.finish_delivery("no-such", DeliveryOutcome::Done { reason: None }).await.map_err(err)?;
+    check(due(store.due_deliveries(Timestamp(u64::MAX), 100).await.map_err(err)?).is_empty(), "nothing is due")?;
+    let dead = store.deliveries(Some(DeliveryState::Dead), 100).await.map_err(err)?;
+    let dead: Vec<&DeliveryInfo> = dead.iter().filter(|d| d.id.starts_with("i-")).collect();
+    check(
+        dead.len() == 1
+            && dead[0].id == "i-1"
+            && dead[0].attempts == 2
+            && dead[0].reason.as_deref() == Some("gone for good"),
+        format!("the dead delivery with its attempts and reason: {dead:?}"),
+    )?;
+    let done = store.deliveries(Some(DeliveryState::Done), 100).await.map_err(err)?;
+    check(
+        done.iter().any(|d| d.id == "i-3" && d.reason.as_deref() == Some("not served")),
+        format!("the done delivery with its reason: {done:?}"),
+    )?;
+    let depth = store.inbox_depth().await.map_err(err)?;
+    check(depth.dead >= 1, format!("the dead delivery is counted: {depth:?}"))?;
+    check(store.redeliver("i-1").await.map_err(err)?, "a known delivery is redelivered")?;
+    check(!store.redeliver("no-such").await.map_err(err)?, "an unknown one is not")?;
+    let again = due(store.due_deliveries(Timestamp(0), 100).await.map_err(err)?);
+    check(again == ["i-1"], format!("a redelivered delivery is due at once: {again:?}"))?;
+    let info = store.deliveries(Some(DeliveryState::Pending), 100).await.map_err(err)?;
+    check(
+        info.iter().any(|d| d.id == "i-1" && d.attempts == 0),
+        format!("redelivery starts the attempts again: {info:?}"),
+    )?;
+    store.mark_delivery_done("i-1").await.map_err(err)?;
+    Ok(())
 }
 
 /// The build records kept from events, their filters and their pages.

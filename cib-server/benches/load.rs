@@ -41,21 +41,27 @@ fn main() {
         tokio::spawn(server::serve(running.state.clone(), listener, std::future::pending()));
 
         // An event cib stores and ignores, so the figure is the receiver's: verify, store, answer.
-        let body = Bytes::from_static(br#"{"action":"started","repository":{"full_name":"acme/shop"},"sender":{"login":"octocat"}}"#);
-        let signature = sign(SECRET.as_bytes(), &body);
+        // Each delivery has its own body, as real ones do, so each is a durable insert.
+        let body_for = |c: usize, i: usize| {
+            Bytes::from(format!(
+                r#"{{"action":"started","repository":{{"full_name":"acme/shop"}},"sender":{{"login":"octocat"}},"n":"{c}-{i}"}}"#
+            ))
+        };
         let started = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
-            let (url, body, signature) = (url.clone(), body.clone(), signature.clone());
+            let url = url.clone();
             tasks.push(tokio::spawn(async move {
                 let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
                 let mut latencies = Vec::with_capacity(PER_CLIENT);
                 for i in 0..PER_CLIENT {
+                    let body = body_for(c, i);
+                    let signature = sign(SECRET.as_bytes(), &body);
                     let request = http::Request::post(&url)
                         .header("x-github-event", "watch")
                         .header("x-github-delivery", format!("load-{c}-{i}"))
                         .header("x-hub-signature-256", &signature)
-                        .body(Full::new(body.clone()))
+                        .body(Full::new(body))
                         .expect("request");
                     let sent = Instant::now();
                     let response = client.request(request).await.expect("response");

@@ -41,6 +41,9 @@ pub struct TokenConfig {
 pub struct RepoConfig {
     pub name: String,
     pub path: PathBuf,
+    /// The secret a plain Git server signs its pushes to `POST /hooks/git` with.
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +79,10 @@ pub struct GithubConfig {
     /// The secret GitHub signs deliveries with.
     #[serde(default)]
     pub webhook_secret: Option<String>,
+    /// The GitHub repositories this server builds, as globs (`acme/*`, `other/app`). A delivery
+    /// for any other repository is stored and set aside, never built.
+    #[serde(default)]
+    pub repos: Vec<String>,
     /// The REST API's address (`https://api.github.com`, or a GitHub Enterprise server's).
     /// Repositories not listed under `[[repos]]` are reached through it.
     #[serde(default)]
@@ -121,6 +128,9 @@ pub struct ServerConfig {
     pub pools: Vec<PoolFileConfig>,
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// How the inbox retries deliveries that fail.
+    #[serde(default)]
+    pub inbox: InboxConfig,
     /// Secret values by name, for the steps that ask for them.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
@@ -160,7 +170,26 @@ impl Default for ServerConfig {
             pools: Vec::new(),
             webhooks: Vec::new(),
             secrets: BTreeMap::new(),
+            inbox: InboxConfig::default(),
         }
+    }
+}
+
+/// How the inbox retries a delivery whose processing failed: after `retry_base_ms`, doubling
+/// up to `retry_max_ms`, for at most `max_attempts` attempts, then it is set aside as dead.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_attempts: u32,
+    /// Repositories processed at once (deliveries of one repository go in arrival order).
+    pub concurrency: usize,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig { retry_base_ms: 1_000, retry_max_ms: 600_000, max_attempts: 8, concurrency: 8 }
     }
 }
 
@@ -200,12 +229,24 @@ impl ServerConfig {
                 return Err(format!("the token of '{}' is shorter than 16 characters", t.name));
             }
         }
+        for g in &self.github.repos {
+            cib_core::spec::Glob::parse(g).map_err(|e| format!("[github] repos: '{g}': {e}"))?;
+        }
+        if self.inbox.max_attempts == 0 || self.inbox.concurrency == 0 {
+            return Err("[inbox] max_attempts and concurrency must be at least 1".into());
+        }
         for p in &self.pools {
             if p.units.is_empty() == p.capacity.is_none() {
                 return Err(format!("pool '{}' needs either units or a capacity", p.name));
             }
         }
         Ok(())
+    }
+
+    /// Whether this server builds `repo`: a `[[repos]]` entry, or a match of `[github] repos`.
+    pub fn serves(&self, repo: &str) -> bool {
+        self.repos.iter().any(|r| r.name == repo)
+            || self.github.repos.iter().any(|g| cib_core::spec::Glob::parse(g).is_ok_and(|g| g.is_match(repo)))
     }
 
     /// The pools as the lease table takes them.

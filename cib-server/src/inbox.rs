@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cib_core::event::BuildId;
 use cib_core::forge::{Command, ForgeEvent, PullRequestAction};
 use cib_core::pipeline::{Actor, BuildContext, Input};
-use cib_core::ports::{Delivery, ErrorKind, Permission};
+use cib_core::ports::{Delivery, DeliveryOutcome, ErrorKind, Permission};
 use cib_core::spec::{self, TriggerEvent};
 
 use crate::state::AppState;
@@ -322,46 +322,197 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
     Ok(Processed::Builds(builds))
 }
 
-/// Parses a stored delivery from GitHub into a forge event.
-pub fn parse_github(delivery: &Delivery) -> Result<ForgeEvent, cib_github::webhook::ParseError> {
-    cib_github::webhook::parse(&delivery.event, &delivery.body)
+/// Why a stored delivery can never be processed: it is done at once, with this reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error("unreadable: {0}")]
+    Github(#[from] cib_github::webhook::ParseError),
+    #[error("unreadable: {0}")]
+    Git(#[from] serde_json::Error),
+    #[error("unreadable: deliveries from '{0}' are not known")]
+    Source(String),
 }
 
-/// Works through stored deliveries: all pending ones at start (a crash may have left some),
-/// then each new one as the receiver stores it.
+/// A push from a plain Git server, as `POST /hooks/git` takes it.
+#[derive(Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GitPush {
+    /// The repository, as named in `[[repos]]`.
+    pub repo: String,
+    /// The ref pushed: `refs/heads/<branch>` or `refs/tags/<tag>`.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The commit before the push (forty zeros for a new ref).
+    pub before: String,
+    /// The commit after the push (forty zeros for a deleted ref).
+    pub after: String,
+    /// Who pushed, as the Git server authenticated them.
+    #[serde(default)]
+    pub pusher: Option<String>,
+}
+
+impl GitPush {
+    /// The push in domain terms.
+    pub fn event(self) -> ForgeEvent {
+        let zero = |c: &str| !c.is_empty() && c.bytes().all(|b| b == b'0');
+        let (branch, tag) =
+            match (self.reference.strip_prefix("refs/heads/"), self.reference.strip_prefix("refs/tags/")) {
+                (Some(b), _) => (Some(b.to_owned()), None),
+                (_, Some(t)) => (None, Some(t.to_owned())),
+                _ => (Some(self.reference.clone()), None),
+            };
+        ForgeEvent::Push(cib_core::forge::Push {
+            repo: self.repo,
+            branch,
+            tag,
+            created: zero(&self.before),
+            deleted: zero(&self.after),
+            before: self.before,
+            after: self.after,
+            forced: false,
+            changed_paths: None,
+            sender: self.pusher.unwrap_or_else(|| "git".to_owned()),
+        })
+    }
+}
+
+/// Parses a stored delivery into a forge event, by where it came from.
+pub fn parse_delivery(delivery: &Delivery) -> Result<ForgeEvent, Unreadable> {
+    match delivery.source.as_str() {
+        "github" => Ok(cib_github::webhook::parse(&delivery.event, &delivery.body)?),
+        "git" => Ok(serde_json::from_slice::<GitPush>(&delivery.body)?.event()),
+        other => Err(Unreadable::Source(other.to_owned())),
+    }
+}
+
+/// The repository an event is about, when it is about one.
+fn repo_of(event: &ForgeEvent) -> Option<&str> {
+    match event {
+        ForgeEvent::Push(p) => Some(&p.repo),
+        ForgeEvent::PullRequest(pr) => Some(&pr.repo),
+        ForgeEvent::Command(c) => Some(&c.repo),
+        ForgeEvent::Rerun { repo, .. } => Some(repo),
+        ForgeEvent::Ping { .. } | ForgeEvent::Ignored { .. } => None,
+    }
+}
+
+/// The reason a delivery for a repository this server does not build is set aside with.
+pub const NOT_SERVED: &str = "not a repository this server builds";
+
+/// How long after a failed attempt the next one comes: the base, doubling, up to the maximum.
+fn backoff(config: &crate::config::InboxConfig, failed: u32) -> std::time::Duration {
+    let factor = 1u64.checked_shl(failed.saturating_sub(1)).unwrap_or(u64::MAX);
+    std::time::Duration::from_millis(config.retry_base_ms.saturating_mul(factor).min(config.retry_max_ms))
+}
+
+/// Records a delivery's outcome, logging a store that fails (the delivery then stays pending
+/// and is tried again, which processing allows: it is idempotent).
+async fn finish(state: &AppState, id: &str, outcome: DeliveryOutcome) {
+    if let Err(e) = state.store.finish_delivery(id, outcome).await {
+        tracing::warn!(delivery = %id, error = %e, "cannot record a delivery's outcome");
+    }
+}
+
+/// Processes one repository's due deliveries in arrival order. A delivery that fails is tried
+/// again later, after its backoff; it does not hold up the ones after it, so one broken
+/// delivery never jams its repository.
+async fn process_repo(state: Arc<AppState>, repo: String, deliveries: Vec<(Delivery, u32, ForgeEvent)>) {
+    for (delivery, failed_before, event) in deliveries {
+        let id = delivery.id.clone();
+        match process(&state, &id, event).await {
+            Ok(result) => {
+                tracing::info!(delivery = %id, %repo, ?result, "delivery processed");
+                let reason = match result {
+                    Processed::Builds(_) => None,
+                    Processed::Nothing(why) => Some(why),
+                };
+                finish(&state, &id, DeliveryOutcome::Done { reason }).await;
+            }
+            Err(e) => {
+                let failed = failed_before + 1;
+                let reason = e.to_string();
+                if failed >= state.config.inbox.max_attempts {
+                    tracing::warn!(delivery = %id, %repo, attempts = failed, error = %e, "delivery set aside as dead");
+                    finish(&state, &id, DeliveryOutcome::Dead { reason }).await;
+                } else {
+                    let wait = backoff(&state.config.inbox, failed);
+                    let at = state.clock.now() + wait;
+                    tracing::warn!(
+                        delivery = %id, %repo, attempts = failed, kind = ?e.kind(), error = %e,
+                        retry_in_ms = wait.as_millis() as u64, "delivery failed; it will be tried again"
+                    );
+                    finish(&state, &id, DeliveryOutcome::Retry { at, reason }).await;
+                }
+            }
+        }
+    }
+}
+
+/// Works through the due deliveries, round after round: those that can never build anything
+/// (unreadable, for a repository this server does not build, ignored events) are set aside at
+/// once and together; the rest are processed concurrently across repositories and in arrival
+/// order within one.
 pub async fn run(state: Arc<AppState>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(state.config.inbox.concurrency));
     loop {
         let notified = state.inbox.notified();
-        match state.store.pending_deliveries(100).await {
-            Ok(pending) if !pending.is_empty() => {
-                for delivery in pending {
-                    let outcome = match parse_github(&delivery) {
-                        Ok(event) => process(&state, &delivery.id, event).await,
-                        Err(reason) => Ok(Processed::Nothing(format!("unreadable: {reason}"))),
-                    };
-                    match outcome {
-                        Ok(result) => {
-                            tracing::info!(delivery = %delivery.id, ?result, "delivery processed");
-                            if let Err(e) = state.store.mark_delivery_done(&delivery.id).await {
-                                tracing::warn!(error = %e, "cannot mark a delivery done");
-                            }
-                        }
-                        Err(e) => {
-                            // Left pending: a transient failure (the repository was busy) gets
-                            // another try at the next wake-up.
-                            tracing::warn!(delivery = %delivery.id, error = %e, kind = ?e.kind(), "delivery not processed");
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-                continue;
+        let due = match state.store.due_deliveries(state.clock.now(), 500).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the inbox");
+                Vec::new()
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the inbox"),
+        };
+        if due.is_empty() {
+            // Retries come due with time, so the inbox looks again soon even when nothing new
+            // arrives.
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+            continue;
         }
-        tokio::select! {
-            () = notified => {}
-            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        let mut at_once = Vec::new();
+        let mut by_repo: std::collections::BTreeMap<String, Vec<(Delivery, u32, ForgeEvent)>> = Default::default();
+        // Repositories in the order their oldest due delivery arrived.
+        let mut order = Vec::new();
+        for (delivery, failed) in due {
+            match parse_delivery(&delivery) {
+                Err(e) => at_once.push((delivery.id, Some(e.to_string()))),
+                Ok(event) => match repo_of(&event).map(str::to_owned) {
+                    Some(repo) if !state.config.serves(&repo) => {
+                        at_once.push((delivery.id, Some(NOT_SERVED.to_owned())))
+                    }
+                    Some(repo) => {
+                        if !by_repo.contains_key(&repo) {
+                            order.push(repo.clone());
+                        }
+                        by_repo.entry(repo).or_default().push((delivery, failed, event));
+                    }
+                    None => at_once.push((delivery.id, Some(format!("{} builds nothing", delivery.event)))),
+                },
+            }
+        }
+        // Set aside together, so the store commits them in a few transactions.
+        let state_ref = &state;
+        futures_util::future::join_all(at_once.into_iter().map(|(id, reason)| async move {
+            tracing::info!(delivery = %id, reason = reason.as_deref().unwrap_or(""), "delivery done without processing");
+            finish(state_ref, &id, DeliveryOutcome::Done { reason }).await;
+        }))
+        .await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for repo in order {
+            let deliveries = by_repo.remove(&repo).unwrap_or_default();
+            let (state, gate) = (state.clone(), gate.clone());
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                process_repo(state, repo, deliveries).await;
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a repository's inbox task failed");
+            }
         }
     }
 }

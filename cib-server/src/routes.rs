@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{builds, events, hooks, logs, meta, pools, repos};
+use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -57,6 +57,10 @@ pub fn table() -> Vec<Route> {
         route!(GET "/healthz", Public, meta::healthz, meta::healthz_doc),
         route!(GET "/api/v1/openapi.json", Public, openapi, openapi_doc),
         route!(POST "/hooks/github", Signed, hooks::github, hooks::github_doc),
+        route!(POST "/hooks/git", Signed, hooks::git, hooks::git_doc),
+        // The inbox.
+        route!(GET "/api/v1/deliveries", ADMIN, deliveries::list, deliveries::list_doc),
+        route!(POST "/api/v1/deliveries/{delivery}/redeliver", ADMIN, deliveries::redeliver, deliveries::redeliver_doc),
         // Builds.
         route!(GET "/api/v1/builds", READ, builds::list, builds::list_doc),
         route!(POST "/api/v1/builds", TRIGGER, builds::trigger, builds::trigger_doc),
@@ -77,6 +81,7 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/leases/{lease}/return", TRIGGER, pools::give_back, pools::give_back_doc),
         route!(POST "/api/v1/leases/{lease}/revoke", ADMIN, pools::revoke, pools::revoke_doc),
         // Repositories and the workflow, `owner/name` as two segments.
+        route!(GET "/api/v1/repos", READ, repos::list, repos::list_doc),
         route!(POST "/api/v1/repos/{owner}/{name}/reviews", APPROVE, repos::review, repos::review_doc),
         route!(POST "/api/v1/repos/{owner}/{name}/approvals", APPROVE, repos::approval, repos::approval_doc),
         route!(POST "/api/v1/repos/{owner}/{name}/merge", TRIGGER, repos::merge, repos::merge_doc),

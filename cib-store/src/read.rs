@@ -5,8 +5,8 @@
 use cib_core::event::{BuildId, Event, EventBody};
 use cib_core::pipeline::Input;
 use cib_core::ports::{
-    BuildFilter, BuildRecord, BuildStatus, BuildSummary, Delivery, Page, StepRecord, StepRecordStatus, StoreError,
-    StoredInput,
+    BuildFilter, BuildRecord, BuildStatus, BuildSummary, Delivery, DeliveryInfo, DeliveryState, InboxDepth, Page,
+    StepRecord, StepRecordStatus, StoreError, StoredInput,
 };
 use cib_core::time::Timestamp;
 use rusqlite::types::Value;
@@ -66,19 +66,28 @@ pub(crate) fn delivery(conn: &Connection, id: &str) -> Result<Option<Delivery>, 
 }
 
 pub(crate) fn pending_deliveries(conn: &Connection, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-    type Row = (String, String, String, i64, Vec<u8>);
+    Ok(due_deliveries(conn, i64::MAX, limit)?.into_iter().map(|(d, _)| d).collect())
+}
+
+pub(crate) fn due_deliveries(conn: &Connection, now: i64, limit: usize) -> Result<Vec<(Delivery, u32)>, StoreError> {
+    type Row = (String, String, String, i64, Vec<u8>, i64);
     let rows: Vec<Row> = conn
         .prepare_cached(
-            "SELECT id, source, event, received_at, body FROM deliveries WHERE done = 0
+            "SELECT id, source, event, received_at, body, attempts FROM deliveries
+             WHERE done = 0 AND dead = 0 AND next_attempt_at <= ?2
              ORDER BY received_at, id LIMIT ?1",
         )
         .and_then(|mut s| {
-            s.query_map([sql_limit(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+            s.query_map(rusqlite::params![sql_limit(limit), now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?
+            .collect()
         })
         .map_err(db)?;
     rows.into_iter()
-        .map(|(id, source, event, received_at, body)| {
-            Ok(Delivery { id, source, event, received_at: time(received_at)?, body })
+        .map(|(id, source, event, received_at, body, attempts)| {
+            let attempts = u32::try_from(attempts).map_err(|_| corrupt(format!("attempts {attempts}")))?;
+            Ok((Delivery { id, source, event, received_at: time(received_at)?, body }, attempts))
         })
         .collect()
 }
@@ -199,4 +208,63 @@ pub(crate) fn build(conn: &Connection, id: &BuildId) -> Result<Option<BuildRecor
         })
         .collect::<Result<_, StoreError>>()?;
     Ok(Some(BuildRecord { build, steps }))
+}
+
+pub(crate) fn deliveries(
+    conn: &Connection,
+    state: Option<DeliveryState>,
+    limit: usize,
+) -> Result<Vec<DeliveryInfo>, StoreError> {
+    type Row = (String, String, String, i64, i64, i64, i64, i64, Option<String>);
+    let filter = match state {
+        None => "1 = 1",
+        Some(DeliveryState::Pending) => "done = 0 AND dead = 0",
+        Some(DeliveryState::Done) => "done = 1",
+        Some(DeliveryState::Dead) => "done = 0 AND dead = 1",
+    };
+    let sql = format!(
+        "SELECT id, source, event, received_at, done, dead, attempts, next_attempt_at, reason FROM deliveries
+         WHERE {filter} ORDER BY received_at DESC, id DESC LIMIT ?1"
+    );
+    let rows: Vec<Row> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map([sql_limit(limit)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+            })?
+            .collect()
+        })
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(id, source, event, received_at, done, dead, attempts, next, reason)| {
+            let state = match (done, dead) {
+                (1, _) => DeliveryState::Done,
+                (_, 1) => DeliveryState::Dead,
+                _ => DeliveryState::Pending,
+            };
+            Ok(DeliveryInfo {
+                id,
+                source,
+                event,
+                received_at: time(received_at)?,
+                state,
+                attempts: u32::try_from(attempts).map_err(|_| corrupt(format!("attempts {attempts}")))?,
+                next_attempt_at: time(next)?,
+                reason,
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn inbox_depth(conn: &Connection) -> Result<InboxDepth, StoreError> {
+    let (pending, dead, oldest): (i64, i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(CASE WHEN done = 0 AND dead = 0 THEN 1 ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN done = 0 AND dead = 1 THEN 1 ELSE 0 END), 0),
+                    MIN(CASE WHEN done = 0 AND dead = 0 THEN received_at END)
+             FROM deliveries WHERE done = 0",
+        )
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+        .map_err(db)?;
+    Ok(InboxDepth { pending: from_sql(pending)?, dead: from_sql(dead)?, oldest_pending: oldest.map(time).transpose()? })
 }

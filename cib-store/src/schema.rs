@@ -129,10 +129,22 @@ CREATE TABLE secrets (
 );
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+/// Version 5: the inbox retries with backoff and sets aside what keeps failing (`dead`), with
+/// its attempts and the reason; a body's digest finds a replay of it under a new delivery id.
+const V5: &str = "
+ALTER TABLE deliveries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deliveries ADD COLUMN next_attempt_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE deliveries ADD COLUMN dead SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE deliveries ADD COLUMN reason TEXT;
+ALTER TABLE deliveries ADD COLUMN body_sha256 TEXT;
+CREATE INDEX deliveries_due ON deliveries (done, dead, next_attempt_at);
+CREATE INDEX deliveries_digest ON deliveries (body_sha256, received_at);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use cib_core::event::{BuildId, Event};
 use cib_core::policy::SecretScope;
 use cib_core::ports::{
-    BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, LogKey, LogLimit, LogRead,
-    NewSecret, OpenSecret, Page, SecretError, SecretInfo, SecretKey, SecretStore, SecretValue, Store, StoreError,
-    StoredInput, check_new_secret,
+    BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, DeliveryInfo, DeliveryOutcome,
+    DeliveryState, InboxDepth, Intake, LogKey, LogLimit, LogRead, NewSecret, OpenSecret, Page, SecretError, SecretInfo,
+    SecretKey, SecretStore, SecretValue, Store, StoreError, StoredInput, check_new_secret,
 };
 use cib_core::time::Timestamp;
 use rusqlite::{Connection, OpenFlags};
@@ -346,6 +346,46 @@ impl Store for SqliteStore {
 
     async fn pending_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         self.read(move |c| read::pending_deliveries(c, limit)).await
+    }
+
+    async fn insert_delivery_once(
+        &self,
+        delivery: &Delivery,
+        digest: &str,
+        since: Timestamp,
+    ) -> Result<Intake, StoreError> {
+        let op = Op::DeliveryOnce { delivery: delivery.clone(), digest: digest.to_owned(), since: since.0 };
+        match self.write(op).await? {
+            Done::Intake(intake) => Ok(intake),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn due_deliveries(&self, now: Timestamp, limit: usize) -> Result<Vec<(Delivery, u32)>, StoreError> {
+        let now = i64::try_from(now.0).unwrap_or(i64::MAX);
+        self.read(move |c| read::due_deliveries(c, now, limit)).await
+    }
+
+    async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome) -> Result<(), StoreError> {
+        match self.write(Op::FinishDelivery { id: id.to_owned(), outcome }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn deliveries(&self, state: Option<DeliveryState>, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError> {
+        self.read(move |c| read::deliveries(c, state, limit)).await
+    }
+
+    async fn redeliver(&self, id: &str) -> Result<bool, StoreError> {
+        match self.write(Op::Redeliver { id: id.to_owned() }).await? {
+            Done::New(changed) => Ok(changed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn inbox_depth(&self) -> Result<InboxDepth, StoreError> {
+        self.read(read::inbox_depth).await
     }
 
     async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError> {

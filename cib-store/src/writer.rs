@@ -7,7 +7,9 @@
 //! alone while the others commit. Callers hear back only after the commit, so a reported
 //! write is a durable write.
 
-use cib_core::ports::{BuildStatus, BuildUpdate, Delivery, LogKey, NewSecret, SecretError, SecretKey, StoreError};
+use cib_core::ports::{
+    BuildStatus, BuildUpdate, Delivery, DeliveryOutcome, Intake, LogKey, NewSecret, SecretError, SecretKey, StoreError,
+};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,7 +37,10 @@ pub(crate) enum Op {
     FinishLog { key: LogKey },
     LogTime { key: LogKey, offset: u64, at: u64 },
     Delivery(Delivery),
+    DeliveryOnce { delivery: Delivery, digest: String, since: u64 },
     DeliveryDone { id: String },
+    FinishDelivery { id: String, outcome: DeliveryOutcome },
+    Redeliver { id: String },
     SetSecret { key: SecretKey, secret: NewSecret, scope: String },
     RemoveSecret { repo: String, name: String },
     Rekey { old: SecretKey, new: SecretKey },
@@ -49,8 +54,8 @@ impl Op {
             Op::Events(rows) => rows.iter().map(|r| r.body.len()).sum(),
             Op::AppendLog { data, .. } => data.len(),
             Op::FinishLog { .. } | Op::LogTime { .. } => 0,
-            Op::Delivery(d) => d.body.len(),
-            Op::DeliveryDone { .. } => 0,
+            Op::Delivery(d) | Op::DeliveryOnce { delivery: d, .. } => d.body.len(),
+            Op::DeliveryDone { .. } | Op::FinishDelivery { .. } | Op::Redeliver { .. } => 0,
             Op::SetSecret { secret, .. } => secret.value.expose().len(),
             Op::RemoveSecret { .. } | Op::Rekey { .. } => 0,
         }
@@ -64,6 +69,7 @@ pub(crate) enum Done {
     Length(u64),
     Unit,
     New(bool),
+    Intake(Intake),
     /// How many secrets a rekey re-sealed.
     Count(usize),
     /// A secret operation refused before it wrote anything: a wrong key, say.
@@ -195,6 +201,53 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
                 params![d.id, d.source, d.event, received_at, d.body],
             )?;
             Ok(Done::New(inserted == 1))
+        }
+        Op::DeliveryOnce { delivery: d, digest, since } => {
+            let found: Option<i64> = query_opt(conn, "SELECT 1 FROM deliveries WHERE id = ?1", [&d.id], |r| r.get(0))?;
+            if found.is_some() {
+                return Ok(Done::Intake(Intake::DuplicateId));
+            }
+            let replay: Option<i64> = query_opt(
+                conn,
+                "SELECT 1 FROM deliveries WHERE body_sha256 = ?1 AND received_at >= ?2 LIMIT 1",
+                params![digest, to_sql(*since)?],
+                |r| r.get(0),
+            )?;
+            if replay.is_some() {
+                return Ok(Done::Intake(Intake::DuplicateBody));
+            }
+            exec(
+                conn,
+                "INSERT INTO deliveries (id, source, event, received_at, body, body_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![d.id, d.source, d.event, to_sql(d.received_at.0)?, d.body, digest],
+            )?;
+            Ok(Done::Intake(Intake::New))
+        }
+        Op::FinishDelivery { id, outcome } => {
+            match outcome {
+                DeliveryOutcome::Done { reason } => {
+                    exec(conn, "UPDATE deliveries SET done = 1, reason = ?2 WHERE id = ?1", params![id, reason])?
+                }
+                DeliveryOutcome::Retry { at, reason } => exec(
+                    conn,
+                    "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?2, reason = ?3 WHERE id = ?1",
+                    params![id, to_sql(at.0)?, reason],
+                )?,
+                DeliveryOutcome::Dead { reason } => exec(
+                    conn,
+                    "UPDATE deliveries SET attempts = attempts + 1, dead = 1, reason = ?2 WHERE id = ?1",
+                    params![id, reason],
+                )?,
+            };
+            Ok(Done::Unit)
+        }
+        Op::Redeliver { id } => {
+            let changed = exec(
+                conn,
+                "UPDATE deliveries SET done = 0, dead = 0, attempts = 0, next_attempt_at = 0 WHERE id = ?1",
+                [id],
+            )?;
+            Ok(Done::New(changed == 1))
         }
         Op::DeliveryDone { id } => {
             exec(conn, "UPDATE deliveries SET done = 1 WHERE id = ?1", [id])?;

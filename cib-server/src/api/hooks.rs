@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
-use cib_core::ports::Delivery;
+use cib_core::ports::{Delivery, Intake};
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::json;
@@ -63,15 +63,85 @@ pub async fn github(
         received_at: state.clock.now(),
         body: body.to_vec(),
     };
-    let new = state
+    store(&state, delivery).await
+}
+
+/// How long a body is remembered, so that a captured body replayed under a new delivery id
+/// builds nothing.
+const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Stores a verified delivery, deduplicated by its id and by its body's digest, and wakes the
+/// inbox for a new one.
+async fn store(state: &AppState, delivery: Delivery) -> Result<Response, ApiError> {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(&delivery.body));
+    let window = REPLAY_WINDOW.as_millis() as u64;
+    let since = cib_core::time::Timestamp(delivery.received_at.millis().saturating_sub(window));
+    let intake = state
         .store
-        .insert_delivery(&delivery)
+        .insert_delivery_once(&delivery, &digest, since)
         .await
         .map_err(|e| ApiError::Unavailable(format!("the delivery could not be stored: {e}")))?;
+    let new = intake == Intake::New;
     if new {
         state.inbox.notify_one();
+    } else {
+        tracing::info!(delivery = %delivery.id, ?intake, "duplicate delivery answered and dropped");
     }
-    Ok(json_response(StatusCode::ACCEPTED, &Accepted { delivery: id, duplicate: !new }))
+    Ok(json_response(StatusCode::ACCEPTED, &Accepted { delivery: delivery.id, duplicate: !new }))
+}
+
+/// `POST /hooks/git`: a push from a plain Git server (a `post-receive` hook), signed with the
+/// repository's own secret like GitHub's deliveries.
+pub async fn git(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = crate::extract::read_body(body, crate::extract::api_body_limit(&state)).await?;
+    // An unsigned push is refused before its body is looked at. The repository's name is
+    // needed to find its secret, so a signed body is parsed next; nothing it says is acted on
+    // before the signature is checked.
+    if headers.get("x-cib-signature-256").is_none() {
+        return Err(ApiError::BadSignature("the X-Cib-Signature-256 header is missing".into()));
+    }
+    let push: crate::inbox::GitPush =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the push is malformed: {e}")))?;
+    let secret = state
+        .config
+        .repos
+        .iter()
+        .find(|r| r.name == push.repo)
+        .and_then(|r| r.webhook_secret.clone())
+        .ok_or_else(|| ApiError::BadSignature(format!("'{}' has no webhook_secret on this server", push.repo)))?;
+    cib_github::webhook::verify(secret.as_bytes(), &body, header("x-cib-signature-256").as_deref())
+        .map_err(|e| ApiError::BadSignature(format!("signature check failed: {e}")))?;
+    let Some(id) = header("x-cib-delivery") else {
+        return Err(ApiError::BadRequest("the X-Cib-Delivery header is missing".into()));
+    };
+    let delivery = Delivery {
+        id,
+        source: "git".into(),
+        event: "push".into(),
+        received_at: state.clock.now(),
+        body: body.to_vec(),
+    };
+    store(&state, delivery).await
+}
+
+pub fn git_doc(g: &mut DocGen) -> Op {
+    let text = json!({ "type": "string" });
+    Op::new("A push from a plain Git server.")
+        .describe("Signed with the repository's `webhook_secret` (`X-Cib-Signature-256: sha256=<HMAC-SHA256 of the body, hex>`), identified by `X-Cib-Delivery`. Processed through the same inbox as GitHub's deliveries.")
+        .param(Param::header("X-Cib-Signature-256", "`sha256=` and the HMAC-SHA256 of the body, in hex.", text.clone()))
+        .param(Param::header("X-Cib-Delivery", "A unique id for this delivery.", text))
+        .body(g.schema::<crate::inbox::GitPush>())
+        .json(202, "The push was stored (or had been).", g.schema::<Accepted>())
+        .error(g, 400, "The body or a header is malformed.")
+        .error(g, 401, "The signature is missing or wrong, or the repository has no secret here.")
+        .error(g, 413, "The body is too large.")
+        .error(g, 503, "The push could not be stored; send it again.")
 }
 
 pub fn github_doc(g: &mut DocGen) -> Op {

@@ -3,6 +3,7 @@
 //! and role.
 
 pub mod builds;
+pub mod deliveries;
 pub mod events;
 pub mod hooks;
 pub mod logs;

@@ -215,3 +215,39 @@ pub fn environments_doc(g: &mut DocGen) -> Op {
 pub fn environments_doc_encoded(g: &mut DocGen) -> Op {
     environments_op(g, false)
 }
+
+/// A repository this server builds, or a pattern of GitHub repositories it builds.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Served {
+    /// `owner/name`, or a glob such as `acme/*`.
+    pub repo: String,
+    /// `local` (a `[[repos]]` entry) or `github`.
+    pub forge: String,
+    /// Whether `POST /hooks/git` takes pushes for it.
+    pub git_hook: bool,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ServedList {
+    pub repos: Vec<Served>,
+}
+
+/// `GET /api/v1/repos`: what this server builds; deliveries for anything else are set aside.
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let mut repos: Vec<Served> = state
+        .config
+        .repos
+        .iter()
+        .map(|r| Served { repo: r.name.clone(), forge: "local".into(), git_hook: r.webhook_secret.is_some() })
+        .collect();
+    repos.extend(state.config.github.repos.iter().map(|g| Served {
+        repo: g.clone(),
+        forge: "github".into(),
+        git_hook: false,
+    }));
+    Ok(json_response(StatusCode::OK, &ServedList { repos }))
+}
+
+pub fn list_doc(g: &mut DocGen) -> Op {
+    Op::new("The repositories this server builds.").json(200, "The repositories.", g.schema::<ServedList>())
+}

@@ -160,6 +160,7 @@ async fn from_pull_request_to_production_on_github() {
             webhook_secret: Some(SECRET.into()),
             api_url: Some(fake.url().to_owned()),
             token: Some(TEST_TOKEN.into()),
+            repos: vec![REPO.into()],
             ..GithubConfig::default()
         },
         pools: vec![PoolFileConfig { name: "staging-env".into(), units: vec![], capacity: Some(1) }],

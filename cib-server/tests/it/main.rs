@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod github_flow;
+mod inbox;
 mod openapi_check;
 mod plan;
 mod pools;

@@ -19,6 +19,9 @@ use hyper_util::rt::TokioExecutor;
 
 pub const SECRET: &str = "It's a Secret to Everybody";
 
+/// The secret `POST /hooks/git` pushes for acme/shop are signed with.
+pub const GIT_SECRET: &str = "a plain git server's secret";
+
 pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .arg("-C")
@@ -115,6 +118,11 @@ impl TestServer {
             tokens: tokens(),
             github: cib_server::config::GithubConfig { webhook_secret: Some(SECRET.into()), ..Default::default() },
             max_body_bytes: 1024 * 1024,
+            repos: vec![cib_server::config::RepoConfig {
+                name: "acme/shop".into(),
+                path: dir.path().join("shop"),
+                webhook_secret: Some(GIT_SECRET.into()),
+            }],
             ..ServerConfig::default()
         };
         configure(&mut config);

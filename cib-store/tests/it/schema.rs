@@ -83,7 +83,14 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
         "DROP TABLE log_times;
          DROP TABLE secrets;
          DROP INDEX deliveries_pending;
+         DROP INDEX deliveries_due;
+         DROP INDEX deliveries_digest;
          ALTER TABLE deliveries DROP COLUMN done;
+         ALTER TABLE deliveries DROP COLUMN attempts;
+         ALTER TABLE deliveries DROP COLUMN next_attempt_at;
+         ALTER TABLE deliveries DROP COLUMN dead;
+         ALTER TABLE deliveries DROP COLUMN reason;
+         ALTER TABLE deliveries DROP COLUMN body_sha256;
          DELETE FROM schema_version WHERE version > 1;
          INSERT INTO deliveries (id, source, event, received_at, body) VALUES ('old', 'github', 'push', 5, x'7b7d');",
     )

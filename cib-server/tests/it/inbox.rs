@@ -1,0 +1,187 @@
+//! The inbox on the real server: repositories it does not build are set aside at once,
+//! failures back off and end dead, replays build nothing, plain Git servers push through the
+//! same inbox, and none of it holds up a good push.
+
+use std::time::{Duration, Instant};
+
+use cib_core::ports::BuildStatus;
+use cib_server::config::{InboxConfig, RepoConfig};
+use cib_server::outgoing::sign;
+use serde_json::Value;
+
+use super::server::{GIT_SECRET, SECRET, TestServer, token};
+use cib_server::config::Role;
+
+const SPEC: &str = r#"
+pipelines:
+  test:
+    steps:
+      - { name: talk, image: busybox, commands: ["echo hello"] }
+"#;
+
+/// A push of `repo` to `feature/x`, made unique by `n` (a replayed body is a duplicate).
+fn push(repo: &str, commit: &str, n: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ref": "refs/heads/feature/x",
+        "before": format!("{n:040}"),
+        "after": commit,
+        "created": false,
+        "deleted": false,
+        "forced": false,
+        "commits": [],
+        "repository": { "full_name": repo },
+        "sender": { "login": "octocat" }
+    }))
+    .expect("json")
+}
+
+async fn deliveries(s: &TestServer, state: &str) -> Vec<Value> {
+    let answer = s
+        .request("GET", &format!("/api/v1/deliveries?state={state}&limit=10000"), Some(&token(Role::Admin)), b"")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let v: Value = serde_json::from_str(&answer.body).expect("json");
+    v["deliveries"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_and_failing_deliveries_never_hold_up_a_good_push() {
+    let s = TestServer::start_configured(SPEC, |c| {
+        // A served repository whose files are gone: every attempt fails.
+        c.repos.push(RepoConfig { name: "acme/gone".into(), path: "/nonexistent/gone".into(), webhook_secret: None });
+        c.inbox = InboxConfig { retry_base_ms: 10, retry_max_ms: 80, ..InboxConfig::default() };
+    })
+    .await;
+    for n in 0..1000 {
+        let body = push("elsewhere/app", &s.commit, n);
+        let answer = s.hook("push", &format!("unserved-{n}"), &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+        assert_eq!(answer.status, 202, "{}", answer.body);
+    }
+    for n in 0..200 {
+        let body = push("acme/gone", &s.commit, n);
+        let answer = s.hook("push", &format!("failing-{n}"), &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+        assert_eq!(answer.status, 202, "{}", answer.body);
+    }
+    let body = push("acme/shop", &s.commit, 7);
+    let answer = s.hook("push", "good", &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let sent = Instant::now();
+    s.wait_builds(|b| b.iter().any(|b| b.repo == "acme/shop" && b.status != BuildStatus::Queued)).await;
+    let waited = sent.elapsed();
+    assert!(waited < Duration::from_secs(2), "the good push's build started after {waited:?}");
+
+    // The unserved ones are done, with the reason; the failing ones end dead after 8 attempts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = deliveries(&s, "done").await;
+        let unserved = done
+            .iter()
+            .filter(|d| d["id"].as_str().is_some_and(|id| id.starts_with("unserved-")))
+            .filter(|d| d["reason"] == "not a repository this server builds")
+            .count();
+        let dead = deliveries(&s, "dead").await;
+        let dead_failing =
+            dead.iter().filter(|d| d["id"].as_str().is_some_and(|id| id.starts_with("failing-"))).collect::<Vec<_>>();
+        if unserved == 1000 && dead_failing.len() == 200 {
+            for d in &dead_failing {
+                assert_eq!(d["attempts"], 8, "{d}");
+                assert!(d["reason"].as_str().is_some_and(|r| r.contains("acme/gone")), "{d}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "unserved done: {unserved}, failing dead: {}", dead_failing.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(deliveries(&s, "pending").await.is_empty(), "nothing is left pending");
+
+    // A dead delivery can be redelivered: it is pending again from its first attempt.
+    let answer = s.request("POST", "/api/v1/deliveries/failing-0/redeliver", Some(&token(Role::Admin)), b"").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = s.request("POST", "/api/v1/deliveries/no-such/redeliver", Some(&token(Role::Admin)), b"").await;
+    assert_eq!(answer.status, 404, "{}", answer.body);
+    let answer = s.request("GET", "/api/v1/deliveries?state=dead", Some(&token(Role::Trigger)), b"").await;
+    assert_eq!(answer.status, 403, "deliveries are for admins: {}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_for_a_repository_this_server_does_not_build_is_done_within_a_second() {
+    let s = TestServer::start(SPEC).await;
+    let body = push("someone/else", &s.commit, 1);
+    let answer = s.hook("push", "stranger", &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+    assert_eq!(answer.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let done = deliveries(&s, "done").await;
+        if let Some(d) = done.iter().find(|d| d["id"] == "stranger") {
+            assert_eq!(d["reason"], "not a repository this server builds");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the delivery is still not done");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = s.request("GET", "/api/v1/repos", Some(&token(Role::Read)), b"").await;
+    assert_eq!(answer.status, 200);
+    let v: Value = serde_json::from_str(&answer.body).expect("json");
+    assert_eq!(v["repos"][0]["repo"], "acme/shop");
+    assert!(s.wait_builds(|_| true).await.is_empty(), "no build was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_body_under_a_new_delivery_id_builds_nothing() {
+    let s = TestServer::start(SPEC).await;
+    let body = push("acme/shop", &s.commit, 1);
+    let signature = sign(SECRET.as_bytes(), &body);
+    let first = s.hook("push", "original", &body, Some(&signature)).await;
+    assert_eq!(first.status, 202);
+    assert!(first.body.contains("\"duplicate\": false"), "{}", first.body);
+    s.wait_builds(|b| b.len() == 1).await;
+    let replay = s.hook("push", "captured-and-replayed", &body, Some(&signature)).await;
+    assert_eq!(replay.status, 202);
+    assert!(replay.body.contains("\"duplicate\": true"), "{}", replay.body);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.wait_builds(|_| true).await.len(), 1, "the replay made no build");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_git_push_builds_and_a_wrongly_signed_one_is_refused() {
+    let s = TestServer::start(SPEC).await;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "repo": "acme/shop",
+        "ref": "refs/heads/feature/x",
+        "before": "0000000000000000000000000000000000000000",
+        "after": s.commit,
+        "pusher": "alice",
+    }))
+    .expect("json");
+    let post = |signature: Option<String>, delivery: Option<&'static str>, body: Vec<u8>| {
+        let s = &s;
+        async move {
+            let mut req =
+                http::Request::post(format!("{}/hooks/git", s.url)).header("content-type", "application/json");
+            if let Some(sig) = signature {
+                req = req.header("x-cib-signature-256", sig);
+            }
+            if let Some(d) = delivery {
+                req = req.header("x-cib-delivery", d);
+            }
+            let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body))).expect("request");
+            let response = s.client.request(req).await.expect("response");
+            let status = response.status().as_u16();
+            let ct = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let bytes = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
+            super::openapi_check::check_answer("POST", "/hooks/git", status, ct.as_deref(), &bytes);
+            status
+        }
+    };
+    assert_eq!(post(Some(sign(b"wrong secret", &body)), Some("git-1"), body.clone()).await, 401);
+    assert_eq!(post(None, Some("git-1"), body.clone()).await, 401);
+    assert_eq!(post(Some(sign(GIT_SECRET.as_bytes(), &body)), None, body.clone()).await, 400);
+    assert_eq!(post(Some(sign(GIT_SECRET.as_bytes(), b"{")), Some("git-2"), b"{".to_vec()).await, 400);
+    let other = body.clone().into_iter().collect::<Vec<u8>>();
+    let other = String::from_utf8(other).expect("utf-8").replace("acme/shop", "acme/other").into_bytes();
+    assert_eq!(post(Some(sign(GIT_SECRET.as_bytes(), &other)), Some("git-3"), other).await, 401);
+    assert!(s.wait_builds(|_| true).await.is_empty(), "nothing was built from refused pushes");
+    assert_eq!(post(Some(sign(GIT_SECRET.as_bytes(), &body)), Some("git-4"), body.clone()).await, 202);
+    let builds = s.wait_builds(|b| b.len() == 1 && b[0].status == BuildStatus::Success).await;
+    assert_eq!(builds[0].branch.as_deref(), Some("feature/x"));
+}
