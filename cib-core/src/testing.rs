@@ -6,6 +6,8 @@
 //! conformance suites state what every backend must do; running them against the fakes keeps
 //! the fakes honest, and against the real backends keeps those honest.
 
+pub mod hostile;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};

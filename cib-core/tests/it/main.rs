@@ -7,5 +7,6 @@ mod machine;
 mod replay;
 mod spec;
 mod spec_fuzz;
+mod spec_limits;
 mod spec_schema;
 mod workflow;
