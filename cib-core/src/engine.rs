@@ -425,8 +425,16 @@ impl Runner {
             seen: self.seen.clone(),
         });
         let seen = self.seen.clone();
+        // Every secret any step of the build asks for is masked in every step's output.
+        let mut build_secrets: Vec<String> = self
+            .machine
+            .build(&job.build)
+            .map(|b| b.pipeline.steps.iter().flat_map(|s| s.secrets.iter().cloned()).collect())
+            .unwrap_or_default();
+        build_secrets.sort();
+        build_secrets.dedup();
         tokio::spawn(async move {
-            let result = run_step(&ports, job.clone(), workspace, dir, sink, stop).await;
+            let result = run_step(&ports, job.clone(), &build_secrets, workspace, dir, sink, stop).await;
             let (done, finished) = oneshot::channel();
             let _ = logs.send(LogMessage::Finish(key.clone(), done));
             let _ = finished.await;
@@ -439,10 +447,12 @@ impl Runner {
     }
 }
 
-/// Prepares the build's workspace once, resolves the step's secrets and runs it.
+/// Prepares the build's workspace once, resolves the step's secrets and runs it, with the
+/// values of the build's other secrets (`build_secrets`, names) to mask in its output.
 async fn run_step(
     ports: &Ports,
     job: StepJob,
+    build_secrets: &[String],
     workspace: Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>,
     dir: PathBuf,
     sink: Arc<EngineSink>,
@@ -483,7 +493,15 @@ async fn run_step(
             None => return StepResult::Infrastructure(format!("secret '{name}' is not configured")),
         }
     }
-    let run = StepRun { job, secrets, workspace };
+    // The build's other secrets are only masked: one that is not configured fails the step
+    // that asks for it, not this one.
+    let names: &[String] = if job.context.trusted { build_secrets } else { &[] };
+    let mask = names
+        .iter()
+        .filter(|name| !secrets.contains_key(*name))
+        .filter_map(|name| ports.secrets.get(&job.context.repo, name))
+        .collect();
+    let run = StepRun { job, secrets, mask, workspace };
     match ports.executor.run(&run, sink, stop).await {
         Ok(Outcome::Exited(code)) => StepResult::Exited(code),
         Ok(Outcome::TimedOut) => StepResult::TimedOut,

@@ -110,6 +110,9 @@ pub struct StepRun {
     pub job: StepJob,
     /// Secret values by name, passed as environment variables and masked in the output.
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// Values of every other secret the build holds: not given to this step, but masked in its
+    /// output too, since a step can print what another one left in the shared workspace.
+    pub mask: Vec<String>,
     pub workspace: std::path::PathBuf,
 }
 
@@ -119,6 +122,7 @@ impl std::fmt::Debug for StepRun {
         f.debug_struct("StepRun")
             .field("job", &self.job)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("mask", &self.mask.len())
             .field("workspace", &self.workspace)
             .finish()
     }
@@ -173,8 +177,8 @@ pub trait Executor: Send + Sync {
     /// Whether the executor can run anything at all (the daemon answers, say).
     async fn healthcheck(&self) -> Result<(), ExecError>;
 
-    /// Runs one attempt of a step, streaming output (masked of the secrets' values) into
-    /// `logs`, until it ends or `stop` fires.
+    /// Runs one attempt of a step, streaming output (masked of the values of `secrets` and
+    /// `mask`) into `logs`, until it ends or `stop` fires.
     async fn run(&self, run: &StepRun, logs: Arc<dyn LogSink>, stop: StopSignal) -> Result<Outcome, ExecError>;
 
     /// Starts a build's services and returns once each passed its readiness check; the

@@ -6,6 +6,8 @@
 //! conformance suites state what every backend must do; running them against the fakes keeps
 //! the fakes honest, and against the real backends keeps those honest.
 
+pub mod hostile;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -152,8 +154,8 @@ fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
     out.replace(['"', '\''], "")
 }
 
-fn mask(text: &str, secrets: &BTreeMap<String, String>) -> String {
-    secrets.values().filter(|v| !v.is_empty()).fold(text.to_owned(), |t, v| t.replace(v.as_str(), "***"))
+fn mask<'a>(text: &str, secrets: impl Iterator<Item = &'a String>) -> String {
+    secrets.filter(|v| !v.is_empty()).fold(text.to_owned(), |t, v| t.replace(v.as_str(), "***"))
 }
 
 #[async_trait]
@@ -193,7 +195,7 @@ impl Executor for FakeExecutor {
                             Some(t) => (t.trim_end(), Stream::Stderr),
                             None => (rest, Stream::Stdout),
                         };
-                        let text = mask(&format!("{}\n", expand(text, &env)), &run.secrets);
+                        let text = mask(&format!("{}\n", expand(text, &env)), run.secrets.values().chain(&run.mask));
                         logs.write(stream, text.as_bytes());
                     }
                     "true" => {}
@@ -852,8 +854,12 @@ fn check(ok: bool, what: impl Into<String>) -> Result<(), String> {
 /// an empty directory. Returns the first broken promise.
 pub async fn executor_conformance(executor: Arc<dyn Executor>, image: &str, workspace: &Path) -> Result<(), String> {
     executor.healthcheck().await.map_err(|e| format!("healthcheck: {e}"))?;
-    let run =
-        |job: StepJob, secrets: BTreeMap<String, String>| StepRun { job, secrets, workspace: workspace.to_path_buf() };
+    let run = |job: StepJob, secrets: BTreeMap<String, String>| StepRun {
+        job,
+        secrets,
+        mask: Vec::new(),
+        workspace: workspace.to_path_buf(),
+    };
     let no_stop = || StopSignal::new();
 
     // Output reaches the sink, on the right stream, and the exit code is the outcome.
@@ -873,19 +879,27 @@ pub async fn executor_conformance(executor: Arc<dyn Executor>, image: &str, work
     check(outcome == Outcome::Exited(1), format!("false gave {outcome:?}"))?;
     check(!sink.text(Stream::Stdout).contains("unreachable"), "a command ran after a failure")?;
 
-    // Environment variables arrive; secret values arrive too but never reach the sink.
+    // Environment variables arrive; secret values arrive too but never reach the sink, and
+    // neither do the build's other secrets, which the step does not get.
     let sink = CollectingSink::new();
     let (_keep, stop) = no_stop();
-    let mut job =
-        conformance_job("conf-3", "env", image, &["echo \"greeting=$GREETING\"", "echo \"token=$API_TOKEN\""]);
+    let mut job = conformance_job(
+        "conf-3",
+        "env",
+        image,
+        &["echo \"greeting=$GREETING\"", "echo \"token=$API_TOKEN\"", "echo other=other-s3cr3t"],
+    );
     job.env.insert("GREETING".into(), "bonjour".into());
     job.step.secrets = vec!["API_TOKEN".into()];
     let secrets = BTreeMap::from([("API_TOKEN".to_owned(), "s3cr3t-value".to_owned())]);
-    let outcome = executor.run(&run(job, secrets), sink.clone(), stop).await.map_err(|e| e.to_string())?;
+    let mut with_mask = run(job, secrets);
+    with_mask.mask = vec!["other-s3cr3t".to_owned()];
+    let outcome = executor.run(&with_mask, sink.clone(), stop).await.map_err(|e| e.to_string())?;
     let out = sink.text(Stream::Stdout);
     check(outcome == Outcome::Exited(0), format!("env step gave {outcome:?}"))?;
     check(out.contains("greeting=bonjour"), format!("env not passed: {out:?}"))?;
     check(out.contains("token=***") && !out.contains("s3cr3t-value"), format!("secret not masked: {out:?}"))?;
+    check(out.contains("other=***") && !out.contains("other-s3cr3t"), format!("build secret not masked: {out:?}"))?;
 
     // A stop ends a running step promptly with the reason asked.
     let sink = CollectingSink::new();

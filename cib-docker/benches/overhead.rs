@@ -37,7 +37,7 @@ fn job(build: &str, n: usize) -> StepJob {
 }
 
 async fn cib_step(exec: &DockerExecutor, job: StepJob, workspace: &std::path::Path) -> Duration {
-    let run = StepRun { job, secrets: BTreeMap::new(), workspace: workspace.to_path_buf() };
+    let run = StepRun { job, secrets: BTreeMap::new(), mask: Vec::new(), workspace: workspace.to_path_buf() };
     let (_keep, stop) = StopSignal::new();
     let started = Instant::now();
     let outcome = exec.run(&run, Arc::new(Discard), stop).await;

@@ -478,7 +478,7 @@ impl DockerExecutor {
         let last_output = Arc::new(Mutex::new(Instant::now()));
         let mut reader = tokio::spawn(forward_output(
             attached.output,
-            run.secrets.values().cloned().collect(),
+            run.secrets.values().chain(&run.mask).cloned().collect(),
             logs,
             last_output.clone(),
         ));

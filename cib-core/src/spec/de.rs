@@ -29,6 +29,9 @@ pub(crate) const TEXT: &str = "$cib::Text";
 /// More rounds than this and the rest of the mistakes go unreported (the first ones are enough).
 const MAX_ROUNDS: usize = 100;
 
+/// More unknown keys than this and the rest go unreported.
+const MAX_SOFT: usize = 1_000;
+
 #[derive(Debug)]
 pub(crate) struct DeError {
     message: String,
@@ -147,12 +150,19 @@ struct Ctx<'t> {
     removed: HashSet<NodeId>,
     /// Problems that do not stop a round (unknown keys), kept across rounds without repeats.
     soft: RefCell<BTreeSet<Diagnostic>>,
+    /// Key nodes already reported as unknown.
+    reported: RefCell<HashSet<NodeId>>,
 }
 
 /// Deserializes `tree` as a `T`, returning every diagnostic found on the way, and the value
 /// built once the broken nodes were left out (`None` when even the root could not be built).
 pub(crate) fn from_tree<T: DeserializeOwned>(tree: &Tree) -> (Option<T>, Vec<Diagnostic>) {
-    let mut ctx = Ctx { tree, removed: HashSet::new(), soft: RefCell::new(BTreeSet::new()) };
+    let mut ctx = Ctx {
+        tree,
+        removed: HashSet::new(),
+        soft: RefCell::new(BTreeSet::new()),
+        reported: RefCell::new(HashSet::new()),
+    };
     let mut hard: Vec<Diagnostic> = Vec::new();
     let mut value = None;
     for _ in 0..MAX_ROUNDS {
@@ -481,7 +491,13 @@ impl<'de> de::MapAccess<'de> for MapAcc<'_, '_> {
             if let Some(fields) = self.fields
                 && !fields.contains(&text)
             {
-                if !text.starts_with("x-") {
+                // Each unknown key is reported once, whatever the rounds and aliases, and past
+                // MAX_SOFT of them the rest go unreported: a did-you-mean for each of a hundred
+                // thousand keys would cost seconds and help no one.
+                if !text.starts_with("x-")
+                    && self.ctx.soft.borrow().len() < MAX_SOFT
+                    && self.ctx.reported.borrow_mut().insert(key)
+                {
                     let message = format!("unknown key '{text}'{}", suggestion(text, fields.iter().copied()));
                     self.ctx.soft.borrow_mut().insert(Diagnostic::error(self.ctx.pos(key), message));
                 }

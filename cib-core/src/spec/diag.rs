@@ -72,6 +72,11 @@ pub(crate) fn normalize_newlines(source: &str) -> std::borrow::Cow<'_, str> {
 
 /// Suggests the closest of `candidates` to a misspelt `word`, if one is close enough.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // No name cib knows is this long, and comparing a hostile, very long word costs its length
+    // for every candidate.
+    if word.len() > 100 {
+        return None;
+    }
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))

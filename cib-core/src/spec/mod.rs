@@ -24,6 +24,44 @@ pub use validate::DEFAULT_LAYOUT;
 /// The conventional file name of a spec, at the root of a repository.
 pub const FILE_NAME: &str = ".cib.yml";
 
+/// The largest spec cib reads: 1 MiB. A build spec is a few kilobytes; past this the text is a
+/// mistake or an attack, and refusing it before parsing bounds what parsing may cost.
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+
+/// A spec file's bytes as text: refused with a diagnostic when longer than [`MAX_SPEC_BYTES`],
+/// or when not UTF-8 (at the line and column of the first byte that is not).
+pub fn decode(bytes: &[u8]) -> Result<&str, Diagnostic> {
+    check_size(bytes.len())?;
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        // The prefix is valid UTF-8 by construction; `from_utf8_lossy` avoids a second error path.
+        let before = String::from_utf8_lossy(valid);
+        let before = diag::normalize_newlines(&before);
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+        let byte = bytes.get(e.valid_up_to()).copied().unwrap_or_default();
+        Diagnostic::error(
+            Pos { line: u32::try_from(line).unwrap_or(u32::MAX), col: u32::try_from(col).unwrap_or(u32::MAX) },
+            format!("the spec is not UTF-8 text: byte 0x{byte:02X} here is not valid UTF-8"),
+        )
+    })
+}
+
+/// [`parse`] over a file's bytes, refusing text that [`decode`] refuses.
+pub fn parse_bytes(bytes: &[u8]) -> Result<Spec, Vec<Diagnostic>> {
+    parse(decode(bytes).map_err(|d| vec![d])?)
+}
+
+fn check_size(len: usize) -> Result<(), Diagnostic> {
+    if len > MAX_SPEC_BYTES {
+        return Err(Diagnostic::error(
+            Pos { line: 1, col: 1 },
+            format!("the spec is {len} bytes long; cib reads specs of at most {MAX_SPEC_BYTES} bytes (1 MiB)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and checks a spec. On failure, every problem found, sorted by position.
 ///
 /// When some values are malformed, the rest of the spec is still checked, so that one run shows
@@ -53,6 +91,9 @@ pub fn parse_raw(source: &str) -> Result<raw::RawSpec, Vec<Diagnostic>> {
 }
 
 fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
+    if let Err(d) = check_size(source.len()) {
+        return (None, vec![d]);
+    }
     let source = diag::normalize_newlines(source);
     let (tree, mut diags) = match yaml::parse(&source) {
         Ok(parsed) => parsed,
@@ -68,6 +109,7 @@ fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
 /// The YAML document as JSON (merge keys applied, aliases expanded, YAML 1.2 core types), for
 /// tools that check a spec against the JSON Schema.
 pub fn to_json(source: &str) -> Result<serde_json::Value, Diagnostic> {
+    check_size(source.len())?;
     let (tree, _) = yaml::parse(&diag::normalize_newlines(source))?;
     Ok(yaml::to_json(&tree))
 }

@@ -16,8 +16,18 @@ use super::diag::{Diagnostic, Pos};
 /// Index of a node in [`Tree::nodes`].
 pub(crate) type NodeId = usize;
 
-/// Nodes a document may expand to once aliases are followed; more is an alias bomb.
+/// Nodes a document may expand to once aliases are followed; more is an alias bomb. Entries
+/// copied by merge keys (`<<`) count against the same budget as they are copied, so that a
+/// chain of merges stops as soon as it has done this much work.
 pub(crate) const EXPANDED_NODE_BUDGET: u64 = 200_000;
+
+/// Bytes of scalar text a document may expand to once aliases are followed. The node budget
+/// alone would let a long scalar behind many aliases cost its length at every use.
+pub(crate) const EXPANDED_TEXT_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// Longest key quoted in a message; a longer one is cut, so that a hostile key repeated through
+/// aliases cannot make every diagnostic as long as itself.
+const QUOTED_KEY_CHARS: usize = 60;
 
 /// Nesting deeper than this is refused, so that recursion in the deserializer stays bounded.
 const MAX_DEPTH: usize = 64;
@@ -61,32 +71,23 @@ impl Tree {
             _ => None,
         }
     }
+}
 
-    /// How many nodes the document has once every alias is expanded, saturating.
-    fn expanded_size(&self) -> u64 {
-        // Aliases make the tree a graph whose nodes are shared, so sizes are memoised, and an
-        // explicit stack keeps a deep document from overflowing ours.
-        let mut memo: Vec<Option<u64>> = vec![None; self.nodes.len()];
-        let mut stack = vec![(self.root, false)];
-        while let Some((id, children_done)) = stack.pop() {
-            if memo[id].is_some() {
-                continue;
-            }
-            let children: Vec<NodeId> = match &self.nodes[id].kind {
-                Kind::Seq(items) => items.clone(),
-                Kind::Map(entries) => entries.iter().flat_map(|(k, v)| [*k, *v]).collect(),
-                _ => Vec::new(),
-            };
-            if children_done {
-                let total = children.iter().fold(1u64, |acc, c| acc.saturating_add(memo[*c].unwrap_or(1)));
-                memo[id] = Some(total);
-            } else {
-                stack.push((id, true));
-                stack.extend(children.into_iter().filter(|c| memo[*c].is_none()).map(|c| (c, false)));
-            }
-        }
-        memo[self.root].unwrap_or(1)
+/// `text` for a message, cut to [`QUOTED_KEY_CHARS`] characters.
+fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_KEY_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
     }
+}
+
+fn budget_exceeded() -> Diagnostic {
+    Diagnostic::error(
+        Pos { line: 1, col: 1 },
+        format!(
+            "the document expands to more than {EXPANDED_NODE_BUDGET} values once aliases are followed; refusing it"
+        ),
+    )
 }
 
 fn pos(span: &Span) -> Pos {
@@ -111,6 +112,10 @@ pub(crate) fn parse(source: &str) -> Result<(Tree, Vec<Diagnostic>), Diagnostic>
         stack: Vec::new(),
         root: None,
         documents: 0,
+        merged: 0,
+        symbols: HashMap::new(),
+        symbol_of: HashMap::new(),
+        sizes: Vec::new(),
     };
     for event in Parser::new_from_str(source) {
         let (event, span) = event.map_err(|e| {
@@ -129,14 +134,6 @@ pub(crate) fn parse(source: &str) -> Result<(Tree, Vec<Diagnostic>), Diagnostic>
         None => builder.push(Kind::Null, Pos { line: 1, col: 1 }),
     };
     let tree = Tree { nodes: builder.nodes, root };
-    if tree.expanded_size() > EXPANDED_NODE_BUDGET {
-        return Err(Diagnostic::error(
-            Pos { line: 1, col: 1 },
-            format!(
-                "the document expands to more than {EXPANDED_NODE_BUDGET} values once aliases are followed; refusing it"
-            ),
-        ));
-    }
     Ok((tree, builder.diags))
 }
 
@@ -147,12 +144,58 @@ struct Builder {
     stack: Vec<Frame>,
     root: Option<NodeId>,
     documents: usize,
+    /// Entries visited by merge keys so far, counted against [`EXPANDED_NODE_BUDGET`].
+    merged: u64,
+    /// Each distinct key text gets a small number, so that checking keys costs a hash of a
+    /// key's text once per node rather than once per use of the node through an alias.
+    symbols: HashMap<String, u32>,
+    symbol_of: HashMap<NodeId, u32>,
+    /// For each finished node, how many nodes and bytes of scalar text it expands to once
+    /// aliases are followed. An alias can only name a finished node, so a container's size is
+    /// known the moment it ends, and an alias bomb is refused as soon as one of its levels
+    /// goes over the budget rather than after the whole text is read.
+    sizes: Vec<(u64, u64)>,
 }
 
 impl Builder {
     fn push(&mut self, kind: Kind, pos: Pos) -> NodeId {
+        let size = match &kind {
+            Kind::Scalar { text, .. } => (1, text.len() as u64),
+            _ => (1, 0),
+        };
         self.nodes.push(Node { kind, pos });
+        self.sizes.push(size);
         self.nodes.len() - 1
+    }
+
+    /// Computes a finished container's expanded size from its children's, and refuses the
+    /// document once it is over either budget.
+    fn check_size(&mut self, id: NodeId) -> Result<(), Diagnostic> {
+        let children: &mut dyn Iterator<Item = NodeId> = match &self.nodes[id].kind {
+            Kind::Seq(items) => &mut items.iter().copied(),
+            Kind::Map(entries) => &mut entries.iter().flat_map(|(k, v)| [*k, *v]),
+            Kind::Scalar { .. } | Kind::Null => &mut std::iter::empty(),
+        };
+        let (mut nodes, mut bytes) = self.sizes[id];
+        for c in children {
+            let (n, b) = self.sizes[c];
+            nodes = nodes.saturating_add(n);
+            bytes = bytes.saturating_add(b);
+        }
+        self.sizes[id] = (nodes, bytes);
+        if nodes > EXPANDED_NODE_BUDGET {
+            return Err(budget_exceeded());
+        }
+        if bytes > EXPANDED_TEXT_BUDGET {
+            return Err(Diagnostic::error(
+                Pos { line: 1, col: 1 },
+                format!(
+                    "the document expands to more than {} MiB of text once aliases are followed; refusing it",
+                    EXPANDED_TEXT_BUDGET / (1024 * 1024)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn event(&mut self, event: Event<'_>, span: &Span) -> Result<(), Diagnostic> {
@@ -204,14 +247,16 @@ impl Builder {
             Event::SequenceEnd => {
                 if let Some(Frame::Seq { id, anchor, items }) = self.stack.pop() {
                     self.nodes[id].kind = Kind::Seq(items);
+                    self.check_size(id)?;
                     self.remember(anchor, id);
                     self.add(id)?;
                 }
             }
             Event::MappingEnd => {
                 if let Some(Frame::Map { id, anchor, entries, .. }) = self.stack.pop() {
-                    let entries = self.finish_map(entries);
+                    let entries = self.finish_map(entries)?;
                     self.nodes[id].kind = Kind::Map(entries);
+                    self.check_size(id)?;
                     self.remember(anchor, id);
                     self.add(id)?;
                 }
@@ -254,39 +299,60 @@ impl Builder {
         Ok(())
     }
 
+    /// The number standing for a scalar key's text.
+    fn symbol(&mut self, id: NodeId) -> Option<u32> {
+        if let Some(&symbol) = self.symbol_of.get(&id) {
+            return Some(symbol);
+        }
+        let Kind::Scalar { text, .. } = &self.nodes[id].kind else { return None };
+        let next = u32::try_from(self.symbols.len()).unwrap_or(u32::MAX);
+        let symbol = match self.symbols.get(text.as_str()) {
+            Some(&symbol) => symbol,
+            None => {
+                self.symbols.insert(text.clone(), next);
+                next
+            }
+        };
+        self.symbol_of.insert(id, symbol);
+        Some(symbol)
+    }
+
     /// Checks keys and applies merge keys (`<<: *defaults`): explicit keys win over merged ones,
     /// and among several merged mappings the first one wins, as in YAML 1.1's merge key type.
-    fn finish_map(&mut self, entries: Vec<(NodeId, NodeId)>) -> Vec<(NodeId, NodeId)> {
+    /// Every merged entry looked at counts against the expansion budget before it is copied.
+    fn finish_map(&mut self, entries: Vec<(NodeId, NodeId)>) -> Result<Vec<(NodeId, NodeId)>, Diagnostic> {
         let mut out: Vec<(NodeId, NodeId)> = Vec::with_capacity(entries.len());
-        let mut seen: HashMap<String, Pos> = HashMap::new();
+        let mut seen: HashMap<u32, Pos> = HashMap::new();
         let mut merges: Vec<(usize, NodeId)> = Vec::new();
         for (key, value) in entries {
             let key_node = &self.nodes[key];
-            let text = match &key_node.kind {
+            let key_pos = key_node.pos;
+            match &key_node.kind {
                 Kind::Scalar { text, plain } => {
                     if *plain && text == "<<" {
                         merges.push((out.len(), value));
                         continue;
                     }
-                    text.clone()
                 }
                 Kind::Null => {
-                    self.diags.push(Diagnostic::error(key_node.pos, "a mapping key is empty"));
+                    self.diags.push(Diagnostic::error(key_pos, "a mapping key is empty"));
                     continue;
                 }
                 _ => {
-                    self.diags.push(Diagnostic::error(key_node.pos, "mapping keys must be plain strings"));
+                    self.diags.push(Diagnostic::error(key_pos, "mapping keys must be plain strings"));
                     continue;
                 }
-            };
-            if let Some(first) = seen.get(&text) {
+            }
+            let Some(symbol) = self.symbol(key) else { continue };
+            if let Some(first) = seen.get(&symbol) {
+                let text = quoted(self.text(key).unwrap_or_default());
                 self.diags.push(Diagnostic::error(
-                    key_node.pos,
+                    key_pos,
                     format!("duplicate key '{text}' (first defined at line {})", first.line),
                 ));
                 continue;
             }
-            seen.insert(text, key_node.pos);
+            seen.insert(symbol, key_pos);
             out.push((key, value));
         }
         // Merged entries go where the `<<` key stood, so that order stays what the reader sees.
@@ -312,12 +378,19 @@ impl Builder {
                     ));
                     continue;
                 };
-                for (k, v) in merged {
-                    if let Some(text) = self.text(*k)
-                        && !seen.contains_key(text)
+                // The entries are cloned (they are node ids, not nodes) so that keys can be
+                // numbered while walking them; the budget is charged first, so the clone and
+                // the walk are bounded by it.
+                self.merged = self.merged.saturating_add(1 + merged.len() as u64);
+                if self.merged > EXPANDED_NODE_BUDGET {
+                    return Err(budget_exceeded());
+                }
+                for (k, v) in merged.clone() {
+                    if let Some(symbol) = self.symbol(k)
+                        && !seen.contains_key(&symbol)
                     {
-                        seen.insert(text.to_owned(), self.nodes[*k].pos);
-                        add.push((*k, *v));
+                        seen.insert(symbol, self.nodes[k].pos);
+                        add.push((k, v));
                     }
                 }
             }
@@ -326,7 +399,7 @@ impl Builder {
             out.splice(idx..idx, add);
             inserted += n;
         }
-        out
+        Ok(out)
     }
 
     fn text(&self, id: NodeId) -> Option<&str> {

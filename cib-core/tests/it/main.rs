@@ -8,5 +8,6 @@ mod policy;
 mod replay;
 mod spec;
 mod spec_fuzz;
+mod spec_limits;
 mod spec_schema;
 mod workflow;

@@ -77,7 +77,7 @@ pub fn job(build: &str, step: &str, commands: &[&str]) -> StepJob {
 }
 
 pub fn step_run(job: StepJob, workspace: &Path) -> StepRun {
-    StepRun { job, secrets: BTreeMap::new(), workspace: workspace.to_path_buf() }
+    StepRun { job, secrets: BTreeMap::new(), mask: Vec::new(), workspace: workspace.to_path_buf() }
 }
 
 pub fn tempdir() -> tempfile::TempDir {

@@ -63,6 +63,7 @@ async fn a_secret_printed_across_two_reads_never_reaches_the_sink() {
     let run = StepRun {
         job,
         secrets: BTreeMap::from([("TOKEN".to_owned(), secret.to_owned())]),
+        mask: Vec::new(),
         workspace: dir.path().to_path_buf(),
     };
     assert_eq!(exec.run(&run, sink.clone(), stop).await.ok(), Some(Outcome::Exited(0)));
@@ -76,6 +77,87 @@ async fn a_secret_printed_across_two_reads_never_reaches_the_sink() {
         assert!(!text.contains("s3cr") && !text.contains("value"), "part of the secret leaked: {text:?}");
     }
     exec.cleanup(&BuildId::from("secret")).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert_nothing_left(&exec).await;
+}
+
+/// Percent-encoding as `urlencode` does it: unreserved bytes as they are, others as `%XX`.
+fn percent(value: &str, upper: bool) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+            _ if upper => format!("%{b:02X}"),
+            _ => format!("%{b:02x}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_secret_of_the_build_is_masked_encoded_and_line_by_line_across_reads() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    let exec = executor("secret-forms").await;
+    let dir = tempdir();
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    // The step's own secret, and one it does not get but the build holds (another step's).
+    let token = "tok/en+with?odd&chars=\u{e9}\"q\"";
+    let key = "-----BEGIN TEST KEY-----\nMIIBOgIBAAJBAKj34GkxFhD9\n-----END TEST KEY-----";
+    let mut forms: Vec<String> = Vec::new();
+    for value in [token, key] {
+        forms.push(value.to_owned());
+        forms.push(STANDARD.encode(value));
+        forms.push(URL_SAFE.encode(value));
+        forms.push(percent(value, true));
+        forms.push(percent(value, false));
+        let json = serde_json::to_string(value).expect("a string is JSON");
+        forms.push(json[1..json.len() - 1].to_owned());
+    }
+    // The lines in reverse order, so that together they do not spell the whole value (which
+    // would be masked as one).
+    forms.extend(key.lines().rev().map(str::to_owned));
+    // Each form leaves the container in three writes with pauses between them, so that it
+    // reaches the executor split across reads.
+    let mut commands = Vec::new();
+    for form in &forms {
+        let chars: Vec<char> = form.chars().collect();
+        let third = chars.len().div_ceil(3);
+        for piece in chars.chunks(third) {
+            let piece: String = piece.iter().collect();
+            assert!(!piece.contains('\''), "the test quotes pieces in single quotes");
+            // A command holds no line break, so one inside a piece is written as printf's `\n`.
+            if piece.contains('\n') {
+                assert!(!piece.contains('\\'), "a piece with a line break has no other escapes");
+                commands.push(format!("printf '%b' '{}'", piece.replace('\n', "\\n")));
+            } else {
+                commands.push(format!("printf '%s' '{piece}'"));
+            }
+            commands.push("sleep 0.1".to_owned());
+        }
+        commands.push("echo".to_owned());
+    }
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let mut job = job("secret-forms", "print", &commands);
+    job.step.secrets = vec!["TOKEN".into()];
+    let run = StepRun {
+        job,
+        secrets: BTreeMap::from([("TOKEN".to_owned(), token.to_owned())]),
+        mask: vec![key.to_owned()],
+        workspace: dir.path().to_path_buf(),
+    };
+    assert_eq!(exec.run(&run, sink.clone(), stop).await.ok(), Some(Outcome::Exited(0)));
+    let stored = sink.text(Stream::Stdout);
+    let writes = sink.writes(Stream::Stdout);
+    assert!(writes.len() >= forms.len(), "the output came in few pieces, so little was split: {}", writes.len());
+    // Every form printed became a line of its own, and every line was masked.
+    assert_eq!(stored.lines().count(), forms.len(), "{stored:?}");
+    for (line, form) in stored.lines().zip(&forms) {
+        assert!(line.contains("***"), "{form:?} gave {line:?}");
+    }
+    for form in &forms {
+        assert!(!stored.contains(form.as_str()), "{form:?} leaked: {stored}");
+    }
+    exec.cleanup(&BuildId::from("secret-forms")).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
     assert_nothing_left(&exec).await;
 }
 

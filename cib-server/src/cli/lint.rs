@@ -7,20 +7,17 @@ use std::process::ExitCode;
 /// Exit 0 when the spec is valid, 1 when it is not, 2 when it cannot be read.
 pub fn run(path: &Path, short: bool) -> ExitCode {
     let shown = path.display().to_string();
-    let source = match std::fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(_) => {
-                eprintln_safe(&format!("{shown}: error: the file is not UTF-8 text"));
-                return ExitCode::from(2);
-            }
-        },
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) => {
             eprintln_safe(&format!("{shown}: error: cannot read the spec: {e}"));
             return ExitCode::from(2);
         }
     };
-    match cib_core::spec::parse(&source) {
+    // Text that is too long or not UTF-8 is a mistake in the spec like any other, shown at
+    // its place; the lossy text is only for showing the line.
+    let source = String::from_utf8_lossy(&bytes);
+    match cib_core::spec::parse_bytes(&bytes) {
         Ok(spec) => {
             let steps: usize = spec.pipelines.iter().map(|p| p.steps.len()).sum();
             eprintln_safe(&format!("{shown}: ok ({} pipelines, {steps} steps)", spec.pipelines.len()));

@@ -27,14 +27,15 @@ fn current_branch(path: &Path) -> Option<String> {
 
 pub fn run(args: PlanArgs<'_>) -> ExitCode {
     let shown = args.path.display().to_string();
-    let source = match std::fs::read_to_string(args.path) {
-        Ok(s) => s,
+    let bytes = match std::fs::read(args.path) {
+        Ok(bytes) => bytes,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "{shown}: error: cannot read the spec: {e}");
             return ExitCode::from(2);
         }
     };
-    let parsed = match spec::parse(&source) {
+    let source = String::from_utf8_lossy(&bytes);
+    let parsed = match spec::parse_bytes(&bytes) {
         Ok(s) => s,
         Err(diags) => {
             let mut err = std::io::stderr().lock();

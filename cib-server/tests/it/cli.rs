@@ -61,9 +61,29 @@ fn lint_exits_2_when_the_file_cannot_be_read() {
     let out = cib(&["lint", "/nonexistent/.cib.yml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the spec"));
-    let path = temp_spec("binary", "");
-    std::fs::write(&path, [0xff, 0xfe, 0x00]).expect("write");
-    assert_eq!(cib(&["lint", path.to_str().expect("utf-8 path")]).status.code(), Some(2));
+}
+
+#[test]
+fn lint_reports_text_that_is_not_utf8_where_it_starts() {
+    let path = temp_spec("not-utf8", "");
+    // Latin-1 "é" in the third line, after "    - " and "caf".
+    std::fs::write(&path, b"pipelines:\n  test:\n    - caf\xe9\n").expect("write");
+    let shown = path.to_str().expect("utf-8 path");
+    let out = cib(&["lint", "--short", shown]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(stdout.starts_with(&format!("{shown}:3:10: error: the spec is not UTF-8 text")), "{stdout}");
+}
+
+#[test]
+fn lint_refuses_a_spec_over_one_mib() {
+    let path = temp_spec("huge", &format!("# {}\n", "x".repeat(1024 * 1024)));
+    let shown = path.to_str().expect("utf-8 path");
+    let out = cib(&["lint", "--short", shown]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(stdout.starts_with(&format!("{shown}:1:1: error: the spec is")), "{stdout}");
+    assert!(stdout.contains("1 MiB"), "{stdout}");
 }
 
 #[test]
