@@ -423,14 +423,26 @@ async fn process_repo(state: Arc<AppState>, repo: String, deliveries: Vec<(Deliv
             Ok(result) => {
                 tracing::info!(delivery = %id, %repo, ?result, "delivery processed");
                 let reason = match result {
-                    Processed::Builds(_) => None,
-                    Processed::Nothing(why) => Some(why),
+                    Processed::Builds(builds) => {
+                        state.metrics.delivery(&delivery.event, "built");
+                        for build in &builds {
+                            tracing::info!(delivery = %id, %repo, build = %build.0, "build enqueued");
+                            state.metrics.build_from_delivery(build, delivery.received_at);
+                        }
+                        None
+                    }
+                    Processed::Nothing(why) => {
+                        state.metrics.delivery(&delivery.event, "nothing");
+                        Some(why)
+                    }
                 };
                 finish(&state, &id, DeliveryOutcome::Done { reason }).await;
             }
             Err(e) => {
                 let failed = failed_before + 1;
                 let reason = e.to_string();
+                let outcome = if failed >= state.config.inbox.max_attempts { "dead" } else { "retry" };
+                state.metrics.delivery(&delivery.event, outcome);
                 if failed >= state.config.inbox.max_attempts {
                     tracing::warn!(delivery = %id, %repo, attempts = failed, error = %e, "delivery set aside as dead");
                     finish(&state, &id, DeliveryOutcome::Dead { reason }).await;
@@ -478,10 +490,14 @@ pub async fn run(state: Arc<AppState>) {
         let mut order = Vec::new();
         for (delivery, failed) in due {
             match parse_delivery(&delivery) {
-                Err(e) => at_once.push((delivery.id, Some(e.to_string()))),
+                Err(e) => {
+                    state.metrics.delivery(&delivery.event, "unreadable");
+                    at_once.push((delivery.id, Some(e.to_string())));
+                }
                 Ok(event) => match repo_of(&event).map(str::to_owned) {
                     Some(repo) if !state.config.serves(&repo) => {
-                        at_once.push((delivery.id, Some(NOT_SERVED.to_owned())))
+                        state.metrics.delivery(&delivery.event, "unserved");
+                        at_once.push((delivery.id, Some(NOT_SERVED.to_owned())));
                     }
                     Some(repo) => {
                         if !by_repo.contains_key(&repo) {
@@ -489,7 +505,10 @@ pub async fn run(state: Arc<AppState>) {
                         }
                         by_repo.entry(repo).or_default().push((delivery, failed, event));
                     }
-                    None => at_once.push((delivery.id, Some(format!("{} builds nothing", delivery.event)))),
+                    None => {
+                        state.metrics.delivery(&delivery.event, "ignored");
+                        at_once.push((delivery.id, Some(format!("{} builds nothing", delivery.event))));
+                    }
                 },
             }
         }

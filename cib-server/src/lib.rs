@@ -13,6 +13,7 @@ pub mod extract;
 pub mod forge;
 pub mod http;
 pub mod inbox;
+pub mod metrics;
 pub mod openapi;
 pub mod outgoing;
 pub mod routes;

@@ -67,12 +67,19 @@ enum Command {
         /// Colour and a progress line: auto (on a terminal), always or never.
         #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
         color: String,
+        /// Also write the engine's log lines to standard error (repeat for more detail).
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
     },
     /// Serve webhooks, the REST API and the event stream (configuration: a TOML file and CIB_* variables).
     Serve {
         /// The configuration file.
         #[arg(long, env = "CIB_CONFIG")]
         config: Option<PathBuf>,
+        /// Log lines for people (`text`) or one JSON object per line (`json`). The level filter
+        /// comes from `CIB_LOG`, in `RUST_LOG`'s syntax (default `info`).
+        #[arg(long, env = "CIB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Resource pools on a server: `cib pool list`.
     Pool {
@@ -161,7 +168,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Lint { path, short } => lint::run(&path, short),
-        Command::Run { dir, event, branch, pipelines, steps, env, secrets, secrets_file, commit, data_dir, color } => {
+        Command::Run {
+            dir,
+            event,
+            branch,
+            pipelines,
+            steps,
+            env,
+            secrets,
+            secrets_file,
+            commit,
+            data_dir,
+            color,
+            verbose,
+        } => {
+            if verbose > 0 {
+                cli::init_logs("text", Some(if verbose == 1 { "info" } else { "debug" }));
+            }
             let color = match color.as_str() {
                 "always" => Some(true),
                 "never" => Some(false),
@@ -181,7 +204,7 @@ fn main() -> ExitCode {
                 color,
             })
         }
-        Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Serve { config, log_format } => serve::run(config.as_deref(), &log_format),
         Command::Pool { command: PoolCommand::List, remote } => {
             client::pool_list(&client::Remote { server: remote.server, token: remote.token })
         }

@@ -55,6 +55,8 @@ const ADMIN: Access = Access::Role(Role::Admin);
 pub fn table() -> Vec<Route> {
     vec![
         route!(GET "/healthz", Public, meta::healthz, meta::healthz_doc),
+        route!(GET "/readyz", Public, meta::readyz, meta::readyz_doc),
+        route!(GET "/metrics", Public, meta::metrics, meta::metrics_doc),
         route!(GET "/api/v1/openapi.json", Public, openapi, openapi_doc),
         route!(POST "/hooks/github", Signed, hooks::github, hooks::github_doc),
         route!(POST "/hooks/git", Signed, hooks::git, hooks::git_doc),

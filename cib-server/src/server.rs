@@ -72,8 +72,40 @@ pub fn start_with(
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn(future);
     let state = Arc::new(AppState::new(config, engine, store, vcs, clock));
-    let inbox_task = tokio::spawn(crate::inbox::run(state.clone()));
+    let inbox_task = tokio::spawn({
+        let state = state.clone();
+        async move {
+            // Cleared however the inbox ends, a panic included, so `/readyz` tells.
+            let _alive = AliveGuard(state.inbox_alive.clone());
+            crate::inbox::run(state).await;
+        }
+    });
+    tokio::spawn(feed_metrics(state.clone()));
     Running { state, engine_task, inbox_task }
+}
+
+struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::error!("the inbox task ended");
+    }
+}
+
+/// Feeds the metrics from the engine's events until the engine stops. A lag loses counts,
+/// never correctness: the gauges that matter are read from the store when scraped.
+async fn feed_metrics(state: Arc<AppState>) {
+    let mut events = state.engine.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(event) => state.metrics.event(&event),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "metrics fell behind the event stream");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish

@@ -22,6 +22,9 @@ pub struct AppState {
     pub inbox: Arc<Notify>,
     /// Tells long-lived answers (event and log streams) that the server is stopping.
     pub stopping: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Cleared when the inbox task ends, for `/readyz`.
+    pub inbox_alive: Arc<std::sync::atomic::AtomicBool>,
     counter: AtomicU64,
 }
 
@@ -42,6 +45,8 @@ impl AppState {
             clock,
             inbox: Arc::new(Notify::new()),
             stopping: Arc::new(Notify::new()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            inbox_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             counter: AtomicU64::new(0),
         }
     }

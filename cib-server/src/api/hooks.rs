@@ -83,6 +83,8 @@ async fn store(state: &AppState, delivery: Delivery) -> Result<Response, ApiErro
         .await
         .map_err(|e| ApiError::Unavailable(format!("the delivery could not be stored: {e}")))?;
     let new = intake == Intake::New;
+    state.metrics.delivery(&delivery.event, if new { "accepted" } else { "duplicate" });
+    tracing::info!(delivery = %delivery.id, source = %delivery.source, event = %delivery.event, new, "delivery received");
     if new {
         state.inbox.notify_one();
     } else {

@@ -22,3 +22,77 @@ pub async fn healthz() -> Response {
 pub fn healthz_doc(g: &mut DocGen) -> Op {
     Op::new("Liveness: the process answers.").json(200, "The server is alive.", g.schema::<Health>())
 }
+
+/// `GET /metrics`: Prometheus text exposition.
+pub async fn metrics(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
+) -> Response {
+    let now = state.clock.now();
+    if let Ok(depth) = state.store.inbox_depth().await {
+        state.metrics.inbox(depth, now);
+    }
+    let queues = state
+        .engine
+        .query(|m| {
+            let table = m.leases();
+            table
+                .pools()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|p| {
+                    let waiting = table.pool_status(&p).map_or(0, |s| s.queue.len());
+                    (p, waiting)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+    for (pool, waiting) in queues {
+        state.metrics.lease_queue(&pool, waiting);
+    }
+    let mut response = axum::response::IntoResponse::into_response((StatusCode::OK, state.metrics.encode()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+pub fn metrics_doc(_g: &mut DocGen) -> Op {
+    Op::new("Metrics in the Prometheus (OpenMetrics) text format.").text(
+        200,
+        "The metrics.",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )
+}
+
+/// What `/readyz` found.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub engine: bool,
+    pub inbox: bool,
+    pub store: bool,
+}
+
+/// `GET /readyz`: 200 when the engine, the inbox and the store answer; 503 otherwise.
+pub async fn readyz(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
+) -> Response {
+    let engine = state.engine.query(|_| ()).await.is_ok();
+    let inbox = state.inbox_alive.load(std::sync::atomic::Ordering::SeqCst);
+    let store = state.store.inbox_depth().await.is_ok();
+    let ready = engine && inbox && store;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, &Readiness { ready, engine, inbox, store })
+}
+
+pub fn readyz_doc(g: &mut DocGen) -> Op {
+    let schema = g.schema::<Readiness>();
+    Op::new("Readiness: the engine, the inbox and the store answer.").json(200, "Ready.", schema.clone()).json(
+        503,
+        "Something has stopped; the body says what.",
+        schema,
+    )
+}

@@ -28,3 +28,19 @@ pub fn schema() -> ExitCode {
 pub fn openapi() -> ExitCode {
     print(cib_server::routes::document_text().trim_end())
 }
+
+/// Installs the log subscriber: lines to standard error, for people or as JSON, filtered by
+/// `CIB_LOG` (in `RUST_LOG`'s syntax), else by `default`, else `info`.
+pub fn init_logs(format: &str, default: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default.unwrap_or("info")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if format == "json" {
+        builder.json().flatten_event(true).with_current_span(false).try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(e) = result {
+        let _ = writeln!(std::io::stderr(), "cib: cannot install the log subscriber: {e}");
+    }
+}

@@ -7,13 +7,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use cib_server::config::ServerConfig;
-use cib_server::server;
+use cib_server::server::{self, Running};
 
 fn eprint(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
-pub fn run(config_path: Option<&Path>) -> ExitCode {
+pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
+    super::init_logs(log_format, None);
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CIB_")).collect();
     let config = match ServerConfig::load(config_path, &env) {
         Ok(c) => c,
@@ -76,20 +77,31 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
         let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let running = server::start_with(config, Arc::new(executor), Arc::new(store), Arc::new(vcs), notifiers);
         eprint(&format!("cib serve: listening on http://{address}"));
+        let Running { state, mut engine_task, mut inbox_task } = running;
+        // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
+        // whose engine is gone must not live on answering as if nothing happened.
+        let mut died: Option<String> = None;
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                ended = &mut engine_task => died = Some(format!("the engine stopped: {ended:?}")),
+                ended = &mut inbox_task => died = Some(format!("the inbox task stopped: {ended:?}")),
             }
         };
-        if let Err(e) = server::serve(running.state.clone(), listener, shutdown).await {
+        if let Err(e) = server::serve(state.clone(), listener, shutdown).await {
             eprint(&format!("cib serve: {e}"));
         }
+        if let Some(why) = died {
+            tracing::error!(reason = %why, "cib serve is exiting");
+            eprint(&format!("cib serve: {why}"));
+            return ExitCode::from(4);
+        }
         eprint("cib serve: stopping: requests in flight finished; running builds resume at the next start");
-        running.inbox_task.abort();
-        running.state.engine.shutdown().await;
-        let _ = running.engine_task.await;
+        inbox_task.abort();
+        state.engine.shutdown().await;
+        let _ = engine_task.await;
         ExitCode::SUCCESS
     })
 }
