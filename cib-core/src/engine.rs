@@ -425,8 +425,15 @@ impl Runner {
             seen: self.seen.clone(),
         });
         let seen = self.seen.clone();
+        // A deploy pipeline's environment is named after it, as in the machine's record of
+        // what runs where; secrets scoped to environments match that name.
+        let environment = self
+            .machine
+            .build(&job.build)
+            .filter(|b| b.pipeline.kind == crate::spec::PipelineKind::Deploy)
+            .map(|b| b.pipeline.name.clone());
         tokio::spawn(async move {
-            let result = run_step(&ports, job.clone(), workspace, dir, sink, stop).await;
+            let result = run_step(&ports, job.clone(), environment, workspace, dir, sink, stop).await;
             let (done, finished) = oneshot::channel();
             let _ = logs.send(LogMessage::Finish(key.clone(), done));
             let _ = finished.await;
@@ -443,6 +450,7 @@ impl Runner {
 async fn run_step(
     ports: &Ports,
     job: StepJob,
+    environment: Option<String>,
     workspace: Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>,
     dir: PathBuf,
     sink: Arc<EngineSink>,
@@ -471,18 +479,32 @@ async fn run_step(
         Ok(dir) => dir,
         Err(message) => return StepResult::Infrastructure(message),
     };
-    let mut secrets = BTreeMap::new();
     // Defence in depth: the machine already skips such steps, but an untrusted build never
     // has a secret looked up at all.
     let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
-    for name in names {
-        match ports.secrets.get(&job.context.repo, name) {
-            Some(value) => {
-                secrets.insert(name.clone(), value);
+    let secrets = if names.is_empty() {
+        BTreeMap::new()
+    } else {
+        let facts = crate::policy::BuildFacts {
+            repo: &job.context.repo,
+            branch: job.context.branch.as_deref(),
+            pull_request: job.context.pull_request.is_some(),
+            pipeline: &job.pipeline,
+            environment: environment.as_deref(),
+            trusted: job.context.trusted,
+        };
+        match ports.secrets.for_step(&facts, names).await {
+            Ok(found) => {
+                // A withheld secret is absent from the step's environment, as on other CI
+                // services; the log says which and why, so a failing deploy explains itself.
+                for (name, why) in &found.withheld {
+                    sink.write(Stream::Stderr, format!("cib: secret '{name}' is withheld: {why}\n").as_bytes());
+                }
+                found.values
             }
-            None => return StepResult::Infrastructure(format!("secret '{name}' is not configured")),
+            Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
         }
-    }
+    };
     let run = StepRun { job, secrets, workspace };
     match ports.executor.run(&run, sink, stop).await {
         Ok(Outcome::Exited(code)) => StepResult::Exited(code),

@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod openapi;
 pub mod outgoing;
 pub mod routes;
+pub mod secrets;
 pub mod server;
 pub mod sse;
 pub mod state;

@@ -189,6 +189,12 @@ pub async fn try_merge(
         Some(number) => state.vcs.approving_reviews(repo, number, &head).await.ok().flatten().unwrap_or_default(),
         None => Vec::new(),
     };
+    // Forge logins become people, so one person's two identities give one review.
+    for r in &mut reviewers {
+        if let Some(p) = state.people.find(&cib_core::policy::Identity::Github(r.clone())) {
+            *r = p.name.clone();
+        }
+    }
     let (results, recorded) = {
         let (repo_q, head_q) = (repo.to_owned(), head.clone());
         state
@@ -203,6 +209,14 @@ pub async fn try_merge(
     };
     reviewers.extend(recorded);
     reviewers.retain(|r| r != user);
+    // The commit's author reviewing their own commit is no review.
+    let author = {
+        let (repo_q, head_q) = (repo.to_owned(), head.clone());
+        state.engine.query(move |m| m.commit_author(&repo_q, &head_q).map(str::to_owned)).await.ok().flatten()
+    };
+    if let Some(author) = author {
+        reviewers.retain(|r| *r != author);
+    }
     reviewers.sort_unstable();
     reviewers.dedup();
     let reviews = reviewers.len() as u32;
@@ -219,6 +233,25 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
     let Some(policy) = spec.promotion.clone() else {
         return Err(ApiError::Unprocessable("the spec on master has no promotion policy".into()));
     };
+    let (commit, approved_by) = check_promotable(state, repo, &policy, commit).await?;
+    let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
+    Ok(Promoted { promoted: commit, to: policy.to, builds })
+}
+
+/// The promotion policy on master, when the spec there has one.
+pub async fn promotion_policy(state: &AppState, repo: &str) -> Result<Option<spec::PromotionPolicy>, ApiError> {
+    Ok(policy_spec(state, repo, "master").await?.promotion)
+}
+
+/// Whether `commit` may be promoted under `policy`: the commit and the people whose
+/// approvals count, or every reason it may not. Promotions and deploys started by hand both
+/// ask this, so a deploy cannot go around the promotion rules.
+pub async fn check_promotable(
+    state: &AppState,
+    repo: &str,
+    policy: &spec::PromotionPolicy,
+    commit: &str,
+) -> Result<(String, Vec<String>), ApiError> {
     let commit = resolve(state, repo, commit).await?;
     // The commit must be on the branch it is promoted from.
     if compare(state, repo, &policy.from, &commit).await?.ahead > 0 {
@@ -242,9 +275,8 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
         approvals: &approvals,
         now: state.clock.now(),
     };
-    let approved_by = check_promotion(&policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;
-    let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
-    Ok(Promoted { promoted: commit, to: policy.to, builds })
+    let approved_by = check_promotion(policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;
+    Ok((commit, approved_by))
 }
 
 /// Re-evaluates whether each open pull request into `base` contains its tip: the second

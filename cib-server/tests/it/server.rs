@@ -54,6 +54,7 @@ pub fn tokens() -> Vec<TokenConfig> {
         .map(|role| TokenConfig {
             name: format!("{role:?}").to_lowercase(),
             token: token(role),
+            token_sha256: None,
             role,
             teams: Vec::new(),
         })
@@ -187,6 +188,7 @@ impl TestServer {
 const SPEC: &str = r#"
 pipelines:
   test:
+    on: { push: {}, pull_request: {}, manual: {} }
     steps:
       - { name: talk, image: busybox, commands: ["echo line one", "echo line two", "echo line three"] }
       - name: sign-off
@@ -366,6 +368,7 @@ pub async fn read_sse(
 const CHATTY: &str = r#"
 pipelines:
   test:
+    on: { push: {}, pull_request: {}, manual: {} }
     steps:
       - name: chatty
         image: busybox

@@ -12,7 +12,7 @@ use super::server::{TestServer, git, token};
 const SPEC: &str = r#"
 pipelines:
   test:
-    on: { push: { branches: ["**"], branches_ignore: [master, production] } }
+    on: { push: { branches: ["**"], branches_ignore: [master, production] }, manual: {} }
     steps: [{ name: unit, image: busybox, commands: ["echo tests pass"] }]
   staging:
     on: { push: { branches: [master] } }
@@ -81,6 +81,7 @@ async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
         c.tokens.push(cib_server::config::TokenConfig {
             name: "carol".into(),
             token: CAROL.into(),
+            token_sha256: None,
             role: Role::Approve,
             teams: Vec::new(),
         });
@@ -105,7 +106,7 @@ async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
         .post(
             "/api/v1/builds",
             Role::Trigger,
-            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test", "event": "push" }),
+            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }),
         )
         .await;
     assert_eq!(status, 201, "{answer}");
@@ -246,7 +247,7 @@ fn comment(number: u64, body: &str, by: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_requests_get_an_up_to_date_status_and_are_merged_by_a_comment() {
     let spec = SPEC.replace(
-        r#"on: { push: { branches: ["**"], branches_ignore: [master, production] } }"#,
+        r#"on: { push: { branches: ["**"], branches_ignore: [master, production] }, manual: {} }"#,
         r#"on: { pull_request: { branches: [master] } }"#,
     );
     let s = TestServer::start_configured(&spec, |c| {
@@ -352,7 +353,16 @@ pipelines:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_head() {
     let s = TestServer::start_configured(FORK_SPEC, |c| {
-        c.secrets.insert("TOKEN".into(), "t0ps3cret".into());
+        c.secrets.insert(
+            "TOKEN".into(),
+            cib_server::config::ConfigSecret::Scoped(cib_server::config::ScopedSecret {
+                value: "t0ps3cret".into(),
+                repos: vec!["acme/shop".into()],
+                branches: Vec::new(),
+                pipelines: Vec::new(),
+                environments: Vec::new(),
+            }),
+        );
     })
     .await;
     let repo = s.repo_path.clone();
@@ -411,8 +421,9 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
     );
 
     // The author cannot approve their own; a maintainer can, for this head.
-    hook("issue_comment", "trust-by-author", comment(3, "/cib trust", "stranger")).await;
-    hook("issue_comment", "trust-by-maintainer", comment(3, "/cib trust", "maintainer")).await;
+    let trust_first = format!("/cib trust {}", &first[..7]);
+    hook("issue_comment", "trust-by-author", comment(3, &trust_first, "stranger")).await;
+    hook("issue_comment", "trust-by-maintainer", comment(3, &trust_first, "maintainer")).await;
     let outcome = wait_outcome("trust-3-").await;
     assert_eq!(outcome, "Success");
     let texts: Vec<String> = events()
@@ -442,4 +453,32 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
     hook("pull_request", "fork-2", fork_pull_request("synchronize", 3, &second, &base)).await;
     let outcome = wait_outcome("fork-2").await;
     assert!(outcome.starts_with("skipped"), "{outcome}");
+
+    // Trusting the old head, which a maintainer read before the push, trusts nothing; and a
+    // trust without a commit is refused too.
+    hook("issue_comment", "trust-old", comment(3, &trust_first, "maintainer")).await;
+    hook("issue_comment", "trust-bare", comment(3, "/cib trust", "maintainer")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let texts = loop {
+        let texts: Vec<String> = events()
+            .await
+            .iter()
+            .filter_map(|e| match &e.body {
+                cib_core::event::EventBody::CommandAnswered { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        if texts.len() >= 4 {
+            break texts;
+        }
+        assert!(Instant::now() < deadline, "no answers: {texts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(texts[2].starts_with("Not trusted") && texts[2].contains(&second[..12]), "{texts:?}");
+    assert!(texts[3].contains("Name the commit"), "{texts:?}");
+    let builds = flow.s.wait_builds(|_| true).await;
+    assert!(
+        !builds.iter().any(|b| b.id.0.starts_with("trust-3-") && b.id.0.contains(&second[..12])),
+        "no build trusted the new head: {builds:#?}"
+    );
 }
