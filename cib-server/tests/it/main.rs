@@ -9,4 +9,5 @@ mod pools;
 mod restart;
 mod run;
 mod server;
+mod trust;
 mod workflow;

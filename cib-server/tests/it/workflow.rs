@@ -342,6 +342,8 @@ fn fork_pull_request(action: &str, number: u64, head: &str, base_sha: &str) -> V
 }
 
 const FORK_SPEC: &str = r#"
+merge:
+  requires: { pipelines: [test] }
 pipelines:
   test:
     on: { pull_request: { branches: [master] } }
@@ -374,6 +376,15 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         git(&repo, &["commit", "-q", "-m", file]);
         git(&repo, &["rev-parse", "HEAD"])
     };
+    // The fork's own spec adds a step that asks for the secret: no build of it may run.
+    std::fs::write(
+        repo.join(".cib.yml"),
+        format!(
+            "{FORK_SPEC}      - {{ name: fork-step, image: busybox, secrets: [TOKEN], commands: [\"echo stolen=$TOKEN\"] }}\n"
+        ),
+    )
+    .expect("write");
+    git(&repo, &["add", ".cib.yml"]);
     let first = commit_as("one.txt");
     let flow = Flow { s };
     let hook = |event: &'static str, delivery: &'static str, body: Vec<u8>| {
@@ -448,6 +459,34 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         .await;
     assert_eq!(answer.body, "token=***\n", "the secret reached the step, masked in its log");
 
+    // The build that skipped the secret step is neutral, not a success.
+    let builds = flow
+        .s
+        .wait_builds(|b| {
+            b.iter().any(|x| {
+                x.id.0.starts_with("fork-1")
+                    && !matches!(x.status, cib_core::ports::BuildStatus::Queued | cib_core::ports::BuildStatus::Running)
+            })
+        })
+        .await;
+    let fork_1 = builds.iter().find(|x| x.id.0.starts_with("fork-1")).expect("fork-1");
+    assert_eq!(fork_1.status, cib_core::ports::BuildStatus::Neutral, "{fork_1:#?}");
+
+    // A retry of the trusted build runs the base's spec again, never the fork's.
+    let trusted = format!("trust-3-{short}-test");
+    let retried =
+        flow.s.request("POST", &format!("/api/v1/builds/{trusted}/retry"), Some(&token(Role::Trigger)), b"").await;
+    assert_eq!(retried.status, 201, "{}", retried.body);
+    let retry_id = serde_json::from_str::<serde_json::Value>(&retried.body).expect("json")["build"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    for id in [&trusted, &retry_id] {
+        let record = flow.s.request("GET", &format!("/api/v1/builds/{id}"), Some(&token(Role::Read)), b"").await;
+        assert!(record.body.contains("with-secret"), "{}", record.body);
+        assert!(!record.body.contains("fork-step"), "{id} ran the fork's spec: {}", record.body);
+    }
+
     // A new push needs a new approval.
     let second = commit_as("two.txt");
     hook("pull_request", "fork-2", fork_pull_request("synchronize", 3, &second, &base)).await;
@@ -458,6 +497,8 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
     // trust without a commit is refused too.
     hook("issue_comment", "trust-old", comment(3, &trust_first, "maintainer")).await;
     hook("issue_comment", "trust-bare", comment(3, "/cib trust", "maintainer")).await;
+    // The head's build was neutral: it does not satisfy the required `test` for a merge.
+    hook("issue_comment", "merge-neutral", comment(3, "/cib merge", "maintainer")).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let texts = loop {
         let texts: Vec<String> = events()
@@ -468,7 +509,7 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
                 _ => None,
             })
             .collect();
-        if texts.len() >= 4 {
+        if texts.len() >= 5 {
             break texts;
         }
         assert!(Instant::now() < deadline, "no answers: {texts:?}");
@@ -476,6 +517,7 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
     };
     assert!(texts[2].starts_with("Not trusted") && texts[2].contains(&second[..12]), "{texts:?}");
     assert!(texts[3].contains("Name the commit"), "{texts:?}");
+    assert!(texts[4].starts_with("cib cannot merge") && texts[4].contains("test"), "{texts:?}");
     let builds = flow.s.wait_builds(|_| true).await;
     assert!(
         !builds.iter().any(|b| b.id.0.starts_with("trust-3-") && b.id.0.contains(&second[..12])),
