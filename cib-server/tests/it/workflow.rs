@@ -431,6 +431,20 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         "skipped: a fork's pull request runs no step with secrets until a maintainer approves its head"
     );
 
+    // The build that skipped the secret step is neutral, not a success. It is waited for
+    // before the trust, whose build would supersede it.
+    let builds = flow
+        .s
+        .wait_builds(|b| {
+            b.iter().any(|x| {
+                x.id.0.starts_with("fork-1")
+                    && !matches!(x.status, cib_core::ports::BuildStatus::Queued | cib_core::ports::BuildStatus::Running)
+            })
+        })
+        .await;
+    let fork_1 = builds.iter().find(|x| x.id.0.starts_with("fork-1")).expect("fork-1");
+    assert_eq!(fork_1.status, cib_core::ports::BuildStatus::Neutral, "{fork_1:#?}");
+
     // The author cannot approve their own; a maintainer can, for this head.
     let trust_first = format!("/cib trust {}", &first[..7]);
     hook("issue_comment", "trust-by-author", comment(3, &trust_first, "stranger")).await;
@@ -458,19 +472,6 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         )
         .await;
     assert_eq!(answer.body, "token=***\n", "the secret reached the step, masked in its log");
-
-    // The build that skipped the secret step is neutral, not a success.
-    let builds = flow
-        .s
-        .wait_builds(|b| {
-            b.iter().any(|x| {
-                x.id.0.starts_with("fork-1")
-                    && !matches!(x.status, cib_core::ports::BuildStatus::Queued | cib_core::ports::BuildStatus::Running)
-            })
-        })
-        .await;
-    let fork_1 = builds.iter().find(|x| x.id.0.starts_with("fork-1")).expect("fork-1");
-    assert_eq!(fork_1.status, cib_core::ports::BuildStatus::Neutral, "{fork_1:#?}");
 
     // A retry of the trusted build runs the base's spec again, never the fork's.
     let trusted = format!("trust-3-{short}-test");
