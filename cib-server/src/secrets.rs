@@ -29,6 +29,17 @@ pub fn load_key(config: &ServerConfig) -> Result<SecretKey, String> {
     }
 }
 
+/// Loads the key and checks that it opens the secrets already stored (one repository's are
+/// enough: a store holds one key's secrets, as setting and rekeying make sure).
+pub async fn check_key(config: &ServerConfig, store: &dyn SecretStore) -> Result<(), String> {
+    let key = load_key(config)?;
+    let stored = store.list_secrets(None).await.map_err(|e| e.to_string())?;
+    if let Some(first) = stored.first() {
+        store.open_secrets(&key, &first.scope.repo).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// The current key, shared by the engine's port and the API (which replaces it on rekey).
 /// A key that could not be loaded is kept as its error, so that builds without secrets still
 /// run and every use of a secret says why it cannot be had.

@@ -39,12 +39,6 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
             eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
             return ExitCode::from(3);
         }
-        // A key that cannot be had stops the server here, with the file's name, rather than
-        // failing each build that asks for a secret.
-        if let Err(e) = cib_server::secrets::load_key(&config) {
-            eprint(&format!("cib serve: {e}"));
-            return ExitCode::from(2);
-        }
         let store = match cib_store::SqliteStore::open(db, cib_store::SqliteOptions::default()) {
             Ok(s) => s,
             Err(e) => {
@@ -52,6 +46,13 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(3);
             }
         };
+        // A key that cannot be had, or that does not open the stored secrets, stops the server
+        // here with the file's or the variable's name, rather than failing each build that
+        // asks for a secret.
+        if let Err(e) = cib_server::secrets::check_key(&config, &store).await {
+            eprint(&format!("cib serve: {e}"));
+            return ExitCode::from(2);
+        }
         let executor = match cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(config.instance.clone())).await {
             Ok(e) => e,
             Err(e) => {

@@ -442,3 +442,42 @@ async fn secrets_reach_only_their_repository_branch_and_pipeline_inside_the_cont
         "{production}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_lost_key_is_named_when_the_server_checks_it() {
+    use cib_core::ports::SecretStore;
+    let dir = tempfile::tempdir().expect("dir");
+    let store =
+        cib_store::SqliteStore::open(dir.path().join("cib.db"), cib_store::SqliteOptions::default()).expect("store");
+    let config = cib_server::config::ServerConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+    cib_server::secrets::check_key(&config, &store).await.expect("an empty store takes the new key");
+    let key = cib_server::secrets::load_key(&config).expect("the key file made on the first check");
+    let secret = cib_core::ports::NewSecret {
+        name: "TOKEN".into(),
+        value: cib_core::ports::SecretValue::new(SHOP_VALUE),
+        scope: cib_core::policy::SecretScope::repo("acme/shop"),
+        by: "admin".into(),
+        at: cib_core::time::Timestamp(0),
+    };
+    store.set_secret(&key, &secret).await.expect("set");
+    cib_server::secrets::check_key(&config, &store).await.expect("the same key opens them");
+
+    // The key file is lost: a new one is made, and it opens nothing.
+    let key_file = dir.path().join("secret.key");
+    std::fs::remove_file(&key_file).expect("lose the key");
+    let err = cib_server::secrets::check_key(&config, &store).await.expect_err("refused");
+    assert!(err.contains(&key_file.display().to_string()), "{err}");
+    // A wrong key from the environment is named as such.
+    let wrong = cib_server::config::ServerConfig {
+        secret_key: Some(cib_server::config::SecretText("11".repeat(32))),
+        ..config.clone()
+    };
+    let err = cib_server::secrets::check_key(&wrong, &store).await.expect_err("refused");
+    assert!(err.contains("CIB_SECRET_KEY"), "{err}");
+    let malformed = cib_server::config::ServerConfig {
+        secret_key: Some(cib_server::config::SecretText("not a key".into())),
+        ..config
+    };
+    let err = cib_server::secrets::check_key(&malformed, &store).await.expect_err("refused");
+    assert!(err.contains("CIB_SECRET_KEY"), "{err}");
+}
