@@ -83,7 +83,12 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                 .map(|p| format!("Promoted: {} is now {}.", p.to, p.promoted))
         }
         (["approve", commit], _) if permission >= Permission::Write => {
-            let actor = Actor { login: c.sender.clone(), teams: Vec::new(), can_write: true };
+            // Recorded against the person, so their other identities do not approve twice.
+            let actor = Actor {
+                login: state.person_of_login(&c.sender),
+                teams: state.teams_of_login(&c.sender),
+                can_write: true,
+            };
             crate::workflow::try_approve(state, &c.repo, commit, actor, true).await.map(|r| match r {
                 crate::workflow::Recorded::Approval { approved, .. }
                 | crate::workflow::Recorded::Review { reviewed: approved, .. } => {
@@ -180,9 +185,14 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
             };
             let approve = words[0] == "pass";
             let mut events = state.engine.subscribe();
-            let actor =
-                Actor { login: c.sender.clone(), teams: Vec::new(), can_write: permission >= Permission::Write };
-            let input = Input::Decide { build: build.clone(), step: step.clone(), actor, approve, comment: None };
+            let actor = Actor {
+                login: c.sender.clone(),
+                teams: state.teams_of_login(&c.sender),
+                can_write: permission >= Permission::Write,
+            };
+            let person = state.person_of_login(&c.sender);
+            let input =
+                Input::DecideAs { build: build.clone(), step: step.clone(), actor, person, approve, comment: None };
             if state.engine.submit(input).await.is_err() {
                 return "cib could not record the result; try again.".into();
             }

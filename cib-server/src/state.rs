@@ -76,6 +76,24 @@ impl AppState {
         }
     }
 
+    /// The person behind a GitHub login: the `[[people]]` entry that lists it, else the login.
+    pub fn person_of_login(&self, login: &str) -> String {
+        match self.people.find(&cib_core::policy::Identity::Github(login.to_owned())) {
+            Some(p) => p.name.clone(),
+            None => login.to_owned(),
+        }
+    }
+
+    /// The teams of the person behind a GitHub login, from `[[people]]`.
+    pub fn teams_of_login(&self, login: &str) -> Vec<String> {
+        self.people.teams(&cib_core::policy::Identity::Github(login.to_owned())).to_vec()
+    }
+
+    /// Whether a repository is one of the local Git repositories (no forge, no accounts).
+    pub fn is_local(&self, repo: &str) -> bool {
+        self.config.github.api_url.is_none() || self.config.repos.iter().any(|r| r.name == repo)
+    }
+
     /// A counter for ids made by this process (API builds, people's leases).
     pub fn counter(&self) -> &AtomicU64 {
         &self.counter

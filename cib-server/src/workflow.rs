@@ -279,6 +279,22 @@ pub async fn check_promotable(
     Ok((commit, approved_by))
 }
 
+/// Records who wrote `commit`, as a person, so that its gates refuse that person's approval.
+/// Only a forge's account counts (GitHub links it by the author's verified email): local
+/// repositories have no accounts, and the name written in a commit is anyone's to choose, so
+/// nothing is recorded for them. The inbox should call this too for the builds it starts.
+pub async fn record_commit_author(state: &AppState, repo: &str, commit: &str) {
+    if state.is_local(repo) {
+        return;
+    }
+    let Ok(Some(login)) = state.vcs.author(repo, commit).await else { return };
+    let input =
+        Input::CommitAuthor { repo: repo.to_owned(), commit: commit.to_owned(), person: state.person_of_login(&login) };
+    if let Err(e) = state.engine.submit(input).await {
+        tracing::warn!(%repo, %commit, error = %e, "the commit's author could not be recorded");
+    }
+}
+
 /// Re-evaluates whether each open pull request into `base` contains its tip: the second
 /// status of a pull request, which changes when the base moves as much as when the head does.
 pub async fn reevaluate(state: &Arc<AppState>, repo: &str, base: &str) {

@@ -198,6 +198,7 @@ pub async fn trigger(
         }
     }
     let event = TriggerEvent { kind, branch: branch.clone(), tag: None, changed_paths: None };
+    crate::workflow::record_commit_author(&state, &request.repo, &commit).await;
     let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
     let id = BuildId(format!("api-{}-{n}", state.clock.now().millis()));
     let input = Input::Enqueue {
