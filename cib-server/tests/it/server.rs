@@ -122,6 +122,19 @@ impl TestServer {
         executor: Arc<dyn cib_core::ports::Executor>,
         others: &[(&str, &str)],
     ) -> Self {
+        Self::start_with_vcs(spec, configure, options, executor, others, None).await
+    }
+
+    /// [`TestServer::start_full`], with another `Vcs` (GitHub's, say) instead of the local
+    /// repositories, when given.
+    pub async fn start_with_vcs(
+        spec: &str,
+        configure: impl FnOnce(&mut ServerConfig),
+        options: cib_store::SqliteOptions,
+        executor: Arc<dyn cib_core::ports::Executor>,
+        others: &[(&str, &str)],
+        other_vcs: Option<Arc<dyn cib_core::ports::Vcs>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
         for (name, spec) in others {
@@ -144,7 +157,8 @@ impl TestServer {
         for (name, _) in others {
             vcs = vcs.with_repo(format!("acme/{name}"), dir.path().join(name));
         }
-        let running = server::start(config, executor, store.clone(), Arc::new(vcs));
+        let vcs: Arc<dyn cib_core::ports::Vcs> = other_vcs.unwrap_or_else(|| Arc::new(vcs));
+        let running = server::start(config, executor, store.clone(), vcs);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         tokio::spawn(server::serve(running.state.clone(), listener, std::future::pending()));

@@ -481,3 +481,88 @@ async fn a_wrong_or_lost_key_is_named_when_the_server_checks_it() {
     let err = cib_server::secrets::check_key(&malformed, &store).await.expect_err("refused");
     assert!(err.contains("CIB_SECRET_KEY"), "{err}");
 }
+
+const AUTHOR_SPEC: &str = r#"
+pipelines:
+  release:
+    on: { manual: {} }
+    steps:
+      - { name: build, image: busybox, commands: ["echo built"] }
+      - name: sign-off
+        depends_on: [build]
+        gate: { kind: approval }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_its_gate() {
+    use cib_github::testing::{FakeGithub, TEST_TOKEN};
+    const OCTO: &str = "octo-token-0123456789";
+    let fake = FakeGithub::start().await.expect("fake GitHub");
+    let commit = fake.commit("acme/app", &[], &[(".cib.yml", AUTHOR_SPEC)], "start");
+    fake.set_branch("acme/app", "master", &commit);
+    fake.set_commit_author("acme/app", &commit, "octocat");
+    let github = cib_server::config::GithubConfig {
+        webhook_secret: Some(super::server::SECRET.into()),
+        api_url: Some(fake.url().to_owned()),
+        token: Some(TEST_TOKEN.into()),
+        ..Default::default()
+    };
+    let client = cib_server::forge::github_client(&cib_server::config::ServerConfig {
+        github: github.clone(),
+        ..Default::default()
+    })
+    .expect("config")
+    .expect("a client");
+    let vcs: Arc<dyn cib_core::ports::Vcs> = Arc::new(cib_github::GithubVcs::new(client));
+    let s = TestServer::start_with_vcs(
+        AUTHOR_SPEC,
+        |c| {
+            c.github = github;
+            c.tokens.push(TokenConfig {
+                name: "octo".into(),
+                token: OCTO.into(),
+                token_sha256: None,
+                role: Role::Approve,
+                teams: Vec::new(),
+            });
+            c.people = vec![cib_core::policy::Person {
+                name: "Octo Cat".into(),
+                github: Some("OctoCat".into()),
+                tokens: vec!["octo".into()],
+                slack: None,
+                zulip: None,
+                teams: Vec::new(),
+            }];
+        },
+        cib_store::SqliteOptions::default(),
+        cib_core::testing::FakeExecutor::new(),
+        &[],
+        Some(vcs),
+    )
+    .await;
+    let body = serde_json::json!({ "repo": "acme/app", "ref": "master", "pipeline": "release" });
+    let answer = trigger(&s, &token(Role::Trigger), body).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let id = json(&answer.body)["build"].as_str().expect("id").to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let record = s.request("GET", &format!("/api/v1/builds/{id}"), Some(&token(Role::Read)), b"").await;
+        if record.body.contains("\"waiting\"") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the gate never waited: {}", record.body);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let approve = |who: &'static str| {
+        let s = &s;
+        let id = id.clone();
+        async move { s.request("POST", &format!("/api/v1/builds/{id}/gates/sign-off/approve"), Some(who), b"").await }
+    };
+    // The token belongs to the person GitHub names as the commit's author.
+    let own = approve(OCTO).await;
+    assert_eq!(own.status, 409, "{}", own.body);
+    assert!(own.body.contains("the commit's author may not approve it"), "{}", own.body);
+    let other = approve(token(Role::Approve).leak()).await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    fake.assert_no_violations();
+}
