@@ -182,7 +182,12 @@ pub async fn trigger(
     let Some(pipeline) = parsed.pipeline(&request.pipeline) else {
         return Err(ApiError::Unprocessable(format!("the spec has no pipeline '{}'", request.pipeline)));
     };
-    let branch = (request.reference != commit).then(|| request.reference.clone());
+    // A ref that is the commit, in full or abbreviated, names no branch: it must not pass for
+    // one in trigger filters and secret scopes, nor skip the check that a branch holds it.
+    let reference = request.reference.to_ascii_lowercase();
+    let names_commit =
+        reference.len() >= 7 && reference.bytes().all(|b| b.is_ascii_hexdigit()) && commit.starts_with(&reference);
+    let branch = (!names_commit).then(|| request.reference.clone());
     let kind = request.event.unwrap_or(EventKind::Manual);
     // Only `on: manual` pipelines, a manual event, and declared inputs; the inputs reach the
     // steps as `INPUT_<NAME>` and never replace the spec's own variables.
@@ -190,7 +195,7 @@ pub async fn trigger(
         let reasons: Vec<String> = refusals.iter().map(ToString::to_string).collect();
         ApiError::Unprocessable(format!("cib cannot start '{}' by hand: {}", request.pipeline, reasons.join("; ")))
     })?;
-    check_own_commit(&state, &request.repo, &request.reference, &commit).await?;
+    check_own_commit(&state, &request.repo, branch.as_deref(), &commit).await?;
     if pipeline.kind == PipelineKind::Deploy {
         // A deploy started by hand answers to the promotion rules like a promotion does.
         if let Some(policy) = crate::workflow::promotion_policy(&state, &request.repo).await? {
@@ -223,7 +228,7 @@ pub async fn trigger(
 
 /// Refuses a commit that no branch of the repository holds, such as a fork's head: it would
 /// run a stranger's code as trusted.
-async fn check_own_commit(state: &AppState, repo: &str, reference: &str, commit: &str) -> Result<(), ApiError> {
+async fn check_own_commit(state: &AppState, repo: &str, branch: Option<&str>, commit: &str) -> Result<(), ApiError> {
     match state.vcs.on_branch(repo, commit).await {
         Ok(Some(true)) => Ok(()),
         Ok(Some(false)) => Err(ApiError::Unprocessable(format!(
@@ -231,7 +236,7 @@ async fn check_own_commit(state: &AppState, repo: &str, reference: &str, commit:
         ))),
         // The backend cannot tell: a branch's name is its own commit by definition; a bare
         // commit or another ref (a pull request's) is refused.
-        Ok(None) if reference != commit && !reference.starts_with("refs/") => Ok(()),
+        Ok(None) if branch.is_some_and(|b| !b.starts_with("refs/")) => Ok(()),
         Ok(None) => Err(ApiError::Unprocessable(format!(
             "cib cannot tell whether {commit} is on a branch of {repo}: start it by the branch's name"
         ))),

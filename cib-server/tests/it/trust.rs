@@ -235,12 +235,14 @@ async fn the_trigger_api_starts_only_manual_pipelines_with_declared_inputs_on_ow
     let fork = git(&repo, &["rev-parse", "HEAD"]);
     git(&repo, &["update-ref", "refs/pull/3/head", &fork]);
     git(&repo, &["checkout", "-q", "feature/x"]);
-    refused(
-        serde_json::json!({ "repo": "acme/shop", "ref": fork, "pipeline": "release", "variables": { "version": "1" } }),
-        "on no branch of acme/shop",
-        422,
-    )
-    .await;
+    for reference in [fork.clone(), fork[..7].to_owned()] {
+        refused(
+            serde_json::json!({ "repo": "acme/shop", "ref": reference, "pipeline": "release", "variables": { "version": "1" } }),
+            "on no branch of acme/shop",
+            422,
+        )
+        .await;
+    }
 
     // Declared inputs reach the step as INPUT_*, and the spec's own PATH stays.
     let answer =
@@ -540,6 +542,12 @@ async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_
         Some(vcs),
     )
     .await;
+    // GitHub's API does not say which branches hold a commit, and it serves forks' commits
+    // through the base repository: a bare commit is refused there.
+    let body = serde_json::json!({ "repo": "acme/app", "ref": commit, "pipeline": "release" });
+    let answer = trigger(&s, &token(Role::Trigger), body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert!(answer.body.contains("start it by the branch's name"), "{}", answer.body);
     let body = serde_json::json!({ "repo": "acme/app", "ref": "master", "pipeline": "release" });
     let answer = trigger(&s, &token(Role::Trigger), body).await;
     assert_eq!(answer.status, 201, "{}", answer.body);
