@@ -158,8 +158,13 @@ async fn cib_secret_sets_from_standard_input_and_the_database_holds_no_plaintext
     for (file, bytes) in data_bytes(&s.data_dir) {
         assert!(!holds(&bytes, DEPLOY_VALUE), "{file} holds the secret in plain text");
     }
+    let out = tokio::task::block_in_place(|| cib(&["secret", "rekey"], ""));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1 secrets sealed under the new key in "));
     let out = tokio::task::block_in_place(|| cib(&["secret", "rm", "acme/shop", "DEPLOY_KEY"], ""));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::block_in_place(|| cib(&["secret", "list", "acme/shop"], ""));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "nothing is left");
 }
 
 const TRIGGER_SPEC: &str = r#"
@@ -356,6 +361,11 @@ async fn hashed_tokens_are_accepted_and_their_plain_text_need_not_be_configured(
     for hidden in [PLAIN, digest.as_str(), SHOP_VALUE, DEPLOY_VALUE] {
         assert!(!shown.contains(hidden), "Debug shows {hidden}: {shown}");
     }
+    let key = "cd".repeat(32);
+    let env: std::collections::BTreeMap<String, String> = [("CIB_SECRET_KEY".to_owned(), key.clone())].into();
+    let config = cib_server::config::ServerConfig::load(None, &env).expect("config");
+    assert_eq!(config.secret_key.as_ref().map(|k| k.0.as_str()), Some(key.as_str()));
+    assert!(!format!("{config:?}").contains(&key), "Debug shows the key");
 }
 
 #[test]
