@@ -209,10 +209,18 @@ pub async fn try_merge(
     };
     reviewers.extend(recorded);
     reviewers.retain(|r| r != user);
-    // The commit's author reviewing their own commit is no review.
-    let author = {
+    // The commit's author reviewing their own commit is no review. The author is the one on
+    // record, else the forge's account for the commit (local repositories have none).
+    let recorded_author = {
         let (repo_q, head_q) = (repo.to_owned(), head.clone());
         state.engine.query(move |m| m.commit_author(&repo_q, &head_q).map(str::to_owned)).await.ok().flatten()
+    };
+    let author = match recorded_author {
+        Some(a) => Some(a),
+        None if !state.is_local(repo) => {
+            state.vcs.author(repo, &head).await.ok().flatten().map(|login| state.person_of_login(&login))
+        }
+        None => None,
     };
     if let Some(author) = author {
         reviewers.retain(|r| *r != author);

@@ -495,6 +495,8 @@ async fn a_wrong_or_lost_key_is_named_when_the_server_checks_it() {
 }
 
 const AUTHOR_SPEC: &str = r#"
+merge:
+  requires: { reviews: 1 }
 pipelines:
   release:
     on: { manual: {} }
@@ -505,14 +507,17 @@ pipelines:
         gate: { kind: approval }
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_its_gate() {
+const OCTO: &str = "octo-token-0123456789";
+
+/// A server whose `acme/app` lives on the fake GitHub, its commits made by `commit_with`
+/// (which returns the one the test is about), and a person "Octo Cat" behind the GitHub login
+/// `octocat` and the token `OCTO`.
+async fn github_server(
+    commit_with: impl FnOnce(&cib_github::testing::FakeGithub) -> String,
+) -> (cib_github::testing::FakeGithub, TestServer, String) {
     use cib_github::testing::{FakeGithub, TEST_TOKEN};
-    const OCTO: &str = "octo-token-0123456789";
     let fake = FakeGithub::start().await.expect("fake GitHub");
-    let commit = fake.commit("acme/app", &[], &[(".cib.yml", AUTHOR_SPEC)], "start");
-    fake.set_branch("acme/app", "master", &commit);
-    fake.set_commit_author("acme/app", &commit, "octocat");
+    let commit = commit_with(&fake);
     let github = cib_server::config::GithubConfig {
         webhook_secret: Some(super::server::SECRET.into()),
         api_url: Some(fake.url().to_owned()),
@@ -552,6 +557,18 @@ async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_
         Some(vcs),
     )
     .await;
+    (fake, s, commit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_its_gate() {
+    let (fake, s, commit) = github_server(|fake| {
+        let commit = fake.commit("acme/app", &[], &[(".cib.yml", AUTHOR_SPEC)], "start");
+        fake.set_branch("acme/app", "master", &commit);
+        fake.set_commit_author("acme/app", &commit, "octocat");
+        commit
+    })
+    .await;
     // GitHub's API does not say which branches hold a commit, and it serves forks' commits
     // through the base repository: a bare commit is refused there.
     let body = serde_json::json!({ "repo": "acme/app", "ref": commit, "pipeline": "release" });
@@ -582,5 +599,35 @@ async fn on_github_the_commits_author_is_the_linked_account_and_may_not_approve_
     assert!(own.body.contains("the commit's author may not approve it"), "{}", own.body);
     let other = approve(token(Role::Approve).leak()).await;
     assert_eq!(other.status, 200, "{}", other.body);
+    fake.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_by_the_commits_author_does_not_count_toward_a_merge() {
+    let (fake, s, _) = github_server(|fake| {
+        let base = fake.commit("acme/app", &[], &[(".cib.yml", AUTHOR_SPEC)], "start");
+        fake.set_branch("acme/app", "master", &base);
+        let head = fake.commit("acme/app", &[&base], &[("feature.txt", "new\n")], "feature");
+        fake.set_branch("acme/app", "feature", &head);
+        fake.set_commit_author("acme/app", &head, "octocat");
+        head
+    })
+    .await;
+    let head = fake.branch("acme/app", "feature").expect("feature");
+    let merge = || {
+        let s = &s;
+        async move {
+            let body = serde_json::to_vec(&serde_json::json!({ "head": "feature", "pull": 1 })).expect("json");
+            s.request("POST", "/api/v1/repos/acme/app/merge", Some(&token(Role::Trigger)), &body).await
+        }
+    };
+    fake.add_review("acme/app", 1, "octocat", "APPROVED", &head);
+    let refused = merge().await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("0 approving review(s), 1 needed"), "{}", refused.body);
+    fake.add_review("acme/app", 1, "alice", "APPROVED", &head);
+    let merged = merge().await;
+    assert_eq!(merged.status, 200, "{}", merged.body);
+    assert_eq!(fake.branch("acme/app", "master").as_deref(), Some(head.as_str()));
     fake.assert_no_violations();
 }
