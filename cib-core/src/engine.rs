@@ -433,8 +433,15 @@ impl Runner {
             .unwrap_or_default();
         build_secrets.sort();
         build_secrets.dedup();
+        // A deploy pipeline's environment is named after it, as in the machine's record of
+        // what runs where; secrets scoped to environments match that name.
+        let environment = self
+            .machine
+            .build(&job.build)
+            .filter(|b| b.pipeline.kind == crate::spec::PipelineKind::Deploy)
+            .map(|b| b.pipeline.name.clone());
         tokio::spawn(async move {
-            let result = run_step(&ports, job.clone(), &build_secrets, workspace, dir, sink, stop).await;
+            let result = run_step(&ports, job.clone(), &build_secrets, environment, workspace, dir, sink, stop).await;
             let (done, finished) = oneshot::channel();
             let _ = logs.send(LogMessage::Finish(key.clone(), done));
             let _ = finished.await;
@@ -449,10 +456,14 @@ impl Runner {
 
 /// Prepares the build's workspace once, resolves the step's secrets and runs it, with the
 /// values of the build's other secrets (`build_secrets`, names) to mask in its output.
+// The step's context comes in parts the loop already holds; bundling them into a struct would
+// only move the same list elsewhere.
+#[allow(clippy::too_many_arguments)]
 async fn run_step(
     ports: &Ports,
     job: StepJob,
     build_secrets: &[String],
+    environment: Option<String>,
     workspace: Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>,
     dir: PathBuf,
     sink: Arc<EngineSink>,
@@ -481,26 +492,55 @@ async fn run_step(
         Ok(dir) => dir,
         Err(message) => return StepResult::Infrastructure(message),
     };
-    let mut secrets = BTreeMap::new();
     // Defence in depth: the machine already skips such steps, but an untrusted build never
     // has a secret looked up at all.
     let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
-    for name in names {
-        match ports.secrets.get(&job.context.repo, name) {
-            Some(value) => {
-                secrets.insert(name.clone(), value);
+    let secrets = if names.is_empty() {
+        BTreeMap::new()
+    } else {
+        let facts = crate::policy::BuildFacts {
+            repo: &job.context.repo,
+            branch: job.context.branch.as_deref(),
+            pull_request: job.context.pull_request.is_some(),
+            pipeline: &job.pipeline,
+            environment: environment.as_deref(),
+            trusted: job.context.trusted,
+        };
+        match ports.secrets.for_step(&facts, names).await {
+            Ok(found) => {
+                // A withheld secret is absent from the step's environment, as on other CI
+                // services; the log says which and why, so a failing deploy explains itself.
+                for (name, why) in &found.withheld {
+                    sink.write(Stream::Stderr, format!("cib: secret '{name}' is withheld: {why}\n").as_bytes());
+                }
+                found.values
             }
-            None => return StepResult::Infrastructure(format!("secret '{name}' is not configured")),
+            Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
         }
-    }
-    // The build's other secrets are only masked: one that is not configured fails the step
-    // that asks for it, not this one.
-    let names: &[String] = if job.context.trusted { build_secrets } else { &[] };
-    let mask = names
-        .iter()
-        .filter(|name| !secrets.contains_key(*name))
-        .filter_map(|name| ports.secrets.get(&job.context.repo, name))
-        .collect();
+    };
+    // The build's other secrets, those this build may have, are only masked: the step does not
+    // get them, but its output cannot show them either.
+    let others: Vec<String> = if job.context.trusted {
+        build_secrets.iter().filter(|name| !secrets.contains_key(*name)).cloned().collect()
+    } else {
+        Vec::new()
+    };
+    let mask = if others.is_empty() {
+        Vec::new()
+    } else {
+        let facts = crate::policy::BuildFacts {
+            repo: &job.context.repo,
+            branch: job.context.branch.as_deref(),
+            pull_request: job.context.pull_request.is_some(),
+            pipeline: &job.pipeline,
+            environment: environment.as_deref(),
+            trusted: job.context.trusted,
+        };
+        match ports.secrets.for_step(&facts, &others).await {
+            Ok(found) => found.values.into_values().collect(),
+            Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
+        }
+    };
     let run = StepRun { job, secrets, mask, workspace };
     match ports.executor.run(&run, sink, stop).await {
         Ok(Outcome::Exited(code)) => StepResult::Exited(code),

@@ -420,6 +420,10 @@ pub struct Build {
     pipeline_units: Vec<GrantedUnit>,
     /// Variables given when the build was started.
     pub variables: BTreeMap<String, String>,
+    /// The spec text the build was enqueued with: a retry runs it again, never the spec at
+    /// the commit (which, for a fork's pull request, the fork wrote).
+    #[serde(skip)]
+    pub spec: std::sync::Arc<str>,
     /// A step was skipped because the build is not trusted with its secrets.
     #[serde(skip)]
     untrusted_skips: bool,
@@ -784,6 +788,7 @@ impl Machine {
             services_ready: BTreeSet::new(),
             pipeline_units: Vec::new(),
             variables,
+            spec: std::sync::Arc::from(source),
             untrusted_skips: false,
         };
         self.publish(

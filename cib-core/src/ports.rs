@@ -251,6 +251,12 @@ pub trait Vcs: Send + Sync {
     async fn author(&self, _repo: &str, _rev: &str) -> Result<Option<String>, VcsError> {
         Ok(None)
     }
+    /// Whether `commit` is reachable from a branch of `repo` itself. A fork's head is held
+    /// only under a pull request's ref, so it is not: starting it by hand would run a
+    /// stranger's code as trusted. `None` when the backend cannot tell.
+    async fn on_branch(&self, _repo: &str, _commit: &str) -> Result<Option<bool>, VcsError> {
+        Ok(None)
+    }
 }
 
 /// Publishes events somewhere (commit statuses, chat, webhooks). Publishing the same event
@@ -871,9 +877,50 @@ pub trait Clock: Send + Sync {
     async fn sleep_until(&self, at: Timestamp);
 }
 
-/// Secret values by name, for the engine to hand to steps. Never logged.
+/// The secrets one step gets, and why each other name it asked for was withheld.
+#[derive(Default, Clone)]
+pub struct StepSecrets {
+    /// Values by name, passed to the step and masked in its output.
+    pub values: std::collections::BTreeMap<String, String>,
+    /// Names the step asked for and does not get, each with the reason, for its log.
+    pub withheld: Vec<(String, String)>,
+}
+
+impl StepSecrets {
+    /// The asked names found in `all`; the others are withheld as unknown. For fakes and for
+    /// `cib run`, where every secret given belongs to the one build.
+    pub fn pick(all: &std::collections::BTreeMap<String, String>, asked: &[String]) -> Self {
+        let mut out = StepSecrets::default();
+        for name in asked {
+            match all.get(name) {
+                Some(value) => {
+                    out.values.insert(name.clone(), value.clone());
+                }
+                None => out.withheld.push((name.clone(), "no secret of that name is configured".to_owned())),
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for StepSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values never reach a log line, even a debug one.
+        f.debug_struct("StepSecrets")
+            .field("values", &self.values.keys().collect::<Vec<_>>())
+            .field("withheld", &self.withheld)
+            .finish()
+    }
+}
+
+/// Secret values for the engine to hand to steps, decided per build: the implementation
+/// answers with [`crate::policy::check_secret`] on the build's facts, so a secret scoped to
+/// another repository, branch, pipeline or environment is withheld. Never logged.
+#[async_trait]
 pub trait Secrets: Send + Sync {
-    fn get(&self, repo: &str, name: &str) -> Option<String>;
+    /// Of the names a step asks for (`asked`), the values this build may have. `Err` means
+    /// the secrets could not be read at all (a wrong key, a failing store).
+    async fn for_step(&self, build: &crate::policy::BuildFacts<'_>, asked: &[String]) -> Result<StepSecrets, String>;
 }
 
 /// The fewest bytes a stored secret may have: shorter values turn up by chance in ordinary

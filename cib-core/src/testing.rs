@@ -77,9 +77,14 @@ pub use crate::engine::SystemClock;
 #[derive(Debug, Default, Clone)]
 pub struct StaticSecrets(pub BTreeMap<String, String>);
 
+#[async_trait]
 impl Secrets for StaticSecrets {
-    fn get(&self, _repo: &str, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
+    async fn for_step(
+        &self,
+        _build: &crate::policy::BuildFacts<'_>,
+        asked: &[String],
+    ) -> Result<crate::ports::StepSecrets, String> {
+        Ok(crate::ports::StepSecrets::pick(&self.0, asked))
     }
 }
 

@@ -181,6 +181,12 @@ impl Vcs for GitVcs {
         Ok((!name.is_empty()).then_some(name))
     }
 
+    async fn on_branch(&self, repo: &str, commit: &str) -> Result<Option<bool>, VcsError> {
+        let commit = self.commit_of(repo, commit).await?;
+        let branches = text(git(&self.path(repo), &["branch", "--contains", &commit, "--format=%(refname)"]).await?);
+        Ok(Some(!branches.is_empty()))
+    }
+
     async fn permission(&self, _repo: &str, user: &str) -> Result<Permission, VcsError> {
         Ok(self.permissions.get(user).copied().or(self.default_permission).unwrap_or(Permission::None))
     }

@@ -162,6 +162,8 @@ struct FakeCommit {
     parents: Vec<String>,
     files: BTreeMap<String, Vec<u8>>,
     message: String,
+    /// The GitHub account GitHub links to the commit's author, if any.
+    author: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,7 +307,7 @@ impl FakeGithub {
                 files.insert(name.to_owned(), git(&["cat-file", "blob", &format!("{sha}:{name}")])?);
             }
             let message = text(git(&["log", "-1", "--format=%B", &sha])?).trim().to_owned();
-            commits.insert(sha, FakeCommit { parents, files, message });
+            commits.insert(sha, FakeCommit { parents, files, message, author: None });
         }
         let mut refs = BTreeMap::new();
         for line in
@@ -348,8 +350,16 @@ impl FakeGithub {
         hasher.update(message.as_bytes());
         let sha = hex::encode(&hasher.finalize()[..20]);
         let parents = parents.iter().map(|p| (*p).to_owned()).collect();
-        repo.commits.insert(sha.clone(), FakeCommit { parents, files: tree, message: message.to_owned() });
+        repo.commits
+            .insert(sha.clone(), FakeCommit { parents, files: tree, message: message.to_owned(), author: None });
         sha
+    }
+
+    /// Links the commit's author to a GitHub account, as GitHub does by the author's email.
+    pub fn set_commit_author(&self, repo: &str, sha: &str, login: &str) {
+        if let Some(c) = self.state().repos.get_mut(repo).and_then(|r| r.commits.get_mut(sha)) {
+            c.author = Some(login.to_owned());
+        }
     }
 
     pub fn set_branch(&self, repo: &str, branch: &str, sha: &str) {
@@ -989,6 +999,10 @@ fn merge_base(repo: &Repo, head: &str, from_base: &BTreeSet<String>) -> Option<S
 
 fn commit_json(repo: &Repo, urls: &Urls, sha: &str) -> Value {
     let (parents, message) = repo.commits.get(sha).map(|c| (c.parents.clone(), c.message.clone())).unwrap_or_default();
+    let author = match repo.commits.get(sha).and_then(|c| c.author.as_deref()) {
+        Some(login) => user_json(urls.base.as_str(), login),
+        None => Value::Null,
+    };
     let person = json!({"name": "Test Author", "email": "author@example.com", "date": "2026-01-01T00:00:00Z"});
     json!({
         "url": format!("{}/commits/{sha}", urls.api()), "sha": sha, "node_id": format!("C_{sha}"),
@@ -999,7 +1013,7 @@ fn commit_json(repo: &Repo, urls: &Urls, sha: &str) -> Value {
             "message": message, "comment_count": 0,
             "tree": {"sha": sha, "url": format!("{}/git/trees/{sha}", urls.api())},
         },
-        "author": null, "committer": null,
+        "author": author, "committer": null,
         "parents": parents.iter().map(|p| json!({
             "sha": p, "url": format!("{}/commits/{p}", urls.api()), "html_url": format!("{}/commit/{p}", urls.html()),
         })).collect::<Vec<_>>(),

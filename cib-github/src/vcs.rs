@@ -176,6 +176,15 @@ impl Vcs for GithubVcs {
         self.approving(repo, pull, head).await.map(Some)
     }
 
+    /// The GitHub account GitHub links to the commit's author (by the author's verified
+    /// email), never the name written in the commit, which anyone can set. `None` when GitHub
+    /// links no account.
+    async fn author(&self, repo: &str, rev: &str) -> Result<Option<String>, VcsError> {
+        let path = format!("{}/commits/{}?per_page=1", repo_path(repo)?, encode(rev, true));
+        let answer = self.client.send(Method::GET, &path, None).await?.json()?;
+        Ok(answer.pointer("/author/login").and_then(Value::as_str).map(str::to_owned))
+    }
+
     async fn permission(&self, repo: &str, user: &str) -> Result<Permission, VcsError> {
         let path = format!("{}/collaborators/{}/permission", repo_path(repo)?, encode(user, false));
         let answer = match self.client.send(Method::GET, &path, None).await {

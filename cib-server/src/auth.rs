@@ -9,6 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header;
 use http::request::Parts;
+use sha2::{Digest, Sha256};
 
 use crate::config::{Role, TokenConfig};
 use crate::error::ApiError;
@@ -44,21 +45,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub fn authenticate<'a>(state: &'a AppState, headers: &http::HeaderMap) -> Option<&'a TokenConfig> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let given = value.strip_prefix("Bearer ")?.trim();
-    // Every token is compared, in constant time, so timing reveals neither a prefix nor which
-    // token matched.
+    // Digests are compared rather than tokens: they have one length, so timing reveals
+    // neither a prefix nor a token's length, and a file may hold only the digest
+    // (`token_sha256`). Every token is compared, so timing does not tell which matched.
+    let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
     let mut found = None;
     for t in &state.config.tokens {
-        if constant_time_eq(t.token.as_bytes(), given.as_bytes()) && found.is_none() {
+        let Some(expected) = token_digest(t) else { continue };
+        if constant_time_eq(&expected, &given) && found.is_none() {
             found = Some(t);
         }
     }
     found
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The SHA-256 a token is known by: the configured digest, or the plain token's.
+fn token_digest(t: &TokenConfig) -> Option<[u8; 32]> {
+    match &t.token_sha256 {
+        Some(hex_digest) => crate::config::digest_bytes(hex_digest),
+        None if t.token.is_empty() => None,
+        None => Some(Sha256::digest(t.token.as_bytes()).into()),
     }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

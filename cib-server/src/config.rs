@@ -22,13 +22,18 @@ pub enum Role {
     Admin,
 }
 
-/// A bearer token and the identity it stands for.
-#[derive(Debug, Clone, Deserialize)]
+/// A bearer token and the identity it stands for. `Debug` redacts the token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Who the token belongs to: the name events and decisions record.
     pub name: String,
+    /// The token itself; empty when `token_sha256` is given instead.
+    #[serde(default)]
     pub token: String,
+    /// The SHA-256 of the token in hexadecimal, so that the file need not hold the token.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
     pub role: Role,
     /// Teams the holder belongs to, for gates that name teams.
     #[serde(default)]
@@ -36,7 +41,7 @@ pub struct TokenConfig {
 }
 
 /// A repository the server builds, as the forge names it, and where its Git data lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepoConfig {
     pub name: String,
@@ -65,15 +70,16 @@ pub struct PoolFileConfig {
     pub capacity: Option<u32>,
 }
 
-/// A URL that receives every event, signed with HMAC-SHA256.
-#[derive(Debug, Clone, Deserialize)]
+/// A URL that receives every event, signed with HMAC-SHA256. `Debug` redacts the secret.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     pub url: String,
     pub secret: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// GitHub's settings. `Debug` redacts the webhook secret and the token.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GithubConfig {
     /// The secret GitHub signs deliveries with.
@@ -131,9 +137,20 @@ pub struct ServerConfig {
     /// How the inbox retries deliveries that fail.
     #[serde(default)]
     pub inbox: InboxConfig,
-    /// Secret values by name, for the steps that ask for them.
+    /// Secrets by name, each scoped to repositories (deprecated: the encrypted store,
+    /// `cib secret set`, is where secrets belong).
     #[serde(default)]
-    pub secrets: BTreeMap<String, String>,
+    pub secrets: BTreeMap<String, ConfigSecret>,
+    /// The file holding the key that seals stored secrets; `<data_dir>/secret.key` when not
+    /// given. Made, readable by its owner only, on first start.
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
+    /// The key itself, from `CIB_SECRET_KEY` (never from the file): it wins over the file.
+    #[serde(skip)]
+    pub secret_key: Option<SecretText>,
+    /// People and their identities, so that two identities of one person count once.
+    #[serde(default)]
+    pub people: Vec<cib_core::policy::Person>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -171,6 +188,9 @@ impl Default for ServerConfig {
             webhooks: Vec::new(),
             secrets: BTreeMap::new(),
             inbox: InboxConfig::default(),
+            secret_key_file: None,
+            secret_key: None,
+            people: Vec::new(),
         }
     }
 }
@@ -215,6 +235,9 @@ impl ServerConfig {
         if let Some(token) = env.get("CIB_GITHUB_TOKEN") {
             config.github.token = Some(token.clone());
         }
+        if let Some(key) = env.get("CIB_SECRET_KEY") {
+            config.secret_key = Some(SecretText(key.clone()));
+        }
         config.check()?;
         Ok(config)
     }
@@ -225,8 +248,18 @@ impl ServerConfig {
 
     fn check(&self) -> Result<(), String> {
         for t in &self.tokens {
-            if t.token.len() < 16 {
-                return Err(format!("the token of '{}' is shorter than 16 characters", t.name));
+            match &t.token_sha256 {
+                None if t.token.len() < 16 => {
+                    return Err(format!("the token of '{}' is shorter than 16 characters", t.name));
+                }
+                None => {}
+                Some(_) if !t.token.is_empty() => {
+                    return Err(format!("the token of '{}' has both token and token_sha256: give one", t.name));
+                }
+                Some(digest) if digest_bytes(digest).is_none() => {
+                    return Err(format!("token_sha256 of '{}' is not 64 hexadecimal digits", t.name));
+                }
+                Some(_) => {}
             }
         }
         for g in &self.github.repos {
@@ -234,6 +267,12 @@ impl ServerConfig {
         }
         if self.inbox.max_attempts == 0 || self.inbox.concurrency == 0 {
             return Err("[inbox] max_attempts and concurrency must be at least 1".into());
+        }
+        for (name, secret) in &self.secrets {
+            secret.check(name)?;
+        }
+        if let Err(problems) = cib_core::policy::People::new(self.people.clone()) {
+            return Err(format!("[[people]]: {}", problems.join("; ")));
         }
         for p in &self.pools {
             if p.units.is_empty() == p.capacity.is_none() {
@@ -247,6 +286,17 @@ impl ServerConfig {
     pub fn serves(&self, repo: &str) -> bool {
         self.repos.iter().any(|r| r.name == repo)
             || self.github.repos.iter().any(|g| cib_core::spec::Glob::parse(g).is_ok_and(|g| g.is_match(repo)))
+    }
+
+    /// Where the key that seals stored secrets lives.
+    pub fn secret_key_path(&self) -> PathBuf {
+        self.secret_key_file.clone().unwrap_or_else(|| self.data_dir.join("secret.key"))
+    }
+
+    /// The people directory. [`ServerConfig::load`] has checked it; a configuration built in
+    /// code that fails the check gets an empty directory, so nobody is merged with anyone.
+    pub fn people_directory(&self) -> cib_core::policy::People {
+        cib_core::policy::People::new(self.people.clone()).unwrap_or_default()
     }
 
     /// The pools as the lease table takes them.
@@ -263,5 +313,158 @@ impl ServerConfig {
                 },
             })
             .collect()
+    }
+}
+
+/// A secret in the configuration file: `[secrets.NAME]` with `value` and the `repos` it
+/// belongs to, optionally narrowed to `branches`, `pipelines` and `environments`. The old
+/// flat form (`NAME = "value"`) is refused: it gave every repository the secret.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ConfigSecret {
+    Scoped(ScopedSecret),
+    Flat(String),
+}
+
+/// The fields of `[secrets.NAME]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedSecret {
+    pub value: String,
+    #[serde(default)]
+    pub repos: Vec<String>,
+    #[serde(default)]
+    pub branches: Vec<cib_core::spec::Glob>,
+    #[serde(default)]
+    pub pipelines: Vec<String>,
+    #[serde(default)]
+    pub environments: Vec<String>,
+}
+
+impl ConfigSecret {
+    fn check(&self, name: &str) -> Result<(), String> {
+        match self {
+            ConfigSecret::Flat(_) => Err(format!(
+                "[secrets] {name}: a secret needs the repositories it belongs to; write [secrets.{name}] with \
+                 value = \"...\" and repos = [\"owner/name\"], or better, store it with `cib secret set`"
+            )),
+            ConfigSecret::Scoped(s) if s.repos.is_empty() => Err(format!(
+                "[secrets.{name}] needs repos = [\"owner/name\", ...]: without it every repository would get it"
+            )),
+            ConfigSecret::Scoped(s) if s.value.len() < cib_core::ports::MIN_SECRET_LEN => Err(format!(
+                "[secrets.{name}] is {} bytes long: values shorter than {} bytes cannot be masked safely in logs",
+                s.value.len(),
+                cib_core::ports::MIN_SECRET_LEN
+            )),
+            ConfigSecret::Scoped(_) => Ok(()),
+        }
+    }
+
+    /// The secret's scopes, one per repository, and its value; nothing for the refused form.
+    pub fn scopes(&self) -> Vec<(cib_core::policy::SecretScope, &str)> {
+        match self {
+            ConfigSecret::Flat(_) => Vec::new(),
+            ConfigSecret::Scoped(s) => s
+                .repos
+                .iter()
+                .map(|repo| {
+                    let scope = cib_core::policy::SecretScope {
+                        repo: repo.clone(),
+                        branches: s.branches.clone(),
+                        pipelines: s.pipelines.clone(),
+                        environments: s.environments.clone(),
+                    };
+                    (scope, s.value.as_str())
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The 32 bytes of a `token_sha256`, when it is 64 hexadecimal digits.
+pub fn digest_bytes(hex_digest: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_digest.trim()).ok().and_then(|v| <[u8; 32]>::try_from(v).ok())
+}
+
+// `Debug` of the configuration shows its shape and never a token, secret or key: configs
+// end up in logs and panic messages.
+
+const REDACTED: &str = "<redacted>";
+
+/// Text that must not be shown: `Debug` redacts it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+fn redacted<T>(value: &Option<T>) -> Option<&'static str> {
+    value.as_ref().map(|_| REDACTED)
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &REDACTED)
+            .field("token_sha256", &redacted(&self.token_sha256))
+            .field("role", &self.role)
+            .field("teams", &self.teams)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig").field("url", &self.url).field("secret", &REDACTED).finish()
+    }
+}
+
+impl std::fmt::Debug for RepoConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoConfig")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("webhook_secret", &redacted(&self.webhook_secret))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GithubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubConfig")
+            .field("webhook_secret", &redacted(&self.webhook_secret))
+            .field("api_url", &self.api_url)
+            .field("token", &redacted(&self.token))
+            .field("repos", &self.repos)
+            .field("app_id", &self.app_id)
+            .field("private_key_path", &self.private_key_path)
+            .field("installation_id", &self.installation_id)
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ConfigSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSecret::Flat(_) => f.write_str("Flat(<redacted>)"),
+            ConfigSecret::Scoped(s) => s.fmt(f),
+        }
+    }
+}
+
+impl std::fmt::Debug for ScopedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopedSecret")
+            .field("value", &REDACTED)
+            .field("repos", &self.repos)
+            .field("branches", &self.branches)
+            .field("pipelines", &self.pipelines)
+            .field("environments", &self.environments)
+            .finish()
     }
 }

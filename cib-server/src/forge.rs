@@ -102,4 +102,7 @@ impl Vcs for Forges {
     async fn author(&self, repo: &str, rev: &str) -> Result<Option<String>, VcsError> {
         self.pick(repo).author(repo, rev).await
     }
+    async fn on_branch(&self, repo: &str, commit: &str) -> Result<Option<bool>, VcsError> {
+        self.pick(repo).on_branch(repo, commit).await
+    }
 }

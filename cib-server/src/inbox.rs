@@ -83,7 +83,12 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                 .map(|p| format!("Promoted: {} is now {}.", p.to, p.promoted))
         }
         (["approve", commit], _) if permission >= Permission::Write => {
-            let actor = Actor { login: c.sender.clone(), teams: Vec::new(), can_write: true };
+            // Recorded against the person, so their other identities do not approve twice.
+            let actor = Actor {
+                login: state.person_of_login(&c.sender),
+                teams: state.teams_of_login(&c.sender),
+                can_write: true,
+            };
             crate::workflow::try_approve(state, &c.repo, commit, actor, true).await.map(|r| match r {
                 crate::workflow::Recorded::Approval { approved, .. }
                 | crate::workflow::Recorded::Review { reviewed: approved, .. } => {
@@ -91,12 +96,32 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                 }
             })
         }
-        (["trust"], Some(pr)) => {
+        (["trust"], _) => {
+            return "Name the commit you reviewed: `/cib trust <commit>` (at least 7 hexadecimal digits). \
+                    Only the pull request's current head can be trusted."
+                .into();
+        }
+        (["trust", sha], Some(pr)) => {
             if permission < Permission::Write {
                 return format!("{} has no write permission on {}.", c.sender, c.repo);
             }
             if !pr.from_fork {
                 return "This pull request is not from a fork: its builds are trusted already.".into();
+            }
+            // The comment names what the maintainer read, so a push racing the comment can
+            // never be trusted in its place.
+            let sha = sha.to_ascii_lowercase();
+            if sha.len() < 7 || sha.len() > 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return format!(
+                    "`{sha}` is not a commit: give at least 7 hexadecimal digits of the head you reviewed."
+                );
+            }
+            if !pr.head_commit.to_ascii_lowercase().starts_with(&sha) {
+                let head = pr.head_commit.get(..12).unwrap_or(&pr.head_commit);
+                return format!(
+                    "Not trusted: {sha} is not this pull request's head, which is now {head}. \
+                     Review the head and trust it by its commit."
+                );
             }
             if pr.author == c.sender {
                 return "The author of a pull request cannot approve it for secrets; another maintainer must.".into();
@@ -160,9 +185,14 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
             };
             let approve = words[0] == "pass";
             let mut events = state.engine.subscribe();
-            let actor =
-                Actor { login: c.sender.clone(), teams: Vec::new(), can_write: permission >= Permission::Write };
-            let input = Input::Decide { build: build.clone(), step: step.clone(), actor, approve, comment: None };
+            let actor = Actor {
+                login: c.sender.clone(),
+                teams: state.teams_of_login(&c.sender),
+                can_write: permission >= Permission::Write,
+            };
+            let person = state.person_of_login(&c.sender);
+            let input =
+                Input::DecideAs { build: build.clone(), step: step.clone(), actor, person, approve, comment: None };
             if state.engine.submit(input).await.is_err() {
                 return "cib could not record the result; try again.".into();
             }
@@ -175,7 +205,7 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
         }
         (["promote" | "approve", _], _) => return format!("{} has no write permission on {}.", c.sender, c.repo),
         _ => {
-            return "cib knows `/cib merge`, `/cib trust`, `/cib pass`, `/cib fail`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
+            return "cib knows `/cib merge`, `/cib trust <commit>`, `/cib pass`, `/cib fail`, `/cib approve <commit>` and `/cib promote <commit>`.".into();
         }
     };
     // A refusal's message lists every reason, in the words the API uses.

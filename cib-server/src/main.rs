@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{client, lint, plan, run, serve};
+use cli::{client, lint, plan, run, secret, serve};
 
 #[derive(Debug, Parser)]
 #[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
@@ -95,6 +95,13 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// The server's encrypted secrets (admin token): set, list, remove, rekey.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Show which pipelines and steps an event would start.
     Plan {
         /// The spec to read.
@@ -159,6 +166,38 @@ enum LeaseCommand {
     Revoke { lease: String },
 }
 
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Set a secret of REPO (owner/name); the value is read from standard input.
+    Set {
+        repo: String,
+        name: String,
+        /// Only builds of branches matching this glob get it (repeatable); pull requests never.
+        #[arg(long = "branch")]
+        branches: Vec<String>,
+        /// Only these pipelines get it (repeatable).
+        #[arg(long = "pipeline")]
+        pipelines: Vec<String>,
+        /// Only deploy pipelines of these environments get it (repeatable).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+    },
+    /// List secrets (names, scopes, when and by whom set; never values).
+    List {
+        repo: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm { repo: String, name: String },
+    /// Seal every secret under a new key. The server makes it and replaces its key file; with
+    /// CIB_SECRET_KEY, give the new key on standard input with --key-stdin.
+    Rekey {
+        #[arg(long)]
+        key_stdin: bool,
+    },
+}
+
 fn parse_event(text: &str) -> Result<EventKind, String> {
     serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
         .map_err(|_| format!("unknown event '{text}': use push, pull_request, promotion, manual or schedule"))
@@ -217,6 +256,17 @@ fn main() -> ExitCode {
                 LeaseCommand::Extend { lease, duration } => client::extend(&remote, &lease, &duration),
                 LeaseCommand::Return { lease } => client::give_back(&remote, &lease),
                 LeaseCommand::Revoke { lease } => client::revoke(&remote, &lease),
+            }
+        }
+        Command::Secret { command, remote } => {
+            let remote = client::Remote { server: remote.server, token: remote.token };
+            match command {
+                SecretCommand::Set { repo, name, branches, pipelines, environments } => {
+                    secret::set(&remote, &repo, &name, &branches, &pipelines, &environments)
+                }
+                SecretCommand::List { repo, json } => secret::list(&remote, repo.as_deref(), json),
+                SecretCommand::Rm { repo, name } => secret::remove(&remote, &repo, &name),
+                SecretCommand::Rekey { key_stdin } => secret::rekey(&remote, key_stdin),
             }
         }
         Command::Plan { path, event, branch, tag, changed, json } => {

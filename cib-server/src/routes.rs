@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos};
+use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos, secrets};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -40,6 +40,18 @@ macro_rules! route {
             path: $path,
             access: $access,
             handler: || axum::routing::post($handler),
+            doc: $doc,
+        }
+    };
+    (PUT $path:literal, $access:expr, $handler:path, $doc:path) => {
+        Route { method: Method::PUT, path: $path, access: $access, handler: || axum::routing::put($handler), doc: $doc }
+    };
+    (DELETE $path:literal, $access:expr, $handler:path, $doc:path) => {
+        Route {
+            method: Method::DELETE,
+            path: $path,
+            access: $access,
+            handler: || axum::routing::delete($handler),
             doc: $doc,
         }
     };
@@ -95,6 +107,11 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/repos/{owner}/merge", TRIGGER, repos::merge, repos::merge_doc_encoded),
         route!(POST "/api/v1/repos/{owner}/promote", TRIGGER, repos::promote, repos::promote_doc_encoded),
         route!(GET "/api/v1/repos/{owner}/environments", READ, repos::environments, repos::environments_doc_encoded),
+        // Secrets, admins only: values go in and never come out.
+        route!(GET "/api/v1/secrets", ADMIN, secrets::list, secrets::list_doc),
+        route!(POST "/api/v1/secrets/rekey", ADMIN, secrets::rekey, secrets::rekey_doc),
+        route!(PUT "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::set, secrets::set_doc),
+        route!(DELETE "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::remove, secrets::remove_doc),
     ]
 }
 

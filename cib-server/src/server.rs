@@ -6,21 +6,12 @@ use std::time::Duration;
 
 use cib_core::engine::{Engine, EngineConfig, Ports, SystemClock};
 use cib_core::pipeline::Config;
-use cib_core::ports::{Clock, Notifier, Secrets, Store, Vcs};
+use cib_core::ports::{Clock, Notifier, SecretStore, Store, Vcs};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
 use crate::config::ServerConfig;
 pub use crate::state::AppState;
-
-/// Secrets from the configuration file.
-struct ConfigSecrets(std::collections::BTreeMap<String, String>);
-
-impl Secrets for ConfigSecrets {
-    fn get(&self, _repo: &str, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
-    }
-}
 
 /// The running parts of a server: its state and the engine's task.
 #[derive(Debug)]
@@ -30,24 +21,28 @@ pub struct Running {
     pub inbox_task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the engine and the inbox processor with these backends.
-pub fn start(
+/// Starts the engine and the inbox processor with these backends. The store keeps the
+/// builds and the encrypted secrets both.
+pub fn start<S: Store + SecretStore + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
-    store: Arc<dyn Store>,
+    store: Arc<S>,
     vcs: Arc<dyn Vcs>,
 ) -> Running {
     start_with(config, executor, store, vcs, Vec::new())
 }
 
 /// [`start`], with more notifiers (the forge's, say) besides the configured webhooks.
-pub fn start_with(
+pub fn start_with<S: Store + SecretStore + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
-    store: Arc<dyn Store>,
+    store: Arc<S>,
     vcs: Arc<dyn Vcs>,
     mut notifiers: Vec<Arc<dyn Notifier>>,
 ) -> Running {
+    let secret_store: Arc<dyn SecretStore> = store.clone();
+    let store: Arc<dyn Store> = store;
+    let keys = Arc::new(crate::secrets::Keyring::load(&config));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     for hook in &config.webhooks {
         notifiers.push(Arc::new(crate::outgoing::WebhookNotifier::new(hook.url.clone(), hook.secret.clone())));
@@ -58,7 +53,7 @@ pub fn start_with(
         store: store.clone(),
         notifiers,
         clock: clock.clone(),
-        secrets: Arc::new(ConfigSecrets(config.secrets.clone())),
+        secrets: Arc::new(crate::secrets::ServerSecrets::new(&config, secret_store.clone(), keys.clone())),
     };
     let engine_config = EngineConfig {
         machine: Config {
@@ -71,7 +66,7 @@ pub fn start_with(
     };
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn(future);
-    let state = Arc::new(AppState::new(config, engine, store, vcs, clock));
+    let state = Arc::new(AppState::new(config, engine, store, vcs, clock, secret_store, keys));
     let inbox_task = tokio::spawn({
         let state = state.clone();
         async move {

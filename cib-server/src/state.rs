@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use cib_core::engine::EngineHandle;
-use cib_core::ports::{Clock, Store, Vcs};
+use cib_core::policy::People;
+use cib_core::ports::{Clock, SecretStore, Store, Vcs};
 use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
+use crate::secrets::Keyring;
 
 /// Everything a request handler may touch.
 pub struct AppState {
@@ -18,6 +20,11 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub vcs: Arc<dyn Vcs>,
     pub clock: Arc<dyn Clock>,
+    /// The encrypted secrets and the key that opens them.
+    pub secrets: Arc<dyn SecretStore>,
+    pub keys: Arc<Keyring>,
+    /// Who is who across tokens and logins, from `[[people]]`.
+    pub people: People,
     /// Wakes the inbox processor when a delivery is stored.
     pub inbox: Arc<Notify>,
     /// Tells long-lived answers (event and log streams) that the server is stopping.
@@ -36,13 +43,18 @@ impl AppState {
         store: Arc<dyn Store>,
         vcs: Arc<dyn Vcs>,
         clock: Arc<dyn Clock>,
+        secrets: Arc<dyn SecretStore>,
+        keys: Arc<Keyring>,
     ) -> Self {
         AppState {
+            people: config.people_directory(),
             config,
             engine,
             store,
             vcs,
             clock,
+            secrets,
+            keys,
             inbox: Arc::new(Notify::new()),
             stopping: Arc::new(Notify::new()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
@@ -55,6 +67,35 @@ impl AppState {
     /// repositories, no for a forge that sends its own push webhook (a second build would
     /// deploy twice).
     pub fn builds_on_move(&self, repo: &str) -> bool {
+        self.config.github.api_url.is_none() || self.config.repos.iter().any(|r| r.name == repo)
+    }
+
+    /// The person an API token stands for: the `[[people]]` entry that lists it, else the
+    /// token's own name (as before people were configured, so approver lists naming tokens
+    /// keep working). Decisions are recorded against this name, so two tokens of one person
+    /// count once.
+    pub fn person_of_token(&self, token_name: &str) -> String {
+        match self.people.find(&cib_core::policy::Identity::Token(token_name.to_owned())) {
+            Some(p) => p.name.clone(),
+            None => token_name.to_owned(),
+        }
+    }
+
+    /// The person behind a GitHub login: the `[[people]]` entry that lists it, else the login.
+    pub fn person_of_login(&self, login: &str) -> String {
+        match self.people.find(&cib_core::policy::Identity::Github(login.to_owned())) {
+            Some(p) => p.name.clone(),
+            None => login.to_owned(),
+        }
+    }
+
+    /// The teams of the person behind a GitHub login, from `[[people]]`.
+    pub fn teams_of_login(&self, login: &str) -> Vec<String> {
+        self.people.teams(&cib_core::policy::Identity::Github(login.to_owned())).to_vec()
+    }
+
+    /// Whether a repository is one of the local Git repositories (no forge, no accounts).
+    pub fn is_local(&self, repo: &str) -> bool {
         self.config.github.api_url.is_none() || self.config.repos.iter().any(|r| r.name == repo)
     }
 

@@ -189,6 +189,12 @@ pub async fn try_merge(
         Some(number) => state.vcs.approving_reviews(repo, number, &head).await.ok().flatten().unwrap_or_default(),
         None => Vec::new(),
     };
+    // Forge logins become people, so one person's two identities give one review.
+    for r in &mut reviewers {
+        if let Some(p) = state.people.find(&cib_core::policy::Identity::Github(r.clone())) {
+            *r = p.name.clone();
+        }
+    }
     let (results, recorded) = {
         let (repo_q, head_q) = (repo.to_owned(), head.clone());
         state
@@ -203,6 +209,22 @@ pub async fn try_merge(
     };
     reviewers.extend(recorded);
     reviewers.retain(|r| r != user);
+    // The commit's author reviewing their own commit is no review. The author is the one on
+    // record, else the forge's account for the commit (local repositories have none).
+    let recorded_author = {
+        let (repo_q, head_q) = (repo.to_owned(), head.clone());
+        state.engine.query(move |m| m.commit_author(&repo_q, &head_q).map(str::to_owned)).await.ok().flatten()
+    };
+    let author = match recorded_author {
+        Some(a) => Some(a),
+        None if !state.is_local(repo) => {
+            state.vcs.author(repo, &head).await.ok().flatten().map(|login| state.person_of_login(&login))
+        }
+        None => None,
+    };
+    if let Some(author) = author {
+        reviewers.retain(|r| *r != author);
+    }
     reviewers.sort_unstable();
     reviewers.dedup();
     let reviews = reviewers.len() as u32;
@@ -219,6 +241,25 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
     let Some(policy) = spec.promotion.clone() else {
         return Err(ApiError::Unprocessable("the spec on master has no promotion policy".into()));
     };
+    let (commit, approved_by) = check_promotable(state, repo, &policy, commit).await?;
+    let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
+    Ok(Promoted { promoted: commit, to: policy.to, builds })
+}
+
+/// The promotion policy on master, when the spec there has one.
+pub async fn promotion_policy(state: &AppState, repo: &str) -> Result<Option<spec::PromotionPolicy>, ApiError> {
+    Ok(policy_spec(state, repo, "master").await?.promotion)
+}
+
+/// Whether `commit` may be promoted under `policy`: the commit and the people whose
+/// approvals count, or every reason it may not. Promotions and deploys started by hand both
+/// ask this, so a deploy cannot go around the promotion rules.
+pub async fn check_promotable(
+    state: &AppState,
+    repo: &str,
+    policy: &spec::PromotionPolicy,
+    commit: &str,
+) -> Result<(String, Vec<String>), ApiError> {
     let commit = resolve(state, repo, commit).await?;
     // The commit must be on the branch it is promoted from.
     if compare(state, repo, &policy.from, &commit).await?.ahead > 0 {
@@ -242,9 +283,24 @@ pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: 
         approvals: &approvals,
         now: state.clock.now(),
     };
-    let approved_by = check_promotion(&policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;
-    let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
-    Ok(Promoted { promoted: commit, to: policy.to, builds })
+    let approved_by = check_promotion(policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;
+    Ok((commit, approved_by))
+}
+
+/// Records who wrote `commit`, as a person, so that its gates refuse that person's approval.
+/// Only a forge's account counts (GitHub links it by the author's verified email): local
+/// repositories have no accounts, and the name written in a commit is anyone's to choose, so
+/// nothing is recorded for them. The inbox should call this too for the builds it starts.
+pub async fn record_commit_author(state: &AppState, repo: &str, commit: &str) {
+    if state.is_local(repo) {
+        return;
+    }
+    let Ok(Some(login)) = state.vcs.author(repo, commit).await else { return };
+    let input =
+        Input::CommitAuthor { repo: repo.to_owned(), commit: commit.to_owned(), person: state.person_of_login(&login) };
+    if let Err(e) = state.engine.submit(input).await {
+        tracing::warn!(%repo, %commit, error = %e, "the commit's author could not be recorded");
+    }
 }
 
 /// Re-evaluates whether each open pull request into `base` contains its tip: the second

@@ -120,3 +120,13 @@ async fn server_errors_are_transient() {
     assert_eq!(s.vcs.resolve("o/r", "main").await.expect("then fine"), s.second);
     s.fake.assert_no_violations();
 }
+
+#[tokio::test]
+async fn a_commits_author_is_the_account_github_links_never_the_name_written_in_it() {
+    let s = setup().await;
+    // The commit says "Test Author"; without an account linked, cib knows no author.
+    assert_eq!(s.vcs.author("o/r", &s.second).await.expect("author"), None);
+    s.fake.set_commit_author("o/r", &s.second, "octocat");
+    assert_eq!(s.vcs.author("o/r", "main").await.expect("author"), Some("octocat".to_owned()));
+    s.fake.assert_no_violations();
+}

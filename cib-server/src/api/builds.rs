@@ -9,8 +9,9 @@ use axum::extract::State;
 use axum::response::Response;
 use cib_core::event::{BuildId, EventBody};
 use cib_core::pipeline::{Actor, BuildContext, Input};
+use cib_core::policy::check_trigger;
 use cib_core::ports::{BuildFilter, BuildRecord, BuildStatus, BuildSummary, Page};
-use cib_core::spec::{EventKind, TriggerEvent};
+use cib_core::spec::{EventKind, PipelineKind, TriggerEvent};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -178,12 +179,31 @@ pub async fn trigger(
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
     };
     let parsed = super::parse_spec(&source)?;
-    if parsed.pipeline(&request.pipeline).is_none() {
+    let Some(pipeline) = parsed.pipeline(&request.pipeline) else {
         return Err(ApiError::Unprocessable(format!("the spec has no pipeline '{}'", request.pipeline)));
-    }
-    let branch = (request.reference != commit).then(|| request.reference.clone());
+    };
+    // A ref that is the commit, in full or abbreviated, names no branch: it must not pass for
+    // one in trigger filters and secret scopes, nor skip the check that a branch holds it.
+    let reference = request.reference.to_ascii_lowercase();
+    let names_commit =
+        reference.len() >= 7 && reference.bytes().all(|b| b.is_ascii_hexdigit()) && commit.starts_with(&reference);
+    let branch = (!names_commit).then(|| request.reference.clone());
     let kind = request.event.unwrap_or(EventKind::Manual);
+    // Only `on: manual` pipelines, a manual event, and declared inputs; the inputs reach the
+    // steps as `INPUT_<NAME>` and never replace the spec's own variables.
+    let inputs = check_trigger(pipeline, kind, branch.as_deref(), &request.variables).map_err(|refusals| {
+        let reasons: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+        ApiError::Unprocessable(format!("cib cannot start '{}' by hand: {}", request.pipeline, reasons.join("; ")))
+    })?;
+    check_own_commit(&state, &request.repo, branch.as_deref(), &commit).await?;
+    if pipeline.kind == PipelineKind::Deploy {
+        // A deploy started by hand answers to the promotion rules like a promotion does.
+        if let Some(policy) = crate::workflow::promotion_policy(&state, &request.repo).await? {
+            crate::workflow::check_promotable(&state, &request.repo, &policy, &commit).await?;
+        }
+    }
     let event = TriggerEvent { kind, branch: branch.clone(), tag: None, changed_paths: None };
+    crate::workflow::record_commit_author(&state, &request.repo, &commit).await;
     let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
     let id = BuildId(format!("api-{}-{n}", state.clock.now().millis()));
     let input = Input::Enqueue {
@@ -196,21 +216,51 @@ pub async fn trigger(
             branch,
             pull_request: None,
             event,
-            actor: Some(who.name.clone()),
+            actor: Some(state.person_of_token(&who.name)),
             trusted: true,
         },
         only: None,
-        variables: request.variables,
+        variables: inputs,
     };
     state.engine.submit(input).await.map_err(|e| ApiError::Unavailable(format!("the engine refused: {e}")))?;
     Ok(json_response(StatusCode::CREATED, &Created { build: id }))
 }
 
+/// Refuses a commit that no branch of the repository holds, such as a fork's head: it would
+/// run a stranger's code as trusted.
+async fn check_own_commit(state: &AppState, repo: &str, branch: Option<&str>, commit: &str) -> Result<(), ApiError> {
+    match state.vcs.on_branch(repo, commit).await {
+        Ok(Some(true)) => Ok(()),
+        Ok(Some(false)) => Err(ApiError::Unprocessable(format!(
+            "{commit} is on no branch of {repo} (a fork's head, say): only the repository's own commits can be started by hand"
+        ))),
+        // The backend cannot tell: a branch's name is its own commit by definition; a bare
+        // commit or another ref (a pull request's) is refused.
+        Ok(None) if branch.is_some_and(|b| !b.starts_with("refs/")) => Ok(()),
+        Ok(None) => Err(ApiError::Unprocessable(format!(
+            "cib cannot tell whether {commit} is on a branch of {repo}: start it by the branch's name"
+        ))),
+        Err(e) => Err(ApiError::Unprocessable(format!("cannot tell whether {commit} is on a branch of {repo}: {e}"))),
+    }
+}
+
 pub fn trigger_doc(g: &mut DocGen) -> Op {
     Op::new("Start a build of a pipeline by hand.")
+        .describe(
+            "Only pipelines with an `on: manual` trigger, with the `manual` event, on a commit of one of the \
+             repository's own branches. `variables` must be inputs the pipeline declares (`inputs:`); they \
+             reach the steps as `INPUT_<NAME>`. A deploy pipeline is refused on a commit the promotion rules \
+             would refuse.",
+        )
         .body(g.schema::<TriggerRequest>())
         .json(201, "The build was queued.", g.schema::<Created>())
-        .error(g, 422, "The ref, the spec or the pipeline cannot be had; an invalid spec lists its diagnostics.")
+        .error(g, 409, "A deploy pipeline on a commit the promotion rules refuse, with every reason.")
+        .error(
+            g,
+            422,
+            "The ref, the spec or the pipeline cannot be had, the pipeline is not manual, an input is undeclared or \
+             ill-typed (the answer lists the allowed ones), or the commit is on no branch of the repository.",
+        )
 }
 
 /// A build being cancelled.
@@ -266,39 +316,33 @@ pub async fn retry(
         .engine
         .query({
             let id = BuildId(id.clone());
-            move |m| m.build(&id).map(|b| (b.pipeline.name.clone(), b.context.clone(), b.variables.clone()))
+            move |m| {
+                m.build(&id).map(|b| (b.pipeline.name.clone(), b.context.clone(), b.variables.clone(), b.spec.clone()))
+            }
         })
         .await
         .map_err(ApiError::unavailable)?;
-    let Some((pipeline, context, variables)) = found else {
+    // The spec stored with the build, never the one at its commit: for a fork's pull request
+    // the commit's spec is the fork's, and it would choose its own steps and secrets.
+    let Some((pipeline, context, variables, source)) = found else {
         return Err(ApiError::NotFound(format!("no build '{id}' to retry")));
-    };
-    let source = match state.vcs.read_spec(&context.repo, &context.commit).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Err(ApiError::Unprocessable("the spec is gone from that commit".into())),
-        Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
     };
     let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
     let new = BuildId(format!("{id}-retry-{n}"));
-    let context = BuildContext { actor: Some(who.name), ..context };
-    let input = Input::Enqueue {
-        build: new.clone(),
-        spec: Arc::from(source.as_str()),
-        pipeline,
-        context,
-        only: None,
-        variables,
-    };
+    let context = BuildContext { actor: Some(state.person_of_token(&who.name)), ..context };
+    let input = Input::Enqueue { build: new.clone(), spec: source, pipeline, context, only: None, variables };
     state.engine.submit(input).await.map_err(ApiError::unavailable)?;
     Ok(json_response(StatusCode::CREATED, &Retried { build: new, retry_of: id }))
 }
 
 pub fn retry_doc(g: &mut DocGen) -> Op {
     Op::new("Run a build's pipeline again at the same commit, as a new build.")
+        .describe(
+            "The retry runs the spec text stored with the original build, never the spec read again at the commit.",
+        )
         .param(Param::path("build", "The build's id."))
         .json(201, "The new build was queued.", g.schema::<Retried>())
         .error(g, 404, "No such build.")
-        .error(g, 422, "The spec cannot be read at the build's commit.")
 }
 
 /// A person's word at a gate.
@@ -331,12 +375,20 @@ async fn decide(
     approve: bool,
     decision: Decision,
 ) -> Result<Response, ApiError> {
-    let actor = Actor { login: who.name.clone(), teams: who.teams.clone(), can_write: true };
+    let person = state.person_of_token(&who.name);
+    let teams = match state.people.find(&cib_core::policy::Identity::Token(who.name.clone())) {
+        Some(p) => p.teams.iter().chain(&who.teams).cloned().collect(),
+        None => who.teams.clone(),
+    };
+    let actor = Actor { login: who.name.clone(), teams, can_write: true };
     let mut events = state.engine.subscribe();
-    let input = Input::Decide {
+    // Recorded against the person, so that their other tokens cannot approve a second time,
+    // and so that the person who started the build cannot approve it with another token.
+    let input = Input::DecideAs {
         build: BuildId(id.clone()),
         step: step.clone(),
         actor: actor.clone(),
+        person,
         approve,
         comment: decision.comment,
     };

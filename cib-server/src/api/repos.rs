@@ -48,8 +48,10 @@ fn with_repo(mut op: Op, two_segments: bool) -> Op {
     op
 }
 
-fn actor(who: &TokenConfig) -> Actor {
-    Actor { login: who.name.clone(), teams: who.teams.clone(), can_write: who.role >= Role::Trigger }
+/// The caller as the workflow records them: the person behind the token, so that two
+/// tokens of one person give one review or one approval.
+fn actor(state: &AppState, who: &TokenConfig) -> Actor {
+    Actor { login: state.person_of_token(&who.name), teams: who.teams.clone(), can_write: who.role >= Role::Trigger }
 }
 
 fn permission(who: &TokenConfig) -> Permission {
@@ -86,7 +88,7 @@ pub async fn review(
     PathParams(params): PathParams<BTreeMap<String, String>>,
     JsonBody(body): JsonBody<CommitBody>,
 ) -> Result<Response, ApiError> {
-    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&who), false).await?;
+    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&state, &who), false).await?;
     Ok(json_response(StatusCode::CREATED, &recorded))
 }
 
@@ -97,7 +99,7 @@ pub async fn approval(
     PathParams(params): PathParams<BTreeMap<String, String>>,
     JsonBody(body): JsonBody<CommitBody>,
 ) -> Result<Response, ApiError> {
-    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&who), true).await?;
+    let recorded = workflow::try_approve(&state, &repo_of(&params), &body.commit, actor(&state, &who), true).await?;
     Ok(json_response(StatusCode::CREATED, &recorded))
 }
 

@@ -15,16 +15,16 @@ pub struct Remote {
     pub token: Option<String>,
 }
 
-fn out(text: &str) {
+pub(crate) fn out(text: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
-fn err(text: &str) {
+pub(crate) fn err(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 /// Sends one request; the answer's status and JSON body.
-fn call(
+pub(crate) fn call(
     remote: &Remote,
     method: &str,
     path: &str,
@@ -48,7 +48,7 @@ fn call(
     })
 }
 
-fn finish(result: Result<(u16, serde_json::Value), String>, show: impl Fn(&serde_json::Value)) -> ExitCode {
+pub(crate) fn finish(result: Result<(u16, serde_json::Value), String>, show: impl Fn(&serde_json::Value)) -> ExitCode {
     match result {
         Ok((status, value)) if (200..300).contains(&status) => {
             show(&value);

@@ -1,10 +1,11 @@
 //! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`),
-//! the server (`serve`), and client commands that talk to a server (`pool`, `lease`).
+//! the server (`serve`), and client commands that talk to a server (`pool`, `lease`, `secret`).
 
 pub mod client;
 pub mod lint;
 pub mod plan;
 pub mod run;
+pub mod secret;
 pub mod serve;
 
 use std::io::Write;

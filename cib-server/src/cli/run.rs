@@ -55,9 +55,16 @@ fn eprint(text: &str) {
 /// Secrets given on the command line, for every repository.
 struct CliSecrets(BTreeMap<String, String>);
 
+// `cib run` builds the one working tree on the user's own machine, with the secrets they
+// gave for it, so no scope applies.
+#[async_trait::async_trait]
 impl Secrets for CliSecrets {
-    fn get(&self, _repo: &str, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
+    async fn for_step(
+        &self,
+        _build: &cib_core::policy::BuildFacts<'_>,
+        asked: &[String],
+    ) -> Result<cib_core::ports::StepSecrets, String> {
+        Ok(cib_core::ports::StepSecrets::pick(&self.0, asked))
     }
 }
 

@@ -31,17 +31,29 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        if let Err(e) = cib_server::secrets::create_private_dir(&config.data_dir) {
             eprint(&format!("cib serve: cannot create {}: {e}", config.data_dir.display()));
             return ExitCode::from(3);
         }
-        let store = match cib_store::SqliteStore::open(config.data_dir.join("cib.db"), cib_store::SqliteOptions::default()) {
+        let db = config.data_dir.join("cib.db");
+        if let Err(e) = cib_server::secrets::create_private_file(&db) {
+            eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
+            return ExitCode::from(3);
+        }
+        let store = match cib_store::SqliteStore::open(db, cib_store::SqliteOptions::default()) {
             Ok(s) => s,
             Err(e) => {
                 eprint(&format!("cib serve: cannot open the store: {e}"));
                 return ExitCode::from(3);
             }
         };
+        // A key that cannot be had, or that does not open the stored secrets, stops the server
+        // here with the file's or the variable's name, rather than failing each build that
+        // asks for a secret.
+        if let Err(e) = cib_server::secrets::check_key(&config, &store).await {
+            eprint(&format!("cib serve: {e}"));
+            return ExitCode::from(2);
+        }
         let executor = match cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(config.instance.clone())).await {
             Ok(e) => e,
             Err(e) => {

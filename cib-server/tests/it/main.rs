@@ -10,4 +10,5 @@ mod pools;
 mod restart;
 mod run;
 mod server;
+mod trust;
 mod workflow;

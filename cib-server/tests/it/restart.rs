@@ -283,3 +283,36 @@ fn leases_survive_a_kill_and_a_dead_holder_is_freed_at_its_deadline() {
     assert_eq!(status, 404, "the expired lease is gone");
     wait_clean(build["build"].as_str().expect("id"));
 }
+
+#[test]
+fn cib_serve_keeps_its_data_private_and_stops_on_a_key_that_opens_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: hello, image: busybox, commands: [echo hello] }\n";
+    repo(&dir.path().join("shop"), spec);
+    let port = free_port();
+    let admin = "[[tokens]]\nname = \"root\"\ntoken = \"root-token-0123456789\"\nrole = \"admin\"\n";
+    let config = config_with(dir.path(), port, &dir.path().join("shop"), admin);
+    let server = start(&config, port);
+    let data = dir.path().join("data");
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    assert_eq!(mode(&data.join("cib.db")), 0o600, "the database");
+    assert_eq!(mode(&data.join("secret.key")), 0o600, "the key file");
+    let (status, body) = http(
+        &server.url,
+        "PUT",
+        "/api/v1/secrets/acme/shop/TOKEN",
+        &[("authorization", "Bearer root-token-0123456789"), ("content-type", "application/json")],
+        br#"{"value": "a-value-long-enough"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    server.kill();
+
+    // Another key opens none of the stored secrets: the server says so, naming the file.
+    std::fs::write(data.join("secret.key"), format!("{}\n", "ab".repeat(32))).expect("replace the key");
+    let out = Command::new(env!("CARGO_BIN_EXE_cib")).arg("serve").arg("--config").arg(&config).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&data.join("secret.key").display().to_string()), "{stderr}");
+}

@@ -57,6 +57,7 @@ pub fn tokens() -> Vec<TokenConfig> {
         .map(|role| TokenConfig {
             name: format!("{role:?}").to_lowercase(),
             token: token(role),
+            token_sha256: None,
             role,
             teams: Vec::new(),
         })
@@ -82,6 +83,7 @@ pub fn push_payload(commit: &str) -> Vec<u8> {
 pub struct TestServer {
     pub url: String,
     pub repo_path: std::path::PathBuf,
+    pub data_dir: std::path::PathBuf,
     pub store: Arc<cib_store::SqliteStore>,
     pub commit: String,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -111,8 +113,36 @@ impl TestServer {
         configure: impl FnOnce(&mut ServerConfig),
         options: cib_store::SqliteOptions,
     ) -> Self {
+        Self::start_full(spec, configure, options, FakeExecutor::new(), &[]).await
+    }
+
+    /// A server with this executor, serving `acme/shop` (holding `spec`) and, for each
+    /// `(name, spec)` of `others`, a repository `acme/<name>` of its own.
+    pub async fn start_full(
+        spec: &str,
+        configure: impl FnOnce(&mut ServerConfig),
+        options: cib_store::SqliteOptions,
+        executor: Arc<dyn cib_core::ports::Executor>,
+        others: &[(&str, &str)],
+    ) -> Self {
+        Self::start_with_vcs(spec, configure, options, executor, others, None).await
+    }
+
+    /// [`TestServer::start_full`], with another `Vcs` (GitHub's, say) instead of the local
+    /// repositories, when given.
+    pub async fn start_with_vcs(
+        spec: &str,
+        configure: impl FnOnce(&mut ServerConfig),
+        options: cib_store::SqliteOptions,
+        executor: Arc<dyn cib_core::ports::Executor>,
+        others: &[(&str, &str)],
+        other_vcs: Option<Arc<dyn cib_core::ports::Vcs>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
+        for (name, spec) in others {
+            repo(&dir.path().join(name), spec);
+        }
         let mut config = ServerConfig {
             data_dir: dir.path().join("data"),
             tokens: tokens(),
@@ -129,15 +159,27 @@ impl TestServer {
         std::fs::create_dir_all(&config.data_dir).expect("data dir");
         let store = Arc::new(cib_store::SqliteStore::open(config.data_dir.join("cib.db"), options).expect("store"));
         // Local repositories have no accounts: every user writes, as on a team's own server.
-        let vcs = GitVcs::new()
+        let mut vcs = GitVcs::new()
             .with_repo("acme/shop", dir.path().join("shop"))
             .with_default_permission(cib_core::ports::Permission::Write);
-        let running = server::start(config, FakeExecutor::new(), store.clone(), Arc::new(vcs));
+        for (name, _) in others {
+            vcs = vcs.with_repo(format!("acme/{name}"), dir.path().join(name));
+        }
+        let vcs: Arc<dyn cib_core::ports::Vcs> = other_vcs.unwrap_or_else(|| Arc::new(vcs));
+        let running = server::start(config, executor, store.clone(), vcs);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         tokio::spawn(server::serve(running.state.clone(), listener, std::future::pending()));
         let client = Client::builder(TokioExecutor::new()).build_http();
-        TestServer { url, repo_path: dir.path().join("shop"), store, commit, client, _dir: dir }
+        TestServer {
+            url,
+            repo_path: dir.path().join("shop"),
+            data_dir: dir.path().join("data"),
+            store,
+            commit,
+            client,
+            _dir: dir,
+        }
     }
 
     pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Answer {
@@ -195,6 +237,7 @@ impl TestServer {
 const SPEC: &str = r#"
 pipelines:
   test:
+    on: { push: {}, pull_request: {}, manual: {} }
     steps:
       - { name: talk, image: busybox, commands: ["echo line one", "echo line two", "echo line three"] }
       - name: sign-off
@@ -374,6 +417,7 @@ pub async fn read_sse(
 const CHATTY: &str = r#"
 pipelines:
   test:
+    on: { push: {}, pull_request: {}, manual: {} }
     steps:
       - name: chatty
         image: busybox

@@ -12,7 +12,7 @@ use super::server::{TestServer, git, token};
 const SPEC: &str = r#"
 pipelines:
   test:
-    on: { push: { branches: ["**"], branches_ignore: [master, production] } }
+    on: { push: { branches: ["**"], branches_ignore: [master, production] }, manual: {} }
     steps: [{ name: unit, image: busybox, commands: ["echo tests pass"] }]
   staging:
     on: { push: { branches: [master] } }
@@ -81,6 +81,7 @@ async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
         c.tokens.push(cib_server::config::TokenConfig {
             name: "carol".into(),
             token: CAROL.into(),
+            token_sha256: None,
             role: Role::Approve,
             teams: Vec::new(),
         });
@@ -105,7 +106,7 @@ async fn a_change_goes_from_a_branch_to_production_by_fast_forwards_only() {
         .post(
             "/api/v1/builds",
             Role::Trigger,
-            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test", "event": "push" }),
+            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }),
         )
         .await;
     assert_eq!(status, 201, "{answer}");
@@ -246,7 +247,7 @@ fn comment(number: u64, body: &str, by: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_requests_get_an_up_to_date_status_and_are_merged_by_a_comment() {
     let spec = SPEC.replace(
-        r#"on: { push: { branches: ["**"], branches_ignore: [master, production] } }"#,
+        r#"on: { push: { branches: ["**"], branches_ignore: [master, production] }, manual: {} }"#,
         r#"on: { pull_request: { branches: [master] } }"#,
     );
     let s = TestServer::start_configured(&spec, |c| {
@@ -341,6 +342,8 @@ fn fork_pull_request(action: &str, number: u64, head: &str, base_sha: &str) -> V
 }
 
 const FORK_SPEC: &str = r#"
+merge:
+  requires: { pipelines: [test] }
 pipelines:
   test:
     on: { pull_request: { branches: [master] } }
@@ -352,7 +355,16 @@ pipelines:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_head() {
     let s = TestServer::start_configured(FORK_SPEC, |c| {
-        c.secrets.insert("TOKEN".into(), "t0ps3cret".into());
+        c.secrets.insert(
+            "TOKEN".into(),
+            cib_server::config::ConfigSecret::Scoped(cib_server::config::ScopedSecret {
+                value: "t0ps3cret".into(),
+                repos: vec!["acme/shop".into()],
+                branches: Vec::new(),
+                pipelines: Vec::new(),
+                environments: Vec::new(),
+            }),
+        );
     })
     .await;
     let repo = s.repo_path.clone();
@@ -364,6 +376,15 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         git(&repo, &["commit", "-q", "-m", file]);
         git(&repo, &["rev-parse", "HEAD"])
     };
+    // The fork's own spec adds a step that asks for the secret: no build of it may run.
+    std::fs::write(
+        repo.join(".cib.yml"),
+        format!(
+            "{FORK_SPEC}      - {{ name: fork-step, image: busybox, secrets: [TOKEN], commands: [\"echo stolen=$TOKEN\"] }}\n"
+        ),
+    )
+    .expect("write");
+    git(&repo, &["add", ".cib.yml"]);
     let first = commit_as("one.txt");
     let flow = Flow { s };
     let hook = |event: &'static str, delivery: &'static str, body: Vec<u8>| {
@@ -410,9 +431,24 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         "skipped: a fork's pull request runs no step with secrets until a maintainer approves its head"
     );
 
+    // The build that skipped the secret step is neutral, not a success. It is waited for
+    // before the trust, whose build would supersede it.
+    let builds = flow
+        .s
+        .wait_builds(|b| {
+            b.iter().any(|x| {
+                x.id.0.starts_with("fork-1")
+                    && !matches!(x.status, cib_core::ports::BuildStatus::Queued | cib_core::ports::BuildStatus::Running)
+            })
+        })
+        .await;
+    let fork_1 = builds.iter().find(|x| x.id.0.starts_with("fork-1")).expect("fork-1");
+    assert_eq!(fork_1.status, cib_core::ports::BuildStatus::Neutral, "{fork_1:#?}");
+
     // The author cannot approve their own; a maintainer can, for this head.
-    hook("issue_comment", "trust-by-author", comment(3, "/cib trust", "stranger")).await;
-    hook("issue_comment", "trust-by-maintainer", comment(3, "/cib trust", "maintainer")).await;
+    let trust_first = format!("/cib trust {}", &first[..7]);
+    hook("issue_comment", "trust-by-author", comment(3, &trust_first, "stranger")).await;
+    hook("issue_comment", "trust-by-maintainer", comment(3, &trust_first, "maintainer")).await;
     let outcome = wait_outcome("trust-3-").await;
     assert_eq!(outcome, "Success");
     let texts: Vec<String> = events()
@@ -437,9 +473,55 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         .await;
     assert_eq!(answer.body, "token=***\n", "the secret reached the step, masked in its log");
 
+    // A retry of the trusted build runs the base's spec again, never the fork's.
+    let trusted = format!("trust-3-{short}-test");
+    let retried =
+        flow.s.request("POST", &format!("/api/v1/builds/{trusted}/retry"), Some(&token(Role::Trigger)), b"").await;
+    assert_eq!(retried.status, 201, "{}", retried.body);
+    let retry_id = serde_json::from_str::<serde_json::Value>(&retried.body).expect("json")["build"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    for id in [&trusted, &retry_id] {
+        let record = flow.s.request("GET", &format!("/api/v1/builds/{id}"), Some(&token(Role::Read)), b"").await;
+        assert!(record.body.contains("with-secret"), "{}", record.body);
+        assert!(!record.body.contains("fork-step"), "{id} ran the fork's spec: {}", record.body);
+    }
+
     // A new push needs a new approval.
     let second = commit_as("two.txt");
     hook("pull_request", "fork-2", fork_pull_request("synchronize", 3, &second, &base)).await;
     let outcome = wait_outcome("fork-2").await;
     assert!(outcome.starts_with("skipped"), "{outcome}");
+
+    // Trusting the old head, which a maintainer read before the push, trusts nothing; and a
+    // trust without a commit is refused too.
+    hook("issue_comment", "trust-old", comment(3, &trust_first, "maintainer")).await;
+    hook("issue_comment", "trust-bare", comment(3, "/cib trust", "maintainer")).await;
+    // The head's build was neutral: it does not satisfy the required `test` for a merge.
+    hook("issue_comment", "merge-neutral", comment(3, "/cib merge", "maintainer")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let texts = loop {
+        let texts: Vec<String> = events()
+            .await
+            .iter()
+            .filter_map(|e| match &e.body {
+                cib_core::event::EventBody::CommandAnswered { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        if texts.len() >= 5 {
+            break texts;
+        }
+        assert!(Instant::now() < deadline, "no answers: {texts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(texts[2].starts_with("Not trusted") && texts[2].contains(&second[..12]), "{texts:?}");
+    assert!(texts[3].contains("Name the commit"), "{texts:?}");
+    assert!(texts[4].starts_with("cib cannot merge") && texts[4].contains("test"), "{texts:?}");
+    let builds = flow.s.wait_builds(|_| true).await;
+    assert!(
+        !builds.iter().any(|b| b.id.0.starts_with("trust-3-") && b.id.0.contains(&second[..12])),
+        "no build trusted the new head: {builds:#?}"
+    );
 }
