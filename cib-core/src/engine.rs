@@ -492,12 +492,7 @@ async fn run_step(
         Ok(dir) => dir,
         Err(message) => return StepResult::Infrastructure(message),
     };
-    // Defence in depth: the machine already skips such steps, but an untrusted build never
-    // has a secret looked up at all.
-    let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
-    let secrets = if names.is_empty() {
-        BTreeMap::new()
-    } else {
+    let (secrets, mask) = {
         let facts = crate::policy::BuildFacts {
             repo: &job.context.repo,
             branch: job.context.branch.as_deref(),
@@ -506,40 +501,40 @@ async fn run_step(
             environment: environment.as_deref(),
             trusted: job.context.trusted,
         };
-        match ports.secrets.for_step(&facts, names).await {
-            Ok(found) => {
-                // A withheld secret is absent from the step's environment, as on other CI
-                // services; the log says which and why, so a failing deploy explains itself.
-                for (name, why) in &found.withheld {
-                    sink.write(Stream::Stderr, format!("cib: secret '{name}' is withheld: {why}\n").as_bytes());
+        // Defence in depth: the machine already skips such steps, but an untrusted build never
+        // has a secret looked up at all.
+        let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
+        let secrets = if names.is_empty() {
+            BTreeMap::new()
+        } else {
+            match ports.secrets.for_step(&facts, names).await {
+                Ok(found) => {
+                    // A withheld secret is absent from the step's environment, as on other CI
+                    // services; the log says which and why, so a failing deploy explains itself.
+                    for (name, why) in &found.withheld {
+                        sink.write(Stream::Stderr, format!("cib: secret '{name}' is withheld: {why}\n").as_bytes());
+                    }
+                    found.values
                 }
-                found.values
+                Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
             }
-            Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
-        }
-    };
-    // The build's other secrets, those this build may have, are only masked: the step does not
-    // get them, but its output cannot show them either.
-    let others: Vec<String> = if job.context.trusted {
-        build_secrets.iter().filter(|name| !secrets.contains_key(*name)).cloned().collect()
-    } else {
-        Vec::new()
-    };
-    let mask = if others.is_empty() {
-        Vec::new()
-    } else {
-        let facts = crate::policy::BuildFacts {
-            repo: &job.context.repo,
-            branch: job.context.branch.as_deref(),
-            pull_request: job.context.pull_request.is_some(),
-            pipeline: &job.pipeline,
-            environment: environment.as_deref(),
-            trusted: job.context.trusted,
         };
-        match ports.secrets.for_step(&facts, &others).await {
-            Ok(found) => found.values.into_values().collect(),
-            Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
-        }
+        // The build's other secrets, those this build may have, are only masked: the step does
+        // not get them, but its output cannot show them either.
+        let others: Vec<String> = if job.context.trusted {
+            build_secrets.iter().filter(|name| !secrets.contains_key(*name)).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let mask: Vec<String> = if others.is_empty() {
+            Vec::new()
+        } else {
+            match ports.secrets.for_step(&facts, &others).await {
+                Ok(found) => found.values.into_values().collect(),
+                Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
+            }
+        };
+        (secrets, mask)
     };
     let run = StepRun { job, secrets, mask, workspace };
     match ports.executor.run(&run, sink, stop).await {

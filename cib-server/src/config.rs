@@ -137,6 +137,9 @@ pub struct ServerConfig {
     /// How the inbox retries deliveries that fail.
     #[serde(default)]
     pub inbox: InboxConfig,
+    /// Connections served at once; more wait until one closes.
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
     /// Secrets by name, each scoped to repositories (deprecated: the encrypted store,
     /// `cib secret set`, is where secrets belong).
     #[serde(default)]
@@ -165,6 +168,10 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("cib-data")
 }
 
+fn default_connections() -> usize {
+    1024
+}
+
 fn default_running() -> usize {
     4
 }
@@ -188,6 +195,7 @@ impl Default for ServerConfig {
             webhooks: Vec::new(),
             secrets: BTreeMap::new(),
             inbox: InboxConfig::default(),
+            max_connections: default_connections(),
             secret_key_file: None,
             secret_key: None,
             people: Vec::new(),

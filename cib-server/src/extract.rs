@@ -12,6 +12,9 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// How long a request's body may take to arrive.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Largest body an API route reads; the webhook route has its own, larger limit.
 pub fn api_body_limit(state: &AppState) -> usize {
     state.config.max_body_bytes.min(1024 * 1024)
@@ -19,7 +22,13 @@ pub fn api_body_limit(state: &AppState) -> usize {
 
 /// Reads a whole body, refusing more than `limit` bytes.
 pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
-    match crate::http::read_body(body, limit).await {
+    // A body sent too slowly is refused rather than waited for: a slow client must not hold a
+    // handler for long.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, crate::http::read_body(body, limit)).await;
+    let Ok(read) = read else {
+        return Err(ApiError::BadRequest(format!("the body was not sent within {} s", BODY_READ_TIMEOUT.as_secs())));
+    };
+    match read {
         Ok(b) => Ok(b),
         Err(crate::http::BodyError::TooLarge) => {
             Err(ApiError::TooLarge(format!("the body is larger than {limit} bytes")))

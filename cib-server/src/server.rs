@@ -103,6 +103,9 @@ async fn feed_metrics(state: Arc<AppState>) {
     }
 }
 
+/// How long a client may take to send a request's head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish
 /// (server-sent streams are ended), and returns.
 pub async fn serve(
@@ -112,8 +115,22 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let router = crate::routes::router(state.clone());
+    // At most this many connections are served at once; more wait in the listen backlog, so a
+    // flood of idle connections cannot take every file descriptor.
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // A client that takes longer than this to send its request head is cut off: a slow client
+    // holds only its own connection, never a worker, and not for long.
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
@@ -124,9 +141,10 @@ pub async fn serve(
                     }
                 };
                 let service = TowerToHyperService::new(router.clone());
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = http.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }

@@ -400,3 +400,45 @@ async fn generated_requests_get_the_answers_the_description_promises() {
     // Both kinds were really exercised.
     assert!(valid_sent > 100 && invalid_sent > 100, "valid {valid_sent}, invalid {invalid_sent}");
 }
+
+/// 200 connections sending their request a byte a second hold nothing up: a normal API call
+/// still answers at once, and the slow ones are cut off once the header timeout passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_hold_up_nobody() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(SPEC).await;
+    let address = s.url.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut conn = tokio::net::TcpStream::connect(&address).await.expect("connect");
+        conn.write_all(b"G").await.expect("a first byte");
+        slow.push(conn);
+    }
+    let trickle = tokio::spawn(async move {
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            for conn in &mut slow {
+                let _ = conn.write_all(b"E").await;
+            }
+        }
+        slow
+    });
+    let mut took = Vec::new();
+    for _ in 0..7 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let answer = s.request("GET", "/api/v1/builds", Some(&token(Role::Read)), b"").await;
+        took.push(started.elapsed());
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(median < std::time::Duration::from_millis(100), "API calls beside 200 slow clients took {took:?}");
+    let mut slow = trickle.await.expect("trickle");
+    // Past the header timeout, the server has closed them (or answered 408 and closed).
+    tokio::time::sleep(cib_server::server::HEADER_READ_TIMEOUT).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), slow[0].read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow connection is closed by the server");
+    assert!(buf.is_empty() || buf.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&buf));
+}

@@ -185,3 +185,65 @@ async fn a_signed_git_push_builds_and_a_wrongly_signed_one_is_refused() {
     let builds = s.wait_builds(|b| b.len() == 1 && b[0].status == BuildStatus::Success).await;
     assert_eq!(builds[0].branch.as_deref(), Some("feature/x"));
 }
+
+fn operations_md() -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"))
+        .expect("docs/operations.md")
+}
+
+/// The first fenced block after `marker` (or the first of `lang` when no marker) in `text`.
+fn block(text: &str, marker: &str, lang: &str) -> String {
+    let from = text.find(marker).unwrap_or_else(|| panic!("{marker} is in the docs"));
+    let open = format!("```{lang}\n");
+    let start = text[from..].find(&open).map(|i| from + i + open.len()).expect("a fenced block");
+    let end = text[start..].find("```").map(|i| start + i).expect("the block ends");
+    text[start..end].to_owned()
+}
+
+#[test]
+fn the_configuration_example_in_the_docs_is_accepted() {
+    let text = block(&operations_md(), "## Configuration", "toml");
+    let config = cib_server::config::ServerConfig::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.serves("acme/shop") && config.serves("other/app"), "{:?}", config.github.repos);
+    assert!(!config.serves("someone/else"));
+    assert_eq!(config.inbox.max_attempts, 8);
+}
+
+/// The `post-receive` hook of docs/operations.md, run by Git on a real push, makes a build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_post_receive_hook_in_the_docs_builds_a_push() {
+    let s = TestServer::start(SPEC).await;
+    let hook = s.repo_path.join(".git/hooks/post-receive");
+    std::fs::write(&hook, block(&operations_md(), "<!-- post-receive -->", "sh")).expect("hook");
+    std::process::Command::new("chmod").arg("+x").arg(&hook).status().expect("chmod");
+    let work = tempfile::tempdir().expect("temp dir");
+    let clone = work.path().join("clone");
+    let out = std::process::Command::new("git")
+        .arg("clone")
+        .arg("-q")
+        .arg(&s.repo_path)
+        .arg(&clone)
+        .output()
+        .expect("git clone");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(clone.join("more.txt"), "more\n").expect("file");
+    super::server::git(&clone, &["add", "more.txt"]);
+    super::server::git(&clone, &["commit", "-q", "-m", "more"]);
+    let pushed = super::server::git(&clone, &["rev-parse", "HEAD"]);
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&clone)
+        .args(["push", "-q", "origin", "HEAD:refs/heads/feature/hooked"])
+        .env("CIB_URL", &s.url)
+        .env("CIB_GIT_SECRET", GIT_SECRET)
+        .output()
+        .expect("git push");
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    let builds = s
+        .wait_builds(|b| {
+            b.iter().any(|b| b.branch.as_deref() == Some("feature/hooked") && b.status == BuildStatus::Success)
+        })
+        .await;
+    let build = builds.iter().find(|b| b.branch.as_deref() == Some("feature/hooked")).expect("the build");
+    assert_eq!(build.commit, pushed);
+}

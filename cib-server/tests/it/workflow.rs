@@ -234,10 +234,13 @@ fn pull_request(action: &str, number: u64, head_branch: &str, head: &str, base_s
 }
 
 fn comment(number: u64, body: &str, by: &str) -> Vec<u8> {
+    // Every comment GitHub sends has its own id (the same body twice is a replay).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     serde_json::to_vec(&serde_json::json!({
         "action": "created",
         "issue": { "number": number, "pull_request": { "url": "x" } },
-        "comment": { "id": 99, "body": body },
+        "comment": { "id": id, "body": body },
         "repository": { "full_name": "acme/shop" },
         "sender": { "login": by }
     }))
