@@ -498,7 +498,7 @@ pub async fn run(state: Arc<AppState>) {
     let gate = Arc::new(tokio::sync::Semaphore::new(state.config.inbox.concurrency));
     loop {
         let notified = state.inbox.notified();
-        let due = match state.store.due_deliveries(state.clock.now(), 500).await {
+        let due = match state.store.due_deliveries(state.clock.now(), 200).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the inbox");
@@ -542,12 +542,17 @@ pub async fn run(state: Arc<AppState>) {
                 },
             }
         }
-        // Set aside together, so the store commits them in a few transactions.
+        // Set aside a few at a time: the store commits them together, and webhooks arriving
+        // meanwhile are not queued behind hundreds of writes.
         let state_ref = &state;
-        futures_util::future::join_all(at_once.into_iter().map(|(id, reason)| async move {
-            tracing::info!(delivery = %id, reason = reason.as_deref().unwrap_or(""), "delivery done without processing");
-            finish(state_ref, &id, DeliveryOutcome::Done { reason }).await;
-        }))
+        futures_util::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(at_once),
+            16,
+            |(id, reason)| async move {
+                tracing::info!(delivery = %id, reason = reason.as_deref().unwrap_or(""), "delivery done without processing");
+                finish(state_ref, &id, DeliveryOutcome::Done { reason }).await;
+            },
+        )
         .await;
         let mut tasks = tokio::task::JoinSet::new();
         for repo in order {
