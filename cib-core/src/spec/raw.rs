@@ -500,7 +500,7 @@ pub enum RawDeliverable {
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
 #[schemars(rename = "Pypi")]
 pub struct RawPypi {
-    /// The index's upload URL, e.g. `https://upload.pypi.org/legacy/`.
+    /// The index's upload URL, e.g. `https://index.example/legacy/`.
     pub index: Spanned<String>,
     /// Name of the secret holding the index token or `user:password`.
     pub credentials: Spanned<String>,

@@ -214,7 +214,7 @@ cases! {
           production:
             steps: [{ name: build, image: busybox, commands: [true] }]
             deliverables:
-              - pypi: { index: "https://upload.pypi.org/legacy/", credentials: PYPI_TOKEN }
+              - pypi: { index: "https://index.example/legacy/", credentials: PYPI_TOKEN }
               - docker: { image: registry.example.com/team/app }
               - docker: { image: registry.example.com/team/app, context: api, dockerfile: api.Dockerfile, tags: ["{{commit}}", latest], credentials: REGISTRY_AUTH }
     "#;
