@@ -841,7 +841,7 @@ pub trait Store: Send + Sync {
     async fn insert_delivery_once(
         &self,
         delivery: &Delivery,
-        digest: &str,
+        digest: &[u8],
         since: Timestamp,
     ) -> Result<Intake, StoreError>;
 

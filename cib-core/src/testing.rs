@@ -506,7 +506,7 @@ struct Memory {
     logs: BTreeMap<LogKey, MemoryLog>,
     log_times: BTreeMap<LogKey, BTreeMap<u64, Timestamp>>,
     /// Each delivery, with its bookkeeping and its body's digest.
-    deliveries: BTreeMap<String, (Delivery, DeliveryInfo, String)>,
+    deliveries: BTreeMap<String, (Delivery, DeliveryInfo, Vec<u8>)>,
     builds: BTreeMap<BuildId, MemoryBuild>,
 }
 
@@ -642,21 +642,24 @@ impl Store for MemoryStore {
     }
 
     async fn insert_delivery(&self, delivery: &Delivery) -> Result<bool, StoreError> {
-        Ok(self.insert_delivery_once(delivery, "", Timestamp(u64::MAX)).await? == Intake::New)
+        Ok(self.insert_delivery_once(delivery, b"", Timestamp(u64::MAX)).await? == Intake::New)
     }
 
     async fn insert_delivery_once(
         &self,
         delivery: &Delivery,
-        digest: &str,
+        digest: &[u8],
         since: Timestamp,
     ) -> Result<Intake, StoreError> {
         let mut m = lock(&self.inner);
+        // The body is looked at first, as SQLite's does: a replay is a replay under any id.
+        if !digest.is_empty()
+            && m.deliveries.values().any(|(d, _, dg)| dg.as_slice() == digest && d.received_at >= since)
+        {
+            return Ok(Intake::DuplicateBody);
+        }
         if m.deliveries.contains_key(&delivery.id) {
             return Ok(Intake::DuplicateId);
-        }
-        if !digest.is_empty() && m.deliveries.values().any(|(d, _, dg)| dg == digest && d.received_at >= since) {
-            return Ok(Intake::DuplicateBody);
         }
         let info = DeliveryInfo {
             id: delivery.id.clone(),
@@ -668,7 +671,7 @@ impl Store for MemoryStore {
             next_attempt_at: Timestamp(0),
             reason: None,
         };
-        m.deliveries.insert(delivery.id.clone(), (delivery.clone(), info, digest.to_owned()));
+        m.deliveries.insert(delivery.id.clone(), (delivery.clone(), info, digest.to_vec()));
         Ok(Intake::New)
     }
 
@@ -1075,15 +1078,15 @@ async fn inbox_conformance(store: &dyn Store) -> Result<(), String> {
         body: body.to_vec(),
     };
     let since = Timestamp(1_000);
-    let first = store.insert_delivery_once(&at("i-1", 2_000, b"one"), "digest-one", since).await.map_err(err)?;
+    let first = store.insert_delivery_once(&at("i-1", 2_000, b"one"), b"digest-one", since).await.map_err(err)?;
     check(first == Intake::New, format!("a new delivery: {first:?}"))?;
-    let again = store.insert_delivery_once(&at("i-1", 2_001, b"two"), "digest-two", since).await.map_err(err)?;
+    let again = store.insert_delivery_once(&at("i-1", 2_001, b"two"), b"digest-two", since).await.map_err(err)?;
     check(again == Intake::DuplicateId, format!("the same id again: {again:?}"))?;
-    let replay = store.insert_delivery_once(&at("i-2", 2_002, b"one"), "digest-one", since).await.map_err(err)?;
+    let replay = store.insert_delivery_once(&at("i-2", 2_002, b"one"), b"digest-one", since).await.map_err(err)?;
     check(replay == Intake::DuplicateBody, format!("the same body under a new id: {replay:?}"))?;
     check(store.delivery("i-2").await.map_err(err)?.is_none(), "a replay is not stored")?;
     let later = Timestamp(3_000);
-    let old = store.insert_delivery_once(&at("i-3", 3_000, b"one"), "digest-one", later).await.map_err(err)?;
+    let old = store.insert_delivery_once(&at("i-3", 3_000, b"one"), b"digest-one", later).await.map_err(err)?;
     check(old == Intake::New, format!("the same body after the window: {old:?}"))?;
 
     let due = |v: Vec<(Delivery, u32)>| {

@@ -136,8 +136,7 @@ ALTER TABLE deliveries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN next_attempt_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN dead SMALLINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN reason TEXT;
-ALTER TABLE deliveries ADD COLUMN body_sha256 TEXT;
-CREATE INDEX deliveries_due ON deliveries (done, dead, next_attempt_at);
+ALTER TABLE deliveries ADD COLUMN body_sha256 BLOB;
 CREATE INDEX deliveries_digest ON deliveries (body_sha256, received_at);
 ";
 

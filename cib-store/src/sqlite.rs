@@ -351,10 +351,10 @@ impl Store for SqliteStore {
     async fn insert_delivery_once(
         &self,
         delivery: &Delivery,
-        digest: &str,
+        digest: &[u8],
         since: Timestamp,
     ) -> Result<Intake, StoreError> {
-        let op = Op::DeliveryOnce { delivery: delivery.clone(), digest: digest.to_owned(), since: since.0 };
+        let op = Op::DeliveryOnce { delivery: delivery.clone(), digest: digest.to_vec(), since: since.0 };
         match self.write(op).await? {
             Done::Intake(intake) => Ok(intake),
             other => Err(unexpected(other)),

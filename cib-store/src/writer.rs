@@ -37,7 +37,7 @@ pub(crate) enum Op {
     FinishLog { key: LogKey },
     LogTime { key: LogKey, offset: u64, at: u64 },
     Delivery(Delivery),
-    DeliveryOnce { delivery: Delivery, digest: String, since: u64 },
+    DeliveryOnce { delivery: Delivery, digest: Vec<u8>, since: u64 },
     DeliveryDone { id: String },
     FinishDelivery { id: String, outcome: DeliveryOutcome },
     Redeliver { id: String },
@@ -203,25 +203,26 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
             Ok(Done::New(inserted == 1))
         }
         Op::DeliveryOnce { delivery: d, digest, since } => {
-            let found: Option<i64> = query_opt(conn, "SELECT 1 FROM deliveries WHERE id = ?1", [&d.id], |r| r.get(0))?;
-            if found.is_some() {
-                return Ok(Done::Intake(Intake::DuplicateId));
+            // An empty digest (a store used without one) never matches another delivery.
+            if !digest.is_empty() {
+                let replay: Option<i64> = query_opt(
+                    conn,
+                    "SELECT 1 FROM deliveries WHERE body_sha256 = ?1 AND received_at >= ?2 LIMIT 1",
+                    params![digest, to_sql(*since)?],
+                    |r| r.get(0),
+                )?;
+                if replay.is_some() {
+                    return Ok(Done::Intake(Intake::DuplicateBody));
+                }
             }
-            let replay: Option<i64> = query_opt(
+            let digest = (!digest.is_empty()).then_some(digest);
+            let inserted = exec(
                 conn,
-                "SELECT 1 FROM deliveries WHERE body_sha256 = ?1 AND received_at >= ?2 LIMIT 1",
-                params![digest, to_sql(*since)?],
-                |r| r.get(0),
-            )?;
-            if replay.is_some() {
-                return Ok(Done::Intake(Intake::DuplicateBody));
-            }
-            exec(
-                conn,
-                "INSERT INTO deliveries (id, source, event, received_at, body, body_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO deliveries (id, source, event, received_at, body, body_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO NOTHING",
                 params![d.id, d.source, d.event, to_sql(d.received_at.0)?, d.body, digest],
             )?;
-            Ok(Done::Intake(Intake::New))
+            Ok(Done::Intake(if inserted == 1 { Intake::New } else { Intake::DuplicateId }))
         }
         Op::FinishDelivery { id, outcome } => {
             match outcome {

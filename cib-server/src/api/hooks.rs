@@ -74,7 +74,7 @@ const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 2
 /// inbox for a new one.
 async fn store(state: &AppState, delivery: Delivery) -> Result<Response, ApiError> {
     use sha2::Digest;
-    let digest = hex::encode(sha2::Sha256::digest(&delivery.body));
+    let digest = sha2::Sha256::digest(&delivery.body);
     let window = REPLAY_WINDOW.as_millis() as u64;
     let since = cib_core::time::Timestamp(delivery.received_at.millis().saturating_sub(window));
     let intake = state

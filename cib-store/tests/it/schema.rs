@@ -83,7 +83,6 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
         "DROP TABLE log_times;
          DROP TABLE secrets;
          DROP INDEX deliveries_pending;
-         DROP INDEX deliveries_due;
          DROP INDEX deliveries_digest;
          ALTER TABLE deliveries DROP COLUMN done;
          ALTER TABLE deliveries DROP COLUMN attempts;
