@@ -98,4 +98,21 @@ impl QueryMap {
     pub fn get(&self, key: &str) -> Option<&String> {
         self.0.get(key)
     }
+
+    /// A whole number, checked the way the description declares it (`^0*[0-9]{1,digits}$`):
+    /// leading zeros are allowed, and at most `digits` significant digits, so that every value
+    /// the description allows fits the type. `what` names it in the refusal.
+    pub fn whole<T: std::str::FromStr>(&self, key: &str, what: &str, digits: usize) -> Result<Option<T>, ApiError> {
+        let refuse = || ApiError::BadRequest(format!("'{key}' is {what}"));
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                if v.trim_start_matches('0').len() > digits {
+                    return Err(refuse());
+                }
+                v.parse::<T>().map(Some).map_err(|_| refuse())
+            }
+            Some(_) => Err(refuse()),
+        }
+    }
 }

@@ -53,17 +53,6 @@ fn parse_cursor(text: &str) -> Option<cib_core::ports::BuildCursor> {
     })
 }
 
-/// A millisecond time from the query, checked the way the description declares it.
-fn millis(q: &QueryMap, key: &str) -> Result<Option<cib_core::time::Timestamp>, ApiError> {
-    match q.get(key) {
-        None => Ok(None),
-        Some(v) if !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()) => {
-            Ok(v.parse::<u64>().ok().map(cib_core::time::Timestamp))
-        }
-        Some(_) => Err(ApiError::BadRequest(format!("'{key}' is milliseconds since the epoch"))),
-    }
-}
-
 /// `GET /api/v1/builds`.
 pub async fn list(State(state): State<Arc<AppState>>, q: QueryMap) -> Result<Response, ApiError> {
     let mut filter =
@@ -76,8 +65,10 @@ pub async fn list(State(state): State<Arc<AppState>>, q: QueryMap) -> Result<Res
             }
         }
     }
-    filter.queued_from = millis(&q, "since")?;
-    filter.queued_until = millis(&q, "until")?;
+    let millis =
+        |key| q.whole::<u64>(key, "milliseconds since the epoch", 19).map(|t| t.map(cib_core::time::Timestamp));
+    filter.queued_from = millis("since")?;
+    filter.queued_until = millis("until")?;
     let limit = match q.get("limit") {
         None => 50,
         Some(l) => match l.parse::<usize>() {
@@ -98,7 +89,7 @@ pub async fn list(State(state): State<Arc<AppState>>, q: QueryMap) -> Result<Res
 }
 
 pub fn list_doc(g: &mut DocGen) -> Op {
-    let digits = json!({ "type": "string", "pattern": "^[0-9]{1,19}$" });
+    let digits = json!({ "type": "string", "pattern": "^0*[0-9]{1,19}$" });
     Op::new("List builds, newest first.")
         .param(Param::query("repo", "Only this repository (`owner/name`).", json!({ "type": "string" })))
         .param(Param::query("branch", "Only this branch.", json!({ "type": "string" })))

@@ -14,27 +14,9 @@ use crate::extract::{PathParams, QueryMap};
 use crate::openapi::{DocGen, Op, Param};
 use crate::state::AppState;
 
-/// A whole number from the query, checked the way the description declares it.
-/// Leading zeros are allowed; at most `digits` significant digits, so that every value the
-/// description allows fits the type.
-fn whole<T: std::str::FromStr>(q: &QueryMap, key: &str, what: &str, digits: usize) -> Result<Option<T>, ApiError> {
-    let refuse = || ApiError::BadRequest(format!("'{key}' is {what}"));
-    match q.get(key) {
-        None => Ok(None),
-        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
-            let significant = v.trim_start_matches('0');
-            if significant.len() > digits {
-                return Err(refuse());
-            }
-            v.parse::<T>().map(Some).map_err(|_| refuse())
-        }
-        Some(_) => Err(refuse()),
-    }
-}
-
 /// The log a request names: `?attempt=N`, or the step's latest attempt.
 async fn log_key(state: &AppState, q: &QueryMap, id: &str, step: &str) -> Result<LogKey, ApiError> {
-    let attempt = match whole::<u32>(q, "attempt", "a number", 9)? {
+    let attempt = match q.whole::<u32>("attempt", "a number", 9)? {
         Some(a) => a,
         None => {
             let record = state
@@ -62,7 +44,7 @@ pub async fn read(
     q: QueryMap,
 ) -> Result<Response, ApiError> {
     let key = log_key(&state, &q, &id, &step).await?;
-    let offset = whole::<u64>(&q, "offset", "a byte offset", 19)?.unwrap_or(0);
+    let offset = q.whole::<u64>("offset", "a byte offset", 19)?.unwrap_or(0);
     let stamped = q.get("timestamps").is_some_and(|v| v == "true" || v.is_empty());
     let read = state.store.read_log(&key, offset, 4 * 1024 * 1024).await.map_err(ApiError::unavailable)?;
     let body = if stamped {
