@@ -837,12 +837,14 @@ pub trait Store: Send + Sync {
 
     /// Stores a delivery unless one with its id exists, or one with the same body digest was
     /// received at or after `since` (a replay of a captured body under a new id). The digest is
-    /// stored with the delivery.
+    /// stored with the delivery. With `done`, the delivery is stored already done with that
+    /// reason: the receiver knew at once that it could never build anything.
     async fn insert_delivery_once(
         &self,
         delivery: &Delivery,
         digest: &[u8],
         since: Timestamp,
+        done: Option<&str>,
     ) -> Result<Intake, StoreError>;
 
     /// Pending deliveries whose next attempt is due at `now`, oldest first, at most `limit`,

@@ -642,7 +642,7 @@ impl Store for MemoryStore {
     }
 
     async fn insert_delivery(&self, delivery: &Delivery) -> Result<bool, StoreError> {
-        Ok(self.insert_delivery_once(delivery, b"", Timestamp(u64::MAX)).await? == Intake::New)
+        Ok(self.insert_delivery_once(delivery, b"", Timestamp(u64::MAX), None).await? == Intake::New)
     }
 
     async fn insert_delivery_once(
@@ -650,6 +650,7 @@ impl Store for MemoryStore {
         delivery: &Delivery,
         digest: &[u8],
         since: Timestamp,
+        done: Option<&str>,
     ) -> Result<Intake, StoreError> {
         let mut m = lock(&self.inner);
         // The body is looked at first, as SQLite's does: a replay is a replay under any id.
@@ -666,10 +667,10 @@ impl Store for MemoryStore {
             source: delivery.source.clone(),
             event: delivery.event.clone(),
             received_at: delivery.received_at,
-            state: DeliveryState::Pending,
+            state: if done.is_some() { DeliveryState::Done } else { DeliveryState::Pending },
             attempts: 0,
             next_attempt_at: Timestamp(0),
-            reason: None,
+            reason: done.map(str::to_owned),
         };
         m.deliveries.insert(delivery.id.clone(), (delivery.clone(), info, digest.to_vec()));
         Ok(Intake::New)
@@ -1078,16 +1079,27 @@ async fn inbox_conformance(store: &dyn Store) -> Result<(), String> {
         body: body.to_vec(),
     };
     let since = Timestamp(1_000);
-    let first = store.insert_delivery_once(&at("i-1", 2_000, b"one"), b"digest-one", since).await.map_err(err)?;
+    let first = store.insert_delivery_once(&at("i-1", 2_000, b"one"), b"digest-one", since, None).await.map_err(err)?;
     check(first == Intake::New, format!("a new delivery: {first:?}"))?;
-    let again = store.insert_delivery_once(&at("i-1", 2_001, b"two"), b"digest-two", since).await.map_err(err)?;
+    let again = store.insert_delivery_once(&at("i-1", 2_001, b"two"), b"digest-two", since, None).await.map_err(err)?;
     check(again == Intake::DuplicateId, format!("the same id again: {again:?}"))?;
-    let replay = store.insert_delivery_once(&at("i-2", 2_002, b"one"), b"digest-one", since).await.map_err(err)?;
+    let replay =
+        store.insert_delivery_once(&at("i-2", 2_002, b"one"), b"digest-one", since, None).await.map_err(err)?;
     check(replay == Intake::DuplicateBody, format!("the same body under a new id: {replay:?}"))?;
     check(store.delivery("i-2").await.map_err(err)?.is_none(), "a replay is not stored")?;
     let later = Timestamp(3_000);
-    let old = store.insert_delivery_once(&at("i-3", 3_000, b"one"), b"digest-one", later).await.map_err(err)?;
+    let old = store.insert_delivery_once(&at("i-3", 3_000, b"one"), b"digest-one", later, None).await.map_err(err)?;
     check(old == Intake::New, format!("the same body after the window: {old:?}"))?;
+    let settled = store
+        .insert_delivery_once(&at("i-4", 3_000, b"four"), b"digest-four", since, Some("ignored"))
+        .await
+        .map_err(err)?;
+    check(settled == Intake::New, format!("a delivery stored done: {settled:?}"))?;
+    let done = store.deliveries(Some(DeliveryState::Done), 100).await.map_err(err)?;
+    check(
+        done.iter().any(|d| d.id == "i-4" && d.reason.as_deref() == Some("ignored") && d.attempts == 0),
+        format!("a delivery stored done is done with its reason: {done:?}"),
+    )?;
 
     let due = |v: Vec<(Delivery, u32)>| {
         v.into_iter().map(|(d, _)| d.id).filter(|id| id.starts_with("i-")).collect::<Vec<_>>()

@@ -25,6 +25,11 @@ const SECRET: &str = "load-test-secret";
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // A benchmark usually runs right after its build, while the kernel is still writing the
+    // build's output back to disk; every fsync then waits behind it. Flushing first measures
+    // the receiver's own durable writes rather than the compiler's.
+    let flushed = std::process::Command::new("sync").status().expect("sync runs");
+    assert!(flushed.success(), "sync failed: {flushed}");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = ServerConfig {

@@ -426,6 +426,22 @@ fn repo_of(event: &ForgeEvent) -> Option<&str> {
     }
 }
 
+/// Whether a readable delivery can never build anything, and if so the outcome it is counted
+/// under and the reason it is set aside with: an event about no repository, or about one this
+/// server does not build. The receiver asks this before storing, so that such deliveries (an
+/// organisation webhook sends them all day) are stored done and never cost the inbox a pass.
+pub fn set_aside(
+    config: &crate::config::ServerConfig,
+    event: &ForgeEvent,
+    name: &str,
+) -> Option<(&'static str, String)> {
+    match repo_of(event) {
+        Some(repo) if !config.serves(repo) => Some(("unserved", NOT_SERVED.to_owned())),
+        Some(_) => None,
+        None => Some(("ignored", format!("{name} builds nothing"))),
+    }
+}
+
 /// The reason a delivery for a repository this server does not build is set aside with.
 pub const NOT_SERVED: &str = "not a repository this server builds";
 
@@ -524,20 +540,17 @@ pub async fn run(state: Arc<AppState>) {
                     state.metrics.delivery(&delivery.event, "unreadable");
                     at_once.push((delivery.id, Some(e.to_string())));
                 }
-                Ok(event) => match repo_of(&event).map(str::to_owned) {
-                    Some(repo) if !state.config.serves(&repo) => {
-                        state.metrics.delivery(&delivery.event, "unserved");
-                        at_once.push((delivery.id, Some(NOT_SERVED.to_owned())));
+                Ok(event) => match set_aside(&state.config, &event, &delivery.event) {
+                    Some((outcome, reason)) => {
+                        state.metrics.delivery(&delivery.event, outcome);
+                        at_once.push((delivery.id, Some(reason)));
                     }
-                    Some(repo) => {
+                    None => {
+                        let repo = repo_of(&event).unwrap_or_default().to_owned();
                         if !by_repo.contains_key(&repo) {
                             order.push(repo.clone());
                         }
                         by_repo.entry(repo).or_default().push((delivery, failed, event));
-                    }
-                    None => {
-                        state.metrics.delivery(&delivery.event, "ignored");
-                        at_once.push((delivery.id, Some(format!("{} builds nothing", delivery.event))));
                     }
                 },
             }

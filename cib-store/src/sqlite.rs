@@ -155,6 +155,7 @@ impl SqliteStore {
             )));
         }
         schema::migrate(&mut conn)?;
+        conn.pragma_update(None, "synchronous", "OFF").map_err(db)?;
 
         // Offsets are stored as SQL's signed 64-bit integers; no log comes near the clamp.
         let log_limit = LogLimit::new(options.log_limit.min(i64::MAX as u64));
@@ -353,8 +354,14 @@ impl Store for SqliteStore {
         delivery: &Delivery,
         digest: &[u8],
         since: Timestamp,
+        done: Option<&str>,
     ) -> Result<Intake, StoreError> {
-        let op = Op::DeliveryOnce { delivery: delivery.clone(), digest: digest.to_vec(), since: since.0 };
+        let op = Op::DeliveryOnce {
+            delivery: delivery.clone(),
+            digest: digest.to_vec(),
+            since: since.0,
+            done: done.map(str::to_owned),
+        };
         match self.write(op).await? {
             Done::Intake(intake) => Ok(intake),
             other => Err(unexpected(other)),

@@ -37,7 +37,7 @@ pub(crate) enum Op {
     FinishLog { key: LogKey },
     LogTime { key: LogKey, offset: u64, at: u64 },
     Delivery(Delivery),
-    DeliveryOnce { delivery: Delivery, digest: Vec<u8>, since: u64 },
+    DeliveryOnce { delivery: Delivery, digest: Vec<u8>, since: u64, done: Option<String> },
     DeliveryDone { id: String },
     FinishDelivery { id: String, outcome: DeliveryOutcome },
     Redeliver { id: String },
@@ -202,7 +202,7 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
             )?;
             Ok(Done::New(inserted == 1))
         }
-        Op::DeliveryOnce { delivery: d, digest, since } => {
+        Op::DeliveryOnce { delivery: d, digest, since, done } => {
             // An empty digest (a store used without one) never matches another delivery.
             if !digest.is_empty() {
                 let replay: Option<i64> = query_opt(
@@ -218,9 +218,10 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
             let digest = (!digest.is_empty()).then_some(digest);
             let inserted = exec(
                 conn,
-                "INSERT INTO deliveries (id, source, event, received_at, body, body_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO deliveries (id, source, event, received_at, body, body_sha256, done, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (id) DO NOTHING",
-                params![d.id, d.source, d.event, to_sql(d.received_at.0)?, d.body, digest],
+                params![d.id, d.source, d.event, to_sql(d.received_at.0)?, d.body, digest, done.is_some(), done],
             )?;
             Ok(Done::Intake(if inserted == 1 { Intake::New } else { Intake::DuplicateId }))
         }

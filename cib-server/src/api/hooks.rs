@@ -53,9 +53,11 @@ pub async fn github(
         return Ok(json_response(StatusCode::OK, &Pong { pong: true }));
     }
     // Malformed payloads are refused now, with the reason, rather than stored and dropped later.
-    if let Err(e) = cib_github::webhook::parse(&event, &body) {
-        return Err(ApiError::BadRequest(format!("the {event} payload is malformed: {e}")));
-    }
+    let parsed = match cib_github::webhook::parse(&event, &body) {
+        Ok(parsed) => parsed,
+        Err(e) => return Err(ApiError::BadRequest(format!("the {event} payload is malformed: {e}"))),
+    };
+    let settled = crate::inbox::set_aside(&state.config, &parsed, &event);
     let delivery = Delivery {
         id: id.clone(),
         source: "github".into(),
@@ -63,7 +65,7 @@ pub async fn github(
         received_at: state.clock.now(),
         body: body.to_vec(),
     };
-    store(&state, delivery).await
+    store(&state, delivery, settled).await
 }
 
 /// How long a body is remembered, so that a captured body replayed under a new delivery id
@@ -71,21 +73,29 @@ pub async fn github(
 const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Stores a verified delivery, deduplicated by its id and by its body's digest, and wakes the
-/// inbox for a new one.
-async fn store(state: &AppState, delivery: Delivery) -> Result<Response, ApiError> {
+/// inbox for a new one. A delivery `settled` already (one that can never build anything) is
+/// stored done, with the outcome it is counted under and its reason.
+async fn store(
+    state: &AppState,
+    delivery: Delivery,
+    settled: Option<(&'static str, String)>,
+) -> Result<Response, ApiError> {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(&delivery.body);
     let window = REPLAY_WINDOW.as_millis() as u64;
     let since = cib_core::time::Timestamp(delivery.received_at.millis().saturating_sub(window));
     let intake = state
         .store
-        .insert_delivery_once(&delivery, &digest, since)
+        .insert_delivery_once(&delivery, &digest, since, settled.as_ref().map(|(_, reason)| reason.as_str()))
         .await
         .map_err(|e| ApiError::Unavailable(format!("the delivery could not be stored: {e}")))?;
     let new = intake == Intake::New;
     state.metrics.delivery(&delivery.event, if new { "accepted" } else { "duplicate" });
     tracing::info!(delivery = %delivery.id, source = %delivery.source, event = %delivery.event, new, "delivery received");
-    if new {
+    if let (true, Some((outcome, reason))) = (new, &settled) {
+        state.metrics.delivery(&delivery.event, outcome);
+        tracing::info!(delivery = %delivery.id, reason = %reason, "delivery done without processing");
+    } else if new {
         state.inbox.notify_one();
     } else {
         tracing::info!(delivery = %delivery.id, ?intake, "duplicate delivery answered and dropped");
@@ -129,7 +139,8 @@ pub async fn git(
         received_at: state.clock.now(),
         body: body.to_vec(),
     };
-    store(&state, delivery).await
+    // The repository has a secret here, so this server builds it: nothing to set aside.
+    store(&state, delivery, None).await
 }
 
 pub fn git_doc(g: &mut DocGen) -> Op {
