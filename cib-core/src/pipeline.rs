@@ -41,6 +41,10 @@ pub struct Environment {
     pub approved_by: Vec<String>,
     /// The deploy build that put it there, when one did.
     pub build: Option<BuildId>,
+    /// Whether a promotion put the commit there (rather than a merge), so that the push the
+    /// forge reports for the move starts the branch's pipelines as a promotion.
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 /// Settings of the machine.
@@ -706,7 +710,14 @@ impl Machine {
                 self.publish(now, EventBody::PromotionApproved { repo, commit, by: actor.login });
             }
             Input::Moved { repo, branch, commit, by, promotion, approved_by } => {
-                let env = Environment { commit: commit.clone(), since: now, by: by.clone(), approved_by, build: None };
+                let env = Environment {
+                    commit: commit.clone(),
+                    since: now,
+                    by: by.clone(),
+                    approved_by,
+                    build: None,
+                    promoted: promotion,
+                };
                 self.environments.entry(repo.clone()).or_default().insert(branch.clone(), env);
                 self.publish(now, EventBody::BranchMoved { repo, branch, commit, by, promotion });
             }
@@ -1237,7 +1248,8 @@ impl Machine {
                 .filter(|e| e.commit == commit)
                 .map(|e| e.approved_by.clone())
                 .unwrap_or_default();
-            let env = Environment { commit, since: now, by, approved_by, build: Some(id.clone()) };
+            let promoted = b.context.event.kind == crate::spec::EventKind::Promotion;
+            let env = Environment { commit, since: now, by, approved_by, build: Some(id.clone()), promoted };
             self.environments.entry(repo).or_default().insert(name, env);
         }
         // Every lease of the build ends while handling the same input that records its end,
@@ -1738,6 +1750,7 @@ fn step_env(b: &Build, step: &spec::Step, attempt: u32, resources: &[GrantedUnit
     env.insert("CIB_ATTEMPT".into(), attempt.to_string());
     env.insert("CIB_REPO".into(), ctx.repo.clone());
     env.insert("CIB_COMMIT".into(), ctx.commit.clone());
+    env.insert("CIB_EVENT".into(), ctx.event.kind.as_str().to_owned());
     if let Some(branch) = &ctx.branch {
         env.insert("CIB_BRANCH".into(), branch.clone());
     }

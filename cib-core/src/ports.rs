@@ -257,6 +257,12 @@ pub trait Vcs: Send + Sync {
     async fn on_branch(&self, _repo: &str, _commit: &str) -> Result<Option<bool>, VcsError> {
         Ok(None)
     }
+
+    /// The repository's default branch, when the backend knows it (`None` when it cannot tell).
+    /// Its spec is where the workflow looks first for the names of the branches it protects.
+    async fn default_branch(&self, _repo: &str) -> Result<Option<String>, VcsError> {
+        Ok(None)
+    }
 }
 
 /// Publishes events somewhere (commit statuses, chat, webhooks). Publishing the same event

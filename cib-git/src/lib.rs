@@ -181,6 +181,16 @@ impl Vcs for GitVcs {
         Ok((!name.is_empty()).then_some(name))
     }
 
+    /// The branch `HEAD` names: in a bare repository, the one a clone checks out.
+    async fn default_branch(&self, repo: &str) -> Result<Option<String>, VcsError> {
+        let dir = self.path(repo);
+        if !dir.exists() {
+            return Err(VcsError::Permanent(format!("no repository at {}", dir.display())));
+        }
+        // A detached HEAD names no branch; that is not an error, only an unknown.
+        Ok(git(&dir, &["symbolic-ref", "--quiet", "--short", "HEAD"]).await.ok().map(text).filter(|b| !b.is_empty()))
+    }
+
     async fn on_branch(&self, repo: &str, commit: &str) -> Result<Option<bool>, VcsError> {
         let commit = self.commit_of(repo, commit).await?;
         let branches = text(git(&self.path(repo), &["branch", "--contains", &commit, "--format=%(refname)"]).await?);

@@ -105,4 +105,8 @@ impl Vcs for Forges {
     async fn on_branch(&self, repo: &str, commit: &str) -> Result<Option<bool>, VcsError> {
         self.pick(repo).on_branch(repo, commit).await
     }
+
+    async fn default_branch(&self, repo: &str) -> Result<Option<String>, VcsError> {
+        self.pick(repo).default_branch(repo).await
+    }
 }

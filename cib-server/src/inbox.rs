@@ -78,7 +78,7 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
         }
         (["merge"], None) => return "cib can only merge an open pull request it knows of.".into(),
         (["promote", commit], _) if permission >= Permission::Write => {
-            crate::workflow::try_promote(state, &c.repo, commit, &c.sender)
+            crate::workflow::try_promote(state, &c.repo, commit, &c.sender, Some(c.number))
                 .await
                 .map(|p| format!("Promoted: {} is now {}.", p.to, p.promoted))
         }
@@ -223,8 +223,22 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
             if let Some(branch) = &push.branch {
                 reevaluate(state, &push.repo, branch).await;
             }
+            // A push that lands a promotion cib made (the forge reports the fast-forward as a
+            // push) starts the branch's pipelines as that promotion.
+            let promoted = match &push.branch {
+                Some(branch) => {
+                    let (repo, branch, commit) = (push.repo.clone(), branch.clone(), push.after.clone());
+                    engine
+                        .query(move |m| {
+                            m.environments(&repo).get(&branch).is_some_and(|e| e.promoted && e.commit == commit)
+                        })
+                        .await
+                        .unwrap_or(false)
+                }
+                None => false,
+            };
             let trigger = TriggerEvent {
-                kind: spec::EventKind::Push,
+                kind: if promoted { spec::EventKind::Promotion } else { spec::EventKind::Push },
                 branch: push.branch.clone(),
                 tag: push.tag.clone(),
                 changed_paths: push.changed_paths.clone(),

@@ -45,6 +45,45 @@ fn refused(what: &str, refusals: &[Refusal]) -> ApiError {
     ApiError::Refused { message: explain(what, refusals), refusals: serde_json::to_value(refusals).unwrap_or_default() }
 }
 
+/// The branch whose spec is read first: a pull request's base when there is one, else the
+/// repository's default branch, else the spec's default integration branch.
+async fn home_branch(state: &AppState, repo: &str, pull: Option<u64>) -> String {
+    if let Some(number) = pull {
+        let repo_q = repo.to_owned();
+        if let Ok(Some(base)) =
+            state.engine.query(move |m| m.pull_requests(&repo_q).get(&number).map(|p| p.base.clone())).await
+        {
+            return base;
+        }
+    }
+    match state.vcs.default_branch(repo).await {
+        Ok(Some(branch)) => branch,
+        _ => spec::DEFAULT_INTEGRATION_BRANCH.to_owned(),
+    }
+}
+
+/// The spec that governs merges and promotions: the one on the integration branch, which the
+/// code being merged or promoted cannot change. The home branch's spec names that branch; when
+/// it names another, that branch's own spec is the one that counts.
+async fn governing_spec(state: &AppState, repo: &str, pull: Option<u64>) -> Result<(spec::Spec, String), ApiError> {
+    let mut home = home_branch(state, repo, pull).await;
+    let spec = match policy_spec(state, repo, &home).await {
+        Ok(spec) => spec,
+        // A default branch without a spec (a checked-out working branch of a local
+        // repository, say) says nothing; the spec's default integration branch may.
+        Err(first) if home != spec::DEFAULT_INTEGRATION_BRANCH => {
+            home = spec::DEFAULT_INTEGRATION_BRANCH.to_owned();
+            policy_spec(state, repo, &home).await.map_err(|_| first)?
+        }
+        Err(e) => return Err(e),
+    };
+    let integration = spec.integration_branch().to_owned();
+    if integration == home {
+        return Ok((spec, home));
+    }
+    Ok((policy_spec(state, repo, &integration).await?, integration))
+}
+
 /// The spec on a protected branch.
 async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec::Spec, ApiError> {
     let source = match state.vcs.read_spec(repo, branch).await {
@@ -73,13 +112,24 @@ async fn compare(state: &AppState, repo: &str, target: &str, head: &str) -> Resu
 /// Starts the pipelines a push of `branch` at `commit` starts (the forge's webhook does not
 /// come for a local repository). Build ids are derived from the move, so doing it twice makes
 /// nothing new.
-async fn build_branch(state: &AppState, repo: &str, branch: &str, commit: &str, by: &str, tag: &str) -> Vec<BuildId> {
+async fn build_branch(
+    state: &AppState,
+    repo: &str,
+    branch: &str,
+    commit: &str,
+    by: &str,
+    promotion: bool,
+) -> Vec<BuildId> {
     if !state.builds_on_move(repo) {
         return Vec::new();
     }
     let Ok(Some(source)) = state.vcs.read_spec(repo, commit).await else { return Vec::new() };
     let Ok(parsed) = spec::parse(&source) else { return Vec::new() };
-    let event = TriggerEvent::push(branch);
+    let (event, tag) = if promotion {
+        (TriggerEvent::of(spec::EventKind::Promotion, branch), "promote")
+    } else {
+        (TriggerEvent::push(branch), "merge")
+    };
     let text: Arc<str> = Arc::from(source.as_str());
     let mut ids = Vec::new();
     for p in parsed.plan(&event) {
@@ -130,8 +180,7 @@ async fn move_branch(
         approved_by,
     };
     record(state, moved).await?;
-    let tag = if promotion { "promote" } else { "merge" };
-    Ok(build_branch(state, repo, branch, commit, user, tag).await)
+    Ok(build_branch(state, repo, branch, commit, user, promotion).await)
 }
 
 async fn record(state: &AppState, input: Input) -> Result<(), ApiError> {
@@ -173,10 +222,23 @@ pub async fn try_merge(
     permission: Permission,
 ) -> Result<Merged, ApiError> {
     // The policy of the branch merged into, which the merged code cannot change.
-    let into = "master";
-    let spec = policy_spec(state, repo, into).await?;
+    let (spec, into) = governing_spec(state, repo, pull).await?;
+    if let Some(number) = pull {
+        let repo_q = repo.to_owned();
+        let base = state
+            .engine
+            .query(move |m| m.pull_requests(&repo_q).get(&number).map(|p| p.base.clone()))
+            .await
+            .ok()
+            .flatten();
+        if let Some(base) = base.filter(|b| *b != into) {
+            return Err(ApiError::Unprocessable(format!(
+                "pull request #{number} is into {base}, but the spec merges into {into}: cib merges only into {into}"
+            )));
+        }
+    }
     let policy = spec.merge.clone().unwrap_or(spec::MergePolicy {
-        into: into.to_owned(),
+        into,
         fast_forward_only: true,
         pipelines: Vec::new(),
         reviews: 0,
@@ -236,19 +298,25 @@ pub async fn try_merge(
 }
 
 /// Promotes `commit` for `user`, who the caller established may ask.
-pub async fn try_promote(state: &Arc<AppState>, repo: &str, commit: &str, user: &str) -> Result<Promoted, ApiError> {
-    let spec = policy_spec(state, repo, "master").await?;
+pub async fn try_promote(
+    state: &Arc<AppState>,
+    repo: &str,
+    commit: &str,
+    user: &str,
+    pull: Option<u64>,
+) -> Result<Promoted, ApiError> {
+    let (spec, branch) = governing_spec(state, repo, pull).await?;
     let Some(policy) = spec.promotion.clone() else {
-        return Err(ApiError::Unprocessable("the spec on master has no promotion policy".into()));
+        return Err(ApiError::Unprocessable(format!("the spec on {branch} has no promotion policy")));
     };
     let (commit, approved_by) = check_promotable(state, repo, &policy, commit).await?;
     let builds = move_branch(state, repo, &policy.to, &commit, user, true, approved_by).await?;
     Ok(Promoted { promoted: commit, to: policy.to, builds })
 }
 
-/// The promotion policy on master, when the spec there has one.
+/// The promotion policy on the integration branch, when the spec there has one.
 pub async fn promotion_policy(state: &AppState, repo: &str) -> Result<Option<spec::PromotionPolicy>, ApiError> {
-    Ok(policy_spec(state, repo, "master").await?.promotion)
+    Ok(governing_spec(state, repo, None).await?.0.promotion)
 }
 
 /// Whether `commit` may be promoted under `policy`: the commit and the people whose

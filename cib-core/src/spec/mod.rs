@@ -19,7 +19,7 @@ mod yaml;
 pub use diag::{Diagnostic, Pos, did_you_mean};
 pub use model::*;
 pub use types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
-pub use validate::DEFAULT_LAYOUT;
+pub use validate::{DEFAULT_INTEGRATION_BRANCH, DEFAULT_LAYOUT, DEFAULT_RELEASE_BRANCH};
 
 /// The conventional file name of a spec, at the root of a repository.
 pub const FILE_NAME: &str = ".cib.yml";

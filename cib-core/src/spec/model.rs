@@ -20,6 +20,16 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The branch pull requests merge into and promotions come from: `merge.into`, else
+    /// `promotion.from`, else `master`.
+    pub fn integration_branch(&self) -> &str {
+        self.merge
+            .as_ref()
+            .map(|m| m.into.as_str())
+            .or_else(|| self.promotion.as_ref().map(|p| p.from.as_str()))
+            .unwrap_or(super::DEFAULT_INTEGRATION_BRANCH)
+    }
+
     pub fn pipeline(&self, name: &str) -> Option<&Pipeline> {
         self.pipelines.iter().find(|p| p.name == name)
     }
@@ -162,7 +172,12 @@ impl Triggers {
             EventKind::PullRequest => self.pull_request.as_ref().is_some_and(|p| {
                 branch.is_some_and(|b| p.branches.matches(b)) && p.paths.matches(event.changed_paths.as_deref())
             }),
-            EventKind::Promotion => self.promotion.as_ref().is_some_and(|f| branch.is_some_and(|b| f.matches(b))),
+            // A promotion moves its branch by fast-forward, which is a push to it: pipelines that
+            // build pushes to that branch run, and `on: promotion` runs for promotions only.
+            EventKind::Promotion => {
+                self.promotion.as_ref().is_some_and(|f| branch.is_some_and(|b| f.matches(b)))
+                    || self.push.as_ref().is_some_and(|p| p.matches(event))
+            }
             EventKind::Manual => self.manual.as_ref().is_some_and(|f| branch.is_none_or(|b| f.matches(b))),
             EventKind::Schedule => !self.schedule.is_empty(),
         }

@@ -199,7 +199,8 @@ pub struct RawBranchesTrigger {
 pub struct RawSchedule {
     /// Five-field cron expression, in UTC.
     pub cron: Cron,
-    /// The branch to build; `master` when absent.
+    /// The branch to build; when absent, the branch pull requests merge into (`merge.into`,
+    /// else `promotion.from`, else `master`).
     #[serde(default)]
     pub branch: Option<String>,
 }
@@ -426,6 +427,19 @@ pub enum EventKind {
     Schedule,
 }
 
+impl EventKind {
+    /// The event's name as the spec writes it, which steps also see as `CIB_EVENT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Push => "push",
+            EventKind::PullRequest => "pull_request",
+            EventKind::Promotion => "promotion",
+            EventKind::Manual => "manual",
+            EventKind::Schedule => "schedule",
+        }
+    }
+}
+
 /// When a step runs relative to the steps it depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -537,10 +551,12 @@ pub struct RawDockerImage {
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
 #[schemars(rename = "Promotion")]
 pub struct RawPromotion {
-    /// The branch commits are promoted from (default `master`).
+    /// The branch commits are promoted from (default: `merge.into`, else `master`). The
+    /// default `staging` pipeline runs on pushes to it.
     #[serde(default)]
     pub from: Option<Spanned<String>>,
-    /// The branch moved by fast-forward (default `production`).
+    /// The branch moved by fast-forward (default `production`). The default `production`
+    /// pipeline runs when a commit is promoted or pushed to it.
     #[serde(default)]
     pub to: Option<Spanned<String>>,
     /// What the commit needs before it may be promoted.
@@ -587,7 +603,7 @@ pub struct RawApprovalPolicy {
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
 #[schemars(rename = "Merge")]
 pub struct RawMerge {
-    /// The branch pull requests merge into (default `master`).
+    /// The branch pull requests merge into (default: `promotion.from`, else `master`).
     #[serde(default)]
     pub into: Option<Spanned<String>>,
     /// Only fast-forward merges (default true; cib never writes merge commits).

@@ -40,12 +40,13 @@ pub(crate) fn validate(raw: RawSpec, partial: bool) -> Result<Spec, Vec<Diagnost
     if raw.pipelines.is_empty() && !partial {
         c.err(Pos { line: 1, col: 1 }, "the spec defines no pipelines");
     }
+    let branches = Branches::of(&raw);
     let mut pipelines = Vec::new();
     for (name, pipeline) in &raw.pipelines {
-        pipelines.push(pipeline_model(&mut c, name, pipeline));
+        pipelines.push(pipeline_model(&mut c, &branches, name, pipeline));
     }
-    let promotion = raw.promotion.as_ref().map(|p| promotion_model(&mut c, p, &names));
-    let merge = raw.merge.as_ref().map(|m| merge_model(&mut c, m, &names));
+    let promotion = raw.promotion.as_ref().map(|p| promotion_model(&mut c, &branches, p, &names));
+    let merge = raw.merge.as_ref().map(|m| merge_model(&mut c, &branches, m, &names));
     if c.diags.is_empty() {
         Ok(Spec { version, pipelines, promotion, merge })
     } else {
@@ -96,14 +97,43 @@ fn positive(c: &mut Checker, at: Pos, what: &str, d: Option<Duration>) -> Option
     d
 }
 
-fn default_triggers(name: &str) -> Option<Triggers> {
+/// The branch pull requests merge into when the spec names none.
+pub const DEFAULT_INTEGRATION_BRANCH: &str = "master";
+/// The branch commits are promoted to when the spec names none.
+pub const DEFAULT_RELEASE_BRANCH: &str = "production";
+
+/// The two branches of the master/production strategy, as this spec names them. Every default
+/// that involves a branch (the default pipelines' triggers, a schedule's branch, the merge
+/// target, where promotions come from and go) comes from here, so a spec that says
+/// `promotion: {from: main, to: release}` gets `main` and `release` throughout.
+struct Branches {
+    /// Where pull requests merge and promotions come from: `merge.into`, else `promotion.from`,
+    /// else `master`.
+    integration: String,
+    /// Where promotions go: `promotion.to`, else `production`.
+    release: String,
+}
+
+impl Branches {
+    fn of(raw: &RawSpec) -> Branches {
+        let into = raw.merge.as_ref().and_then(|m| m.into.as_ref()).map(|b| b.value.clone());
+        let from = raw.promotion.as_ref().and_then(|p| p.from.as_ref()).map(|b| b.value.clone());
+        let to = raw.promotion.as_ref().and_then(|p| p.to.as_ref()).map(|b| b.value.clone());
+        Branches {
+            integration: into.or(from).unwrap_or_else(|| DEFAULT_INTEGRATION_BRANCH.to_owned()),
+            release: to.unwrap_or_else(|| DEFAULT_RELEASE_BRANCH.to_owned()),
+        }
+    }
+}
+
+fn default_triggers(branches: &Branches, name: &str) -> Option<Triggers> {
     let glob = |s: &str| Glob::parse(s).ok();
     match name {
         "test" => Some(Triggers {
             push: Some(PushTrigger {
                 branches: BranchFilter {
                     include: None,
-                    exclude: ["master", "production"].iter().filter_map(|b| glob(b)).collect(),
+                    exclude: [&branches.integration, &branches.release].iter().filter_map(|b| glob(b)).collect(),
                 },
                 tags: Vec::new(),
                 paths: PathFilter::default(),
@@ -111,10 +141,10 @@ fn default_triggers(name: &str) -> Option<Triggers> {
             pull_request: Some(PullRequestTrigger { branches: BranchFilter::default(), paths: PathFilter::default() }),
             ..Triggers::default()
         }),
-        "staging" | "production" => Some(Triggers {
+        "staging" => Some(Triggers {
             push: Some(PushTrigger {
                 branches: BranchFilter {
-                    include: Some(glob(if name == "staging" { "master" } else { "production" }).into_iter().collect()),
+                    include: Some(glob(&branches.integration).into_iter().collect()),
                     exclude: Vec::new(),
                 },
                 tags: Vec::new(),
@@ -122,13 +152,29 @@ fn default_triggers(name: &str) -> Option<Triggers> {
             }),
             ..Triggers::default()
         }),
+        // Production deploys what a promotion moved to the release branch; a push there from
+        // outside cib (an emergency fix) deploys too.
+        "production" => {
+            let release =
+                BranchFilter { include: Some(glob(&branches.release).into_iter().collect()), exclude: Vec::new() };
+            Some(Triggers {
+                push: Some(PushTrigger { branches: release.clone(), tags: Vec::new(), paths: PathFilter::default() }),
+                promotion: Some(release),
+                ..Triggers::default()
+            })
+        }
         _ => None,
     }
 }
 
-fn triggers_model(c: &mut Checker, name: &Spanned<String>, on: Option<&Spanned<RawTriggers>>) -> Triggers {
+fn triggers_model(
+    c: &mut Checker,
+    branches: &Branches,
+    name: &Spanned<String>,
+    on: Option<&Spanned<RawTriggers>>,
+) -> Triggers {
     let Some(on) = on else {
-        return default_triggers(&name.value).unwrap_or_else(|| {
+        return default_triggers(branches, &name.value).unwrap_or_else(|| {
             c.err(
                 name.pos,
                 format!("pipeline '{}' has no 'on': say which events start it (only test, staging and production have defaults)", name.value),
@@ -159,7 +205,10 @@ fn triggers_model(c: &mut Checker, name: &Spanned<String>, on: Option<&Spanned<R
         schedule: raw
             .schedule
             .iter()
-            .map(|s| Schedule { cron: s.cron.clone(), branch: s.branch.clone().unwrap_or_else(|| "master".into()) })
+            .map(|s| Schedule {
+                cron: s.cron.clone(),
+                branch: s.branch.clone().unwrap_or_else(|| branches.integration.clone()),
+            })
             .collect(),
     };
     if t == Triggers::default() && !c.partial {
@@ -432,9 +481,9 @@ fn check_graph(c: &mut Checker, steps: &[RawStep]) {
     }
 }
 
-fn pipeline_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline) -> Pipeline {
+fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, p: &RawPipeline) -> Pipeline {
     check_name(c, "pipeline", name);
-    let triggers = triggers_model(c, name, p.on.as_ref());
+    let triggers = triggers_model(c, branches, name, p.on.as_ref());
     let kind = p.kind.unwrap_or(if matches!(name.value.as_str(), "staging" | "production") {
         PipelineKind::Deploy
     } else {
@@ -630,9 +679,9 @@ fn pipeline_refs(c: &mut Checker, refs: &[Spanned<String>], names: &[&str]) -> V
     refs.iter().map(|r| r.value.clone()).collect()
 }
 
-fn promotion_model(c: &mut Checker, p: &RawPromotion, names: &[&str]) -> PromotionPolicy {
-    let from = p.from.as_ref().map_or("master".to_owned(), |f| f.value.clone());
-    let to = p.to.as_ref().map_or("production".to_owned(), |t| t.value.clone());
+fn promotion_model(c: &mut Checker, branches: &Branches, p: &RawPromotion, names: &[&str]) -> PromotionPolicy {
+    let from = p.from.as_ref().map_or(branches.integration.clone(), |f| f.value.clone());
+    let to = branches.release.clone();
     if from == to {
         let pos = p.to.as_ref().or(p.from.as_ref()).map(|s| s.pos).unwrap_or_default();
         c.err(pos, format!("promotion goes from '{from}' to itself"));
@@ -651,7 +700,7 @@ fn promotion_model(c: &mut Checker, p: &RawPromotion, names: &[&str]) -> Promoti
     PromotionPolicy { from, to, pipelines, approvals, approvers, self_approval, expires }
 }
 
-fn merge_model(c: &mut Checker, m: &RawMerge, names: &[&str]) -> MergePolicy {
+fn merge_model(c: &mut Checker, branches: &Branches, m: &RawMerge, names: &[&str]) -> MergePolicy {
     if let Some(ff) = &m.fast_forward_only
         && !ff.value
     {
@@ -659,7 +708,7 @@ fn merge_model(c: &mut Checker, m: &RawMerge, names: &[&str]) -> MergePolicy {
     }
     let requires = m.requires.as_ref();
     MergePolicy {
-        into: m.into.as_ref().map_or("master".to_owned(), |i| i.value.clone()),
+        into: branches.integration.clone(),
         fast_forward_only: true,
         pipelines: requires.map(|r| pipeline_refs(c, &r.pipelines, names)).unwrap_or_default(),
         reviews: requires.map_or(0, |r| r.reviews),

@@ -626,6 +626,48 @@ fn default_layout_plans_the_master_production_strategy() {
     assert!(names(TriggerEvent::of(EventKind::Manual, "master")).is_empty());
     assert_eq!(s.pipeline("staging").map(|p| p.kind), Some(spec::PipelineKind::Deploy));
     assert_eq!(s.pipeline("test").map(|p| p.kind), Some(spec::PipelineKind::Test));
+    assert_eq!(names(TriggerEvent::of(EventKind::Promotion, "production")), ["production"]);
+}
+
+#[test]
+fn the_default_layout_follows_the_branches_the_spec_names() {
+    let s = parsed(
+        r#"
+        pipelines:
+          test: { steps: [{ name: a, image: busybox, commands: [true] }] }
+          staging: { steps: [{ name: a, image: busybox, commands: [true] }] }
+          production: { steps: [{ name: a, image: busybox, commands: [true] }] }
+          nightly:
+            on: { schedule: [{ cron: "0 3 * * *" }] }
+            steps: [{ name: a, image: busybox, commands: [true] }]
+        promotion: { from: main, to: release }
+        merge: { requires: { reviews: 1 } }
+        "#,
+    );
+    let names = |e: TriggerEvent| s.plan(&e).iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(TriggerEvent::push("main")), ["staging"]);
+    assert_eq!(names(TriggerEvent::push("release")), ["production"]);
+    assert_eq!(names(TriggerEvent::of(EventKind::Promotion, "release")), ["production"]);
+    // master and production are ordinary branches here.
+    assert_eq!(names(TriggerEvent::push("master")), ["test"]);
+    assert_eq!(names(TriggerEvent::push("production")), ["test"]);
+    assert_eq!(s.merge.as_ref().map(|m| m.into.as_str()), Some("main"), "merge.into follows promotion.from");
+    let promotion = s.promotion.as_ref().expect("a promotion policy");
+    assert_eq!((promotion.from.as_str(), promotion.to.as_str()), ("main", "release"));
+    let nightly = s.pipeline("nightly").expect("nightly");
+    assert_eq!(nightly.triggers.schedule[0].branch, "main", "a schedule builds the integration branch by default");
+
+    // merge.into alone names the integration branch for promotions too.
+    let s = parsed(
+        r#"
+        pipelines:
+          staging: { steps: [{ name: a, image: busybox, commands: [true] }] }
+        merge: { into: trunk }
+        promotion: { requires: { pipelines: [staging] } }
+        "#,
+    );
+    assert_eq!(s.promotion.as_ref().map(|p| p.from.as_str()), Some("trunk"));
+    assert_eq!(s.plan(&TriggerEvent::push("trunk")).len(), 1);
 }
 
 #[test]

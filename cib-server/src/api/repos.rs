@@ -164,15 +164,15 @@ pub async fn promote(
     PathParams(params): PathParams<BTreeMap<String, String>>,
     JsonBody(body): JsonBody<CommitBody>,
 ) -> Result<Response, ApiError> {
-    let promoted = workflow::try_promote(&state, &repo_of(&params), &body.commit, &who.name).await?;
+    let promoted = workflow::try_promote(&state, &repo_of(&params), &body.commit, &who.name, None).await?;
     Ok(json_response(StatusCode::OK, &promoted))
 }
 
 fn promote_op(g: &mut DocGen, two: bool) -> Op {
-    let op = Op::new("Promote a commit to production, when it passed staging and has its approvals.")
+    let op = Op::new("Promote a commit to the release branch (`promotion.to`, `production` by default), when it passed staging and has its approvals.")
         .body(g.schema::<CommitBody>())
         .json(200, "Promoted.", g.schema::<Promoted>())
-        .error(g, 409, "Refused, with every reason (`refusals`), or production could not be fast-forwarded.")
+        .error(g, 409, "Refused, with every reason (`refusals`), or the release branch could not be fast-forwarded.")
         .error(g, 422, "The spec, its promotion policy or the commit cannot be had.");
     with_repo(op, two)
 }

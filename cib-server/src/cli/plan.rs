@@ -46,7 +46,7 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
         }
     };
     let branch = args.branch.or_else(|| if args.tag.is_some() { None } else { current_branch(args.path) });
-    let branch = branch.or_else(|| args.tag.is_none().then(|| "master".to_owned()));
+    let branch = branch.or_else(|| args.tag.is_none().then(|| parsed.integration_branch().to_owned()));
     let event = TriggerEvent { kind: args.event, branch, tag: args.tag, changed_paths: args.changed };
     let pipelines = parsed.plan(&event);
     let mut out = std::io::stdout().lock();

@@ -192,7 +192,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         .branch
         .clone()
         .or_else(|| git_output(&root, &["symbolic-ref", "--short", "HEAD"]))
-        .unwrap_or_else(|| "master".into());
+        .unwrap_or_else(|| parsed.integration_branch().to_owned());
     let kind = args.event.unwrap_or(EventKind::Push);
     let event = TriggerEvent::of(kind, &branch);
     let mut chosen: Vec<&spec::Pipeline> = if args.pipelines.is_empty() {

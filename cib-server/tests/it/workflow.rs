@@ -528,3 +528,85 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         "no build trusted the new head: {builds:#?}"
     );
 }
+
+/// Branch names come from the spec: `main` and `release` here, with the default pipelines'
+/// triggers, merge, promotion and the environments all following them.
+const NAMED_BRANCHES: &str = r#"
+pipelines:
+  test:
+    on: { manual: {} }
+    steps: [{ name: unit, image: busybox, commands: ["echo tests pass"] }]
+  staging:
+    steps: [{ name: deploy, image: busybox, commands: ["echo staging"] }]
+  production:
+    steps: [{ name: deploy, image: busybox, commands: ["echo production"] }]
+promotion:
+  from: main
+  to: release
+  requires: { pipelines: [staging] }
+merge:
+  requires: { pipelines: [test] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_that_names_its_branches_merges_and_promotes_on_them() {
+    let executor = cib_core::testing::FakeExecutor::new();
+    let s = TestServer::start_full(NAMED_BRANCHES, |_| {}, cib_store::SqliteOptions::default(), executor.clone(), &[])
+        .await;
+    let repo = s.repo_path.clone();
+    git(&repo, &["branch", "main"]);
+    let base = git(&repo, &["rev-parse", "main"]);
+    std::fs::write(repo.join("feature.txt"), "new\n").expect("write");
+    git(&repo, &["add", "feature.txt"]);
+    git(&repo, &["commit", "-q", "-m", "feature"]);
+    let flow = Flow { s };
+    let head = flow.rev("feature/x");
+    let r = "/api/v1/repos/acme/shop";
+
+    let (status, answer) = flow
+        .post(
+            "/api/v1/builds",
+            Role::Trigger,
+            serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    flow.wait_status(answer["build"].as_str().expect("id"), BuildStatus::Success).await;
+
+    // The merge goes into main, which the spec names, and main's default staging runs.
+    let (status, merged) =
+        flow.post(&format!("{r}/merge"), Role::Trigger, serde_json::json!({ "head": "feature/x" })).await;
+    assert_eq!(status, 200, "{merged}");
+    assert_eq!(merged["into"], "main", "{merged}");
+    assert_eq!(flow.rev("main"), head, "main moved by fast-forward");
+    assert!(git(&repo, &["branch", "--list", "master"]).is_empty(), "no master branch was made or needed");
+    let staging = merged["builds"][0].as_str().expect("a staging build").to_owned();
+    assert!(staging.ends_with("-staging"), "{merged}");
+    flow.wait_status(&staging, BuildStatus::Success).await;
+
+    // Promotion goes from main to release, and starts release's production pipeline as a
+    // promotion.
+    let (status, promoted) =
+        flow.post(&format!("{r}/promote"), Role::Trigger, serde_json::json!({ "commit": head })).await;
+    assert_eq!(status, 200, "{promoted}");
+    assert_eq!(promoted["to"], "release", "{promoted}");
+    assert_eq!(flow.rev("release"), head, "release moved to the commit");
+    assert_ne!(flow.rev("release"), base);
+    let production = promoted["builds"][0].as_str().expect("a production build").to_owned();
+    assert!(production.ends_with("-production"), "{promoted}");
+    flow.wait_status(&production, BuildStatus::Success).await;
+    let runs = executor.runs();
+    let deploy =
+        runs.iter().find(|j| j.build.0 == production).unwrap_or_else(|| panic!("the production step ran: {runs:#?}"));
+    assert_eq!(deploy.env.get("CIB_EVENT").map(String::as_str), Some("promotion"), "{deploy:#?}");
+    assert_eq!(deploy.env.get("CIB_BRANCH").map(String::as_str), Some("release"), "{deploy:#?}");
+    let staged = runs.iter().find(|j| j.build.0 == staging).expect("the staging step ran");
+    assert_eq!(staged.env.get("CIB_EVENT").map(String::as_str), Some("push"));
+
+    // The environments on record are the spec's branches.
+    let answer = flow.s.request("GET", &format!("{r}/environments"), Some(&token(Role::Read)), b"").await;
+    let envs: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+    assert_eq!(envs["environments"]["release"]["commit"], head.as_str(), "{envs:#}");
+    assert_eq!(envs["environments"]["main"]["commit"], head.as_str(), "{envs:#}");
+    assert!(envs["environments"].get("master").is_none(), "{envs:#}");
+}
