@@ -229,6 +229,15 @@ pub enum EventBody {
         number: u64,
         text: String,
     },
+    /// The spec at a pushed commit or a pull request's head is invalid, so nothing was built:
+    /// said to the people who pushed (a failed `cib/spec` status; a comment on a pull request)
+    /// rather than silently dropped. Each diagnostic reads `PATH:LINE:COL: message`.
+    SpecInvalid {
+        repo: String,
+        commit: String,
+        pull_request: Option<u64>,
+        diagnostics: Vec<String>,
+    },
     /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
     BranchMoved {
         repo: String,
@@ -273,6 +282,7 @@ impl EventBody {
             | BranchMoved { .. }
             | UpToDate { .. }
             | CommandAnswered { .. }
+            | SpecInvalid { .. }
             | ForkTrusted { .. } => None,
         }
     }

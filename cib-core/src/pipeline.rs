@@ -243,6 +243,13 @@ pub enum Input {
         base: String,
         behind: u32,
     },
+    /// The spec at a commit that was pushed, or at a pull request's head, is invalid.
+    SpecInvalid {
+        repo: String,
+        commit: String,
+        pull_request: Option<u64>,
+        diagnostics: Vec<String>,
+    },
     /// cib's answer to a command given in a comment.
     Answer {
         repo: String,
@@ -696,6 +703,9 @@ impl Machine {
             }
             Input::Answer { repo, number, text } => {
                 self.publish(now, EventBody::CommandAnswered { repo, number, text })
+            }
+            Input::SpecInvalid { repo, commit, pull_request, diagnostics } => {
+                self.publish(now, EventBody::SpecInvalid { repo, commit, pull_request, diagnostics })
             }
             Input::Review { repo, commit, actor } => {
                 let approval =

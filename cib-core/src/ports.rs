@@ -774,6 +774,7 @@ impl BuildUpdate {
             | EventBody::BranchMoved { .. }
             | EventBody::UpToDate { .. }
             | EventBody::CommandAnswered { .. }
+            | EventBody::SpecInvalid { .. }
             | EventBody::ForkTrusted { .. } => None,
         }
     }

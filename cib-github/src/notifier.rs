@@ -292,6 +292,30 @@ fn summary(steps: &BTreeMap<String, StepConclusion>) -> String {
     parts.join(", ")
 }
 
+/// Posts a comment on an issue or pull request, in the background, with a few retries. A
+/// replay after a crash may post it again, which says nothing wrong.
+fn post_comment(client: GithubClient, repo: String, number: u64, text: String) {
+    tokio::spawn(async move {
+        let Ok(path) = repo_path(&repo) else { return };
+        let path = format!("{path}/issues/{number}/comments");
+        let body = serde_json::json!({ "body": text });
+        let mut delay = Duration::from_millis(500);
+        for _ in 0..5 {
+            match client.send(Method::POST, &path, Some(&body)).await {
+                Ok(_) => return,
+                Err(e) if e.kind == cib_core::ports::ErrorKind::Transient => {
+                    tokio::time::sleep(delay.max(e.retry_after.unwrap_or_default())).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(%repo, number, error = %e.message, "a comment could not be posted");
+                    return;
+                }
+            }
+        }
+    });
+}
+
 #[async_trait]
 impl Notifier for GithubNotifier {
     async fn publish(&self, event: &Event) -> Result<(), NotifyError> {
@@ -319,27 +343,37 @@ impl Notifier for GithubNotifier {
             // once, with a few retries; a replay after a crash may post an answer again,
             // which says nothing wrong.
             EventBody::CommandAnswered { repo, number, text } => {
-                let (client, repo, number, text) = (inner.client.clone(), repo.clone(), *number, text.clone());
-                tokio::spawn(async move {
-                    let Ok(path) = repo_path(&repo) else { return };
-                    let path = format!("{path}/issues/{number}/comments");
-                    let body = serde_json::json!({ "body": text });
-                    let mut delay = Duration::from_millis(500);
-                    for _ in 0..5 {
-                        match client.send(Method::POST, &path, Some(&body)).await {
-                            Ok(_) => return,
-                            Err(e) if e.kind == cib_core::ports::ErrorKind::Transient => {
-                                tokio::time::sleep(delay.max(e.retry_after.unwrap_or_default())).await;
-                                delay *= 2;
-                            }
-                            Err(e) => {
-                                tracing::warn!(%repo, number, error = %e.message, "a command's answer could not be posted");
-                                return;
-                            }
-                        }
-                    }
-                });
+                post_comment(inner.client.clone(), repo.clone(), *number, text.clone());
                 return Ok(());
+            }
+            // A spec that cannot be read fails its own status on the commit, naming the first
+            // problem; a pull request also gets every problem in a comment.
+            EventBody::SpecInvalid { repo, commit, pull_request, diagnostics } => {
+                let first = diagnostics.first().map(String::as_str).unwrap_or("the spec is invalid");
+                let update = StatusUpdate {
+                    repo: repo.clone(),
+                    sha: commit.clone(),
+                    context: format!("{}/spec", inner.config.context_prefix),
+                    state: "failure".to_owned(),
+                    description: truncate(first, 140),
+                    target_url: None,
+                };
+                if let Some(number) = pull_request {
+                    let mut text = format!(
+                        "cib built nothing for {}: its `{}` has {} problem(s).\n\n```\n",
+                        commit.get(..12).unwrap_or(commit),
+                        cib_core::spec::FILE_NAME,
+                        diagnostics.len()
+                    );
+                    for d in diagnostics {
+                        text.push_str(d);
+                        text.push('\n');
+                    }
+                    text.push_str("```\n");
+                    post_comment(inner.client.clone(), repo.clone(), *number, text);
+                }
+                let mut state = lock(&inner.state);
+                return inner.enqueue(&mut state, update);
             }
             _ => {}
         }

@@ -331,7 +331,13 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
     let parsed = match spec::parse(&source) {
         Ok(s) => s,
         Err(diags) => {
-            let first = diags.first().map(|d| d.line(spec::FILE_NAME)).unwrap_or_default();
+            // The people who pushed hear of it, through the notifiers, rather than seeing
+            // nothing happen.
+            let diagnostics: Vec<String> = diags.iter().map(|d| d.line(spec::FILE_NAME)).collect();
+            let first = diagnostics.first().cloned().unwrap_or_default();
+            tracing::info!(delivery = %delivery_id, %repo, commit = %spec_rev, errors = diagnostics.len(), first = %first, "the pushed spec is invalid");
+            let input = Input::SpecInvalid { repo: repo.clone(), commit: commit.clone(), pull_request, diagnostics };
+            engine.submit(input).await.map_err(engine_error)?;
             return Ok(Processed::Nothing(format!("the spec of {repo} at {spec_rev} is invalid: {first}")));
         }
     };

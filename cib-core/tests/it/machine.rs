@@ -83,6 +83,9 @@ fn input_text(input: &Input) -> String {
             format!("trust fork {repo}#{number} at {head_commit} by {by}")
         }
         Input::Answer { repo, number, text } => format!("answer {repo}#{number}: {text}"),
+        Input::SpecInvalid { repo, commit, diagnostics, .. } => {
+            format!("spec invalid {repo}@{commit}: {}", diagnostics.join("; "))
+        }
         Input::Moved { repo, branch, commit, by, promotion, .. } => {
             format!("moved {repo} {branch} to {commit} by {by}{}", if *promotion { " (promotion)" } else { "" })
         }

@@ -247,3 +247,121 @@ async fn the_post_receive_hook_in_the_docs_builds_a_push() {
     let build = builds.iter().find(|b| b.branch.as_deref() == Some("feature/hooked")).expect("the build");
     assert_eq!(build.commit, pushed);
 }
+
+/// A spec that cannot be read: an unknown key, and a step with no image.
+const BROKEN_SPEC: &str = "pipelines:\n  test:\n    stepz: []\n";
+
+/// A push of a broken spec on GitHub fails the `cib/spec` status of the commit, naming the
+/// first problem; a pull request gets every problem in a comment; and both are events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_spec_is_reported_on_github_never_silently_dropped() {
+    use cib_github::testing::{FakeGithub, TEST_TOKEN};
+    let fake = FakeGithub::start().await.expect("fake GitHub");
+    let good = fake.commit("acme/app", &[], &[(".cib.yml", SPEC)], "good");
+    fake.set_branch("acme/app", "master", &good);
+    let broken = fake.commit("acme/app", &[&good], &[(".cib.yml", BROKEN_SPEC)], "broken");
+    fake.set_branch("acme/app", "feature/x", &broken);
+    let github = cib_server::config::GithubConfig {
+        webhook_secret: Some(SECRET.into()),
+        api_url: Some(fake.url().to_owned()),
+        token: Some(TEST_TOKEN.into()),
+        repos: vec!["acme/app".into()],
+        ..Default::default()
+    };
+    let client = cib_server::forge::github_client(&cib_server::config::ServerConfig {
+        github: github.clone(),
+        ..Default::default()
+    })
+    .expect("config")
+    .expect("a client");
+    let outbox = tempfile::tempdir().expect("outbox");
+    let notifier: std::sync::Arc<dyn cib_core::ports::Notifier> = std::sync::Arc::new(
+        cib_github::GithubNotifier::new(client.clone(), outbox.path(), cib_github::NotifierConfig::default())
+            .expect("notifier"),
+    );
+    let vcs: std::sync::Arc<dyn cib_core::ports::Vcs> = std::sync::Arc::new(cib_github::GithubVcs::new(client));
+    let s = TestServer::start_notifying(
+        SPEC,
+        |c| c.github = github,
+        cib_store::SqliteOptions::default(),
+        cib_core::testing::FakeExecutor::new(),
+        &[],
+        Some(vcs),
+        vec![notifier],
+    )
+    .await;
+
+    // The push: a failed cib/spec status on its commit, naming the first problem.
+    let body = push("acme/app", &broken, 1);
+    let answer = s.hook("push", "broken-push", &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let found = fake.statuses("acme/app").into_iter().find(|st| st.sha == broken && st.context == "cib/spec");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no cib/spec status: {:?}", fake.statuses("acme/app"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.state, "failure");
+    let description = status.description.clone().unwrap_or_default();
+    let diagnostics = cib_core::spec::parse(BROKEN_SPEC).expect_err("the spec is broken");
+    assert_eq!(description, diagnostics[0].line(cib_core::spec::FILE_NAME), "the first diagnostic, with its place");
+    assert!(description.starts_with(".cib.yml:3:5: "), "{description}");
+    assert!(fake.comments("acme/app").is_empty(), "a push is not a pull request: no comment");
+
+    // The pull request: a comment listing every diagnostic as PATH:LINE:COL: message.
+    let pr = serde_json::json!({
+        "action": "opened",
+        "number": 7,
+        "pull_request": {
+            "number": 7,
+            "merged": null,
+            "user": { "login": "octocat" },
+            "head": { "ref": "feature/x", "sha": broken, "repo": { "full_name": "acme/app" } },
+            "base": { "ref": "master", "sha": good, "repo": { "full_name": "acme/app" } }
+        },
+        "repository": { "full_name": "acme/app" },
+        "sender": { "login": "octocat" }
+    });
+    let body = serde_json::to_vec(&pr).expect("json");
+    let answer = s.hook("pull_request", "broken-pr", &body, Some(&sign(SECRET.as_bytes(), &body))).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.comments("acme/app").is_empty() {
+        assert!(Instant::now() < deadline, "the diagnostics were never posted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let comments = fake.comments("acme/app");
+    assert_eq!(comments[0].0, 7, "on the pull request: {comments:?}");
+    assert!(diagnostics.len() >= 2, "the test wants several problems: {diagnostics:?}");
+    assert!(comments[0].1.contains("stepz"), "{}", comments[0].1);
+    for d in &diagnostics {
+        let line = d.line(cib_core::spec::FILE_NAME);
+        assert!(line.starts_with(".cib.yml:"), "{line}");
+        assert!(comments[0].1.contains(&line), "every diagnostic is listed; {line} is missing: {}", comments[0].1);
+    }
+
+    // Both are events, with the diagnostics, and nothing was built.
+    let events = cib_core::ports::Store::events_after(&*s.store, 0, 10_000).await.expect("events");
+    let invalid: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            cib_core::event::EventBody::SpecInvalid { commit, pull_request, diagnostics, .. } => {
+                Some((commit.clone(), *pull_request, diagnostics.len()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        invalid,
+        [(broken.clone(), None, diagnostics.len()), (broken.clone(), Some(7), diagnostics.len())],
+        "one spec_invalid event for the push and one for the pull request"
+    );
+    let json = serde_json::to_string(&events).expect("json");
+    assert!(json.contains("\"type\":\"spec_invalid\""), "the event's name is spec_invalid");
+    let builds = s.request("GET", "/api/v1/builds", Some(&token(Role::Read)), b"").await;
+    assert!(!builds.body.contains("acme/app"), "nothing was built: {}", builds.body);
+    fake.assert_no_violations();
+}

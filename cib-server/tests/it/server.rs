@@ -138,6 +138,19 @@ impl TestServer {
         others: &[(&str, &str)],
         other_vcs: Option<Arc<dyn cib_core::ports::Vcs>>,
     ) -> Self {
+        Self::start_notifying(spec, configure, options, executor, others, other_vcs, Vec::new()).await
+    }
+
+    /// [`TestServer::start_with_vcs`], publishing events to these notifiers as well.
+    pub async fn start_notifying(
+        spec: &str,
+        configure: impl FnOnce(&mut ServerConfig),
+        options: cib_store::SqliteOptions,
+        executor: Arc<dyn cib_core::ports::Executor>,
+        others: &[(&str, &str)],
+        other_vcs: Option<Arc<dyn cib_core::ports::Vcs>>,
+        notifiers: Vec<Arc<dyn cib_core::ports::Notifier>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let commit = repo(&dir.path().join("shop"), spec);
         for (name, spec) in others {
@@ -166,7 +179,7 @@ impl TestServer {
             vcs = vcs.with_repo(format!("acme/{name}"), dir.path().join(name));
         }
         let vcs: Arc<dyn cib_core::ports::Vcs> = other_vcs.unwrap_or_else(|| Arc::new(vcs));
-        let running = server::start(config, executor, store.clone(), vcs);
+        let running = server::start_with(config, executor, store.clone(), vcs, notifiers);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         tokio::spawn(server::serve(running.state.clone(), listener, std::future::pending()));
