@@ -84,6 +84,7 @@ pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<Event>,
     logs: broadcast::Sender<LogLine>,
+    journal: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -110,6 +111,12 @@ impl EngineHandle {
     /// pieces; the store has them all.
     pub fn subscribe_logs(&self) -> broadcast::Receiver<LogLine> {
         self.logs.subscribe()
+    }
+
+    /// How many inputs a restart would replay: the journal's length since the last snapshot.
+    /// The engine takes no snapshots yet, so this is every input journaled.
+    pub fn journal_length(&self) -> u64 {
+        self.journal.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads the machine's state.
@@ -185,6 +192,8 @@ struct Runner {
     events: broadcast::Sender<Event>,
     live_logs: broadcast::Sender<LogLine>,
     notify: mpsc::UnboundedSender<Event>,
+    /// The journal's last sequence number, for [`EngineHandle::journal_length`].
+    journal: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -193,8 +202,9 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let (logs, _) = broadcast::channel(16384);
-        let handle = EngineHandle { tx, events: events.clone(), logs: logs.clone() };
-        (handle, run(ports, config, rx, events, logs))
+        let journal = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handle = EngineHandle { tx, events: events.clone(), logs: logs.clone(), journal: journal.clone() };
+        (handle, run(ports, config, rx, events, logs, journal))
     }
 }
 
@@ -204,6 +214,7 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: broadcast::Sender<Event>,
     live_logs: broadcast::Sender<LogLine>,
+    journal: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), EngineError> {
     let machine = Machine::new(config.machine.clone())?;
     let (internal, mut completions) = mpsc::unbounded_channel();
@@ -224,6 +235,7 @@ async fn run(
         events,
         live_logs,
         notify,
+        journal,
     };
     runner.recover().await?;
     let mut next_tick = runner.ports.clock.now() + runner.config.tick_every;
@@ -287,6 +299,7 @@ impl Runner {
                 self.ports.store.append_events(&replayed).await?;
             }
         }
+        self.journal.store(after, std::sync::atomic::Ordering::Relaxed);
         let live: Vec<BuildId> =
             self.machine.builds().filter(|b| b.finished_at.is_none()).map(|b| b.id.clone()).collect();
         if let Err(error) = self.ports.executor.reconcile(&live).await {
@@ -337,7 +350,8 @@ impl Runner {
     /// Stores an input, hands it to the machine and carries out the effects.
     async fn process(&mut self, input: Input) -> Result<(), EngineError> {
         let now = self.ports.clock.now();
-        self.ports.store.append_input(&StoredInput { at: now, input: input.clone() }).await?;
+        let seq = self.ports.store.append_input(&StoredInput { at: now, input: input.clone() }).await?;
+        self.journal.store(seq, std::sync::atomic::Ordering::Relaxed);
         let effects = self.machine.handle(input, now);
         let mut events = Vec::new();
         for effect in effects {

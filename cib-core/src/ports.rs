@@ -270,6 +270,17 @@ pub trait Vcs: Send + Sync {
 #[async_trait]
 pub trait Notifier: Send + Sync {
     async fn publish(&self, event: &Event) -> Result<(), NotifyError>;
+
+    /// A short name for metrics and logs (`github`, say).
+    fn name(&self) -> &str {
+        "notifier"
+    }
+
+    /// How many updates wait in this notifier's outbox, when it keeps one: a number that only
+    /// grows says the receiving end is down.
+    fn outbox_depth(&self) -> Option<usize> {
+        None
+    }
 }
 
 // ---- store ---------------------------------------------------------------------------------

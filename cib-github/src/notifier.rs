@@ -318,6 +318,14 @@ fn post_comment(client: GithubClient, repo: String, number: u64, text: String) {
 
 #[async_trait]
 impl Notifier for GithubNotifier {
+    fn name(&self) -> &str {
+        "github"
+    }
+
+    fn outbox_depth(&self) -> Option<usize> {
+        Some(lock(&self.inner.state).pending.len())
+    }
+
     async fn publish(&self, event: &Event) -> Result<(), NotifyError> {
         let inner = &self.inner;
         match &event.body {

@@ -36,6 +36,11 @@ struct PoolLabels {
     pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotifierLabels {
+    notifier: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the server keeps.
@@ -52,6 +57,8 @@ pub struct Metrics {
     inbox_dead: Gauge,
     inbox_oldest_age: FloatGauge,
     lease_queue: Family<PoolLabels, Gauge>,
+    notifier_outbox: Family<NotifierLabels, Gauge>,
+    journal_length: Gauge,
     /// When each live build was queued, and each running step started, for the histograms.
     times: Mutex<Times>,
 }
@@ -111,6 +118,18 @@ impl Default for Metrics {
         );
         let lease_queue = Family::<PoolLabels, Gauge>::default();
         registry.register("cib_lease_queue_length", "Requests waiting for each pool", lease_queue.clone());
+        let notifier_outbox = Family::<NotifierLabels, Gauge>::default();
+        registry.register(
+            "cib_notifier_outbox_depth",
+            "Updates waiting in each notifier's outbox",
+            notifier_outbox.clone(),
+        );
+        let journal_length = Gauge::default();
+        registry.register(
+            "cib_journal_length",
+            "Inputs a restart would replay (the journal since the last snapshot)",
+            journal_length.clone(),
+        );
         Metrics {
             registry,
             deliveries,
@@ -124,6 +143,8 @@ impl Default for Metrics {
             inbox_dead,
             inbox_oldest_age,
             lease_queue,
+            notifier_outbox,
+            journal_length,
             times: Mutex::new(Times::default()),
         }
     }
@@ -202,6 +223,16 @@ impl Metrics {
         self.lease_queue
             .get_or_create(&PoolLabels { pool: pool.to_owned() })
             .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    pub fn notifier_outbox(&self, notifier: &str, depth: usize) {
+        self.notifier_outbox
+            .get_or_create(&NotifierLabels { notifier: notifier.to_owned() })
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    pub fn journal_length(&self, length: u64) {
+        self.journal_length.set(i64::try_from(length).unwrap_or(i64::MAX));
     }
 
     /// The text exposition of every metric.

@@ -51,7 +51,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         executor,
         vcs: vcs.clone(),
         store: store.clone(),
-        notifiers,
+        notifiers: notifiers.clone(),
         clock: clock.clone(),
         secrets: Arc::new(crate::secrets::ServerSecrets::new(&config, secret_store.clone(), keys.clone())),
     };
@@ -66,7 +66,9 @@ pub fn start_with<S: Store + SecretStore + 'static>(
     };
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn(future);
-    let state = Arc::new(AppState::new(config, engine, store, vcs, clock, secret_store, keys));
+    let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys);
+    state.notifiers = notifiers;
+    let state = Arc::new(state);
     let inbox_task = tokio::spawn({
         let state = state.clone();
         async move {

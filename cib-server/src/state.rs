@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Cleared when the inbox task ends, for `/readyz`.
     pub inbox_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// The notifiers the engine publishes to, for their outbox depths in `/metrics`.
+    pub notifiers: Vec<Arc<dyn cib_core::ports::Notifier>>,
     counter: AtomicU64,
 }
 
@@ -59,6 +61,7 @@ impl AppState {
             stopping: Arc::new(Notify::new()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             inbox_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            notifiers: Vec::new(),
             counter: AtomicU64::new(0),
         }
     }

@@ -51,6 +51,12 @@ pub async fn metrics(
     for (pool, waiting) in queues {
         state.metrics.lease_queue(&pool, waiting);
     }
+    for notifier in &state.notifiers {
+        if let Some(depth) = notifier.outbox_depth() {
+            state.metrics.notifier_outbox(notifier.name(), depth);
+        }
+    }
+    state.metrics.journal_length(state.engine.journal_length());
     let mut response = axum::response::IntoResponse::into_response((StatusCode::OK, state.metrics.encode()));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

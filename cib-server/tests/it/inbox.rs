@@ -94,6 +94,17 @@ async fn unserved_and_failing_deliveries_never_hold_up_a_good_push() {
     }
     assert!(deliveries(&s, "pending").await.is_empty(), "nothing is left pending");
 
+    // /metrics shows all of it.
+    let scrape = super::metrics::scrape(&s).await;
+    let pushes = super::metrics::labelled(&scrape, "cib_deliveries_total", "outcome");
+    assert_eq!(pushes.get("accepted"), Some(&1201.0), "{pushes:?}");
+    assert_eq!(pushes.get("unserved"), Some(&1000.0), "{pushes:?}");
+    assert_eq!(pushes.get("dead"), Some(&200.0), "{pushes:?}");
+    assert_eq!(pushes.get("retry"), Some(&(200.0 * 7.0)), "seven retries each before the eighth attempt: {pushes:?}");
+    assert_eq!(pushes.get("built"), Some(&1.0), "{pushes:?}");
+    assert_eq!(super::metrics::single(&scrape, "cib_inbox_dead"), 200.0);
+    assert_eq!(super::metrics::single(&scrape, "cib_inbox_pending"), 0.0);
+
     // A dead delivery can be redelivered: it is pending again from its first attempt.
     let answer = s.request("POST", "/api/v1/deliveries/failing-0/redeliver", Some(&token(Role::Admin)), b"").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
