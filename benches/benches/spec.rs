@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 const HOSTILE_LIMIT: Duration = Duration::from_millis(100);
 
 fn main() {
+    // Words on the command line (not flags such as cargo's `--bench`) pick the hostile shapes
+    // whose name contains one of them, so that one shape can be profiled alone.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if !only.is_empty() {
+        hostile(&only);
+        return;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let text = std::fs::read_to_string(root.join("examples/python-app/.cib.yml")).expect("example spec");
     let rounds = 2_000;
@@ -34,7 +41,7 @@ fn main() {
         (text.len() as f64 * f64::from(rounds)) / ok.as_secs_f64() / 1e6,
         bad.as_secs_f64() * 1e6 / f64::from(rounds)
     );
-    hostile();
+    hostile(&[]);
 }
 
 /// The fastest of a few runs of `f`, so that one slow run on a busy machine does not count.
@@ -49,10 +56,14 @@ fn fastest(mut f: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
-fn hostile() {
+/// Times every hostile shape, or those whose name contains one of `only` when it is not empty.
+fn hostile(only: &[String]) {
     println!("hostile specs of 1 MiB: cib against the bare parser's events");
     let mut slow = Vec::new();
     for (shape, text) in cib_core::testing::hostile::all() {
+        if !only.is_empty() && !only.iter().any(|o| shape.name.contains(o.as_str())) {
+            continue;
+        }
         let cib = fastest(|| {
             let outcome = cib_core::spec::parse_bytes(text.as_bytes());
             assert_eq!(outcome.is_err(), shape.refused, "{}", shape.name);

@@ -10,13 +10,13 @@
 //! reports the key with a did-you-mean, and skips it. Keys starting with `x-` are skipped
 //! silently, so that anchors have a home (as in Compose files).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 
-use super::diag::{Diagnostic, Pos, suggestion};
+use super::diag::{Diagnostic, MAX_DIAGNOSTICS, Pos, suggestion};
 use super::yaml::{Kind, NodeId, Tree};
 
 /// The name by which [`super::Spanned`] asks this deserializer for a position.
@@ -29,8 +29,9 @@ pub(crate) const TEXT: &str = "$cib::Text";
 /// More rounds than this and the rest of the mistakes go unreported (the first ones are enough).
 const MAX_ROUNDS: usize = 100;
 
-/// More unknown keys than this and the rest go unreported.
-const MAX_SOFT: usize = 1_000;
+/// More unknown keys than this and the rest are counted in one last diagnostic instead, which
+/// makes [`MAX_DIAGNOSTICS`] in all.
+const MAX_SOFT: usize = MAX_DIAGNOSTICS - 1;
 
 #[derive(Debug)]
 pub(crate) struct DeError {
@@ -150,8 +151,10 @@ struct Ctx<'t> {
     removed: HashSet<NodeId>,
     /// Problems that do not stop a round (unknown keys), kept across rounds without repeats.
     soft: RefCell<BTreeSet<Diagnostic>>,
-    /// Key nodes already reported as unknown.
-    reported: RefCell<HashSet<NodeId>>,
+    /// Key nodes already reported as unknown, or counted in `left_out`, indexed by node.
+    reported: RefCell<Vec<bool>>,
+    /// Unknown keys past [`MAX_SOFT`], and where the first of them is.
+    left_out: Cell<(usize, Pos)>,
 }
 
 /// Deserializes `tree` as a `T`, returning every diagnostic found on the way, and the value
@@ -161,7 +164,8 @@ pub(crate) fn from_tree<T: DeserializeOwned>(tree: &Tree) -> (Option<T>, Vec<Dia
         tree,
         removed: HashSet::new(),
         soft: RefCell::new(BTreeSet::new()),
-        reported: RefCell::new(HashSet::new()),
+        reported: RefCell::new(vec![false; tree.nodes.len()]),
+        left_out: Cell::new((0, Pos::default())),
     };
     let mut hard: Vec<Diagnostic> = Vec::new();
     let mut value = None;
@@ -184,6 +188,14 @@ pub(crate) fn from_tree<T: DeserializeOwned>(tree: &Tree) -> (Option<T>, Vec<Dia
         }
     }
     let mut all: Vec<Diagnostic> = ctx.soft.into_inner().into_iter().collect();
+    if let (left_out @ 1.., first) = ctx.left_out.get() {
+        all.push(Diagnostic::error(
+            first,
+            format!(
+                "and {left_out} more unknown keys from here on; cib reports at most {MAX_DIAGNOSTICS} problems at once"
+            ),
+        ));
+    }
     all.extend(hard);
     all.sort();
     all.dedup();
@@ -492,14 +504,16 @@ impl<'de> de::MapAccess<'de> for MapAcc<'_, '_> {
                 && !fields.contains(&text)
             {
                 // Each unknown key is reported once, whatever the rounds and aliases, and past
-                // MAX_SOFT of them the rest go unreported: a did-you-mean for each of a hundred
-                // thousand keys would cost seconds and help no one.
-                if !text.starts_with("x-")
-                    && self.ctx.soft.borrow().len() < MAX_SOFT
-                    && self.ctx.reported.borrow_mut().insert(key)
-                {
-                    let message = format!("unknown key '{text}'{}", suggestion(text, fields.iter().copied()));
-                    self.ctx.soft.borrow_mut().insert(Diagnostic::error(self.ctx.pos(key), message));
+                // MAX_SOFT of them the rest are only counted: a did-you-mean for each of a
+                // hundred thousand keys would cost seconds and help no one.
+                if !text.starts_with("x-") && !std::mem::replace(&mut self.ctx.reported.borrow_mut()[key], true) {
+                    if self.ctx.soft.borrow().len() < MAX_SOFT {
+                        let message = format!("unknown key '{text}'{}", suggestion(text, fields.iter().copied()));
+                        self.ctx.soft.borrow_mut().insert(Diagnostic::error(self.ctx.pos(key), message));
+                    } else {
+                        let (n, first) = self.ctx.left_out.get();
+                        self.ctx.left_out.set((n + 1, if n == 0 { self.ctx.pos(key) } else { first }));
+                    }
                 }
                 continue;
             }

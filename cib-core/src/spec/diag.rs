@@ -4,6 +4,11 @@ use std::fmt;
 
 use serde::Serialize;
 
+/// The most problems reported for one spec. A spec with more is not a spec with a few
+/// mistakes but the wrong file or an attack; past this many, the rest are summed up in one last
+/// diagnostic, so that building messages never costs more than reading the text.
+pub const MAX_DIAGNOSTICS: usize = 1_000;
+
 /// A position in the spec's text: line and column, both counted from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 pub struct Pos {
@@ -68,6 +73,20 @@ pub(crate) fn normalize_newlines(source: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(source)
     }
+}
+
+/// Keeps the first [`MAX_DIAGNOSTICS`] of sorted diagnostics and says how many more there were,
+/// at the place of the first one left out.
+pub(crate) fn cap(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    if let Some(first_left_out) = diags.get(MAX_DIAGNOSTICS).map(|d| d.pos) {
+        let more = diags.len() - MAX_DIAGNOSTICS;
+        diags.truncate(MAX_DIAGNOSTICS);
+        diags.push(Diagnostic::error(
+            first_left_out,
+            format!("and {more} more problems from here on; cib reports at most {MAX_DIAGNOSTICS} at once"),
+        ));
+    }
+    diags
 }
 
 /// Suggests the closest of `candidates` to a misspelt `word`, if one is close enough.

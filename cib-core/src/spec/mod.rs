@@ -16,7 +16,7 @@ mod types;
 mod validate;
 mod yaml;
 
-pub use diag::{Diagnostic, Pos, did_you_mean};
+pub use diag::{Diagnostic, MAX_DIAGNOSTICS, Pos, did_you_mean};
 pub use model::*;
 pub use types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
 pub use validate::{DEFAULT_INTEGRATION_BRANCH, DEFAULT_LAYOUT, DEFAULT_RELEASE_BRANCH};
@@ -62,22 +62,23 @@ fn check_size(len: usize) -> Result<(), Diagnostic> {
     Ok(())
 }
 
-/// Reads and checks a spec. On failure, every problem found, sorted by position.
+/// Reads and checks a spec. On failure, every problem found, sorted by position, up to
+/// [`MAX_DIAGNOSTICS`] of them and then one saying how many more there were.
 ///
 /// When some values are malformed, the rest of the spec is still checked, so that one run shows
 /// every problem. Checks of references (to steps, services, pipelines) are then left out, since
 /// the thing referred to may be one of the malformed values.
 pub fn parse(source: &str) -> Result<Spec, Vec<Diagnostic>> {
     let (raw, mut diags) = read(source);
-    let Some(raw) = raw else { return Err(diags) };
+    let Some(raw) = raw else { return Err(diag::cap(diags)) };
     match validate::validate(raw, !diags.is_empty()) {
         Ok(spec) if diags.is_empty() => Ok(spec),
-        Ok(_) => Err(diags),
+        Ok(_) => Err(diag::cap(diags)),
         Err(more) => {
             diags.extend(more);
             diags.sort();
             diags.dedup();
-            Err(diags)
+            Err(diag::cap(diags))
         }
     }
 }
@@ -86,7 +87,7 @@ pub fn parse(source: &str) -> Result<Spec, Vec<Diagnostic>> {
 pub fn parse_raw(source: &str) -> Result<raw::RawSpec, Vec<Diagnostic>> {
     match read(source) {
         (Some(v), diags) if diags.is_empty() => Ok(v),
-        (_, diags) => Err(diags),
+        (_, diags) => Err(diag::cap(diags)),
     }
 }
 
@@ -97,7 +98,7 @@ fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
     let source = diag::normalize_newlines(source);
     let (tree, mut diags) = match yaml::parse(&source) {
         Ok(parsed) => parsed,
-        Err(d) => return (None, vec![d]),
+        Err(diags) => return (None, diags),
     };
     let (value, more) = de::from_tree::<raw::RawSpec>(&tree);
     diags.extend(more);
@@ -110,7 +111,10 @@ fn read(source: &str) -> (Option<raw::RawSpec>, Vec<Diagnostic>) {
 /// tools that check a spec against the JSON Schema.
 pub fn to_json(source: &str) -> Result<serde_json::Value, Diagnostic> {
     check_size(source.len())?;
-    let (tree, _) = yaml::parse(&diag::normalize_newlines(source))?;
+    let (tree, _) = yaml::parse(&diag::normalize_newlines(source)).map_err(|diags| {
+        // Parsing fails with at least one diagnostic; the first is where it went wrong.
+        diags.into_iter().next().unwrap_or_else(|| Diagnostic::error(Pos { line: 1, col: 1 }, "invalid YAML"))
+    })?;
     Ok(yaml::to_json(&tree))
 }
 

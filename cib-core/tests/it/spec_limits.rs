@@ -120,3 +120,35 @@ fn text_over_the_limit_is_refused_by_every_entry_point() {
         assert!(diags[0].message.contains("1 MiB"), "{diags:?}");
     }
 }
+
+#[test]
+fn too_many_problems_stop_at_the_cap_with_a_last_word() {
+    // Duplicate keys are found as they are read, so reading stops at the cap, where it stopped.
+    let dups = format!("{VALID}{}", "x-k: 1\n".repeat(5_000));
+    let diags = spec::parse(&dups).expect_err("duplicates");
+    assert_eq!(diags.len(), spec::MAX_DIAGNOSTICS, "{:?}", diags.last());
+    let last = diags.last().expect("diagnostics");
+    assert!(last.message.contains("stopped reading here"), "{last:?}");
+    // The first duplicate is on line 5 (line 4 is the first `x-k`); reading stops at the 999th
+    // duplicate, on line 1003, keeping the last place for the diagnostic that says so.
+    assert_eq!(diags[0].pos, at(5, 1), "{:?}", diags[0]);
+    assert_eq!(last.pos.line, 1003, "{last:?}");
+
+    // Unknown keys past the cap are counted, exactly, in one last diagnostic.
+    let unknown = format!("{VALID}{}", (0..1_500).map(|i| format!("pipelinez{i}: 1\n")).collect::<String>());
+    let diags = spec::parse(&unknown).expect_err("unknown keys");
+    assert_eq!(diags.len(), spec::MAX_DIAGNOSTICS, "{:?}", diags.last());
+    let last = diags.last().expect("diagnostics");
+    assert!(last.message.contains("and 501 more unknown keys"), "{last:?}");
+    assert_eq!(last.pos, at(4 + 999, 1), "{last:?}");
+}
+
+#[test]
+fn duplicate_keys_of_a_nested_mapping_do_not_hide_the_outer_ones() {
+    let text = "x-a:\n  b: 1\n  c: { b: 2, d: { b: 3 } }\n  b: 4\n";
+    let diags = spec::parse(text).expect_err("duplicate");
+    let dups: Vec<_> = diags.iter().filter(|d| d.message.contains("duplicate key 'b'")).collect();
+    assert_eq!(dups.len(), 1, "{diags:?}");
+    assert_eq!(dups[0].pos, at(4, 3), "{diags:?}");
+    assert!(dups[0].message.contains("first defined at line 2"), "{diags:?}");
+}
