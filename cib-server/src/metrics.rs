@@ -32,6 +32,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReceiverLabels {
+    receiver: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
 }
@@ -52,6 +57,7 @@ pub struct Metrics {
     inbox_dead: Gauge,
     inbox_oldest_age: FloatGauge,
     lease_queue: Family<PoolLabels, Gauge>,
+    outbox_depth: Family<ReceiverLabels, Gauge>,
     /// When each live build was queued, and each running step started, for the histograms.
     times: Mutex<Times>,
 }
@@ -111,6 +117,12 @@ impl Default for Metrics {
         );
         let lease_queue = Family::<PoolLabels, Gauge>::default();
         registry.register("cib_lease_queue_length", "Requests waiting for each pool", lease_queue.clone());
+        let outbox_depth = Family::<ReceiverLabels, Gauge>::default();
+        registry.register(
+            "cib_outgoing_webhook_outbox_depth",
+            "Events stored but not yet acknowledged by each outgoing webhook receiver",
+            outbox_depth.clone(),
+        );
         Metrics {
             registry,
             deliveries,
@@ -124,6 +136,7 @@ impl Default for Metrics {
             inbox_dead,
             inbox_oldest_age,
             lease_queue,
+            outbox_depth,
             times: Mutex::new(Times::default()),
         }
     }
@@ -202,6 +215,14 @@ impl Metrics {
         self.lease_queue
             .get_or_create(&PoolLabels { pool: pool.to_owned() })
             .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// How many events a receiver has yet to acknowledge: the last event's sequence number
+    /// minus the receiver's cursor.
+    pub fn outbox_depth(&self, receiver: &str, depth: u64) {
+        self.outbox_depth
+            .get_or_create(&ReceiverLabels { receiver: receiver.to_owned() })
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// The text exposition of every metric.

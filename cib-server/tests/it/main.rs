@@ -5,6 +5,7 @@ mod cli;
 mod github_flow;
 mod inbox;
 mod openapi_check;
+mod outgoing;
 mod plan;
 mod pools;
 mod restart;
