@@ -371,3 +371,84 @@ async fn metrics_show_each_receivers_outbox_depth() {
     assert!(down.arrivals().iter().all(|seq| *seq == 1), "it is retried at its first event: {:?}", down.arrivals());
     assert!(down.acked().is_empty());
 }
+
+/// `cib serve` itself, killed with SIGKILL while a delivery is in flight, on real Docker and
+/// SQLite: after the restart the receiver gets every event once, from where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cib_serve_killed_mid_stream_delivers_every_event_after_restart() {
+    use super::restart;
+    let http = TestReceiver::start(None).await;
+    // The third event (the step starting) gets no answer until the server has been killed.
+    http.hold.store(3, Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shop = dir.path().join("shop");
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: hello, image: busybox, commands: [echo hello] }\n";
+    let commit = super::server::repo(&shop, spec);
+    let port = restart::free_port();
+    let extra = format!(
+        "[[webhooks]]\nname = \"chat\"\nurl = \"http://127.0.0.1:{}/cib\"\nsecret = \"{SECRET}\"\nallow_private = true\n",
+        http.port
+    );
+    let config = restart::config_with(dir.path(), port, &shop, &extra);
+    let blocking = |f: Box<dyn FnOnce() -> restart::Server + Send>| tokio::task::spawn_blocking(f);
+
+    let server = {
+        let config = config.clone();
+        blocking(Box::new(move || restart::start(&config, port))).await.expect("started")
+    };
+    let body = super::server::push_payload(&commit);
+    let url = server.url.clone();
+    let status = tokio::task::spawn_blocking(move || restart::hook(&url, "d-out", &body)).await.expect("hook");
+    assert_eq!(status, 202);
+    until("the third event reaches the receiver", || http.arrivals().contains(&3)).await;
+    assert_eq!(http.acked(), [1, 2]);
+    tokio::task::spawn_blocking(move || server.kill()).await.expect("killed");
+
+    http.hold.store(0, Ordering::SeqCst);
+    let server = blocking(Box::new(move || restart::start(&config, port))).await.expect("started again");
+    let url = server.url.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        restart::wait_for(&url, "the build ended after the restart", |b| {
+            // The step was running when the server was killed: the build ends as interrupted
+            // steps do (errored), which makes events all the same.
+            b["builds"].as_array().is_some_and(|a| a.len() == 1 && a[0]["finished_at"].is_u64())
+        })
+    })
+    .await
+    .expect("builds");
+    until("the receiver has the build's end", || {
+        http.seen
+            .lock()
+            .expect("lock")
+            .acked
+            .iter()
+            .any(|(_, _, b)| String::from_utf8_lossy(b).contains("build_finished"))
+    })
+    .await;
+    // Depth 0 says the cursor is at the last stored event; with every event from 1 to the last
+    // acknowledged once, in order, nothing was lost and nothing acknowledged came twice.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = server.url.clone();
+        let (status, metrics) = tokio::task::spawn_blocking(move || restart::http(&url, "GET", "/metrics", &[], b""))
+            .await
+            .expect("metrics");
+        assert_eq!(status, 200, "{metrics}");
+        if metrics.contains("cib_outgoing_webhook_outbox_depth{receiver=\"chat\"} 0\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked = http.acked();
+    assert_eq!(acked, (1..=acked.len() as u64).collect::<Vec<_>>(), "every event once, in order");
+    assert!(acked.len() >= 5, "{acked:?}");
+    let arrivals = http.arrivals();
+    assert_eq!(arrivals.iter().filter(|s| **s == 3).count(), 2, "only the event in flight came again: {arrivals:?}");
+    for (seq, signature, body) in http.seen.lock().expect("lock").acked.iter() {
+        assert_eq!(signature, &sign(SECRET.as_bytes(), body), "event {seq} is signed");
+    }
+    let build = done["builds"][0]["id"].as_str().expect("id").to_owned();
+    drop(server);
+    tokio::task::spawn_blocking(move || restart::wait_clean(&build)).await.expect("clean");
+}
