@@ -84,6 +84,7 @@ pub struct Receiver {
     url: http::Uri,
     secret: String,
     client: Client<HttpsConnector<GuardedConnector>, Full<Bytes>>,
+    allow_private: bool,
     pub backoff: Backoff,
 }
 
@@ -117,7 +118,14 @@ impl Receiver {
             .enable_http1()
             .wrap_connector(guarded);
         let client = Client::builder(TokioExecutor::new()).build(https);
-        Ok(Receiver { name, url, secret: config.secret.clone(), client, backoff: Backoff::default() })
+        Ok(Receiver {
+            name,
+            url,
+            secret: config.secret.clone(),
+            client,
+            allow_private: config.allow_private,
+            backoff: Backoff::default(),
+        })
     }
 }
 
@@ -321,6 +329,15 @@ async fn run(receiver: Receiver, store: Arc<dyn Store>, wake: Arc<Notify>, last_
     let name = receiver.name.clone();
     let mut cursor = retry_store(&receiver, "read the cursor", || start_cursor(store.as_ref(), &name)).await;
     tracing::info!(receiver = %name, cursor, "outgoing webhooks start after this event");
+    if let Some(refusal) = preflight(&receiver).await {
+        tracing::warn!(
+            receiver = %name, reason = %refusal,
+            "an outgoing webhook receiver is on an address the guard refuses; every delivery to it will fail"
+        );
+        if let Ok(mut last) = last_error.lock() {
+            *last = Some(refusal);
+        }
+    }
     loop {
         let events = retry_store(&receiver, "read events", || store.events_after(cursor, BATCH)).await;
         if events.is_empty() {
@@ -332,6 +349,24 @@ async fn run(receiver: Receiver, store: Arc<dyn Store>, wake: Arc<Notify>, last_
             retry_store(&receiver, "move the cursor", || store.advance_webhook_cursor(&name, event.seq)).await;
             cursor = event.seq;
         }
+    }
+}
+
+/// Why the guard would refuse the receiver's address now, if it would: said at start, so that
+/// a receiver that can never be reached is visible before its first event. Deliveries check
+/// again at each connection, since DNS answers change.
+async fn preflight(receiver: &Receiver) -> Option<String> {
+    if receiver.allow_private {
+        return None;
+    }
+    let host = receiver.url.host()?;
+    if let Some(ip) = crate::ssrf::literal_ip(host) {
+        return crate::ssrf::refused(ip).map(|reason| format!("{ip} is a {reason} address"));
+    }
+    let name: Name = host.parse().ok()?;
+    match tower::Service::call(&mut GuardedResolver { allow_private: false }, name).await {
+        Ok(_) => None,
+        Err(error) => error.downcast_ref::<Refused>().map(ToString::to_string),
     }
 }
 

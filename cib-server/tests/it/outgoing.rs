@@ -275,7 +275,11 @@ async fn private_addresses_are_refused_unless_allowed() {
     let outgoing = Outgoing::start(refused.iter().map(receiver).collect(), store.clone());
     for config in &refused {
         let name = config.name.clone().unwrap_or_default();
-        until(&format!("{name} reports a refusal"), || outgoing.last_error(&name).is_some()).await;
+        // The delivery's own refusal, which follows the one reported at start.
+        until(&format!("{name} reports a refused delivery"), || {
+            outgoing.last_error(&name).is_some_and(|e| e.contains("server-side request forgery"))
+        })
+        .await;
         let error = outgoing.last_error(&name).unwrap_or_default();
         assert!(error.contains("server-side request forgery") && error.contains("loopback"), "{name}: {error}");
     }
@@ -287,6 +291,14 @@ async fn private_addresses_are_refused_unless_allowed() {
         assert_eq!(store.webhook_cursor(name).await.expect("cursor"), Some(0), "{name}");
     }
     drop(outgoing);
+
+    // A refused receiver is reported when it starts, before it has anything to send.
+    store.advance_webhook_cursor("idle", 2).await.expect("cursor");
+    let idle = Outgoing::start(vec![receiver(&hook(format!("http://localhost:{port}/cib"), "idle"))], store.clone());
+    until("the idle receiver reports the refusal", || idle.last_error("idle").is_some()).await;
+    let error = idle.last_error("idle").unwrap_or_default();
+    assert!(error.contains("localhost") && error.contains("loopback"), "{error}");
+    drop(idle);
 
     // The same receiver, allowed, gets the events: the refusal above was the guard's.
     let allowed = WebhookConfig { allow_private: true, ..hook(format!("http://localhost:{port}/cib"), "allowed") };
