@@ -886,6 +886,18 @@ pub trait Store: Send + Sync {
 
     /// One build with its steps.
     async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError>;
+
+    /// The highest event sequence number stored, 0 when there is none.
+    async fn last_event_seq(&self) -> Result<u64, StoreError>;
+
+    /// The sequence number of the last event an outgoing webhook receiver acknowledged, by
+    /// the receiver's name; `None` for a receiver this store has never seen.
+    async fn webhook_cursor(&self, receiver: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Moves a receiver's cursor forward to `seq`, creating it when absent. A cursor never
+    /// moves back: a lower `seq` leaves it where it is, so a late or repeated write cannot
+    /// make a receiver get events again that it has acknowledged.
+    async fn advance_webhook_cursor(&self, receiver: &str, seq: u64) -> Result<(), StoreError>;
 }
 
 /// The engine's clock. Tests use a manual one.

@@ -508,6 +508,8 @@ struct Memory {
     /// Each delivery, with its bookkeeping and its body's digest.
     deliveries: BTreeMap<String, (Delivery, DeliveryInfo, Vec<u8>)>,
     builds: BTreeMap<BuildId, MemoryBuild>,
+    /// Outgoing webhook receivers' cursors, by receiver name.
+    webhook_cursors: BTreeMap<String, u64>,
 }
 
 impl Memory {
@@ -784,6 +786,21 @@ impl Store for MemoryStore {
             BuildRecord { build: b.summary.clone(), steps: steps.into_iter().map(|(_, s)| s).collect() }
         }))
     }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.inner).events.keys().next_back().copied().unwrap_or(0))
+    }
+
+    async fn webhook_cursor(&self, receiver: &str) -> Result<Option<u64>, StoreError> {
+        Ok(lock(&self.inner).webhook_cursors.get(receiver).copied())
+    }
+
+    async fn advance_webhook_cursor(&self, receiver: &str, seq: u64) -> Result<(), StoreError> {
+        let mut m = lock(&self.inner);
+        let cursor = m.webhook_cursors.entry(receiver.to_owned()).or_insert(seq);
+        *cursor = (*cursor).max(seq);
+        Ok(())
+    }
 }
 
 // ---- conformance suites --------------------------------------------------------------------
@@ -961,6 +978,7 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     check(store.inputs_after(5, 10).await.map_err(err)?.is_empty(), "nothing after the last input")?;
 
     // Events are kept once per sequence number.
+    check(store.last_event_seq().await.map_err(err)? == 0, "an empty store's last event is 0")?;
     let event = |seq: u64| Event {
         seq,
         at: Timestamp(seq),
@@ -971,6 +989,8 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     let events = store.events_after(0, 10).await.map_err(err)?;
     check(events.iter().map(|e| e.seq).collect::<Vec<_>>() == [1, 2, 3], format!("events: {events:?}"))?;
     check(store.events_after(2, 10).await.map_err(err)?.len() == 1, "events after 2")?;
+    let last = store.last_event_seq().await.map_err(err)?;
+    check(last == 3, format!("the last event is 3, not {last}"))?;
 
     // Logs grow by appends and are read from any offset; finishing marks the end.
     let key = LogKey { build: BuildId::from("b"), step: "s".into(), attempt: 1 };
@@ -1065,7 +1085,29 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     check(read.data.is_empty() && read.complete, format!("a finished empty log: {read:?}"))?;
 
     inbox_conformance(store.as_ref()).await?;
+    webhook_cursor_conformance(store.as_ref()).await?;
     build_records_conformance(store.as_ref()).await
+}
+
+/// Outgoing webhook receivers' cursors: absent until set, one per receiver, never moving back.
+async fn webhook_cursor_conformance(store: &dyn Store) -> Result<(), String> {
+    let err = |e: StoreError| e.to_string();
+    check(store.webhook_cursor("chat").await.map_err(err)?.is_none(), "an unknown receiver has no cursor")?;
+    store.advance_webhook_cursor("chat", 0).await.map_err(err)?;
+    let cursor = store.webhook_cursor("chat").await.map_err(err)?;
+    check(cursor == Some(0), format!("a cursor set at 0 is there, at 0: {cursor:?}"))?;
+    store.advance_webhook_cursor("chat", 5).await.map_err(err)?;
+    store.advance_webhook_cursor("dashboard", 2).await.map_err(err)?;
+    store.advance_webhook_cursor("chat", 3).await.map_err(err)?;
+    let cursor = store.webhook_cursor("chat").await.map_err(err)?;
+    check(cursor == Some(5), format!("a cursor never moves back: {cursor:?}"))?;
+    let other = store.webhook_cursor("dashboard").await.map_err(err)?;
+    check(other == Some(2), format!("each receiver has its own cursor: {other:?}"))?;
+    store.advance_webhook_cursor("chat", 6).await.map_err(err)?;
+    let cursor = store.webhook_cursor("chat").await.map_err(err)?;
+    check(cursor == Some(6), format!("a cursor moves forward: {cursor:?}"))?;
+    check(store.webhook_cursor("Chat").await.map_err(err)?.is_none(), "receiver names are compared exactly")?;
+    Ok(())
 }
 
 /// The inbox's bookkeeping: replays by body, retries when due, dead deliveries, redelivery.

@@ -74,8 +74,79 @@ pub struct PoolFileConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
+    /// `http://` or `https://`.
     pub url: String,
     pub secret: String,
+    /// The receiver's name: the key of its cursor in the store and its label in the metrics.
+    /// By default the URL's host and port (never its path or query, which may hold a token).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Lets the receiver be on a loopback, link-local or private address, which the guard
+    /// against server-side request forgery refuses otherwise.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// A PEM file of certificates trusted for this receiver, besides the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl WebhookConfig {
+    /// A receiver with the defaults: its host as its name, public addresses only, public roots.
+    pub fn new(url: impl Into<String>, secret: impl Into<String>) -> Self {
+        WebhookConfig { url: url.into(), secret: secret.into(), name: None, allow_private: false, ca_file: None }
+    }
+
+    /// The receiver's name: `name`, or else the URL's host and port.
+    pub fn receiver(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match self.url.parse::<http::Uri>() {
+            Ok(uri) => match (uri.host(), uri.port_u16()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.to_owned(),
+                (None, _) => self.url.clone(),
+            },
+            Err(_) => self.url.clone(),
+        }
+    }
+
+    /// What is wrong with this receiver's settings, if anything, in words for its operator.
+    fn check(&self) -> Result<(), String> {
+        let at = format!("[[webhooks]] {}", self.receiver());
+        let uri: http::Uri = self.url.parse().map_err(|e| format!("{at}: url '{}' is not a URL: {e}", self.url))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("{at}: url '{}' must start with http:// or https://", self.url)),
+        }
+        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+            return Err(format!("{at}: url '{}' has no host", self.url));
+        };
+        if !self.allow_private
+            && let Some(ip) = crate::ssrf::literal_ip(host)
+            && let Some(reason) = crate::ssrf::refused(ip)
+        {
+            return Err(format!(
+                "{at}: {ip} is a {reason} address, which outgoing webhooks refuse so that a receiver's URL cannot \
+                 reach into the server's own network; set allow_private = true on this receiver if that is intended"
+            ));
+        }
+        if self.secret.is_empty() {
+            return Err(format!("{at}: secret is empty; receivers check the signature made with it"));
+        }
+        if let Some(name) = &self.name
+            && name.trim().is_empty()
+        {
+            return Err(format!("[[webhooks]] url '{}': name is empty", self.url));
+        }
+        if let Some(path) = &self.ca_file {
+            let count = crate::outgoing::read_ca_file(path).map_err(|e| format!("{at}: ca_file: {e}"))?.len();
+            if count == 0 {
+                return Err(format!("{at}: ca_file {} holds no PEM certificate", path.display()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// GitHub's settings. `Debug` redacts the webhook secret and the token.
@@ -282,6 +353,17 @@ impl ServerConfig {
         if let Err(problems) = cib_core::policy::People::new(self.people.clone()) {
             return Err(format!("[[people]]: {}", problems.join("; ")));
         }
+        let mut receivers = std::collections::BTreeSet::new();
+        for hook in &self.webhooks {
+            hook.check()?;
+            if !receivers.insert(hook.receiver()) {
+                return Err(format!(
+                    "[[webhooks]]: two receivers are named '{}'; give each a distinct name = \"...\" (it keys the \
+                     receiver's place in the event stream)",
+                    hook.receiver()
+                ));
+            }
+        }
         for p in &self.pools {
             if p.units.is_empty() == p.capacity.is_none() {
                 return Err(format!("pool '{}' needs either units or a capacity", p.name));
@@ -427,7 +509,13 @@ impl std::fmt::Debug for TokenConfig {
 
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig").field("url", &self.url).field("secret", &REDACTED).finish()
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &REDACTED)
+            .field("name", &self.name)
+            .field("allow_private", &self.allow_private)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 

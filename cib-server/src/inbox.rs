@@ -328,7 +328,8 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
             Some(text) => text,
             None => return Ok(Processed::Nothing(format!("{repo} has no {} at {spec_rev}", spec::FILE_NAME))),
         };
-    let parsed = match spec::parse(&source) {
+    let text: Arc<str> = Arc::from(source.as_str());
+    let parsed = match crate::api::parse_blocking(text.clone()).await {
         Ok(s) => s,
         Err(diags) => {
             // The people who pushed hear of it, through the notifiers, rather than seeing
@@ -345,7 +346,6 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
     if planned.is_empty() {
         return Ok(Processed::Nothing("no pipeline matches".into()));
     }
-    let text: Arc<str> = Arc::from(source.as_str());
     let mut builds = Vec::new();
     for p in planned {
         let id = build_id(delivery_id, &p.name);

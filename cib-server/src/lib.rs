@@ -20,5 +20,6 @@ pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod sse;
+pub mod ssrf;
 pub mod state;
 pub mod workflow;

@@ -32,6 +32,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReceiverLabels {
+    receiver: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
 }
@@ -59,6 +64,7 @@ pub struct Metrics {
     lease_queue: Family<PoolLabels, Gauge>,
     notifier_outbox: Family<NotifierLabels, Gauge>,
     journal_length: Gauge,
+    outbox_depth: Family<ReceiverLabels, Gauge>,
     /// When each live build was queued, and each running step started, for the histograms.
     times: Mutex<Times>,
 }
@@ -130,6 +136,12 @@ impl Default for Metrics {
             "Inputs a restart would replay (the journal since the last snapshot)",
             journal_length.clone(),
         );
+        let outbox_depth = Family::<ReceiverLabels, Gauge>::default();
+        registry.register(
+            "cib_outgoing_webhook_outbox_depth",
+            "Events stored but not yet acknowledged by each outgoing webhook receiver",
+            outbox_depth.clone(),
+        );
         Metrics {
             registry,
             deliveries,
@@ -145,6 +157,7 @@ impl Default for Metrics {
             lease_queue,
             notifier_outbox,
             journal_length,
+            outbox_depth,
             times: Mutex::new(Times::default()),
         }
     }
@@ -233,6 +246,14 @@ impl Metrics {
 
     pub fn journal_length(&self, length: u64) {
         self.journal_length.set(i64::try_from(length).unwrap_or(i64::MAX));
+    }
+
+    /// How many events a receiver has yet to acknowledge: the last event's sequence number
+    /// minus the receiver's cursor.
+    pub fn outbox_depth(&self, receiver: &str, depth: u64) {
+        self.outbox_depth
+            .get_or_create(&ReceiverLabels { receiver: receiver.to_owned() })
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// The text exposition of every metric.

@@ -19,6 +19,8 @@ pub struct Running {
     pub state: Arc<AppState>,
     pub engine_task: tokio::task::JoinHandle<Result<(), cib_core::engine::EngineError>>,
     pub inbox_task: tokio::task::JoinHandle<()>,
+    /// The outgoing webhook receivers' tasks.
+    pub outgoing: Arc<crate::outgoing::Outgoing>,
 }
 
 /// Starts the engine and the inbox processor with these backends. The store keeps the
@@ -44,9 +46,18 @@ pub fn start_with<S: Store + SecretStore + 'static>(
     let store: Arc<dyn Store> = store;
     let keys = Arc::new(crate::secrets::Keyring::load(&config));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut receivers = Vec::new();
     for hook in &config.webhooks {
-        notifiers.push(Arc::new(crate::outgoing::WebhookNotifier::new(hook.url.clone(), hook.secret.clone())));
+        match crate::outgoing::Receiver::new(hook) {
+            Ok(receiver) => receivers.push(receiver),
+            // `ServerConfig::load` refuses such a receiver; a configuration built in code that
+            // has one still starts, without it, and says so.
+            Err(error) => tracing::error!(%error, "an outgoing webhook receiver is not started"),
+        }
     }
+    let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
+    let outgoing = Arc::new(crate::outgoing::Outgoing::start(receivers, store.clone()));
+    notifiers.push(outgoing.clone());
     let ports = Ports {
         executor,
         vcs: vcs.clone(),
@@ -65,7 +76,18 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         tick_every: Duration::from_secs(15),
     };
     let (engine, future) = Engine::start(ports, engine_config);
-    let engine_task = tokio::spawn(future);
+    let engine_task = tokio::spawn({
+        let store = store.clone();
+        async move {
+            // Receivers new to the store start after the last event stored before the engine
+            // runs, so that none of the events it makes from now on is missed. A failure here
+            // is not fatal: each receiver's task sets its own cursor when it finds none.
+            if let Err(error) = crate::outgoing::start_cursors(store.as_ref(), &names).await {
+                tracing::warn!(%error, "cannot set the new outgoing webhook receivers' cursors before the engine starts");
+            }
+            future.await
+        }
+    });
     let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys);
     state.notifiers = notifiers;
     let state = Arc::new(state);
@@ -78,7 +100,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         }
     });
     tokio::spawn(feed_metrics(state.clone()));
-    Running { state, engine_task, inbox_task }
+    Running { state, engine_task, inbox_task, outgoing }
 }
 
 struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);

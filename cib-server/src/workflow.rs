@@ -91,7 +91,7 @@ async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec:
         Ok(None) => return Err(ApiError::Unprocessable(format!("{repo} has no spec on {branch}"))),
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec on {branch}: {e}"))),
     };
-    spec::parse(&source).map_err(|d| {
+    crate::api::parse_blocking(Arc::from(source.as_str())).await.map_err(|d| {
         let first = d.first().map(|d| d.line(spec::FILE_NAME)).unwrap_or_default();
         ApiError::Unprocessable(format!("the spec on {branch} is invalid: {first}"))
     })
@@ -124,13 +124,13 @@ async fn build_branch(
         return Vec::new();
     }
     let Ok(Some(source)) = state.vcs.read_spec(repo, commit).await else { return Vec::new() };
-    let Ok(parsed) = spec::parse(&source) else { return Vec::new() };
+    let text: Arc<str> = Arc::from(source.as_str());
+    let Ok(parsed) = crate::api::parse_blocking(text.clone()).await else { return Vec::new() };
     let (event, tag) = if promotion {
         (TriggerEvent::of(spec::EventKind::Promotion, branch), "promote")
     } else {
         (TriggerEvent::push(branch), "merge")
     };
-    let text: Arc<str> = Arc::from(source.as_str());
     let mut ids = Vec::new();
     for p in parsed.plan(&event) {
         let id = BuildId(format!("{tag}-{}-{}", commit.get(..12).unwrap_or(commit), p.name));

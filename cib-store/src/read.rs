@@ -268,3 +268,17 @@ pub(crate) fn inbox_depth(conn: &Connection) -> Result<InboxDepth, StoreError> {
         .map_err(db)?;
     Ok(InboxDepth { pending: from_sql(pending)?, dead: from_sql(dead)?, oldest_pending: oldest.map(time).transpose()? })
 }
+
+pub(crate) fn last_event_seq(conn: &Connection) -> Result<u64, StoreError> {
+    let last: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db)?;
+    from_sql(last)
+}
+
+pub(crate) fn webhook_cursor(conn: &Connection, receiver: &str) -> Result<Option<u64>, StoreError> {
+    let seq: Option<i64> =
+        query_opt(conn, "SELECT seq FROM webhook_cursors WHERE receiver = ?1", [receiver], |r| r.get(0))?;
+    seq.map(from_sql).transpose()
+}

@@ -140,10 +140,19 @@ ALTER TABLE deliveries ADD COLUMN body_sha256 BLOB;
 CREATE INDEX deliveries_digest ON deliveries (body_sha256, received_at);
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
+/// Version 6: where each outgoing webhook receiver is in the event journal: the sequence number
+/// of the last event it acknowledged, so that delivery resumes there after a restart.
+const V6: &str = "
+CREATE TABLE webhook_cursors (
+    receiver TEXT NOT NULL PRIMARY KEY,
+    seq BIGINT NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -411,6 +411,22 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.read(move |c| read::build(c, &id)).await
     }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.read(read::last_event_seq).await
+    }
+
+    async fn webhook_cursor(&self, receiver: &str) -> Result<Option<u64>, StoreError> {
+        let receiver = receiver.to_owned();
+        self.read(move |c| read::webhook_cursor(c, &receiver)).await
+    }
+
+    async fn advance_webhook_cursor(&self, receiver: &str, seq: u64) -> Result<(), StoreError> {
+        match self.write(Op::WebhookCursor { receiver: receiver.to_owned(), seq }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 /// The scope as stored: the repository has its own column.

@@ -44,6 +44,7 @@ pub(crate) enum Op {
     SetSecret { key: SecretKey, secret: NewSecret, scope: String },
     RemoveSecret { repo: String, name: String },
     Rekey { old: SecretKey, new: SecretKey },
+    WebhookCursor { receiver: String, seq: u64 },
 }
 
 impl Op {
@@ -57,7 +58,7 @@ impl Op {
             Op::Delivery(d) | Op::DeliveryOnce { delivery: d, .. } => d.body.len(),
             Op::DeliveryDone { .. } | Op::FinishDelivery { .. } | Op::Redeliver { .. } => 0,
             Op::SetSecret { secret, .. } => secret.value.expose().len(),
-            Op::RemoveSecret { .. } | Op::Rekey { .. } => 0,
+            Op::RemoveSecret { .. } | Op::Rekey { .. } | Op::WebhookCursor { .. } => 0,
         }
     }
 }
@@ -250,6 +251,17 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
                 [id],
             )?;
             Ok(Done::New(changed == 1))
+        }
+        Op::WebhookCursor { receiver, seq } => {
+            // The condition keeps the cursor from moving back; both SQLite and PostgreSQL
+            // take a WHERE on the update of an upsert.
+            exec(
+                conn,
+                "INSERT INTO webhook_cursors (receiver, seq) VALUES (?1, ?2)
+                 ON CONFLICT (receiver) DO UPDATE SET seq = excluded.seq WHERE webhook_cursors.seq < excluded.seq",
+                params![receiver, to_sql(*seq)?],
+            )?;
+            Ok(Done::Unit)
         }
         Op::DeliveryDone { id } => {
             exec(conn, "UPDATE deliveries SET done = 1 WHERE id = ?1", [id])?;

@@ -169,7 +169,7 @@ pub async fn trigger(
         Ok(None) => return Err(ApiError::Unprocessable(format!("{} has no spec at {commit}", request.repo))),
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
     };
-    let parsed = super::parse_spec(&source)?;
+    let parsed = super::parse_spec(&source).await?;
     let Some(pipeline) = parsed.pipeline(&request.pipeline) else {
         return Err(ApiError::Unprocessable(format!("the spec has no pipeline '{}'", request.pipeline)));
     };

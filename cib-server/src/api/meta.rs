@@ -57,6 +57,17 @@ pub async fn metrics(
         }
     }
     state.metrics.journal_length(state.engine.journal_length());
+    if !state.config.webhooks.is_empty()
+        && let Ok(last) = state.store.last_event_seq().await
+    {
+        for hook in &state.config.webhooks {
+            let receiver = hook.receiver();
+            // A receiver without a cursor yet starts at the last event: it has nothing waiting.
+            if let Ok(cursor) = state.store.webhook_cursor(&receiver).await {
+                state.metrics.outbox_depth(&receiver, last.saturating_sub(cursor.unwrap_or(last)));
+            }
+        }
+    }
     let mut response = axum::response::IntoResponse::into_response((StatusCode::OK, state.metrics.encode()));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

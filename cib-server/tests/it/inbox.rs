@@ -374,5 +374,17 @@ async fn a_broken_spec_is_reported_on_github_never_silently_dropped() {
     assert!(json.contains("\"type\":\"spec_invalid\""), "the event's name is spec_invalid");
     let builds = s.request("GET", "/api/v1/builds", Some(&token(Role::Read)), b"").await;
     assert!(!builds.body.contains("acme/app"), "nothing was built: {}", builds.body);
+    // The GitHub notifier's outbox is in /metrics, and empty once the statuses went out.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let scrape = super::metrics::scrape(&s).await;
+        let outbox = super::metrics::labelled(&scrape, "cib_notifier_outbox_depth", "notifier");
+        if outbox.get("github") == Some(&0.0) {
+            break;
+        }
+        assert!(outbox.contains_key("github"), "{outbox:?}");
+        assert!(Instant::now() < deadline, "the outbox never emptied: {outbox:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fake.assert_no_violations();
 }

@@ -6,6 +6,7 @@ mod github_flow;
 mod inbox;
 mod metrics;
 mod openapi_check;
+mod outgoing;
 mod plan;
 mod pools;
 mod restart;

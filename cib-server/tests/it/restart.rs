@@ -8,16 +8,16 @@ use cib_server::outgoing::sign;
 
 use super::server::{SECRET, push_payload, repo};
 
-struct Server {
+pub(super) struct Server {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 fn config(dir: &Path, port: u16, repo_path: &Path) -> PathBuf {
     config_with(dir, port, repo_path, "")
 }
 
-fn config_with(dir: &Path, port: u16, repo_path: &Path, extra: &str) -> PathBuf {
+pub(super) fn config_with(dir: &Path, port: u16, repo_path: &Path, extra: &str) -> PathBuf {
     let path = dir.join("cib.toml");
     let text = format!(
         r#"
@@ -50,11 +50,11 @@ path = "{repo}"
     path
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
-fn start(config: &Path, port: u16) -> Server {
+pub(super) fn start(config: &Path, port: u16) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_cib"))
         .args(["serve", "--config"])
         .arg(config)
@@ -72,7 +72,7 @@ fn start(config: &Path, port: u16) -> Server {
 }
 
 impl Server {
-    fn kill(mut self) {
+    pub(super) fn kill(mut self) {
         // SIGKILL: no chance to clean anything up.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -87,7 +87,7 @@ impl Drop for Server {
 }
 
 /// A blocking HTTP/1.1 request over a plain socket, enough for a test.
-fn http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+pub(super) fn http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     use std::io::{Read, Write};
     let address = url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address).expect("connect");
@@ -110,7 +110,7 @@ fn http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u
     (status, body)
 }
 
-fn hook(url: &str, delivery: &str, body: &[u8]) -> u16 {
+pub(super) fn hook(url: &str, delivery: &str, body: &[u8]) -> u16 {
     let signature = sign(SECRET.as_bytes(), body);
     let headers =
         [("x-github-event", "push"), ("x-github-delivery", delivery), ("x-hub-signature-256", signature.as_str())];
@@ -127,7 +127,7 @@ fn builds(url: &str) -> serde_json::Value {
     serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-fn wait_for(url: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub(super) fn wait_for(url: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let b = builds(url);
@@ -153,7 +153,7 @@ fn docker_left(build: &str) -> Vec<String> {
 }
 
 /// Waits until nothing of `build` is left in Docker (the engine cleans up on a task of its own).
-fn wait_clean(build: &str) {
+pub(super) fn wait_clean(build: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !docker_left(build).is_empty() {
         assert!(Instant::now() < deadline, "left behind: {:?}", docker_left(build));

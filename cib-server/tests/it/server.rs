@@ -247,7 +247,7 @@ impl TestServer {
     }
 }
 
-const SPEC: &str = r#"
+pub const SPEC: &str = r#"
 pipelines:
   test:
     on: { push: {}, pull_request: {}, manual: {} }
@@ -593,7 +593,11 @@ async fn receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String, Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outgoing_webhooks_are_signed_ordered_and_retried() {
     let (url, seen) = receiver().await;
-    let hook = cib_server::config::WebhookConfig { url, secret: "hook-secret".into() };
+    // The receiver is on loopback, which the guard refuses unless the receiver allows it.
+    let hook = cib_server::config::WebhookConfig {
+        allow_private: true,
+        ..cib_server::config::WebhookConfig::new(url, "hook-secret")
+    };
     let s = TestServer::start_with(SPEC, vec![hook]).await;
     let trigger =
         serde_json::to_vec(&serde_json::json!({ "repo": "acme/shop", "ref": "feature/x", "pipeline": "test" }))

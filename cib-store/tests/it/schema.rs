@@ -82,6 +82,7 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
     conn.execute_batch(
         "DROP TABLE log_times;
          DROP TABLE secrets;
+         DROP TABLE webhook_cursors;
          DROP INDEX deliveries_pending;
          DROP INDEX deliveries_digest;
          ALTER TABLE deliveries DROP COLUMN done;
