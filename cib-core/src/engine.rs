@@ -48,7 +48,13 @@ pub struct EngineConfig {
     pub workspace_root: PathBuf,
     /// How often time is told to the machine, so that leases are renewed and expired.
     pub tick_every: Duration,
+    /// How often the executor removes what it holds for builds that are no longer live
+    /// (containers, networks and volumes a crash or a lost cleanup left). Checked on ticks.
+    pub reconcile_every: Duration,
 }
+
+/// The default for [`EngineConfig::reconcile_every`].
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
 
 /// Why the engine stopped or refused an input.
 #[derive(Debug, thiserror::Error)]
@@ -239,9 +245,10 @@ async fn run(
     };
     runner.recover().await?;
     let mut next_tick = runner.ports.clock.now() + runner.config.tick_every;
+    let mut next_reconcile = runner.ports.clock.now() + runner.config.reconcile_every;
     loop {
         let next_timer = runner.timers.values().min().copied();
-        let wake = next_timer.map_or(next_tick, |t| t.min(next_tick));
+        let wake = next_timer.map_or(next_tick, |t| t.min(next_tick)).min(next_reconcile);
         let clock = runner.ports.clock.clone();
         tokio::select! {
             command = commands.recv() => match command {
@@ -262,6 +269,10 @@ async fn run(
                 if now >= next_tick {
                     next_tick = now + runner.config.tick_every;
                     runner.process(Input::Tick).await?;
+                }
+                if now >= next_reconcile {
+                    next_reconcile = now + runner.config.reconcile_every;
+                    runner.reconcile().await;
                 }
                 runner.fire_timers(now).await?;
             }
@@ -321,6 +332,19 @@ impl Runner {
             self.process(Input::StepFinished { build, step, attempt, result }).await?;
         }
         Ok(())
+    }
+
+    /// Removes what the executor holds for builds that are no longer live. It runs inside the
+    /// engine's loop, which takes no input meanwhile: no build can start between reading the
+    /// live builds and the executor's listing, so nothing a new build made is removed.
+    async fn reconcile(&mut self) {
+        let live: Vec<BuildId> =
+            self.machine.builds().filter(|b| b.finished_at.is_none()).map(|b| b.id.clone()).collect();
+        match self.ports.executor.reconcile(&live).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, live = live.len(), "removed what finished builds left behind"),
+            Err(error) => tracing::warn!(%error, "the periodic reconcile failed"),
+        }
     }
 
     async fn fire_timers(&mut self, now: Timestamp) -> Result<(), EngineError> {

@@ -124,6 +124,11 @@ impl FakeExecutor {
         lock(&self.cleaned).clone()
     }
 
+    /// Marks `build` as holding something, as a crash that lost its cleanup would leave it.
+    pub fn leak(&self, build: &str) {
+        *lock(&self.live).entry(BuildId::from(build)).or_default() += 1;
+    }
+
     /// Builds with something still allocated (a step run or services).
     pub fn live_builds(&self) -> Vec<BuildId> {
         lock(&self.live).keys().cloned().collect()

@@ -74,6 +74,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         },
         workspace_root: config.data_dir.join("workspaces"),
         tick_every: Duration::from_secs(15),
+        reconcile_every: cib_core::engine::RECONCILE_EVERY,
     };
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn({

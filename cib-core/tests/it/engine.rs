@@ -48,6 +48,7 @@ impl World {
             machine: Config::default(),
             workspace_root: self.workspaces.path().to_path_buf(),
             tick_every: Duration::from_secs(30),
+            reconcile_every: cib_core::engine::RECONCILE_EVERY,
         };
         let (handle, future) = Engine::start(ports, config);
         (handle, tokio::spawn(future))
@@ -233,4 +234,35 @@ async fn a_restart_replays_the_journal_and_reports_interrupted_steps() {
     assert_eq!(before.state, BuildState::Running);
     let seqs: Vec<u64> = world.store.events_after(0, 1000).await.expect("events").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "numbering goes on across the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_five_minutes_what_no_live_build_holds_is_removed() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let world = World::new(clock.clone());
+    let (engine, _task) = world.start();
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: long, image: busybox, commands: [sleep 600] }\n";
+    engine.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    world
+        .notifier
+        .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
+        .await
+        .expect("step started");
+    // What a crash left: something held for a build the machine no longer runs. (The engine's
+    // start has already reconciled once.)
+    world.executor.leak("ghost");
+
+    // Before five minutes nothing is touched.
+    clock.advance(Duration::from_secs(290));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(world.executor.live_builds().contains(&BuildId::from("ghost")), "too early to reconcile");
+
+    // After them, the ghost is gone and the running build keeps what it holds.
+    clock.advance(Duration::from_secs(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while world.executor.live_builds().contains(&BuildId::from("ghost")) {
+        assert!(std::time::Instant::now() < deadline, "the ghost was never removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(world.executor.live_builds(), [BuildId::from("b1")], "the live build is untouched");
 }

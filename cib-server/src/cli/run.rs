@@ -291,6 +291,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         machine: Config { max_running_steps: 4, ..Config::default() },
         workspace_root: data_dir.join("workspaces"),
         tick_every: Duration::from_secs(30),
+        reconcile_every: cib_core::engine::RECONCILE_EVERY,
     };
     let (engine, future) = Engine::start(ports, config);
     let engine_task = tokio::spawn(future);
