@@ -39,6 +39,11 @@ const QUOTED_KEY_CHARS: usize = 60;
 /// Nesting deeper than this is refused, so that recursion in the deserializer stays bounded.
 const MAX_DEPTH: usize = 64;
 
+/// A spec may define at most this many anchors. Real specs name a handful; a file of tens of
+/// thousands costs the YAML parser's own anchor bookkeeping most of the 100 ms a hostile spec
+/// may take, so it is refused at the first anchor over the limit instead of read to the end.
+pub const MAX_ANCHORS: usize = 1000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Kind {
     /// An explicit or implicit null (`~`, `null`, or nothing at all).
@@ -107,6 +112,18 @@ fn quoted(text: &str) -> String {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text.to_owned(),
     }
+}
+
+/// Refuses the anchor that goes over [`MAX_ANCHORS`] (the parser numbers anchors from 1, in the
+/// order they are written).
+fn anchor_check(anchor: usize, span: &Span) -> Result<(), Diagnostic> {
+    if anchor > MAX_ANCHORS {
+        return Err(Diagnostic::error(
+            pos(span),
+            format!("more than {MAX_ANCHORS} anchors (`&name`): a spec needs a few; refusing it"),
+        ));
+    }
+    Ok(())
 }
 
 fn budget_exceeded() -> Diagnostic {
@@ -317,6 +334,7 @@ impl Builder {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
+                anchor_check(anchor, span)?;
                 let at = pos(span);
                 let mut plain = style == ScalarStyle::Plain;
                 if let Some(tag) = tag {
@@ -344,12 +362,14 @@ impl Builder {
                 None => return Err(Diagnostic::error(pos(span), "alias to an unknown anchor")),
             },
             Event::SequenceStart(anchor, tag) => {
+                anchor_check(anchor, span)?;
                 self.depth_check(span)?;
                 self.check_tag(tag.as_deref(), span);
                 let id = self.push(Kind::Seq(Vec::new()), pos(span))?;
                 self.stack.push(Frame::Seq { id, anchor, items: Vec::new() });
             }
             Event::MappingStart(anchor, tag) => {
+                anchor_check(anchor, span)?;
                 self.depth_check(span)?;
                 self.check_tag(tag.as_deref(), span);
                 let id = self.push(Kind::Map(Vec::new()), pos(span))?;
