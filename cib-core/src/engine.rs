@@ -448,14 +448,18 @@ impl Runner {
             }
             Effect::Cleanup { build } => {
                 self.stops.retain(|(b, _, _), _| *b != build);
-                let workspace = self.workspaces.remove(&build);
+                self.workspaces.remove(&build);
+                // The directory is removed by its path, not only when this process prepared it:
+                // a build whose steps were all re-attached after a restart never prepares it
+                // again, yet the previous process left it there.
+                let dir = self.config.workspace_root.join(safe_dir_name(&build.0));
                 let executor = self.ports.executor.clone();
                 tokio::spawn(async move {
                     if let Err(error) = executor.cleanup(&build).await {
                         tracing::warn!(%build, %error, "cleanup failed; reconcile will retry");
                     }
-                    if let Some(Some(Ok(dir))) = workspace.as_ref().map(|w| w.get()) {
-                        let _ = tokio::fs::remove_dir_all(dir).await;
+                    if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
                     }
                 });
             }

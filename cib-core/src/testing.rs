@@ -114,6 +114,9 @@ pub struct FakeExecutor {
 #[derive(Debug)]
 struct FakeAttempt {
     output: Mutex<Vec<(Stream, Vec<u8>)>>,
+    /// The engine that started the attempt is gone: its output reaches only the copy kept here,
+    /// and its run never reports back, as with a process that died.
+    severed: std::sync::atomic::AtomicBool,
     /// Bumped on every write and set at the end, so that a follower wakes for each.
     state: tokio::sync::watch::Sender<(u64, Option<Outcome>)>,
 }
@@ -126,7 +129,9 @@ struct Tee {
 
 impl LogSink for Tee {
     fn write(&self, stream: Stream, bytes: &[u8]) {
-        self.inner.write(stream, bytes);
+        if !self.attempt.severed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.write(stream, bytes);
+        }
         lock(&self.attempt.output).push((stream, bytes.to_vec()));
         self.attempt.state.send_modify(|(n, _)| *n += 1);
     }
@@ -161,6 +166,14 @@ impl FakeExecutor {
     /// would: a later engine finds nothing of them.
     pub fn lose(&self, build: &BuildId) {
         lock(&self.attempts).retain(|k, _| k.build != *build);
+    }
+
+    /// Cuts every attempt running now off from the engine that started it, as that engine's
+    /// process dying would: they play on, and a later engine can re-attach to them.
+    pub fn sever(&self) {
+        for attempt in lock(&self.attempts).values() {
+            attempt.severed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// The attempts a later engine re-attached to, in order.
@@ -221,8 +234,11 @@ impl Executor for FakeExecutor {
             }
         }
         *lock(&self.live).entry(job.build.clone()).or_default() += 1;
-        let attempt =
-            Arc::new(FakeAttempt { output: Mutex::new(Vec::new()), state: tokio::sync::watch::Sender::new((0, None)) });
+        let attempt = Arc::new(FakeAttempt {
+            output: Mutex::new(Vec::new()),
+            severed: std::sync::atomic::AtomicBool::new(false),
+            state: tokio::sync::watch::Sender::new((0, None)),
+        });
         let key = LogKey { build: job.build.clone(), step: job.step.name.clone(), attempt: job.attempt };
         lock(&self.attempts).insert(key, attempt.clone());
         let logs: Arc<dyn LogSink> = Arc::new(Tee { inner: logs, attempt: attempt.clone() });
@@ -279,12 +295,18 @@ impl Executor for FakeExecutor {
             }
         }
         attempt.state.send_modify(|(_, end)| *end = Some(outcome));
-        let mut live = lock(&self.live);
-        if let Some(n) = live.get_mut(&job.build) {
-            *n -= 1;
-            if *n == 0 {
-                live.remove(&job.build);
+        {
+            let mut live = lock(&self.live);
+            if let Some(n) = live.get_mut(&job.build) {
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(&job.build);
+                }
             }
+        }
+        if attempt.severed.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nobody is left to hear it; a later engine reads the outcome through `attach`.
+            std::future::pending::<()>().await;
         }
         Ok(outcome)
     }
@@ -345,6 +367,10 @@ impl Executor for FakeExecutor {
             *lock(&self.live).entry(build.clone()).or_default() += 1;
         }
         Ok(())
+    }
+
+    fn detach(&self) {
+        self.sever();
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
