@@ -4,7 +4,10 @@
 //! and feed completions back as inputs. It is a value (`Engine::start` returns a handle and a
 //! future) so an embedder chooses the runtime. On start it replays the stored inputs to rebuild
 //! the machine exactly, then reconciles with the executor: steps that were running when the
-//! previous process died are reported as infrastructure errors, so their retry policy decides.
+//! previous process stopped are re-attached to (followed from the output already stored to
+//! their exit), and those of which nothing is left are reported interrupted. Stopping drains:
+//! no step starts, running ones get a grace period, and whatever still runs is left running
+//! for the next start.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -18,8 +21,8 @@ use crate::event::{BuildId, Event};
 use crate::lease::LeaseError;
 use crate::pipeline::{Config, Effect, Input, Machine, StepJob, StepResult, StepStatus, TimerId};
 use crate::ports::{
-    Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal, Store, StoreError,
-    StoredInput, Stream, Vcs,
+    Attached, Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal, Store,
+    StoreError, StoredInput, Stream, Vcs,
 };
 use crate::time::Timestamp;
 
@@ -138,8 +141,31 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
-    /// Stops the engine loop after the input in hand. Steps still running are left to the
-    /// executor; the next start reports them as interrupted.
+    /// Stops starting steps and waits up to `grace` for the running ones to finish. Returns
+    /// whether none runs any more. Steps that outlast the grace period are left running: after
+    /// [`EngineHandle::shutdown`] the next start re-attaches to them. A drained engine starts no
+    /// step until it is started again.
+    pub async fn drain(&self, grace: Duration) -> Result<bool, EngineError> {
+        // Subscribed before the drain is stored, so that no step's end can slip between the
+        // count and the wait.
+        let mut events = self.events.subscribe();
+        self.submit(Input::Drain).await?;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            if self.query(Machine::running_steps).await? == 0 {
+                return Ok(true);
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(false),
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(EngineError::Stopped),
+                // Any event (or a lag) is a reason to count again.
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Stops the engine loop after the input in hand. Steps still running are left running
+    /// (the executor is told to detach from them); the next start re-attaches to them.
     pub async fn shutdown(&self) {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Command::Shutdown(reply)).is_ok() {
@@ -258,6 +284,7 @@ async fn run(
                 }
                 Some(Command::Query(query)) => query(&runner.machine),
                 Some(Command::Shutdown(reply)) => {
+                    runner.ports.executor.detach();
                     let _ = reply.send(());
                     return Ok(());
                 }
@@ -284,6 +311,9 @@ impl Runner {
     /// Replays the journal into the machine, then repairs what the previous process left.
     async fn recover(&mut self) -> Result<(), EngineError> {
         let mut after = 0;
+        // The job of every step attempt started, as the machine built it: replaying is
+        // deterministic, so these are exactly the jobs the previous process ran.
+        let mut jobs: HashMap<(BuildId, String, u32), StepJob> = HashMap::new();
         loop {
             let batch = self.ports.store.inputs_after(after, 1000).await?;
             if batch.is_empty() {
@@ -304,6 +334,9 @@ impl Runner {
                         // Events may not have reached the store before a crash; the store
                         // skips the ones it has.
                         Effect::Publish(event) => replayed.push(event),
+                        Effect::StartStep(job) => {
+                            jobs.insert((job.build.clone(), job.step.name.clone(), job.attempt), *job);
+                        }
                         _ => {}
                     }
                 }
@@ -316,8 +349,9 @@ impl Runner {
         if let Err(error) = self.ports.executor.reconcile(&live).await {
             tracing::warn!(%error, "reconcile after restart failed");
         }
-        // The processes of steps that were running died with the previous engine.
-        let interrupted: Vec<(BuildId, String, u32)> = self
+        // Steps that were running are followed again where they are; the executor says when
+        // nothing of one is left, and the machine then decides whether it runs again.
+        let running: Vec<(BuildId, String, u32)> = self
             .machine
             .builds()
             .flat_map(|b| {
@@ -327,9 +361,29 @@ impl Runner {
                 })
             })
             .collect();
-        for (build, step, attempt) in interrupted {
-            let result = StepResult::Infrastructure("the engine restarted while the step ran".into());
-            self.process(Input::StepFinished { build, step, attempt, result }).await?;
+        for (build, step, attempt) in running {
+            match jobs.remove(&(build.clone(), step.clone(), attempt)) {
+                Some(job) => self.spawn_step(job, Mode::Attach),
+                None => {
+                    let result =
+                        StepResult::Interrupted("the engine restarted and the step's job was not found".into());
+                    self.process(Input::StepFinished { build, step, attempt, result }).await?;
+                }
+            }
+        }
+        // Services being started when the process stopped never said they were ready; whatever
+        // was starting them died with it.
+        let waiting: Vec<(BuildId, Vec<crate::spec::Service>)> = self
+            .machine
+            .builds()
+            .map(|b| (b.id.clone(), b.services_waiting()))
+            .filter(|(_, services)| !services.is_empty())
+            .collect();
+        for (build, services) in waiting {
+            self.execute(Effect::StartServices { build, services });
+        }
+        if self.machine.draining() {
+            self.process(Input::Resume).await?;
         }
         Ok(())
     }
@@ -407,7 +461,7 @@ impl Runner {
             Effect::CancelTimer { timer } => {
                 self.timers.remove(&timer);
             }
-            Effect::StartStep(job) => self.start_step(*job),
+            Effect::StartStep(job) => self.spawn_step(*job, Mode::Run),
             Effect::StopStep { build, step, attempt, reason } => {
                 if let Some(handle) = self.stops.get(&(build, step, attempt)) {
                     handle.stop(reason);
@@ -432,21 +486,27 @@ impl Runner {
             }
             Effect::Cleanup { build } => {
                 self.stops.retain(|(b, _, _), _| *b != build);
-                let workspace = self.workspaces.remove(&build);
+                self.workspaces.remove(&build);
+                // The directory is removed by its path, not only when this process prepared it:
+                // a build whose steps were all re-attached after a restart never prepares it
+                // again, yet the previous process left it there.
+                let dir = self.config.workspace_root.join(safe_dir_name(&build.0));
                 let executor = self.ports.executor.clone();
                 tokio::spawn(async move {
                     if let Err(error) = executor.cleanup(&build).await {
                         tracing::warn!(%build, %error, "cleanup failed; reconcile will retry");
                     }
-                    if let Some(Some(Ok(dir))) = workspace.as_ref().map(|w| w.get()) {
-                        let _ = tokio::fs::remove_dir_all(dir).await;
+                    if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
                     }
                 });
             }
         }
     }
 
-    fn start_step(&mut self, job: StepJob) {
+    /// Runs a step attempt (or, after a restart, follows one already running) on a task of its
+    /// own, which reports the result back as an input.
+    fn spawn_step(&mut self, job: StepJob, mode: Mode) {
         let key = LogKey { build: job.build.clone(), step: job.step.name.clone(), attempt: job.attempt };
         let (handle, stop) = StopSignal::new();
         self.stops.insert((job.build.clone(), job.step.name.clone(), job.attempt), handle);
@@ -479,7 +539,12 @@ impl Runner {
             .filter(|b| b.pipeline.kind == crate::spec::PipelineKind::Deploy)
             .map(|b| b.pipeline.name.clone());
         tokio::spawn(async move {
-            let result = run_step(&ports, job.clone(), &build_secrets, environment, workspace, dir, sink, stop).await;
+            let result = match mode {
+                Mode::Run => {
+                    run_step(&ports, job.clone(), &build_secrets, environment, workspace, dir, sink, stop).await
+                }
+                Mode::Attach => attach_step(&ports, job.clone(), &build_secrets, environment, dir, sink, stop).await,
+            };
             let (done, finished) = oneshot::channel();
             let _ = logs.send(LogMessage::Finish(key.clone(), done));
             let _ = finished.await;
@@ -489,6 +554,66 @@ impl Runner {
             let input = Input::StepFinished { build: job.build, step: job.step.name, attempt: job.attempt, result };
             let _ = internal.send(input);
         });
+    }
+}
+
+/// Whether a step task starts the attempt or follows one that an earlier process started.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Run,
+    Attach,
+}
+
+/// Finds a step attempt that an earlier process started and follows it to its end, with its
+/// output from where the store's copy stops.
+async fn attach_step(
+    ports: &Ports,
+    job: StepJob,
+    build_secrets: &[String],
+    environment: Option<String>,
+    dir: PathBuf,
+    sink: Arc<EngineSink>,
+    stop: StopSignal,
+) -> StepResult {
+    let key = LogKey { build: job.build.clone(), step: job.step.name.clone(), attempt: job.attempt };
+    // The read is clamped to the log's length, so this asks for where the stored output ends.
+    let offset = match ports.store.read_log(&key, u64::MAX, 1).await {
+        Ok(read) => read.next_offset,
+        Err(error) => {
+            tracing::warn!(%error, build = %key.build, step = %key.step, "cannot read how much output is stored");
+            0
+        }
+    };
+    // The same secrets as the first run, so that the output is masked the same way and the
+    // stored offset falls at the same place in it.
+    let (secrets, mask, notice) = match step_secrets(ports, &job, build_secrets, environment.as_deref()).await {
+        Ok(found) => found,
+        Err(message) => return StepResult::Interrupted(message),
+    };
+    // The stored log begins with cib's own notice, which the step's output does not hold.
+    let offset = offset.saturating_sub(notice.len() as u64);
+    let run = StepRun { job, secrets, mask, workspace: dir };
+    match ports.executor.attach(&run, offset, sink, stop).await {
+        Ok(Attached::Ended { outcome, was_running }) => {
+            tracing::info!(build = %key.build, step = %key.step, attempt = key.attempt, was_running, ?outcome, "re-attached to a step after a restart");
+            outcome_result(Ok(outcome))
+        }
+        Ok(Attached::Gone) => {
+            StepResult::Interrupted("the engine stopped while the step ran, and nothing of it was left".into())
+        }
+        // Whether the step ran cannot be told, which is what interrupted means.
+        Err(error) => StepResult::Interrupted(format!("the step could not be found again: {error}")),
+    }
+}
+
+fn outcome_result(outcome: Result<Outcome, crate::ports::ExecError>) -> StepResult {
+    match outcome {
+        Ok(Outcome::Exited(code)) => StepResult::Exited(code),
+        Ok(Outcome::TimedOut) => StepResult::TimedOut,
+        Ok(Outcome::NoOutput) => StepResult::NoOutput,
+        Ok(Outcome::OutOfMemory) => StepResult::OutOfMemory,
+        Ok(Outcome::Cancelled) => StepResult::Cancelled,
+        Err(error) => StepResult::Infrastructure(error.to_string()),
     }
 }
 
@@ -530,59 +655,66 @@ async fn run_step(
         Ok(dir) => dir,
         Err(message) => return StepResult::Infrastructure(message),
     };
-    let (secrets, mask) = {
-        let facts = crate::policy::BuildFacts {
-            repo: &job.context.repo,
-            branch: job.context.branch.as_deref(),
-            pull_request: job.context.pull_request.is_some(),
-            pipeline: &job.pipeline,
-            environment: environment.as_deref(),
-            trusted: job.context.trusted,
-        };
-        // Defence in depth: the machine already skips such steps, but an untrusted build never
-        // has a secret looked up at all.
-        let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
-        let secrets = if names.is_empty() {
-            BTreeMap::new()
-        } else {
-            match ports.secrets.for_step(&facts, names).await {
-                Ok(found) => {
-                    // A withheld secret is absent from the step's environment, as on other CI
-                    // services; the log says which and why, so a failing deploy explains itself.
-                    for (name, why) in &found.withheld {
-                        sink.write(Stream::Stderr, format!("cib: secret '{name}' is withheld: {why}\n").as_bytes());
-                    }
-                    found.values
-                }
-                Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
-            }
-        };
-        // The build's other secrets, those this build may have, are only masked: the step does
-        // not get them, but its output cannot show them either.
-        let others: Vec<String> = if job.context.trusted {
-            build_secrets.iter().filter(|name| !secrets.contains_key(*name)).cloned().collect()
-        } else {
-            Vec::new()
-        };
-        let mask: Vec<String> = if others.is_empty() {
-            Vec::new()
-        } else {
-            match ports.secrets.for_step(&facts, &others).await {
-                Ok(found) => found.values.into_values().collect(),
-                Err(message) => return StepResult::Infrastructure(format!("cannot read the secrets: {message}")),
-            }
-        };
-        (secrets, mask)
+    let (secrets, mask, notice) = match step_secrets(ports, &job, build_secrets, environment.as_deref()).await {
+        Ok(found) => found,
+        Err(message) => return StepResult::Infrastructure(message),
     };
+    sink.write(Stream::Stderr, notice.as_bytes());
     let run = StepRun { job, secrets, mask, workspace };
-    match ports.executor.run(&run, sink, stop).await {
-        Ok(Outcome::Exited(code)) => StepResult::Exited(code),
-        Ok(Outcome::TimedOut) => StepResult::TimedOut,
-        Ok(Outcome::NoOutput) => StepResult::NoOutput,
-        Ok(Outcome::OutOfMemory) => StepResult::OutOfMemory,
-        Ok(Outcome::Cancelled) => StepResult::Cancelled,
-        Err(error) => StepResult::Infrastructure(error.to_string()),
-    }
+    outcome_result(ports.executor.run(&run, sink, stop).await)
+}
+
+/// The values of the step's secrets, those of the build's other secrets to mask, and the notice
+/// that goes at the head of the step's log, naming the secrets withheld and why.
+async fn step_secrets(
+    ports: &Ports,
+    job: &StepJob,
+    build_secrets: &[String],
+    environment: Option<&str>,
+) -> Result<(BTreeMap<String, String>, Vec<String>, String), String> {
+    let facts = crate::policy::BuildFacts {
+        repo: &job.context.repo,
+        branch: job.context.branch.as_deref(),
+        pull_request: job.context.pull_request.is_some(),
+        pipeline: &job.pipeline,
+        environment,
+        trusted: job.context.trusted,
+    };
+    // Defence in depth: the machine already skips such steps, but an untrusted build never
+    // has a secret looked up at all.
+    let names: &[String] = if job.context.trusted { &job.step.secrets } else { &[] };
+    let mut notice = String::new();
+    let secrets = if names.is_empty() {
+        BTreeMap::new()
+    } else {
+        match ports.secrets.for_step(&facts, names).await {
+            Ok(found) => {
+                // A withheld secret is absent from the step's environment, as on other CI
+                // services; the log says which and why, so a failing deploy explains itself.
+                for (name, why) in &found.withheld {
+                    notice.push_str(&format!("cib: secret '{name}' is withheld: {why}\n"));
+                }
+                found.values
+            }
+            Err(message) => return Err(format!("cannot read the secrets: {message}")),
+        }
+    };
+    // The build's other secrets, those this build may have, are only masked: the step does
+    // not get them, but its output cannot show them either.
+    let others: Vec<String> = if job.context.trusted {
+        build_secrets.iter().filter(|name| !secrets.contains_key(*name)).cloned().collect()
+    } else {
+        Vec::new()
+    };
+    let mask: Vec<String> = if others.is_empty() {
+        Vec::new()
+    } else {
+        match ports.secrets.for_step(&facts, &others).await {
+            Ok(found) => found.values.into_values().collect(),
+            Err(message) => return Err(format!("cannot read the secrets: {message}")),
+        }
+    };
+    Ok((secrets, mask, notice))
 }
 
 /// Build ids are chosen by callers; a directory name must not escape the workspace root.

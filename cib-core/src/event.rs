@@ -54,6 +54,10 @@ pub enum StepConclusion {
     Skipped,
     /// A gate that people rejected.
     Rejected,
+    /// The engine stopped while the attempt ran, and nothing of it was left to follow after
+    /// the restart: whether it ran to its end is unknown. A deploy step ends here for a person
+    /// to retry; other steps are re-run once.
+    Interrupted,
 }
 
 /// One numbered event.

@@ -108,6 +108,10 @@ pub enum StepResult {
     OutOfMemory,
     Cancelled,
     Infrastructure(String),
+    /// The engine stopped while the attempt ran, and after the restart nothing of it was left
+    /// to follow (its container was gone): whether it ran to its end is unknown. The machine
+    /// re-runs such a step once, unless its pipeline deploys.
+    Interrupted(String),
 }
 
 /// Everything that can happen to the machine.
@@ -210,6 +214,12 @@ pub enum Input {
     },
     /// Time passes: leases expire or are renewed for live builds.
     Tick,
+    /// The engine is stopping: start no more steps (those ready wait), so that the steps running
+    /// can finish without new ones taking their place. Journaled, so that a process killed while
+    /// draining comes back knowing it.
+    Drain,
+    /// The engine started again after a drain: steps start as before.
+    Resume,
     /// An approving review of a commit, for the merge policy (forges without reviews of their own).
     Review {
         repo: String,
@@ -449,6 +459,15 @@ impl Build {
         matches!(self.state, BuildState::Finished(_))
     }
 
+    /// The services of a running build that have not said they are ready: after a restart the
+    /// engine starts them again, since whatever was starting them died with the old process.
+    pub fn services_waiting(&self) -> Vec<spec::Service> {
+        if self.state != BuildState::Running || self.ending.is_some() {
+            return Vec::new();
+        }
+        self.pipeline.services.iter().filter(|s| !self.services_ready.contains(&s.name)).cloned().collect()
+    }
+
     fn supersede_key(&self) -> (String, String, String) {
         let target = match (self.context.pull_request, &self.context.branch) {
             (Some(pr), _) => format!("pr#{pr}"),
@@ -483,6 +502,8 @@ pub struct Machine {
     lease_timer: Option<Timestamp>,
     /// The lease table changed while handling the current input.
     leases_touched: bool,
+    /// No step starts while the engine drains (between [`Input::Drain`] and [`Input::Resume`]).
+    draining: bool,
     /// Reviews and promotion approvals by repository; each is bound to a commit.
     reviews: BTreeMap<String, Vec<Approval>>,
     approvals: BTreeMap<String, Vec<Approval>>,
@@ -524,6 +545,7 @@ impl Machine {
             next_event: 1,
             lease_timer: None,
             leases_touched: false,
+            draining: false,
             reviews: BTreeMap::new(),
             approvals: BTreeMap::new(),
             environments: BTreeMap::new(),
@@ -597,6 +619,11 @@ impl Machine {
 
     pub fn running_steps(&self) -> usize {
         self.running
+    }
+
+    /// Whether the engine drains: no step starts until it resumes.
+    pub fn draining(&self) -> bool {
+        self.draining
     }
 
     /// The sequence number the next event will get.
@@ -683,6 +710,8 @@ impl Machine {
                 self.lease_events(events, now);
             }
             Input::Tick => self.tick(now),
+            Input::Drain => self.draining = true,
+            Input::Resume => self.draining = false,
             Input::PullRequest { repo, number, base, head_branch, head_commit, open, author, from_fork } => {
                 let prs = self.pull_requests.entry(repo).or_default();
                 if open {
@@ -997,7 +1026,7 @@ impl Machine {
 
     /// Starts ready steps while run slots are free, oldest first.
     fn schedule(&mut self, now: Timestamp) {
-        while self.running < self.config.max_running_steps {
+        while !self.draining && self.running < self.config.max_running_steps {
             let Some((id, name)) = self.ready.pop_front() else { break };
             let Some(b) = self.builds.get_mut(&id) else { continue };
             let Some(index) = b.step_index(&name) else { continue };
@@ -1051,7 +1080,19 @@ impl Machine {
         let state = &mut b.steps[index];
         let (conclusion, detail, reason) = classify(&result, state.stopping);
         let cancelling = b.ending.is_some();
-        let retry = !cancelling && attempt <= step.retry.count && should_retry(&step.retry, &result, reason);
+        // An interrupted step gets one re-run of its own, which does not count against its
+        // retry policy.
+        let rerun_spent = state.attempts.iter().any(|a| a.conclusion == Some(StepConclusion::Interrupted));
+        let allowed = step.retry.count + u32::from(rerun_spent);
+        let by_policy = attempt <= allowed && should_retry(&step.retry, &result, reason);
+        let retry = !cancelling
+            && if matches!(result, StepResult::Interrupted(_)) {
+                // A deploy step may have done its work before it was lost: running it again
+                // unasked could deploy twice, so a person decides, whatever its policy says.
+                b.pipeline.kind != PipelineKind::Deploy && (!rerun_spent || by_policy)
+            } else {
+                by_policy
+            };
         let state = &mut b.steps[index];
         if let Some(a) = state.attempts.last_mut() {
             a.finished_at = Some(now);
@@ -1633,7 +1674,11 @@ fn failed(b: &Build, i: usize) -> bool {
     matches!(
         b.steps[i].status,
         StepStatus::Done(
-            StepConclusion::Failed | StepConclusion::TimedOut | StepConclusion::Errored | StepConclusion::Rejected
+            StepConclusion::Failed
+                | StepConclusion::TimedOut
+                | StepConclusion::Errored
+                | StepConclusion::Interrupted
+                | StepConclusion::Rejected
         )
     ) && !b.pipeline.steps[i].allow_failure
 }
@@ -1692,7 +1737,8 @@ fn conclude(b: &Build) -> Conclusion {
     let counted = |c: StepConclusion| {
         b.steps.iter().zip(&b.pipeline.steps).any(|(s, spec)| s.status == StepStatus::Done(c) && !spec.allow_failure)
     };
-    if counted(StepConclusion::Errored) {
+    // An interrupted step says nothing about the code either: the build errored.
+    if counted(StepConclusion::Errored) || counted(StepConclusion::Interrupted) {
         Conclusion::Errored
     } else if counted(StepConclusion::TimedOut) {
         Conclusion::TimedOut
@@ -1731,6 +1777,9 @@ fn classify(result: &StepResult, stopping: Option<StopReason>) -> (StepConclusio
         StepResult::Cancelled => (StepConclusion::Cancelled, "cancelled".into(), None),
         StepResult::Infrastructure(message) => {
             (StepConclusion::Errored, format!("infrastructure error: {message}"), Some(RetryOn::Infrastructure))
+        }
+        StepResult::Interrupted(message) => {
+            (StepConclusion::Interrupted, format!("interrupted: {message}"), Some(RetryOn::Infrastructure))
         }
     }
 }

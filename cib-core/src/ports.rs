@@ -191,6 +191,40 @@ pub trait Executor: Send + Sync {
     /// Removes what belongs to builds not in `live` (left by a crash). Returns how many
     /// resources it removed.
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError>;
+
+    /// Finds again the attempt `run` names, which an earlier engine process started, and
+    /// follows it to its end: the output it printed past `offset` (bytes of masked output the
+    /// store already holds) goes into `logs`, and a stop is honoured as in [`Executor::run`].
+    /// An attempt still running is re-attached to; one that ended meanwhile gives its exit code
+    /// and the rest of its output. [`Attached::Gone`] means nothing of it is left to follow.
+    ///
+    /// The default finds nothing, so an executor that cannot re-attach has its running steps
+    /// reported as interrupted after a restart, as before this existed.
+    async fn attach(
+        &self,
+        _run: &StepRun,
+        _offset: u64,
+        _logs: Arc<dyn LogSink>,
+        _stop: StopSignal,
+    ) -> Result<Attached, ExecError> {
+        Ok(Attached::Gone)
+    }
+
+    /// The engine is going away while steps may still run: from now on, leave them running and
+    /// remove nothing on their behalf, so that the next process can re-attach to them. Called
+    /// once, as the engine stops.
+    fn detach(&self) {}
+}
+
+/// What [`Executor::attach`] found of a step attempt that an earlier process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// The attempt ended, this way. `was_running` tells whether it was still running when it
+    /// was found (re-attached) or had ended while no engine watched it.
+    Ended { outcome: Outcome, was_running: bool },
+    /// Nothing of the attempt is left (its container is gone): whether it ran to its end cannot
+    /// be known.
+    Gone,
 }
 
 /// How two revisions relate.
@@ -556,10 +590,12 @@ pub enum StepRecordStatus {
     Errored,
     Skipped,
     Rejected,
+    /// The engine stopped while the attempt ran and nothing of it was left to follow.
+    Interrupted,
 }
 
 impl StepRecordStatus {
-    pub const ALL: [StepRecordStatus; 9] = [
+    pub const ALL: [StepRecordStatus; 10] = [
         StepRecordStatus::Waiting,
         StepRecordStatus::Running,
         StepRecordStatus::Success,
@@ -569,6 +605,7 @@ impl StepRecordStatus {
         StepRecordStatus::Errored,
         StepRecordStatus::Skipped,
         StepRecordStatus::Rejected,
+        StepRecordStatus::Interrupted,
     ];
 
     /// The status's stable name, the same as its serde name, for stores to keep in a column.
@@ -583,6 +620,7 @@ impl StepRecordStatus {
             StepRecordStatus::Errored => "errored",
             StepRecordStatus::Skipped => "skipped",
             StepRecordStatus::Rejected => "rejected",
+            StepRecordStatus::Interrupted => "interrupted",
         }
     }
 
@@ -602,6 +640,7 @@ impl From<StepConclusion> for StepRecordStatus {
             StepConclusion::Errored => StepRecordStatus::Errored,
             StepConclusion::Skipped => StepRecordStatus::Skipped,
             StepConclusion::Rejected => StepRecordStatus::Rejected,
+            StepConclusion::Interrupted => StepRecordStatus::Interrupted,
         }
     }
 }

@@ -96,12 +96,45 @@ impl Secrets for StaticSecrets {
 /// SECONDS` (in real time, interruptible), `true` and `false`, and fails a command it does not
 /// know with exit code 127, as `sh` does. Secret values are masked as `***` in the output.
 /// An infrastructure error can be scripted per step name.
+///
+/// Each attempt it runs plays on by itself, like a container, when the engine that started it
+/// goes away: a later engine re-attaches to it (`attach`) until `lose` throws it away, as a
+/// daemon restart would.
 #[derive(Debug, Default)]
 pub struct FakeExecutor {
     infra_errors: Mutex<HashMap<String, u32>>,
     runs: Mutex<Vec<StepJob>>,
     live: Mutex<BTreeMap<BuildId, u32>>,
     cleaned: Mutex<Vec<BuildId>>,
+    attempts: Mutex<BTreeMap<LogKey, Arc<FakeAttempt>>>,
+    attached: Mutex<Vec<LogKey>>,
+}
+
+/// One attempt as the fake keeps it: its masked output so far and, once it ended, how.
+#[derive(Debug)]
+struct FakeAttempt {
+    output: Mutex<Vec<(Stream, Vec<u8>)>>,
+    /// The engine that started the attempt is gone: its output reaches only the copy kept here,
+    /// and its run never reports back, as with a process that died.
+    severed: std::sync::atomic::AtomicBool,
+    /// Bumped on every write and set at the end, so that a follower wakes for each.
+    state: tokio::sync::watch::Sender<(u64, Option<Outcome>)>,
+}
+
+/// Writes to the engine's sink and keeps a copy, for a later engine to re-attach to.
+struct Tee {
+    inner: Arc<dyn LogSink>,
+    attempt: Arc<FakeAttempt>,
+}
+
+impl LogSink for Tee {
+    fn write(&self, stream: Stream, bytes: &[u8]) {
+        if !self.attempt.severed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.write(stream, bytes);
+        }
+        lock(&self.attempt.output).push((stream, bytes.to_vec()));
+        self.attempt.state.send_modify(|(n, _)| *n += 1);
+    }
 }
 
 impl FakeExecutor {
@@ -132,6 +165,25 @@ impl FakeExecutor {
     /// Builds with something still allocated (a step run or services).
     pub fn live_builds(&self) -> Vec<BuildId> {
         lock(&self.live).keys().cloned().collect()
+    }
+
+    /// Throws away every attempt of the build kept for re-attaching, as a daemon restart
+    /// would: a later engine finds nothing of them.
+    pub fn lose(&self, build: &BuildId) {
+        lock(&self.attempts).retain(|k, _| k.build != *build);
+    }
+
+    /// Cuts every attempt running now off from the engine that started it, as that engine's
+    /// process dying would: they play on, and a later engine can re-attach to them.
+    pub fn sever(&self) {
+        for attempt in lock(&self.attempts).values() {
+            attempt.severed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The attempts a later engine re-attached to, in order.
+    pub fn attached(&self) -> Vec<LogKey> {
+        lock(&self.attached).clone()
     }
 }
 
@@ -187,6 +239,14 @@ impl Executor for FakeExecutor {
             }
         }
         *lock(&self.live).entry(job.build.clone()).or_default() += 1;
+        let attempt = Arc::new(FakeAttempt {
+            output: Mutex::new(Vec::new()),
+            severed: std::sync::atomic::AtomicBool::new(false),
+            state: tokio::sync::watch::Sender::new((0, None)),
+        });
+        let key = LogKey { build: job.build.clone(), step: job.step.name.clone(), attempt: job.attempt };
+        lock(&self.attempts).insert(key, attempt.clone());
+        let logs: Arc<dyn LogSink> = Arc::new(Tee { inner: logs, attempt: attempt.clone() });
         let mut env = job.env.clone();
         env.extend(run.secrets.clone());
         let commands = match &job.step.action {
@@ -239,14 +299,67 @@ impl Executor for FakeExecutor {
                 }
             }
         }
-        let mut live = lock(&self.live);
-        if let Some(n) = live.get_mut(&job.build) {
-            *n -= 1;
-            if *n == 0 {
-                live.remove(&job.build);
+        attempt.state.send_modify(|(_, end)| *end = Some(outcome));
+        {
+            let mut live = lock(&self.live);
+            if let Some(n) = live.get_mut(&job.build) {
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(&job.build);
+                }
             }
         }
+        if attempt.severed.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nobody is left to hear it; a later engine reads the outcome through `attach`.
+            std::future::pending::<()>().await;
+        }
         Ok(outcome)
+    }
+
+    async fn attach(
+        &self,
+        run: &StepRun,
+        offset: u64,
+        logs: Arc<dyn LogSink>,
+        mut stop: StopSignal,
+    ) -> Result<Attached, ExecError> {
+        let key = LogKey { build: run.job.build.clone(), step: run.job.step.name.clone(), attempt: run.job.attempt };
+        let Some(attempt) = lock(&self.attempts).get(&key).cloned() else { return Ok(Attached::Gone) };
+        lock(&self.attached).push(key);
+        let mut state = attempt.state.subscribe();
+        let was_running = state.borrow().1.is_none();
+        // Bytes of output (both streams, in order) already handed to the sink.
+        let mut sent = 0u64;
+        let mut chunks = 0usize;
+        loop {
+            let end = state.borrow_and_update().1;
+            let new: Vec<(Stream, Vec<u8>)> = lock(&attempt.output)[chunks..].to_vec();
+            chunks += new.len();
+            for (stream, bytes) in new {
+                let len = bytes.len() as u64;
+                let skip = usize::try_from(offset.saturating_sub(sent).min(len)).unwrap_or(bytes.len());
+                if skip < bytes.len() {
+                    logs.write(stream, &bytes[skip..]);
+                }
+                sent += len;
+            }
+            if let Some(outcome) = end {
+                return Ok(Attached::Ended { outcome, was_running });
+            }
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() {
+                    return Ok(Attached::Gone);
+                },
+                reason = stop.stopped() => {
+                    let outcome = match reason {
+                        StopReason::Cancelled => Outcome::Cancelled,
+                        StopReason::TimedOut => Outcome::TimedOut,
+                        StopReason::NoOutput => Outcome::NoOutput,
+                    };
+                    return Ok(Attached::Ended { outcome, was_running });
+                }
+            }
+        }
     }
 
     async fn start_services(&self, build: &BuildId, services: &[spec::Service]) -> Result<(), (String, ExecError)> {
@@ -261,13 +374,19 @@ impl Executor for FakeExecutor {
         Ok(())
     }
 
+    fn detach(&self) {
+        self.sever();
+    }
+
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
         lock(&self.live).remove(build);
+        lock(&self.attempts).retain(|k, _| k.build != *build);
         lock(&self.cleaned).push(build.clone());
         Ok(())
     }
 
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError> {
+        lock(&self.attempts).retain(|k, _| live.contains(&k.build));
         let mut held = lock(&self.live);
         let before = held.len();
         held.retain(|b, _| live.contains(b));

@@ -193,9 +193,15 @@ impl StepContainer<'_> {
             // A small init as PID 1 forwards SIGTERM to the shell and reaps orphans: `sh` as
             // PID 1 would ignore SIGTERM, and every stop would wait out the grace period.
             init: Some(true),
-            // The executor streams the output itself; a second copy in the daemon's log files
-            // would only fill its disk.
-            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
+            // The executor streams the output itself, but the daemon keeps a bounded copy too:
+            // an engine that restarts while the step runs reads the output it missed from there
+            // (see `Executor::attach`). Two files of 32 MiB hold as much as the store keeps.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(
+                    [("max-size".to_owned(), "32m".to_owned()), ("max-file".to_owned(), "2".to_owned())].into(),
+                ),
+            }),
             ..hardened(self.options, r)
         };
         Ok(ContainerCreateBody {

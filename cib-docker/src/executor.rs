@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use bollard::query_parameters::{
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
-use cib_core::ports::{ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
+use cib_core::ports::{Attached, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
 use cib_core::spec;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
@@ -34,7 +35,9 @@ use crate::containers::{self, StepContainer};
 use crate::errors::{exec_error, is_not_found, status};
 use crate::image;
 use crate::mask::Masker;
-use crate::naming::{BuildNames, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, Role, label_filter};
+use crate::naming::{
+    BuildNames, LABEL_ATTEMPT, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, LABEL_STEP, Role, label_filter,
+};
 use crate::options::DockerOptions;
 use crate::workspace;
 
@@ -79,6 +82,9 @@ pub struct DockerExecutor {
     /// Each build's state behind its own async lock, so that two steps of one build starting
     /// together create its network and workspace once.
     builds: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<BuildState>>>>,
+    /// Set when the engine goes away with steps running (`detach`): their containers are then
+    /// left to run, for the next engine to re-attach to.
+    detached: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -92,6 +98,8 @@ impl std::fmt::Debug for DockerExecutor {
 struct ContainerGuard {
     docker: Docker,
     id: Option<String>,
+    /// The executor's `detached`: once set, nothing is removed on a step's behalf.
+    detached: Arc<AtomicBool>,
 }
 
 const REMOVE: RemoveContainerOptions = RemoveContainerOptions { v: true, force: true, link: false };
@@ -108,13 +116,18 @@ impl ContainerGuard {
 
     async fn remove(mut self) -> Result<(), ExecError> {
         let Some(id) = self.id.take() else { return Ok(()) };
+        if self.detached.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         remove_container(&self.docker, &id).await
     }
 }
 
 impl Drop for ContainerGuard {
     fn drop(&mut self) {
+        // A detached engine's steps are dropped as its process exits: their containers stay.
         if let Some(id) = self.id.take()
+            && !self.detached.load(Ordering::SeqCst)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let docker = self.docker.clone();
@@ -186,7 +199,13 @@ impl DockerExecutor {
             docker.negotiate_version().await.map_err(|e| unreachable(exec_error("negotiating the API version", e)))?;
         let info = docker.info().await.map_err(|e| unreachable(exec_error("reading the daemon's info", e)))?;
         let host_cpus = info.ncpu.filter(|n| *n > 0).map(|n| n as f64);
-        Ok(DockerExecutor { docker, options, host_cpus, builds: Mutex::new(HashMap::new()) })
+        Ok(DockerExecutor {
+            docker,
+            options,
+            host_cpus,
+            builds: Mutex::new(HashMap::new()),
+            detached: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The client, for callers that need more of the API than the port offers (tests, tools).
@@ -425,7 +444,7 @@ impl DockerExecutor {
             .create_container(Some(options), body)
             .await
             .map_err(|e| exec_error(&format!("creating container {name}"), e))?;
-        Ok(ContainerGuard { docker: self.docker.clone(), id: Some(created.id) })
+        Ok(ContainerGuard { docker: self.docker.clone(), id: Some(created.id), detached: self.detached.clone() })
     }
 
     async fn kill(&self, id: &str, signal: &str) -> Result<(), ExecError> {
@@ -476,7 +495,7 @@ impl DockerExecutor {
         let attached =
             self.docker.attach_container(id, Some(attach)).await.map_err(|e| exec_error("attaching to the step", e))?;
         let last_output = Arc::new(Mutex::new(Instant::now()));
-        let mut reader = tokio::spawn(forward_output(
+        let reader = tokio::spawn(forward_output(
             attached.output,
             run.secrets.values().chain(&run.mask).cloned().collect(),
             logs,
@@ -509,6 +528,19 @@ impl DockerExecutor {
             }
         };
 
+        self.finish_step(id, &step.name, ending, &mut wait, reader).await
+    }
+
+    /// Ends a watched step: stops its container when it was asked to, lets its output drain,
+    /// and reads how it ended.
+    async fn finish_step(
+        &self,
+        id: &str,
+        step: &str,
+        ending: Ending,
+        wait: &mut (impl futures_util::Stream<Item = Result<bollard::models::ContainerWaitResponse, DockerError>> + Unpin),
+        mut reader: tokio::task::JoinHandle<()>,
+    ) -> Result<Outcome, ExecError> {
         if let Ending::Stopped(_) = ending {
             // SIGTERM first, so that the step can clean up; SIGKILL once the grace period is over.
             self.kill(id, "SIGTERM").await?;
@@ -524,7 +556,7 @@ impl DockerExecutor {
         // The output stream ends once the container has exited and its pipes are drained.
         if tokio::time::timeout(self.options.log_drain_timeout, &mut reader).await.is_err() {
             reader.abort();
-            tracing::warn!(step = %step.name, "the step's output did not end after it exited; the rest is dropped");
+            tracing::warn!(%step, "the step's output did not end after it exited; the rest is dropped");
         }
 
         let (code, oom_killed) = self.exit_state(id).await?;
@@ -535,6 +567,33 @@ impl DockerExecutor {
             Ending::Exited if oom_killed && code != 0 => Outcome::OutOfMemory,
             Ending::Exited => Outcome::Exited(i32::try_from(code).unwrap_or(-1)),
         })
+    }
+
+    /// The container of one step attempt, found by its labels: the running one if any, else
+    /// the newest.
+    async fn step_container(
+        &self,
+        run: &StepRun,
+    ) -> Result<Option<(String, bollard::models::ContainerSummaryStateEnum)>, ExecError> {
+        let attempt = run.job.attempt.to_string();
+        let filters = label_filter(&[
+            (LABEL_ENGINE, self.options.instance.as_str()),
+            (LABEL_BUILD, run.job.build.0.as_str()),
+            (LABEL_ROLE, Role::Step.as_str()),
+            (LABEL_STEP, run.job.step.name.as_str()),
+            (LABEL_ATTEMPT, attempt.as_str()),
+        ]);
+        let mut found = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("looking for the step's container", e))?;
+        found.sort_by_key(|c| {
+            (c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING), c.created.unwrap_or_default())
+        });
+        Ok(found
+            .pop()
+            .and_then(|c| Some((c.id?, c.state.unwrap_or(bollard::models::ContainerSummaryStateEnum::EMPTY)))))
     }
 
     /// The exit code of a finished container and whether the kernel killed something in it for
@@ -686,6 +745,25 @@ impl DockerExecutor {
     }
 }
 
+/// Passes output on past its first `skip` bytes: those the store already holds, when an engine
+/// re-attaches to a step and reads its output from the start again.
+struct Skip {
+    inner: Arc<dyn LogSink>,
+    skip: Mutex<u64>,
+}
+
+impl LogSink for Skip {
+    fn write(&self, stream: Stream, bytes: &[u8]) {
+        let mut skip = lock(&self.skip);
+        let dropped = usize::try_from(*skip).unwrap_or(usize::MAX).min(bytes.len());
+        *skip -= dropped as u64;
+        drop(skip);
+        if dropped < bytes.len() {
+            self.inner.write(stream, &bytes[dropped..]);
+        }
+    }
+}
+
 /// Copies a step's output into the sink, masked, and notes when output last arrived.
 async fn forward_output(
     mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>>,
@@ -764,6 +842,12 @@ impl Executor for DockerExecutor {
             reason = stop.stopped() => return Ok(stopped(reason)),
         };
         let outcome = self.supervise(run, &container, &containers::script(commands), logs, &mut stop).await;
+        if self.detached.load(Ordering::SeqCst) {
+            // The engine is going away and will not hear this outcome: the container stays, so
+            // that the next engine reads the exit from it.
+            container.keep();
+            return outcome;
+        }
         if let Err(e) = container.remove().await {
             // The outcome stands; the build's cleanup removes the container by its labels.
             tracing::warn!(step = %job.step.name, error = %e, "could not remove the step's container");
@@ -794,6 +878,58 @@ impl Executor for DockerExecutor {
         let found = self.resources(Some(build)).await?;
         lock(&self.builds).remove(build);
         self.remove_all(&found).await.map(|_| ())
+    }
+
+    async fn attach(
+        &self,
+        run: &StepRun,
+        offset: u64,
+        logs: Arc<dyn LogSink>,
+        mut stop: StopSignal,
+    ) -> Result<Attached, ExecError> {
+        use bollard::models::ContainerSummaryStateEnum as State;
+        let Some((id, state)) = self.step_container(run).await? else { return Ok(Attached::Gone) };
+        let container =
+            ContainerGuard { docker: self.docker.clone(), id: Some(id.clone()), detached: self.detached.clone() };
+        if matches!(state, State::CREATED | State::EMPTY) {
+            // Created but never started: the step did not run, and it never will from here.
+            container.remove().await?;
+            return Ok(Attached::Gone);
+        }
+        let was_running = matches!(state, State::RUNNING | State::PAUSED | State::RESTARTING);
+        // The daemon's copy of the output, from the start, masked again the same way, so that
+        // the bytes the store holds are exactly the first `offset` of it.
+        let options = LogsOptions { follow: true, stdout: true, stderr: true, ..Default::default() };
+        let output = Box::pin(self.docker.logs(&id, Some(options)));
+        let sink: Arc<dyn LogSink> = Arc::new(Skip { inner: logs, skip: Mutex::new(offset) });
+        let reader = tokio::spawn(forward_output(
+            output,
+            run.secrets.values().chain(&run.mask).cloned().collect(),
+            sink,
+            Arc::new(Mutex::new(Instant::now())),
+        ));
+        // The step's timeouts are the machine's timers here, armed again by the replay: they
+        // arrive as a stop.
+        let wait_options = WaitContainerOptions { condition: "not-running".to_owned() };
+        let mut wait = Box::pin(self.docker.wait_container(&id, Some(wait_options)));
+        let ending = tokio::select! {
+            exit = wait.next() => match exit {
+                None | Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) => Ending::Exited,
+                Some(Err(e)) => return Err(exec_error("waiting for the step", e)),
+            },
+            reason = stop.stopped() => Ending::Stopped(reason),
+        };
+        let outcome = self.finish_step(&id, &run.job.step.name, ending, &mut wait, reader).await;
+        if self.detached.load(Ordering::SeqCst) {
+            container.keep();
+        } else if let Err(e) = container.remove().await {
+            tracing::warn!(step = %run.job.step.name, error = %e, "could not remove the step's container");
+        }
+        Ok(Attached::Ended { outcome: outcome?, was_running })
+    }
+
+    fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
     }
 
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError> {

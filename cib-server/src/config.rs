@@ -211,6 +211,10 @@ pub struct ServerConfig {
     /// Connections served at once; more wait until one closes.
     #[serde(default = "default_connections")]
     pub max_connections: usize,
+    /// Seconds a SIGTERM waits for running steps to finish before the server exits anyway,
+    /// leaving them running for the next start to re-attach to.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: u64,
     /// Secrets by name, each scoped to repositories (deprecated: the encrypted store,
     /// `cib secret set`, is where secrets belong).
     #[serde(default)]
@@ -243,6 +247,10 @@ fn default_connections() -> usize {
     1024
 }
 
+fn default_shutdown_grace() -> u64 {
+    30
+}
+
 fn default_running() -> usize {
     4
 }
@@ -267,6 +275,7 @@ impl Default for ServerConfig {
             secrets: BTreeMap::new(),
             inbox: InboxConfig::default(),
             max_connections: default_connections(),
+            shutdown_grace: default_shutdown_grace(),
             secret_key_file: None,
             secret_key: None,
             people: Vec::new(),

@@ -205,7 +205,7 @@ impl Metrics {
                     self.step_duration.observe(seconds(started, event.at));
                 }
                 let text = serde_json::to_value(conclusion).ok().and_then(|v| v.as_str().map(str::to_owned));
-                if let Some(kind) = text.filter(|k| k == "errored") {
+                if let Some(kind) = text.filter(|k| k == "errored" || k == "interrupted") {
                     self.executor_errors.get_or_create(&KindLabels { kind }).inc();
                 }
             }

@@ -1,5 +1,6 @@
 //! The engine with the fakes: builds run end to end, inputs are journaled, and a restart
-//! replays the journal and reports steps the previous process left running.
+//! replays the journal and re-attaches to the steps the previous process left running (or,
+//! when nothing of one is left, reports it interrupted). Stopping drains.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +135,12 @@ async fn a_build_runs_end_to_end_with_logs_events_and_cleanup() {
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "sequence numbers have no gaps");
     assert_eq!(live.recv().await.expect("live event").seq, 1, "subscribers see events live");
     assert!(world.store.input_count() >= 3, "every input is journaled");
-    assert!(world.executor.cleaned().contains(&BuildId::from("b1")), "the build was cleaned up");
+    // Cleanup runs on a task of its own after the build's end is published, so it is waited for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !world.executor.cleaned().contains(&BuildId::from("b1")) {
+        assert!(tokio::time::Instant::now() < deadline, "the build was cleaned up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let state = engine.query(|m| m.build(&"b1".into()).map(|b| b.state.clone())).await.expect("query");
     assert_eq!(state, Some(BuildState::Finished(Conclusion::Success)));
     engine.shutdown().await;
@@ -195,6 +201,8 @@ async fn no_output_timeout_is_a_timer_of_the_machine() {
         .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
         .await
         .expect("step started");
+    // The step's line must be out before time moves, or it would count as output at the later time.
+    wait_for_log(&world, &LogKey { build: BuildId::from("b1"), step: "quiet".into(), attempt: 1 }, "one").await;
     clock.advance(Duration::from_secs(61));
     assert_eq!(world.finished("b1").await, Conclusion::TimedOut);
     let detail = world.notifier.events().iter().find_map(|e| match &e.body {
@@ -205,18 +213,21 @@ async fn no_output_timeout_is_a_timer_of_the_machine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_replays_the_journal_and_reports_interrupted_steps() {
+async fn a_restart_replays_the_journal_and_re_attaches_to_running_steps() {
     let world = World::new(Arc::new(SystemClock));
     let (first, task) = world.start();
-    let spec = "pipelines:\n  test:\n    steps:\n      - { name: slow, image: busybox, commands: [sleep 1], retry: { count: 1 } }\n";
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: slow, image: busybox, commands: [echo before, sleep 1, echo after] }\n";
     first.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
     world
         .notifier
         .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
         .await
         .expect("step started");
+    let key = LogKey { build: BuildId::from("b1"), step: "slow".into(), attempt: 1 };
+    // The first engine dies with the step running, once its first line is stored.
+    wait_for_log(&world, &key, "before").await;
     let before = first.query(|m| m.build(&"b1".into()).cloned()).await.expect("query").expect("build");
-    // The first engine dies with the step running.
+    world.executor.sever();
     task.abort();
     let _ = task.await;
 
@@ -224,16 +235,136 @@ async fn a_restart_replays_the_journal_and_reports_interrupted_steps() {
     let replayed = second.query(|m| m.build(&"b1".into()).map(|b| b.steps[0].attempts.len())).await.expect("query");
     assert!(replayed.is_some_and(|n| n >= 1), "the journal rebuilt the build");
     assert_eq!(world.finished("b1").await, Conclusion::Success);
-    let steps = step_events(&world.notifier.events(), "b1");
-    assert_eq!(steps, [("slow".into(), 1, StepConclusion::Errored), ("slow".into(), 2, StepConclusion::Success)]);
-    let detail = world.notifier.events().iter().find_map(|e| match &e.body {
-        EventBody::StepFinished { attempt: 1, detail, .. } => Some(detail.clone()),
-        _ => None,
-    });
-    assert_eq!(detail.as_deref(), Some("infrastructure error: the engine restarted while the step ran"));
+    assert_eq!(step_events(&world.notifier.events(), "b1"), [("slow".into(), 1, StepConclusion::Success)]);
+    assert_eq!(
+        world.executor.attached(),
+        std::slice::from_ref(&key),
+        "the second engine followed the first one's attempt"
+    );
+    assert_eq!(world.executor.runs().len(), 1, "and ran nothing again");
+    let log = world.store.read_log(&key, 0, 1 << 20).await.expect("log");
+    assert_eq!(String::from_utf8_lossy(&log.data), "before\nafter\n", "the output goes on from the stored offset");
+    assert!(log.complete);
     assert_eq!(before.state, BuildState::Running);
     let seqs: Vec<u64> = world.store.events_after(0, 1000).await.expect("events").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "numbering goes on across the restart");
+    // The checkout the first engine made goes with the build, though the second never made it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(world.workspaces.path()).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the build's workspace directory was left behind");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_for_log(world: &World, key: &LogKey, text: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = world.store.read_log(key, 0, 1 << 20).await.expect("log");
+        if String::from_utf8_lossy(&log.data).contains(text) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the log never showed {text:?}");
+        // The store has no change notification; its log is polled briefly.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts a build whose middle step prints `started` and sleeps, kills the engine once that
+/// line is stored, throws the step's attempt away (a daemon restart) and starts a new engine.
+async fn lose_a_running_step(world: &World, pipeline: &str, kind: &str) -> (EngineHandle, Conclusion) {
+    let spec = format!(
+        "pipelines:\n  {pipeline}:\n    kind: {kind}\n    on: {{ manual: {{}} }}\n    steps:\n      - {{ name: one, image: busybox, commands: [true] }}\n      - {{ name: two, image: busybox, commands: [echo started, sleep 2, echo done], depends_on: [one] }}\n      - {{ name: three, image: busybox, commands: [true], depends_on: [two] }}\n"
+    );
+    let (first, task) = world.start();
+    first.submit(world.enqueue("b1", &spec, pipeline)).await.expect("submit");
+    wait_for_log(world, &LogKey { build: BuildId::from("b1"), step: "two".into(), attempt: 1 }, "started").await;
+    world.executor.sever();
+    task.abort();
+    let _ = task.await;
+    world.executor.lose(&BuildId::from("b1"));
+    let (second, _task) = world.start();
+    let conclusion = world.finished("b1").await;
+    (second, conclusion)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_step_of_a_test_pipeline_is_interrupted_and_run_once_more() {
+    let world = World::new(Arc::new(SystemClock));
+    let (_engine, conclusion) = lose_a_running_step(&world, "test", "test").await;
+    assert_eq!(conclusion, Conclusion::Success);
+    assert_eq!(
+        step_events(&world.notifier.events(), "b1"),
+        [
+            ("one".into(), 1, StepConclusion::Success),
+            ("two".into(), 1, StepConclusion::Interrupted),
+            ("two".into(), 2, StepConclusion::Success),
+            ("three".into(), 1, StepConclusion::Success),
+        ]
+    );
+    let retried = world.notifier.events().iter().any(|e| {
+        matches!(&e.body, EventBody::StepFinished { attempt: 1, will_retry: true, detail, .. } if detail.starts_with("interrupted"))
+    });
+    assert!(retried, "the interruption is reported as such, with a retry: {:#?}", world.notifier.events());
+    let record = world.store.build(&BuildId::from("b1")).await.expect("read").expect("record");
+    let statuses: Vec<String> =
+        record.steps.iter().map(|s| format!("{}#{} {}", s.name, s.attempt, s.status.as_str())).collect();
+    assert!(statuses.contains(&"two#1 interrupted".to_owned()), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_step_of_a_deploy_pipeline_is_interrupted_and_never_run_again() {
+    let world = World::new(Arc::new(SystemClock));
+    let (_engine, conclusion) = lose_a_running_step(&world, "staging", "deploy").await;
+    assert_eq!(conclusion, Conclusion::Errored);
+    let steps = step_events(&world.notifier.events(), "b1");
+    assert_eq!(steps, [("one".into(), 1, StepConclusion::Success), ("two".into(), 1, StepConclusion::Interrupted)]);
+    let two_runs = world.executor.runs().iter().filter(|j| j.step.name == "two").count();
+    assert_eq!(two_runs, 1, "a deploy step is never run again by itself");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_starts_nothing_new_and_the_next_start_goes_on() {
+    let world = World::new(Arc::new(SystemClock));
+    let (first, task) = world.start();
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: a, image: busybox, commands: [echo a, sleep 0.5] }\n      - { name: b, image: busybox, commands: [echo b], depends_on: [a] }\n";
+    first.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    world
+        .notifier
+        .wait_for(Duration::from_secs(10), |e| matches!(e.body, EventBody::StepStarted { .. }))
+        .await
+        .expect("step started");
+    assert!(first.drain(Duration::from_secs(10)).await.expect("drain"), "the running step finished within the grace");
+    // The store has every event of the inputs handled so far; notifiers hear of them later.
+    let events = world.store.events_after(0, 1000).await.expect("events");
+    assert_eq!(step_events(&events, "b1"), [("a".into(), 1, StepConclusion::Success)], "the step ran to its end");
+    let b_started = events.iter().any(|e| matches!(&e.body, EventBody::StepStarted { step, .. } if step == "b"));
+    assert!(!b_started, "nothing new starts while draining");
+    first.shutdown().await;
+    task.await.expect("join").expect("engine ended cleanly");
+
+    let (_second, _task) = world.start();
+    assert_eq!(world.finished("b1").await, Conclusion::Success, "the next start resumes the build");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_its_grace_leaves_the_step_for_the_next_start() {
+    let world = World::new(Arc::new(SystemClock));
+    let (first, task) = world.start();
+    let spec =
+        "pipelines:\n  test:\n    steps:\n      - { name: a, image: busybox, commands: [echo a, sleep 1, echo z] }\n";
+    first.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    let key = LogKey { build: BuildId::from("b1"), step: "a".into(), attempt: 1 };
+    wait_for_log(&world, &key, "a").await;
+    assert!(!first.drain(Duration::from_millis(50)).await.expect("drain"), "the step outlasts a short grace");
+    first.shutdown().await;
+    task.await.expect("join").expect("engine ended cleanly");
+    let events = world.store.events_after(0, 1000).await.expect("events");
+    assert!(step_events(&events, "b1").is_empty(), "the step was not failed");
+
+    let (_second, _task) = world.start();
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+    assert_eq!(step_events(&world.notifier.events(), "b1"), [("a".into(), 1, StepConclusion::Success)]);
+    assert_eq!(world.executor.attached(), [key]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

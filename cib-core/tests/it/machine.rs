@@ -6,9 +6,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cib_core::event::{BuildId, Conclusion};
+use cib_core::event::{BuildId, Conclusion, StepConclusion};
 use cib_core::lease::{Holder, LeaseId, PoolConfig, Request, Unit, Want};
-use cib_core::pipeline::{Actor, BuildContext, BuildState, Config, Effect, Input, Machine, StepResult, TimerId};
+use cib_core::pipeline::{
+    Actor, BuildContext, BuildState, Config, Effect, Input, Machine, StepResult, StepStatus, TimerId,
+};
 use cib_core::spec::TriggerEvent;
 use cib_core::time::Timestamp;
 
@@ -73,6 +75,8 @@ fn input_text(input: &Input) -> String {
         Input::RevokeLease { lease } => format!("revoke lease {lease}"),
         Input::CancelLeaseRequest { lease } => format!("cancel lease request {lease}"),
         Input::Tick => "tick".into(),
+        Input::Drain => "drain".into(),
+        Input::Resume => "resume".into(),
         Input::Review { repo, commit, actor } => format!("review {repo}@{commit} by {}", actor.login),
         Input::ApprovePromotion { repo, commit, actor } => {
             format!("approve promotion {repo}@{commit} by {}", actor.login)
@@ -934,4 +938,66 @@ pipelines:
     sim.enqueue(0, "b1", spec, "test", BuildContext { trusted: false, ..context("feature") });
     sim.finish(100, "b1", "unit", 1, StepResult::Exited(1));
     finished(&sim, "b1", Conclusion::Failed);
+}
+
+const TWO_ATTEMPTS: &str = "pipelines:\n  test:\n    steps:\n      - { name: unit, image: busybox, commands: [make test], retry: { count: 1, on: [infrastructure] } }\n";
+
+#[test]
+fn an_interrupted_step_runs_once_more_and_then_by_its_policy_only() {
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", ONE_STEP, "test", context("feature/a"));
+    sim.finish(100, "b1", "unit", 1, StepResult::Interrupted("gone".into()));
+    sim.finish(200, "b1", "unit", 2, StepResult::Interrupted("gone again".into()));
+    // No retry policy: the one re-run of an interruption is spent, so the build ends.
+    finished(&sim, "b1", Conclusion::Errored);
+    let build = sim.machine.build(&"b1".into()).expect("build");
+    let conclusions: Vec<_> = build.steps[0].attempts.iter().map(|a| a.conclusion).collect();
+    assert_eq!(conclusions, [Some(StepConclusion::Interrupted), Some(StepConclusion::Interrupted)]);
+
+    // With a policy that retries infrastructure errors, the second interruption is its retry.
+    sim.enqueue(300, "b2", TWO_ATTEMPTS, "test", context("feature/b"));
+    sim.finish(400, "b2", "unit", 1, StepResult::Interrupted("gone".into()));
+    sim.finish(500, "b2", "unit", 2, StepResult::Interrupted("gone again".into()));
+    sim.finish(600, "b2", "unit", 3, StepResult::Exited(0));
+    finished(&sim, "b2", Conclusion::Success);
+}
+
+#[test]
+fn an_interrupted_deploy_step_waits_for_a_person() {
+    let deploy = "pipelines:\n  staging:\n    kind: deploy\n    steps:\n      - { name: ship, image: busybox, commands: [ship it], retry: { count: 3, on: [infrastructure] } }\n      - { name: after, image: busybox, commands: [true], depends_on: [ship] }\n";
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "d1", deploy, "staging", context("master"));
+    let effects = sim.input(
+        100,
+        Input::StepFinished {
+            build: "d1".into(),
+            step: "ship".into(),
+            attempt: 1,
+            result: StepResult::Interrupted("gone".into()),
+        },
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::StartStep(_))), "not even its retry policy runs it again");
+    finished(&sim, "d1", Conclusion::Errored);
+    let build = sim.machine.build(&"d1".into()).expect("build");
+    assert_eq!(build.steps[0].status, StepStatus::Done(StepConclusion::Interrupted));
+    assert_eq!(build.steps[1].status, StepStatus::Done(StepConclusion::Skipped));
+}
+
+#[test]
+fn a_draining_machine_starts_no_step_until_it_resumes() {
+    let two = "pipelines:\n  test:\n    steps:\n      - { name: a, image: busybox, commands: [true] }\n      - { name: b, image: busybox, commands: [true], depends_on: [a] }\n";
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "b1", two, "test", context("feature/a"));
+    sim.input(10, Input::Drain);
+    assert!(sim.machine.draining());
+    let effects = sim.input(
+        20,
+        Input::StepFinished { build: "b1".into(), step: "a".into(), attempt: 1, result: StepResult::Exited(0) },
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::StartStep(_))), "{}", sim.trace);
+    assert_eq!(sim.machine.running_steps(), 0);
+    let effects = sim.input(30, Input::Resume);
+    assert!(effects.iter().any(|e| matches!(e, Effect::StartStep(j) if j.step.name == "b")), "{}", sim.trace);
+    sim.finish(40, "b1", "b", 1, StepResult::Exited(0));
+    finished(&sim, "b1", Conclusion::Success);
 }

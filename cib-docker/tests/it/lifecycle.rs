@@ -10,6 +10,7 @@ use cib_core::pipeline::{StepJob, StopReason};
 use cib_core::ports::{Executor, LogSink, Outcome, StopSignal, Stream};
 use cib_core::spec;
 use cib_docker::DockerExecutor;
+use futures_util::StreamExt;
 
 use crate::common::*;
 
@@ -225,5 +226,78 @@ async fn a_killed_engine_leaves_nothing_after_reconcile() {
     // Reconciling again finds nothing more to do.
     assert_eq!(exec.reconcile(&[BuildId::from("alive")]).await.ok(), Some(0));
     cleanup(&exec, "alive").await;
+    assert_nothing_left(&exec).await;
+}
+
+/// Starts `job` on an executor of its own, waits for `ready` on stdout, then lets that executor
+/// go as a stopping engine does (`detach`) and drops the run. Returns what the sink got.
+async fn start_and_detach(test: &str, run: cib_core::ports::StepRun, ready: &str) -> Arc<Sink> {
+    let first = executor(test).await;
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let running = tokio::spawn({
+        let (first, sink) = (first.clone(), sink.clone());
+        async move { first.run(&run, sink, stop).await }
+    });
+    sink.wait_for(Stream::Stdout, ready, Duration::from_secs(30)).await;
+    first.detach();
+    running.abort();
+    let _ = running.await;
+    sink
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_left_by_a_detached_engine_is_re_attached_from_the_stored_offset() {
+    use cib_core::ports::Attached;
+    let dir = tempdir();
+    let slow = job("attach", "slow", &["echo before", "sleep 2", "echo after >&2", "exit 7"]);
+    let seen = start_and_detach("attach", step_run(slow.clone(), dir.path()), "before").await;
+    let exec = executor("attach").await;
+    assert_eq!(step_containers(exec.docker(), &exec.options().instance).await.len(), 1, "the step runs on");
+
+    // Still running: followed from where the first engine's output stopped, to its exit.
+    let offset = seen.text(Stream::Stdout).len() as u64;
+    let follow = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let attached = exec.attach(&step_run(slow.clone(), dir.path()), offset, follow.clone(), stop).await;
+    let attached = attached.unwrap_or_else(|e| panic!("attach: {e}"));
+    assert_eq!(attached, Attached::Ended { outcome: Outcome::Exited(7), was_running: true });
+    assert_eq!(follow.text(Stream::Stdout), "", "nothing printed before the offset comes again");
+    assert_eq!(follow.text(Stream::Stderr), "after\n");
+    assert!(step_containers(exec.docker(), &exec.options().instance).await.is_empty(), "followed, then removed");
+    let (_keep, stop) = StopSignal::new();
+    let again = exec.attach(&step_run(slow, dir.path()), 0, Sink::new(), stop).await;
+    assert_eq!(again.ok(), Some(Attached::Gone), "a second look finds nothing");
+
+    // Ended while no engine watched: its exit code and the whole output are still there.
+    let mut quick = job("attach", "quick", &["echo one", "sleep 1", "echo two"]);
+    quick.attempt = 2;
+    start_and_detach("attach", step_run(quick.clone(), dir.path()), "one").await;
+    let ids = step_containers(exec.docker(), &exec.options().instance).await;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let waited: Vec<_> = exec.docker().wait_container(&ids[0], None).collect().await;
+    assert!(!waited.is_empty(), "the step's container ended");
+    let follow = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let attached = exec.attach(&step_run(quick, dir.path()), 0, follow.clone(), stop).await;
+    assert_eq!(attached.ok(), Some(Attached::Ended { outcome: Outcome::Exited(0), was_running: false }));
+    assert_eq!(follow.text(Stream::Stdout), "one\ntwo\n");
+
+    cleanup(&exec, "attach").await;
+    assert_nothing_left(&exec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_attached_step_is_stopped_when_asked() {
+    use cib_core::ports::Attached;
+    let dir = tempdir();
+    let long = job("attach-stop", "long", &["echo ready", "sleep 300"]);
+    start_and_detach("attach-stop", step_run(long.clone(), dir.path()), "ready").await;
+    let exec = executor("attach-stop").await;
+    let (handle, stop) = StopSignal::new();
+    handle.stop(StopReason::TimedOut);
+    let attached = exec.attach(&step_run(long, dir.path()), 6, Sink::new(), stop).await;
+    assert_eq!(attached.ok(), Some(Attached::Ended { outcome: Outcome::TimedOut, was_running: true }));
+    cleanup(&exec, "attach-stop").await;
     assert_nothing_left(&exec).await;
 }

@@ -668,6 +668,7 @@ fn conclusion_style(c: StepConclusion) -> (&'static str, &'static str) {
         StepConclusion::Errored => ("31", "errored"),
         StepConclusion::Skipped => ("2", "skipped"),
         StepConclusion::Rejected => ("31", "rejected"),
+        StepConclusion::Interrupted => ("33", "interrupted"),
     }
 }
 

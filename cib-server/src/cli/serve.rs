@@ -110,8 +110,17 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: {why}"));
             return ExitCode::from(4);
         }
-        eprint("cib serve: stopping: requests in flight finished; running builds resume at the next start");
+        // No new work: the inbox stops, and the engine starts no more steps. Running steps get
+        // the grace period to finish; what still runs then is left running, never failed, and
+        // the next start re-attaches to it.
         inbox_task.abort();
+        let grace = std::time::Duration::from_secs(state.config.shutdown_grace);
+        eprint(&format!("cib serve: stopping: waiting up to {} s for running steps", grace.as_secs()));
+        match state.engine.drain(grace).await {
+            Ok(true) => eprint("cib serve: no step is running"),
+            Ok(false) => eprint("cib serve: steps still run; the next start re-attaches to them"),
+            Err(e) => eprint(&format!("cib serve: {e}")),
+        }
         state.engine.shutdown().await;
         let _ = engine_task.await;
         ExitCode::SUCCESS

@@ -316,3 +316,171 @@ fn cib_serve_keeps_its_data_private_and_stops_on_a_key_that_opens_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&data.join("secret.key").display().to_string()), "{stderr}");
 }
+
+/// Three steps; the middle one leaves a mark in the workspace volume (which every step of the
+/// build shares), then sleeps: the marks count how often it ran.
+const THREE_STEPS: &str = r#"
+    steps:
+      - { name: one, image: busybox, commands: [echo one] }
+      - { name: two, image: busybox, commands: ["echo run >> /workspace/runs", echo before, sleep 5, echo after], depends_on: [one] }
+      - { name: three, image: busybox, commands: ["echo runs=$(grep -c run /workspace/runs)"], depends_on: [two] }
+      - { name: report, image: busybox, commands: ["echo runs=$(grep -c run /workspace/runs)"], when: { status: always } }
+"#;
+
+fn read_api(url: &str, path: &str) -> String {
+    let (status, body) = http(url, "GET", path, &[("authorization", "Bearer reader-token-0123456789")], b"");
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+fn record(url: &str, id: &str) -> serde_json::Value {
+    let body = read_api(url, &format!("/api/v1/builds/{id}"));
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn log(url: &str, id: &str, step: &str, attempt: u32) -> String {
+    read_api(url, &format!("/api/v1/builds/{id}/steps/{step}/log?attempt={attempt}"))
+}
+
+/// The attempts of one step, as the build's record lists them: (attempt, status).
+fn attempts(record: &serde_json::Value, step: &str) -> Vec<(u64, String)> {
+    record["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .filter(|s| s["name"] == step)
+                .map(|s| (s["attempt"].as_u64().unwrap_or(0), s["status"].as_str().unwrap_or("?").to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts a server on a repository whose pipeline `name` is [`THREE_STEPS`], pushes, and returns
+/// the server and the build's id once the middle step's first line is stored (so it sleeps).
+fn start_until_the_middle_step_sleeps(
+    dir: &Path,
+    name: &str,
+    header: &str,
+    grace: Option<u64>,
+) -> (Server, String, PathBuf, u16) {
+    let spec = format!("pipelines:\n  {name}:\n{header}{THREE_STEPS}");
+    let commit = repo(&dir.join("shop"), &spec);
+    let port = free_port();
+    let config = config(dir, port, &dir.join("shop"));
+    if let Some(grace) = grace {
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, format!("shutdown_grace = {grace}\n{text}")).expect("config");
+    }
+    let server = start(&config, port);
+    assert_eq!(hook(&server.url, "d-three", &push_payload(&commit)), 202);
+    let running = wait_for(&server.url, "the build runs", |b| b["builds"][0]["status"] == "running");
+    let id = running["builds"][0]["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log(&server.url, &id, "two", 1).contains("before") {
+        assert!(Instant::now() < deadline, "the middle step never printed its first line");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (server, id, config, port)
+}
+
+/// The containers of one step of a build, running or not.
+fn step_containers(build: &str, step: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["container", "ls", "-a", "-q", "--filter", &format!("label=org.cib.build={build}")])
+        .args(["--filter", &format!("label=org.cib.step={step}")])
+        .output()
+        .expect("docker answers");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn a_step_running_at_a_kill_is_re_attached_and_the_build_succeeds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, id, config, port) = start_until_the_middle_step_sleeps(dir.path(), "test", "", None);
+    server.kill();
+    assert_eq!(step_containers(&id, "two").len(), 1, "the middle step's container outlived the server");
+
+    let server = start(&config, port);
+    wait_for(&server.url, "the build ends after the restart", |b| {
+        b["builds"][0]["status"] != "running" && b["builds"][0]["status"] != "queued"
+    });
+    let record = record(&server.url, &id);
+    assert_eq!(record["build"]["status"], "success", "{record:#}");
+    // The container was still running, so the new process followed it: one attempt, whose log
+    // holds what was printed before the kill and after it, each once.
+    assert_eq!(attempts(&record, "two"), [(1, "success".to_owned())], "re-attached, not re-run: {record:#}");
+    let two = log(&server.url, &id, "two", 1);
+    assert_eq!((two.matches("before").count(), two.matches("after").count()), (1, 1), "{two}");
+    assert!(log(&server.url, &id, "three", 1).contains("runs=1"), "the middle step ran once");
+    wait_clean(&id);
+}
+
+#[test]
+fn a_deploy_step_lost_at_a_kill_is_interrupted_run_once_and_retried_by_a_person() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let header = "    kind: deploy\n    on: { push: { branches: [\"feature/x\"] } }\n";
+    let (server, id, config, port) = start_until_the_middle_step_sleeps(dir.path(), "ship", header, None);
+    server.kill();
+    // The daemon loses the step's container while no server runs (a daemon restart would).
+    let lost = step_containers(&id, "two");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let removed = Command::new("docker").args(["rm", "-f"]).args(&lost).output().expect("docker answers");
+    assert!(removed.status.success(), "{removed:?}");
+
+    let server = start(&config, port);
+    wait_for(&server.url, "the build ends after the restart", |b| {
+        b["builds"][0]["status"] != "running" && b["builds"][0]["status"] != "queued"
+    });
+    let first = record(&server.url, &id);
+    assert_eq!(first["build"]["status"], "errored", "{first:#}");
+    assert_eq!(attempts(&first, "two"), [(1, "interrupted".to_owned())], "never run again by itself: {first:#}");
+    assert_eq!(attempts(&first, "three"), [(0, "skipped".to_owned())], "{first:#}");
+    // The mark the middle step left in the shared volume, counted after the restart.
+    assert!(log(&server.url, &id, "report", 1).contains("runs=1"), "the deploy step ran exactly once");
+
+    // A person retries it through the ordinary retry, as a new build of the same commit.
+    let (status, retried) = api(&server.url, "POST", &format!("/api/v1/builds/{id}/retry"), serde_json::json!({}));
+    assert_eq!(status, 201, "{retried}");
+    let again = retried["build"].as_str().expect("the new build's id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while record_status(&server.url, &again) != "success" {
+        assert!(Instant::now() < deadline, "the retry did not succeed: {:#}", record(&server.url, &again));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_clean(&id);
+    wait_clean(&again);
+}
+
+fn record_status(url: &str, id: &str) -> String {
+    record(url, id)["build"]["status"].as_str().unwrap_or("?").to_owned()
+}
+
+#[test]
+fn sigterm_during_a_step_leaves_it_running_and_the_next_start_finishes_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut server, id, config, port) = start_until_the_middle_step_sleeps(dir.path(), "test", "", Some(1));
+    let term = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    let exited = server.child.wait().expect("the server exits");
+    assert!(exited.success(), "SIGTERM is a clean stop: {exited:?}");
+    // The grace period (1 s) was shorter than the step's sleep: the step was left running.
+    let left = Command::new("docker")
+        .args(["container", "ls", "-q", "--filter", &format!("label=org.cib.build={id}")])
+        .args(["--filter", "label=org.cib.step=two", "--filter", "status=running"])
+        .output()
+        .expect("docker answers");
+    assert_eq!(String::from_utf8_lossy(&left.stdout).lines().count(), 1, "the step still runs after the stop");
+
+    let server = start(&config, port);
+    wait_for(&server.url, "the build ends after the restart", |b| {
+        b["builds"][0]["status"] != "running" && b["builds"][0]["status"] != "queued"
+    });
+    let record = record(&server.url, &id);
+    assert_eq!(record["build"]["status"], "success", "{record:#}");
+    assert_eq!(attempts(&record, "two"), [(1, "success".to_owned())], "the step was not failed: {record:#}");
+    assert!(log(&server.url, &id, "two", 1).contains("after"));
+    wait_clean(&id);
+}
