@@ -124,6 +124,23 @@ fn configure(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Opens the database and puts it in WAL mode.
+fn first_open(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db)?;
+    configure(&conn, options)?;
+    // WAL lets readers read while the writer writes, and makes a commit one append to the
+    // log file. A database that cannot use it (in memory, say) is refused: its crash
+    // behaviour is not what this store promises.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Misconfigured(format!(
+            "{} cannot use WAL mode (journal mode is {mode})",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name(name.to_owned())
@@ -142,20 +159,21 @@ impl SqliteStore {
                 "SQLite store options need readers >= 1, log_chunk_size >= 1 and compression_level <= 9: {options:?}"
             )));
         }
-        let mut conn = Connection::open(&path).map_err(db)?;
-        configure(&conn, &options)?;
-        // WAL lets readers read while the writer writes, and makes a commit one append to the
-        // log file. A database that cannot use it (in memory, say) is refused: its crash
-        // behaviour is not what this store promises.
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Misconfigured(format!(
-                "{} cannot use WAL mode (journal mode is {mode})",
-                path.display()
-            )));
-        }
+        // Several processes opening a new database at once can meet SQLite's busy answers that
+        // skip the busy handler (switching the file to WAL, recovering its index), so the first
+        // open is tried again, for as long as the busy timeout, while it is only busy.
+        let deadline = std::time::Instant::now() + options.busy_timeout;
+        let mut conn = loop {
+            match first_open(&path, &options) {
+                Err(StoreError::Transient(message))
+                    if message.contains("locked") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         schema::migrate(&mut conn)?;
-        conn.pragma_update(None, "synchronous", "OFF").map_err(db)?;
 
         // Offsets are stored as SQL's signed 64-bit integers; no log comes near the clamp.
         let log_limit = LogLimit::new(options.log_limit.min(i64::MAX as u64));
