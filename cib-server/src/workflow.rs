@@ -45,16 +45,33 @@ fn refused(what: &str, refusals: &[Refusal]) -> ApiError {
     ApiError::Refused { message: explain(what, refusals), refusals: serde_json::to_value(refusals).unwrap_or_default() }
 }
 
+/// Parses a spec that came from outside on the blocking pool: a hostile one costs at most the
+/// parser's bounded time, and never stalls the async workers that serve everyone else.
+pub async fn parse_blocking(source: std::sync::Arc<str>) -> Result<spec::Spec, Vec<spec::Diagnostic>> {
+    match tokio::task::spawn_blocking(move || spec::parse(&source)).await {
+        Ok(parsed) => parsed,
+        // The parser does not panic on any input (its fuzz and property tests say so); were
+        // it to, the spec is refused rather than the server brought down.
+        Err(e) => Err(vec![spec::Diagnostic::error(
+            spec::Pos { line: 1, col: 1 },
+            format!("the spec could not be read: {e}"),
+        )]),
+    }
+}
+
+/// The base branch of an open pull request the machine knows of.
+async fn pull_base(state: &AppState, repo: &str, number: u64) -> Option<String> {
+    let repo = repo.to_owned();
+    state.engine.query(move |m| m.pull_requests(&repo).get(&number).map(|p| p.base.clone())).await.ok().flatten()
+}
+
 /// The branch whose spec is read first: a pull request's base when there is one, else the
 /// repository's default branch, else the spec's default integration branch.
 async fn home_branch(state: &AppState, repo: &str, pull: Option<u64>) -> String {
-    if let Some(number) = pull {
-        let repo_q = repo.to_owned();
-        if let Ok(Some(base)) =
-            state.engine.query(move |m| m.pull_requests(&repo_q).get(&number).map(|p| p.base.clone())).await
-        {
-            return base;
-        }
+    if let Some(number) = pull
+        && let Some(base) = pull_base(state, repo, number).await
+    {
+        return base;
     }
     match state.vcs.default_branch(repo).await {
         Ok(Some(branch)) => branch,
@@ -91,7 +108,7 @@ async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec:
         Ok(None) => return Err(ApiError::Unprocessable(format!("{repo} has no spec on {branch}"))),
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec on {branch}: {e}"))),
     };
-    crate::api::parse_blocking(Arc::from(source.as_str())).await.map_err(|d| {
+    parse_blocking(Arc::from(source.as_str())).await.map_err(|d| {
         let first = d.first().map(|d| d.line(spec::FILE_NAME)).unwrap_or_default();
         ApiError::Unprocessable(format!("the spec on {branch} is invalid: {first}"))
     })
@@ -125,7 +142,7 @@ async fn build_branch(
     }
     let Ok(Some(source)) = state.vcs.read_spec(repo, commit).await else { return Vec::new() };
     let text: Arc<str> = Arc::from(source.as_str());
-    let Ok(parsed) = crate::api::parse_blocking(text.clone()).await else { return Vec::new() };
+    let Ok(parsed) = parse_blocking(text.clone()).await else { return Vec::new() };
     let (event, tag) = if promotion {
         (TriggerEvent::of(spec::EventKind::Promotion, branch), "promote")
     } else {
@@ -223,19 +240,12 @@ pub async fn try_merge(
 ) -> Result<Merged, ApiError> {
     // The policy of the branch merged into, which the merged code cannot change.
     let (spec, into) = governing_spec(state, repo, pull).await?;
-    if let Some(number) = pull {
-        let repo_q = repo.to_owned();
-        let base = state
-            .engine
-            .query(move |m| m.pull_requests(&repo_q).get(&number).map(|p| p.base.clone()))
-            .await
-            .ok()
-            .flatten();
-        if let Some(base) = base.filter(|b| *b != into) {
-            return Err(ApiError::Unprocessable(format!(
-                "pull request #{number} is into {base}, but the spec merges into {into}: cib merges only into {into}"
-            )));
-        }
+    if let Some(number) = pull
+        && let Some(base) = pull_base(state, repo, number).await.filter(|b| *b != into)
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "pull request #{number} is into {base}, but the spec merges into {into}: cib merges only into {into}"
+        )));
     }
     let policy = spec.merge.clone().unwrap_or(spec::MergePolicy {
         into,
