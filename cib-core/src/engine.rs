@@ -54,10 +54,34 @@ pub struct EngineConfig {
     /// How often the executor removes what it holds for builds that are no longer live
     /// (containers, networks and volumes a crash or a lost cleanup left). Checked on ticks.
     pub reconcile_every: Duration,
+    /// When the engine writes a snapshot of its state and drops the journal before it.
+    pub snapshots: SnapshotPolicy,
 }
 
 /// The default for [`EngineConfig::reconcile_every`].
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+
+/// When to write a snapshot: after `every_inputs` inputs, or after `every` when at least one
+/// input came since the last one. A restart then replays at most that many inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    pub every_inputs: u64,
+    pub every: Duration,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy { every_inputs: 10_000, every: Duration::from_secs(600) }
+    }
+}
+
+/// What a snapshot holds besides the machine: the timers the machine armed, which the engine
+/// keeps. Timers are keyed by a tagged value, so they are written as pairs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EngineSnapshot {
+    timers: Vec<(TimerId, Timestamp)>,
+    machine: serde_json::Value,
+}
 
 /// Why the engine stopped or refused an input.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +93,10 @@ pub enum EngineError {
     Pools(#[from] LeaseError),
     #[error("the engine has stopped")]
     Stopped,
+    /// The newest snapshot cannot be read; the journal before it is gone, so the engine does
+    /// not start rather than start from a state that is not the real one.
+    #[error("the stored snapshot cannot be read ({0}); restore the database from a backup, or start with an empty one")]
+    Snapshot(String),
 }
 
 type Query = Box<dyn FnOnce(&Machine) + Send>;
@@ -123,7 +151,6 @@ impl EngineHandle {
     }
 
     /// How many inputs a restart would replay: the journal's length since the last snapshot.
-    /// The engine takes no snapshots yet, so this is every input journaled.
     pub fn journal_length(&self) -> u64 {
         self.journal.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -224,8 +251,13 @@ struct Runner {
     events: broadcast::Sender<Event>,
     live_logs: broadcast::Sender<LogLine>,
     notify: mpsc::UnboundedSender<Event>,
-    /// The journal's last sequence number, for [`EngineHandle::journal_length`].
+    /// The journal's length since the last snapshot, for [`EngineHandle::journal_length`].
     journal: Arc<std::sync::atomic::AtomicU64>,
+    /// The sequence number of the last input journaled, and that of the last snapshot.
+    last_seq: u64,
+    snapshot_seq: u64,
+    /// When the last snapshot was written (or the engine started).
+    snapshot_at: Timestamp,
 }
 
 impl Engine {
@@ -268,6 +300,9 @@ async fn run(
         live_logs,
         notify,
         journal,
+        last_seq: 0,
+        snapshot_seq: 0,
+        snapshot_at: Timestamp(0),
     };
     runner.recover().await?;
     let mut next_tick = runner.ports.clock.now() + runner.config.tick_every;
@@ -302,6 +337,7 @@ async fn run(
                     runner.reconcile().await;
                 }
                 runner.fire_timers(now).await?;
+                runner.snapshot_if_due(now).await?;
             }
         }
     }
@@ -311,19 +347,28 @@ impl Runner {
     /// Replays the journal into the machine, then repairs what the previous process left.
     async fn recover(&mut self) -> Result<(), EngineError> {
         let mut after = 0;
-        // The job of every step attempt started, as the machine built it: replaying is
-        // deterministic, so these are exactly the jobs the previous process ran.
-        let mut jobs: HashMap<(BuildId, String, u32), StepJob> = HashMap::new();
+        if let Some((seq, data)) = self.ports.store.latest_snapshot().await? {
+            let snapshot: EngineSnapshot =
+                serde_json::from_slice(&data).map_err(|e| EngineError::Snapshot(e.to_string()))?;
+            self.machine = Machine::restore(snapshot.machine).map_err(|e| EngineError::Snapshot(e.to_string()))?;
+            self.timers = snapshot.timers.into_iter().collect();
+            after = seq;
+            self.snapshot_seq = seq;
+        }
+        let mut replayed_inputs = 0usize;
+        // Events the previous process derived but did not store before it stopped are stored
+        // now; those the store has are not written again, so a replay costs reads, not writes.
+        let stored_events = self.ports.store.last_event_seq().await?;
         loop {
             let batch = self.ports.store.inputs_after(after, 1000).await?;
             if batch.is_empty() {
                 break;
             }
+            let mut missing = Vec::new();
             for (seq, stored) in batch {
                 after = seq;
-                let effects = self.machine.handle(stored.input, stored.at);
-                let mut replayed = Vec::new();
-                for effect in effects {
+                replayed_inputs += 1;
+                for effect in self.machine.handle(stored.input, stored.at) {
                     match effect {
                         Effect::ArmTimer { timer, at } => {
                             self.timers.insert(timer, at);
@@ -331,19 +376,29 @@ impl Runner {
                         Effect::CancelTimer { timer } => {
                             self.timers.remove(&timer);
                         }
-                        // Events may not have reached the store before a crash; the store
-                        // skips the ones it has.
-                        Effect::Publish(event) => replayed.push(event),
-                        Effect::StartStep(job) => {
-                            jobs.insert((job.build.clone(), job.step.name.clone(), job.attempt), *job);
-                        }
+                        Effect::Publish(event) if event.seq > stored_events => missing.push(event),
                         _ => {}
                     }
                 }
-                self.ports.store.append_events(&replayed).await?;
+                // As the live engine did after this input.
+                self.machine.forget_finished();
             }
+            self.ports.store.append_events(&missing).await?;
         }
-        self.journal.store(after, std::sync::atomic::Ordering::Relaxed);
+        self.last_seq = after;
+        self.snapshot_at = self.ports.clock.now();
+        self.journal.store(after - self.snapshot_seq, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            snapshot = self.snapshot_seq,
+            replayed = replayed_inputs,
+            live_builds = self.machine.builds().count(),
+            "the engine's state is restored"
+        );
+        // A server started with other settings than the snapshot's says so to the machine, in
+        // the journal, so that a later replay sees the same change at the same place.
+        if self.machine.config() != &self.config.machine {
+            self.process(Input::Configure { config: self.config.machine.clone() }).await?;
+        }
         let live: Vec<BuildId> =
             self.machine.builds().filter(|b| b.finished_at.is_none()).map(|b| b.id.clone()).collect();
         if let Err(error) = self.ports.executor.reconcile(&live).await {
@@ -362,7 +417,9 @@ impl Runner {
             })
             .collect();
         for (build, step, attempt) in running {
-            match jobs.remove(&(build.clone(), step.clone(), attempt)) {
+            // The machine rebuilds the job from what the build holds: exactly the job the
+            // previous process started the attempt with.
+            match self.machine.running_job(&build, &step, attempt) {
                 Some(job) => self.spawn_step(job, Mode::Attach),
                 None => {
                     let result =
@@ -428,9 +485,32 @@ impl Runner {
     /// Stores an input, hands it to the machine and carries out the effects.
     async fn process(&mut self, input: Input) -> Result<(), EngineError> {
         let now = self.ports.clock.now();
-        let seq = self.ports.store.append_input(&StoredInput { at: now, input: input.clone() }).await?;
-        self.journal.store(seq, std::sync::atomic::Ordering::Relaxed);
-        let effects = self.machine.handle(input, now);
+        let effects = match input {
+            // Time is an argument of every input, so a tick that changed nothing need not be
+            // journaled: replaying without it gives the same machine. One that renewed or
+            // expired a lease is journaled, after the fact, at the time it was handled.
+            Input::Tick => {
+                let before = self.machine.clone();
+                let effects = self.machine.handle(Input::Tick, now);
+                if effects.is_empty() && self.machine == before {
+                    return Ok(());
+                }
+                self.journal_input(&StoredInput { at: now, input: Input::Tick }).await?;
+                effects
+            }
+            Input::Enqueue { ref build, .. }
+                if self.machine.build(build).is_none() && self.ports.store.build(build).await?.is_some() =>
+            {
+                // The machine forgets finished builds, so the store says whether this build
+                // already ran: a replayed delivery must not run it again.
+                tracing::debug!(%build, "a build with this id already ran; the input is ignored");
+                return Ok(());
+            }
+            input => {
+                self.journal_input(&StoredInput { at: now, input: input.clone() }).await?;
+                self.machine.handle(input, now)
+            }
+        };
         let mut events = Vec::new();
         for effect in effects {
             match effect {
@@ -445,6 +525,42 @@ impl Runner {
                 let _ = self.notify.send(event);
             }
         }
+        // The records of a build that finished are stored now; the API reads them from there.
+        self.machine.forget_finished();
+        if self.last_seq.saturating_sub(self.snapshot_seq) >= self.config.snapshots.every_inputs {
+            self.snapshot().await?;
+        }
+        Ok(())
+    }
+
+    async fn journal_input(&mut self, input: &StoredInput) -> Result<(), EngineError> {
+        self.last_seq = self.ports.store.append_input(input).await?;
+        let length = self.last_seq.saturating_sub(self.snapshot_seq);
+        self.journal.store(length, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a snapshot when the time for one has come and inputs came since the last.
+    async fn snapshot_if_due(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        if self.last_seq > self.snapshot_seq && now.since(self.snapshot_at) >= self.config.snapshots.every {
+            self.snapshot().await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the machine and the armed timers as they are after the last input journaled, and
+    /// drops the journal up to it. Called between inputs only, so the state matches `last_seq`.
+    async fn snapshot(&mut self) -> Result<(), EngineError> {
+        let snapshot = EngineSnapshot {
+            timers: self.timers.iter().map(|(t, at)| (t.clone(), *at)).collect(),
+            machine: self.machine.snapshot(),
+        };
+        let data = serde_json::to_vec(&snapshot).map_err(|e| EngineError::Snapshot(e.to_string()))?;
+        self.ports.store.save_snapshot(self.last_seq, &data).await?;
+        tracing::info!(seq = self.last_seq, bytes = data.len(), "wrote a snapshot of the engine's state");
+        self.snapshot_seq = self.last_seq;
+        self.snapshot_at = self.ports.clock.now();
+        self.journal.store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

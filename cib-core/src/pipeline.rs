@@ -220,6 +220,12 @@ pub enum Input {
     Drain,
     /// The engine started again after a drain: steps start as before.
     Resume,
+    /// The machine's settings changed (the server restarted with another configuration): run
+    /// slots and lease times apply from now on, and the pools are configured again, held units
+    /// staying held until freed.
+    Configure {
+        config: Config,
+    },
     /// An approving review of a commit, for the merge policy (forges without reviews of their own).
     Review {
         repo: String,
@@ -368,7 +374,7 @@ pub enum Effect {
     Publish(Event),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildState {
     Queued,
@@ -378,7 +384,7 @@ pub enum BuildState {
     Finished(Conclusion),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     Pending,
@@ -397,7 +403,7 @@ pub enum StepStatus {
 }
 
 /// One try of a step; every attempt is kept.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,
     pub started_at: Timestamp,
@@ -406,25 +412,26 @@ pub struct Attempt {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+// Every field is serialized: the engine's snapshots are this machine's state, written out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
     pub name: String,
     pub status: StepStatus,
     pub attempts: Vec<Attempt>,
     /// Approvers so far, for an approval gate.
     pub approvals: Vec<String>,
-    #[serde(skip)]
     last_output: Timestamp,
-    #[serde(skip)]
     stopping: Option<StopReason>,
-    #[serde(skip)]
     units: Vec<GrantedUnit>,
 }
 
 /// One build of one pipeline.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Build {
     pub id: BuildId,
+    /// Not written into snapshots: it is read again from `spec` (with `only`) on restore, the
+    /// way the build was planned, so the checked spec model needs no serialized form of its own.
+    #[serde(with = "pipeline_name")]
     pub pipeline: spec::Pipeline,
     pub context: BuildContext,
     pub state: BuildState,
@@ -433,21 +440,68 @@ pub struct Build {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     /// Set once the build is being cancelled: by whom and what the conclusion will be.
-    #[serde(skip)]
     ending: Option<(String, Conclusion)>,
-    #[serde(skip)]
     services_ready: BTreeSet<String>,
-    #[serde(skip)]
     pipeline_units: Vec<GrantedUnit>,
     /// Variables given when the build was started.
     pub variables: BTreeMap<String, String>,
     /// The spec text the build was enqueued with: a retry runs it again, never the spec at
     /// the commit (which, for a fork's pull request, the fork wrote).
-    #[serde(skip)]
     pub spec: std::sync::Arc<str>,
+    /// The steps chosen when the build was started (`cib run --step`), all when `None`.
+    #[serde(default)]
+    pub only: Option<Vec<String>>,
     /// A step was skipped because the build is not trusted with its secrets.
-    #[serde(skip)]
     untrusted_skips: bool,
+}
+
+/// A build's pipeline in a snapshot: its name only; restoring plans it again from the spec.
+mod pipeline_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::spec;
+
+    pub fn serialize<S: Serializer>(pipeline: &spec::Pipeline, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&pipeline.name)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<spec::Pipeline, D::Error> {
+        Ok(super::empty_pipeline(&String::deserialize(d)?))
+    }
+}
+
+/// The pipeline of a build whose spec or pipeline could not be read: it has no steps, and the
+/// build ends errored at once.
+fn empty_pipeline(name: &str) -> spec::Pipeline {
+    spec::Pipeline {
+        name: name.to_owned(),
+        kind: PipelineKind::Test,
+        triggers: spec::Triggers::default(),
+        env: BTreeMap::new(),
+        services: Vec::new(),
+        resources: Vec::new(),
+        steps: Vec::new(),
+        deliverables: Vec::new(),
+        timeout: None,
+        inputs: Vec::new(),
+    }
+}
+
+/// Plans a build's pipeline from its spec text: the pipeline named, cut down to the steps
+/// chosen and what they depend on. `None` when the spec or the pipeline cannot be read, or no
+/// step is left. Enqueueing and restoring a snapshot both plan through here, so a restored
+/// build runs exactly the pipeline it was enqueued with.
+fn plan_pipeline(source: &str, pipeline: &str, only: Option<&[String]>) -> Option<spec::Pipeline> {
+    let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned())?;
+    if let Some(only) = only {
+        let names: Vec<&str> = only.iter().map(String::as_str).collect();
+        let keep: BTreeSet<String> = found.closure(&names).iter().map(|s| s.name.clone()).collect();
+        found.steps.retain(|s| keep.contains(&s.name));
+        if found.steps.is_empty() {
+            return None;
+        }
+    }
+    Some(found)
 }
 
 impl Build {
@@ -479,22 +533,26 @@ impl Build {
 }
 
 /// Who a lease of the table belongs to, when a build asked for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum LeaseOwner {
     Pipeline(BuildId),
     Step(BuildId, String, u32),
 }
 
 /// The machine: every build, the lease table, and the queue of steps waiting for a slot.
-#[derive(Debug, Clone, PartialEq)]
+// Serialized whole for the engine's snapshots. Maps keyed by tuples are written as lists of
+// pairs, since JSON keys are strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
     config: Config,
     builds: BTreeMap<BuildId, Build>,
     leases: LeaseTable,
     lease_owners: BTreeMap<LeaseId, LeaseOwner>,
     /// Unfinished test builds by what a newer push would supersede (repo, pipeline, branch or PR).
+    #[serde(with = "pairs")]
     test_builds: BTreeMap<(String, String, String), BTreeSet<BuildId>>,
     /// Unfinished deploy builds of each (repo, pipeline), in arrival order: only the first runs.
+    #[serde(with = "pairs")]
     deploy_queues: BTreeMap<(String, String), VecDeque<BuildId>>,
     ready: VecDeque<(BuildId, String)>,
     running: usize,
@@ -510,13 +568,56 @@ pub struct Machine {
     /// What runs where, by repository and environment (a branch or a deploy pipeline).
     environments: BTreeMap<String, BTreeMap<String, Environment>>,
     /// Forks' pull requests a maintainer approved, and the head commit approved.
+    #[serde(with = "pairs")]
     trusted_forks: BTreeMap<(String, u64), String>,
     /// Open pull requests by repository and number, as the forge last said.
     pull_requests: BTreeMap<String, BTreeMap<u64, OpenPullRequest>>,
     /// The person who wrote each commit, by repository and commit, as the forge said.
+    #[serde(with = "pairs")]
     commit_authors: BTreeMap<(String, String), String>,
-    /// Effects gathered while handling one input.
+    /// Effects gathered while handling one input; always empty between inputs.
+    #[serde(skip)]
     out: Vec<Effect>,
+}
+
+/// A map written as a list of `[key, value]` pairs, for keys JSON cannot hold.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// Why a snapshot could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("the snapshot cannot be read: {0}")]
+pub struct SnapshotError(String);
+
+/// The version of the snapshot format; a snapshot of another version is not read.
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    version: u32,
+    machine: &'a Machine,
+}
+
+#[derive(Deserialize)]
+struct SnapshotIn {
+    version: u32,
+    machine: Machine,
 }
 
 /// The lease id a build's pipeline-wide request uses.
@@ -603,20 +704,6 @@ impl Machine {
         self.environments.get(repo).cloned().unwrap_or_default()
     }
 
-    /// The latest conclusion of each pipeline on one commit.
-    pub fn results(&self, repo: &str, commit: &str) -> BTreeMap<String, Conclusion> {
-        let mut latest: BTreeMap<String, (Timestamp, Conclusion)> = BTreeMap::new();
-        for b in self.builds.values().filter(|b| b.context.repo == repo && b.context.commit == commit) {
-            if let (BuildState::Finished(c), Some(at)) = (&b.state, b.finished_at) {
-                let entry = latest.entry(b.pipeline.name.clone()).or_insert((at, *c));
-                if at >= entry.0 {
-                    *entry = (at, *c);
-                }
-            }
-        }
-        latest.into_iter().map(|(p, (_, c))| (p, c)).collect()
-    }
-
     pub fn running_steps(&self) -> usize {
         self.running
     }
@@ -632,9 +719,43 @@ impl Machine {
     }
 
     /// Drops finished builds from memory (their records live in the store), keeping the
-    /// machine small on a long-running server.
+    /// machine small on a long-running server. The engine calls it after every input, once the
+    /// input's events are stored.
     pub fn forget_finished(&mut self) {
         self.builds.retain(|_, b| !b.is_finished());
+    }
+
+    /// The machine's whole state, written out for the engine's snapshots.
+    pub fn snapshot(&self) -> serde_json::Value {
+        // Serializing plain data cannot fail: every map key is a string or is written as pairs.
+        serde_json::to_value(SnapshotOut { version: SNAPSHOT_VERSION, machine: self }).unwrap_or_default()
+    }
+
+    /// A machine read back from [`Machine::snapshot`]. Each build's pipeline is planned again
+    /// from the spec text it was enqueued with, as when it was enqueued.
+    pub fn restore(value: serde_json::Value) -> Result<Machine, SnapshotError> {
+        let read: SnapshotIn = serde_json::from_value(value).map_err(|e| SnapshotError(e.to_string()))?;
+        if read.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError(format!("version {} is not {SNAPSHOT_VERSION}", read.version)));
+        }
+        let mut machine = read.machine;
+        for b in machine.builds.values_mut() {
+            if let Some(p) = plan_pipeline(&b.spec, &b.pipeline.name, b.only.as_deref()) {
+                b.pipeline = p;
+            }
+            if b.pipeline.steps.len() != b.steps.len() && !b.is_finished() {
+                return Err(SnapshotError(format!("build {} does not plan to the same steps again", b.id)));
+            }
+        }
+        Ok(machine)
+    }
+
+    /// The job of a step attempt that is running, as it was when the attempt started: after a
+    /// restart the engine follows the attempt with it.
+    pub fn running_job(&self, id: &BuildId, step: &str, attempt: u32) -> Option<StepJob> {
+        let b = self.builds.get(id)?;
+        let index = b.step_index(step)?;
+        (b.steps[index].status == StepStatus::Running { attempt }).then(|| job_of(b, index, attempt))
     }
 
     /// Handles one input at time `now` and returns what must be done, in order.
@@ -712,6 +833,7 @@ impl Machine {
             Input::Tick => self.tick(now),
             Input::Drain => self.draining = true,
             Input::Resume => self.draining = false,
+            Input::Configure { config } => self.configure(config, now),
             Input::PullRequest { repo, number, base, head_branch, head_commit, open, author, from_fork } => {
                 let prs = self.pull_requests.entry(repo).or_default();
                 if open {
@@ -789,29 +911,10 @@ impl Machine {
         if self.builds.contains_key(&id) {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
-        let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
-        if let (Some(p), Some(only)) = (found.as_mut(), &only) {
-            // The chosen steps and everything they depend on; the rest is left out entirely.
-            let names: Vec<&str> = only.iter().map(String::as_str).collect();
-            let keep: BTreeSet<String> = p.closure(&names).iter().map(|s| s.name.clone()).collect();
-            p.steps.retain(|s| keep.contains(&s.name));
-            if p.steps.is_empty() {
-                found = None;
-            }
-        }
+        // The chosen steps and everything they depend on; the rest is left out entirely.
+        let found = plan_pipeline(source, pipeline, only.as_deref());
         let errored = found.is_none();
-        let pipeline = found.unwrap_or_else(|| spec::Pipeline {
-            name: pipeline.to_owned(),
-            kind: PipelineKind::Test,
-            triggers: spec::Triggers::default(),
-            env: BTreeMap::new(),
-            services: Vec::new(),
-            resources: Vec::new(),
-            steps: Vec::new(),
-            deliverables: Vec::new(),
-            timeout: None,
-            inputs: Vec::new(),
-        });
+        let pipeline = found.unwrap_or_else(|| empty_pipeline(pipeline));
         let steps = pipeline
             .steps
             .iter()
@@ -839,6 +942,7 @@ impl Machine {
             pipeline_units: Vec::new(),
             variables,
             spec: std::sync::Arc::from(source),
+            only,
             untrusted_skips: false,
         };
         self.publish(
@@ -1042,19 +1146,8 @@ impl Machine {
                 detail: String::new(),
             });
             self.running += 1;
-            let step = b.pipeline.steps[index].clone();
-            let mut resources = b.pipeline_units.clone();
-            resources.extend(b.steps[index].units.iter().cloned());
-            let env = step_env(b, &step, attempt, &resources);
-            let job = StepJob {
-                build: id.clone(),
-                pipeline: b.pipeline.name.clone(),
-                step: step.clone(),
-                attempt,
-                context: b.context.clone(),
-                env,
-                resources,
-            };
+            let job = job_of(b, index, attempt);
+            let step = job.step.clone();
             self.publish(now, EventBody::StepStarted { build: id.clone(), step: name.clone(), attempt });
             self.out.push(Effect::StartStep(Box::new(job)));
             if let Some(t) = step.timeout {
@@ -1421,6 +1514,27 @@ impl Machine {
     }
 
     // ---- leases ----------------------------------------------------------------------------
+
+    fn configure(&mut self, config: Config, now: Timestamp) {
+        if config.pools != self.config.pools {
+            match self.leases.configure(config.pools.clone(), now) {
+                Ok(events) => {
+                    self.leases_touched = true;
+                    self.lease_events(events, now);
+                }
+                Err(error) => {
+                    // The pools were checked when the configuration was read; if they are
+                    // still refused, the old pools stay, and the event stream says why.
+                    let reason = format!("the new pools were refused: {error}");
+                    self.publish(now, EventBody::LeaseRefused { lease: None, reason });
+                    self.config = Config { pools: self.config.pools.clone(), ..config };
+                    return;
+                }
+            }
+        }
+        // More run slots start waiting steps at once: `handle` schedules after every input.
+        self.config = config;
+    }
 
     fn tick(&mut self, now: Timestamp) {
         // Live builds renew their leases: their holder is this machine, and it is alive.
@@ -1796,6 +1910,24 @@ fn should_retry(policy: &spec::RetryPolicy, result: &StepResult, reason: Option<
 
 /// Environment of one attempt: the pipeline's variables, the step's, those given when the build
 /// started, then cib's own, each winning over the ones before.
+/// The job of one attempt of a build's step, from what the build holds: the same whenever it is
+/// asked, so a restarted engine gets the job the attempt started with.
+fn job_of(b: &Build, index: usize, attempt: u32) -> StepJob {
+    let step = b.pipeline.steps[index].clone();
+    let mut resources = b.pipeline_units.clone();
+    resources.extend(b.steps[index].units.iter().cloned());
+    let env = step_env(b, &step, attempt, &resources);
+    StepJob {
+        build: b.id.clone(),
+        pipeline: b.pipeline.name.clone(),
+        step,
+        attempt,
+        context: b.context.clone(),
+        env,
+        resources,
+    }
+}
+
 fn step_env(b: &Build, step: &spec::Step, attempt: u32, resources: &[GrantedUnit]) -> BTreeMap<String, String> {
     let mut env = b.pipeline.env.clone();
     env.extend(step.env.clone());

@@ -6,6 +6,7 @@
 //! the backend: a transient error may succeed later, a permanent one will not, and a
 //! misconfigured one needs a person.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -563,6 +564,49 @@ impl BuildStatus {
     }
 }
 
+impl BuildStatus {
+    /// How a finished build ended; `None` while it is not finished.
+    pub fn conclusion(self) -> Option<Conclusion> {
+        match self {
+            BuildStatus::Queued | BuildStatus::Waiting | BuildStatus::Running | BuildStatus::Cancelling => None,
+            BuildStatus::Success => Some(Conclusion::Success),
+            BuildStatus::Failed => Some(Conclusion::Failed),
+            BuildStatus::Cancelled => Some(Conclusion::Cancelled),
+            BuildStatus::TimedOut => Some(Conclusion::TimedOut),
+            BuildStatus::Errored => Some(Conclusion::Errored),
+            BuildStatus::Neutral => Some(Conclusion::Neutral),
+        }
+    }
+}
+
+/// The latest conclusion of each pipeline among builds of one commit, by when they finished:
+/// what the merge and promotion rules look at. Unfinished builds do not count.
+pub async fn pipeline_results(
+    store: &dyn Store,
+    repo: &str,
+    commit: &str,
+) -> Result<BTreeMap<String, Conclusion>, StoreError> {
+    let filter = BuildFilter { repo: Some(repo.to_owned()), commit: Some(commit.to_owned()), ..BuildFilter::default() };
+    let mut latest: BTreeMap<String, (Timestamp, Conclusion)> = BTreeMap::new();
+    let mut page = Page::first(500);
+    loop {
+        let builds = store.builds(&filter, page.clone()).await?;
+        for b in &builds {
+            if let (Some(c), Some(at)) = (b.status.conclusion(), b.finished_at) {
+                let entry = latest.entry(b.pipeline.clone()).or_insert((at, c));
+                if at >= entry.0 {
+                    *entry = (at, c);
+                }
+            }
+        }
+        match builds.last() {
+            Some(last) if builds.len() == page.limit => page = Page::after(page.limit, last),
+            _ => break,
+        }
+    }
+    Ok(latest.into_iter().map(|(p, (_, c))| (p, c)).collect())
+}
+
 impl From<Conclusion> for BuildStatus {
     fn from(c: Conclusion) -> Self {
         match c {
@@ -690,6 +734,9 @@ pub struct BuildRecord {
 pub struct BuildFilter {
     pub repo: Option<String>,
     pub branch: Option<String>,
+    /// Only builds of this commit (the full id).
+    #[serde(default)]
+    pub commit: Option<String>,
     pub statuses: Vec<BuildStatus>,
     /// Queued at or after this time.
     pub queued_from: Option<Timestamp>,
@@ -837,8 +884,22 @@ pub trait Store: Send + Sync {
     /// Appends an input durably and returns its sequence number (1, 2, ...).
     async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError>;
 
-    /// Inputs with a sequence number above `after`, in order, at most `limit`.
+    /// Inputs with a sequence number above `after`, in order, at most `limit`. Inputs up to a
+    /// snapshot's sequence number may be gone (see [`Store::save_snapshot`]).
     async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError>;
+
+    /// Stores a snapshot of the engine's machine as it was after input `seq`, then deletes the
+    /// inputs up to `seq` and every older snapshot, all in one transaction: a crash leaves either
+    /// the old snapshot and its inputs or the new one, never a gap. Sequence numbers go on from
+    /// where they were.
+    async fn save_snapshot(&self, seq: u64, data: &[u8]) -> Result<(), StoreError>;
+
+    /// The newest snapshot and the sequence number of the input it follows.
+    async fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+
+    /// The input that enqueued a build, kept for as long as the build's record: a retry of a
+    /// finished build runs it again, long after its journal entry is gone.
+    async fn enqueued(&self, build: &BuildId) -> Result<Option<StoredInput>, StoreError>;
 
     /// Appends events, all or none; an event whose sequence number is already stored is
     /// skipped, so that replays do not duplicate. Each new event updates the build records as

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::event::{BuildId, Event};
-use crate::pipeline::{BuildContext, StepJob, StopReason};
+use crate::pipeline::{BuildContext, Input, StepJob, StopReason};
 use crate::ports::*;
 use crate::spec;
 use crate::time::Timestamp;
@@ -625,7 +625,11 @@ struct MemoryBuild {
 
 #[derive(Debug, Default)]
 struct Memory {
-    inputs: Vec<StoredInput>,
+    inputs: BTreeMap<u64, StoredInput>,
+    last_input: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+    /// The input that enqueued each build.
+    enqueues: BTreeMap<BuildId, StoredInput>,
     events: BTreeMap<u64, Event>,
     logs: BTreeMap<LogKey, MemoryLog>,
     log_times: BTreeMap<LogKey, BTreeMap<u64, Timestamp>>,
@@ -699,14 +703,33 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError> {
         let mut m = lock(&self.inner);
-        m.inputs.push(input.clone());
-        Ok(m.inputs.len() as u64)
+        m.last_input += 1;
+        let seq = m.last_input;
+        m.inputs.insert(seq, input.clone());
+        if let Input::Enqueue { build, .. } = &input.input {
+            m.enqueues.entry(build.clone()).or_insert_with(|| input.clone());
+        }
+        Ok(seq)
     }
 
     async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
         let m = lock(&self.inner);
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(m.inputs.len());
-        Ok(m.inputs[start..].iter().take(limit).enumerate().map(|(i, s)| ((start + i + 1) as u64, s.clone())).collect())
+        Ok(m.inputs.range(after.saturating_add(1)..).take(limit).map(|(seq, s)| (*seq, s.clone())).collect())
+    }
+
+    async fn save_snapshot(&self, seq: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mut m = lock(&self.inner);
+        m.snapshot = Some((seq, data.to_vec()));
+        m.inputs.retain(|s, _| *s > seq);
+        Ok(())
+    }
+
+    async fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(lock(&self.inner).snapshot.clone())
+    }
+
+    async fn enqueued(&self, build: &BuildId) -> Result<Option<StoredInput>, StoreError> {
+        Ok(lock(&self.inner).enqueues.get(build).cloned())
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
@@ -893,6 +916,7 @@ impl Store for MemoryStore {
             .map(|b| &b.summary)
             .filter(|b| filter.repo.as_ref().is_none_or(|r| *r == b.repo))
             .filter(|b| filter.branch.is_none() || filter.branch == b.branch)
+            .filter(|b| filter.commit.as_ref().is_none_or(|c| *c == b.commit))
             .filter(|b| filter.statuses.is_empty() || filter.statuses.contains(&b.status))
             .filter(|b| filter.queued_from.is_none_or(|t| b.queued_at >= t))
             .filter(|b| filter.queued_until.is_none_or(|t| b.queued_at < t))
@@ -924,6 +948,19 @@ impl Store for MemoryStore {
         let cursor = m.webhook_cursors.entry(receiver.to_owned()).or_insert(seq);
         *cursor = (*cursor).max(seq);
         Ok(())
+    }
+}
+
+/// An input that enqueues `build` of pipeline `test` of `spec`, on a push to `master` of
+/// `conformance/repo`, for tests of stores and engines.
+pub fn enqueue_input(build: &str, spec: &str) -> Input {
+    Input::Enqueue {
+        build: BuildId::from(build),
+        spec: Arc::from(spec),
+        pipeline: "test".into(),
+        context: conformance_job(build, "step", "busybox", &[]).context,
+        only: None,
+        variables: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
     }
 }
 
@@ -1100,6 +1137,35 @@ pub async fn store_conformance(store: Arc<dyn Store>) -> Result<(), String> {
     check(page.iter().map(|(s, _)| *s).collect::<Vec<_>>() == [2, 3], format!("page after 1: {page:?}"))?;
     check(page[0].1.at == Timestamp(1), "inputs keep their time")?;
     check(store.inputs_after(5, 10).await.map_err(err)?.is_empty(), "nothing after the last input")?;
+
+    // A snapshot replaces the inputs it covers; numbering goes on, and the newest one is read.
+    check(store.latest_snapshot().await.map_err(err)?.is_none(), "an empty store has no snapshot")?;
+    store.save_snapshot(3, b"first").await.map_err(err)?;
+    let left: Vec<u64> = store.inputs_after(0, 10).await.map_err(err)?.into_iter().map(|(s, _)| s).collect();
+    check(left == [4, 5], format!("inputs left after a snapshot at 3: {left:?}"))?;
+    let seq = store.append_input(&StoredInput { at: Timestamp(6), input: Input::Tick }).await.map_err(err)?;
+    check(seq == 6, format!("the input after a snapshot got sequence {seq}, not 6"))?;
+    store.save_snapshot(5, b"second").await.map_err(err)?;
+    let newest = store.latest_snapshot().await.map_err(err)?;
+    check(newest == Some((5, b"second".to_vec())), format!("the newest snapshot: {newest:?}"))?;
+    let left: Vec<u64> = store.inputs_after(0, 10).await.map_err(err)?.into_iter().map(|(s, _)| s).collect();
+    check(left == [6], format!("inputs left after a snapshot at 5: {left:?}"))?;
+
+    // The input that enqueued a build outlives the journal, with its spec text intact; the
+    // same spec enqueued twice reads back the same.
+    let spec_text = "pipelines:\n  test:\n    steps:\n      - name: unit\n        run: true\n";
+    let enqueue = |build: &str| StoredInput { at: Timestamp(7), input: enqueue_input(build, spec_text) };
+    let first = store.append_input(&enqueue("e1")).await.map_err(err)?;
+    store.append_input(&enqueue("e2")).await.map_err(err)?;
+    let replayed = store.inputs_after(first - 1, 10).await.map_err(err)?;
+    check(
+        replayed.len() == 2 && replayed[0].1 == enqueue("e1") && replayed[1].1 == enqueue("e2"),
+        format!("enqueues read back from the journal: {replayed:?}"),
+    )?;
+    store.save_snapshot(first + 1, b"third").await.map_err(err)?;
+    let kept = store.enqueued(&BuildId::from("e2")).await.map_err(err)?;
+    check(kept == Some(enqueue("e2")), format!("the enqueue of e2 after the snapshot: {kept:?}"))?;
+    check(store.enqueued(&BuildId::from("nope")).await.map_err(err)?.is_none(), "an unknown build's enqueue")?;
 
     // Events are kept once per sequence number.
     check(store.last_event_seq().await.map_err(err)? == 0, "an empty store's last event is 0")?;
@@ -1436,6 +1502,7 @@ async fn build_records_conformance(store: &dyn Store) -> Result<(), String> {
     let cases: Vec<(BuildFilter, Vec<&str>)> = vec![
         (all.clone(), vec!["b5", "b4", "b3", "b2", "b1"]),
         (BuildFilter { repo: Some("acme/lib".into()), ..all.clone() }, vec!["b3"]),
+        (BuildFilter { commit: Some("c-b2".into()), ..all.clone() }, vec!["b2"]),
         (BuildFilter { branch: Some("main".into()), ..all.clone() }, vec!["b4", "b3", "b1"]),
         (BuildFilter { repo: Some("acme/app".into()), branch: Some("main".into()), ..all.clone() }, vec!["b4", "b1"]),
         (

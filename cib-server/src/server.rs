@@ -75,6 +75,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         workspace_root: config.data_dir.join("workspaces"),
         tick_every: Duration::from_secs(15),
         reconcile_every: cib_core::engine::RECONCILE_EVERY,
+        snapshots: cib_core::engine::SnapshotPolicy::default(),
     };
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn({

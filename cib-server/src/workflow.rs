@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cib_core::event::BuildId;
 use cib_core::pipeline::{Actor, BuildContext, Input};
-use cib_core::ports::{Comparison, Permission};
+use cib_core::ports::{Comparison, Permission, pipeline_results};
 use cib_core::spec::{self, TriggerEvent};
 use cib_core::workflow::{MergeFacts, PromotionFacts, Refusal, check_merge, check_promotion, explain};
 use serde::Serialize;
@@ -267,18 +267,18 @@ pub async fn try_merge(
             *r = p.name.clone();
         }
     }
-    let (results, recorded) = {
+    let recorded = {
         let (repo_q, head_q) = (repo.to_owned(), head.clone());
         state
             .engine
             .query(move |m| {
-                let by: Vec<String> =
-                    m.reviews(&repo_q).iter().filter(|r| r.commit == head_q).map(|r| r.by.clone()).collect();
-                (m.results(&repo_q, &head_q), by)
+                m.reviews(&repo_q).iter().filter(|r| r.commit == head_q).map(|r| r.by.clone()).collect::<Vec<_>>()
             })
             .await
             .map_err(ApiError::unavailable)?
     };
+    // Finished builds live in the store, not in the engine's memory.
+    let results = pipeline_results(state.store.as_ref(), repo, &head).await.map_err(ApiError::unavailable)?;
     reviewers.extend(recorded);
     reviewers.retain(|r| r != user);
     // The commit's author reviewing their own commit is no review. The author is the one on
@@ -345,14 +345,11 @@ pub async fn check_promotable(
     }
     let comparison = compare(state, repo, &policy.to, &commit).await?;
     let author = state.vcs.author(repo, &commit).await.ok().flatten();
-    let (results, approvals) = {
-        let (repo_q, commit_q) = (repo.to_owned(), commit.clone());
-        state
-            .engine
-            .query(move |m| (m.results(&repo_q, &commit_q), m.approvals(&repo_q).to_vec()))
-            .await
-            .map_err(ApiError::unavailable)?
+    let approvals = {
+        let repo_q = repo.to_owned();
+        state.engine.query(move |m| m.approvals(&repo_q).to_vec()).await.map_err(ApiError::unavailable)?
     };
+    let results = pipeline_results(state.store.as_ref(), repo, &commit).await.map_err(ApiError::unavailable)?;
     let facts = PromotionFacts {
         commit: &commit,
         author: author.as_deref(),

@@ -9,6 +9,8 @@ use cib_core::ports::{
     StepRecord, StepRecordStatus, StoreError, StoredInput,
 };
 use cib_core::time::Timestamp;
+use std::io::Read as _;
+
 use rusqlite::types::Value;
 use rusqlite::{Connection, params, params_from_iter};
 
@@ -22,6 +24,22 @@ fn opt_time(value: Option<i64>) -> Result<Option<Timestamp>, StoreError> {
     value.map(time).transpose()
 }
 
+/// The key under which a journaled enqueue names its spec's digest, in place of the text.
+pub(crate) const SPEC_DIGEST: &str = "spec_sha256";
+
+/// An input read back from its JSON, with the spec text put back in place of its digest.
+fn input_from_json(conn: &Connection, json: &str, what: &str) -> Result<Input, StoreError> {
+    let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(format!("{what}: {e}")))?;
+    if let Some(map) = value.as_object_mut()
+        && let Some(serde_json::Value::String(digest)) = map.remove(SPEC_DIGEST)
+    {
+        let text: String = query_opt(conn, "SELECT text FROM specs WHERE sha256 = ?1", params![digest], |r| r.get(0))?
+            .ok_or_else(|| corrupt(format!("{what}: no spec with digest {digest}")))?;
+        map.insert("spec".into(), serde_json::Value::String(text));
+    }
+    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
 pub(crate) fn inputs_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
     let after = to_sql(after)?;
     let rows: Vec<(i64, i64, String)> = conn
@@ -32,10 +50,33 @@ pub(crate) fn inputs_after(conn: &Connection, after: u64, limit: usize) -> Resul
         .map_err(db)?;
     rows.into_iter()
         .map(|(seq, at, input)| {
-            let input: Input = serde_json::from_str(&input).map_err(|e| corrupt(format!("input {seq}: {e}")))?;
+            let input = input_from_json(conn, &input, &format!("input {seq}"))?;
             Ok((from_sql(seq)?, StoredInput { at: time(at)?, input }))
         })
         .collect()
+}
+
+pub(crate) fn latest_snapshot(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let row: Option<(i64, Vec<u8>)> =
+        query_opt(conn, "SELECT seq, data FROM snapshots ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let Some((seq, data)) = row else { return Ok(None) };
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(data.as_slice())
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(format!("snapshot {seq}: zlib: {e}")))?;
+    Ok(Some((from_sql(seq)?, out)))
+}
+
+pub(crate) fn enqueued(conn: &Connection, build: &str) -> Result<Option<StoredInput>, StoreError> {
+    let row: Option<(i64, String)> =
+        query_opt(conn, "SELECT at, input FROM enqueues WHERE build = ?1", params![build], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let Some((at, json)) = row else { return Ok(None) };
+    let input = input_from_json(conn, &json, &format!("the enqueue of {build}"))?;
+    Ok(Some(StoredInput { at: time(at)?, input }))
 }
 
 pub(crate) fn events_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
@@ -152,6 +193,10 @@ pub(crate) fn builds(conn: &Connection, filter: &BuildFilter, page: &Page) -> Re
     if let Some(branch) = &filter.branch {
         sql.push_str(" AND branch = ?");
         values.push(Value::Text(branch.clone()));
+    }
+    if let Some(commit) = &filter.commit {
+        sql.push_str(" AND commit_sha = ?");
+        values.push(Value::Text(commit.clone()));
     }
     if !filter.statuses.is_empty() {
         let marks = vec!["?"; filter.statuses.len()].join(", ");

@@ -149,10 +149,31 @@ CREATE TABLE webhook_cursors (
 );
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
+/// Version 7: bounded state. The engine's snapshots (zlib-compressed JSON, the newest one kept),
+/// after which the inputs they cover are deleted; spec texts stored once by their SHA-256, which
+/// journaled enqueues refer to; and the enqueue of every build, kept as long as its record so
+/// that a finished build can be retried after its journal entry is gone.
+const V7: &str = "
+CREATE TABLE snapshots (
+    seq BIGINT NOT NULL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE specs (
+    sha256 TEXT NOT NULL PRIMARY KEY,
+    text TEXT NOT NULL
+);
+CREATE TABLE enqueues (
+    build TEXT NOT NULL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    input TEXT NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6), (7, V7)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

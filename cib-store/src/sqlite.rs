@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cib_core::event::{BuildId, Event};
+use cib_core::pipeline::Input;
 use cib_core::policy::SecretScope;
 use cib_core::ports::{
     BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, DeliveryInfo, DeliveryOutcome,
@@ -21,7 +22,11 @@ use cib_core::ports::{
     SecretKey, SecretStore, SecretValue, Store, StoreError, StoredInput, check_new_secret,
 };
 use cib_core::time::Timestamp;
+use flate2::Compression;
+use flate2::write::ZlibEncoder;
 use rusqlite::{Connection, OpenFlags};
+use sha2::{Digest, Sha256};
+use std::io::Write as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{db, stopped};
@@ -29,7 +34,7 @@ use crate::logs::{self, LogConfig};
 use crate::read;
 use crate::schema;
 use crate::secrets;
-use crate::writer::{self, BatchLimits, Command, Done, EventRow, Op};
+use crate::writer::{self, BatchLimits, Command, Done, Enqueue, EventRow, Op};
 
 /// How hard SQLite works to make a commit survive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,6 +256,14 @@ impl SqliteStore {
     }
 }
 
+/// When a snapshot was written, for people reading the database; nothing depends on it.
+fn wall_clock_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn unexpected(done: Done) -> StoreError {
     StoreError::Permanent(format!("the store's writer gave an unexpected answer: {done:?}"))
 }
@@ -262,8 +275,23 @@ fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String, StoreErr
 #[async_trait]
 impl Store for SqliteStore {
     async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError> {
-        let json = to_json(&input.input, "an input")?;
-        match self.write(Op::Input { at: input.at.0, input: json }).await? {
+        let (json, enqueue) = match &input.input {
+            // The spec text is stored once, by its digest, and the journaled enqueue refers to
+            // it: a busy repository pushes the same spec thousands of times.
+            Input::Enqueue { build, spec, .. } => {
+                let mut value = serde_json::to_value(&input.input)
+                    .map_err(|e| StoreError::Permanent(format!("cannot serialize an input: {e}")))?;
+                let sha256 = hex::encode(Sha256::digest(spec.as_bytes()));
+                if let Some(map) = value.as_object_mut() {
+                    map.remove("spec");
+                    map.insert(read::SPEC_DIGEST.into(), serde_json::Value::String(sha256.clone()));
+                }
+                let enqueue = Enqueue { build: build.0.clone(), sha256, spec: spec.to_string() };
+                (to_json(&value, "an input")?, Some(enqueue))
+            }
+            other => (to_json(other, "an input")?, None),
+        };
+        match self.write(Op::Input { at: input.at.0, input: json, enqueue }).await? {
             Done::Seq(seq) => Ok(seq),
             other => Err(unexpected(other)),
         }
@@ -271,6 +299,27 @@ impl Store for SqliteStore {
 
     async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
         self.read(move |c| read::inputs_after(c, after, limit)).await
+    }
+
+    async fn save_snapshot(&self, seq: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mut encoder = ZlibEncoder::new(Vec::with_capacity(data.len() / 4 + 64), Compression::fast());
+        let data = encoder
+            .write_all(data)
+            .and_then(|()| encoder.finish())
+            .map_err(|e| StoreError::Permanent(format!("zlib: {e}")))?;
+        match self.write(Op::Snapshot { seq, at: wall_clock_millis(), data }).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.read(read::latest_snapshot).await
+    }
+
+    async fn enqueued(&self, build: &BuildId) -> Result<Option<StoredInput>, StoreError> {
+        let build = build.0.clone();
+        self.read(move |c| read::enqueued(c, &build)).await
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {

@@ -28,30 +28,85 @@ pub(crate) struct EventRow {
     pub update: Option<BuildUpdate>,
 }
 
+/// What an enqueue stores besides its journal row.
+#[derive(Debug)]
+pub(crate) struct Enqueue {
+    pub build: String,
+    pub sha256: String,
+    pub spec: String,
+}
+
 /// One write.
 #[derive(Debug)]
 pub(crate) enum Op {
-    Input { at: u64, input: String },
+    /// An input as JSON; an enqueue also carries its build and its spec (digest and text),
+    /// which the input's JSON refers to by digest.
+    Input {
+        at: u64,
+        input: String,
+        enqueue: Option<Enqueue>,
+    },
+    /// A snapshot after input `seq` (compressed), replacing the inputs it covers.
+    Snapshot {
+        seq: u64,
+        at: u64,
+        data: Vec<u8>,
+    },
     Events(Vec<EventRow>),
-    AppendLog { key: LogKey, data: Vec<u8> },
-    FinishLog { key: LogKey },
-    LogTime { key: LogKey, offset: u64, at: u64 },
+    AppendLog {
+        key: LogKey,
+        data: Vec<u8>,
+    },
+    FinishLog {
+        key: LogKey,
+    },
+    LogTime {
+        key: LogKey,
+        offset: u64,
+        at: u64,
+    },
     Delivery(Delivery),
-    DeliveryOnce { delivery: Delivery, digest: Vec<u8>, since: u64, done: Option<String> },
-    DeliveryDone { id: String },
-    FinishDelivery { id: String, outcome: DeliveryOutcome },
-    Redeliver { id: String },
-    SetSecret { key: SecretKey, secret: NewSecret, scope: String },
-    RemoveSecret { repo: String, name: String },
-    Rekey { old: SecretKey, new: SecretKey },
-    WebhookCursor { receiver: String, seq: u64 },
+    DeliveryOnce {
+        delivery: Delivery,
+        digest: Vec<u8>,
+        since: u64,
+        done: Option<String>,
+    },
+    DeliveryDone {
+        id: String,
+    },
+    FinishDelivery {
+        id: String,
+        outcome: DeliveryOutcome,
+    },
+    Redeliver {
+        id: String,
+    },
+    SetSecret {
+        key: SecretKey,
+        secret: NewSecret,
+        scope: String,
+    },
+    RemoveSecret {
+        repo: String,
+        name: String,
+    },
+    Rekey {
+        old: SecretKey,
+        new: SecretKey,
+    },
+    WebhookCursor {
+        receiver: String,
+        seq: u64,
+    },
 }
 
 impl Op {
     /// Roughly how many bytes the write carries, to keep a batch's memory bounded.
     fn weight(&self) -> usize {
         match self {
-            Op::Input { input, .. } => input.len(),
+            Op::Input { input, enqueue, .. } => input.len() + enqueue.as_ref().map_or(0, |e| e.spec.len()),
+            Op::Snapshot { data, .. } => data.len(),
             Op::Events(rows) => rows.iter().map(|r| r.body.len()).sum(),
             Op::AppendLog { data, .. } => data.len(),
             Op::FinishLog { .. } | Op::LogTime { .. } => 0,
@@ -158,14 +213,44 @@ fn execute(
 
 fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreError> {
     match op {
-        Op::Input { at, input } => {
+        Op::Input { at, input, enqueue } => {
             // The writer is the only one writing in this transaction, and the transaction
-            // holds the write lock, so the next number is free and numbers have no gaps.
-            let last: i64 = query_opt(conn, "SELECT COALESCE(MAX(seq), 0) FROM inputs", [], |r| r.get(0))?.unwrap_or(0);
+            // holds the write lock, so the next number is free and numbers have no gaps. A
+            // snapshot may have taken every input, so its number counts too.
+            let last: i64 = query_opt(
+                conn,
+                "SELECT MAX(COALESCE((SELECT MAX(seq) FROM inputs), 0), COALESCE((SELECT MAX(seq) FROM snapshots), 0))",
+                [],
+                |r| r.get(0),
+            )?
+            .unwrap_or(0);
             let seq = from_sql(last)? + 1;
             let (sql_seq, at) = (to_sql(seq)?, to_sql(*at)?);
+            if let Some(e) = enqueue {
+                exec(
+                    conn,
+                    "INSERT INTO specs (sha256, text) VALUES (?1, ?2) ON CONFLICT (sha256) DO NOTHING",
+                    params![e.sha256, e.spec],
+                )?;
+                exec(
+                    conn,
+                    "INSERT INTO enqueues (build, at, input) VALUES (?1, ?2, ?3) ON CONFLICT (build) DO NOTHING",
+                    params![e.build, at, input],
+                )?;
+            }
             exec(conn, "INSERT INTO inputs (seq, at, input) VALUES (?1, ?2, ?3)", params![sql_seq, at, input])?;
             Ok(Done::Seq(seq))
+        }
+        Op::Snapshot { seq, at, data } => {
+            let (seq, at) = (to_sql(*seq)?, to_sql(*at)?);
+            exec(
+                conn,
+                "INSERT INTO snapshots (seq, at, data) VALUES (?1, ?2, ?3) ON CONFLICT (seq) DO UPDATE SET at = excluded.at, data = excluded.data",
+                params![seq, at, data],
+            )?;
+            exec(conn, "DELETE FROM inputs WHERE seq <= ?1", params![seq])?;
+            exec(conn, "DELETE FROM snapshots WHERE seq < ?1", params![seq])?;
+            Ok(Done::Unit)
         }
         Op::Events(rows) => {
             for row in rows {

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cib_core::engine::{Engine, EngineConfig, EngineHandle, Ports};
+use cib_core::engine::{Engine, EngineConfig, EngineHandle, Ports, SnapshotPolicy};
 use cib_core::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use cib_core::pipeline::{BuildContext, BuildState, Config, Input};
-use cib_core::ports::{Clock, LogKey, Store};
+use cib_core::ports::{BuildStatus, Clock, LogKey, Store};
 use cib_core::spec::TriggerEvent;
 use cib_core::testing::{
     FakeExecutor, FakeVcs, ManualClock, MemoryStore, RecordingNotifier, StaticSecrets, SystemClock,
@@ -37,6 +37,13 @@ impl World {
     }
 
     fn start(&self) -> (EngineHandle, tokio::task::JoinHandle<Result<(), cib_core::engine::EngineError>>) {
+        self.start_with(SnapshotPolicy::default())
+    }
+
+    fn start_with(
+        &self,
+        snapshots: SnapshotPolicy,
+    ) -> (EngineHandle, tokio::task::JoinHandle<Result<(), cib_core::engine::EngineError>>) {
         let ports = Ports {
             executor: self.executor.clone(),
             vcs: self.vcs.clone(),
@@ -50,6 +57,7 @@ impl World {
             workspace_root: self.workspaces.path().to_path_buf(),
             tick_every: Duration::from_secs(30),
             reconcile_every: cib_core::engine::RECONCILE_EVERY,
+            snapshots,
         };
         let (handle, future) = Engine::start(ports, config);
         (handle, tokio::spawn(future))
@@ -141,8 +149,16 @@ async fn a_build_runs_end_to_end_with_logs_events_and_cleanup() {
         assert!(tokio::time::Instant::now() < deadline, "the build was cleaned up");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // A finished build leaves the machine; its record is in the store.
     let state = engine.query(|m| m.build(&"b1".into()).map(|b| b.state.clone())).await.expect("query");
-    assert_eq!(state, Some(BuildState::Finished(Conclusion::Success)));
+    assert_eq!(state, None, "the machine forgot the finished build");
+    let record = world.store.build(&"b1".into()).await.expect("read").expect("the build is recorded");
+    assert_eq!(record.build.status, BuildStatus::Success);
+    // The same enqueue again (a replayed delivery) does not run the build a second time.
+    let runs = world.executor.runs().len();
+    engine.submit(world.enqueue("b1", SPEC, "test")).await.expect("submit again");
+    assert_eq!(world.executor.runs().len(), runs, "nothing ran again");
+    assert_eq!(engine.query(|m| m.builds().count()).await.expect("query"), 0, "and the machine holds nothing");
     engine.shutdown().await;
     task.await.expect("join").expect("engine ended cleanly");
 }
@@ -396,4 +412,57 @@ async fn every_five_minutes_what_no_live_build_holds_is_removed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(world.executor.live_builds(), [BuildId::from("b1")], "the live build is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_journal_and_a_restart_from_one_re_attaches() {
+    let world = World::new(Arc::new(SystemClock));
+    // A snapshot after every input: the journal never holds more than the input in hand.
+    let every_input = SnapshotPolicy { every_inputs: 1, every: Duration::from_secs(600) };
+    let (first, task) = world.start_with(every_input);
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: slow, image: busybox, commands: [echo before, sleep 1, echo after] }\n";
+    first.submit(world.enqueue("b1", spec, "test")).await.expect("submit");
+    let key = LogKey { build: BuildId::from("b1"), step: "slow".into(), attempt: 1 };
+    wait_for_log(&world, &key, "before").await;
+    assert_eq!(first.journal_length(), 0, "the journal is cut at every snapshot");
+    assert_eq!(world.store.input_count(), 0, "no input is left before the snapshot");
+    let (seq, _) = world.store.latest_snapshot().await.expect("read").expect("a snapshot was written");
+    assert!(seq >= 1, "the snapshot follows the inputs: {seq}");
+    world.executor.sever();
+    task.abort();
+    let _ = task.await;
+
+    let (second, _task) = world.start_with(every_input);
+    let restored = second.query(|m| m.build(&"b1".into()).map(|b| b.steps[0].attempts.len())).await.expect("query");
+    assert_eq!(restored, Some(1), "the snapshot holds the running build");
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+    assert_eq!(world.executor.attached(), std::slice::from_ref(&key), "the attempt was followed again");
+    assert_eq!(world.executor.runs().len(), 1, "and nothing ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_ticks_are_not_journaled_and_a_snapshot_comes_with_time() {
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let world = World::new(clock.clone());
+    let (engine, _task) = world.start();
+    engine.submit(world.enqueue("b1", SPEC, "test")).await.expect("submit");
+    assert_eq!(world.finished("b1").await, Conclusion::Success);
+    let journaled = world.store.input_count();
+    assert!(journaled >= 3, "the build's inputs are journaled: {journaled}");
+    // Nine ticks with nothing to renew or expire, within the ten minutes between snapshots.
+    for _ in 0..9 {
+        clock.advance(Duration::from_secs(31));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.query(|_| ()).await.expect("the engine lives");
+    assert_eq!(world.store.input_count(), journaled, "no quiet tick was journaled");
+    assert!(world.store.latest_snapshot().await.expect("read").is_none(), "too early for a snapshot");
+    for _ in 0..12 {
+        clock.advance(Duration::from_secs(31));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.query(|_| ()).await.expect("the engine lives");
+    assert!(world.store.latest_snapshot().await.expect("read").is_some(), "ten minutes after the last input");
+    assert_eq!(world.store.input_count(), 0, "the snapshot took the journal's place");
+    assert_eq!(engine.journal_length(), 0);
 }

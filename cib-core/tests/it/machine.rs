@@ -77,6 +77,9 @@ fn input_text(input: &Input) -> String {
         Input::Tick => "tick".into(),
         Input::Drain => "drain".into(),
         Input::Resume => "resume".into(),
+        Input::Configure { config } => {
+            format!("configure {} slots, {} pools", config.max_running_steps, config.pools.len())
+        }
         Input::Review { repo, commit, actor } => format!("review {repo}@{commit} by {}", actor.login),
         Input::ApprovePromotion { repo, commit, actor } => {
             format!("approve promotion {repo}@{commit} by {}", actor.login)

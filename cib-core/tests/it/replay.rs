@@ -81,3 +81,39 @@ async fn every_prefix_rebuilds_the_same_machine() {
     }
     assert!(sim.machine.builds().all(|b| b.finished_at.is_some()), "{}", sim.trace);
 }
+
+#[test]
+fn a_snapshot_after_any_input_restores_the_same_machine_and_runs_on_alike() {
+    let sim = recorded_run();
+    let config = sim.machine.config().clone();
+    let mut live = Machine::new(config.clone()).expect("machine");
+    let mut states = vec![live.clone()];
+    for (input, at) in &sim.inputs {
+        live.handle(input.clone(), *at);
+        states.push(live.clone());
+    }
+    for (prefix, state) in states.iter().enumerate() {
+        // Through bytes, as the store keeps it.
+        let bytes = serde_json::to_vec(&state.snapshot()).expect("snapshot bytes");
+        let value: serde_json::Value = serde_json::from_slice(&bytes).expect("snapshot json");
+        let mut restored = Machine::restore(value).expect("restore");
+        assert_eq!(&restored, state, "restored after {prefix} inputs");
+        // The rest of the run from the restored machine gives the same effects and end state.
+        let mut original = state.clone();
+        for (input, at) in &sim.inputs[prefix..] {
+            let expected = original.handle(input.clone(), *at);
+            assert_eq!(restored.handle(input.clone(), *at), expected, "effects after a restore at {prefix}");
+        }
+        assert_eq!(restored, original, "the run finished from a restore at {prefix}");
+    }
+}
+
+#[test]
+fn a_snapshot_of_another_version_or_of_garbage_is_refused_with_a_reason() {
+    let mut value = recorded_run().machine.snapshot();
+    value["version"] = serde_json::json!(99);
+    let error = Machine::restore(value).expect_err("another version");
+    assert!(error.to_string().contains("version 99"), "{error}");
+    let error = Machine::restore(serde_json::json!({ "version": 1, "machine": [] })).expect_err("garbage");
+    assert!(error.to_string().contains("snapshot cannot be read"), "{error}");
+}

@@ -10,7 +10,7 @@ use axum::response::Response;
 use cib_core::event::{BuildId, EventBody};
 use cib_core::pipeline::{Actor, BuildContext, Input};
 use cib_core::policy::check_trigger;
-use cib_core::ports::{BuildFilter, BuildRecord, BuildStatus, BuildSummary, Page};
+use cib_core::ports::{BuildFilter, BuildRecord, BuildStatus, BuildSummary, Page, StoredInput};
 use cib_core::spec::{EventKind, PipelineKind, TriggerEvent};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -274,7 +274,14 @@ pub async fn cancel(
     match known.await.map_err(ApiError::unavailable)? {
         Some(false) => {}
         Some(true) => return Err(ApiError::Conflict(format!("build '{id}' has already finished"))),
-        None => return Err(ApiError::NotFound(format!("no running build '{id}'"))),
+        // The engine forgets finished builds; the store still knows them.
+        None => {
+            let stored = state.store.build(&BuildId(id.clone())).await.map_err(ApiError::unavailable)?;
+            return Err(match stored {
+                Some(_) => ApiError::Conflict(format!("build '{id}' has already finished")),
+                None => ApiError::NotFound(format!("no running build '{id}'")),
+            });
+        }
     }
     let who = who.name;
     let input = Input::Cancel { build: BuildId(id.clone()), by: who.clone(), reason: format!("cancelled by {who}") };
@@ -314,12 +321,23 @@ pub async fn retry(
         .await
         .map_err(ApiError::unavailable)?;
     // The spec stored with the build, never the one at its commit: for a fork's pull request
-    // the commit's spec is the fork's, and it would choose its own steps and secrets.
+    // the commit's spec is the fork's, and it would choose its own steps and secrets. A finished
+    // build is no longer in the engine; the store keeps the input that enqueued it.
+    let found = match found {
+        Some(found) => Some(found),
+        None => match state.store.enqueued(&BuildId(id.clone())).await.map_err(ApiError::unavailable)? {
+            Some(StoredInput { input: Input::Enqueue { pipeline, context, variables, spec, .. }, .. }) => {
+                Some((pipeline, context, variables, spec))
+            }
+            _ => None,
+        },
+    };
     let Some((pipeline, context, variables, source)) = found else {
         return Err(ApiError::NotFound(format!("no build '{id}' to retry")));
     };
+    // The time keeps retry ids apart across restarts, which start the counter again.
     let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
-    let new = BuildId(format!("{id}-retry-{n}"));
+    let new = BuildId(format!("{id}-retry-{}-{n}", state.clock.now().millis()));
     let context = BuildContext { actor: Some(state.person_of_token(&who.name)), ..context };
     let input = Input::Enqueue { build: new.clone(), spec: source, pipeline, context, only: None, variables };
     state.engine.submit(input).await.map_err(ApiError::unavailable)?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cib_core::engine::{Engine, EngineConfig, EngineHandle, LogLine, Ports, SystemClock};
 use cib_core::event::{BuildId, Conclusion, EventBody, StepConclusion};
 use cib_core::pipeline::{BuildContext, Config, Input};
-use cib_core::ports::{Clock, Secrets, Vcs};
+use cib_core::ports::{Clock, Secrets, StepRecord, StepRecordStatus, Store, Vcs};
 use cib_core::spec::{self, EventKind, TriggerEvent};
 use cib_git::{GitVcs, WorkingTree};
 use tokio::sync::broadcast::error::RecvError;
@@ -117,6 +117,8 @@ struct Planned {
     build: BuildId,
     pipeline: String,
     only: Option<Vec<String>>,
+    /// The steps that will run, in the spec's order, for the summary.
+    steps: Vec<String>,
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
@@ -278,11 +280,12 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     remove_leftovers_of_dead_runs(&executor).await;
     let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), cib_store::SqliteOptions::default())
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot open the store: {e}")))?;
+    let store: Arc<dyn Store> = Arc::new(store);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ports = Ports {
         executor: executor.clone(),
         vcs,
-        store: Arc::new(store),
+        store: store.clone(),
         notifiers: Vec::new(),
         clock: clock.clone(),
         secrets: Arc::new(CliSecrets(secrets)),
@@ -292,6 +295,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         workspace_root: data_dir.join("workspaces"),
         tick_every: Duration::from_secs(30),
         reconcile_every: cib_core::engine::RECONCILE_EVERY,
+        snapshots: cib_core::engine::SnapshotPolicy::default(),
     };
     let (engine, future) = Engine::start(ports, config);
     let engine_task = tokio::spawn(future);
@@ -302,11 +306,18 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     let planned: Vec<Planned> = chosen
         .iter()
         .enumerate()
-        .map(|(i, p)| Planned {
-            build: BuildId(format!("local-{run_id}-{}", i + 1)),
-            pipeline: p.name.clone(),
-            only: (!args.steps.is_empty())
-                .then(|| args.steps.iter().filter(|s| p.step(s).is_some()).cloned().collect()),
+        .map(|(i, p)| {
+            let only: Option<Vec<String>> =
+                (!args.steps.is_empty()).then(|| args.steps.iter().filter(|s| p.step(s).is_some()).cloned().collect());
+            let steps = match &only {
+                Some(names) => {
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let keep: Vec<String> = p.closure(&names).iter().map(|s| s.name.clone()).collect();
+                    p.steps.iter().filter(|s| keep.contains(&s.name)).map(|s| s.name.clone()).collect()
+                }
+                None => p.steps.iter().map(|s| s.name.clone()).collect(),
+            };
+            Planned { build: BuildId(format!("local-{run_id}-{}", i + 1)), pipeline: p.name.clone(), only, steps }
         })
         .collect();
     let color = args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
@@ -335,7 +346,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         engine.submit(input).await.map_err(|e| fail(exit::INFRASTRUCTURE, format!("the engine stopped: {e}")))?;
     }
     let conclusions = watch(&engine, events, logs, &mut printer, &planned).await;
-    printer.summary(&engine, &planned, &conclusions).await;
+    printer.summary(store.as_ref(), &planned, &conclusions).await;
     // The engine removes each build's containers, volume and network on a task of its own;
     // this process is about to end, so wait for that (then make sure), leaving nothing behind.
     for p in &planned {
@@ -587,36 +598,30 @@ impl Printer {
         }
     }
 
-    async fn summary(
-        &mut self,
-        engine: &EngineHandle,
-        planned: &[Planned],
-        conclusions: &BTreeMap<BuildId, Conclusion>,
-    ) {
-        let ids: Vec<BuildId> = planned.iter().map(|p| p.build.clone()).collect();
-        let builds = engine
-            .query(move |m| ids.iter().filter_map(|id| m.build(id).cloned()).collect::<Vec<_>>())
-            .await
-            .unwrap_or_default();
+    async fn summary(&mut self, store: &dyn Store, planned: &[Planned], conclusions: &BTreeMap<BuildId, Conclusion>) {
         let mut rows: Vec<[String; 5]> = Vec::new();
-        for b in &builds {
-            for s in &b.steps {
-                let last = s.attempts.last();
+        for p in planned {
+            // The engine forgets a finished build; its record in the store has every attempt.
+            let records = match store.build(&p.build).await {
+                Ok(Some(record)) => record.steps,
+                _ => Vec::new(),
+            };
+            for step in &p.steps {
+                let attempts: Vec<&StepRecord> = records.iter().filter(|r| r.name == *step).collect();
+                let last = attempts.iter().max_by_key(|r| r.attempt);
                 let took = last
-                    .and_then(|a| a.finished_at.map(|f| f.since(a.started_at)))
+                    .and_then(|a| Some(a.finished_at?.since(a.started_at?)))
                     .map(human)
                     .unwrap_or_else(|| "-".into());
-                let conclusion = match &s.status {
-                    cib_core::pipeline::StepStatus::Done(c) => *c,
-                    _ => StepConclusion::Cancelled,
-                };
-                let name = if self.multi { format!("{}/{}", b.pipeline.name, s.name) } else { s.name.clone() };
+                // A step that never ran (its build ended first) is shown cancelled.
+                let result = last.map_or("cancelled", |a| record_style(a.status).1);
+                let name = if self.multi { format!("{}/{step}", p.pipeline) } else { step.clone() };
                 rows.push([
                     name,
-                    conclusion_style(conclusion).1.to_owned(),
+                    result.to_owned(),
                     took,
-                    s.attempts.len().to_string(),
-                    last.map(|a| a.detail.clone()).unwrap_or_default(),
+                    attempts.iter().filter(|a| a.attempt > 0).count().to_string(),
+                    last.and_then(|a| a.detail.clone()).unwrap_or_default(),
                 ]);
             }
         }
@@ -656,6 +661,21 @@ impl Printer {
             let text = format!("pipeline {} {word} in {}", p.pipeline, human(self.started.elapsed()));
             self.write(&text);
         }
+    }
+}
+
+fn record_style(status: StepRecordStatus) -> (&'static str, &'static str) {
+    match status {
+        StepRecordStatus::Waiting => ("33", "waiting"),
+        StepRecordStatus::Running => ("33", "running"),
+        StepRecordStatus::Success => conclusion_style(StepConclusion::Success),
+        StepRecordStatus::Failed => conclusion_style(StepConclusion::Failed),
+        StepRecordStatus::TimedOut => conclusion_style(StepConclusion::TimedOut),
+        StepRecordStatus::Cancelled => conclusion_style(StepConclusion::Cancelled),
+        StepRecordStatus::Errored => conclusion_style(StepConclusion::Errored),
+        StepRecordStatus::Skipped => conclusion_style(StepConclusion::Skipped),
+        StepRecordStatus::Rejected => conclusion_style(StepConclusion::Rejected),
+        StepRecordStatus::Interrupted => conclusion_style(StepConclusion::Interrupted),
     }
 }
 

@@ -476,8 +476,12 @@ async fn a_forks_pull_request_gets_no_secrets_until_a_maintainer_approves_its_he
         .await;
     assert_eq!(answer.body, "token=***\n", "the secret reached the step, masked in its log");
 
-    // A retry of the trusted build runs the base's spec again, never the fork's.
+    // A retry of the trusted build runs the base's spec again, never the fork's. The build has
+    // finished, so the engine no longer holds it: the spec comes from the store.
     let trusted = format!("trust-3-{short}-test");
+    let cancelled =
+        flow.s.request("POST", &format!("/api/v1/builds/{trusted}/cancel"), Some(&token(Role::Trigger)), b"").await;
+    assert_eq!(cancelled.status, 409, "a finished build cannot be cancelled: {}", cancelled.body);
     let retried =
         flow.s.request("POST", &format!("/api/v1/builds/{trusted}/retry"), Some(&token(Role::Trigger)), b"").await;
     assert_eq!(retried.status, 201, "{}", retried.body);

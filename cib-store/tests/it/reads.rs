@@ -33,7 +33,8 @@ fn history(rng: &mut Rng, builds: usize) -> Vec<Event> {
                 build: build.clone(),
                 pipeline: "test".into(),
                 repo: repo.into(),
-                commit: format!("c{i}"),
+                // A few commits, so that filtering by one finds several builds.
+                commit: COMMITS[rng.below(4) as usize].into(),
                 branch,
             },
         );
@@ -82,6 +83,9 @@ fn history(rng: &mut Rng, builds: usize) -> Vec<Event> {
     events
 }
 
+/// The commits builds are of, and one that no build is of.
+const COMMITS: [&str; 5] = ["c0", "c1", "c2", "c3", "c-none"];
+
 fn random_filter(rng: &mut Rng) -> BuildFilter {
     let pick = |rng: &mut Rng, options: &[&str]| -> Option<String> {
         rng.chance(40).then(|| options[rng.below(options.len() as u64) as usize].to_owned())
@@ -93,6 +97,7 @@ fn random_filter(rng: &mut Rng) -> BuildFilter {
     BuildFilter {
         repo: pick(rng, &["acme/app", "acme/lib", "other/tool", "nobody/none"]),
         branch: pick(rng, &["main", "dev", "feature"]),
+        commit: pick(rng, &COMMITS),
         statuses,
         queued_from: from,
         queued_until: until,
@@ -209,7 +214,16 @@ async fn everything_written_is_there_after_reopening() {
     }
     // A different limit now applies to new logs only; the old one reads as it was written.
     let store = open(&path, SqliteOptions { log_limit: 10, ..SqliteOptions::default() });
-    assert_eq!(store.inputs_after(0, 100).await.expect("inputs").len(), 5);
+    // The suite's last snapshot took every input; the snapshot, the kept enqueue and the
+    // numbering survive the reopening.
+    assert_eq!(store.inputs_after(0, 100).await.expect("inputs").len(), 0);
+    assert_eq!(store.latest_snapshot().await.expect("snapshot"), Some((8, b"third".to_vec())));
+    assert!(store.enqueued(&BuildId::from("e2")).await.expect("enqueue").is_some());
+    let next = store
+        .append_input(&cib_core::ports::StoredInput { at: Timestamp(9), input: cib_core::pipeline::Input::Tick })
+        .await
+        .expect("append");
+    assert_eq!(next, 9, "numbering goes on after the snapshot");
     assert_eq!(store.events_after(0, 100).await.expect("events").len(), 23);
     assert!(store.delivery("d-1").await.expect("delivery").is_some());
     assert!(store.build(&BuildId::from("b1")).await.expect("build").is_some());

@@ -81,6 +81,9 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "DROP TABLE log_times;
+         DROP TABLE snapshots;
+         DROP TABLE specs;
+         DROP TABLE enqueues;
          DROP TABLE secrets;
          DROP TABLE webhook_cursors;
          DROP INDEX deliveries_pending;
@@ -95,6 +98,10 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
          INSERT INTO deliveries (id, source, event, received_at, body) VALUES ('old', 'github', 'push', 5, x'7b7d');",
     )
     .expect("downgrade");
+    // An enqueue journaled the old way, with its spec text inline, reads back as it was.
+    let old_enqueue = cib_core::testing::enqueue_input("old-build", "pipelines: {}\n");
+    let json = serde_json::to_string(&old_enqueue).expect("json");
+    conn.execute("INSERT INTO inputs (seq, at, input) VALUES (1, 5, ?1)", [json]).expect("old input");
     drop(conn);
 
     let store = open(&path, SqliteOptions::default());
@@ -103,6 +110,9 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
     assert_eq!(pending[0].body, b"{}");
     store.mark_delivery_done("old").await.expect("done");
     assert!(store.pending_deliveries(10).await.expect("pending").is_empty());
+    let inputs = store.inputs_after(0, 10).await.expect("inputs");
+    assert_eq!(inputs.len(), 1);
+    assert_eq!(inputs[0].1.input, old_enqueue, "the old enqueue keeps its spec");
     let conn = rusqlite::Connection::open(&path).expect("open");
     let version: i64 = conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).expect("version");
     assert_eq!(version, SCHEMA_VERSION);
