@@ -99,6 +99,8 @@ pub struct SqliteStore {
     // channels close before they are joined.
     writer: mpsc::Sender<Command>,
     readers: std_mpsc::Sender<ReadJob>,
+    /// Dropping it stops the checkpointer.
+    _checkpoints: std_mpsc::Sender<()>,
     path: PathBuf,
     log_limit: LogLimit,
     _threads: Threads,
@@ -114,6 +116,26 @@ impl Drop for Threads {
             if thread.join().is_err() {
                 tracing::error!("a store thread panicked");
             }
+        }
+    }
+}
+
+/// How often the checkpointer copies the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the log until the store is dropped. A PASSIVE checkpoint copies what no reader
+/// still needs and never waits; once a checkpoint has copied everything, the writer starts the
+/// log again from its beginning, so the file stops growing.
+fn checkpoint_loop(conn: &Connection, stop: &std_mpsc::Receiver<()>) {
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        let done =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+        match done {
+            Ok((log, copied)) if log > 0 && copied < log => {
+                tracing::debug!(log, copied, "a checkpoint could not copy the whole log yet");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "a checkpoint failed; the next one tries again"),
         }
     }
 }
@@ -179,12 +201,21 @@ impl SqliteStore {
             }
         };
         schema::migrate(&mut conn)?;
+        // The writer never checkpoints: a checkpoint copies the log into the database and syncs
+        // the database file, which in the writer would hold up every write queued behind it (the
+        // webhook receiver's 202 among them). A thread of its own checkpoints instead, PASSIVE,
+        // which never blocks the writer or the readers.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+        let checkpointer = Connection::open(&path).map_err(db)?;
+        configure(&checkpointer, &options)?;
 
         // Offsets are stored as SQL's signed 64-bit integers; no log comes near the clamp.
         let log_limit = LogLimit::new(options.log_limit.min(i64::MAX as u64));
         let logs = LogConfig { limit: log_limit, chunk: options.log_chunk_size, level: options.compression_level };
         let limits = BatchLimits { commands: options.max_batch_writes.max(1), bytes: options.max_batch_bytes.max(1) };
         let mut threads = Threads::default();
+        let (checkpoints, stop) = std_mpsc::channel::<()>();
+        threads.0.push(spawn("cib-store-checkpointer", move || checkpoint_loop(&checkpointer, &stop))?);
         let (writer, rx) = mpsc::channel(limits.commands);
         threads.0.push(spawn("cib-store-writer", move || writer::run(conn, rx, logs, limits))?);
 
@@ -206,7 +237,7 @@ impl SqliteStore {
                 }
             })?);
         }
-        Ok(SqliteStore { writer, readers, path, log_limit, _threads: threads })
+        Ok(SqliteStore { writer, readers, _checkpoints: checkpoints, path, log_limit, _threads: threads })
     }
 
     /// The database file.
