@@ -56,11 +56,20 @@ pub struct Config {
     pub build_lease_ttl: Duration,
     /// Resource pools.
     pub pools: Vec<PoolConfig>,
+    /// The operator's defaults and maximums, applied to every build's pipeline when it is
+    /// enqueued. None by default; the server and `cib run` pass their own.
+    #[serde(default)]
+    pub limits: spec::OperatorLimits,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { max_running_steps: 8, build_lease_ttl: Duration::from_secs(600), pools: Vec::new() }
+        Config {
+            max_running_steps: 8,
+            build_lease_ttl: Duration::from_secs(600),
+            pools: Vec::new(),
+            limits: spec::OperatorLimits::default(),
+        }
     }
 }
 
@@ -790,6 +799,9 @@ impl Machine {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
         let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned());
+        if let Some(p) = found.as_mut() {
+            self.config.limits.apply(p);
+        }
         if let (Some(p), Some(only)) = (found.as_mut(), &only) {
             // The chosen steps and everything they depend on; the rest is left out entirely.
             let names: Vec<&str> = only.iter().map(String::as_str).collect();

@@ -37,6 +37,8 @@ pub struct RunArgs {
     pub commit: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub color: Option<bool>,
+    /// The server's configuration, whose `[limits]` apply; the built-in limits when `None`.
+    pub config: Option<PathBuf>,
 }
 
 struct Failure {
@@ -177,7 +179,8 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         .ok_or_else(|| {
             fail(exit::USAGE, format!("no {} in {}: write one (see docs/spec.md)", spec::FILE_NAME, root.display()))
         })?;
-    let parsed = match spec::parse(&source) {
+    let limits = super::plan::operator_limits(args.config.as_deref()).map_err(|e| fail(exit::USAGE, e))?;
+    let parsed = match spec::parse_limited(&source, &limits) {
         Ok(s) => s,
         Err(diags) => {
             for d in &diags {
@@ -288,7 +291,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         secrets: Arc::new(CliSecrets(secrets)),
     };
     let config = EngineConfig {
-        machine: Config { max_running_steps: 4, ..Config::default() },
+        machine: Config { max_running_steps: 4, limits: limits.clone(), ..Config::default() },
         workspace_root: data_dir.join("workspaces"),
         tick_every: Duration::from_secs(30),
         reconcile_every: cib_core::engine::RECONCILE_EVERY,

@@ -40,7 +40,8 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
             return ExitCode::from(3);
         }
-        let store = match cib_store::SqliteStore::open(db, cib_store::SqliteOptions::default()) {
+        let store_options = cib_store::SqliteOptions { log_limit: config.limits.log_size(), ..Default::default() };
+        let store = match cib_store::SqliteStore::open(db, store_options) {
             Ok(s) => s,
             Err(e) => {
                 eprint(&format!("cib serve: cannot open the store: {e}"));
@@ -54,7 +55,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: {e}"));
             return ExitCode::from(2);
         }
-        let executor = match cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(config.instance.clone())).await {
+        let executor = match cib_docker::DockerExecutor::connect(docker_options(&config)).await {
             Ok(e) => e,
             Err(e) => {
                 eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
@@ -125,4 +126,18 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         let _ = engine_task.await;
         ExitCode::SUCCESS
     })
+}
+
+/// The Docker executor's options: this server's instance name, and the defaults of `[limits]`
+/// for containers that set none (services, which specs give no limits).
+fn docker_options(config: &cib_server::config::ServerConfig) -> cib_docker::DockerOptions {
+    let mut options = cib_docker::DockerOptions::new(config.instance.clone());
+    let limits = config.operator_limits();
+    if let Some(memory) = limits.memory.default {
+        options.default_limits.memory = memory;
+    }
+    if let Some(pids) = limits.pids.default {
+        options.default_limits.pids = pids;
+    }
+    options
 }
