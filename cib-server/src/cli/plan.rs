@@ -21,10 +21,25 @@ pub struct PlanArgs<'a> {
 /// The operator limits of a server's configuration file, or the built-in ones without one, so
 /// that `cib plan` and `cib run` refuse and fill in what the server would.
 pub fn operator_limits(config: Option<&Path>) -> Result<spec::OperatorLimits, String> {
-    let Some(path) = config else { return Ok(spec::OperatorLimits::builtin()) };
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let config = cib_server::config::ServerConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    config.limits.resolve().map_err(|e| format!("{}: {e}", path.display()))
+    limits_config(config).map(|(_, limits)| limits)
+}
+
+/// The `[limits]` of a server's configuration file (all absent without one), and what they
+/// resolve to (the built-in limits where absent).
+pub fn limits_config(
+    config: Option<&Path>,
+) -> Result<(cib_server::config::LimitsConfig, spec::OperatorLimits), String> {
+    let (table, shown) = match config {
+        None => (cib_server::config::LimitsConfig::default(), String::from("the built-in limits")),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let config =
+                cib_server::config::ServerConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            (config.limits, path.display().to_string())
+        }
+    };
+    let limits = table.resolve().map_err(|e| format!("{shown}: {e}"))?;
+    Ok((table, limits))
 }
 
 /// The current branch of the repository around `path`, if git can tell.
