@@ -56,11 +56,20 @@ pub struct Config {
     pub build_lease_ttl: Duration,
     /// Resource pools.
     pub pools: Vec<PoolConfig>,
+    /// The operator's defaults and maximums, applied to every build's pipeline when it is
+    /// enqueued. None by default; the server and `cib run` pass their own.
+    #[serde(default)]
+    pub limits: spec::OperatorLimits,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { max_running_steps: 8, build_lease_ttl: Duration::from_secs(600), pools: Vec::new() }
+        Config {
+            max_running_steps: 8,
+            build_lease_ttl: Duration::from_secs(600),
+            pools: Vec::new(),
+            limits: spec::OperatorLimits::default(),
+        }
     }
 }
 
@@ -489,10 +498,17 @@ fn empty_pipeline(name: &str) -> spec::Pipeline {
 
 /// Plans a build's pipeline from its spec text: the pipeline named, cut down to the steps
 /// chosen and what they depend on. `None` when the spec or the pipeline cannot be read, or no
-/// step is left. Enqueueing and restoring a snapshot both plan through here, so a restored
-/// build runs exactly the pipeline it was enqueued with.
-fn plan_pipeline(source: &str, pipeline: &str, only: Option<&[String]>) -> Option<spec::Pipeline> {
+/// step is left. The operator's limits fill in defaults and cut values down to the maximums.
+/// Enqueueing and restoring a snapshot both plan through here, so a restored build runs exactly
+/// the pipeline it was enqueued with.
+fn plan_pipeline(
+    source: &str,
+    pipeline: &str,
+    only: Option<&[String]>,
+    limits: &spec::OperatorLimits,
+) -> Option<spec::Pipeline> {
     let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned())?;
+    limits.apply(&mut found);
     if let Some(only) = only {
         let names: Vec<&str> = only.iter().map(String::as_str).collect();
         let keep: BTreeSet<String> = found.closure(&names).iter().map(|s| s.name.clone()).collect();
@@ -740,7 +756,7 @@ impl Machine {
         }
         let mut machine = read.machine;
         for b in machine.builds.values_mut() {
-            if let Some(p) = plan_pipeline(&b.spec, &b.pipeline.name, b.only.as_deref()) {
+            if let Some(p) = plan_pipeline(&b.spec, &b.pipeline.name, b.only.as_deref(), &machine.config.limits) {
                 b.pipeline = p;
             }
             if b.pipeline.steps.len() != b.steps.len() && !b.is_finished() {
@@ -911,8 +927,8 @@ impl Machine {
         if self.builds.contains_key(&id) {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
-        // The chosen steps and everything they depend on; the rest is left out entirely.
-        let found = plan_pipeline(source, pipeline, only.as_deref());
+        // The chosen steps and everything they depend on, within this machine's limits.
+        let found = plan_pipeline(source, pipeline, only.as_deref(), &self.config.limits);
         let errored = found.is_none();
         let pipeline = found.unwrap_or_else(|| empty_pipeline(pipeline));
         let steps = pipeline

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cib_core::lease::{PoolConfig, PoolKind, Unit};
+use cib_core::spec::limits::{Bound, OperatorLimits};
+use cib_core::spec::{Duration, Memory};
 use serde::Deserialize;
 
 /// What a token may do. Each role includes the ones before it.
@@ -229,6 +231,10 @@ pub struct ServerConfig {
     /// People and their identities, so that two identities of one person count once.
     #[serde(default)]
     pub people: Vec<cib_core::policy::Person>,
+    /// Defaults and maximums for what specs ask: step and pipeline timeouts, memory,
+    /// processes, and the size of a step's log.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -279,8 +285,157 @@ impl Default for ServerConfig {
             secret_key_file: None,
             secret_key: None,
             people: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
+}
+
+/// `[limits]`: what specs get when they say nothing, and the most they may ask for. Every
+/// key is optional; see [`LimitsConfig::resolve`] for what an absent one means.
+///
+/// ```toml
+/// [limits]
+/// step_timeout = "1h"          # a step without `timeout` gets this
+/// max_step_timeout = "6h"      # a spec asking more is refused
+/// pipeline_timeout = "3h"
+/// max_pipeline_timeout = "12h"
+/// memory = "2g"
+/// max_memory = "8g"
+/// pids = 1024
+/// max_pids = 4096
+/// log_size = "64m"             # bytes of a step's log kept (head and tail)
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub step_timeout: Option<Duration>,
+    pub max_step_timeout: Option<Duration>,
+    pub pipeline_timeout: Option<Duration>,
+    pub max_pipeline_timeout: Option<Duration>,
+    pub memory: Option<Memory>,
+    pub max_memory: Option<Memory>,
+    pub pids: Option<u32>,
+    pub max_pids: Option<u32>,
+    pub log_size: Option<ByteSize>,
+}
+
+/// A number of bytes: a whole number, or text with a `k`, `m` or `g` suffix (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("invalid size '{text}': write it like 64m, 512k or 1g");
+        let t = text.trim().to_ascii_lowercase();
+        let t = t.strip_suffix('b').unwrap_or(&t);
+        let (digits, shift) = match t.as_bytes().last() {
+            Some(b'k') => (&t[..t.len() - 1], 10),
+            Some(b'm') => (&t[..t.len() - 1], 20),
+            Some(b'g') => (&t[..t.len() - 1], 30),
+            Some(_) => (t, 0),
+            None => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        n.checked_mul(1 << shift).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Bytes(u64),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Bytes(n) => Ok(ByteSize(n)),
+            Written::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The smallest log a step may keep: room for an error message and the lines before it.
+pub const MIN_LOG_SIZE: u64 = 64 << 10;
+
+impl LimitsConfig {
+    /// The limits as the spec reader and the machine take them. An absent default is the
+    /// built-in one ([`OperatorLimits::builtin`]: a step runs an hour, 2 GiB, 1024 processes),
+    /// lowered to the maximum when one is set below it; a pipeline has no default timeout
+    /// unless a maximum is set, which is then the default. An absent maximum caps nothing,
+    /// except the step timeout, whose built-in maximum is a day.
+    pub fn resolve(&self) -> Result<OperatorLimits, String> {
+        // The values as written, so that the message names the key the operator wrote.
+        for (key, value) in [
+            ("step_timeout", self.step_timeout),
+            ("max_step_timeout", self.max_step_timeout),
+            ("pipeline_timeout", self.pipeline_timeout),
+            ("max_pipeline_timeout", self.max_pipeline_timeout),
+        ] {
+            if value.is_some_and(|d| d.as_secs() == 0) {
+                return Err(format!("[limits] {key} must be longer than 0s"));
+            }
+        }
+        for (key, value) in [("pids", self.pids), ("max_pids", self.max_pids)] {
+            if value.is_some_and(|n| n < 8) {
+                return Err(format!(
+                    "[limits] {key} must be at least 8: a shell and its commands need a few processes"
+                ));
+            }
+        }
+        let builtin = OperatorLimits::builtin();
+        let step = bound(
+            "step_timeout",
+            self.step_timeout,
+            self.max_step_timeout.or(builtin.step_timeout.max),
+            builtin.step_timeout.default,
+            Duration::to_string,
+        )?;
+        let pipeline = bound(
+            "pipeline_timeout",
+            self.pipeline_timeout,
+            self.max_pipeline_timeout,
+            builtin.pipeline_timeout.default,
+            Duration::to_string,
+        )?;
+        let memory =
+            bound("memory", self.memory.map(|m| m.0), self.max_memory.map(|m| m.0), builtin.memory.default, |b| {
+                cib_core::spec::limits::show_bytes(*b)
+            })?;
+        let pids = bound("pids", self.pids, self.max_pids, builtin.pids.default, u32::to_string)?;
+        Ok(OperatorLimits { step_timeout: step, pipeline_timeout: pipeline, memory, pids })
+    }
+
+    /// The bytes of a step's log the store keeps (its head and its tail): `log_size`, else the
+    /// store's default of 64 MiB.
+    pub fn log_size(&self) -> u64 {
+        self.log_size.map_or(cib_core::ports::DEFAULT_LOG_LIMIT, |s| s.0)
+    }
+}
+
+/// One value's default and maximum. The default given must not be over the maximum; the
+/// built-in default is lowered to it; with no default at all, the maximum is the default, so
+/// that a spec saying nothing is still held to it.
+fn bound<T: Copy + Ord>(
+    key: &str,
+    default: Option<T>,
+    max: Option<T>,
+    builtin: Option<T>,
+    show: impl Fn(&T) -> String,
+) -> Result<Bound<T>, String> {
+    let default = match (default, max) {
+        (Some(d), Some(m)) if d > m => {
+            return Err(format!(
+                "[limits] {key} is {}, over max_{key} ({}): a spec that says nothing would get more than one may ask for",
+                show(&d),
+                show(&m)
+            ));
+        }
+        (Some(d), _) => Some(d),
+        (None, Some(m)) => Some(builtin.map_or(m, |b| b.min(m))),
+        (None, None) => builtin,
+    };
+    Ok(Bound::new(default, max))
 }
 
 /// How the inbox retries a delivery whose processing failed: after `retry_base_ms`, doubling
@@ -373,6 +528,13 @@ impl ServerConfig {
                 ));
             }
         }
+        self.limits.resolve()?;
+        if self.limits.log_size() < MIN_LOG_SIZE {
+            return Err(format!(
+                "[limits] log_size is {} bytes; a step's log keeps at least {MIN_LOG_SIZE} bytes (64k)",
+                self.limits.log_size()
+            ));
+        }
         for p in &self.pools {
             if p.units.is_empty() == p.capacity.is_none() {
                 return Err(format!("pool '{}' needs either units or a capacity", p.name));
@@ -396,6 +558,12 @@ impl ServerConfig {
     /// code that fails the check gets an empty directory, so nobody is merged with anyone.
     pub fn people_directory(&self) -> cib_core::policy::People {
         cib_core::policy::People::new(self.people.clone()).unwrap_or_default()
+    }
+
+    /// The operator's limits. [`ServerConfig::load`] has checked them; a configuration built
+    /// in code whose limits do not resolve gets the built-in ones.
+    pub fn operator_limits(&self) -> OperatorLimits {
+        self.limits.resolve().unwrap_or_else(|_| OperatorLimits::builtin())
     }
 
     /// The pools as the lease table takes them.
@@ -571,5 +739,98 @@ impl std::fmt::Debug for ScopedSecret {
             .field("pipelines", &self.pipelines)
             .field("environments", &self.environments)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(toml_text: &str) -> Result<OperatorLimits, String> {
+        let config = ServerConfig::parse(toml_text)?;
+        config.check()?;
+        config.limits.resolve()
+    }
+
+    #[test]
+    fn every_key_of_limits_is_read() {
+        let config = ServerConfig::parse(
+            r#"
+[limits]
+step_timeout = "10m"
+max_step_timeout = "6h"
+pipeline_timeout = "3h"
+max_pipeline_timeout = "12h"
+memory = "1g"
+max_memory = "8g"
+pids = 256
+max_pids = 4096
+log_size = "16m"
+"#,
+        )
+        .expect("valid");
+        let l = config.limits.resolve().expect("resolves");
+        assert_eq!(l.step_timeout, Bound::new(Some(Duration::from_secs(600)), Some(Duration::from_secs(6 * 3600))));
+        assert_eq!(
+            l.pipeline_timeout,
+            Bound::new(Some(Duration::from_secs(3 * 3600)), Some(Duration::from_secs(12 * 3600)))
+        );
+        assert_eq!(l.memory, Bound::new(Some(1 << 30), Some(8 << 30)));
+        assert_eq!(l.pids, Bound::new(Some(256), Some(4096)));
+        assert_eq!(config.limits.log_size(), 16 << 20);
+        assert_eq!(config.operator_limits(), l);
+    }
+
+    #[test]
+    fn absent_keys_take_the_built_in_values_lowered_to_a_given_maximum() {
+        assert_eq!(limits("").expect("empty"), OperatorLimits::builtin());
+        assert_eq!(ServerConfig::default().limits.log_size(), cib_core::ports::DEFAULT_LOG_LIMIT);
+        let l = limits("[limits]\nmax_step_timeout = \"30m\"\nmax_pipeline_timeout = \"2h\"\nmax_memory = \"512m\"")
+            .expect("valid");
+        assert_eq!(l.step_timeout.default, Some(Duration::from_secs(1800)), "the built-in hour, lowered");
+        assert_eq!(l.pipeline_timeout.default, Some(Duration::from_secs(7200)), "a maximum alone is the default");
+        assert_eq!(l.memory.default, Some(512 << 20));
+        assert_eq!(l.pids, Bound::new(Some(1024), None));
+        let raised = limits("[limits]\nmax_step_timeout = \"3d\"").expect("valid");
+        assert_eq!(raised.step_timeout.default, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_key() {
+        let cases = [
+            ("[limits]\nstep_timeout = \"soon\"", "invalid duration 'soon'"),
+            ("[limits]\nmax_memory = \"lots\"", "invalid memory size 'lots'"),
+            ("[limits]\npids = \"many\"", "pids"),
+            ("[limits]\nlog_size = \"big\"", "invalid size 'big'"),
+            ("[limits]\nstep_timout = \"1h\"", "step_timout"),
+            (
+                "[limits]\nstep_timeout = \"2h\"\nmax_step_timeout = \"1h\"",
+                "step_timeout is 2h, over max_step_timeout (1h)",
+            ),
+            ("[limits]\nstep_timeout = \"2d\"", "step_timeout is 2d, over max_step_timeout (1d)"),
+            ("[limits]\nmemory = \"8g\"\nmax_memory = \"4g\"", "memory is 8g, over max_memory (4g)"),
+            ("[limits]\nmax_pipeline_timeout = \"0s\"", "max_pipeline_timeout must be longer than 0s"),
+            ("[limits]\npids = 4", "[limits] pids must be at least 8"),
+            ("[limits]\nlog_size = 100", "[limits] log_size is 100 bytes"),
+        ];
+        for (text, want) in cases {
+            let error = limits(text).expect_err(text);
+            assert!(error.contains(want), "{text}: {error}");
+        }
+        // A TOML error says where; the key is on the line it shows.
+        let error = limits("[limits]\nstep_timeout = \"soon\"").expect_err("bad");
+        assert!(error.contains("step_timeout = \"soon\""), "{error}");
+    }
+
+    #[test]
+    fn sizes_are_read_with_their_suffixes() {
+        assert_eq!(ByteSize::parse("64m"), Ok(ByteSize(64 << 20)));
+        assert_eq!(ByteSize::parse("512K"), Ok(ByteSize(512 << 10)));
+        assert_eq!(ByteSize::parse("1gb"), Ok(ByteSize(1 << 30)));
+        assert_eq!(ByteSize::parse("1000"), Ok(ByteSize(1000)));
+        assert!(ByteSize::parse("").is_err());
+        assert!(ByteSize::parse("99999999999g").is_err(), "overflow is refused");
+        let config = ServerConfig::parse("[limits]\nlog_size = 1048576").expect("an integer is bytes");
+        assert_eq!(config.limits.log_size(), 1 << 20);
     }
 }

@@ -329,7 +329,7 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
             None => return Ok(Processed::Nothing(format!("{repo} has no {} at {spec_rev}", spec::FILE_NAME))),
         };
     let text: Arc<str> = Arc::from(source.as_str());
-    let parsed = match crate::workflow::parse_blocking(text.clone()).await {
+    let parsed = match crate::workflow::parse_blocking(text.clone(), state.config.operator_limits()).await {
         Ok(s) => s,
         Err(diags) => {
             // The people who pushed hear of it, through the notifiers, rather than seeing

@@ -70,6 +70,9 @@ enum Command {
         /// Also write the engine's log lines to standard error (repeat for more detail).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
+        /// A server configuration file whose `[limits]` apply (default: the built-in limits).
+        #[arg(long, env = "CIB_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Serve webhooks, the REST API and the event stream (configuration: a TOML file and CIB_* variables).
     Serve {
@@ -122,6 +125,9 @@ enum Command {
         /// Print JSON instead of a tree.
         #[arg(long)]
         json: bool,
+        /// A server configuration file whose `[limits]` apply (default: the built-in limits).
+        #[arg(long, env = "CIB_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -220,6 +226,7 @@ fn main() -> ExitCode {
             data_dir,
             color,
             verbose,
+            config,
         } => {
             if verbose > 0 {
                 cli::init_logs("text", Some(if verbose == 1 { "info" } else { "debug" }));
@@ -241,6 +248,7 @@ fn main() -> ExitCode {
                 commit,
                 data_dir,
                 color,
+                config,
             })
         }
         Command::Serve { config, log_format } => serve::run(config.as_deref(), &log_format),
@@ -269,8 +277,8 @@ fn main() -> ExitCode {
                 SecretCommand::Rekey { key_stdin } => secret::rekey(&remote, key_stdin),
             }
         }
-        Command::Plan { path, event, branch, tag, changed, json } => {
-            plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json })
+        Command::Plan { path, event, branch, tag, changed, json, config } => {
+            plan::run(plan::PlanArgs { path: &path, event, branch, tag, changed, json, config: config.as_deref() })
         }
         Command::Schema => cli::schema(),
         Command::Openapi => cli::openapi(),

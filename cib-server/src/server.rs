@@ -70,6 +70,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
         machine: Config {
             max_running_steps: config.max_running_steps,
             pools: config.lease_pools(),
+            limits: config.operator_limits(),
             ..Config::default()
         },
         workspace_root: config.data_dir.join("workspaces"),

@@ -47,8 +47,17 @@ fn refused(what: &str, refusals: &[Refusal]) -> ApiError {
 
 /// Parses a spec that came from outside on the blocking pool: a hostile one costs at most the
 /// parser's bounded time, and never stalls the async workers that serve everyone else.
-pub async fn parse_blocking(source: std::sync::Arc<str>) -> Result<spec::Spec, Vec<spec::Diagnostic>> {
-    match tokio::task::spawn_blocking(move || spec::parse(&source)).await {
+///
+/// Under `limits`, a value over one of the operator's maximums is a diagnostic like any other,
+/// so a spec asking too much is refused wherever an invalid one is (the `spec_invalid` event
+/// and the `cib/spec` status for a push, 422 for the API), and the spec returned has the
+/// operator's defaults filled in. Reading policy (merges, promotions) plans no build and
+/// passes no limits.
+pub async fn parse_blocking(
+    source: std::sync::Arc<str>,
+    limits: spec::OperatorLimits,
+) -> Result<spec::Spec, Vec<spec::Diagnostic>> {
+    match tokio::task::spawn_blocking(move || spec::parse_limited(&source, &limits)).await {
         Ok(parsed) => parsed,
         // The parser does not panic on any input (its fuzz and property tests say so); were
         // it to, the spec is refused rather than the server brought down.
@@ -108,7 +117,7 @@ async fn policy_spec(state: &AppState, repo: &str, branch: &str) -> Result<spec:
         Ok(None) => return Err(ApiError::Unprocessable(format!("{repo} has no spec on {branch}"))),
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec on {branch}: {e}"))),
     };
-    parse_blocking(Arc::from(source.as_str())).await.map_err(|d| {
+    parse_blocking(Arc::from(source.as_str()), spec::OperatorLimits::default()).await.map_err(|d| {
         let first = d.first().map(|d| d.line(spec::FILE_NAME)).unwrap_or_default();
         ApiError::Unprocessable(format!("the spec on {branch} is invalid: {first}"))
     })
@@ -142,7 +151,7 @@ async fn build_branch(
     }
     let Ok(Some(source)) = state.vcs.read_spec(repo, commit).await else { return Vec::new() };
     let text: Arc<str> = Arc::from(source.as_str());
-    let Ok(parsed) = parse_blocking(text.clone()).await else { return Vec::new() };
+    let Ok(parsed) = parse_blocking(text.clone(), state.config.operator_limits()).await else { return Vec::new() };
     let (event, tag) = if promotion {
         (TriggerEvent::of(spec::EventKind::Promotion, branch), "promote")
     } else {

@@ -10,6 +10,7 @@
 
 mod de;
 mod diag;
+pub mod limits;
 pub mod model;
 pub mod raw;
 mod types;
@@ -17,6 +18,7 @@ mod validate;
 mod yaml;
 
 pub use diag::{Diagnostic, MAX_DIAGNOSTICS, Pos, did_you_mean};
+pub use limits::OperatorLimits;
 pub use model::*;
 pub use types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
 pub use validate::{DEFAULT_INTEGRATION_BRANCH, DEFAULT_LAYOUT, DEFAULT_RELEASE_BRANCH};
@@ -52,6 +54,11 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Spec, Vec<Diagnostic>> {
     parse(decode(bytes).map_err(|d| vec![d])?)
 }
 
+/// [`parse_limited`] over a file's bytes, refusing text that [`decode`] refuses.
+pub fn parse_bytes_limited(bytes: &[u8], limits: &OperatorLimits) -> Result<Spec, Vec<Diagnostic>> {
+    parse_limited(decode(bytes).map_err(|d| vec![d])?, limits)
+}
+
 fn check_size(len: usize) -> Result<(), Diagnostic> {
     if len > MAX_SPEC_BYTES {
         return Err(Diagnostic::error(
@@ -69,10 +76,24 @@ fn check_size(len: usize) -> Result<(), Diagnostic> {
 /// every problem. Checks of references (to steps, services, pipelines) are then left out, since
 /// the thing referred to may be one of the malformed values.
 pub fn parse(source: &str) -> Result<Spec, Vec<Diagnostic>> {
+    parse_limited(source, &OperatorLimits::default())
+}
+
+/// [`parse`] under a server's limits: a value over a maximum is one more diagnostic (with the
+/// key's path, the value and the limit), and the spec that passes has the defaults filled in
+/// ([`OperatorLimits::apply`]), so that every step that runs commands has a timeout.
+pub fn parse_limited(source: &str, limits: &OperatorLimits) -> Result<Spec, Vec<Diagnostic>> {
     let (raw, mut diags) = read(source);
     let Some(raw) = raw else { return Err(diag::cap(diags)) };
-    match validate::validate(raw, !diags.is_empty()) {
-        Ok(spec) if diags.is_empty() => Ok(spec),
+    // Values over a limit are well formed, so they do not make the rest of the checks partial.
+    let partial = !diags.is_empty();
+    diags.extend(limits.check(&raw));
+    diags.sort();
+    match validate::validate(raw, partial) {
+        Ok(mut spec) if diags.is_empty() => {
+            spec.pipelines.iter_mut().for_each(|p| limits.apply(p));
+            Ok(spec)
+        }
         Ok(_) => Err(diag::cap(diags)),
         Err(more) => {
             diags.extend(more);

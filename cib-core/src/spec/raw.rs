@@ -68,9 +68,9 @@ pub struct RawPipeline {
     /// What the pipeline publishes once every step has passed.
     #[serde(default)]
     pub deliverables: Vec<RawDeliverable>,
-    /// Time limit for the whole pipeline.
+    /// Time limit for the whole pipeline. The server may set a default and a maximum.
     #[serde(default)]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Spanned<Duration>>,
     /// Values a person may give when starting the pipeline by hand (`on: manual`), by name.
     /// Steps see each as `INPUT_<NAME>`; nothing else given at a trigger reaches them.
     #[serde(default)]
@@ -305,9 +305,10 @@ pub struct RawStep {
     /// Working directory, relative to the workspace.
     #[serde(default)]
     pub workdir: Option<Spanned<String>>,
-    /// Time limit for one attempt of this step.
+    /// Time limit for one attempt of this step. The server gives a step without one its
+    /// default, and refuses one over its maximum.
     #[serde(default)]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Spanned<Duration>>,
     /// Fail the step when it prints nothing for this long.
     #[serde(default)]
     pub no_output_timeout: Option<Duration>,
@@ -387,7 +388,7 @@ pub enum RetryOn {
 pub struct RawLimits {
     /// Memory limit, e.g. `512m`, `2g`.
     #[serde(default)]
-    pub memory: Option<Memory>,
+    pub memory: Option<Spanned<Memory>>,
     /// CPUs, e.g. `2` or `0.5`.
     #[serde(default)]
     pub cpus: Option<Spanned<f64>>,

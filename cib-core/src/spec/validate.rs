@@ -376,7 +376,11 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
             {
                 c.err(pids.pos, "'pids' must be at least 8: a shell and its commands need a few processes");
             }
-            Limits { memory: l.memory, cpus: l.cpus.as_ref().map(|x| x.value), pids: l.pids.as_ref().map(|x| x.value) }
+            Limits {
+                memory: l.memory.as_ref().map(|m| m.value),
+                cpus: l.cpus.as_ref().map(|x| x.value),
+                pids: l.pids.as_ref().map(|x| x.value),
+            }
         }
     };
     let services = match &s.services {
@@ -409,7 +413,7 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
         env: env_map(c, s.name.pos, &s.env),
         secrets: s.secrets.iter().map(|x| x.value.clone()).collect(),
         workdir: s.workdir.as_ref().map(|w| w.value.clone()),
-        timeout: positive(c, s.name.pos, "'timeout'", s.timeout),
+        timeout: positive(c, s.name.pos, "'timeout'", s.timeout.as_ref().map(|t| t.value)),
         no_output_timeout: positive(c, s.name.pos, "'no_output_timeout'", s.no_output_timeout),
         retry,
         network: s.network.unwrap_or(Network::Bridge),
@@ -584,7 +588,7 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
         resources: resources_model(c, &p.resources),
         steps,
         deliverables,
-        timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout),
+        timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout.as_ref().map(|t| t.value)),
         inputs,
     }
 }

@@ -169,7 +169,7 @@ pub async fn trigger(
         Ok(None) => return Err(ApiError::Unprocessable(format!("{} has no spec at {commit}", request.repo))),
         Err(e) => return Err(ApiError::Unprocessable(format!("cannot read the spec: {e}"))),
     };
-    let parsed = super::parse_spec(&source).await?;
+    let parsed = super::parse_spec(&source, state.config.operator_limits()).await?;
     let Some(pipeline) = parsed.pipeline(&request.pipeline) else {
         return Err(ApiError::Unprocessable(format!("the spec has no pipeline '{}'", request.pipeline)));
     };
@@ -249,8 +249,10 @@ pub fn trigger_doc(g: &mut DocGen) -> Op {
         .error(
             g,
             422,
-            "The ref, the spec or the pipeline cannot be had, the pipeline is not manual, an input is undeclared or \
-             ill-typed (the answer lists the allowed ones), or the commit is on no branch of the repository.",
+            "The ref, the spec or the pipeline cannot be had, the spec asks more than the server's `[limits]` allow \
+             (each value over a maximum is a diagnostic naming its key and the limit), the pipeline is not manual, \
+             an input is undeclared or ill-typed (the answer lists the allowed ones), or the commit is on no branch \
+             of the repository.",
         )
 }
 

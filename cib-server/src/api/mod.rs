@@ -16,9 +16,10 @@ use cib_core::spec;
 
 use crate::error::ApiError;
 
-/// Parses a spec on the blocking pool, or the error that lists every diagnostic.
-pub async fn parse_spec(source: &str) -> Result<spec::Spec, ApiError> {
-    crate::workflow::parse_blocking(std::sync::Arc::from(source))
+/// Parses a spec on the blocking pool under the operator's limits, or the error that lists
+/// every diagnostic (a value over a maximum among them).
+pub async fn parse_spec(source: &str, limits: spec::OperatorLimits) -> Result<spec::Spec, ApiError> {
+    crate::workflow::parse_blocking(std::sync::Arc::from(source), limits)
         .await
         .map_err(|diags| ApiError::InvalidSpec { diagnostics: diags.iter().map(|d| d.line(spec::FILE_NAME)).collect() })
 }

@@ -14,6 +14,32 @@ pub struct PlanArgs<'a> {
     pub tag: Option<String>,
     pub changed: Option<Vec<String>>,
     pub json: bool,
+    /// The server's configuration, whose `[limits]` apply; the built-in limits when `None`.
+    pub config: Option<&'a Path>,
+}
+
+/// The operator limits of a server's configuration file, or the built-in ones without one, so
+/// that `cib plan` and `cib run` refuse and fill in what the server would.
+pub fn operator_limits(config: Option<&Path>) -> Result<spec::OperatorLimits, String> {
+    limits_config(config).map(|(_, limits)| limits)
+}
+
+/// The `[limits]` of a server's configuration file (all absent without one), and what they
+/// resolve to (the built-in limits where absent).
+pub fn limits_config(
+    config: Option<&Path>,
+) -> Result<(cib_server::config::LimitsConfig, spec::OperatorLimits), String> {
+    let (table, shown) = match config {
+        None => (cib_server::config::LimitsConfig::default(), String::from("the built-in limits")),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let config =
+                cib_server::config::ServerConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            (config.limits, path.display().to_string())
+        }
+    };
+    let limits = table.resolve().map_err(|e| format!("{shown}: {e}"))?;
+    Ok((table, limits))
 }
 
 /// The current branch of the repository around `path`, if git can tell.
@@ -34,8 +60,15 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let limits = match operator_limits(args.config) {
+        Ok(limits) => limits,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "cib plan: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let source = String::from_utf8_lossy(&bytes);
-    let parsed = match spec::parse_bytes(&bytes) {
+    let parsed = match spec::parse_bytes_limited(&bytes, &limits) {
         Ok(s) => s,
         Err(diags) => {
             let mut err = std::io::stderr().lock();
@@ -56,8 +89,12 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
             "pipelines": pipelines.iter().map(|p| json!({
                 "name": p.name,
                 "kind": p.kind,
+                "timeout": p.timeout,
                 "steps": p.steps.iter().map(|s| json!({
                     "name": s.name,
+                    "timeout": s.timeout,
+                    "memory": s.limits.memory.map(|m| spec::limits::show_bytes(m.0)),
+                    "pids": s.limits.pids,
                     "depends_on": s.depends_on,
                     "runs": s.when.admits(&event),
                     "image": match &s.action { Action::Run { image, .. } => Some(image), Action::Gate(_) => None },

@@ -37,6 +37,8 @@ pub struct RunArgs {
     pub commit: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub color: Option<bool>,
+    /// The server's configuration, whose `[limits]` apply; the built-in limits when `None`.
+    pub config: Option<PathBuf>,
 }
 
 struct Failure {
@@ -179,7 +181,9 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         .ok_or_else(|| {
             fail(exit::USAGE, format!("no {} in {}: write one (see docs/spec.md)", spec::FILE_NAME, root.display()))
         })?;
-    let parsed = match spec::parse(&source) {
+    let (limits_table, limits) =
+        super::plan::limits_config(args.config.as_deref()).map_err(|e| fail(exit::USAGE, e))?;
+    let parsed = match spec::parse_limited(&source, &limits) {
         Ok(s) => s,
         Err(diags) => {
             for d in &diags {
@@ -259,7 +263,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     // other's containers for leftovers.
     let instance = format!("cib-run-{}", std::process::id());
     let executor =
-        cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance)).await.map_err(|e| {
+        cib_docker::DockerExecutor::connect(super::serve::docker_options(instance, &limits)).await.map_err(|e| {
             fail(
                 exit::INFRASTRUCTURE,
                 format!("cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST), then run again."),
@@ -278,7 +282,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot create {}: {e}", data_dir.display())))?;
     let executor: Arc<cib_docker::DockerExecutor> = Arc::new(executor);
     remove_leftovers_of_dead_runs(&executor).await;
-    let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), cib_store::SqliteOptions::default())
+    let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), super::serve::store_options(&limits_table))
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot open the store: {e}")))?;
     let store: Arc<dyn Store> = Arc::new(store);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -291,7 +295,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         secrets: Arc::new(CliSecrets(secrets)),
     };
     let config = EngineConfig {
-        machine: Config { max_running_steps: 4, ..Config::default() },
+        machine: Config { max_running_steps: 4, limits: limits.clone(), ..Config::default() },
         workspace_root: data_dir.join("workspaces"),
         tick_every: Duration::from_secs(30),
         reconcile_every: cib_core::engine::RECONCILE_EVERY,

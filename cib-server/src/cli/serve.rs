@@ -40,7 +40,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
             return ExitCode::from(3);
         }
-        let store = match cib_store::SqliteStore::open(db, cib_store::SqliteOptions::default()) {
+        let store = match cib_store::SqliteStore::open(db, store_options(&config.limits)) {
             Ok(s) => s,
             Err(e) => {
                 eprint(&format!("cib serve: cannot open the store: {e}"));
@@ -54,7 +54,8 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: {e}"));
             return ExitCode::from(2);
         }
-        let executor = match cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(config.instance.clone())).await {
+        let options = docker_options(config.instance.clone(), &config.operator_limits());
+        let executor = match cib_docker::DockerExecutor::connect(options).await {
             Ok(e) => e,
             Err(e) => {
                 eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
@@ -125,4 +126,44 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         let _ = engine_task.await;
         ExitCode::SUCCESS
     })
+}
+
+/// The Docker executor's options: this server's instance name, and the defaults of `[limits]`
+/// for containers that set none (services, which specs give no limits).
+pub fn docker_options(instance: String, limits: &cib_core::spec::OperatorLimits) -> cib_docker::DockerOptions {
+    let mut options = cib_docker::DockerOptions::new(instance);
+    if let Some(memory) = limits.memory.default {
+        options.default_limits.memory = memory;
+    }
+    if let Some(pids) = limits.pids.default {
+        options.default_limits.pids = pids;
+    }
+    options
+}
+
+/// The store's options: a step's log keeps `[limits] log_size` bytes.
+pub fn store_options(limits: &cib_server::config::LimitsConfig) -> cib_store::SqliteOptions {
+    cib_store::SqliteOptions { log_limit: limits.log_size(), ..Default::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_reach_the_store_and_the_executor() {
+        let config =
+            cib_server::config::ServerConfig::parse("[limits]\nmemory = \"1g\"\npids = 256\nlog_size = \"8m\"\n")
+                .expect("valid");
+        assert_eq!(store_options(&config.limits).log_limit, 8 << 20);
+        let docker = docker_options(config.instance.clone(), &config.operator_limits());
+        assert_eq!((docker.default_limits.memory, docker.default_limits.pids), (1 << 30, 256));
+        assert_eq!(docker.instance, config.instance);
+        // Without [limits], the built-in values, which are the executor's and the store's own.
+        let plain = cib_server::config::ServerConfig::default();
+        assert_eq!(store_options(&plain.limits).log_limit, cib_store::SqliteOptions::default().log_limit);
+        let defaults = cib_docker::DockerOptions::new("x").default_limits;
+        let docker = docker_options(plain.instance.clone(), &plain.operator_limits());
+        assert_eq!((docker.default_limits.memory, docker.default_limits.pids), (defaults.memory, defaults.pids));
+    }
 }

@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod github_flow;
 mod inbox;
+mod limits;
 mod metrics;
 mod openapi_check;
 mod outgoing;

@@ -173,3 +173,30 @@ fn a_clean_checkout_of_a_commit_ignores_the_working_tree() {
     let out = cib_run(dir.path(), &["--step", "lint", "--color", "never"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("lint | edited lint"), "the working tree ran");
 }
+
+#[test]
+fn a_step_over_the_limits_is_refused_and_one_without_a_timeout_gets_the_default() {
+    // Over the built-in maximum of a day: refused before anything runs.
+    let long = "pipelines:\n  test:\n    on: { push: {} }\n    steps:\n      - { name: a, image: busybox, commands: [\"true\"], timeout: 2d }\n";
+    let dir = project(long);
+    let out = cib_run(dir.path(), &["--color", "never"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(".cib.yml:5:65: error: pipelines.test.steps.a.timeout is 2d, over this server's limit of 1d"),
+        "{stderr}"
+    );
+
+    // A configuration's default step timeout ends a step whose spec gives none, in real Docker.
+    let sleepy = "pipelines:\n  test:\n    on: { push: {} }\n    steps:\n      - { name: nap, image: busybox, commands: [\"sleep 60\"] }\n";
+    let dir = project(sleepy);
+    let config = dir.path().join("cib.toml");
+    std::fs::write(&config, "[limits]\nstep_timeout = \"2s\"\n").expect("config");
+    let started = std::time::Instant::now();
+    let (out, pid) = cib_run_with_pid(dir.path(), &["--color", "never", "--config", config.to_str().expect("path")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("timed out") || stdout.contains("timed_out"), "{stdout}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(45), "the step was stopped, not left to sleep");
+    assert!(left_in_docker(pid).is_empty(), "{:?}", left_in_docker(pid));
+}
