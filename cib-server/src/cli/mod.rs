@@ -1,9 +1,15 @@
-//! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`),
-//! the server (`serve`), and client commands that talk to a server (`pool`, `lease`, `secret`).
+//! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`,
+//! `init`, `completions`, `man`), the server (`serve`), and client commands that talk to a
+//! server (`builds`, `build`, `logs`, `trigger`, `cancel`, `retry`, `approve`, `reject`,
+//! `merge`, `promote`, `approvals`, `envs`, `whoami`, `pool`, `lease`, `secret`).
 
 pub mod client;
+pub mod init;
 pub mod lint;
+pub mod logs;
+pub mod manual;
 pub mod plan;
+pub mod remote;
 pub mod run;
 pub mod secret;
 pub mod serve;

@@ -37,6 +37,8 @@ pub struct RunArgs {
     pub commit: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub color: Option<bool>,
+    /// One JSON object per line on standard output instead of text for people.
+    pub json: bool,
 }
 
 struct Failure {
@@ -218,8 +220,14 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
     if chosen.is_empty() {
         let kind_text = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        let _ =
-            writeln!(std::io::stdout(), "no pipeline runs for a {kind_text} on {branch}; choose one with --pipeline");
+        let text = format!("no pipeline runs for a {kind_text} on {branch}; choose one with --pipeline");
+        let line = if args.json {
+            serde_json::json!({ "type": "run_finished", "pipelines": [], "steps": [], "exit": exit::SUCCESS, "note": text })
+                .to_string()
+        } else {
+            text
+        };
+        let _ = writeln!(std::io::stdout(), "{line}");
         return Ok(exit::SUCCESS);
     }
 
@@ -309,8 +317,8 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
                 .then(|| args.steps.iter().filter(|s| p.step(s).is_some()).cloned().collect()),
         })
         .collect();
-    let color = args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
-    let mut printer = Printer::new(color, &planned);
+    let color = !args.json && args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
+    let mut printer = Printer::new(color, args.json, &planned);
     printer.header(&event, &planned);
     let spec_text: Arc<str> = Arc::from(source.as_str());
     for p in &planned {
@@ -335,7 +343,14 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         engine.submit(input).await.map_err(|e| fail(exit::INFRASTRUCTURE, format!("the engine stopped: {e}")))?;
     }
     let conclusions = watch(&engine, events, logs, &mut printer, &planned).await;
-    printer.summary(&engine, &planned, &conclusions).await;
+    let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
+        exit::INFRASTRUCTURE
+    } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
+        exit::SUCCESS
+    } else {
+        exit::FAILED
+    };
+    printer.summary(&engine, &planned, &conclusions, code).await;
     // The engine removes each build's containers, volume and network on a task of its own;
     // this process is about to end, so wait for that (then make sure), leaving nothing behind.
     for p in &planned {
@@ -349,13 +364,6 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
     engine.shutdown().await;
     let _ = engine_task.await;
-    let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
-        exit::INFRASTRUCTURE
-    } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
-        exit::SUCCESS
-    } else {
-        exit::FAILED
-    };
     Ok(code)
 }
 
@@ -395,7 +403,7 @@ async fn watch(
                     {
                         done.insert(build.clone(), *conclusion);
                     }
-                    printer.event(&event.body);
+                    printer.event(&event);
                 }
                 Err(RecvError::Lagged(n)) => printer.note(&format!("({n} events skipped: the terminal is slower than the build)")),
                 Err(RecvError::Closed) => break,
@@ -429,6 +437,9 @@ const PALETTE: [&str; 6] = ["36", "35", "33", "32", "34", "91"];
 /// the closing summary.
 struct Printer {
     color: bool,
+    /// JSON lines instead of text: every event as the server's event stream has it, output
+    /// line by line, and a closing `run_finished`.
+    json: bool,
     multi: bool,
     colors: HashMap<String, &'static str>,
     partial: HashMap<(BuildId, String, u32), Vec<u8>>,
@@ -439,9 +450,10 @@ struct Printer {
 }
 
 impl Printer {
-    fn new(color: bool, planned: &[Planned]) -> Self {
+    fn new(color: bool, json: bool, planned: &[Planned]) -> Self {
         Printer {
             color,
+            json,
             multi: planned.len() > 1,
             colors: HashMap::new(),
             partial: HashMap::new(),
@@ -473,6 +485,10 @@ impl Printer {
     }
 
     fn note(&mut self, text: &str) {
+        if self.json {
+            self.write(&serde_json::json!({ "type": "note", "text": text }).to_string());
+            return;
+        }
         let text = self.paint("2", text);
         self.write(&text);
     }
@@ -481,6 +497,20 @@ impl Printer {
         let names: Vec<&str> = planned.iter().map(|p| p.pipeline.as_str()).collect();
         let kind =
             serde_json::to_value(event.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        if self.json {
+            let pipelines: Vec<serde_json::Value> = planned
+                .iter()
+                .map(|p| serde_json::json!({ "pipeline": p.pipeline, "build": p.build, "steps": p.only }))
+                .collect();
+            let line = serde_json::json!({
+                "type": "run_started",
+                "event": kind,
+                "branch": event.branch,
+                "pipelines": pipelines,
+            });
+            self.write(&line.to_string());
+            return;
+        }
         let text = format!("cib run: {kind} on {} → {}", event.branch.as_deref().unwrap_or("-"), names.join(", "));
         let text = self.paint("1", &text);
         self.write(&text);
@@ -499,20 +529,45 @@ impl Printer {
         if !buf.is_empty() {
             self.partial.insert(key.clone(), buf);
         }
-        let label = self.label(&key.0, &key.1);
         for text in lines {
-            self.write(&format!("{label} | {text}"));
+            self.line_of(&key.0, &key.1, key.2, &text);
         }
+    }
+
+    /// One line a step printed.
+    fn line_of(&mut self, build: &BuildId, step: &str, attempt: u32, text: &str) {
+        if self.json {
+            let line = serde_json::json!({
+                "type": "output",
+                "build": build,
+                "pipeline": self.pipelines.get(build),
+                "step": step,
+                "attempt": attempt,
+                "text": text,
+            });
+            self.write(&line.to_string());
+            return;
+        }
+        let label = self.label(build, step);
+        self.write(&format!("{label} | {text}"));
     }
 
     fn flush_partial(&mut self, build: &BuildId, step: &str, attempt: u32) {
         if let Some(buf) = self.partial.remove(&(build.clone(), step.to_owned(), attempt)) {
-            let label = self.label(build, step);
-            self.write(&format!("{label} | {}", String::from_utf8_lossy(&buf)));
+            self.line_of(build, step, attempt, &String::from_utf8_lossy(&buf));
         }
     }
 
-    fn event(&mut self, body: &EventBody) {
+    fn event(&mut self, event: &cib_core::event::Event) {
+        let body = &event.body;
+        if self.json {
+            // A step's last partial line belongs before the step's end.
+            if let EventBody::StepFinished { build, step, attempt, .. } = body {
+                self.flush_partial(build, step, *attempt);
+            }
+            self.write(&serde_json::to_string(event).unwrap_or_default());
+            return;
+        }
         match body {
             EventBody::StepStarted { build, step, attempt } => {
                 self.running.insert((build.clone(), step.clone()), Instant::now());
@@ -592,6 +647,7 @@ impl Printer {
         engine: &EngineHandle,
         planned: &[Planned],
         conclusions: &BTreeMap<BuildId, Conclusion>,
+        code: u8,
     ) {
         let ids: Vec<BuildId> = planned.iter().map(|p| p.build.clone()).collect();
         let builds = engine
@@ -619,6 +675,10 @@ impl Printer {
                     last.map(|a| a.detail.clone()).unwrap_or_default(),
                 ]);
             }
+        }
+        if self.json {
+            self.json_summary(&builds, planned, conclusions, code);
+            return;
         }
         let headers = ["STEP", "RESULT", "TIME", "TRIES", "DETAIL"];
         let widths: Vec<usize> = (0..5)
@@ -656,6 +716,53 @@ impl Printer {
             let text = format!("pipeline {} {word} in {}", p.pipeline, human(self.started.elapsed()));
             self.write(&text);
         }
+    }
+}
+
+impl Printer {
+    /// The closing line of `--json`: each pipeline's conclusion, each step's result, and the
+    /// exit code.
+    fn json_summary(
+        &mut self,
+        builds: &[cib_core::pipeline::Build],
+        planned: &[Planned],
+        conclusions: &BTreeMap<BuildId, Conclusion>,
+        code: u8,
+    ) {
+        let word = |v: serde_json::Value| v.as_str().map(str::to_owned);
+        let pipelines: Vec<serde_json::Value> = planned
+            .iter()
+            .map(|p| {
+                let conclusion = conclusions.get(&p.build).and_then(|c| serde_json::to_value(c).ok());
+                serde_json::json!({ "pipeline": p.pipeline, "build": p.build, "conclusion": conclusion })
+            })
+            .collect();
+        let mut steps = Vec::new();
+        for b in builds {
+            for s in &b.steps {
+                let last = s.attempts.last();
+                let result = match &s.status {
+                    cib_core::pipeline::StepStatus::Done(c) => serde_json::to_value(c).ok().and_then(word),
+                    _ => None,
+                };
+                steps.push(serde_json::json!({
+                    "pipeline": b.pipeline.name,
+                    "step": s.name,
+                    "result": result,
+                    "attempts": s.attempts.len(),
+                    "duration_ms": last.and_then(|a| a.finished_at.map(|f| f.since(a.started_at).as_millis() as u64)),
+                    "detail": last.map(|a| a.detail.clone()),
+                }));
+            }
+        }
+        let line = serde_json::json!({
+            "type": "run_finished",
+            "pipelines": pipelines,
+            "steps": steps,
+            "exit": code,
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+        });
+        self.write(&line.to_string());
     }
 }
 
