@@ -188,12 +188,13 @@ impl Follower {
     /// Follows the event stream to its `end`, reconnecting from the last offset after a drop.
     async fn follow_stream(&self, attempt: u32) -> Result<(), Failure> {
         let mut last: Option<u64> = None;
+        let mut reconnecting = false;
         let mut trouble = Trouble::default();
         loop {
-            let headers: Vec<(&str, String)> = match last {
-                Some(offset) => vec![("last-event-id", offset.to_string())],
-                None => Vec::new(),
-            };
+            // A reconnection names where it resumes, from 0 when nothing came before the cut.
+            let headers: Vec<(&str, String)> =
+                if reconnecting { vec![("last-event-id", last.unwrap_or(0).to_string())] } else { Vec::new() };
+            reconnecting = true;
             let path = format!("{}/stream?attempt={attempt}", self.base());
             let mut body = match self.send(&path, &headers).await? {
                 Got::Answer(_, body) => body,

@@ -2,6 +2,7 @@
 
 mod api;
 mod cli;
+mod client;
 mod github_flow;
 mod inbox;
 mod metrics;
