@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod github_flow;
 mod inbox;
+mod local;
 mod metrics;
 mod openapi_check;
 mod outgoing;
