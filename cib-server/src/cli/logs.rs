@@ -15,8 +15,16 @@ use http_body_util::BodyExt;
 
 use super::client::{Failure, Http, Remote, encode, err, http_client};
 
-/// How long following keeps trying to reach a server that went away before giving up (exit 3).
+/// How long following keeps trying to reach a server that went away before giving up (exit 3),
+/// unless `CIB_FOLLOW_RETRY_FOR` (seconds) says otherwise.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(120);
+
+fn give_up_after() -> Duration {
+    std::env::var("CIB_FOLLOW_RETRY_FOR")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(GIVE_UP_AFTER, Duration::from_secs)
+}
 
 #[derive(Debug)]
 pub struct LogsArgs {
@@ -50,6 +58,15 @@ enum Got {
 }
 
 impl Follower {
+    /// Following waits out a server that went away; reading once does not.
+    fn trouble(&self) -> Trouble {
+        Trouble {
+            since: None,
+            pause: Duration::ZERO,
+            limit: if self.args.follow { give_up_after() } else { Duration::ZERO },
+        }
+    }
+
     fn base(&self) -> String {
         format!("/api/v1/builds/{}/steps/{}/log", encode(&self.args.build), encode(&self.args.step))
     }
@@ -75,14 +92,16 @@ impl Follower {
         }
     }
 
-    /// The build's record, or `None` while the server cannot be reached.
-    async fn record(&self) -> Result<Option<serde_json::Value>, Failure> {
+    /// The build's record, or why the server cannot be reached now.
+    async fn record(&self) -> Result<Result<serde_json::Value, String>, Failure> {
         match self.send(&format!("/api/v1/builds/{}", encode(&self.args.build)), &[]).await? {
-            Got::Answer(_, body) => {
-                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                Ok(serde_json::from_slice(&bytes).ok())
-            }
-            Got::Transient(_) => Ok(None),
+            Got::Answer(_, body) => match body.collect().await {
+                Ok(b) => {
+                    Ok(serde_json::from_slice(&b.to_bytes()).map_err(|e| format!("an answer that is not JSON: {e}")))
+                }
+                Err(e) => Ok(Err(super::client::chain(&e))),
+            },
+            Got::Transient(why) => Ok(Err(why)),
         }
     }
 
@@ -93,13 +112,16 @@ impl Follower {
             return Ok(a);
         }
         let mut told = false;
-        let mut trouble = Trouble::default();
+        let mut trouble = self.trouble();
         loop {
-            let Some(v) = self.record().await? else {
-                trouble.wait("cannot reach the server").await?;
-                continue;
+            let v = match self.record().await? {
+                Ok(v) => v,
+                Err(why) => {
+                    trouble.wait(&format!("cannot reach {}: {why}", self.remote.server)).await?;
+                    continue;
+                }
             };
-            trouble = Trouble::default();
+            trouble = self.trouble();
             let latest = v["steps"]
                 .as_array()
                 .into_iter()
@@ -131,7 +153,7 @@ impl Follower {
     async fn read_text(&self, attempt: u32) -> Result<(), Failure> {
         let mut offset = 0u64;
         let mut at_line_start = true;
-        let mut trouble = Trouble::default();
+        let mut trouble = self.trouble();
         loop {
             let mut path = format!("{}?attempt={attempt}&offset={offset}", self.base());
             if self.args.timestamps {
@@ -140,7 +162,7 @@ impl Follower {
             let (parts, body) = match self.send(&path, &[]).await? {
                 Got::Answer(parts, body) => (parts, body),
                 Got::Transient(why) => {
-                    trouble.wait(&why).await?;
+                    trouble.wait(&format!("cannot reach {}: {why}", self.remote.server)).await?;
                     continue;
                 }
             };
@@ -151,7 +173,7 @@ impl Follower {
                     continue;
                 }
             };
-            trouble = Trouble::default();
+            trouble = self.trouble();
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let next = header("x-cib-next-offset").and_then(|v| v.parse::<u64>().ok()).unwrap_or(offset);
             let complete = header("x-cib-complete").as_deref() == Some("true");
@@ -189,7 +211,7 @@ impl Follower {
     async fn follow_stream(&self, attempt: u32) -> Result<(), Failure> {
         let mut last: Option<u64> = None;
         let mut reconnecting = false;
-        let mut trouble = Trouble::default();
+        let mut trouble = self.trouble();
         loop {
             // A reconnection names where it resumes, from 0 when nothing came before the cut.
             let headers: Vec<(&str, String)> =
@@ -199,7 +221,7 @@ impl Follower {
             let mut body = match self.send(&path, &headers).await? {
                 Got::Answer(_, body) => body,
                 Got::Transient(why) => {
-                    trouble.wait(&why).await?;
+                    trouble.wait(&format!("cannot reach {}: {why}", self.remote.server)).await?;
                     continue;
                 }
             };
@@ -209,7 +231,7 @@ impl Follower {
                     Some(Ok(frame)) => {
                         let Ok(data) = frame.into_data() else { continue };
                         for event in parser.feed(&data) {
-                            trouble = Trouble::default();
+                            trouble = self.trouble();
                             match event.kind.as_str() {
                                 "log" => {
                                     let payload: serde_json::Value =
@@ -240,18 +262,25 @@ impl Follower {
     }
 }
 
-/// Tries again with a growing pause, and gives up once the trouble has lasted too long.
-#[derive(Debug, Default)]
+/// Tries again with a growing pause, and gives up once the trouble has lasted `limit`.
+#[derive(Debug)]
 struct Trouble {
     since: Option<Instant>,
     pause: Duration,
+    limit: Duration,
 }
 
 impl Trouble {
     async fn wait(&mut self, why: &str) -> Result<(), Failure> {
+        if self.limit.is_zero() {
+            return Err(Failure::Unreachable(why.to_owned()));
+        }
         let since = *self.since.get_or_insert_with(Instant::now);
-        if since.elapsed() > GIVE_UP_AFTER {
-            return Err(Failure::Unreachable(format!("gave up following the log: {why}")));
+        if since.elapsed() >= self.limit {
+            return Err(Failure::Unreachable(format!(
+                "gave up following the log after {}s: {why}",
+                self.limit.as_secs()
+            )));
         }
         self.pause = (self.pause * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::time::sleep(self.pause).await;

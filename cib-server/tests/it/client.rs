@@ -101,6 +101,15 @@ struct Env {
 }
 
 impl Env {
+    /// Waits until the step has printed `text` (so its container runs and is past its start).
+    fn wait_output(&self, id: &str, step: &str, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.cib(READER, &["logs", id, step]).stdout.contains(text) {
+            assert!(Instant::now() < deadline, "{step} of {id} never printed {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn cib(&self, token: &str, args: &[&str]) -> Out {
         cib_in(&self.home, Some(&self.url), Some(token), args)
     }
@@ -421,7 +430,7 @@ fn every_client_command_against_a_real_server() {
 
     // Cancel a running build, then once more when it has ended; retry the first build.
     let running = env.cib(TESTER, &["trigger", "acme/shop", "test"]).stdout.trim().to_owned();
-    env.wait_status(&running, "running");
+    env.wait_output(&running, "count", "line 2\n");
     let out = env.cib(TESTER, &["cancel", &running]);
     assert_eq!((out.code, out.stdout.trim()), (Some(0), format!("{running}: cancelling").as_str()), "{out:?}");
     env.wait_status(&running, "cancelled");
@@ -517,6 +526,10 @@ fn profiles_name_the_server_and_the_token_and_flags_win() {
     let out = run(Some(&xdg), None, &["whoami"]);
     assert_eq!(out.code, Some(2), "{out:?}");
 
+    // Flags and variables that give both values need no file: a broken one is not read.
+    let out = run(Some(&xdg), None, &["whoami", "--server", &server.url, "--token", READER]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+
     // A token others can read is used, with a warning.
     write(&xdg, &format!("[profiles.default]\nserver = \"{}\"\ntoken = \"{READER}\"\n", server.url));
     #[cfg(unix)]
@@ -528,4 +541,61 @@ fn profiles_name_the_server_and_the_token_and_flags_win() {
         assert!(out.stderr.contains("chmod 600"), "{out:?}");
     }
     drop(server);
+}
+
+#[test]
+fn logs_follow_goes_on_across_a_server_restart_and_gives_up_on_a_server_that_stays_away() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    shop(&dir.path().join("shop"));
+    let port = free_port();
+    let config = config_with(dir.path(), port, &dir.path().join("shop"), "");
+    let server = start(&config, port);
+    let env = Env { home: home.clone(), url: server.url.clone() };
+    let id = env.cib(TESTER, &["trigger", "acme/shop", "test", "--ref", "feature/x"]).stdout.trim().to_owned();
+    let follower = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .args(["logs", &id, "count", "--follow"])
+        .env("HOME", &home)
+        .env("CIB_SERVER", &server.url)
+        .env("CIB_TOKEN", READER)
+        .env_remove("XDG_CONFIG_HOME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("follow");
+    // Once some of the log has been written, the server dies and comes back on the same port.
+    env.wait_output(&id, "count", "line 3\n");
+    server.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let server = start(&config, port);
+    let followed = follower.wait_with_output().expect("the follower ends");
+    let stdout = String::from_utf8_lossy(&followed.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&followed.stderr).into_owned();
+    assert_eq!(followed.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, lines(25), "{stderr}");
+    assert!(stderr.contains("resuming at byte"), "{stderr}");
+    env.wait_status(&id, "success");
+    wait_clean(&id);
+    let url = server.url.clone();
+    drop(server);
+
+    // Reading once does not wait for a server that is gone; following waits, then gives up.
+    let started = Instant::now();
+    let out = cib_in(&home, Some(&url), Some(READER), &["logs", &id, "count"]);
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "at once: {:?}", started.elapsed());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cib"));
+    command
+        .args(["logs", &id, "count", "-f"])
+        .env("HOME", &home)
+        .env("CIB_SERVER", &url)
+        .env("CIB_TOKEN", READER)
+        .env("CIB_FOLLOW_RETRY_FOR", "2");
+    let started = Instant::now();
+    let out = command.output().expect("run cib");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(started.elapsed() >= Duration::from_secs(2), "it tried for a while: {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gave up following the log after 2s") && stderr.contains("cannot reach"), "{stderr}");
 }

@@ -213,7 +213,7 @@ const SUBCOMMANDS: [&str; 16] = [
 #[test]
 fn completions_and_the_manual_name_every_command() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for shell in ["bash", "zsh", "fish"] {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let out = cib(here, &["completions", shell]);
         assert_eq!(out.status.code(), Some(0), "{shell}");
         let script = text(&out.stdout);
