@@ -14,9 +14,13 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A kind of project: its name, the files that mark it, the kind `cib init` names, and a text
+/// its spec must hold.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+
 #[test]
 fn init_writes_a_spec_that_lints_clean_for_each_kind_of_project() {
-    let cases: [(&str, &[(&str, &str)], &str, &str); 5] = [
+    let cases: [Case; 5] = [
         ("python", &[("pyproject.toml", "[project]\nname = \"x\"\n")], "Python", "python:3.12-slim"),
         ("node", &[("package.json", "{\"name\": \"x\"}\n"), ("package-lock.json", "{}\n")], "Node", "npm ci"),
         ("rust", &[("Cargo.toml", "[package]\nname = \"x\"\n")], "Rust", "cargo test"),
