@@ -72,13 +72,30 @@ fn init_writes_a_spec_that_lints_clean_for_each_kind_of_project() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
-fn init_in_a_shell_project_runs_green() {
+/// Copies a directory tree (files and directories only, as the examples hold).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// `cib init` in a copy of an example without its spec, then `cib run`: green.
+fn init_and_run_example(name: &str, kind: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+    copy_tree(&example, dir.path());
+    std::fs::remove_file(dir.path().join(".cib.yml")).expect("the example's own spec goes");
     git(dir.path(), &["init", "-q", "-b", "feature/x"]);
-    std::fs::write(dir.path().join("greet.sh"), "#!/bin/sh\necho \"hello, $1\"\n").expect("write");
     let out = cib(dir.path(), &["init"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("for a {kind} project")), "{}", text(&out.stdout));
     git(dir.path(), &["add", "."]);
     git(dir.path(), &["commit", "-q", "-m", "start"]);
     let out = Command::new(env!("CARGO_BIN_EXE_cib"))
@@ -87,8 +104,18 @@ fn init_in_a_shell_project_runs_green() {
         .env("CIB_DATA_DIR", dir.path().join(".cib-data"))
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{name}: {}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stdout).contains("pipeline test succeeded"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn init_in_the_shell_example_runs_green() {
+    init_and_run_example("shell", "shell");
+}
+
+#[test]
+fn init_in_the_python_example_runs_green() {
+    init_and_run_example("python-tests", "Python");
 }
 
 #[test]
