@@ -145,15 +145,16 @@ impl Env {
 }
 
 /// A TCP proxy in front of the server that cuts the first `cuts` connections carrying a log
-/// stream, `after` the stream was asked for, as a load balancer's timeout or a network blip
-/// would; it records every request sent through it.
+/// stream once they have passed on some of the log (so that each cut falls in the middle, however
+/// slowly the step starts), as a load balancer's timeout or a network blip would; it records
+/// every request sent through it.
 struct CuttingProxy {
     url: String,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl CuttingProxy {
-    fn start(upstream: &str, cuts: usize, after: Duration) -> CuttingProxy {
+    fn start(upstream: &str, cuts: usize) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let upstream = upstream.trim_start_matches("http://").to_owned();
@@ -197,9 +198,11 @@ impl CuttingProxy {
                 std::thread::spawn(move || {
                     let _ = server.set_read_timeout(Some(Duration::from_millis(50)));
                     let mut buf = [0u8; 4096];
+                    let mut passed_on_log = false;
                     loop {
-                        let since = *stream_since.lock().expect("lock");
-                        if since.is_some_and(|t| t.elapsed() >= after)
+                        let streaming = stream_since.lock().expect("lock").is_some();
+                        if streaming
+                            && passed_on_log
                             && cut_so_far
                                 .fetch_update(
                                     std::sync::atomic::Ordering::SeqCst,
@@ -216,6 +219,7 @@ impl CuttingProxy {
                                 if client.write_all(&buf[..n]).is_err() {
                                     break;
                                 }
+                                passed_on_log |= buf[..n].windows(10).any(|w| w == b"event: log");
                             }
                             Err(e)
                                 if matches!(
@@ -312,7 +316,7 @@ fn every_client_command_against_a_real_server() {
     let id = env.cib(TESTER, &["trigger", "acme/shop", "test", "--ref", "feature/x"]);
     assert_eq!(id.code, Some(0), "{id:?}");
     let id = id.stdout.trim().to_owned();
-    let proxy = CuttingProxy::start(&server.url, 2, Duration::from_millis(1200));
+    let proxy = CuttingProxy::start(&server.url, 2);
     let followed = cib_in(&home, Some(&proxy.url), Some(READER), &["logs", &id, "count", "-f"]);
     assert_eq!(followed.code, Some(0), "{followed:?}");
     assert_eq!(followed.stdout, lines(25), "{followed:?}");
