@@ -4,14 +4,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cib_core::spec::EventKind;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{client, lint, plan, run, secret, serve};
+use cli::{client, init, lint, logs, manual, plan, remote, run, secret, serve};
+
+/// `0.1.0 (commit 0123456789ab, 2026-12-01)`: the commit comes from `build.rs`.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CIB_BUILD_COMMIT_TEXT"), ")");
 
 #[derive(Debug, Parser)]
-#[command(name = "cib", version, about = "cib: continuous integration and delivery that follows your branches")]
+#[command(
+    name = "cib",
+    version = VERSION,
+    about = "cib: continuous integration and delivery that follows your branches",
+    after_help = "Client commands (builds, logs, trigger, ...) talk to a server: --server and --token, \
+                  CIB_SERVER and CIB_TOKEN, or a profile in $XDG_CONFIG_HOME/cib/config.toml \
+                  (~/.config/cib/config.toml). Exit codes: 0 done, 1 failed or refused, 2 usage error, \
+                  3 infrastructure (server unreachable, bad token, no Docker)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +38,33 @@ enum Command {
         /// Print only the one-line form of each problem, without the source excerpt.
         #[arg(long)]
         short: bool,
+        /// `text` for people, or `json`: {"path", "valid", "diagnostics": [{"path", "line",
+        /// "column", "message", "suggestion"}]}.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Write a starting .cib.yml for the project here (Python, Node, Rust, Go or shell).
+    Init {
+        /// The project's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The kind of project (default: found from pyproject.toml, package.json, Cargo.toml or go.mod).
+        #[arg(long, value_enum)]
+        kind: Option<init::Kind>,
+        /// Replace an existing .cib.yml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the shell completion script for bash, zsh or fish (and elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a directory.
+    Man {
+        /// Write cib.1, cib-builds.1, ... here instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Print the JSON Schema of the build spec, for editors and validators.
     Schema,
@@ -73,6 +111,10 @@ enum Command {
         /// A server configuration file whose `[limits]` apply (default: the built-in limits).
         #[arg(long, env = "CIB_CONFIG")]
         config: Option<PathBuf>,
+        /// One JSON object per line on standard output: the engine's events, output lines
+        /// (`"type": "output"`), and a closing `run_finished` with the exit code.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve webhooks, the REST API and the event stream (configuration: a TOML file and CIB_* variables).
     Serve {
@@ -83,6 +125,148 @@ enum Command {
         /// comes from `CIB_LOG`, in `RUST_LOG`'s syntax (default `info`).
         #[arg(long, env = "CIB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+    },
+    /// List builds on a server, newest first.
+    Builds {
+        /// Only this repository (owner/name).
+        #[arg(long)]
+        repo: Option<String>,
+        /// Only this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only these statuses (repeat or separate with commas): queued, waiting, running,
+        /// cancelling, success, neutral, failed, cancelled, timed_out, errored.
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<String>,
+        /// At most this many builds (1 to 500; the server's default is 50).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: Option<u32>,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Show one build: its steps and attempts, gates and deliverables.
+    Build {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Print a step's log; -f follows it until the step ends, resuming after dropped connections.
+    Logs {
+        id: String,
+        step: String,
+        /// Follow the log as it grows, until the step ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// This attempt of the step (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Start each line with when it was printed (UTC).
+        #[arg(long)]
+        timestamps: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Start a pipeline (one with `on: manual`) by hand; prints the build's id.
+    Trigger {
+        /// The repository, owner/name.
+        repo: String,
+        pipeline: String,
+        /// The branch, tag or commit to build.
+        #[arg(long = "ref", default_value = "master")]
+        reference: String,
+        /// An input the pipeline declares, NAME=VALUE (repeatable); steps read it as INPUT_NAME.
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel a running build.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Run a build's pipeline again at the same commit; prints the new build's id.
+    Retry {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Approve a build's gate.
+    Approve {
+        id: String,
+        step: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Reject a build's gate: it fails.
+    Reject {
+        id: String,
+        step: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Fast-forward master to a branch, when the merge policy allows; every reason when not.
+    Merge {
+        repo: String,
+        /// The branch (or commit) to merge.
+        head: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Promote a commit to production, when the promotion policy allows; every reason when not.
+    Promote {
+        repo: String,
+        commit: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Approve promoting an exact commit (one of the approvals `cib promote` needs).
+    Approvals {
+        repo: String,
+        commit: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Which commit is in which environment, since when, moved and approved by whom.
+    Envs {
+        repo: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Who the token is on the server: name, person, role and teams.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Resource pools on a server: `cib pool list`.
     Pool {
@@ -133,12 +317,33 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RemoteArgs {
-    /// The server's address.
-    #[arg(long, env = "CIB_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
-    server: String,
-    /// Your API token.
+    /// The server's address (default: the profile's, else http://127.0.0.1:8080).
+    #[arg(long, env = "CIB_SERVER", global = true)]
+    server: Option<String>,
+    /// Your API token (default: the profile's).
     #[arg(long, env = "CIB_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// The profile of $XDG_CONFIG_HOME/cib/config.toml to use (default: its `default`).
+    #[arg(long, env = "CIB_PROFILE", global = true)]
+    profile: Option<String>,
+}
+
+impl RemoteArgs {
+    fn resolve(self) -> Result<client::Remote, ExitCode> {
+        client::Remote::resolve(client::RemoteFlags { server: self.server, token: self.token, profile: self.profile })
+    }
+}
+
+/// Resolves the server and token, then runs a client command to its exit code.
+fn remote<F, Fut>(args: RemoteArgs, command: F) -> ExitCode
+where
+    F: FnOnce(client::Remote) -> Fut,
+    Fut: std::future::Future<Output = Result<(), client::Failure>>,
+{
+    match args.resolve() {
+        Ok(r) => client::block(command(r)),
+        Err(code) => code,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,7 +417,44 @@ fn parse_event(text: &str) -> Result<EventKind, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Lint { path, short } => lint::run(&path, short),
+        Command::Lint { path, short, format } => {
+            lint::run(&path, if format == "json" { lint::Format::Json } else { lint::Format::Text { short } })
+        }
+        Command::Init { dir, kind, force } => init::run(&dir, kind, force),
+        Command::Completions { shell } => manual::completions(Cli::command(), shell),
+        Command::Man { dir } => manual::man(Cli::command(), dir.as_deref()),
+        Command::Builds { repo, branch, status, limit, json, remote: r } => {
+            remote(
+                r,
+                |r| async move { remote::builds(&r, remote::BuildsQuery { repo, branch, status, limit }, json).await },
+            )
+        }
+        Command::Build { id, json, remote: r } => remote(r, |r| async move { remote::build(&r, &id, json).await }),
+        Command::Logs { id, step, follow, attempt, timestamps, remote: r } => remote(r, |r| async move {
+            logs::logs(&r, logs::LogsArgs { build: id, step, follow, attempt, timestamps }).await
+        }),
+        Command::Trigger { repo, pipeline, reference, inputs, json, remote: r } => {
+            remote(r, |r| async move { remote::trigger(&r, &repo, &pipeline, &reference, &inputs, json).await })
+        }
+        Command::Cancel { id, json, remote: r } => remote(r, |r| async move { remote::cancel(&r, &id, json).await }),
+        Command::Retry { id, json, remote: r } => remote(r, |r| async move { remote::retry(&r, &id, json).await }),
+        Command::Approve { id, step, comment, json, remote: r } => {
+            remote(r, |r| async move { remote::decide(&r, &id, &step, true, comment.as_deref(), json).await })
+        }
+        Command::Reject { id, step, comment, json, remote: r } => {
+            remote(r, |r| async move { remote::decide(&r, &id, &step, false, comment.as_deref(), json).await })
+        }
+        Command::Merge { repo, head, json, remote: r } => {
+            remote(r, |r| async move { remote::merge(&r, &repo, &head, json).await })
+        }
+        Command::Promote { repo, commit, json, remote: r } => {
+            remote(r, |r| async move { remote::promote(&r, &repo, &commit, json).await })
+        }
+        Command::Approvals { repo, commit, json, remote: r } => {
+            remote(r, |r| async move { remote::approvals(&r, &repo, &commit, json).await })
+        }
+        Command::Envs { repo, json, remote: r } => remote(r, |r| async move { remote::envs(&r, &repo, json).await }),
+        Command::Whoami { json, remote: r } => remote(r, |r| async move { remote::whoami(&r, json).await }),
         Command::Run {
             dir,
             event,
@@ -227,6 +469,7 @@ fn main() -> ExitCode {
             color,
             verbose,
             config,
+            json,
         } => {
             if verbose > 0 {
                 cli::init_logs("text", Some(if verbose == 1 { "info" } else { "debug" }));
@@ -249,14 +492,19 @@ fn main() -> ExitCode {
                 data_dir,
                 color,
                 config,
+                json,
             })
         }
         Command::Serve { config, log_format } => serve::run(config.as_deref(), &log_format),
-        Command::Pool { command: PoolCommand::List, remote } => {
-            client::pool_list(&client::Remote { server: remote.server, token: remote.token })
-        }
+        Command::Pool { command: PoolCommand::List, remote } => match remote.resolve() {
+            Ok(remote) => client::pool_list(&remote),
+            Err(code) => code,
+        },
         Command::Lease { command, remote } => {
-            let remote = client::Remote { server: remote.server, token: remote.token };
+            let remote = match remote.resolve() {
+                Ok(remote) => remote,
+                Err(code) => return code,
+            };
             match command {
                 LeaseCommand::Take { pool, duration, count, reason } => {
                     client::take(&remote, &pool, count, &duration, &reason)
@@ -267,7 +515,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Secret { command, remote } => {
-            let remote = client::Remote { server: remote.server, token: remote.token };
+            let remote = match remote.resolve() {
+                Ok(remote) => remote,
+                Err(code) => return code,
+            };
             match command {
                 SecretCommand::Set { repo, name, branches, pipelines, environments } => {
                     secret::set(&remote, &repo, &name, &branches, &pipelines, &environments)

@@ -72,6 +72,7 @@ pub fn table() -> Vec<Route> {
         route!(GET "/api/v1/openapi.json", Public, openapi, openapi_doc),
         route!(POST "/hooks/github", Signed, hooks::github, hooks::github_doc),
         route!(POST "/hooks/git", Signed, hooks::git, hooks::git_doc),
+        route!(GET "/api/v1/whoami", READ, meta::whoami, meta::whoami_doc),
         // The inbox.
         route!(GET "/api/v1/deliveries", ADMIN, deliveries::list, deliveries::list_doc),
         route!(POST "/api/v1/deliveries/{delivery}/redeliver", ADMIN, deliveries::redeliver, deliveries::redeliver_doc),

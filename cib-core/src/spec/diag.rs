@@ -59,6 +59,20 @@ impl Diagnostic {
     }
 }
 
+impl Diagnostic {
+    /// The did-you-mean of this diagnostic (`commands` for "unknown key 'comands' (did you
+    /// mean 'commands'?)"), read back from the message that [`suggestion`] wrote, so that
+    /// tools get it as data without a second place that makes suggestions.
+    pub fn suggestion(&self) -> Option<&str> {
+        let rest = self.message.strip_suffix("'?)")?;
+        let start = rest.rfind(SUGGESTION_START)? + SUGGESTION_START.len();
+        Some(&rest[start..]).filter(|s| !s.is_empty())
+    }
+}
+
+/// How [`suggestion`] starts its text.
+const SUGGESTION_START: &str = " (did you mean '";
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: error: {}", self.pos, self.message)
@@ -106,5 +120,5 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
 
 /// ` (did you mean 'x'?)` or nothing.
 pub(crate) fn suggestion<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    did_you_mean(word, candidates).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default()
+    did_you_mean(word, candidates).map(|c| format!("{SUGGESTION_START}{c}'?)")).unwrap_or_default()
 }

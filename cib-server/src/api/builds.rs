@@ -114,18 +114,137 @@ pub fn list_doc(g: &mut DocGen) -> Op {
         .error(g, 400, "A filter is malformed.")
 }
 
+/// One build with every step attempt, and what its pipeline declares beyond its steps.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuildDetail {
+    #[serde(flatten)]
+    pub record: BuildRecord,
+    /// The pipeline's gates, in step order, with who has approved each so far.
+    pub gates: Vec<GateInfo>,
+    /// What the pipeline publishes once every step has passed.
+    pub deliverables: Vec<DeliverableInfo>,
+}
+
+/// A gate of a build's pipeline.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct GateInfo {
+    pub step: String,
+    /// `approval` or `hold`.
+    pub kind: String,
+    /// Distinct approvals needed (approval gates).
+    pub approvals: u32,
+    /// Who has approved so far, while the build runs; once it has finished, the gate step's
+    /// record says who decided.
+    pub approved_by: Vec<String>,
+    /// Who may answer; both empty means anyone with write access.
+    pub users: Vec<String>,
+    pub teams: Vec<String>,
+    pub instructions: Option<String>,
+}
+
+/// A deliverable of a build's pipeline.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct DeliverableInfo {
+    /// `pypi` or `docker`.
+    pub kind: String,
+    /// The package index, or the image.
+    pub target: String,
+    /// The files published (`pypi`).
+    pub files: Option<String>,
+    /// The tags pushed (`docker`), as written in the spec.
+    pub tags: Vec<String>,
+}
+
+/// The gates and deliverables of a build's pipeline. A live build's come from the engine, with
+/// who has approved each gate so far; the engine forgets a finished build, so its pipeline is
+/// planned again from the enqueue the store keeps (its gates' approvers are then in the step
+/// records' details).
+async fn declared(state: &AppState, id: &BuildId) -> Result<(Vec<GateInfo>, Vec<DeliverableInfo>), ApiError> {
+    let live = {
+        let id = id.clone();
+        state
+            .engine
+            .query(move |m| {
+                m.build(&id).map(|build| {
+                    let approvals = |step: &str| {
+                        build.steps.iter().find(|s| s.name == step).map(|s| s.approvals.clone()).unwrap_or_default()
+                    };
+                    describe(&build.pipeline, approvals)
+                })
+            })
+            .await
+            .map_err(ApiError::unavailable)?
+    };
+    if let Some(found) = live {
+        return Ok(found);
+    }
+    let enqueued = state.store.enqueued(id).await.map_err(ApiError::unavailable)?;
+    let pipeline = match enqueued {
+        Some(StoredInput { input: Input::Enqueue { spec, pipeline, .. }, .. }) => {
+            cib_core::spec::parse(&spec).ok().and_then(|s| s.pipeline(&pipeline).cloned())
+        }
+        _ => None,
+    };
+    Ok(pipeline.map(|p| describe(&p, |_| Vec::new())).unwrap_or_default())
+}
+
+fn describe(
+    pipeline: &cib_core::spec::Pipeline,
+    approvals: impl Fn(&str) -> Vec<String>,
+) -> (Vec<GateInfo>, Vec<DeliverableInfo>) {
+    let gates = pipeline
+        .steps
+        .iter()
+        .filter_map(|step| match &step.action {
+            cib_core::spec::Action::Gate(gate) => Some(GateInfo {
+                step: step.name.clone(),
+                kind: serde_json::to_value(gate.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                approvals: gate.approvals,
+                approved_by: approvals(&step.name),
+                users: gate.from.users.clone(),
+                teams: gate.from.teams.clone(),
+                instructions: gate.instructions.clone(),
+            }),
+            cib_core::spec::Action::Run { .. } => None,
+        })
+        .collect();
+    let deliverables = pipeline
+        .deliverables
+        .iter()
+        .map(|d| match d {
+            cib_core::spec::Deliverable::Pypi { index, files, .. } => DeliverableInfo {
+                kind: "pypi".into(),
+                target: index.clone(),
+                files: Some(files.as_str().to_owned()),
+                tags: Vec::new(),
+            },
+            cib_core::spec::Deliverable::Docker { image, tags, .. } => {
+                DeliverableInfo { kind: "docker".into(), target: image.clone(), files: None, tags: tags.clone() }
+            }
+        })
+        .collect();
+    (gates, deliverables)
+}
+
 /// `GET /api/v1/builds/{build}`.
 pub async fn get(State(state): State<Arc<AppState>>, PathParams(id): PathParams<String>) -> Result<Response, ApiError> {
-    match state.store.build(&BuildId(id.clone())).await.map_err(ApiError::unavailable)? {
-        Some(record) => Ok(json_response(StatusCode::OK, &record)),
-        None => Err(ApiError::NotFound(format!("no build '{id}'"))),
+    let id = BuildId(id);
+    match state.store.build(&id).await.map_err(ApiError::unavailable)? {
+        Some(record) => {
+            let (gates, deliverables) = declared(&state, &id).await?;
+            Ok(json_response(StatusCode::OK, &BuildDetail { record, gates, deliverables }))
+        }
+        None => Err(ApiError::NotFound(format!("no build '{}'", id.0))),
     }
 }
 
 pub fn get_doc(g: &mut DocGen) -> Op {
-    Op::new("One build with every step attempt.")
+    Op::new("One build with every step attempt, and its pipeline's gates and deliverables.")
         .param(Param::path("build", "The build's id."))
-        .json(200, "The build.", g.schema::<BuildRecord>())
+        .json(200, "The build.", g.schema::<BuildDetail>())
         .error(g, 404, "No such build.")
 }
 

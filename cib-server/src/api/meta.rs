@@ -113,3 +113,37 @@ pub fn readyz_doc(g: &mut DocGen) -> Op {
         schema,
     )
 }
+
+/// The caller, as the server knows them.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct WhoAmI {
+    /// The token's name: the identity recorded in events and decisions.
+    pub name: String,
+    /// The person behind the token (`[[people]]`), whose decisions count once.
+    pub person: String,
+    /// `read`, `trigger`, `approve` or `admin`.
+    pub role: String,
+    /// The token's teams, and the person's.
+    pub teams: Vec<String>,
+}
+
+/// `GET /api/v1/whoami`: who the token is, so that a person can check a token or a profile
+/// before acting with it.
+pub async fn whoami(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
+    crate::auth::Caller(who): crate::auth::Caller,
+) -> Response {
+    let mut teams = who.teams.clone();
+    if let Some(person) = state.people.find(&cib_core::policy::Identity::Token(who.name.clone())) {
+        teams.extend(person.teams.iter().cloned());
+    }
+    teams.sort();
+    teams.dedup();
+    // The role's name as configured (`role = "trigger"`), which is its Debug name lower-cased.
+    let role = format!("{:?}", who.role).to_lowercase();
+    json_response(StatusCode::OK, &WhoAmI { person: state.person_of_token(&who.name), name: who.name, role, teams })
+}
+
+pub fn whoami_doc(g: &mut DocGen) -> Op {
+    Op::new("Who the bearer token is: its name, person, role and teams.").json(200, "The caller.", g.schema::<WhoAmI>())
+}

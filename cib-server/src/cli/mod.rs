@@ -1,9 +1,15 @@
-//! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`),
-//! the server (`serve`), and client commands that talk to a server (`pool`, `lease`, `secret`).
+//! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`,
+//! `init`, `completions`, `man`), the server (`serve`), and client commands that talk to a
+//! server (`builds`, `build`, `logs`, `trigger`, `cancel`, `retry`, `approve`, `reject`,
+//! `merge`, `promote`, `approvals`, `envs`, `whoami`, `pool`, `lease`, `secret`).
 
 pub mod client;
+pub mod init;
 pub mod lint;
+pub mod logs;
+pub mod manual;
 pub mod plan;
+pub mod remote;
 pub mod run;
 pub mod secret;
 pub mod serve;
@@ -43,5 +49,43 @@ pub fn init_logs(format: &str, default: Option<&str>) {
     };
     if let Err(e) = result {
         let _ = writeln!(std::io::stderr(), "cib: cannot install the log subscriber: {e}");
+    }
+}
+
+/// The commit naming of `build.rs`, run here on directories with and without Git.
+#[cfg(test)]
+mod build_version {
+    include!("../../build/version.rs");
+
+    fn git(dir: &std::path::Path, args: &[&str]) {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "Test")
+            .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+            .env("GIT_COMMITTER_NAME", "Test")
+            .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn a_tree_without_git_says_unknown_and_a_given_commit_wins() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(commit_text(dir.path(), None), "commit unknown");
+        assert_eq!(commit_text(dir.path(), Some("  ")), "commit unknown", "an empty value is none");
+        assert_eq!(commit_text(dir.path(), Some("abc123\n")), "commit abc123");
+
+        git(dir.path(), &["init", "-q"]);
+        assert_eq!(commit_text(dir.path(), None), "commit unknown", "a repository without commits");
+        std::fs::write(dir.path().join("f"), "x").expect("write");
+        git(dir.path(), &["add", "f"]);
+        git(dir.path(), &["commit", "-q", "-m", "one"]);
+        let text = commit_text(dir.path(), None);
+        let head = git_in(dir.path(), &["rev-parse", "--short=12", "HEAD"]).expect("HEAD");
+        assert!(text.starts_with(&format!("commit {head}, 20")), "{text}");
+        assert_eq!(commit_text(dir.path(), Some("given")), "commit given");
     }
 }

@@ -39,6 +39,8 @@ pub struct RunArgs {
     pub color: Option<bool>,
     /// The server's configuration, whose `[limits]` apply; the built-in limits when `None`.
     pub config: Option<PathBuf>,
+    /// One JSON object per line on standard output instead of text for people.
+    pub json: bool,
 }
 
 struct Failure {
@@ -224,8 +226,14 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
     if chosen.is_empty() {
         let kind_text = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        let _ =
-            writeln!(std::io::stdout(), "no pipeline runs for a {kind_text} on {branch}; choose one with --pipeline");
+        let text = format!("no pipeline runs for a {kind_text} on {branch}; choose one with --pipeline");
+        let line = if args.json {
+            serde_json::json!({ "type": "run_finished", "pipelines": [], "steps": [], "exit": exit::SUCCESS, "note": text })
+                .to_string()
+        } else {
+            text
+        };
+        let _ = writeln!(std::io::stdout(), "{line}");
         return Ok(exit::SUCCESS);
     }
 
@@ -324,8 +332,8 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
             Planned { build: BuildId(format!("local-{run_id}-{}", i + 1)), pipeline: p.name.clone(), only, steps }
         })
         .collect();
-    let color = args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
-    let mut printer = Printer::new(color, &planned);
+    let color = !args.json && args.color.unwrap_or_else(|| std::io::stdout().is_terminal());
+    let mut printer = Printer::new(color, args.json, &planned);
     printer.header(&event, &planned);
     let spec_text: Arc<str> = Arc::from(source.as_str());
     for p in &planned {
@@ -350,7 +358,14 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         engine.submit(input).await.map_err(|e| fail(exit::INFRASTRUCTURE, format!("the engine stopped: {e}")))?;
     }
     let conclusions = watch(&engine, events, logs, &mut printer, &planned).await;
-    printer.summary(store.as_ref(), &planned, &conclusions).await;
+    let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
+        exit::INFRASTRUCTURE
+    } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
+        exit::SUCCESS
+    } else {
+        exit::FAILED
+    };
+    printer.summary(store.as_ref(), &planned, &conclusions, code).await;
     // The engine removes each build's containers, volume and network on a task of its own;
     // this process is about to end, so wait for that (then make sure), leaving nothing behind.
     for p in &planned {
@@ -364,13 +379,6 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     }
     engine.shutdown().await;
     let _ = engine_task.await;
-    let code = if conclusions.values().any(|c| *c == Conclusion::Errored) {
-        exit::INFRASTRUCTURE
-    } else if conclusions.values().all(|c| *c == Conclusion::Success) && conclusions.len() == planned.len() {
-        exit::SUCCESS
-    } else {
-        exit::FAILED
-    };
     Ok(code)
 }
 
@@ -410,7 +418,7 @@ async fn watch(
                     {
                         done.insert(build.clone(), *conclusion);
                     }
-                    printer.event(&event.body);
+                    printer.event(&event);
                 }
                 Err(RecvError::Lagged(n)) => printer.note(&format!("({n} events skipped: the terminal is slower than the build)")),
                 Err(RecvError::Closed) => break,
@@ -444,6 +452,9 @@ const PALETTE: [&str; 6] = ["36", "35", "33", "32", "34", "91"];
 /// the closing summary.
 struct Printer {
     color: bool,
+    /// JSON lines instead of text: every event as the server's event stream has it, output
+    /// line by line, and a closing `run_finished`.
+    json: bool,
     multi: bool,
     colors: HashMap<String, &'static str>,
     partial: HashMap<(BuildId, String, u32), Vec<u8>>,
@@ -454,9 +465,10 @@ struct Printer {
 }
 
 impl Printer {
-    fn new(color: bool, planned: &[Planned]) -> Self {
+    fn new(color: bool, json: bool, planned: &[Planned]) -> Self {
         Printer {
             color,
+            json,
             multi: planned.len() > 1,
             colors: HashMap::new(),
             partial: HashMap::new(),
@@ -488,6 +500,10 @@ impl Printer {
     }
 
     fn note(&mut self, text: &str) {
+        if self.json {
+            self.write(&serde_json::json!({ "type": "note", "text": text }).to_string());
+            return;
+        }
         let text = self.paint("2", text);
         self.write(&text);
     }
@@ -496,6 +512,20 @@ impl Printer {
         let names: Vec<&str> = planned.iter().map(|p| p.pipeline.as_str()).collect();
         let kind =
             serde_json::to_value(event.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        if self.json {
+            let pipelines: Vec<serde_json::Value> = planned
+                .iter()
+                .map(|p| serde_json::json!({ "pipeline": p.pipeline, "build": p.build, "steps": p.only }))
+                .collect();
+            let line = serde_json::json!({
+                "type": "run_started",
+                "event": kind,
+                "branch": event.branch,
+                "pipelines": pipelines,
+            });
+            self.write(&line.to_string());
+            return;
+        }
         let text = format!("cib run: {kind} on {} → {}", event.branch.as_deref().unwrap_or("-"), names.join(", "));
         let text = self.paint("1", &text);
         self.write(&text);
@@ -514,20 +544,45 @@ impl Printer {
         if !buf.is_empty() {
             self.partial.insert(key.clone(), buf);
         }
-        let label = self.label(&key.0, &key.1);
         for text in lines {
-            self.write(&format!("{label} | {text}"));
+            self.line_of(&key.0, &key.1, key.2, &text);
         }
+    }
+
+    /// One line a step printed.
+    fn line_of(&mut self, build: &BuildId, step: &str, attempt: u32, text: &str) {
+        if self.json {
+            let line = serde_json::json!({
+                "type": "output",
+                "build": build,
+                "pipeline": self.pipelines.get(build),
+                "step": step,
+                "attempt": attempt,
+                "text": text,
+            });
+            self.write(&line.to_string());
+            return;
+        }
+        let label = self.label(build, step);
+        self.write(&format!("{label} | {text}"));
     }
 
     fn flush_partial(&mut self, build: &BuildId, step: &str, attempt: u32) {
         if let Some(buf) = self.partial.remove(&(build.clone(), step.to_owned(), attempt)) {
-            let label = self.label(build, step);
-            self.write(&format!("{label} | {}", String::from_utf8_lossy(&buf)));
+            self.line_of(build, step, attempt, &String::from_utf8_lossy(&buf));
         }
     }
 
-    fn event(&mut self, body: &EventBody) {
+    fn event(&mut self, event: &cib_core::event::Event) {
+        let body = &event.body;
+        if self.json {
+            // A step's last partial line belongs before the step's end.
+            if let EventBody::StepFinished { build, step, attempt, .. } = body {
+                self.flush_partial(build, step, *attempt);
+            }
+            self.write(&serde_json::to_string(event).unwrap_or_default());
+            return;
+        }
         match body {
             EventBody::StepStarted { build, step, attempt } => {
                 self.running.insert((build.clone(), step.clone()), Instant::now());
@@ -602,7 +657,15 @@ impl Printer {
         }
     }
 
-    async fn summary(&mut self, store: &dyn Store, planned: &[Planned], conclusions: &BTreeMap<BuildId, Conclusion>) {
+    async fn summary(
+        &mut self,
+        store: &dyn Store,
+        planned: &[Planned],
+        conclusions: &BTreeMap<BuildId, Conclusion>,
+        code: u8,
+    ) {
+        // What `--json` closes with: each step's result, from the same records as the table.
+        let mut steps_json: Vec<serde_json::Value> = Vec::new();
         let mut rows: Vec<[String; 5]> = Vec::new();
         for p in planned {
             // The engine forgets a finished build; its record in the store has every attempt.
@@ -620,14 +683,27 @@ impl Printer {
                 // A step that never ran (its build ended first) is shown cancelled.
                 let result = last.map_or("cancelled", |a| record_style(a.status).1);
                 let name = if self.multi { format!("{}/{step}", p.pipeline) } else { step.clone() };
+                let tries = attempts.iter().filter(|a| a.attempt > 0).count();
+                steps_json.push(serde_json::json!({
+                    "pipeline": p.pipeline,
+                    "step": step,
+                    "result": last.map(|a| a.status),
+                    "attempts": tries,
+                    "duration_ms": last.and_then(|a| Some(a.finished_at?.since(a.started_at?).as_millis() as u64)),
+                    "detail": last.and_then(|a| a.detail.clone()),
+                }));
                 rows.push([
                     name,
                     result.to_owned(),
                     took,
-                    attempts.iter().filter(|a| a.attempt > 0).count().to_string(),
+                    tries.to_string(),
                     last.and_then(|a| a.detail.clone()).unwrap_or_default(),
                 ]);
             }
+        }
+        if self.json {
+            self.json_summary(steps_json, planned, conclusions, code);
+            return;
         }
         let headers = ["STEP", "RESULT", "TIME", "TRIES", "DETAIL"];
         let widths: Vec<usize> = (0..5)
@@ -680,6 +756,34 @@ fn record_style(status: StepRecordStatus) -> (&'static str, &'static str) {
         StepRecordStatus::Skipped => conclusion_style(StepConclusion::Skipped),
         StepRecordStatus::Rejected => conclusion_style(StepConclusion::Rejected),
         StepRecordStatus::Interrupted => conclusion_style(StepConclusion::Interrupted),
+    }
+}
+
+impl Printer {
+    /// The closing line of `--json`: each pipeline's conclusion, each step's result, and the
+    /// exit code.
+    fn json_summary(
+        &mut self,
+        steps: Vec<serde_json::Value>,
+        planned: &[Planned],
+        conclusions: &BTreeMap<BuildId, Conclusion>,
+        code: u8,
+    ) {
+        let pipelines: Vec<serde_json::Value> = planned
+            .iter()
+            .map(|p| {
+                let conclusion = conclusions.get(&p.build).and_then(|c| serde_json::to_value(c).ok());
+                serde_json::json!({ "pipeline": p.pipeline, "build": p.build, "conclusion": conclusion })
+            })
+            .collect();
+        let line = serde_json::json!({
+            "type": "run_finished",
+            "pipelines": pipelines,
+            "steps": steps,
+            "exit": code,
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+        });
+        self.write(&line.to_string());
     }
 }
 

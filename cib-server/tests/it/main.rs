@@ -2,9 +2,11 @@
 
 mod api;
 mod cli;
+mod client;
 mod github_flow;
 mod inbox;
 mod limits;
+mod local;
 mod metrics;
 mod openapi_check;
 mod outgoing;
