@@ -217,6 +217,16 @@ impl DockerExecutor {
         &self.options
     }
 
+    /// A default for the engine's `max_running_steps` that fits this daemon: twice its CPU
+    /// count, at least 2. The daemon serialises much of a container's lifecycle (its own locks,
+    /// containerd's and the kernel's namespace and cgroup setup), so more steps in flight than
+    /// that only queue inside the daemon, while fewer leave its CPUs idle between a step's API
+    /// calls.
+    pub fn suggested_running_steps(&self) -> usize {
+        let cpus = self.host_cpus.unwrap_or(1.0).max(1.0) as usize;
+        (2 * cpus).max(2)
+    }
+
     fn build_state(&self, build: &BuildId) -> Arc<tokio::sync::Mutex<BuildState>> {
         lock(&self.builds).entry(build.clone()).or_default().clone()
     }
