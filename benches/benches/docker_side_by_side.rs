@@ -45,7 +45,9 @@ fn spec() -> String {
     );
     for i in 0..10 {
         let after = if i == 0 { String::new() } else { format!(", depends_on: [s{}]", i - 1) };
-        text.push_str(&format!("      - {{ name: s{i}, image: busybox, network: none, commands: [\"true\"]{after} }}\n"));
+        text.push_str(&format!(
+            "      - {{ name: s{i}, image: busybox, network: none, commands: [\"true\"]{after} }}\n"
+        ));
     }
     text
 }

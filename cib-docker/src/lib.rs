@@ -38,6 +38,7 @@ mod image;
 pub mod mask;
 pub mod naming;
 mod options;
+mod warm;
 mod workspace;
 
 pub use containers::{SCRIPT_PATH, WORKSPACE};
