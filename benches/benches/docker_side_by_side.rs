@@ -14,7 +14,8 @@
 //! better). Run it with `cargo bench -p cib-benches --bench docker_side_by_side`.
 //! `CIB_BENCH_ROUNDS` (default 3) sets the rounds; each round takes (a) 4 times, (b) once,
 //! (c) 4 times, then (d) and (e) once each, alternating which side goes first.
-//! `CIB_BENCH_CONCURRENCY` overrides the engine's `max_running_steps` (default: what the
+//! `CIB_BENCH_TRACE` (an env-filter such as `cib_docker=debug`) prints the executor's spans, one
+//! per Docker call or phase, with their durations: the profile. `CIB_BENCH_CONCURRENCY` overrides the engine's `max_running_steps` (default: what the
 //! executor derives from the daemon's CPU count).
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
@@ -189,6 +190,15 @@ fn ms(samples: &[Duration]) -> Vec<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // The profile: `CIB_BENCH_TRACE=cib_docker=debug` prints every span of the Docker executor
+    // (one per Docker call or phase) as it closes, with its busy and idle time.
+    if let Ok(filter) = std::env::var("CIB_BENCH_TRACE") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rounds: usize = std::env::var("CIB_BENCH_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(3).max(1);
     let instance = format!("bench-sbs-{}", std::process::id());
     let label = instance.clone();

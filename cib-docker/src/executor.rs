@@ -30,6 +30,7 @@ use cib_core::ports::{Attached, ExecError, Executor, LogSink, Outcome, StepRun, 
 use cib_core::spec;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::containers::{self, StepContainer};
 use crate::errors::{exec_error, is_not_found, status};
@@ -379,6 +380,7 @@ impl DockerExecutor {
 
     /// Removes resources in order (containers, then volumes, then networks). Tries every one
     /// and reports the first failure, so that one stuck resource does not keep the rest.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn remove_all(&self, resources: &[Resource]) -> Result<usize, ExecError> {
         let mut removed = 0;
         let mut first_error = None;
@@ -412,6 +414,7 @@ impl DockerExecutor {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ensure_network(&self, names: &BuildNames, state: &mut BuildState) -> Result<(), ExecError> {
         if state.network {
             return Ok(());
@@ -445,6 +448,7 @@ impl DockerExecutor {
     /// "workspace filled" name and kept until cleanup: that rename is atomic, so the marker
     /// exists exactly when the volume is whole. A volume without it was left half-filled (an
     /// upload failed, or the engine died midway), and is thrown away and filled again.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ensure_workspace(
         &self,
         names: &BuildNames,
@@ -484,6 +488,7 @@ impl DockerExecutor {
     }
 
     /// Streams the checkout into the copier's volume, then renames the copier to `marker`.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn fill(&self, copier: &str, dir: &Path, marker: &str) -> Result<(), ExecError> {
         let (archive, writer) = workspace::archive(dir.to_path_buf());
         let options = UploadToContainerOptions {
@@ -504,6 +509,7 @@ impl DockerExecutor {
     }
 
     /// Removes a build's copiers and its workspace volume, whole or not.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn discard_workspace(&self, names: &BuildNames, build: &BuildId) -> Result<(), ExecError> {
         let filters = label_filter(&[
             (LABEL_ENGINE, self.options.instance.as_str()),
@@ -522,10 +528,16 @@ impl DockerExecutor {
         match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
+            // The build's warm container, created while the workspace is filled, already holds
+            // it. Filling it again is still right: the archive holds the whole checkout, and
+            // extracting it over a partial copy of the same files leaves the whole checkout
+            // (no step ran on a volume without its marker).
+            Err(e) if status(&e) == Some(409) => Ok(()),
             Err(e) => Err(exec_error(&format!("removing the half-filled volume {volume}"), e)),
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<ContainerGuard, ExecError> {
         let options = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
         let created = self
@@ -546,6 +558,7 @@ impl DockerExecutor {
     }
 
     /// Runs the step in its container; the caller removes the container.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn supervise(
         &self,
         run: &StepRun,
@@ -692,6 +705,7 @@ impl DockerExecutor {
     /// load the exit can come first: the container then looks like a plain `exit 137` for a few
     /// milliseconds. So when the code is 137 (a SIGKILL, which is what the OOM killer sends) and
     /// the flag is not set yet, ask again for a short while before believing it.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn exit_state(&self, id: &str) -> Result<(i64, bool), ExecError> {
         let patience = Instant::now() + Duration::from_secs(1);
         loop {
@@ -712,6 +726,7 @@ impl DockerExecutor {
 
     /// Takes an idle warm container made for `key`, or makes one (preparing the build's image,
     /// network and workspace first).
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn take_warm(
         &self,
         run: &StepRun,
@@ -739,24 +754,39 @@ impl DockerExecutor {
             }
         }
         image::ensure(&self.docker, image, self.options.pull_timeout).await?;
-        {
-            let mut s = state.lock().await;
-            if key.network == spec::Network::Bridge {
-                self.ensure_network(names, &mut s).await?;
-            }
-            self.ensure_workspace(names, &job.build, image, &run.workspace, &mut s).await?;
+        let mut s = state.lock().await;
+        if key.network == spec::Network::Bridge {
+            self.ensure_network(names, &mut s).await?;
         }
-        let container = self.create(&names.warm_container(), warm::warm_body(key, names, &self.options)).await?;
-        let archive =
-            warm::warm_dir_archive().map_err(|e| ExecError::Transient(format!("packing the warm directory: {e}")))?;
-        self.docker
-            .upload_to_container(
-                container.id(),
-                Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
-                bollard::body_full(archive.into()),
-            )
-            .await
-            .map_err(|e| exec_error("preparing the warm container", e))?;
+        // The workspace is filled (by its copier) while the warm container is created: the two
+        // are independent until the start, and each costs the daemon a container creation.
+        let make = async {
+            let container = self.create(&names.warm_container(), warm::warm_body(key, names, &self.options)).await?;
+            let archive = warm::warm_dir_archive()
+                .map_err(|e| ExecError::Transient(format!("packing the warm directory: {e}")))?;
+            self.docker
+                .upload_to_container(
+                    container.id(),
+                    Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
+                    bollard::body_full(archive.into()),
+                )
+                .await
+                .map_err(|e| exec_error("preparing the warm container", e))?;
+            Ok::<_, ExecError>(container)
+        };
+        let (filled, made) =
+            tokio::join!(self.ensure_workspace(names, &job.build, image, &run.workspace, &mut s), make);
+        drop(s);
+        if let Err(e) = filled {
+            // The warm container holds the half-filled volume: both go, so that nothing of a
+            // failed copy stays (the next attempt fills a new volume).
+            if let Ok(container) = made {
+                let _ = container.remove().await;
+            }
+            let _ = self.discard_workspace(names, &job.build).await;
+            return Err(e);
+        }
+        let container = made?;
         self.docker
             .start_container(container.id(), None)
             .await
@@ -769,6 +799,7 @@ impl DockerExecutor {
     }
 
     /// Runs a step as an exec in a warm container (see `warm`).
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn run_warm(
         &self,
         run: &StepRun,
@@ -820,6 +851,7 @@ impl DockerExecutor {
     /// Runs the step's exec and watches it. `None` when the container could not take an exec
     /// (it is not running); otherwise the outcome and whether the container may serve the
     /// next step.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn supervise_exec(
         &self,
         run: &StepRun,
@@ -862,12 +894,12 @@ impl DockerExecutor {
             tty: Some(false),
             ..Default::default()
         };
-        let exec = match self.docker.create_exec(id, config).await {
+        let exec = match self.docker.create_exec(id, config).instrument(tracing::debug_span!("create_exec")).await {
             Ok(exec) => exec,
             Err(e) if matches!(status(&e), Some(404 | 409)) => return Ok(None),
             Err(e) => return Err(exec_error("creating the step's exec", e)),
         };
-        let output = match self.docker.start_exec(&exec.id, None).await {
+        let output = match self.docker.start_exec(&exec.id, None).instrument(tracing::debug_span!("start_exec")).await {
             Ok(StartExecResults::Attached { output, .. }) => output,
             Ok(StartExecResults::Detached) => {
                 return Err(ExecError::Transient("the step's exec started detached".to_owned()));
@@ -900,6 +932,7 @@ impl DockerExecutor {
                 }
             }
         };
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "the step's exec ended");
         if let Ending::Stopped(reason) = ending {
             // SIGTERM to the step's processes, sparing the keeper and the wrapper; after the
             // grace period the container goes, and everything in it with SIGKILL.
@@ -942,6 +975,7 @@ impl DockerExecutor {
 
     /// The exit code of a finished exec. The daemon may need a moment after the output ended to
     /// record it; `None` when it never does (the container went away).
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn exec_exit_code(&self, exec: &str) -> Result<Option<i64>, ExecError> {
         let patience = Instant::now() + Duration::from_secs(2);
         loop {
@@ -960,6 +994,7 @@ impl DockerExecutor {
     /// Whether a warm container still runs, and whether Docker flagged it out of memory (which
     /// it does only when the container itself ended: a kill inside an exec shows in the
     /// wrapper's marker instead).
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn container_health(&self, id: &str) -> Result<(bool, bool), ExecError> {
         let state = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
             Ok(inspected) => inspected.state.unwrap_or_default(),
