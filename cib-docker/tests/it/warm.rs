@@ -315,3 +315,11 @@ async fn a_kill_during_background_cleanup_then_reconcile_leaves_nothing() {
     exec.reconcile(&[]).await.unwrap_or_else(|e| panic!("reconcile: {e}"));
     assert_nothing_left(&exec).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suggested_running_steps_are_twice_the_daemons_cpus() {
+    let exec = executor("suggested").await;
+    let info = exec.docker().info().await.unwrap_or_else(|e| panic!("info: {e}"));
+    let cpus = usize::try_from(info.ncpu.unwrap_or(1)).unwrap_or(1).max(1);
+    assert_eq!(exec.suggested_running_steps(), (2 * cpus).max(2));
+}
