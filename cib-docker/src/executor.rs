@@ -886,8 +886,8 @@ impl DockerExecutor {
         }
         let config = ExecConfig {
             cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), warm::WRAPPER.to_owned(), "cib-step".to_owned()]),
-            env: Some(warm::exec_env(&run.job, &run.secrets, script)),
-            working_dir: Some(containers::workdir(step)?),
+            env: Some(warm::exec_env(&run.job, &run.secrets, script, &containers::workdir(step)?)),
+            working_dir: Some(containers::WORKSPACE.to_owned()),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             attach_stdin: Some(false),

@@ -65,6 +65,8 @@ oom() { n=0; for c in /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.
 oom; before=$n
 if [ -n "${CIB_STEP_FILE:-}" ]; then f=$CIB_STEP_FILE; else f=/.cib/step-$$.sh; printf '%s' "$CIB_STEP_SCRIPT" > "$f"; fi
 unset CIB_STEP_SCRIPT CIB_STEP_FILE
+mkdir -p "$CIB_STEP_WORKDIR" && cd "$CIB_STEP_WORKDIR" || exit 1
+unset CIB_STEP_WORKDIR
 sh -e "$f"
 s=$?
 kill -KILL -1 2>/dev/null
@@ -138,8 +140,11 @@ pub fn warm_body(key: &WarmKey, names: &BuildNames, options: &DockerOptions) -> 
 
 /// The environment of one step's exec: its variables, its secrets (which win over a variable of
 /// the same name), the resources file when it holds units, and its script.
-pub fn exec_env(job: &StepJob, secrets: &BTreeMap<String, String>, script: &str) -> Vec<String> {
+pub fn exec_env(job: &StepJob, secrets: &BTreeMap<String, String>, script: &str, workdir: &str) -> Vec<String> {
     let mut env = crate::containers::env_list(&job.env, secrets);
+    // Made by the wrapper when missing, as Docker does for a container's working directory
+    // (an exec's own must exist already).
+    env.push(format!("CIB_STEP_WORKDIR={workdir}"));
     if !job.resources.is_empty() {
         env.push(format!("CIB_RESOURCES_FILE={}", crate::containers::RESOURCES_FILE));
     }
@@ -217,11 +222,11 @@ mod tests {
     fn secrets_and_the_script_go_in_the_exec_environment_and_long_scripts_in_a_file() {
         let job = conformance_job("b", "a", "busybox", &["true"]);
         let secrets = BTreeMap::from([("TOKEN".to_owned(), "v".to_owned())]);
-        let env = exec_env(&job, &secrets, "echo hi\n");
+        let env = exec_env(&job, &secrets, "echo hi\n", "/workspace");
         assert!(env.contains(&"TOKEN=v".to_owned()), "{env:?}");
         assert!(env.contains(&"CIB_STEP_SCRIPT=echo hi\n".to_owned()), "{env:?}");
         let long = "x".repeat(INLINE_SCRIPT_MAX + 1);
-        let env = exec_env(&job, &secrets, &long);
+        let env = exec_env(&job, &secrets, &long, "/workspace");
         assert!(env.iter().all(|e| !e.starts_with("CIB_STEP_SCRIPT=")), "{env:?}");
         assert!(env.contains(&format!("CIB_STEP_FILE={}", crate::containers::SCRIPT_PATH)));
     }

@@ -51,8 +51,12 @@ async fn consecutive_steps_share_one_hardened_container_and_isolated_ones_get_th
     assert_eq!(run(&exec, first, dir.path(), sink.clone()).await, Outcome::Exited(0));
     let second = job("share", "two", &["pwd", "cat note", "echo \"left=${LEFT:-} only=${ONLY_ONE:-}\""]);
     assert_eq!(run(&exec, second, dir.path(), sink.clone()).await, Outcome::Exited(0));
-    // Each exec starts in its own working directory, with its own environment.
-    assert_eq!(sink.text(Stream::Stdout), "/workspace\none\nleft= only=\n");
+    // Each exec starts in its own working directory (made when missing, as Docker does for a
+    // container's), with its own environment and no variable of the wrapper's.
+    let mut third = job("share", "three", &["pwd", "env | grep -c CIB_STEP_ || true"]);
+    third.step.workdir = Some("sub/dir".into());
+    assert_eq!(run(&exec, third, dir.path(), sink.clone()).await, Outcome::Exited(0));
+    assert_eq!(sink.text(Stream::Stdout), "/workspace\none\nleft= only=\n/workspace/sub/dir\n0\n");
     let warm = warm_containers(&exec).await;
     assert_eq!(warm.len(), 1, "both steps ran in one container: {warm:?}");
     assert!(step_containers(exec.docker(), &exec.options().instance).await.is_empty());
