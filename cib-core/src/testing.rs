@@ -987,6 +987,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         services: Vec::new(),
         resources: Vec::new(),
         allow_failure: false,
+        isolated: false,
     };
     StepJob {
         build: BuildId::from(build),

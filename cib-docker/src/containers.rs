@@ -140,7 +140,7 @@ pub fn resources_archive(units: &[cib_core::pipeline::GrantedUnit]) -> std::io::
     tar.into_inner()
 }
 
-fn workspace_mount(names: &BuildNames) -> Mount {
+pub(crate) fn workspace_mount(names: &BuildNames) -> Mount {
     Mount {
         target: Some(WORKSPACE.to_owned()),
         source: Some(names.volume()),
@@ -156,7 +156,7 @@ fn workspace_mount(names: &BuildNames) -> Mount {
     }
 }
 
-fn env_list(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {
+pub(crate) fn env_list(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {
     let mut merged = env.clone();
     // A secret wins over a variable of the same name: it is what the spec asked for by name.
     merged.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));

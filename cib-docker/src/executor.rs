@@ -30,6 +30,7 @@ use cib_core::ports::{Attached, ExecError, Executor, LogSink, Outcome, StepRun, 
 use cib_core::spec;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::containers::{self, StepContainer};
 use crate::errors::{exec_error, is_not_found, status};
@@ -39,7 +40,79 @@ use crate::naming::{
     BuildNames, LABEL_ATTEMPT, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, LABEL_STEP, Role, label_filter,
 };
 use crate::options::DockerOptions;
+use crate::warm::{self, WarmKey};
 use crate::workspace;
+
+/// A warm container taken by one step. Given back when the step ended cleanly, thrown away
+/// otherwise; when the step's future is dropped midway it is removed (its exec with it), unless
+/// the engine detached.
+struct WarmLease {
+    docker: Docker,
+    id: Option<String>,
+    key: WarmKey,
+    state: Arc<tokio::sync::Mutex<BuildState>>,
+    detached: Arc<AtomicBool>,
+    removals: Removals,
+}
+
+/// Removals running in the background, which `cleanup` waits for before it lists what is left:
+/// a volume cannot go while a container being removed still holds it.
+type Removals = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
+fn track(removals: &Removals, task: tokio::task::JoinHandle<()>) {
+    let mut r = lock(removals);
+    r.retain(|t| !t.is_finished());
+    r.push(task);
+}
+
+impl WarmLease {
+    fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or_default()
+    }
+
+    /// For the build's next step with the same settings.
+    async fn give_back(mut self) {
+        let Some(id) = self.id.take() else { return };
+        let mut state = self.state.lock().await;
+        state.busy.remove(&id);
+        state.idle.push((self.key.clone(), id));
+    }
+
+    /// Removed on a task of its own: nobody waits for it, and the build's cleanup or reconcile
+    /// finds it by its labels should this fail.
+    async fn discard(mut self) {
+        let Some(id) = self.id.take() else { return };
+        self.state.lock().await.busy.remove(&id);
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
+        let docker = self.docker.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = remove_container(&docker, &id).await {
+                tracing::warn!(container = %id, error = %e, "could not remove a warm container");
+            }
+        });
+        track(&self.removals, task);
+    }
+}
+
+impl Drop for WarmLease {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take()
+            && !self.detached.load(Ordering::SeqCst)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (docker, state) = (self.docker.clone(), self.state.clone());
+            let task = runtime.spawn(async move {
+                state.lock().await.busy.remove(&id);
+                if let Err(e) = remove_container(&docker, &id).await {
+                    tracing::warn!(container = %id, error = %e, "could not remove an abandoned warm container");
+                }
+            });
+            track(&self.removals, task);
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The data behind these locks stays consistent at every point, so a panic elsewhere must not
@@ -52,6 +125,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct BuildState {
     network: bool,
     workspace: bool,
+    /// Warm containers no step is using, with what they were made for.
+    idle: Vec<(WarmKey, String)>,
+    /// Warm containers a step of this process is using.
+    busy: BTreeSet<String>,
 }
 
 /// A kind of Docker resource the executor creates.
@@ -85,6 +162,8 @@ pub struct DockerExecutor {
     /// Set when the engine goes away with steps running (`detach`): their containers are then
     /// left to run, for the next engine to re-attach to.
     detached: Arc<AtomicBool>,
+    /// Warm containers being removed in the background.
+    removals: Removals,
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -205,6 +284,7 @@ impl DockerExecutor {
             host_cpus,
             builds: Mutex::new(HashMap::new()),
             detached: Arc::new(AtomicBool::new(false)),
+            removals: Removals::default(),
         })
     }
 
@@ -215,6 +295,16 @@ impl DockerExecutor {
 
     pub fn options(&self) -> &DockerOptions {
         &self.options
+    }
+
+    /// A default for the engine's `max_running_steps` that fits this daemon: twice its CPU
+    /// count, at least 2. The daemon serialises much of a container's lifecycle (its own locks,
+    /// containerd's and the kernel's namespace and cgroup setup), so more steps in flight than
+    /// that only queue inside the daemon, while fewer leave its CPUs idle between a step's API
+    /// calls.
+    pub fn suggested_running_steps(&self) -> usize {
+        let cpus = self.host_cpus.unwrap_or(1.0).max(1.0) as usize;
+        (2 * cpus).max(2)
     }
 
     fn build_state(&self, build: &BuildId) -> Arc<tokio::sync::Mutex<BuildState>> {
@@ -290,6 +380,7 @@ impl DockerExecutor {
 
     /// Removes resources in order (containers, then volumes, then networks). Tries every one
     /// and reports the first failure, so that one stuck resource does not keep the rest.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn remove_all(&self, resources: &[Resource]) -> Result<usize, ExecError> {
         let mut removed = 0;
         let mut first_error = None;
@@ -323,6 +414,7 @@ impl DockerExecutor {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ensure_network(&self, names: &BuildNames, state: &mut BuildState) -> Result<(), ExecError> {
         if state.network {
             return Ok(());
@@ -356,6 +448,7 @@ impl DockerExecutor {
     /// "workspace filled" name and kept until cleanup: that rename is atomic, so the marker
     /// exists exactly when the volume is whole. A volume without it was left half-filled (an
     /// upload failed, or the engine died midway), and is thrown away and filled again.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ensure_workspace(
         &self,
         names: &BuildNames,
@@ -395,6 +488,7 @@ impl DockerExecutor {
     }
 
     /// Streams the checkout into the copier's volume, then renames the copier to `marker`.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn fill(&self, copier: &str, dir: &Path, marker: &str) -> Result<(), ExecError> {
         let (archive, writer) = workspace::archive(dir.to_path_buf());
         let options = UploadToContainerOptions {
@@ -415,6 +509,7 @@ impl DockerExecutor {
     }
 
     /// Removes a build's copiers and its workspace volume, whole or not.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn discard_workspace(&self, names: &BuildNames, build: &BuildId) -> Result<(), ExecError> {
         let filters = label_filter(&[
             (LABEL_ENGINE, self.options.instance.as_str()),
@@ -433,10 +528,16 @@ impl DockerExecutor {
         match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
+            // The build's warm container, created while the workspace is filled, already holds
+            // it. Filling it again is still right: the archive holds the whole checkout, and
+            // extracting it over a partial copy of the same files leaves the whole checkout
+            // (no step ran on a volume without its marker).
+            Err(e) if status(&e) == Some(409) => Ok(()),
             Err(e) => Err(exec_error(&format!("removing the half-filled volume {volume}"), e)),
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<ContainerGuard, ExecError> {
         let options = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
         let created = self
@@ -457,6 +558,7 @@ impl DockerExecutor {
     }
 
     /// Runs the step in its container; the caller removes the container.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn supervise(
         &self,
         run: &StepRun,
@@ -603,6 +705,7 @@ impl DockerExecutor {
     /// load the exit can come first: the container then looks like a plain `exit 137` for a few
     /// milliseconds. So when the code is 137 (a SIGKILL, which is what the OOM killer sends) and
     /// the flag is not set yet, ask again for a short while before believing it.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn exit_state(&self, id: &str) -> Result<(i64, bool), ExecError> {
         let patience = Instant::now() + Duration::from_secs(1);
         loop {
@@ -619,6 +722,310 @@ impl DockerExecutor {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Takes an idle warm container made for `key`, or makes one (preparing the build's image,
+    /// network and workspace first).
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn take_warm(
+        &self,
+        run: &StepRun,
+        image: &str,
+        key: &WarmKey,
+        names: &BuildNames,
+        reuse: bool,
+    ) -> Result<WarmLease, ExecError> {
+        let job = &run.job;
+        let state = self.build_state(&job.build);
+        let lease = |id: String| WarmLease {
+            docker: self.docker.clone(),
+            id: Some(id),
+            key: key.clone(),
+            state: state.clone(),
+            detached: self.detached.clone(),
+            removals: self.removals.clone(),
+        };
+        if reuse {
+            let mut s = state.lock().await;
+            if let Some(at) = s.idle.iter().position(|(k, _)| k == key) {
+                let (_, id) = s.idle.swap_remove(at);
+                s.busy.insert(id.clone());
+                return Ok(lease(id));
+            }
+        }
+        image::ensure(&self.docker, image, self.options.pull_timeout).await?;
+        let mut s = state.lock().await;
+        if key.network == spec::Network::Bridge {
+            self.ensure_network(names, &mut s).await?;
+        }
+        // The workspace is filled (by its copier) while the warm container is created: the two
+        // are independent until the start, and each costs the daemon a container creation.
+        let make = async {
+            let container = self.create(&names.warm_container(), warm::warm_body(key, names, &self.options)).await?;
+            let archive = warm::warm_dir_archive()
+                .map_err(|e| ExecError::Transient(format!("packing the warm directory: {e}")))?;
+            self.docker
+                .upload_to_container(
+                    container.id(),
+                    Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
+                    bollard::body_full(archive.into()),
+                )
+                .await
+                .map_err(|e| exec_error("preparing the warm container", e))?;
+            Ok::<_, ExecError>(container)
+        };
+        let (filled, made) =
+            tokio::join!(self.ensure_workspace(names, &job.build, image, &run.workspace, &mut s), make);
+        drop(s);
+        if let Err(e) = filled {
+            // The warm container holds the half-filled volume: both go, so that nothing of a
+            // failed copy stays (the next attempt fills a new volume).
+            if let Ok(container) = made {
+                let _ = container.remove().await;
+            }
+            let _ = self.discard_workspace(names, &job.build).await;
+            return Err(e);
+        }
+        let container = made?;
+        self.docker
+            .start_container(container.id(), None)
+            .await
+            .map_err(|e| exec_error("starting the warm container", e))?;
+        let id = container.id().to_owned();
+        // From here the lease owns it.
+        container.keep();
+        state.lock().await.busy.insert(id.clone());
+        Ok(lease(id))
+    }
+
+    /// Runs a step as an exec in a warm container (see `warm`).
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn run_warm(
+        &self,
+        run: &StepRun,
+        image: &str,
+        commands: &[String],
+        logs: Arc<dyn LogSink>,
+        stop: &mut StopSignal,
+    ) -> Result<Outcome, ExecError> {
+        let job = &run.job;
+        let names = BuildNames::new(&self.options.instance, &job.build);
+        let key = WarmKey::of(job, image, &self.options, self.host_cpus);
+        let script = containers::script(commands);
+        let mut reuse = true;
+        loop {
+            let lease = tokio::select! {
+                taken = self.take_warm(run, image, &key, &names, reuse) => taken?,
+                reason = stop.stopped() => return Ok(stopped(reason)),
+            };
+            match self.supervise_exec(run, lease.id(), &script, logs.clone(), stop).await {
+                Ok(Some((outcome, reusable))) => {
+                    if self.detached.load(Ordering::SeqCst) {
+                        // Left running for nobody: the next engine reports the step gone.
+                        let mut lease = lease;
+                        lease.id = None;
+                    } else if reusable {
+                        lease.give_back().await;
+                    } else {
+                        lease.discard().await;
+                    }
+                    return Ok(outcome);
+                }
+                // The idle container had gone (removed, or its keeper died): a fresh one, once.
+                Ok(None) if reuse => {
+                    lease.discard().await;
+                    reuse = false;
+                }
+                Ok(None) => {
+                    lease.discard().await;
+                    return Err(ExecError::Transient("the new warm container stopped before the step ran".to_owned()));
+                }
+                Err(e) => {
+                    lease.discard().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Runs the step's exec and watches it. `None` when the container could not take an exec
+    /// (it is not running); otherwise the outcome and whether the container may serve the
+    /// next step.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn supervise_exec(
+        &self,
+        run: &StepRun,
+        id: &str,
+        script: &str,
+        logs: Arc<dyn LogSink>,
+        stop: &mut StopSignal,
+    ) -> Result<Option<(Outcome, bool)>, ExecError> {
+        let step = &run.job.step;
+        let upload = |path: &str, archive: Vec<u8>| {
+            self.docker.upload_to_container(
+                id,
+                Some(UploadToContainerOptions { path: path.to_owned(), ..Default::default() }),
+                bollard::body_full(archive.into()),
+            )
+        };
+        if script.len() > warm::INLINE_SCRIPT_MAX {
+            let archive = containers::script_archive(script)
+                .map_err(|e| ExecError::Transient(format!("packing the script: {e}")))?;
+            match upload("/", archive).await {
+                Ok(()) => {}
+                Err(e) if matches!(status(&e), Some(404 | 409)) => return Ok(None),
+                Err(e) => return Err(exec_error("copying the script into the container", e)),
+            }
+        }
+        if !run.job.resources.is_empty() {
+            let archive = containers::resources_archive(&run.job.resources)
+                .map_err(|e| ExecError::Transient(format!("packing the resources file: {e}")))?;
+            upload(containers::WORKSPACE, archive)
+                .await
+                .map_err(|e| exec_error("copying the resources file into the workspace", e))?;
+        }
+        let config = ExecConfig {
+            cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), warm::WRAPPER.to_owned(), "cib-step".to_owned()]),
+            env: Some(warm::exec_env(&run.job, &run.secrets, script, &containers::workdir(step)?)),
+            working_dir: Some(containers::WORKSPACE.to_owned()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            attach_stdin: Some(false),
+            tty: Some(false),
+            ..Default::default()
+        };
+        let exec = match self.docker.create_exec(id, config).instrument(tracing::debug_span!("create_exec")).await {
+            Ok(exec) => exec,
+            Err(e) if matches!(status(&e), Some(404 | 409)) => return Ok(None),
+            Err(e) => return Err(exec_error("creating the step's exec", e)),
+        };
+        let output = match self.docker.start_exec(&exec.id, None).instrument(tracing::debug_span!("start_exec")).await {
+            Ok(StartExecResults::Attached { output, .. }) => output,
+            Ok(StartExecResults::Detached) => {
+                return Err(ExecError::Transient("the step's exec started detached".to_owned()));
+            }
+            Err(e) if matches!(status(&e), Some(404 | 409)) => return Ok(None),
+            Err(e) => return Err(exec_error("starting the step's exec", e)),
+        };
+        let started = Instant::now();
+        let last_output = Arc::new(Mutex::new(started));
+        let mut reader = tokio::spawn(forward_output(
+            output,
+            run.secrets.values().chain(&run.mask).cloned().collect(),
+            logs,
+            last_output.clone(),
+        ));
+        let total = step.timeout.map(|t| started + t.as_std());
+        let silence = step.no_output_timeout.map(|t| t.as_std());
+        // The output ends when the wrapper has exited, and with it every process of the step
+        // (the wrapper kills what is left, which also closes any pipe a leftover held).
+        let ending = loop {
+            let quiet_until = silence.map(|d| *lock(&last_output) + d);
+            tokio::select! {
+                _ = &mut reader => break Ending::Exited,
+                reason = stop.stopped() => break Ending::Stopped(reason),
+                () = until(total) => break Ending::Stopped(StopReason::TimedOut),
+                () = until(quiet_until) => {
+                    if let Some(d) = silence && lock(&last_output).elapsed() >= d {
+                        break Ending::Stopped(StopReason::NoOutput);
+                    }
+                }
+            }
+        };
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "the step's exec ended");
+        if let Ending::Stopped(reason) = ending {
+            // SIGTERM to the step's processes, sparing the keeper and the wrapper; after the
+            // grace period the container goes, and everything in it with SIGKILL.
+            if let Err(e) = self.exec(id, warm::TERM_SWEEP).await {
+                tracing::warn!(step = %step.name, error = %e, "could not signal the step");
+            }
+            if tokio::time::timeout(self.options.stop_grace, &mut reader).await.is_err() {
+                remove_container(&self.docker, id).await?;
+                if tokio::time::timeout(self.options.log_drain_timeout, &mut reader).await.is_err() {
+                    reader.abort();
+                }
+            }
+            return Ok(Some((stopped(reason), false)));
+        }
+        let code = self.exec_exit_code(&exec.id).await?;
+        if code == Some(0) {
+            // Nothing to ask: should the container have died since, the next step's exec is
+            // refused and that step gets a new one.
+            return Ok(Some((Outcome::Exited(0), true)));
+        }
+        // A failure: was it memory, and is the container still fit for the next step?
+        let (running, mut oom_killed) = self.container_health(id).await?;
+        if code.is_some_and(|c| c != 0) && running && !oom_killed {
+            let marker = bollard::query_parameters::ContainerArchiveInfoOptions { path: "/.cib/oom-killed".to_owned() };
+            oom_killed = self.docker.get_container_archive_info(id, Some(marker)).await.is_ok();
+        }
+        let outcome = match code {
+            Some(code) if oom_killed && code != 0 => Outcome::OutOfMemory,
+            None if oom_killed => Outcome::OutOfMemory,
+            Some(code) => Outcome::Exited(i32::try_from(code).unwrap_or(-1)),
+            None => {
+                return Err(ExecError::Transient(format!(
+                    "step {}: its warm container stopped while the step ran",
+                    step.name
+                )));
+            }
+        };
+        Ok(Some((outcome, running && !oom_killed)))
+    }
+
+    /// The exit code of a finished exec. The daemon may need a moment after the output ended to
+    /// record it; `None` when it never does (the container went away).
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn exec_exit_code(&self, exec: &str) -> Result<Option<i64>, ExecError> {
+        let patience = Instant::now() + Duration::from_secs(2);
+        loop {
+            let inspected =
+                self.docker.inspect_exec(exec).await.map_err(|e| exec_error("reading the step's exit code", e))?;
+            if inspected.running != Some(true) && inspected.exit_code.is_some() {
+                return Ok(inspected.exit_code);
+            }
+            if Instant::now() >= patience {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether a warm container still runs, and whether Docker flagged it out of memory (which
+    /// it does only when the container itself ended: a kill inside an exec shows in the
+    /// wrapper's marker instead).
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn container_health(&self, id: &str) -> Result<(bool, bool), ExecError> {
+        let state = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
+            Ok(inspected) => inspected.state.unwrap_or_default(),
+            Err(e) if is_not_found(&e) => return Ok((false, false)),
+            Err(e) => return Err(exec_error("inspecting the warm container", e)),
+        };
+        Ok((state.running == Some(true), state.oom_killed == Some(true)))
+    }
+
+    /// Removes the warm containers of a build that this process does not know: a previous
+    /// process left them, maybe with a step still running in them that nobody can follow.
+    async fn remove_foreign_warm(&self, build: &BuildId) -> Result<(), ExecError> {
+        let filters = label_filter(&[
+            (LABEL_ENGINE, self.options.instance.as_str()),
+            (LABEL_BUILD, build.0.as_str()),
+            (LABEL_ROLE, Role::Warm.as_str()),
+        ]);
+        let found = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("listing warm containers", e))?;
+        let state = self.build_state(build);
+        let known: BTreeSet<String> = {
+            let s = state.lock().await;
+            s.busy.iter().cloned().chain(s.idle.iter().map(|(_, id)| id.clone())).collect()
+        };
+        for id in found.into_iter().filter_map(|c| c.id).filter(|id| !known.contains(id)) {
+            remove_container(&self.docker, &id).await?;
+        }
+        Ok(())
     }
 
     /// Creates, starts and checks one service.
@@ -815,6 +1222,9 @@ impl Executor for DockerExecutor {
         if let Some(reason) = stop.reason() {
             return Ok(stopped(reason));
         }
+        if warm::eligible(&job.step) {
+            return self.run_warm(run, image, commands, logs, &mut stop).await;
+        }
         let names = BuildNames::new(&self.options.instance, &job.build);
         let prepare = async {
             image::ensure(&self.docker, image, self.options.pull_timeout).await?;
@@ -875,6 +1285,10 @@ impl Executor for DockerExecutor {
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
+        let pending: Vec<_> = std::mem::take(&mut *lock(&self.removals));
+        for task in pending {
+            let _ = task.await;
+        }
         let found = self.resources(Some(build)).await?;
         lock(&self.builds).remove(build);
         self.remove_all(&found).await.map(|_| ())
@@ -888,7 +1302,12 @@ impl Executor for DockerExecutor {
         mut stop: StopSignal,
     ) -> Result<Attached, ExecError> {
         use bollard::models::ContainerSummaryStateEnum as State;
-        let Some((id, state)) = self.step_container(run).await? else { return Ok(Attached::Gone) };
+        let Some((id, state)) = self.step_container(run).await? else {
+            // A warm step (an exec) cannot be followed: Docker keeps no copy of its output. It
+            // is reported gone, after its container goes, so that a re-run never overlaps it.
+            self.remove_foreign_warm(&run.job.build).await?;
+            return Ok(Attached::Gone);
+        };
         let container =
             ContainerGuard { docker: self.docker.clone(), id: Some(id.clone()), detached: self.detached.clone() };
         if matches!(state, State::CREATED | State::EMPTY) {

@@ -33,6 +33,7 @@ pub fn split_reference(reference: &str) -> (String, Option<String>) {
 }
 
 /// Ensures `image` is present, pulling it when it is not.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn ensure(docker: &Docker, image: &str, pull_timeout: Duration) -> Result<(), ExecError> {
     match docker.inspect_image(image).await {
         Ok(_) => return Ok(()),

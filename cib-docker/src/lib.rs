@@ -5,9 +5,13 @@
 //!   (so the daemon never needs to see the host's path), and a private bridge network on which
 //!   services are reachable by their names. Both are created on first use and removed by
 //!   `cleanup`.
-//! - **Per step**: a container running the step's commands with `sh -e` from a script copied
-//!   into it; variables and secrets arrive as environment variables, never in the script. Its
-//!   output is streamed to the log sink with secrets masked, even across read boundaries.
+//! - **Per step**: an `exec` in a warm container of the build that consecutive steps with the
+//!   same image, limits, network and services share (see the `warm` module: a wrapper kills
+//!   every process a step leaves before the next one starts), or, for `isolated: true`, a
+//!   container of its own running the step's commands with `sh -e` from a script copied into
+//!   it. Either way variables and secrets arrive as environment variables of that step only,
+//!   never in the script, and output is streamed to the log sink with secrets masked, even
+//!   across read boundaries.
 //! - **Safety by default**: memory (without swap), CPU and process limits, `no-new-privileges`,
 //!   all capabilities dropped but a few build commands need ([`DEFAULT_CAPABILITIES`]), never
 //!   privileged, no host paths mounted (so never the Docker socket), `network: none` on request.
@@ -17,7 +21,8 @@
 //!   `reconcile` query, so a crashed engine's leftovers are found without any saved state.
 //!
 //! Decisions worth knowing:
-//! - The workspace is filled once per build, by a container of the step's image that is
+//! - The workspace is filled once per build (while the first warm container is created), by a
+//!   container of the step's image that is
 //!   created with the volume mounted but never started; the checkout is streamed to it as a tar
 //!   archive whose files belong to root, or to the image's user when it names one
 //!   (`copyUIDGID`). Once whole, the copier is renamed to a marker kept until cleanup; a volume
@@ -38,6 +43,7 @@ mod image;
 pub mod mask;
 pub mod naming;
 mod options;
+mod warm;
 mod workspace;
 
 pub use containers::{SCRIPT_PATH, WORKSPACE};

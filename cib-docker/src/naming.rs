@@ -38,6 +38,8 @@ pub enum Role {
     Workspace,
     /// The build's private network.
     Network,
+    /// A long-lived container in which consecutive steps run as `exec`s (see `warm`).
+    Warm,
 }
 
 impl Role {
@@ -48,6 +50,7 @@ impl Role {
             Role::Populate => "populate",
             Role::Workspace => "workspace",
             Role::Network => "network",
+            Role::Warm => "warm",
         }
     }
 }
@@ -111,6 +114,10 @@ impl BuildNames {
 
     pub fn service_container(&self, service: &str) -> String {
         format!("{}-svc-{}-{}", self.prefix, sanitize(service, 40), nonce())
+    }
+
+    pub fn warm_container(&self) -> String {
+        format!("{}-warm-{}", self.prefix, nonce())
     }
 
     pub fn populate_container(&self) -> String {

@@ -192,8 +192,10 @@ pub struct ServerConfig {
     /// different names, or each would remove the other's containers as leftovers.
     #[serde(default = "default_instance")]
     pub instance: String,
-    #[serde(default = "default_running")]
-    pub max_running_steps: usize,
+    /// Steps running at once across all builds. Unset, `cib serve` takes what the Docker
+    /// executor suggests for its daemon (twice its CPU count); 4 where no executor says.
+    #[serde(default)]
+    pub max_running_steps: Option<usize>,
     /// Largest request body accepted, in bytes (GitHub sends at most 25 MB).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
@@ -257,9 +259,8 @@ fn default_shutdown_grace() -> u64 {
     30
 }
 
-fn default_running() -> usize {
-    4
-}
+/// Steps running at once when neither the configuration nor the executor says.
+pub const DEFAULT_RUNNING_STEPS: usize = 4;
 
 fn default_body_limit() -> usize {
     25 * 1024 * 1024
@@ -271,7 +272,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             instance: default_instance(),
-            max_running_steps: default_running(),
+            max_running_steps: None,
             max_body_bytes: default_body_limit(),
             github: GithubConfig::default(),
             tokens: Vec::new(),

@@ -68,7 +68,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
     };
     let engine_config = EngineConfig {
         machine: Config {
-            max_running_steps: config.max_running_steps,
+            max_running_steps: config.max_running_steps.unwrap_or(crate::config::DEFAULT_RUNNING_STEPS),
             pools: config.lease_pools(),
             limits: config.operator_limits(),
             ..Config::default()

@@ -313,6 +313,9 @@ pub struct Step {
     pub resources: Vec<ResourceRequest>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_failure: bool,
+    /// A container of its own: never run in a warm container shared with other steps.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
 
 /// What a step does.

@@ -339,6 +339,10 @@ pub struct RawStep {
     /// A failure of this step does not fail the pipeline.
     #[serde(default)]
     pub allow_failure: bool,
+    /// Run this step in a container of its own, never as an `exec` in a container that
+    /// earlier steps of the build used.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 /// `bridge` or `none`.

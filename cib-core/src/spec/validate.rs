@@ -423,6 +423,7 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
         services: if s.gate.is_some() { Vec::new() } else { services },
         resources: resources_model(c, &s.resources),
         allow_failure: s.allow_failure,
+        isolated: s.isolated,
     }
 }
 

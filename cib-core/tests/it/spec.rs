@@ -763,3 +763,25 @@ fn carriage_returns_count_as_line_breaks() {
         assert!(diags[0].render("f", &text).contains("5 |         imag: x"), "{newline:?}");
     }
 }
+
+#[test]
+fn isolated_is_read_and_defaults_to_false() {
+    let spec = parsed(
+        r#"
+        pipelines:
+          test:
+            steps:
+              - { name: shared, image: busybox, commands: [true] }
+              - { name: alone, image: busybox, commands: [true], isolated: true }
+        "#,
+    );
+    let steps = &spec.pipelines[0].steps;
+    assert!(!steps[0].isolated);
+    assert!(steps[1].isolated);
+    let wrong = spec::parse(
+        "pipelines:\n  test:\n    steps:\n      - { name: a, image: b, commands: [c], isolated: sometimes }\n",
+    );
+    let diagnostics = wrong.err().unwrap_or_default();
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    assert_eq!(diagnostics[0].pos.line, 4, "{diagnostics:?}");
+}

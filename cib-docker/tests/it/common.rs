@@ -76,6 +76,14 @@ pub fn job(build: &str, step: &str, commands: &[&str]) -> StepJob {
     conformance_job(build, step, IMAGE, commands)
 }
 
+/// A step that runs in a container of its own (`isolated: true`), for the tests about a step
+/// container's life: its removal, re-attaching to it, what a crash leaves. Warm steps have
+/// their own tests (`warm.rs`).
+pub fn isolated(mut job: StepJob) -> StepJob {
+    job.step.isolated = true;
+    job
+}
+
 pub fn step_run(job: StepJob, workspace: &Path) -> StepRun {
     StepRun { job, secrets: BTreeMap::new(), mask: Vec::new(), workspace: workspace.to_path_buf() }
 }

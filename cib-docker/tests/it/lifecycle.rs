@@ -138,7 +138,7 @@ async fn a_dropped_run_removes_its_container() {
         tokio::spawn(async move {
             let dir = tempdir();
             let (_keep, stop) = StopSignal::new();
-            let run = step_run(job("dropped", "forever", &["echo ready", "sleep 300"]), dir.path());
+            let run = step_run(isolated(job("dropped", "forever", &["echo ready", "sleep 300"])), dir.path());
             exec.run(&run, sink, stop).await
         })
     };
@@ -180,7 +180,7 @@ async fn crash_child(instance: String) {
         .unwrap_or_else(|e| panic!("child: cannot reach Docker: {e}"));
     let dir = tempdir();
     let (_keep, stop) = StopSignal::new();
-    let run = step_run(job("crashed", "long", &["echo started", "sleep 300"]), dir.path());
+    let run = step_run(isolated(job("crashed", "long", &["echo started", "sleep 300"])), dir.path());
     let outcome = exec.run(&run, Arc::new(ReadySignal), stop).await;
     panic!("the child's step was meant to be killed, but ended: {outcome:?}");
 }
@@ -213,7 +213,7 @@ async fn a_killed_engine_leaves_nothing_after_reconcile() {
     let exec = executor_with("crash", |_| {}).await;
     let dir = tempdir();
     let (_keep, stop) = StopSignal::new();
-    let alive = step_run(job("alive", "quick", &["true"]), dir.path());
+    let alive = step_run(isolated(job("alive", "quick", &["true"])), dir.path());
     assert_eq!(exec.run(&alive, Sink::new(), stop).await.ok(), Some(Outcome::Exited(0)));
 
     let crashed = exec.resources(Some(&BuildId::from("crashed"))).await.unwrap_or_else(|e| panic!("{e}"));
@@ -250,7 +250,7 @@ async fn start_and_detach(test: &str, run: cib_core::ports::StepRun, ready: &str
 async fn a_step_left_by_a_detached_engine_is_re_attached_from_the_stored_offset() {
     use cib_core::ports::Attached;
     let dir = tempdir();
-    let slow = job("attach", "slow", &["echo before", "sleep 2", "echo after >&2", "exit 7"]);
+    let slow = isolated(job("attach", "slow", &["echo before", "sleep 2", "echo after >&2", "exit 7"]));
     let seen = start_and_detach("attach", step_run(slow.clone(), dir.path()), "before").await;
     let exec = executor("attach").await;
     assert_eq!(step_containers(exec.docker(), &exec.options().instance).await.len(), 1, "the step runs on");
@@ -270,7 +270,7 @@ async fn a_step_left_by_a_detached_engine_is_re_attached_from_the_stored_offset(
     assert_eq!(again.ok(), Some(Attached::Gone), "a second look finds nothing");
 
     // Ended while no engine watched: its exit code and the whole output are still there.
-    let mut quick = job("attach", "quick", &["echo one", "sleep 1", "echo two"]);
+    let mut quick = isolated(job("attach", "quick", &["echo one", "sleep 1", "echo two"]));
     quick.attempt = 2;
     start_and_detach("attach", step_run(quick.clone(), dir.path()), "one").await;
     let ids = step_containers(exec.docker(), &exec.options().instance).await;
@@ -291,7 +291,7 @@ async fn a_step_left_by_a_detached_engine_is_re_attached_from_the_stored_offset(
 async fn a_re_attached_step_is_stopped_when_asked() {
     use cib_core::ports::Attached;
     let dir = tempdir();
-    let long = job("attach-stop", "long", &["echo ready", "sleep 300"]);
+    let long = isolated(job("attach-stop", "long", &["echo ready", "sleep 300"]));
     start_and_detach("attach-stop", step_run(long.clone(), dir.path()), "ready").await;
     let exec = executor("attach-stop").await;
     let (handle, stop) = StopSignal::new();

@@ -12,3 +12,4 @@ mod lifecycle;
 mod logs;
 mod safety;
 mod services;
+mod warm;

@@ -20,8 +20,11 @@ async fn limits_and_hardening_are_applied() {
     let dir = tempdir();
     let sink = Sink::new();
     let (handle, stop) = StopSignal::new();
-    let mut job =
-        job("limits", "inspected", &["grep -E '^(CapEff|NoNewPrivs)' /proc/self/status", "echo ready", "sleep 60"]);
+    let mut job = isolated(job(
+        "limits",
+        "inspected",
+        &["grep -E '^(CapEff|NoNewPrivs)' /proc/self/status", "echo ready", "sleep 60"],
+    ));
     job.step.limits = spec::Limits { memory: Some(spec::Memory(64 << 20)), cpus: Some(0.5), pids: Some(100) };
     let run = step_run(job, dir.path());
     let inspect = async {

@@ -16,7 +16,7 @@ fn eprint(text: &str) {
 pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
     super::init_logs(log_format, None);
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CIB_")).collect();
-    let config = match ServerConfig::load(config_path, &env) {
+    let mut config = match ServerConfig::load(config_path, &env) {
         Ok(c) => c,
         Err(e) => {
             eprint(&format!("cib serve: {e}"));
@@ -56,7 +56,11 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         }
         let options = docker_options(config.instance.clone(), &config.operator_limits());
         let executor = match cib_docker::DockerExecutor::connect(options).await {
-            Ok(e) => e,
+            Ok(e) => {
+                // Unset, the limit fits the daemon: its CPU count decides (issue 16).
+                config.max_running_steps.get_or_insert(e.suggested_running_steps());
+                e
+            }
             Err(e) => {
                 eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
                 return ExitCode::from(3);
