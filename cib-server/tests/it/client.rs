@@ -17,8 +17,11 @@ pipelines:
   test:
     on: { push: { branches: ["**"], branches_ignore: [master, production] }, manual: {} }
     steps:
+      # A container of its own, so that a restarted server re-attaches to it: a warm step's
+      # exec is lost with the server and runs again as a new attempt.
       - name: count
         image: busybox
+        isolated: true
         commands: ['for i in $(seq 1 25); do echo "line $i"; sleep 0.2; done']
   release:
     on: { manual: {} }
