@@ -464,6 +464,27 @@ pub struct Build {
     untrusted_skips: bool,
 }
 
+/// The last spec text read and what it gave. A repository's pushes mostly carry the same spec,
+/// so the enqueues of a busy server, and the replay of a long journal, read it once rather than
+/// once per build. It is not part of the machine's state: equal machines may hold different ones.
+#[derive(Debug, Clone, Default)]
+struct SpecCache(Option<(std::sync::Arc<str>, Option<spec::Spec>)>);
+
+impl SpecCache {
+    fn parse(&mut self, source: &str) -> Option<&spec::Spec> {
+        if self.0.as_ref().is_none_or(|(text, _)| **text != *source) {
+            self.0 = Some((std::sync::Arc::from(source), spec::parse(source).ok()));
+        }
+        self.0.as_ref().and_then(|(_, parsed)| parsed.as_ref())
+    }
+}
+
+impl PartialEq for SpecCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// A build's pipeline in a snapshot: its name only; restoring plans it again from the spec.
 mod pipeline_name {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -502,12 +523,13 @@ fn empty_pipeline(name: &str) -> spec::Pipeline {
 /// Enqueueing and restoring a snapshot both plan through here, so a restored build runs exactly
 /// the pipeline it was enqueued with.
 fn plan_pipeline(
+    cache: &mut SpecCache,
     source: &str,
     pipeline: &str,
     only: Option<&[String]>,
     limits: &spec::OperatorLimits,
 ) -> Option<spec::Pipeline> {
-    let mut found = spec::parse(source).ok().and_then(|s| s.pipeline(pipeline).cloned())?;
+    let mut found = cache.parse(source)?.pipeline(pipeline).cloned()?;
     limits.apply(&mut found);
     if let Some(only) = only {
         let names: Vec<&str> = only.iter().map(String::as_str).collect();
@@ -594,6 +616,8 @@ pub struct Machine {
     /// Effects gathered while handling one input; always empty between inputs.
     #[serde(skip)]
     out: Vec<Effect>,
+    #[serde(skip)]
+    spec_cache: SpecCache,
 }
 
 /// A map written as a list of `[key, value]` pairs, for keys JSON cannot hold.
@@ -670,6 +694,7 @@ impl Machine {
             trusted_forks: BTreeMap::new(),
             commit_authors: BTreeMap::new(),
             out: Vec::new(),
+            spec_cache: SpecCache::default(),
         })
     }
 
@@ -756,7 +781,8 @@ impl Machine {
         }
         let mut machine = read.machine;
         for b in machine.builds.values_mut() {
-            if let Some(p) = plan_pipeline(&b.spec, &b.pipeline.name, b.only.as_deref(), &machine.config.limits) {
+            let (limits, cache) = (&machine.config.limits, &mut machine.spec_cache);
+            if let Some(p) = plan_pipeline(cache, &b.spec, &b.pipeline.name, b.only.as_deref(), limits) {
                 b.pipeline = p;
             }
             if b.pipeline.steps.len() != b.steps.len() && !b.is_finished() {
@@ -928,7 +954,7 @@ impl Machine {
             return; // The same input twice (a replayed delivery) changes nothing.
         }
         // The chosen steps and everything they depend on, within this machine's limits.
-        let found = plan_pipeline(source, pipeline, only.as_deref(), &self.config.limits);
+        let found = plan_pipeline(&mut self.spec_cache, source, pipeline, only.as_deref(), &self.config.limits);
         let errored = found.is_none();
         let pipeline = found.unwrap_or_else(|| empty_pipeline(pipeline));
         let steps = pipeline

@@ -28,13 +28,27 @@ fn opt_time(value: Option<i64>) -> Result<Option<Timestamp>, StoreError> {
 pub(crate) const SPEC_DIGEST: &str = "spec_sha256";
 
 /// An input read back from its JSON, with the spec text put back in place of its digest.
-fn input_from_json(conn: &Connection, json: &str, what: &str) -> Result<Input, StoreError> {
+/// `specs` keeps the texts already read by this call, since most enqueues share a few specs.
+fn input_from_json(
+    conn: &Connection,
+    json: &str,
+    what: &str,
+    specs: &mut std::collections::HashMap<String, String>,
+) -> Result<Input, StoreError> {
     let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(format!("{what}: {e}")))?;
     if let Some(map) = value.as_object_mut()
         && let Some(serde_json::Value::String(digest)) = map.remove(SPEC_DIGEST)
     {
-        let text: String = query_opt(conn, "SELECT text FROM specs WHERE sha256 = ?1", params![digest], |r| r.get(0))?
-            .ok_or_else(|| corrupt(format!("{what}: no spec with digest {digest}")))?;
+        let text = match specs.get(&digest) {
+            Some(text) => text.clone(),
+            None => {
+                let text: String =
+                    query_opt(conn, "SELECT text FROM specs WHERE sha256 = ?1", params![digest], |r| r.get(0))?
+                        .ok_or_else(|| corrupt(format!("{what}: no spec with digest {digest}")))?;
+                specs.insert(digest, text.clone());
+                text
+            }
+        };
         map.insert("spec".into(), serde_json::Value::String(text));
     }
     serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))
@@ -48,9 +62,10 @@ pub(crate) fn inputs_after(conn: &Connection, after: u64, limit: usize) -> Resul
             s.query_map(params![after, sql_limit(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
         })
         .map_err(db)?;
+    let mut specs = std::collections::HashMap::new();
     rows.into_iter()
         .map(|(seq, at, input)| {
-            let input = input_from_json(conn, &input, &format!("input {seq}"))?;
+            let input = input_from_json(conn, &input, &format!("input {seq}"), &mut specs)?;
             Ok((from_sql(seq)?, StoredInput { at: time(at)?, input }))
         })
         .collect()
@@ -75,7 +90,7 @@ pub(crate) fn enqueued(conn: &Connection, build: &str) -> Result<Option<StoredIn
             Ok((r.get(0)?, r.get(1)?))
         })?;
     let Some((at, json)) = row else { return Ok(None) };
-    let input = input_from_json(conn, &json, &format!("the enqueue of {build}"))?;
+    let input = input_from_json(conn, &json, &format!("the enqueue of {build}"), &mut Default::default())?;
     Ok(Some(StoredInput { at: time(at)?, input }))
 }
 

@@ -120,12 +120,14 @@ impl Drop for Threads {
     }
 }
 
+/// The log's length, in pages, at which the writer checkpoints itself (SQLite's default is 1,000).
+const WRITER_CHECKPOINT_PAGES: i64 = 8_192;
+
 /// How often the checkpointer copies the write-ahead log into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Checkpoints the log until the store is dropped. A PASSIVE checkpoint copies what no reader
-/// still needs and never waits; once a checkpoint has copied everything, the writer starts the
-/// log again from its beginning, so the file stops growing.
+/// still needs and never waits; the writer's own, rarer checkpoint then has little left to copy.
 fn checkpoint_loop(conn: &Connection, stop: &std_mpsc::Receiver<()>) {
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         let done =
@@ -201,11 +203,15 @@ impl SqliteStore {
             }
         };
         schema::migrate(&mut conn)?;
-        // The writer never checkpoints: a checkpoint copies the log into the database and syncs
-        // the database file, which in the writer would hold up every write queued behind it (the
-        // webhook receiver's 202 among them). A thread of its own checkpoints instead, PASSIVE,
-        // which never blocks the writer or the readers.
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+        // A checkpoint copies the log into the database and syncs the database file; in the
+        // writer it holds up every write queued behind it (the webhook receiver's 202 among
+        // them). So a thread of its own checkpoints often, PASSIVE, which never blocks the writer
+        // or the readers. But only a checkpoint that copies the whole log lets the next write
+        // start the log again from its beginning, and under a steady stream of writes a thread
+        // beside the writer never catches up: the log would grow without end. So the writer
+        // still checkpoints, rarely (every 8,192 pages, 32 MiB with 4 KiB pages), and then has
+        // only what the checkpointer has not copied yet.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES).map_err(db)?;
         let checkpointer = Connection::open(&path).map_err(db)?;
         configure(&checkpointer, &options)?;
 
