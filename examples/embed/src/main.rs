@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 /// A notifier that prints each event as one line of JSON on standard output, and tells the
 /// program when the build has finished.
 ///
-/// The engine calls `publish` for every event, in order, after the event is stored. It may
-/// call it again for the same event after a restart, so whatever a notifier does must be safe
-/// to repeat: printing a line is.
+/// The engine calls `publish` for every event, in order, after the event is stored. The port
+/// asks that publishing an event twice leave the same result, since events may be replayed
+/// after a crash: printing a line again is harmless.
 struct PrintingNotifier {
     finished: mpsc::UnboundedSender<Conclusion>,
 }
