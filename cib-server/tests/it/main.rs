@@ -10,6 +10,7 @@ mod local;
 mod metrics;
 mod openapi_check;
 mod outgoing;
+mod packaging;
 mod plan;
 mod pools;
 mod restart;
