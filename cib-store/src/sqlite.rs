@@ -223,7 +223,8 @@ impl SqliteStore {
         let (checkpoints, stop) = std_mpsc::channel::<()>();
         threads.0.push(spawn("cib-store-checkpointer", move || checkpoint_loop(&checkpointer, &stop))?);
         let (writer, rx) = mpsc::channel(limits.commands);
-        threads.0.push(spawn("cib-store-writer", move || writer::run(conn, rx, logs, limits))?);
+        let digests = writer::Digests::load(&conn)?;
+        threads.0.push(spawn("cib-store-writer", move || writer::run(conn, rx, logs, limits, digests))?);
 
         let (readers, jobs) = std_mpsc::channel::<ReadJob>();
         let jobs = Arc::new(Mutex::new(jobs));

@@ -72,3 +72,91 @@ async fn twenty_concurrent_copies_through_four_connections_make_one_row_and_one_
         (0..4).map(|_| Arc::new(open(&path, SqliteOptions::default())) as Arc<dyn Store>).collect();
     race(stores, &path).await;
 }
+
+fn signed(id: &str, at: u64, body: &[u8]) -> Delivery {
+    Delivery {
+        id: id.into(),
+        source: "github".into(),
+        event: "push".into(),
+        received_at: Timestamp(at),
+        body: body.to_vec(),
+    }
+}
+
+/// The writer keeps the digests of recent bodies in memory; they are loaded again when the
+/// store opens, so a body replayed after a restart is still found.
+#[tokio::test]
+async fn a_replayed_body_is_found_after_the_store_is_reopened() {
+    use cib_core::ports::Intake;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cib.db");
+    let store = open(&path, SqliteOptions::default());
+    let first = store.insert_delivery_once(&signed("d-1", 5_000, b"body"), b"digest", Timestamp(1_000), None).await;
+    assert_eq!(first.expect("insert"), Intake::New);
+    drop(store);
+    let store = open(&path, SqliteOptions::default());
+    let replay = store.insert_delivery_once(&signed("d-2", 6_000, b"body"), b"digest", Timestamp(1_000), None).await;
+    assert_eq!(replay.expect("insert"), Intake::DuplicateBody, "the digest was loaded when the store opened");
+    let later = store.insert_delivery_once(&signed("d-3", 9_000, b"body"), b"digest", Timestamp(5_001), None).await;
+    assert_eq!(later.expect("insert"), Intake::New, "a body older than the window is no replay");
+    // Within one group commit, the second of two copies of a body is the replay.
+    let (d4, d5) = (signed("d-4", 9_100, b"twin"), signed("d-5", 9_100, b"twin"));
+    let (a, b) = tokio::join!(
+        store.insert_delivery_once(&d4, b"twin", Timestamp(1_000), None),
+        store.insert_delivery_once(&d5, b"twin", Timestamp(1_000), None),
+    );
+    let mut outcomes = [a.expect("insert"), b.expect("insert")];
+    outcomes.sort_by_key(|i| format!("{i:?}"));
+    assert_eq!(outcomes, [Intake::DuplicateBody, Intake::New]);
+}
+
+/// Digests older than the window callers ask about are deleted, from memory and from the
+/// table, once enough new ones have been recorded; the recent ones stay.
+#[tokio::test]
+async fn old_digests_are_forgotten_and_recent_ones_kept() {
+    use cib_core::ports::Intake;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cib.db");
+    // Commits need not reach the disk in this test, which makes ten thousand of them quick.
+    let options = SqliteOptions { synchronous: cib_store::Synchronous::Normal, ..SqliteOptions::default() };
+    let store = Arc::new(open(&path, options.clone()));
+    let old = store.insert_delivery_once(&signed("old", 1, b"old"), b"old", Timestamp(0), None).await;
+    assert_eq!(old.expect("insert"), Intake::New);
+    // Ten thousand deliveries, 100 at a time, each asking about the last 1,000 ms.
+    for wave in 0..100u64 {
+        let mut tasks = Vec::new();
+        for i in 0..100u64 {
+            let store = store.clone();
+            let n = wave * 100 + i;
+            tasks.push(tokio::spawn(async move {
+                let at = 10_000 + n;
+                let digest = format!("d{n}");
+                store
+                    .insert_delivery_once(
+                        &signed(&format!("n-{n}"), at, b"x"),
+                        digest.as_bytes(),
+                        Timestamp(at - 1_000),
+                        None,
+                    )
+                    .await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.expect("task").expect("insert"), Intake::New);
+        }
+    }
+    // One more write lets the writer prune after the batch that crossed the threshold.
+    let last = store.insert_delivery_once(&signed("last", 20_000, b"l"), b"last", Timestamp(19_000), None).await;
+    assert_eq!(last.expect("insert"), Intake::New);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).expect("count");
+    assert_eq!(
+        count("SELECT COUNT(*) FROM delivery_digests WHERE digest = CAST('old' AS BLOB)"),
+        0,
+        "the old digest is gone"
+    );
+    let kept = count("SELECT COUNT(*) FROM delivery_digests");
+    assert!((1..10_002).contains(&kept), "recent digests are kept and old ones deleted: {kept} rows");
+    assert_eq!(count("SELECT COUNT(*) FROM deliveries"), 10_002, "the deliveries themselves stay");
+}

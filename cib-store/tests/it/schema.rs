@@ -87,7 +87,7 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
          DROP TABLE secrets;
          DROP TABLE webhook_cursors;
          DROP INDEX deliveries_pending;
-         DROP INDEX deliveries_digest;
+         DROP TABLE delivery_digests;
          ALTER TABLE deliveries DROP COLUMN done;
          ALTER TABLE deliveries DROP COLUMN attempts;
          ALTER TABLE deliveries DROP COLUMN next_attempt_at;
