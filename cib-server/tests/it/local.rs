@@ -86,6 +86,28 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Makes `dir` a Git repository on a feature branch with everything committed, as a person's
+/// checkout would be, so that `cib run` runs the `test` pipeline there.
+fn commit_all(dir: &Path) {
+    if !dir.join(".git").exists() {
+        git(dir, &["init", "-q", "-b", "feature/x"]);
+    }
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-q", "-m", "start"]);
+}
+
+/// `cib run` in `dir`: exit 0 and the `test` pipeline green.
+fn run_green(name: &str, dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .args(["run", "--color", "never"])
+        .current_dir(dir)
+        .env("CIB_DATA_DIR", dir.join(".cib-data"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{name}: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("pipeline test succeeded"), "{name}: {}", text(&out.stdout));
+}
+
 /// `cib init` in a copy of an example without its spec, then `cib run`: green.
 fn init_and_run_example(name: &str, kind: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -96,16 +118,83 @@ fn init_and_run_example(name: &str, kind: &str) {
     let out = cib(dir.path(), &["init"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("for a {kind} project")), "{}", text(&out.stdout));
-    git(dir.path(), &["add", "."]);
-    git(dir.path(), &["commit", "-q", "-m", "start"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
-        .args(["run", "--color", "never"])
-        .current_dir(dir.path())
-        .env("CIB_DATA_DIR", dir.path().join(".cib-data"))
+    commit_all(dir.path());
+    run_green(name, dir.path());
+}
+
+/// Every example's own spec, unchanged, runs green with `cib run` in a copy of it.
+fn run_example(name: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+    copy_tree(&example, dir.path());
+    commit_all(dir.path());
+    run_green(name, dir.path());
+}
+
+#[test]
+fn the_shell_example_runs_green() {
+    run_example("shell");
+}
+
+#[test]
+fn the_python_tests_example_runs_green() {
+    run_example("python-tests");
+}
+
+#[test]
+fn the_node_example_runs_green() {
+    run_example("node-app");
+}
+
+#[test]
+fn the_rust_example_runs_green() {
+    run_example("rust-app");
+}
+
+#[test]
+fn init_in_the_node_example_runs_green() {
+    init_and_run_example("node-app", "Node");
+}
+
+#[test]
+fn init_in_the_rust_example_runs_green() {
+    init_and_run_example("rust-app", "Rust");
+}
+
+/// The local stand-ins for `node:20` and `rust:1.95` (scripts/build-test-images) run the
+/// versions their tags name.
+#[test]
+fn the_toolchain_images_run_the_versions_their_tags_name() {
+    let version = |image: &str, command: &str| {
+        let out = Command::new("docker")
+            .args(["run", "--rm", "--network", "none", image, "sh", "-c", command])
+            .output()
+            .expect("docker run");
+        assert!(out.status.success(), "{image}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let node = version("node:20", "node --version");
+    assert!(node.starts_with("v20."), "node:20 runs node {node}");
+    let rust = version("rust:1.95", "rustc --version && cargo --version");
+    assert!(rust.starts_with("rustc 1.95.") && rust.contains("\ncargo 1.95."), "rust:1.95 runs {rust}");
+}
+
+/// The README's first command, `scripts/demo`, prints each step and a green summary.
+#[test]
+fn the_demo_script_runs_the_shell_example_green() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo"))
+        .args(["--color", "never", "--branch", "demo"])
+        .env("CIB_BIN", env!("CARGO_BIN_EXE_cib"))
+        .env("CIB_DATA_DIR", data.path())
         .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(0), "{name}: {}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains("pipeline test succeeded"), "{}", text(&out.stdout));
+        .expect("run scripts/demo");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for line in ["check", "offline", "pipeline test succeeded"] {
+        assert!(stdout.contains(line), "the summary names {line}: {stdout}");
+    }
 }
 
 #[test]
