@@ -377,3 +377,21 @@ fn version_names_the_commit_it_was_built_from() {
     };
     assert!(version.contains(&format!("(commit {expected}")), "{version} names {expected}");
 }
+
+/// cib builds itself: `cib run` at the repository's root runs its own `.cib.yml` (formatting,
+/// then clippy and the tests of cib-core in rust:1.95) green.
+#[test]
+fn cib_runs_its_own_spec_green() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .args(["run", "--color", "never", "--branch", "self-test"])
+        .current_dir(&root)
+        .env("CIB_DATA_DIR", data.path())
+        .output()
+        .expect("run");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("pipeline test succeeded"), "{stdout}");
+    assert!(stdout.contains("test result: ok"), "cib-core's tests ran: {stdout}");
+}
