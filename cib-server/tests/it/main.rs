@@ -17,4 +17,5 @@ mod restart;
 mod run;
 mod server;
 mod trust;
+mod web;
 mod workflow;
