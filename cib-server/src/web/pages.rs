@@ -503,7 +503,8 @@ pub async fn pools(State(state): State<Arc<AppState>>, user: WebUser) -> Respons
         Ok(p) => p,
         Err(e) => return fail(e, &user),
     };
-    let me = format!("person:{}", user.token.name);
+    // People's leases are held in their token's name (`pools::take`).
+    let me = user.token.name.clone();
     let body = html! {
         h1 { "Pools" }
         div #pools data-live-part {

@@ -18,4 +18,5 @@ mod run;
 mod server;
 mod trust;
 mod web;
+mod web_browser;
 mod workflow;
