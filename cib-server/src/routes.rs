@@ -130,6 +130,7 @@ pub fn table() -> Vec<Route> {
         route!(GET "/builds/{build}", WEB_READ, web::pages::build, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}", WEB_READ, web::logpage::log_page, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/lines", WEB_READ, web::logpage::log_lines, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}/count", WEB_READ, web::logpage::count, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/raw", WEB_READ, web::logpage::raw, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/stream", WEB_READ, logs::stream, web::page_doc),
         route!(GET "/live/events", WEB_READ, events::stream, web::page_doc),

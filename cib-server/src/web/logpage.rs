@@ -76,6 +76,39 @@ async fn read_range(state: &AppState, key: &LogKey, from: u64, to: u64) -> Resul
     Ok(out)
 }
 
+type CountKey = (String, String, u32, u64);
+
+/// Line counts already made, by log and offset: bytes before an offset never change (logs only
+/// grow, and their offsets never move), so a count stays true. Bounded; cleared when full.
+fn counts() -> &'static std::sync::Mutex<std::collections::HashMap<CountKey, u64>> {
+    static COUNTS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<CountKey, u64>>> =
+        std::sync::OnceLock::new();
+    COUNTS.get_or_init(Default::default)
+}
+
+fn count_key(key: &LogKey, offset: u64) -> CountKey {
+    (key.build.0.clone(), key.step.clone(), key.attempt, offset)
+}
+
+fn cached_count(key: &LogKey, offset: u64) -> Option<u64> {
+    counts().lock().ok()?.get(&count_key(key, offset)).copied()
+}
+
+/// The lines before `offset`, counted (or remembered).
+async fn count_lines(state: &AppState, key: &LogKey, offset: u64) -> Result<u64, ApiError> {
+    if let Some(n) = cached_count(key, offset) {
+        return Ok(n);
+    }
+    let n = lines_before(state, key, offset).await?;
+    if let Ok(mut map) = counts().lock() {
+        if map.len() >= 4096 {
+            map.clear();
+        }
+        map.insert(count_key(key, offset), n);
+    }
+    Ok(n)
+}
+
 /// How many lines end before `offset`: the number of the line that starts there, less one.
 async fn lines_before(state: &AppState, key: &LogKey, offset: u64) -> Result<u64, ApiError> {
     let mut count = 0u64;
@@ -86,7 +119,7 @@ async fn lines_before(state: &AppState, key: &LogKey, offset: u64) -> Result<u64
         if read.next_offset <= at {
             break;
         }
-        count += read.data.iter().filter(|b| **b == b'\n').count() as u64;
+        count += memchr::memchr_iter(b'\n', &read.data).count() as u64;
         at = read.next_offset;
     }
     Ok(count)
@@ -153,14 +186,24 @@ fn stamp(marks: &[(u64, Timestamp)], offset: u64) -> Option<Timestamp> {
     marks.partition_point(|(o, _)| *o <= offset).checked_sub(1).map(|i| marks[i].1)
 }
 
-fn lines_markup(lines: &[(u64, String)], first_number: u64, marks: &[(u64, Timestamp)]) -> Markup {
+/// The lines as markup: numbered from `first_number`, or, while the count is pending, known by
+/// their offsets (`#O123`) until the script numbers them.
+fn lines_markup(lines: &[(u64, String)], first_number: Option<u64>, marks: &[(u64, Timestamp)]) -> Markup {
     html! {
         @for (i, (offset, text)) in lines.iter().enumerate() {
-            @let n = first_number + i as u64;
-            div.l id=(format!("L{n}")) data-o=(offset) {
-                a.n href=(format!("#L{n}")) aria-label=(format!("line {n}")) { (n) }
-                span.ts { (stamp(marks, *offset).map(|t| t.rfc3339()).unwrap_or_default()) }
-                span.c { (ansi::line(text)) }
+            @if let Some(first) = first_number {
+                @let n = first + i as u64;
+                div.l id=(format!("L{n}")) data-o=(offset) {
+                    a.n href=(format!("#L{n}")) aria-label=(format!("line {n}")) { (n) }
+                    span.ts { (stamp(marks, *offset).map(|t| t.rfc3339()).unwrap_or_default()) }
+                    span.c { (ansi::line(text)) }
+                }
+            } @else {
+                div.l id=(format!("O{offset}")) data-o=(offset) {
+                    span.n {}
+                    span.ts { (stamp(marks, *offset).map(|t| t.rfc3339()).unwrap_or_default()) }
+                    span.c { (ansi::line(text)) }
+                }
             }
         }
     }
@@ -187,9 +230,25 @@ async fn render(state: &AppState, user: &WebUser, id: &str, step: &str, uri: &Ur
     let complete = head.complete;
     let before = offset_param(&q, "before")?.map(|b| b.min(length));
     let w = window(state, &key, before.unwrap_or(length), complete && before.is_none()).await?;
-    let first_number = lines_before(state, &key, w.start).await? + 1;
+    // Counting the lines before a window deep in a long log means reading all of it (1.4 s for
+    // 64 MiB in a debug build), so the page does not wait for it: the lines come unnumbered,
+    // and the script asks for the count and numbers them. Without the script, `?numbered=1`
+    // counts first. Counts are cached, so the next view is numbered at once.
+    let force = q.get("numbered").is_some_and(|v| v == "1");
+    let first_number = match cached_count(&key, w.start) {
+        Some(n) => Some(n + 1),
+        None if force || w.start <= READ_MAX as u64 => Some(count_lines(state, &key, w.start).await? + 1),
+        None => None,
+    };
     let marks = state.store.log_times(&key, w.start.saturating_sub(1 << 20), 100_000).await.unwrap_or_default();
-    let first_error = w.lines.iter().position(|(_, t)| is_error(t)).map(|i| first_number + i as u64);
+    let first_error = w.lines.iter().find(|(_, t)| is_error(t)).map(|(o, _)| *o);
+    let anchor = |offset: u64| match first_number {
+        Some(first) => {
+            let i = w.lines.iter().position(|(o, _)| *o == offset).unwrap_or(0) as u64;
+            (format!("#L{}", first + i), format!(" (line {})", first + i))
+        }
+        None => (format!("#O{offset}"), String::new()),
+    };
     let stamps = q.get("timestamps").is_some_and(|v| v == "1" || v == "true");
     let base = format!("/builds/{}/steps/{}", encode(id), encode(step));
     let attempt = format!("attempt={}", key.attempt);
@@ -204,8 +263,9 @@ async fn render(state: &AppState, user: &WebUser, id: &str, step: &str, uri: &Ur
             } @else {
                 a #ts-toggle href=(format!("{base}?{attempt}&timestamps=1")) role="button" aria-pressed="false" { "Show timestamps" }
             }
-            @if let Some(n) = first_error {
-                a #first-error href=(format!("#L{n}")) { "Jump to first error (line " (n) ")" }
+            @if let Some(o) = first_error {
+                @let (href, which) = anchor(o);
+                a #first-error href=(href) { "Jump to first error" (which) }
             } @else {
                 a #first-error hidden href="#" { "Jump to first error" }
             }
@@ -213,8 +273,9 @@ async fn render(state: &AppState, user: &WebUser, id: &str, step: &str, uri: &Ur
         }
         @if w.start > 0 {
             p.earlier {
-                a #earlier href=(format!("{base}?{attempt}&before={}", w.start)) data-before=(w.start) data-line=(first_number) {
-                    "Show earlier lines (" (first_number - 1) " more)"
+                a #earlier href=(format!("{base}?{attempt}&before={}", w.start)) data-before=(w.start) data-line=[first_number] {
+                    "Show earlier lines"
+                    @if let Some(first) = first_number { " (" (first - 1) " more)" }
                 }
             }
         }
@@ -222,7 +283,8 @@ async fn render(state: &AppState, user: &WebUser, id: &str, step: &str, uri: &Ur
             data-stream=(format!("{base}/stream?{attempt}"))
             data-lines=(format!("{base}/lines?{attempt}"))
             data-end=(w.end)
-            data-next-line=(first_number + w.lines.len() as u64)
+            data-next-line=[first_number.map(|f| f + w.lines.len() as u64)]
+            data-count=[first_number.is_none().then(|| format!("{base}/count?{attempt}&before={}", w.start))]
             data-live=(if live { "true" } else { "false" }) {
             (lines_markup(&w.lines, first_number, &marks))
         }
@@ -248,7 +310,7 @@ pub async fn log_lines(
     let w = window(&state, &key, before, false).await?;
     let first = line.saturating_sub(w.lines.len() as u64).max(1);
     let marks = state.store.log_times(&key, w.start.saturating_sub(1 << 20), 100_000).await.unwrap_or_default();
-    let mut response = (StatusCode::OK, lines_markup(&w.lines, first, &marks).into_string()).into_response();
+    let mut response = (StatusCode::OK, lines_markup(&w.lines, Some(first), &marks).into_string()).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -258,6 +320,24 @@ pub async fn log_lines(
     if let Ok(v) = HeaderValue::from_str(&first.to_string()) {
         h.insert("x-cib-first-line", v);
     }
+    Ok(response)
+}
+
+/// `GET /builds/{build}/steps/{step}/count?before=OFFSET`: how many lines end before the
+/// offset, as text, for the page's script to number a window of a long log.
+pub async fn count(
+    State(state): State<Arc<AppState>>,
+    PathParams((id, step)): PathParams<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let q = crate::http::query(&uri);
+    let key = log_key(&state, &q, &id, &step).await?;
+    let before = offset_param(&q, "before")?.ok_or_else(|| ApiError::BadRequest("'before' is required".into()))?;
+    let n = count_lines(&state, &key, before).await?;
+    let mut response = (StatusCode::OK, n.to_string()).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }
 

@@ -434,6 +434,7 @@ async fn a_person_follows_a_build_approves_leases_and_promotes_in_a_real_browser
     let mut chunk = String::with_capacity(1 << 20);
     let mut n = 0u64;
     let mut written = 0usize;
+    let (mut total_lines, mut ends_in_newline) = (0usize, true);
     while written < 64 << 20 {
         chunk.clear();
         while chunk.len() < (1 << 20) - 200 {
@@ -445,7 +446,10 @@ async fn a_person_follows_a_build_approves_leases_and_promotes_in_a_real_browser
         let piece = &chunk.as_bytes()[..chunk.len().min((64 << 20) - written)];
         s.store.append_log(&big, piece).await.expect("append");
         written += piece.len();
+        total_lines += piece.iter().filter(|b| **b == b'\n').count();
+        ends_in_newline = piece.last() == Some(&b'\n');
     }
+    let last_line = total_lines + usize::from(!ends_in_newline);
     s.store.finish_log(&big).await.expect("finish");
     let started = Instant::now();
     c.goto(&format!("{base}/builds/{id}/steps/slow?attempt=7")).await.expect("big log");
@@ -461,6 +465,8 @@ async fn a_person_follows_a_build_approves_leases_and_promotes_in_a_real_browser
     );
     assert_eq!(c.execute(count, vec![]).await.expect("count"), json!(2000), "the last 2,000 lines");
     assert!(took < Duration::from_secs(1), "a 64 MiB log took {took:?}");
+    // The lines are numbered once the count arrives: the last one is the log's last line.
+    wait_for_js(&c, "numbered lines", &format!("return !!document.getElementById('L{last_line}') && document.getElementById('log').dataset.numbered === 'true';")).await;
     // Earlier lines come by offset, above.
     c.find(Locator::Css("#earlier")).await.expect("earlier").click().await.expect("earlier");
     wait_for_js(&c, "earlier lines", "return document.querySelectorAll('#log .l').length === 4000;").await;

@@ -99,23 +99,60 @@
     var log = document.getElementById('log');
     if (!log) return;
     var end = Number(log.dataset.end);
-    var nextLine = Number(log.dataset.nextLine);
+    // Deep in a long log the server sends lines unnumbered, and the count comes separately.
+    var numbered = !log.dataset.count;
+    var nextLine = numbered ? Number(log.dataset.nextLine) : NaN;
     var partial = '';
     var state = document.getElementById('log-state');
     var firstError = document.getElementById('first-error');
     var encoder = new TextEncoder();
     var decoder = new TextDecoder();
 
-    function lineElement(n, text, offset) {
-      var div = document.createElement('div');
-      div.className = 'l';
-      div.id = 'L' + n;
-      div.dataset.o = offset;
+    function numberLink(n) {
       var a = document.createElement('a');
       a.className = 'n';
       a.href = '#L' + n;
       a.setAttribute('aria-label', 'line ' + n);
       a.textContent = n;
+      return a;
+    }
+
+    // Numbers every line shown once the count of the lines before them is known.
+    function numberAll(before) {
+      var n = before;
+      log.querySelectorAll('.l').forEach(function (el) {
+        n++;
+        var old = el.querySelector('.n');
+        if (old) old.replaceWith(numberLink(n));
+        if (firstError && firstError.getAttribute('href') === '#' + el.id) {
+          firstError.href = '#L' + n;
+          firstError.textContent = 'Jump to first error (line ' + n + ')';
+        }
+        el.id = 'L' + n;
+      });
+      nextLine = n + 1;
+      numbered = true;
+      if (earlier) {
+        earlier.dataset.line = before + 1;
+        earlier.textContent = 'Show earlier lines (' + before + ' more)';
+      }
+      log.dataset.numbered = 'true';
+      fromHash();
+    }
+
+    function lineElement(n, text, offset) {
+      var div = document.createElement('div');
+      div.className = 'l';
+      div.id = 'L' + n;
+      div.dataset.o = offset;
+      var a;
+      if (numbered) {
+        a = numberLink(n);
+      } else {
+        a = document.createElement('span');
+        a.className = 'n';
+        div.id = 'O' + offset;
+      }
       var ts = document.createElement('span');
       ts.className = 'ts';
       ts.textContent = new Date().toISOString();
@@ -175,6 +212,8 @@
     var earlier = document.getElementById('earlier');
     if (earlier) {
       earlier.addEventListener('click', function (e) {
+        // Until the lines are numbered, the link pages back the way it does without script.
+        if (!numbered) return;
         e.preventDefault();
         var before = earlier.dataset.before, line = earlier.dataset.line;
         fetch(log.dataset.lines + '&before=' + before + '&line=' + line, { credentials: 'same-origin' }).then(function (r) {
@@ -239,7 +278,14 @@
       }
     });
     window.addEventListener('hashchange', fromHash);
-    fromHash();
+    if (numbered) {
+      log.dataset.numbered = 'true';
+      fromHash();
+    } else {
+      fetch(log.dataset.count, { credentials: 'same-origin' }).then(function (r) {
+        if (r.ok) return r.text().then(function (t) { numberAll(Number(t)); });
+      });
+    }
     document.body.dataset.ready = 'true';
   }
 
