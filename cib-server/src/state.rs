@@ -41,6 +41,9 @@ pub struct AppState {
 
 impl AppState {
     /// The state of a server whose engine is already running.
+    // Each argument is one of the parts the server is assembled from, passed once by
+    // `server::start_with`; a builder would only spell the same list twice.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ServerConfig,
         engine: EngineHandle,
