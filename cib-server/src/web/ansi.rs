@@ -78,7 +78,15 @@ impl Style {
                             }
                             i += 2;
                         }
-                        Some(2) => i += 4,
+                        // A true colour has no place in the palette: the default is shown.
+                        Some(2) => {
+                            if fg {
+                                self.fg = None;
+                            } else {
+                                self.bg = None;
+                            }
+                            i += 4;
+                        }
                         _ => {}
                     }
                 }

@@ -86,7 +86,7 @@
         else if (c >= 100 && c <= 107) style.bg = c - 100 + 8;
         else if (c === 38 || c === 48) {
           if (codes[k + 1] === 5) { var n = codes[k + 2]; if (n < 16) { if (c === 38) style.fg = n; else style.bg = n; } k += 2; }
-          else if (codes[k + 1] === 2) k += 4;
+          else if (codes[k + 1] === 2) { if (c === 38) delete style.fg; else delete style.bg; k += 4; }
         }
       }
     }
