@@ -506,6 +506,28 @@ async fn a_person_follows_a_build_approves_leases_and_promotes_in_a_real_browser
     old.cookies.insert("cib_session".into(), session);
     let refused = old.send("POST", &format!("/builds/{other}/gates/sign-off/approve"), form(&[("csrf", &csrf)])).await;
     assert_eq!(refused.status, 403, "{}", refused.body);
-    let _ = s.request("POST", &format!("/api/v1/builds/{other}/cancel"), Some(&token(Role::Trigger)), b"").await;
     c.close().await.expect("close the browser");
+    // The second build is cancelled, and nothing of either is left in Docker.
+    let answer = s.request("POST", &format!("/api/v1/builds/{other}/cancel"), Some(&token(Role::Trigger)), b"").await;
+    assert!(answer.status == 202 || answer.status == 409, "{}", answer.body);
+    wait_status(&s, &other, BuildStatus::Cancelled).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut left = Vec::new();
+        for kind in ["container", "volume", "network"] {
+            let mut cmd = Command::new("docker");
+            cmd.args([kind, "ls", "-q", "--filter", &format!("label=org.cib.engine={instance}")]);
+            if kind == "container" {
+                cmd.arg("-a");
+            }
+            let out = cmd.output().expect("docker answers");
+            assert!(out.status.success(), "docker {kind} ls failed");
+            left.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("{kind} {l}")));
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left in Docker: {left:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
