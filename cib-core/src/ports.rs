@@ -1213,3 +1213,34 @@ pub trait SecretStore: Send + Sync {
     /// does not open them all.
     async fn rekey(&self, old: &SecretKey, new: &SecretKey) -> Result<usize, SecretError>;
 }
+
+/// A signed-in person's session on the web pages, as the store keeps it: the token they signed
+/// in with (by name, never its value) and when the session began and was last used. The
+/// session's own id is never stored; the store is keyed by its SHA-256, so a copy of the
+/// database opens no session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The name of the API token the person signed in with.
+    pub token_name: String,
+    pub created_at: Timestamp,
+    pub last_seen: Timestamp,
+}
+
+/// Web sessions, keyed by the SHA-256 (hex) of their random id.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Stores a new session.
+    async fn create_session(&self, digest: &str, session: &SessionRecord) -> Result<(), StoreError>;
+
+    /// The session with this digest, if there is one.
+    async fn session(&self, digest: &str) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Records that the session was used at `at`.
+    async fn touch_session(&self, digest: &str, at: Timestamp) -> Result<(), StoreError>;
+
+    /// Ends a session (signing out); ending one that is gone is not an error.
+    async fn remove_session(&self, digest: &str) -> Result<(), StoreError>;
+
+    /// Removes every session last used before `before`; returns how many.
+    async fn expire_sessions(&self, before: Timestamp) -> Result<usize, StoreError>;
+}

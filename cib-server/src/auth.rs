@@ -25,6 +25,21 @@ pub enum Access {
     Signed,
     /// A bearer token with at least this role.
     Role(Role),
+    /// A web page anyone may open (the sign-in form, the static assets). Pages are HTML, not
+    /// part of the API, and left out of its description.
+    Page,
+    /// A web page or a form's action for a person signed in (a session cookie) whose token
+    /// has at least this role; a POST must also carry the session's CSRF token. Checked by
+    /// `web::session::layer`, which the route table puts on the route.
+    Session(Role),
+}
+
+impl Access {
+    /// Whether the route belongs to the API (and so to its OpenAPI description), rather than
+    /// to the web pages.
+    pub fn in_api(self) -> bool {
+        !matches!(self, Access::Page | Access::Session(_))
+    }
 }
 
 /// The person behind an authenticated request, as the role layer found them.

@@ -57,9 +57,13 @@ where
 
 /// Decodes `a=1&b=two` (with `+` and `%XX`), keeping the last value of a repeated key.
 pub fn query(uri: &http::Uri) -> std::collections::BTreeMap<String, String> {
-    uri.query()
-        .unwrap_or_default()
-        .split('&')
+    pairs(uri.query().unwrap_or_default())
+}
+
+/// The pairs of `application/x-www-form-urlencoded` text (a query, or a form's body); a key
+/// given twice keeps its last value.
+pub fn pairs(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

@@ -22,4 +22,5 @@ pub mod server;
 pub mod sse;
 pub mod ssrf;
 pub mod state;
+pub mod web;
 pub mod workflow;

@@ -238,6 +238,11 @@ fn operation_value(d: &Described<'_>) -> Value {
             op.insert("security".into(), json!([]));
             op.insert("x-cib-signed".into(), json!(true));
         }
+        // Pages are not described (`routes::document` leaves them out); were one given, it
+        // would need a session cookie, which the description has no scheme for.
+        Access::Page | Access::Session(_) => {
+            op.insert("security".into(), json!([]));
+        }
     }
     if !d.op.params.is_empty() {
         op.insert("parameters".into(), Value::Array(d.op.params.iter().map(param_value).collect()));

@@ -16,6 +16,7 @@ use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
 use crate::openapi::{DocGen, Op};
 use crate::state::AppState;
+use crate::web;
 
 /// One route.
 #[derive(Debug, Clone)]
@@ -57,11 +58,15 @@ macro_rules! route {
     };
 }
 
-use Access::{Public, Signed};
+use Access::{Page, Public, Signed};
 const READ: Access = Access::Role(Role::Read);
 const TRIGGER: Access = Access::Role(Role::Trigger);
 const APPROVE: Access = Access::Role(Role::Approve);
 const ADMIN: Access = Access::Role(Role::Admin);
+// The web pages: a session cookie with at least this role (and a CSRF token on every POST).
+const WEB_READ: Access = Access::Session(Role::Read);
+const WEB_TRIGGER: Access = Access::Session(Role::Trigger);
+const WEB_APPROVE: Access = Access::Session(Role::Approve);
 
 /// Every route the server answers.
 pub fn table() -> Vec<Route> {
@@ -113,6 +118,33 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/secrets/rekey", ADMIN, secrets::rekey, secrets::rekey_doc),
         route!(PUT "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::set, secrets::set_doc),
         route!(DELETE "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::remove, secrets::remove_doc),
+        // The web pages (HTML, `web/`), left out of the API's description. The streams and the
+        // raw log are the API's own handlers, reached with the session's cookie, since a
+        // browser's `EventSource` cannot send a bearer token.
+        route!(GET "/login", Page, web::session::login_form, web::page_doc),
+        route!(POST "/login", Page, web::session::login, web::page_doc),
+        route!(POST "/logout", WEB_READ, web::session::logout, web::page_doc),
+        route!(GET "/assets/{file}", Page, web::assets::serve, web::page_doc),
+        route!(GET "/", WEB_READ, web::pages::dashboard, web::page_doc),
+        route!(GET "/builds", WEB_READ, web::pages::builds, web::page_doc),
+        route!(GET "/builds/{build}", WEB_READ, web::pages::build, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}", WEB_READ, web::logpage::log_page, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}/lines", WEB_READ, web::logpage::log_lines, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}/count", WEB_READ, web::logpage::count, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}/raw", WEB_READ, web::logpage::raw, web::page_doc),
+        route!(GET "/builds/{build}/steps/{step}/stream", WEB_READ, logs::stream, web::page_doc),
+        route!(GET "/live/events", WEB_READ, events::stream, web::page_doc),
+        route!(POST "/builds/{build}/cancel", WEB_TRIGGER, web::actions::cancel, web::page_doc),
+        route!(POST "/builds/{build}/retry", WEB_TRIGGER, web::actions::retry, web::page_doc),
+        route!(POST "/builds/{build}/gates/{step}/approve", WEB_APPROVE, web::actions::approve, web::page_doc),
+        route!(POST "/builds/{build}/gates/{step}/reject", WEB_APPROVE, web::actions::reject, web::page_doc),
+        route!(GET "/pools", WEB_READ, web::pages::pools, web::page_doc),
+        route!(POST "/pools/take", WEB_TRIGGER, web::actions::take, web::page_doc),
+        route!(POST "/leases/{lease}/extend", WEB_TRIGGER, web::actions::extend, web::page_doc),
+        route!(POST "/leases/{lease}/return", WEB_TRIGGER, web::actions::give_back, web::page_doc),
+        route!(GET "/repos/{owner}/{name}", WEB_READ, web::pages::repo, web::page_doc),
+        route!(POST "/repos/{owner}/{name}/approve", WEB_APPROVE, web::actions::approve_promotion, web::page_doc),
+        route!(POST "/repos/{owner}/{name}/promote", WEB_TRIGGER, web::actions::promote, web::page_doc),
     ]
 }
 
@@ -122,9 +154,18 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router: Router<Arc<AppState>> = Router::new();
     for route in table() {
         let mut method_router = (route.handler)();
-        if let Access::Role(role) = route.access {
-            method_router = method_router
-                .route_layer(axum::middleware::from_fn_with_state((state.clone(), role), crate::auth::layer));
+        match route.access {
+            Access::Role(role) => {
+                method_router = method_router
+                    .route_layer(axum::middleware::from_fn_with_state((state.clone(), role), crate::auth::layer));
+            }
+            Access::Session(role) => {
+                method_router = method_router.route_layer(axum::middleware::from_fn_with_state(
+                    (state.clone(), role),
+                    crate::web::session::layer,
+                ));
+            }
+            Access::Public | Access::Signed | Access::Page => {}
         }
         router = router.route(route.path, method_router);
     }
@@ -155,10 +196,10 @@ async fn explain_405(response: Response) -> Response {
     answer
 }
 
-/// The OpenAPI description of every route in the table.
+/// The OpenAPI description of every API route in the table (the web pages are not the API).
 pub fn document() -> serde_json::Value {
     let table = table();
-    crate::openapi::document(table.iter().map(|r| (&r.method, r.path, r.access, r.doc)))
+    crate::openapi::document(table.iter().filter(|r| r.access.in_api()).map(|r| (&r.method, r.path, r.access, r.doc)))
 }
 
 /// The description as served and committed: pretty JSON with a final newline.

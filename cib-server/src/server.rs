@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cib_core::engine::{Engine, EngineConfig, Ports, SystemClock};
 use cib_core::pipeline::Config;
-use cib_core::ports::{Clock, Notifier, SecretStore, Store, Vcs};
+use cib_core::ports::{Clock, Notifier, SecretStore, SessionStore, Store, Vcs};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
@@ -25,7 +25,7 @@ pub struct Running {
 
 /// Starts the engine and the inbox processor with these backends. The store keeps the
 /// builds and the encrypted secrets both.
-pub fn start<S: Store + SecretStore + 'static>(
+pub fn start<S: Store + SecretStore + SessionStore + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
@@ -35,7 +35,7 @@ pub fn start<S: Store + SecretStore + 'static>(
 }
 
 /// [`start`], with more notifiers (the forge's, say) besides the configured webhooks.
-pub fn start_with<S: Store + SecretStore + 'static>(
+pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
@@ -43,6 +43,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
     mut notifiers: Vec<Arc<dyn Notifier>>,
 ) -> Running {
     let secret_store: Arc<dyn SecretStore> = store.clone();
+    let sessions: Arc<dyn SessionStore> = store.clone();
     let store: Arc<dyn Store> = store;
     let keys = Arc::new(crate::secrets::Keyring::load(&config));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -91,7 +92,7 @@ pub fn start_with<S: Store + SecretStore + 'static>(
             future.await
         }
     });
-    let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys);
+    let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys, sessions);
     state.notifiers = notifiers;
     let state = Arc::new(state);
     let inbox_task = tokio::spawn({

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 
 use cib_core::engine::EngineHandle;
 use cib_core::policy::People;
-use cib_core::ports::{Clock, SecretStore, Store, Vcs};
+use cib_core::ports::{Clock, SecretStore, SessionStore, Store, Vcs};
 use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
@@ -23,6 +23,8 @@ pub struct AppState {
     /// The encrypted secrets and the key that opens them.
     pub secrets: Arc<dyn SecretStore>,
     pub keys: Arc<Keyring>,
+    /// The web pages' sessions (stored by the digest of their id).
+    pub sessions: Arc<dyn SessionStore>,
     /// Who is who across tokens and logins, from `[[people]]`.
     pub people: People,
     /// Wakes the inbox processor when a delivery is stored.
@@ -39,6 +41,9 @@ pub struct AppState {
 
 impl AppState {
     /// The state of a server whose engine is already running.
+    // Each argument is one of the parts the server is assembled from, passed once by
+    // `server::start_with`; a builder would only spell the same list twice.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ServerConfig,
         engine: EngineHandle,
@@ -47,6 +52,7 @@ impl AppState {
         clock: Arc<dyn Clock>,
         secrets: Arc<dyn SecretStore>,
         keys: Arc<Keyring>,
+        sessions: Arc<dyn SessionStore>,
     ) -> Self {
         AppState {
             people: config.people_directory(),
@@ -57,6 +63,7 @@ impl AppState {
             clock,
             secrets,
             keys,
+            sessions,
             inbox: Arc::new(Notify::new()),
             stopping: Arc::new(Notify::new()),
             metrics: Arc::new(crate::metrics::Metrics::default()),

@@ -342,3 +342,20 @@ pub(crate) fn webhook_cursor(conn: &Connection, receiver: &str) -> Result<Option
         query_opt(conn, "SELECT seq FROM webhook_cursors WHERE receiver = ?1", [receiver], |r| r.get(0))?;
     seq.map(from_sql).transpose()
 }
+
+pub(crate) fn session(conn: &Connection, digest: &str) -> Result<Option<cib_core::ports::SessionRecord>, StoreError> {
+    let row: Option<(String, i64, i64)> = query_opt(
+        conn,
+        "SELECT token_name, created_at, last_seen FROM web_sessions WHERE digest = ?1",
+        [digest],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    row.map(|(token_name, created, seen)| {
+        Ok(cib_core::ports::SessionRecord {
+            token_name,
+            created_at: cib_core::time::Timestamp(from_sql(created)?),
+            last_seen: cib_core::time::Timestamp(from_sql(seen)?),
+        })
+    })
+    .transpose()
+}

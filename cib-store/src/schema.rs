@@ -184,10 +184,23 @@ INSERT INTO delivery_digests (digest, received_at)
 DROP INDEX deliveries_digest;
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6), (7, V7), (8, V8)];
+/// Version 9: the web pages' sessions, keyed by the SHA-256 of their random id (the id itself is
+/// only ever in the person's cookie), with the token they signed in with and when they were last
+/// used, for the idle expiry.
+const V9: &str = "
+CREATE TABLE web_sessions (
+    digest TEXT NOT NULL PRIMARY KEY,
+    token_name TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_seen BIGINT NOT NULL
+);
+CREATE INDEX web_sessions_last_seen ON web_sessions (last_seen);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6), (7, V7), (8, V8), (9, V9)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -19,7 +19,7 @@ use cib_core::policy::SecretScope;
 use cib_core::ports::{
     BuildFilter, BuildRecord, BuildSummary, BuildUpdate, DEFAULT_LOG_LIMIT, Delivery, DeliveryInfo, DeliveryOutcome,
     DeliveryState, InboxDepth, Intake, LogKey, LogLimit, LogRead, NewSecret, OpenSecret, Page, SecretError, SecretInfo,
-    SecretKey, SecretStore, SecretValue, Store, StoreError, StoredInput, check_new_secret,
+    SecretKey, SecretStore, SecretValue, SessionRecord, SessionStore, Store, StoreError, StoredInput, check_new_secret,
 };
 use cib_core::time::Timestamp;
 use flate2::Compression;
@@ -631,5 +631,32 @@ impl SecretStore for SqliteStore {
     async fn rekey(&self, old: &SecretKey, new: &SecretKey) -> Result<usize, SecretError> {
         let op = Op::Rekey { old: old.clone(), new: new.clone() };
         secret_answer(self.write(op).await?, |d| if let Done::Count(n) = d { Some(n) } else { None })
+    }
+}
+
+#[async_trait]
+impl SessionStore for SqliteStore {
+    async fn create_session(&self, digest: &str, session: &SessionRecord) -> Result<(), StoreError> {
+        self.write(Op::CreateSession { digest: digest.to_owned(), session: session.clone() }).await.map(|_| ())
+    }
+
+    async fn session(&self, digest: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let digest = digest.to_owned();
+        self.read(move |c| read::session(c, &digest)).await
+    }
+
+    async fn touch_session(&self, digest: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.write(Op::TouchSession { digest: digest.to_owned(), at: at.0 }).await.map(|_| ())
+    }
+
+    async fn remove_session(&self, digest: &str) -> Result<(), StoreError> {
+        self.write(Op::RemoveSession { digest: digest.to_owned() }).await.map(|_| ())
+    }
+
+    async fn expire_sessions(&self, before: Timestamp) -> Result<usize, StoreError> {
+        match self.write(Op::ExpireSessions { before: before.0 }).await? {
+            Done::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
     }
 }

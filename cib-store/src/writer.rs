@@ -8,7 +8,8 @@
 //! write is a durable write.
 
 use cib_core::ports::{
-    BuildStatus, BuildUpdate, Delivery, DeliveryOutcome, Intake, LogKey, NewSecret, SecretError, SecretKey, StoreError,
+    BuildStatus, BuildUpdate, Delivery, DeliveryOutcome, Intake, LogKey, NewSecret, SecretError, SecretKey,
+    SessionRecord, StoreError,
 };
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
@@ -99,6 +100,20 @@ pub(crate) enum Op {
         receiver: String,
         seq: u64,
     },
+    CreateSession {
+        digest: String,
+        session: SessionRecord,
+    },
+    TouchSession {
+        digest: String,
+        at: u64,
+    },
+    RemoveSession {
+        digest: String,
+    },
+    ExpireSessions {
+        before: u64,
+    },
 }
 
 impl Op {
@@ -114,6 +129,10 @@ impl Op {
             Op::DeliveryDone { .. } | Op::FinishDelivery { .. } | Op::Redeliver { .. } => 0,
             Op::SetSecret { secret, .. } => secret.value.expose().len(),
             Op::RemoveSecret { .. } | Op::Rekey { .. } | Op::WebhookCursor { .. } => 0,
+            Op::CreateSession { .. }
+            | Op::TouchSession { .. }
+            | Op::RemoveSession { .. }
+            | Op::ExpireSessions { .. } => 0,
         }
     }
 }
@@ -479,6 +498,26 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
                 params![repo, secret.name, scope, nonce, sealed, to_sql(secret.at.0)?, secret.by],
             )?;
             Ok(Done::Unit)
+        }
+        Op::CreateSession { digest, session } => {
+            exec(
+                conn,
+                "INSERT INTO web_sessions (digest, token_name, created_at, last_seen) VALUES (?1, ?2, ?3, ?4)",
+                params![digest, session.token_name, to_sql(session.created_at.0)?, to_sql(session.last_seen.0)?],
+            )?;
+            Ok(Done::Unit)
+        }
+        Op::TouchSession { digest, at } => {
+            exec(conn, "UPDATE web_sessions SET last_seen = ?2 WHERE digest = ?1", params![digest, to_sql(*at)?])?;
+            Ok(Done::Unit)
+        }
+        Op::RemoveSession { digest } => {
+            exec(conn, "DELETE FROM web_sessions WHERE digest = ?1", params![digest])?;
+            Ok(Done::Unit)
+        }
+        Op::ExpireSessions { before } => {
+            let removed = exec(conn, "DELETE FROM web_sessions WHERE last_seen < ?1", params![to_sql(*before)?])?;
+            Ok(Done::Count(removed))
         }
         Op::RemoveSecret { repo, name } => {
             let removed = exec(conn, "DELETE FROM secrets WHERE repo = ?1 AND name = ?2", params![repo, name])?;

@@ -159,7 +159,10 @@ pub struct DeliverableInfo {
 /// who has approved each gate so far; the engine forgets a finished build, so its pipeline is
 /// planned again from the enqueue the store keeps (its gates' approvers are then in the step
 /// records' details).
-async fn declared(state: &AppState, id: &BuildId) -> Result<(Vec<GateInfo>, Vec<DeliverableInfo>), ApiError> {
+pub(crate) async fn declared(
+    state: &AppState,
+    id: &BuildId,
+) -> Result<(Vec<GateInfo>, Vec<DeliverableInfo>), ApiError> {
     let live = {
         let id = id.clone();
         state

@@ -109,7 +109,13 @@ fn lease_view(l: &Lease) -> LeaseView {
 
 /// `GET /api/v1/pools`: every pool with its units, holders and queue.
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let pools = state
+    let pools = views(&state).await?;
+    Ok(json_response(StatusCode::OK, &PoolList { pools }))
+}
+
+/// Every pool with its units, holders and queue, as the API and the web pages show them.
+pub(crate) async fn views(state: &AppState) -> Result<Vec<PoolView>, ApiError> {
+    state
         .engine
         .query(|m| {
             let table = m.leases();
@@ -143,8 +149,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiErr
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(ApiError::unavailable)?;
-    Ok(json_response(StatusCode::OK, &PoolList { pools }))
+        .map_err(ApiError::unavailable)
 }
 
 pub fn list_doc(g: &mut DocGen) -> Op {

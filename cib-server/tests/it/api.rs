@@ -48,6 +48,16 @@ fn the_description_is_valid_and_covers_the_table() {
     let mut seen = BTreeSet::new();
     for route in &table {
         assert!(seen.insert((route.method.to_string(), route.path)), "{} {} is listed twice", route.method, route.path);
+        if !route.access.in_api() {
+            // The web pages are HTML for people, not the API: the description leaves them out.
+            assert!(
+                doc["paths"][route.path][route.method.as_str().to_lowercase()].is_null(),
+                "the page {} {} is described as if it were the API",
+                route.method,
+                route.path
+            );
+            continue;
+        }
         let op = &doc["paths"][route.path][route.method.as_str().to_lowercase()];
         assert!(op.is_object(), "{} {} has no description", route.method, route.path);
         // Every schema the description uses compiles.
@@ -66,7 +76,8 @@ fn the_description_is_valid_and_covers_the_table() {
     }
     let described: usize =
         doc["paths"].as_object().expect("paths").values().map(|v| v.as_object().map_or(0, |m| m.len())).sum();
-    assert_eq!(described, table.len(), "the description has exactly the table's operations");
+    let api = table.iter().filter(|r| r.access.in_api()).count();
+    assert_eq!(described, api, "the description has exactly the table's API operations");
 }
 
 /// Every handler in `src/api/` is in the route table: a handler added without its entry (and so
@@ -153,6 +164,27 @@ async fn every_route_answers_every_role_as_the_table_says() {
                 Access::Public => assert_eq!(status, 200, "{} {} with {who}", route.method, route.path),
                 // Unsigned, whatever the token: the signature is the only credential.
                 Access::Signed => assert_eq!(status, 401, "{} {} with {who}", route.method, route.path),
+                // Pages anyone may open: the sign-in form, and assets (none is named `nope`).
+                // A sign-in post without the form's own CSRF cookie is refused.
+                Access::Page => {
+                    let expected = match (route.method.as_str(), route.path) {
+                        ("GET", "/login") => 200,
+                        ("GET", _) => 404,
+                        _ => 403,
+                    };
+                    assert_eq!(status, expected, "{} {} with {who}", route.method, route.path);
+                }
+                // A bearer token is no session: pages send the browser to sign in, and posts
+                // are refused before their handler runs.
+                Access::Session(_) => {
+                    if route.method == http::Method::GET {
+                        assert_eq!(status, 303, "{} {} with {who}", route.method, route.path);
+                        let location = answer_headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                        assert!(location.starts_with("/login?next="), "{} {}: to {location}", route.method, route.path);
+                    } else {
+                        assert_eq!(status, 403, "{} {} with {who}", route.method, route.path);
+                    }
+                }
             }
             cells += 1;
         }

@@ -17,4 +17,6 @@ mod restart;
 mod run;
 mod server;
 mod trust;
+mod web;
+mod web_browser;
 mod workflow;

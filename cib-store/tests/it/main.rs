@@ -10,6 +10,7 @@ mod deliveries;
 mod reads;
 mod schema;
 mod secrets;
+mod sessions;
 
 use std::path::Path;
 
