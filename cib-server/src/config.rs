@@ -305,6 +305,7 @@ impl Default for ServerConfig {
 /// pids = 1024
 /// max_pids = 4096
 /// log_size = "64m"             # bytes of a step's log kept (head and tail)
+/// max_matrix_cells = 256       # the most cells one matrix step may make
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -318,6 +319,7 @@ pub struct LimitsConfig {
     pub pids: Option<u32>,
     pub max_pids: Option<u32>,
     pub log_size: Option<ByteSize>,
+    pub max_matrix_cells: Option<u32>,
 }
 
 /// A number of bytes: a whole number, or text with a `k`, `m` or `g` suffix (powers of 1024).
@@ -404,7 +406,16 @@ impl LimitsConfig {
                 cib_core::spec::limits::show_bytes(*b)
             })?;
         let pids = bound("pids", self.pids, self.max_pids, builtin.pids.default, u32::to_string)?;
-        Ok(OperatorLimits { step_timeout: step, pipeline_timeout: pipeline, memory, pids })
+        if self.max_matrix_cells == Some(0) {
+            return Err("[limits] max_matrix_cells must be at least 1".into());
+        }
+        Ok(OperatorLimits {
+            step_timeout: step,
+            pipeline_timeout: pipeline,
+            memory,
+            pids,
+            max_matrix_cells: self.max_matrix_cells,
+        })
     }
 
     /// The bytes of a step's log the store keeps (its head and its tail): `log_size`, else the
@@ -767,6 +778,7 @@ max_memory = "8g"
 pids = 256
 max_pids = 4096
 log_size = "16m"
+max_matrix_cells = 64
 "#,
         )
         .expect("valid");
@@ -778,6 +790,7 @@ log_size = "16m"
         );
         assert_eq!(l.memory, Bound::new(Some(1 << 30), Some(8 << 30)));
         assert_eq!(l.pids, Bound::new(Some(256), Some(4096)));
+        assert_eq!(l.max_cells(), 64);
         assert_eq!(config.limits.log_size(), 16 << 20);
         assert_eq!(config.operator_limits(), l);
     }

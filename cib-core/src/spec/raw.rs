@@ -9,7 +9,8 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 
-use super::types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
+pub use super::matrix::RawMatrix;
+use super::types::{Commands, Cron, Duration, EnvValue, Glob, Keyed, Memory, Spanned};
 
 /// Treats a key written with no value (`push:`) like an empty mapping (`push: {}`).
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -343,6 +344,13 @@ pub struct RawStep {
     /// earlier steps of the build used.
     #[serde(default)]
     pub isolated: bool,
+    /// Run the step once per combination of these values (a cell), each with its own log,
+    /// status and retries, named `unit (python=3.12, db=postgres)`.
+    #[serde(default)]
+    pub matrix: Option<Keyed<RawMatrix>>,
+    /// With a `matrix`: when one cell fails, cancel the others. Default false.
+    #[serde(default)]
+    pub fail_fast: Option<Spanned<bool>>,
 }
 
 /// `bridge` or `none`.
