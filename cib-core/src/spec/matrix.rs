@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_CELLS: u32 = 256;
 /// so that a spec cannot make the reader allocate billions of cells to find out it is too large.
 const MAX_COMBINATIONS: u64 = 1 << 20;
 
+/// One key of a matrix and its values, as written.
+pub type RawAxis = (Spanned<String>, Spanned<Vec<Spanned<EnvValue>>>);
+
 /// One entry of `include` or `exclude`: values by key.
 pub type RawCellValues = IndexMap<Spanned<String>, Spanned<EnvValue>>;
 
@@ -35,7 +38,7 @@ pub type RawCellValues = IndexMap<Spanned<String>, Spanned<EnvValue>>;
 /// and `exclude`, each a list of mappings of key to value.
 #[derive(Debug, Default)]
 pub struct RawMatrix {
-    pub axes: Vec<(Spanned<String>, Spanned<Vec<Spanned<EnvValue>>>)>,
+    pub axes: Vec<RawAxis>,
     pub include: Vec<Spanned<RawCellValues>>,
     pub exclude: Vec<Spanned<RawCellValues>>,
 }
