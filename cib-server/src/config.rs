@@ -237,6 +237,10 @@ pub struct ServerConfig {
     /// processes, and the size of a step's log.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The time zone `on: schedule` cron expressions are read in: `UTC` (the default) or a
+    /// fixed offset such as `+02:00`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -287,7 +291,19 @@ impl Default for ServerConfig {
             secret_key: None,
             people: Vec::new(),
             limits: LimitsConfig::default(),
+            time_zone: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The zone schedules are read in: `time_zone`, else UTC. [`ServerConfig::load`] has
+    /// checked it; one built in code that does not parse is UTC.
+    pub fn schedule_zone(&self) -> chrono::FixedOffset {
+        self.time_zone
+            .as_deref()
+            .and_then(|z| cib_core::schedule::parse_zone(z).ok())
+            .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("UTC is a valid offset"))
     }
 }
 
@@ -541,6 +557,9 @@ impl ServerConfig {
             }
         }
         self.limits.resolve()?;
+        if let Some(zone) = &self.time_zone {
+            cib_core::schedule::parse_zone(zone).map_err(|e| format!("time_zone: {e}"))?;
+        }
         if self.limits.log_size() < MIN_LOG_SIZE {
             return Err(format!(
                 "[limits] log_size is {} bytes; a step's log keeps at least {MIN_LOG_SIZE} bytes (64k)",

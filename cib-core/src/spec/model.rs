@@ -265,6 +265,9 @@ pub struct PullRequestTrigger {
 pub struct Schedule {
     pub cron: Cron,
     pub branch: String,
+    /// Missed slots run once when the server is back, rather than never.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub catch_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -198,12 +198,16 @@ pub struct RawBranchesTrigger {
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
 #[schemars(rename = "Schedule")]
 pub struct RawSchedule {
-    /// Five-field cron expression, in UTC.
+    /// Five-field cron expression, in the server's time zone (UTC by default).
     pub cron: Cron,
     /// The branch to build; when absent, the branch pull requests merge into (`merge.into`,
     /// else `promotion.from`, else `master`).
     #[serde(default)]
     pub branch: Option<String>,
+    /// When the server was down at some of its times, run once for them when it is back.
+    /// Default false: missed times are skipped.
+    #[serde(default)]
+    pub catch_up: bool,
 }
 
 /// A sidecar container for the pipeline's steps.

@@ -210,6 +210,7 @@ fn triggers_model(
             .map(|s| Schedule {
                 cron: s.cron.clone(),
                 branch: s.branch.clone().unwrap_or_else(|| branches.integration.clone()),
+                catch_up: s.catch_up,
             })
             .collect(),
     };
