@@ -1219,7 +1219,9 @@ impl Machine {
         // retry policy.
         let rerun_spent = state.attempts.iter().any(|a| a.conclusion == Some(StepConclusion::Interrupted));
         let allowed = step.retry.count + u32::from(rerun_spent);
-        let by_policy = attempt <= allowed && should_retry(&step.retry, &result, reason);
+        let by_policy = attempt <= allowed
+            && state.stopping != Some(StopReason::Cancelled)
+            && should_retry(&step.retry, &result, reason);
         let retry = !cancelling
             && if matches!(result, StepResult::Interrupted(_)) {
                 // A deploy step may have done its work before it was lost: running it again
@@ -1262,7 +1264,65 @@ impl Machine {
         {
             self.request_step(id, index, attempt + 1, now);
         }
+        let counts = matches!(
+            conclusion,
+            StepConclusion::Failed | StepConclusion::TimedOut | StepConclusion::Errored | StepConclusion::Interrupted
+        );
+        if !retry
+            && !cancelling
+            && counts
+            && !step.allow_failure
+            && let Some(cell) = step.matrix.as_ref().filter(|m| m.fail_fast)
+        {
+            self.fail_fast(id, &cell.step, name, now);
+        }
         self.after_step_change(id, now);
+    }
+
+    /// A cell of a `fail_fast` matrix failed: its siblings that run are stopped, and those not
+    /// started yet are cancelled without running.
+    fn fail_fast(&mut self, id: &BuildId, matrix: &str, failed: &str, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let detail = format!("cancelled: '{failed}' failed, and the matrix fails fast");
+        let mut to_stop = Vec::new();
+        let mut to_release = Vec::new();
+        let mut cancelled = Vec::new();
+        for (state, step) in b.steps.iter_mut().zip(&b.pipeline.steps) {
+            if step.name == failed || step.matrix.as_ref().is_none_or(|m| m.step != matrix) {
+                continue;
+            }
+            match state.status {
+                StepStatus::Running { attempt } => to_stop.push((state.name.clone(), attempt)),
+                StepStatus::WaitingForLease { attempt } => {
+                    to_release.push(step_lease_id(id, &state.name, attempt));
+                    state.status = StepStatus::Done(StepConclusion::Cancelled);
+                    cancelled.push(state.name.clone());
+                }
+                // A ready cell's place in the run queue is passed over once it is done.
+                StepStatus::Pending | StepStatus::Ready { .. } => {
+                    state.status = StepStatus::Done(StepConclusion::Cancelled);
+                    cancelled.push(state.name.clone());
+                }
+                StepStatus::AtGate | StepStatus::Done(_) => {}
+            }
+        }
+        for (name, attempt) in to_stop {
+            self.stop_step(id, &name, attempt, StopReason::Cancelled);
+        }
+        for lease in to_release {
+            self.release_owned(&lease, now);
+        }
+        for step in cancelled {
+            let body = EventBody::StepFinished {
+                build: id.clone(),
+                step,
+                attempt: 0,
+                conclusion: StepConclusion::Cancelled,
+                detail: detail.clone(),
+                will_retry: false,
+            };
+            self.publish(now, body);
+        }
     }
 
     /// After a step changes: a cancelled build may now be finished; a running one moves on.

@@ -988,6 +988,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         resources: Vec::new(),
         allow_failure: false,
         isolated: false,
+        matrix: None,
     };
     StepJob {
         build: BuildId::from(build),

@@ -237,6 +237,10 @@ pub struct ServerConfig {
     /// processes, and the size of a step's log.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The time zone `on: schedule` cron expressions are read in: `UTC` (the default) or a
+    /// fixed offset such as `+02:00`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -287,7 +291,19 @@ impl Default for ServerConfig {
             secret_key: None,
             people: Vec::new(),
             limits: LimitsConfig::default(),
+            time_zone: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The zone schedules are read in: `time_zone`, else UTC. [`ServerConfig::load`] has
+    /// checked it; one built in code that does not parse is UTC.
+    pub fn schedule_zone(&self) -> chrono::FixedOffset {
+        self.time_zone
+            .as_deref()
+            .and_then(|z| cib_core::schedule::parse_zone(z).ok())
+            .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("UTC is a valid offset"))
     }
 }
 
@@ -305,6 +321,7 @@ impl Default for ServerConfig {
 /// pids = 1024
 /// max_pids = 4096
 /// log_size = "64m"             # bytes of a step's log kept (head and tail)
+/// max_matrix_cells = 256       # the most cells one matrix step may make
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -318,6 +335,7 @@ pub struct LimitsConfig {
     pub pids: Option<u32>,
     pub max_pids: Option<u32>,
     pub log_size: Option<ByteSize>,
+    pub max_matrix_cells: Option<u32>,
 }
 
 /// A number of bytes: a whole number, or text with a `k`, `m` or `g` suffix (powers of 1024).
@@ -404,7 +422,16 @@ impl LimitsConfig {
                 cib_core::spec::limits::show_bytes(*b)
             })?;
         let pids = bound("pids", self.pids, self.max_pids, builtin.pids.default, u32::to_string)?;
-        Ok(OperatorLimits { step_timeout: step, pipeline_timeout: pipeline, memory, pids })
+        if self.max_matrix_cells == Some(0) {
+            return Err("[limits] max_matrix_cells must be at least 1".into());
+        }
+        Ok(OperatorLimits {
+            step_timeout: step,
+            pipeline_timeout: pipeline,
+            memory,
+            pids,
+            max_matrix_cells: self.max_matrix_cells,
+        })
     }
 
     /// The bytes of a step's log the store keeps (its head and its tail): `log_size`, else the
@@ -530,6 +557,9 @@ impl ServerConfig {
             }
         }
         self.limits.resolve()?;
+        if let Some(zone) = &self.time_zone {
+            cib_core::schedule::parse_zone(zone).map_err(|e| format!("time_zone: {e}"))?;
+        }
         if self.limits.log_size() < MIN_LOG_SIZE {
             return Err(format!(
                 "[limits] log_size is {} bytes; a step's log keeps at least {MIN_LOG_SIZE} bytes (64k)",
@@ -767,6 +797,7 @@ max_memory = "8g"
 pids = 256
 max_pids = 4096
 log_size = "16m"
+max_matrix_cells = 64
 "#,
         )
         .expect("valid");
@@ -778,6 +809,7 @@ log_size = "16m"
         );
         assert_eq!(l.memory, Bound::new(Some(1 << 30), Some(8 << 30)));
         assert_eq!(l.pids, Bound::new(Some(256), Some(4096)));
+        assert_eq!(l.max_cells(), 64);
         assert_eq!(config.limits.log_size(), 16 << 20);
         assert_eq!(config.operator_limits(), l);
     }

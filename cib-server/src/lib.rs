@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod outgoing;
 pub mod routes;
+pub mod scheduler;
 pub mod secrets;
 pub mod server;
 pub mod sse;

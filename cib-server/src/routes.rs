@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos, secrets};
+use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -95,6 +95,8 @@ pub fn table() -> Vec<Route> {
         route!(GET "/api/v1/events", READ, events::stream, events::stream_doc),
         // Pools and leases.
         route!(GET "/api/v1/pools", READ, pools::list, pools::list_doc),
+        // Schedules.
+        route!(GET "/api/v1/schedules", READ, schedules::list, schedules::list_doc),
         route!(POST "/api/v1/leases", TRIGGER, pools::take, pools::take_doc),
         route!(GET "/api/v1/leases/{lease}", READ, pools::get, pools::get_doc),
         route!(POST "/api/v1/leases/{lease}/extend", TRIGGER, pools::extend, pools::extend_doc),

@@ -21,6 +21,8 @@ pub struct Running {
     pub inbox_task: tokio::task::JoinHandle<()>,
     /// The outgoing webhook receivers' tasks.
     pub outgoing: Arc<crate::outgoing::Outgoing>,
+    /// The scheduler of `on: schedule` pipelines.
+    pub scheduler_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the engine and the inbox processor with these backends. The store keeps the
@@ -40,13 +42,25 @@ pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
     vcs: Arc<dyn Vcs>,
+    notifiers: Vec<Arc<dyn Notifier>>,
+) -> Running {
+    start_clocked(config, executor, store, vcs, notifiers, Arc::new(SystemClock))
+}
+
+/// [`start_with`] on this clock: the engine's time and the scheduler's (tests hand in a clock
+/// they move by hand).
+pub fn start_clocked<S: Store + SecretStore + 'static>(
+    config: ServerConfig,
+    executor: Arc<dyn cib_core::ports::Executor>,
+    store: Arc<S>,
+    vcs: Arc<dyn Vcs>,
     mut notifiers: Vec<Arc<dyn Notifier>>,
+    clock: Arc<dyn Clock>,
 ) -> Running {
     let secret_store: Arc<dyn SecretStore> = store.clone();
     let sessions: Arc<dyn SessionStore> = store.clone();
     let store: Arc<dyn Store> = store;
     let keys = Arc::new(crate::secrets::Keyring::load(&config));
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut receivers = Vec::new();
     for hook in &config.webhooks {
         match crate::outgoing::Receiver::new(hook) {
@@ -104,7 +118,8 @@ pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
         }
     });
     tokio::spawn(feed_metrics(state.clone()));
-    Running { state, engine_task, inbox_task, outgoing }
+    let scheduler_task = tokio::spawn(crate::scheduler::run(state.clone()));
+    Running { state, engine_task, inbox_task, outgoing, scheduler_task }
 }
 
 struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);

@@ -23,6 +23,11 @@ use super::yaml::{Kind, NodeId, Tree};
 pub(crate) const SPANNED: &str = "$cib::Spanned";
 pub(crate) const SPANNED_FIELDS: &[&str] = &["$line", "$col", "$value"];
 
+/// The name by which [`super::types::Keyed`] asks for the position of the key its value is
+/// written under (`matrix:`), rather than of the value (which, for a block mapping, starts on
+/// the next line).
+pub(crate) const KEYED: &str = "$cib::Keyed";
+
 /// The name by which [`super::types::Text`] asks for a scalar's text, whatever its type.
 pub(crate) const TEXT: &str = "$cib::Text";
 
@@ -170,7 +175,7 @@ pub(crate) fn from_tree<T: DeserializeOwned>(tree: &Tree) -> (Option<T>, Vec<Dia
     let mut hard: Vec<Diagnostic> = Vec::new();
     let mut value = None;
     for _ in 0..MAX_ROUNDS {
-        match T::deserialize(NodeDe { ctx: &ctx, id: tree.root }) {
+        match T::deserialize(NodeDe { ctx: &ctx, id: tree.root, key: None }) {
             Ok(v) => {
                 value = Some(v);
                 break;
@@ -222,6 +227,8 @@ impl Ctx<'_> {
 struct NodeDe<'c, 't> {
     ctx: &'c Ctx<'t>,
     id: NodeId,
+    /// The key this node is the value of, when it is a mapping's value.
+    key: Option<NodeId>,
 }
 
 impl<'c, 't> NodeDe<'c, 't> {
@@ -255,7 +262,7 @@ impl<'c, 't> NodeDe<'c, 't> {
     }
 
     fn map_access(&self, entries: &'t [(NodeId, NodeId)], fields: Option<&'static [&'static str]>) -> MapAcc<'c, 't> {
-        MapAcc { ctx: self.ctx, entries: entries.iter(), fields, value: None }
+        MapAcc { ctx: self.ctx, entries: entries.iter(), fields, value: None, key: None }
     }
 
     fn parse_number<T: std::str::FromStr>(&self, exp: &dyn de::Expected) -> Result<T, DeError> {
@@ -419,6 +426,10 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_, '_> {
             let pos = self.ctx.pos(self.id);
             return visitor.visit_map(SpannedAcc { de: self, pos, step: 0 });
         }
+        if name == KEYED {
+            let pos = self.ctx.pos(self.key.unwrap_or(self.id));
+            return visitor.visit_map(SpannedAcc { de: self, pos, step: 0 });
+        }
         match self.kind() {
             Kind::Map(entries) => visitor.visit_map(self.map_access(entries, Some(fields))).at(self.id),
             // A struct that has a shorthand (`ready: pg_isready`) accepts a string through
@@ -477,7 +488,7 @@ impl<'de> de::SeqAccess<'de> for SeqAcc<'_, '_> {
                 continue;
             }
             self.current = Some(item);
-            return seed.deserialize(NodeDe { ctx: self.ctx, id: item }).at(item).map(Some);
+            return seed.deserialize(NodeDe { ctx: self.ctx, id: item, key: None }).at(item).map(Some);
         }
         Ok(None)
     }
@@ -489,6 +500,7 @@ struct MapAcc<'c, 't> {
     /// The struct's fields, when deserializing a struct: other keys are reported and skipped.
     fields: Option<&'static [&'static str]>,
     value: Option<NodeId>,
+    key: Option<NodeId>,
 }
 
 impl<'de> de::MapAccess<'de> for MapAcc<'_, '_> {
@@ -518,16 +530,17 @@ impl<'de> de::MapAccess<'de> for MapAcc<'_, '_> {
                 continue;
             }
             self.value = Some(value);
+            self.key = Some(key);
             // Keys go through the node deserializer too, so that `Spanned<String>` keys know
             // where they stand.
-            return seed.deserialize(NodeDe { ctx: self.ctx, id: key }).at(key).map(Some);
+            return seed.deserialize(NodeDe { ctx: self.ctx, id: key, key: None }).at(key).map(Some);
         }
         Ok(None)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
         let value = self.value.take().ok_or_else(|| <DeError as de::Error>::custom("value asked before key"))?;
-        seed.deserialize(NodeDe { ctx: self.ctx, id: value }).at(value)
+        seed.deserialize(NodeDe { ctx: self.ctx, id: value, key: self.key.take() }).at(value)
     }
 }
 
@@ -545,7 +558,7 @@ impl<'de, 'c, 't> de::EnumAccess<'de> for EnumAcc<'c, 't> {
         let text = self.ctx.tree.text(self.key).unwrap_or_default();
         let key_de: de::value::StrDeserializer<'_, DeError> = text.into_deserializer();
         let v = seed.deserialize(key_de).at(self.key)?;
-        Ok((v, NodeDe { ctx: self.ctx, id: self.value }))
+        Ok((v, NodeDe { ctx: self.ctx, id: self.value, key: Some(self.key) }))
     }
 }
 

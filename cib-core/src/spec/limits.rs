@@ -13,6 +13,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::diag::Diagnostic;
+use super::matrix;
 use super::model::{Action, Pipeline};
 use super::raw::RawSpec;
 use super::types::{Duration, Spanned};
@@ -70,6 +71,9 @@ pub struct OperatorLimits {
     pub memory: Bound<u64>,
     /// A step's `limits.pids`.
     pub pids: Bound<u32>,
+    /// The most cells one matrix may make; [`matrix::DEFAULT_MAX_CELLS`] when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_matrix_cells: Option<u32>,
 }
 
 /// The built-in default step timeout: an hour.
@@ -93,7 +97,13 @@ impl OperatorLimits {
             pipeline_timeout: Bound::default(),
             memory: Bound::new(Some(DEFAULT_MEMORY), None),
             pids: Bound::new(Some(DEFAULT_PIDS), None),
+            max_matrix_cells: None,
         }
+    }
+
+    /// The most cells one matrix may make: the server's `max_matrix_cells`, else 256.
+    pub fn max_cells(&self) -> u32 {
+        self.max_matrix_cells.unwrap_or(matrix::DEFAULT_MAX_CELLS)
     }
 
     /// Every value of the spec over a maximum, each at its line and column, naming its key path
@@ -192,6 +202,7 @@ mod tests {
             pipeline_timeout: Bound::new(Some(Duration::from_secs(7_200)), Some(Duration::from_secs(14_400))),
             memory: Bound::new(Some(1 << 30), Some(4 << 30)),
             pids: Bound::new(Some(256), Some(2048)),
+            max_matrix_cells: None,
         }
     }
 

@@ -11,6 +11,7 @@
 mod de;
 mod diag;
 pub mod limits;
+pub mod matrix;
 pub mod model;
 pub mod raw;
 mod types;
@@ -20,7 +21,7 @@ mod yaml;
 pub use diag::{Diagnostic, MAX_DIAGNOSTICS, Pos, did_you_mean};
 pub use limits::OperatorLimits;
 pub use model::*;
-pub use types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
+pub use types::{Commands, Cron, Duration, EnvValue, Glob, Keyed, Memory, Spanned};
 pub use validate::{DEFAULT_INTEGRATION_BRANCH, DEFAULT_LAYOUT, DEFAULT_RELEASE_BRANCH};
 
 /// The conventional file name of a spec, at the root of a repository.
@@ -89,7 +90,7 @@ pub fn parse_limited(source: &str, limits: &OperatorLimits) -> Result<Spec, Vec<
     let partial = !diags.is_empty();
     diags.extend(limits.check(&raw));
     diags.sort();
-    match validate::validate(raw, partial) {
+    match validate::validate(raw, partial, limits.max_cells()) {
         Ok(mut spec) if diags.is_empty() => {
             spec.pipelines.iter_mut().for_each(|p| limits.apply(p));
             Ok(spec)

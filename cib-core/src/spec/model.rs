@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+pub use super::matrix::MatrixCell;
 pub use super::raw::{EventKind, GateKind, InputType, Network, PipelineKind, RetryOn, RunStatus};
 use super::types::{Cron, Duration, Glob, Memory};
 
@@ -108,15 +109,22 @@ impl Pipeline {
         self.steps.iter().find(|s| s.name == name)
     }
 
-    /// `names` and every step they depend on, directly or not, in spec order.
+    /// The steps a name stands for: the step of that name, or every cell of the matrix step
+    /// written with that name.
+    pub fn steps_named<'p>(&'p self, name: &'p str) -> impl Iterator<Item = &'p Step> + 'p {
+        self.steps.iter().filter(move |s| s.name == name || s.matrix.as_ref().is_some_and(|m| m.step == name))
+    }
+
+    /// `names` and every step they depend on, directly or not, in spec order. A matrix step's
+    /// name as written stands for all of its cells.
     pub fn closure(&self, names: &[&str]) -> Vec<&Step> {
         let mut wanted: Vec<&str> = names.to_vec();
         let mut keep = std::collections::BTreeSet::new();
         while let Some(n) = wanted.pop() {
-            if keep.insert(n.to_owned())
-                && let Some(step) = self.step(n)
-            {
-                wanted.extend(step.depends_on.iter().map(String::as_str));
+            for step in self.steps_named(n) {
+                if keep.insert(step.name.clone()) {
+                    wanted.extend(step.depends_on.iter().map(String::as_str));
+                }
             }
         }
         self.steps.iter().filter(|s| keep.contains(&s.name)).collect()
@@ -257,6 +265,9 @@ pub struct PullRequestTrigger {
 pub struct Schedule {
     pub cron: Cron,
     pub branch: String,
+    /// Missed slots run once when the server is back, rather than never.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub catch_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -316,6 +327,9 @@ pub struct Step {
     /// A container of its own: never run in a warm container shared with other steps.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub isolated: bool,
+    /// The matrix this step is a cell of, when its spec gave it a `matrix`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<MatrixCell>,
 }
 
 /// What a step does.

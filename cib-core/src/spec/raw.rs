@@ -9,7 +9,8 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 
-use super::types::{Commands, Cron, Duration, EnvValue, Glob, Memory, Spanned};
+pub use super::matrix::RawMatrix;
+use super::types::{Commands, Cron, Duration, EnvValue, Glob, Keyed, Memory, Spanned};
 
 /// Treats a key written with no value (`push:`) like an empty mapping (`push: {}`).
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -197,12 +198,16 @@ pub struct RawBranchesTrigger {
 #[schemars(extend("patternProperties" = { "^x-": {} }))]
 #[schemars(rename = "Schedule")]
 pub struct RawSchedule {
-    /// Five-field cron expression, in UTC.
+    /// Five-field cron expression, in the server's time zone (UTC by default).
     pub cron: Cron,
     /// The branch to build; when absent, the branch pull requests merge into (`merge.into`,
     /// else `promotion.from`, else `master`).
     #[serde(default)]
     pub branch: Option<String>,
+    /// When the server was down at some of its times, run once for them when it is back.
+    /// Default false: missed times are skipped.
+    #[serde(default)]
+    pub catch_up: bool,
 }
 
 /// A sidecar container for the pipeline's steps.
@@ -343,6 +348,13 @@ pub struct RawStep {
     /// earlier steps of the build used.
     #[serde(default)]
     pub isolated: bool,
+    /// Run the step once per combination of these values (a cell), each with its own log,
+    /// status and retries, named `unit (python=3.12, db=postgres)`.
+    #[serde(default)]
+    pub matrix: Option<Keyed<RawMatrix>>,
+    /// With a `matrix`: when one cell fails, cancel the others. Default false.
+    #[serde(default)]
+    pub fail_fast: Option<Spanned<bool>>,
 }
 
 /// `bridge` or `none`.

@@ -12,7 +12,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde::{Serialize, Serializer};
 
-use super::de::{SPANNED, SPANNED_FIELDS, TEXT};
+use super::de::{KEYED, SPANNED, SPANNED_FIELDS, TEXT};
 use super::diag::Pos;
 
 /// A value with the position it was read from, so that later checks can point at it.
@@ -58,31 +58,60 @@ impl<T: Serialize> Serialize for Spanned<T> {
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Spanned<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a value with a position")
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut line = 0u32;
-                let mut col = 0u32;
-                while let Some(key) = map.next_key::<Cow<'_, str>>()? {
-                    match key.as_ref() {
-                        "$line" => line = map.next_value()?,
-                        "$col" => col = map.next_value()?,
-                        _ => {
-                            let value = map.next_value()?;
-                            return Ok(Spanned { pos: Pos { line, col }, value });
-                        }
-                    }
+/// Reads a position (`$line`, `$col`) and then the value, as the deserializer in `de` feeds them.
+struct SpannedVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for SpannedVisitor<T> {
+    type Value = Spanned<T>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value with a position")
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut line = 0u32;
+        let mut col = 0u32;
+        while let Some(key) = map.next_key::<Cow<'_, str>>()? {
+            match key.as_ref() {
+                "$line" => line = map.next_value()?,
+                "$col" => col = map.next_value()?,
+                _ => {
+                    let value = map.next_value()?;
+                    return Ok(Spanned { pos: Pos { line, col }, value });
                 }
-                Err(de::Error::custom("a positioned value without its value"))
             }
         }
-        d.deserialize_struct(SPANNED, SPANNED_FIELDS, V(std::marker::PhantomData))
+        Err(de::Error::custom("a positioned value without its value"))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_struct(SPANNED, SPANNED_FIELDS, SpannedVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A value with the position of the key it is written under: `matrix:` rather than the first
+/// line of the mapping below it, so that a problem with the whole value points at its key.
+#[derive(Debug, Clone)]
+pub struct Keyed<T>(pub Spanned<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Keyed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_struct(KEYED, SPANNED_FIELDS, SpannedVisitor(std::marker::PhantomData)).map(Keyed)
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Keyed<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        T::json_schema(generator)
     }
 }
 

@@ -19,6 +19,8 @@ struct Checker {
     diags: Vec<Diagnostic>,
     /// Some values were malformed and left out, so a reference may point at one of them.
     partial: bool,
+    /// The most cells one matrix may make.
+    max_cells: u32,
 }
 
 impl Checker {
@@ -27,8 +29,8 @@ impl Checker {
     }
 }
 
-pub(crate) fn validate(raw: RawSpec, partial: bool) -> Result<Spec, Vec<Diagnostic>> {
-    let mut c = Checker { diags: Vec::new(), partial };
+pub(crate) fn validate(raw: RawSpec, partial: bool, max_cells: u32) -> Result<Spec, Vec<Diagnostic>> {
+    let mut c = Checker { diags: Vec::new(), partial, max_cells };
     let version = match &raw.version {
         Some(v) if v.value != 1 => {
             c.err(v.pos, format!("unsupported spec version {}: this cib reads version 1", v.value));
@@ -208,6 +210,7 @@ fn triggers_model(
             .map(|s| Schedule {
                 cron: s.cron.clone(),
                 branch: s.branch.clone().unwrap_or_else(|| branches.integration.clone()),
+                catch_up: s.catch_up,
             })
             .collect(),
     };
@@ -424,6 +427,71 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
         resources: resources_model(c, &s.resources),
         allow_failure: s.allow_failure,
         isolated: s.isolated,
+        matrix: None,
+    }
+}
+
+/// A checked step as the cells of its matrix (itself when it has none).
+fn expand_step(c: &mut Checker, s: &RawStep, step: Step) -> Vec<Step> {
+    let matrix = s.matrix.as_ref().map(|m| &m.0);
+    if let Some(ff) = &s.fail_fast
+        && matrix.is_none()
+    {
+        c.err(ff.pos, "'fail_fast' applies to a step with a 'matrix'");
+    }
+    if let (Some(m), Some(_)) = (matrix, &s.gate) {
+        c.err(m.pos, "a gate cannot have a matrix: people answer it once");
+        return vec![step];
+    }
+    let image_pos = s.image.as_ref().map_or(s.name.pos, |i| i.pos);
+    let fail_fast = s.fail_fast.as_ref().is_some_and(|f| f.value);
+    let name = step.name.clone();
+    match super::matrix::expand(step, matrix, fail_fast, image_pos, c.max_cells) {
+        Ok(cells) => cells,
+        Err(diags) => {
+            c.diags.extend(diags);
+            // One step stands for the matrix, so that references to it still resolve.
+            vec![Step { name, ..step_placeholder() }]
+        }
+    }
+}
+
+fn step_placeholder() -> Step {
+    Step {
+        name: String::new(),
+        action: Action::Run { image: String::new(), commands: Vec::new() },
+        env: BTreeMap::new(),
+        secrets: Vec::new(),
+        workdir: None,
+        timeout: None,
+        no_output_timeout: None,
+        retry: RetryPolicy::default(),
+        network: Network::Bridge,
+        limits: Limits::default(),
+        depends_on: Vec::new(),
+        when: Condition::default(),
+        services: Vec::new(),
+        resources: Vec::new(),
+        allow_failure: false,
+        isolated: false,
+        matrix: None,
+    }
+}
+
+/// `depends_on` naming a matrix step stands for every one of its cells.
+fn depend_on_cells(steps: &mut [Step]) {
+    let mut cells: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for s in steps.iter() {
+        if let Some(m) = &s.matrix {
+            cells.entry(m.step.clone()).or_default().push(s.name.clone());
+        }
+    }
+    if cells.is_empty() {
+        return;
+    }
+    for s in steps.iter_mut() {
+        s.depends_on =
+            s.depends_on.iter().flat_map(|d| cells.get(d).cloned().unwrap_or_else(|| vec![d.clone()])).collect();
     }
 }
 
@@ -537,7 +605,12 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
         }
     }
     check_graph(c, raw_steps);
-    let steps: Vec<Step> = raw_steps.iter().map(|s| step_model(c, s, &service_names)).collect();
+    let mut steps: Vec<Step> = Vec::with_capacity(raw_steps.len());
+    for s in raw_steps {
+        let step = step_model(c, s, &service_names);
+        steps.extend(expand_step(c, s, step));
+    }
+    depend_on_cells(&mut steps);
     let inputs = inputs_model(c, p);
     let deliverables = p
         .deliverables

@@ -4,6 +4,7 @@ mod conformance;
 mod engine;
 mod lease;
 mod machine;
+mod matrix;
 mod operator_limits;
 mod policy;
 mod replay;

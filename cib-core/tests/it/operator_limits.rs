@@ -31,6 +31,7 @@ fn limits() -> OperatorLimits {
         pipeline_timeout: Bound::new(Some(Duration::from_secs(7_200)), None),
         memory: Bound::new(Some(1 << 30), Some(4 << 30)),
         pids: Bound::new(Some(128), None),
+        max_matrix_cells: None,
     }
 }
 

@@ -304,6 +304,33 @@ cases! {
             kind: deploy
             steps: [{ name: a, image: busybox, commands: [true] }]
     "#;
+    matrix_cells = r#"
+        pipelines:
+          test:
+            steps:
+              - name: unit
+                image: "python:{{ matrix.python }}-slim"
+                matrix:
+                  python: ["3.11", "3.12"]
+                  db: [sqlite, postgres]
+                  exclude: [{ python: "3.11", db: postgres }]
+                  include: [{ python: "3.13", db: sqlite }]
+                fail_fast: true
+                commands: [pytest]
+              - { name: package, image: busybox, depends_on: [unit], commands: [make dist] }
+    "#;
+    matrix_mistakes = r#"
+        pipelines:
+          test:
+            steps:
+              - name: unit
+                image: busybox
+                matrix:
+                  python: []
+                  exclude: [{ pyton: "3.11" }]
+                commands: [pytest]
+              - { name: lone, image: busybox, fail_fast: true, commands: [true] }
+    "#;
     yaml_1_1_words_are_strings = r#"
         pipelines:
           test:

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod meta;
 pub mod pools;
 pub mod repos;
+pub mod schedules;
 pub mod secrets;
 
 use cib_core::spec;

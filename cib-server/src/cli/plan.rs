@@ -90,7 +90,7 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
                 "name": p.name,
                 "kind": p.kind,
                 "timeout": p.timeout,
-                "steps": p.steps.iter().map(|s| json!({
+                "steps": p.steps.iter().map(|s| with_matrix(s, json!({
                     "name": s.name,
                     "timeout": s.timeout,
                     "memory": s.limits.memory.map(|m| spec::limits::show_bytes(m.0)),
@@ -99,7 +99,7 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
                     "runs": s.when.admits(&event),
                     "image": match &s.action { Action::Run { image, .. } => Some(image), Action::Gate(_) => None },
                     "gate": match &s.action { Action::Gate(g) => Some(g.kind), Action::Run { .. } => None },
-                })).collect::<Vec<_>>(),
+                }))).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
@@ -128,11 +128,45 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
                     format!("[{} gate]", if g.kind == spec::GateKind::Hold { "hold" } else { "approval" })
                 }
             };
-            let after =
-                if s.depends_on.is_empty() { String::new() } else { format!("  after {}", s.depends_on.join(", ")) };
+            let after = if s.depends_on.is_empty() {
+                String::new()
+            } else {
+                format!("  after {}", depends_text(p, &s.depends_on))
+            };
             let skipped = if s.when.admits(&event) { "" } else { "  (skipped by its 'when')" };
             let _ = writeln!(out, "{indent}{mark} {} {what}{after}{skipped}", s.name);
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The steps a step waits for, with every cell of a matrix it waits for shown as the matrix
+/// step's name and its count of cells (`unit (all 4 cells)`), so that a wide matrix stays
+/// one line.
+fn depends_text(p: &spec::Pipeline, depends_on: &[String]) -> String {
+    let mut shown: Vec<String> = Vec::new();
+    for d in depends_on {
+        let matrix = p.step(d).and_then(|s| s.matrix.as_ref()).map(|m| m.step.as_str());
+        match matrix {
+            Some(m) => {
+                let label = format!("{m} (all {} cells)", p.steps_named(m).count());
+                if !shown.contains(&label) {
+                    shown.push(label);
+                }
+            }
+            None => shown.push(d.clone()),
+        }
+    }
+    shown.join(", ")
+}
+
+/// A step's plan with the cell of its matrix (the matrix step's name, the cell's values and
+/// `fail_fast`), when it is one.
+fn with_matrix(step: &spec::Step, mut planned: serde_json::Value) -> serde_json::Value {
+    if let Some(m) = &step.matrix {
+        let values: serde_json::Map<String, serde_json::Value> =
+            m.values.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect();
+        planned["matrix"] = json!({ "step": m.step, "values": values, "fail_fast": m.fail_fast });
+    }
+    planned
 }

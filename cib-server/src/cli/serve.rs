@@ -94,7 +94,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let running = server::start_with(config, Arc::new(executor), Arc::new(store), Arc::new(vcs), notifiers);
         eprint(&format!("cib serve: listening on http://{address}"));
-        let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing } = running;
+        let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
         // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
         // whose engine is gone must not live on answering as if nothing happened.
         let mut died: Option<String> = None;

@@ -15,6 +15,7 @@ mod plan;
 mod pools;
 mod restart;
 mod run;
+mod schedule;
 mod server;
 mod trust;
 mod web;

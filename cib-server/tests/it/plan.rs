@@ -117,3 +117,51 @@ fn a_spec_over_a_maximum_is_refused_naming_the_key_and_the_limit() {
     assert_eq!(code, Some(2));
     assert!(err.contains("max_step_timeout") && err.contains("invalid duration 'forever'"), "{err}");
 }
+
+#[test]
+fn plan_shows_the_cells_of_a_matrix() {
+    let spec = "pipelines:
+  test:
+    on: { push: {} }
+    steps:
+      - name: unit
+        image: \"python:{{ matrix.python }}-slim\"
+        matrix: { python: [\"3.11\", \"3.12\"], db: [sqlite, postgres], exclude: [{ python: \"3.11\", db: postgres }] }
+        fail_fast: true
+        commands: [pytest]
+      - { name: package, image: busybox, depends_on: [unit], commands: [make] }
+";
+    let (code, out, err) = plan_spec(spec, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let steps = plan["pipelines"][0]["steps"].as_array().expect("steps");
+    let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap_or_default()).collect();
+    assert_eq!(
+        names,
+        [
+            "unit (python=3.11, db=sqlite)",
+            "unit (python=3.12, db=sqlite)",
+            "unit (python=3.12, db=postgres)",
+            "package"
+        ]
+    );
+    assert_eq!(steps[2]["image"], "python:3.12-slim");
+    assert_eq!(
+        steps[2]["matrix"],
+        serde_json::json!({ "step": "unit", "values": { "python": "3.12", "db": "postgres" }, "fail_fast": true })
+    );
+    assert_eq!(steps[3]["depends_on"].as_array().map(Vec::len), Some(3));
+    // The text plan lists each cell, and a dependent as waiting for all of them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join(".cib.yml"), spec).expect("spec");
+    let out = Command::new(env!("CARGO_BIN_EXE_cib"))
+        .current_dir(dir.path())
+        .args(["plan", "--branch", "feature/x"])
+        .env_remove("CIB_CONFIG")
+        .output()
+        .expect("run cib");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("test (test, 4 steps)"), "{text}");
+    assert!(text.contains("├─ unit (python=3.12, db=postgres) [python:3.12-slim]"), "{text}");
+    assert!(text.contains("└─ package [busybox]  after unit (all 3 cells)"), "{text}");
+}

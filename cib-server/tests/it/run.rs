@@ -200,3 +200,99 @@ fn a_step_over_the_limits_is_refused_and_one_without_a_timeout_gets_the_default(
     assert!(started.elapsed() < std::time::Duration::from_secs(45), "the step was stopped, not left to sleep");
     assert!(left_in_docker(pid).is_empty(), "{:?}", left_in_docker(pid));
 }
+
+const MATRIX: &str = r#"
+pipelines:
+  test:
+    steps:
+      - name: unit
+        image: "{{ matrix.image }}"
+        matrix:
+          image: [busybox]
+          a: [x, y]
+          b: ["1", "2"]
+          exclude: [{ a: y, b: "2" }]
+          include: [{ image: busybox, a: z, b: "3" }]
+        commands:
+          - echo "cell $MATRIX_A-$MATRIX_B as $CIB_STEP"
+          - test "$MATRIX_A" != z
+      - name: after
+        image: busybox
+        depends_on: [unit]
+        allow_failure: true
+        commands: ["echo after all cells"]
+"#;
+
+/// The summary's row for a step, by the step's name.
+fn summary_row<'a>(stdout: &'a str, step: &str) -> &'a str {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("STEP"))
+        .find(|l| l.starts_with(&format!("{step} ")))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_two_by_two_matrix_with_one_exclude_and_one_include_runs_four_cells_each_with_its_own_status() {
+    let dir = project(MATRIX);
+    let (out, pid) = cib_run_with_pid(dir.path(), &["--color", "never"]);
+    assert!(left_in_docker(pid).is_empty(), "cib run left {:?} in Docker", left_in_docker(pid));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "the z cell fails the run\n{stdout}");
+    for (a, b, status) in [("x", "1", "success"), ("x", "2", "success"), ("y", "1", "success"), ("z", "3", "failed")] {
+        let cell = format!("unit (image=busybox, a={a}, b={b})");
+        let cell = cell.as_str();
+        assert!(stdout.contains(&format!("cell {a}-{b} as {cell}")), "{cell} ran with its values\n{stdout}");
+        assert!(summary_row(&stdout, cell).contains(status), "{cell} is {status}\n{stdout}");
+    }
+    assert!(!stdout.contains("a=y, b=2"), "the excluded cell does not exist\n{stdout}");
+    assert!(summary_row(&stdout, "after").contains("skipped"), "after waits for every cell\n{stdout}");
+}
+
+#[test]
+fn fail_fast_cancels_the_other_cells() {
+    let spec = r#"
+pipelines:
+  test:
+    steps:
+      - name: unit
+        image: busybox
+        matrix: { n: ["1", "2", "3"] }
+        fail_fast: true
+        commands:
+          - if [ "$MATRIX_N" = 1 ]; then sleep 1; exit 4; fi
+          - sleep 60
+"#;
+    let dir = project(spec);
+    let started = std::time::Instant::now();
+    let (out, pid) = cib_run_with_pid(dir.path(), &["--color", "never"]);
+    assert!(left_in_docker(pid).is_empty(), "cib run left {:?} in Docker", left_in_docker(pid));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(45),
+        "the sleeping cells were not left to run\n{stdout}"
+    );
+    assert!(summary_row(&stdout, "unit (n=1)").contains("failed"), "{stdout}");
+    assert!(summary_row(&stdout, "unit (n=2)").contains("cancelled"), "{stdout}");
+    assert!(summary_row(&stdout, "unit (n=3)").contains("cancelled"), "{stdout}");
+}
+
+#[test]
+fn a_matrix_of_257_cells_is_refused_at_its_line_by_lint_plan_and_run() {
+    let values = |p: &str| (0..16).map(|i| format!("{p}{i}")).collect::<Vec<_>>().join(", ");
+    let spec = format!(
+        "pipelines:\n  test:\n    steps:\n      - name: unit\n        image: busybox\n        commands: [true]\n        matrix:\n          a: [{}]\n          b: [{}]\n          include: [{{ a: extra, b: extra }}]\n",
+        values("a"),
+        values("b")
+    );
+    let dir = project(&spec);
+    let lint = Command::new(env!("CARGO_BIN_EXE_cib")).arg("lint").current_dir(dir.path()).output().expect("lint");
+    let stdout = String::from_utf8_lossy(&lint.stdout).into_owned() + &String::from_utf8_lossy(&lint.stderr);
+    assert_eq!(lint.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(".cib.yml:7:9: error: the matrix makes 257 cells, over the limit of 256"), "{stdout}");
+    let out = cib_run(dir.path(), &["--color", "never"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("7:9: error: the matrix makes 257 cells"), "{text}");
+}
