@@ -49,7 +49,7 @@ pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
 
 /// [`start_with`] on this clock: the engine's time and the scheduler's (tests hand in a clock
 /// they move by hand).
-pub fn start_clocked<S: Store + SecretStore + 'static>(
+pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
