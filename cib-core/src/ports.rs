@@ -872,7 +872,8 @@ impl BuildUpdate {
             | EventBody::UpToDate { .. }
             | EventBody::CommandAnswered { .. }
             | EventBody::SpecInvalid { .. }
-            | EventBody::ForkTrusted { .. } => None,
+            | EventBody::ForkTrusted { .. }
+            | EventBody::DeliverablePublished { .. } => None,
         }
     }
 }

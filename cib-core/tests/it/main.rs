@@ -6,6 +6,7 @@ mod lease;
 mod machine;
 mod operator_limits;
 mod policy;
+mod publish;
 mod replay;
 mod spec;
 mod spec_fuzz;
