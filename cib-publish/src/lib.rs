@@ -11,6 +11,8 @@
 pub mod http;
 pub mod pypi;
 pub mod registry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use cib_publish::http::HttpClient;
 use cib_publish::registry::{ImageRef, Registry};
 
 use super::pypi::run;
-use super::services::registry;
+use cib_publish::testing::{Counting, pipe, registry};
 
 fn docker(image: &str, tags: &[&str], from: Option<&str>) -> Deliverable {
     Deliverable::Docker {
@@ -137,49 +137,6 @@ async fn a_registry_that_goes_down_mid_push_is_left_with_no_tag() {
     assert!(tags.is_empty(), "no tag points at a partial image: {tags:?}");
 }
 
-/// A pass-through proxy counting the requests that write blobs (uploads).
-struct Counting {
-    port: u16,
-    blob_writes: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Counting {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Counting {
-    async fn start(target: u16) -> Counting {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let blob_writes = Arc::new(AtomicUsize::new(0));
-        let counter = blob_writes.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
-                    pipe(client, server, move |chunk| {
-                        let text = String::from_utf8_lossy(chunk);
-                        for line in text.lines() {
-                            if (line.starts_with("POST ") || line.starts_with("PUT ") || line.starts_with("PATCH "))
-                                && line.contains("/blobs/uploads")
-                            {
-                                counter.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                        true
-                    })
-                    .await;
-                });
-            }
-        });
-        Counting { port, blob_writes, task }
-    }
-}
-
 /// A proxy that stops listening and drops every connection once `limit` bytes went upstream.
 struct Cut {
     port: u16,
@@ -227,35 +184,5 @@ impl Cut {
             // Dropping the listener: from now on, connections are refused.
         });
         Cut { port, tripped, task }
-    }
-}
-
-/// Copies both ways; `upstream` sees every chunk going to the server and may stop the copy.
-async fn pipe(
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
-    mut upstream: impl FnMut(&[u8]) -> bool + Send + 'static,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = async move {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match cr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if !upstream(&buf[..n]) || sw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    let down = async move {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-    };
-    tokio::select! {
-        () = up => {}
-        () = down => {}
     }
 }

@@ -3,4 +3,3 @@
 
 mod docker;
 mod pypi;
-mod services;

@@ -11,7 +11,7 @@ use cib_core::spec::{Deliverable, Glob, TriggerEvent};
 use cib_core::testing::CollectingSink;
 use cib_publish::DeliveryPublisher;
 
-use super::services::{self, pypiserver};
+use cib_publish::testing::{self as services, pypiserver};
 
 pub fn context() -> BuildContext {
     BuildContext {

@@ -1,11 +1,13 @@
-//! The real servers, started per test on free loopback ports by `scripts/publish-services`
-//! (which installs them when missing) and killed when the test's handle drops.
+//! For tests (feature `testing`): the real servers, started per test on free loopback ports by
+//! `scripts/publish-services` (which installs them when missing) and killed when the test's
+//! handle drops; a wheel builder; and a proxy that counts blob uploads to a registry.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// `scripts/publish-services` of this source tree.
 pub fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/publish-services")
 }
@@ -29,6 +31,7 @@ pub fn install() {
     });
 }
 
+/// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -137,4 +140,78 @@ with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         .expect("python3 runs");
     assert!(status.success(), "building the wheel failed");
     path
+}
+
+/// A pass-through proxy counting the requests that write blobs (uploads).
+#[derive(Debug)]
+pub struct Counting {
+    pub port: u16,
+    pub blob_writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Counting {
+    pub async fn start(target: u16) -> Counting {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let blob_writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = blob_writes.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    pipe(client, server, move |chunk| {
+                        let text = String::from_utf8_lossy(chunk);
+                        for line in text.lines() {
+                            if (line.starts_with("POST ") || line.starts_with("PUT ") || line.starts_with("PATCH "))
+                                && line.contains("/blobs/uploads")
+                            {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                        true
+                    })
+                    .await;
+                });
+            }
+        });
+        Counting { port, blob_writes, task }
+    }
+}
+
+/// Copies both ways; `upstream` sees every chunk going to the server and may stop the copy.
+pub async fn pipe(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    mut upstream: impl FnMut(&[u8]) -> bool + Send + 'static,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !upstream(&buf[..n]) || sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
 }
