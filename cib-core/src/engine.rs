@@ -820,9 +820,14 @@ async fn publish(
     // A promotion needs no workspace: it publishes what another build published.
     let builds_here = job.deliverables.iter().any(|d| d.from().is_none());
     let workspace = if builds_here {
-        prepare_workspace(ports, &workspace, &dir, &job.context.repo, &job.context.commit)
+        let dir = prepare_workspace(ports, &workspace, &dir, &job.context.repo, &job.context.commit)
             .await
-            .map_err(|m| fail(ErrorKind::Transient, "workspace".into(), m))?
+            .map_err(|m| fail(ErrorKind::Transient, "workspace".into(), m))?;
+        // What the steps made (a wheel in dist/) is where the steps ran, which may not be here.
+        ports.executor.export_workspace(&job.build, &dir).await.map_err(|e| {
+            fail(e.kind(), "workspace".into(), format!("cannot read what the steps left in the workspace: {e}"))
+        })?;
+        dir
     } else {
         dir
     };
