@@ -245,7 +245,8 @@ pub enum EventBody {
     /// A deliverable was published (built here, or promoted from another pipeline's build).
     DeliverablePublished {
         build: BuildId,
-        deliverable: crate::publish::DeliverableRecord,
+        /// Boxed: a record is far larger than the other events.
+        deliverable: Box<crate::publish::DeliverableRecord>,
     },
     /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
     BranchMoved {

@@ -1739,7 +1739,7 @@ impl Machine {
         let excess = kept.len().saturating_sub(KEPT_DELIVERABLES);
         kept.drain(..excess);
         for record in new_records {
-            self.publish(now, EventBody::DeliverablePublished { build: id.clone(), deliverable: record });
+            self.publish(now, EventBody::DeliverablePublished { build: id.clone(), deliverable: Box::new(record) });
         }
         let step = spec::PUBLISH_STEP.to_owned();
         self.publish(

@@ -119,7 +119,7 @@ fn publishing_comes_after_the_ordinary_steps_and_before_the_finalizers() {
     let records: Vec<_> = events(&effects)
         .into_iter()
         .filter_map(|e| match e {
-            EventBody::DeliverablePublished { deliverable, .. } => Some(deliverable.clone()),
+            EventBody::DeliverablePublished { deliverable, .. } => Some((**deliverable).clone()),
             _ => None,
         })
         .collect();
