@@ -230,7 +230,12 @@ impl DeliveryPublisher {
                         return Err(fail(ErrorKind::Permanent, format!("the image did not build: {error}")));
                     }
                 }
-                Err(e) => return Err(fail(docker_kind(&e.to_string()), format!("the image did not build: {e}"))),
+                // The daemon answers a bad context or Dockerfile with an error status: the
+                // build's own fault, not worth trying again. A failure to reach it may pass.
+                Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
+                    return Err(fail(ErrorKind::Permanent, format!("the image did not build: {e}")));
+                }
+                Err(e) => return Err(fail(ErrorKind::Transient, format!("the image did not build: {e}"))),
             }
         }
         let reference = ImageRef::parse(image);
