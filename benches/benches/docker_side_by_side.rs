@@ -227,6 +227,7 @@ async fn main() {
         notifiers: Vec::new(),
         clock: Arc::new(SystemClock),
         secrets: Arc::new(StaticSecrets(BTreeMap::new())),
+        publisher: Arc::new(cib_core::publish::NoPublisher),
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: concurrency, ..Config::default() },

@@ -47,6 +47,7 @@ fn engine(store: Arc<dyn Store>, vcs: Arc<FakeVcs>, workspaces: &Path) -> (Engin
         notifiers: Vec::new(),
         clock: Arc::new(SystemClock),
         secrets: Arc::new(StaticSecrets::default()),
+        publisher: Arc::new(cib_core::publish::NoPublisher),
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: 64, ..Config::default() },

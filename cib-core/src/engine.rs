@@ -35,6 +35,8 @@ pub struct Ports {
     pub notifiers: Vec<Arc<dyn Notifier>>,
     pub clock: Arc<dyn Clock>,
     pub secrets: Arc<dyn Secrets>,
+    /// Publishes deliverables; [`crate::publish::NoPublisher`] for engines that publish nothing.
+    pub publisher: Arc<dyn crate::publish::Publisher>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -428,6 +430,13 @@ impl Runner {
                 }
             }
         }
+        // A publish that was running when the process stopped is done again: publishers are
+        // idempotent (the same bytes again change nothing), and how far it got is unknown.
+        let publishing: Vec<crate::publish::PublishJob> =
+            self.machine.builds().filter_map(|b| self.machine.running_publish(&b.id)).collect();
+        for job in publishing {
+            self.spawn_publish(job);
+        }
         // Services being started when the process stopped never said they were ready; whatever
         // was starting them died with it.
         let waiting: Vec<(BuildId, Vec<crate::spec::Service>)> = self
@@ -578,6 +587,7 @@ impl Runner {
                 self.timers.remove(&timer);
             }
             Effect::StartStep(job) => self.spawn_step(*job, Mode::Run),
+            Effect::PublishDeliverables(job) => self.spawn_publish(*job),
             Effect::StopStep { build, step, attempt, reason } => {
                 if let Some(handle) = self.stops.get(&(build, step, attempt)) {
                     handle.stop(reason);
@@ -618,6 +628,37 @@ impl Runner {
                 });
             }
         }
+    }
+
+    /// Publishes a build's deliverables on a task of its own, which reports back as an input.
+    /// Its output goes to the log of the build's `publish` step.
+    fn spawn_publish(&mut self, job: crate::publish::PublishJob) {
+        let key = LogKey { build: job.build.clone(), step: crate::spec::PUBLISH_STEP.to_owned(), attempt: job.attempt };
+        let workspace = self.workspace(&job.build);
+        let dir = self.config.workspace_root.join(safe_dir_name(&job.build.0));
+        let ports = self.ports.clone();
+        let internal = self.internal.clone();
+        let logs = self.logs.clone();
+        let sink = Arc::new(EngineSink {
+            key: key.clone(),
+            tx: logs.clone(),
+            live: self.live_logs.clone(),
+            clock: ports.clock.clone(),
+            seen: self.seen.clone(),
+        });
+        let environment = self
+            .machine
+            .build(&job.build)
+            .filter(|b| b.pipeline.kind == crate::spec::PipelineKind::Deploy)
+            .map(|b| b.pipeline.name.clone());
+        tokio::spawn(async move {
+            let (build, attempt) = (job.build.clone(), job.attempt);
+            let result = publish(&ports, job, environment, workspace, dir, sink).await;
+            let (done, finished) = oneshot::channel();
+            let _ = logs.send(LogMessage::Finish(key, done));
+            let _ = finished.await;
+            let _ = internal.send(Input::Published { build, attempt, outcome: result.into() });
+        });
     }
 
     /// Runs a step attempt (or, after a restart, follows one already running) on a task of its
@@ -733,6 +774,93 @@ fn outcome_result(outcome: Result<Outcome, crate::ports::ExecError>) -> StepResu
     }
 }
 
+/// Prepares the build's workspace (once per build, whoever asks first) and answers its path.
+async fn prepare_workspace(
+    ports: &Ports,
+    workspace: &tokio::sync::OnceCell<Result<PathBuf, String>>,
+    dir: &std::path::Path,
+    repo: &str,
+    commit: &str,
+) -> Result<PathBuf, String> {
+    workspace
+        .get_or_init(|| async {
+            // A directory left by a previous process (a restart mid-build) is started afresh:
+            // a checkout needs an empty directory, and stale files must not leak into the build.
+            if tokio::fs::try_exists(dir).await.unwrap_or(false) {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| format!("cannot create the workspace {}: {e}", dir.display()))?;
+            ports
+                .vcs
+                .prepare_workspace(repo, commit, dir)
+                .await
+                .map_err(|e| format!("cannot check out {repo} at {commit}: {e}"))?;
+            Ok(dir.to_path_buf())
+        })
+        .await
+        .clone()
+}
+
+/// Publishes a build's deliverables: the credentials they name come from the secret store,
+/// decided on the build's facts like a step's secrets, and go to the publisher alone.
+async fn publish(
+    ports: &Ports,
+    job: crate::publish::PublishJob,
+    environment: Option<String>,
+    workspace: Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>,
+    dir: PathBuf,
+    sink: Arc<EngineSink>,
+) -> Result<Vec<crate::publish::Artifact>, crate::publish::PublishError> {
+    use crate::ports::ErrorKind;
+    use crate::publish::{PublishError, PublishRun};
+    let fail =
+        |kind, deliverable: String, message: String| PublishError { kind, deliverable, message, published: Vec::new() };
+    // A promotion needs no workspace: it publishes what another build published.
+    let builds_here = job.deliverables.iter().any(|d| d.from().is_none());
+    let workspace = if builds_here {
+        let dir = prepare_workspace(ports, &workspace, &dir, &job.context.repo, &job.context.commit)
+            .await
+            .map_err(|m| fail(ErrorKind::Transient, "workspace".into(), m))?;
+        // What the steps made (a wheel in dist/) is where the steps ran, which may not be here.
+        ports.executor.export_workspace(&job.build, &dir).await.map_err(|e| {
+            fail(e.kind(), "workspace".into(), format!("cannot read what the steps left in the workspace: {e}"))
+        })?;
+        dir
+    } else {
+        dir
+    };
+    let facts = crate::policy::BuildFacts {
+        repo: &job.context.repo,
+        branch: job.context.branch.as_deref(),
+        pull_request: job.context.pull_request.is_some(),
+        pipeline: &job.pipeline,
+        environment: environment.as_deref(),
+        trusted: job.context.trusted,
+    };
+    let mut names: Vec<String> = job.deliverables.iter().filter_map(|d| d.credentials().map(str::to_owned)).collect();
+    names.sort();
+    names.dedup();
+    // The machine publishes nothing for an untrusted build; no credential is even looked up.
+    let credentials = if names.is_empty() || !job.context.trusted {
+        BTreeMap::new()
+    } else {
+        let found =
+            ports.secrets.for_step(&facts, &names).await.map_err(|m| {
+                fail(ErrorKind::Transient, "credentials".into(), format!("cannot read the secrets: {m}"))
+            })?;
+        if let Some((name, why)) = found.withheld.first() {
+            let d = job.deliverables.iter().find(|d| d.credentials() == Some(name.as_str()));
+            let deliverable = d.map(|d| format!("{} {}", d.kind(), d.target())).unwrap_or_default();
+            return Err(fail(ErrorKind::Misconfigured, deliverable, format!("secret '{name}' is withheld: {why}")));
+        }
+        found.values
+    };
+    let run = PublishRun { job, workspace, credentials };
+    ports.publisher.publish(&run, sink).await
+}
+
 /// Prepares the build's workspace once, resolves the step's secrets and runs it, with the
 /// values of the build's other secrets (`build_secrets`, names) to mask in its output.
 // The step's context comes in parts the loop already holds; bundling them into a struct would
@@ -748,25 +876,7 @@ async fn run_step(
     sink: Arc<EngineSink>,
     stop: StopSignal,
 ) -> StepResult {
-    let prepared = workspace
-        .get_or_init(|| async {
-            // A directory left by a previous process (a restart mid-build) is started afresh:
-            // a checkout needs an empty directory, and stale files must not leak into the build.
-            if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-            }
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| format!("cannot create the workspace {}: {e}", dir.display()))?;
-            ports
-                .vcs
-                .prepare_workspace(&job.context.repo, &job.context.commit, &dir)
-                .await
-                .map_err(|e| format!("cannot check out {} at {}: {e}", job.context.repo, job.context.commit))?;
-            Ok(dir.clone())
-        })
-        .await
-        .clone();
+    let prepared = prepare_workspace(ports, &workspace, &dir, &job.context.repo, &job.context.commit).await;
     let workspace = match prepared {
         Ok(dir) => dir,
         Err(message) => return StepResult::Infrastructure(message),

@@ -242,6 +242,12 @@ pub enum EventBody {
         pull_request: Option<u64>,
         diagnostics: Vec<String>,
     },
+    /// A deliverable was published (built here, or promoted from another pipeline's build).
+    DeliverablePublished {
+        build: BuildId,
+        /// Boxed: a record is far larger than the other events.
+        deliverable: Box<crate::publish::DeliverableRecord>,
+    },
     /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
     BranchMoved {
         repo: String,
@@ -271,6 +277,7 @@ impl EventBody {
             | Rejected { build, .. }
             | DecisionRefused { build, .. }
             | GateExpired { build, .. }
+            | DeliverablePublished { build, .. }
             | BuildFinished { build, .. } => Some(build),
             LeaseWaiting { .. }
             | LeaseGranted { .. }

@@ -11,6 +11,7 @@ pub mod lease;
 pub mod pipeline;
 pub mod policy;
 pub mod ports;
+pub mod publish;
 pub mod schedule;
 pub mod spec;
 #[cfg(feature = "testing")]

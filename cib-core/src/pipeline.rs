@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use crate::lease::{self, Holder, LeaseEvent, LeaseId, LeaseTable, PoolConfig, PoolKind, Want};
 use crate::policy;
+use crate::publish::{self, DeliverableRecord, PublishJob, PublishOutcome};
 use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
 pub use crate::workflow::Approval;
@@ -288,6 +289,12 @@ pub enum Input {
         head_commit: String,
         by: String,
     },
+    /// How publishing a build's deliverables went (attempt `attempt` of its `publish` step).
+    Published {
+        build: BuildId,
+        attempt: u32,
+        outcome: PublishOutcome,
+    },
     /// A branch was fast-forwarded by a merge or a promotion.
     Moved {
         repo: String,
@@ -322,6 +329,11 @@ pub enum TimerId {
     },
     /// The lease table's next expiry or warning.
     Leases,
+    /// The next attempt at publishing a build's deliverables, after a transient failure.
+    PublishRetry {
+        build: BuildId,
+        attempt: u32,
+    },
 }
 
 /// A unit of a resource pool granted to a step, with its metadata.
@@ -381,6 +393,8 @@ pub enum Effect {
         timer: TimerId,
     },
     Publish(Event),
+    /// Publish a build's deliverables; the outcome comes back as [`Input::Published`].
+    PublishDeliverables(Box<PublishJob>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -420,6 +434,35 @@ pub struct Attempt {
     pub conclusion: Option<StepConclusion>,
     pub detail: String,
 }
+
+/// Where a build's publish phase is. It runs as a synthetic step (`publish`) after every
+/// ordinary step has passed and before the finalizers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishStatus {
+    #[default]
+    Pending,
+    Running {
+        attempt: u32,
+    },
+    /// Attempt `attempt` failed transiently; the next waits for its timer.
+    Waiting {
+        attempt: u32,
+    },
+    Done(StepConclusion),
+}
+
+/// The publish phase of a build: its status, its attempts, and what it published.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PublishState {
+    pub status: PublishStatus,
+    pub attempts: Vec<Attempt>,
+    pub records: Vec<DeliverableRecord>,
+}
+
+/// How many records of published deliverables the machine keeps per repository (the newest),
+/// for promotions (`from:`) and the environments' listing. Older ones are dropped.
+pub const KEPT_DELIVERABLES: usize = 500;
 
 // Every field is serialized: the engine's snapshots are this machine's state, written out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -462,6 +505,9 @@ pub struct Build {
     pub only: Option<Vec<String>>,
     /// A step was skipped because the build is not trusted with its secrets.
     untrusted_skips: bool,
+    /// The publish phase (unused when the pipeline has no deliverables).
+    #[serde(default)]
+    pub publish: PublishState,
 }
 
 /// The last spec text read and what it gave. A repository's pushes mostly carry the same spec,
@@ -551,6 +597,19 @@ impl Build {
         matches!(self.state, BuildState::Finished(_))
     }
 
+    /// Whether the publish phase is over, or there is none.
+    fn publish_settled(&self) -> bool {
+        self.pipeline.deliverables.is_empty() || matches!(self.publish.status, PublishStatus::Done(_))
+    }
+
+    /// How the publish phase ended, when it did.
+    fn publish_conclusion(&self) -> Option<StepConclusion> {
+        match self.publish.status {
+            PublishStatus::Done(c) if !self.pipeline.deliverables.is_empty() => Some(c),
+            _ => None,
+        }
+    }
+
     /// The services of a running build that have not said they are ready: after a restart the
     /// engine starts them again, since whatever was starting them died with the old process.
     pub fn services_waiting(&self) -> Vec<spec::Service> {
@@ -613,6 +672,9 @@ pub struct Machine {
     /// The person who wrote each commit, by repository and commit, as the forge said.
     #[serde(with = "pairs")]
     commit_authors: BTreeMap<(String, String), String>,
+    /// Deliverables published, by repository, oldest first, at most [`KEPT_DELIVERABLES`].
+    #[serde(default)]
+    published: BTreeMap<String, Vec<DeliverableRecord>>,
     /// Effects gathered while handling one input; always empty between inputs.
     #[serde(skip)]
     out: Vec<Effect>,
@@ -693,6 +755,7 @@ impl Machine {
             pull_requests: BTreeMap::new(),
             trusted_forks: BTreeMap::new(),
             commit_authors: BTreeMap::new(),
+            published: BTreeMap::new(),
             out: Vec::new(),
             spec_cache: SpecCache::default(),
         })
@@ -714,7 +777,21 @@ impl Machine {
         &self.leases
     }
 
-    /// Steps running now, across all builds.
+    /// The deliverables published in a repository that the machine still keeps, oldest first.
+    pub fn deliverables(&self, repo: &str) -> &[DeliverableRecord] {
+        self.published.get(repo).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The publish job of a build whose publish phase is running: after a restart the engine
+    /// publishes again (publishers are idempotent), since it cannot know how far it got.
+    pub fn running_publish(&self, id: &BuildId) -> Option<PublishJob> {
+        let b = self.builds.get(id)?;
+        match b.publish.status {
+            PublishStatus::Running { attempt } => Some(self.publish_job(b, attempt)),
+            _ => None,
+        }
+    }
+
     /// Whether a fork's pull request was approved at exactly this head commit.
     pub fn fork_trusted(&self, repo: &str, number: u64, head_commit: &str) -> bool {
         self.trusted_forks.get(&(repo.to_owned(), number)).is_some_and(|h| h == head_commit)
@@ -912,6 +989,7 @@ impl Machine {
                 self.approvals.entry(repo.clone()).or_default().push(approval);
                 self.publish(now, EventBody::PromotionApproved { repo, commit, by: actor.login });
             }
+            Input::Published { build, attempt, outcome } => self.published(&build, attempt, outcome, now),
             Input::Moved { repo, branch, commit, by, promotion, approved_by } => {
                 let env = Environment {
                     commit: commit.clone(),
@@ -986,6 +1064,7 @@ impl Machine {
             spec: std::sync::Arc::from(source),
             only,
             untrusted_skips: false,
+            publish: PublishState::default(),
         };
         self.publish(
             now,
@@ -1103,7 +1182,18 @@ impl Machine {
             let Some((index, decision)) = next_move(b) else { break };
             self.apply_move(id, index, decision, now);
         }
-        let done = self.builds.get(id).is_some_and(|b| b.steps.iter().all(|s| matches!(s.status, StepStatus::Done(_))));
+        if self.publish_due(id) {
+            self.begin_publish(id, now);
+            // Finalizers that were waiting for the publish phase may move now, when it was
+            // skipped rather than started.
+            if self.builds.get(id).is_some_and(Build::publish_settled) {
+                return self.advance(id, now);
+            }
+        }
+        let done = self
+            .builds
+            .get(id)
+            .is_some_and(|b| b.steps.iter().all(|s| matches!(s.status, StepStatus::Done(_))) && b.publish_settled());
         if done {
             let conclusion = self.builds.get(id).map_or(Conclusion::Errored, conclude);
             self.finish(id, conclusion, now);
@@ -1329,7 +1419,8 @@ impl Machine {
     fn after_step_change(&mut self, id: &BuildId, now: Timestamp) {
         let Some(b) = self.builds.get(id) else { return };
         if let Some((_, conclusion)) = b.ending {
-            let still_running = b.steps.iter().any(|s| matches!(s.status, StepStatus::Running { .. }));
+            let still_running = b.steps.iter().any(|s| matches!(s.status, StepStatus::Running { .. }))
+                || matches!(b.publish.status, PublishStatus::Running { .. });
             if !still_running {
                 self.finish(id, conclusion, now);
             }
@@ -1378,6 +1469,14 @@ impl Machine {
             TimerId::Leases => {
                 self.lease_timer = None;
                 self.tick(now);
+            }
+            TimerId::PublishRetry { build, attempt } => {
+                let waiting = self.builds.get(&build).is_some_and(|b| {
+                    b.ending.is_none() && b.publish.status == (PublishStatus::Waiting { attempt: attempt - 1 })
+                });
+                if waiting {
+                    self.start_publish(&build, attempt, now);
+                }
             }
         }
     }
@@ -1442,6 +1541,21 @@ impl Machine {
         for step in gates {
             self.out.push(Effect::CancelTimer { timer: TimerId::Gate { build: id.clone(), step } });
         }
+        // A publish in progress is waited for like a running step (it cannot be taken back
+        // halfway); one not started, or waiting to try again, ends here.
+        if let Some(b) = self.builds.get_mut(id)
+            && !b.pipeline.deliverables.is_empty()
+        {
+            match b.publish.status {
+                PublishStatus::Pending => b.publish.status = PublishStatus::Done(StepConclusion::Cancelled),
+                PublishStatus::Waiting { attempt } => {
+                    b.publish.status = PublishStatus::Done(StepConclusion::Cancelled);
+                    let timer = TimerId::PublishRetry { build: id.clone(), attempt: attempt + 1 };
+                    self.out.push(Effect::CancelTimer { timer });
+                }
+                PublishStatus::Running { .. } | PublishStatus::Done(_) => {}
+            }
+        }
         // Queued entries of this build are skipped when they come up: their steps are done.
         self.after_step_change(id, now);
     }
@@ -1459,6 +1573,9 @@ impl Machine {
             if !matches!(s.status, StepStatus::Done(_)) {
                 s.status = StepStatus::Done(StepConclusion::Cancelled);
             }
+        }
+        if !b.pipeline.deliverables.is_empty() && !matches!(b.publish.status, PublishStatus::Done(_)) {
+            b.publish.status = PublishStatus::Done(StepConclusion::Cancelled);
         }
         b.state = BuildState::Finished(conclusion);
         b.finished_at = Some(now);
@@ -1530,6 +1647,170 @@ impl Machine {
                 }
             }
         }
+    }
+
+    // ---- the publish phase -----------------------------------------------------------------
+
+    /// Whether a build's publish phase should begin now: it has deliverables, has not begun,
+    /// and every ordinary step has settled.
+    fn publish_due(&self, id: &BuildId) -> bool {
+        let Some(b) = self.builds.get(id) else { return false };
+        b.state == BuildState::Running
+            && b.ending.is_none()
+            && !b.pipeline.deliverables.is_empty()
+            && b.publish.status == PublishStatus::Pending
+            && b.pipeline
+                .steps
+                .iter()
+                .zip(&b.steps)
+                .filter(|(spec, _)| spec.when.status == RunStatus::OnSuccess)
+                .all(|(_, s)| matches!(s.status, StepStatus::Done(_)))
+    }
+
+    /// Starts the publish phase, or skips it with the reason: after a failure there is nothing
+    /// worth publishing, and an untrusted build publishes nothing at all.
+    fn begin_publish(&mut self, id: &BuildId, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        let skip = if (0..b.steps.len()).any(|j| failed(b, j)) {
+            Some(("a step did not succeed, so nothing is published".to_owned(), false))
+        } else if b.steps.iter().zip(&b.pipeline.steps).any(|(s, spec)| {
+            spec.when.status == RunStatus::OnSuccess && s.status == StepStatus::Done(StepConclusion::Cancelled)
+        }) {
+            Some(("a step was cancelled, so nothing is published".to_owned(), false))
+        } else if !b.context.trusted {
+            let reason = "an untrusted build (a fork's pull request no maintainer approved) publishes nothing";
+            Some((reason.to_owned(), true))
+        } else {
+            None
+        };
+        match skip {
+            Some((reason, untrusted)) => {
+                b.publish.status = PublishStatus::Done(StepConclusion::Skipped);
+                b.untrusted_skips |= untrusted;
+                let step = spec::PUBLISH_STEP.to_owned();
+                self.publish(now, EventBody::StepSkipped { build: id.clone(), step, reason });
+            }
+            None => self.start_publish(id, 1, now),
+        }
+    }
+
+    /// The job of one attempt of a build's publish phase. A promoted deliverable carries what
+    /// its source pipeline published for the same commit (the newest record of each artifact).
+    fn publish_job(&self, b: &Build, attempt: u32) -> PublishJob {
+        let sources: BTreeSet<&str> = b.pipeline.deliverables.iter().filter_map(spec::Deliverable::from).collect();
+        let mut promoted: Vec<DeliverableRecord> = Vec::new();
+        for r in self.deliverables(&b.context.repo) {
+            if r.commit == b.context.commit && sources.contains(r.pipeline.as_str()) {
+                let same = |o: &DeliverableRecord| {
+                    o.artifact.kind == r.artifact.kind
+                        && o.artifact.name == r.artifact.name
+                        && o.artifact.file == r.artifact.file
+                        && o.pipeline == r.pipeline
+                };
+                promoted.retain(|o| !same(o));
+                promoted.push(r.clone());
+            }
+        }
+        PublishJob {
+            build: b.id.clone(),
+            pipeline: b.pipeline.name.clone(),
+            attempt,
+            context: b.context.clone(),
+            deliverables: b.pipeline.deliverables.clone(),
+            promoted,
+        }
+    }
+
+    fn start_publish(&mut self, id: &BuildId, attempt: u32, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        b.publish.status = PublishStatus::Running { attempt };
+        b.publish.attempts.push(Attempt {
+            number: attempt,
+            started_at: now,
+            finished_at: None,
+            conclusion: None,
+            detail: String::new(),
+        });
+        let Some(b) = self.builds.get(id) else { return };
+        let job = self.publish_job(b, attempt);
+        let step = spec::PUBLISH_STEP.to_owned();
+        self.publish(now, EventBody::StepStarted { build: id.clone(), step, attempt });
+        self.out.push(Effect::PublishDeliverables(Box::new(job)));
+    }
+
+    /// A publisher's report: its artifacts are recorded (whatever the outcome, since they are
+    /// out there), and a transient failure is tried again after a backoff.
+    fn published(&mut self, id: &BuildId, attempt: u32, outcome: PublishOutcome, now: Timestamp) {
+        let Some(b) = self.builds.get_mut(id) else { return };
+        // A late or repeated report of an attempt that is no longer running changes nothing.
+        if b.publish.status != (PublishStatus::Running { attempt }) {
+            return;
+        }
+        let artifacts = match &outcome {
+            PublishOutcome::Published { artifacts } | PublishOutcome::Failed { artifacts, .. } => artifacts.clone(),
+        };
+        let mut new_records = Vec::new();
+        for mut artifact in artifacts {
+            // The record says which build first produced the bytes; the artifact's own field
+            // only carries that from the publisher, so it is taken out of it here.
+            let first_build = artifact.first_build.take().unwrap_or_else(|| id.clone());
+            let record = DeliverableRecord {
+                first_build,
+                artifact,
+                build: id.clone(),
+                repo: b.context.repo.clone(),
+                pipeline: b.pipeline.name.clone(),
+                commit: b.context.commit.clone(),
+                at: now,
+            };
+            // Publishing again after a retry reports the same artifacts: recorded once.
+            if !b.publish.records.iter().any(|r| r.artifact == record.artifact) {
+                b.publish.records.push(record.clone());
+                new_records.push(record);
+            }
+        }
+        let cancelling = b.ending.is_some();
+        let (conclusion, detail, retry) = match &outcome {
+            PublishOutcome::Published { .. } => {
+                let n = b.publish.records.len();
+                (StepConclusion::Success, format!("published {n} artifact{}", if n == 1 { "" } else { "s" }), false)
+            }
+            PublishOutcome::Failed { deliverable, message, transient, .. } => {
+                let retry = *transient && attempt < publish::MAX_PUBLISH_ATTEMPTS && !cancelling;
+                let conclusion = if *transient { StepConclusion::Errored } else { StepConclusion::Failed };
+                (conclusion, format!("{deliverable}: {message}"), retry)
+            }
+        };
+        if let Some(a) = b.publish.attempts.last_mut() {
+            a.finished_at = Some(now);
+            a.conclusion = Some(conclusion);
+            a.detail = detail.clone();
+        }
+        b.publish.status = if retry {
+            PublishStatus::Waiting { attempt }
+        } else if cancelling && conclusion == StepConclusion::Errored {
+            PublishStatus::Done(StepConclusion::Cancelled)
+        } else {
+            PublishStatus::Done(conclusion)
+        };
+        let repo = b.context.repo.clone();
+        let kept = self.published.entry(repo).or_default();
+        kept.extend(new_records.iter().cloned());
+        let excess = kept.len().saturating_sub(KEPT_DELIVERABLES);
+        kept.drain(..excess);
+        for record in new_records {
+            self.publish(now, EventBody::DeliverablePublished { build: id.clone(), deliverable: Box::new(record) });
+        }
+        let step = spec::PUBLISH_STEP.to_owned();
+        self.publish(
+            now,
+            EventBody::StepFinished { build: id.clone(), step, attempt, conclusion, detail, will_retry: retry },
+        );
+        if retry {
+            let timer = TimerId::PublishRetry { build: id.clone(), attempt: attempt + 1 };
+            self.out.push(Effect::ArmTimer { timer, at: now + publish::publish_backoff(attempt + 1) });
+        }
+        self.after_step_change(id, now);
     }
 
     // ---- gates -----------------------------------------------------------------------------
@@ -1899,6 +2180,11 @@ fn failed(b: &Build, i: usize) -> bool {
     ) && !b.pipeline.steps[i].allow_failure
 }
 
+/// Whether the publish phase failed (a failed deliverable fails the build).
+fn publish_failed(b: &Build) -> bool {
+    matches!(b.publish_conclusion(), Some(StepConclusion::Failed | StepConclusion::Errored))
+}
+
 /// The first pending step, in spec order, that can be skipped or started now.
 fn next_move(b: &Build) -> Option<(usize, Move)> {
     for (i, step) in b.pipeline.steps.iter().enumerate() {
@@ -1919,10 +2205,11 @@ fn next_move(b: &Build) -> Option<(usize, Move)> {
                 .enumerate()
                 .filter(|(j, s)| *j != i && s.when.status == RunStatus::OnSuccess)
                 .all(|(j, _)| matches!(b.steps[j].status, StepStatus::Done(_)));
-            if !ordinary_settled {
+            // The publish phase counts as an ordinary step: finalizers run after it.
+            if !ordinary_settled || !b.publish_settled() {
                 continue;
             }
-            let any_failed = (0..b.steps.len()).any(|j| failed(b, j));
+            let any_failed = (0..b.steps.len()).any(|j| failed(b, j)) || publish_failed(b);
             if status == RunStatus::OnFailure && !any_failed {
                 return Some((i, Move::Skip("nothing failed".into())));
             }
@@ -1952,6 +2239,7 @@ fn next_move(b: &Build) -> Option<(usize, Move)> {
 fn conclude(b: &Build) -> Conclusion {
     let counted = |c: StepConclusion| {
         b.steps.iter().zip(&b.pipeline.steps).any(|(s, spec)| s.status == StepStatus::Done(c) && !spec.allow_failure)
+            || b.publish_conclusion() == Some(c)
     };
     // An interrupted step says nothing about the code either: the build errored.
     if counted(StepConclusion::Errored) || counted(StepConclusion::Interrupted) {

@@ -189,6 +189,13 @@ pub trait Executor: Send + Sync {
     /// Removes everything of the build: services, network, workspace copies.
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError>;
 
+    /// Copies what the build's steps left in their workspace into `dest` (the build's host
+    /// workspace), so that the deliverables are published from the files the steps made.
+    /// The default does nothing: for an executor whose steps work in `dest` itself.
+    async fn export_workspace(&self, _build: &BuildId, _dest: &Path) -> Result<(), ExecError> {
+        Ok(())
+    }
+
     /// Removes what belongs to builds not in `live` (left by a crash). Returns how many
     /// resources it removed.
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError>;
@@ -872,7 +879,8 @@ impl BuildUpdate {
             | EventBody::UpToDate { .. }
             | EventBody::CommandAnswered { .. }
             | EventBody::SpecInvalid { .. }
-            | EventBody::ForkTrusted { .. } => None,
+            | EventBody::ForkTrusted { .. }
+            | EventBody::DeliverablePublished { .. } => None,
         }
     }
 }

@@ -1284,6 +1284,35 @@ impl Executor for DockerExecutor {
         results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
     }
 
+    /// Reads the workspace volume through its marker container (created with the volume
+    /// mounted, never started) as a tar archive, and unpacks it over `dest`. The archive goes
+    /// to a temporary file first, so a large workspace is never held in memory.
+    async fn export_workspace(&self, build: &BuildId, dest: &Path) -> Result<(), ExecError> {
+        let names = BuildNames::new(&self.options.instance, build);
+        let options =
+            bollard::query_parameters::DownloadFromContainerOptions { path: format!("{}/.", containers::WORKSPACE) };
+        let mut stream = self.docker.download_from_container(&names.workspace_filled(), Some(options));
+        let file = tempfile::NamedTempFile::new_in(dest.parent().unwrap_or(dest))
+            .map_err(|e| ExecError::Transient(format!("a temporary file for the workspace: {e}")))?;
+        let mut out = tokio::fs::File::from_std(
+            file.reopen().map_err(|e| ExecError::Transient(format!("a temporary file for the workspace: {e}")))?,
+        );
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| exec_error("reading the workspace volume", e))?;
+            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                .await
+                .map_err(|e| ExecError::Transient(format!("writing the workspace archive: {e}")))?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut out)
+            .await
+            .map_err(|e| ExecError::Transient(format!("writing the workspace archive: {e}")))?;
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || workspace::unpack(file.path(), &dest))
+            .await
+            .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))?
+            .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))
+    }
+
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
         let pending: Vec<_> = std::mem::take(&mut *lock(&self.removals));
         for task in pending {

@@ -109,6 +109,32 @@ fn header(meta: &std::fs::Metadata) -> tar::Header {
 ///
 /// A failure while archiving reaches the stream as an error, so that the upload fails instead
 /// of leaving a partial workspace; the task returns the same error for a clearer message.
+/// Unpacks a workspace archive from Docker (entries under one top directory, `./` or
+/// `workspace/`) into `dest`, the top directory stripped. An entry that would land outside
+/// `dest` is skipped.
+pub fn unpack(archive: &Path, dest: &Path) -> io::Result<()> {
+    let mut tar = tar::Archive::new(std::fs::File::open(archive)?);
+    tar.set_overwrite(true);
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let rel: PathBuf = path.components().skip(1).collect();
+        if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        let target = dest.join(&rel);
+        if entry.header().entry_type().is_dir() {
+            std::fs::create_dir_all(&target)?;
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        entry.unpack(&target)?;
+    }
+    Ok(())
+}
+
 pub fn archive(dir: PathBuf) -> (impl Stream<Item = io::Result<Bytes>> + Send + 'static, JoinHandle<io::Result<()>>) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     let task = tokio::task::spawn_blocking(move || {

@@ -85,6 +85,7 @@ pub fn table() -> Vec<Route> {
         route!(GET "/api/v1/builds", READ, builds::list, builds::list_doc),
         route!(POST "/api/v1/builds", TRIGGER, builds::trigger, builds::trigger_doc),
         route!(GET "/api/v1/builds/{build}", READ, builds::get, builds::get_doc),
+        route!(GET "/api/v1/builds/{build}/deliverables", READ, builds::deliverables, builds::deliverables_doc),
         route!(POST "/api/v1/builds/{build}/cancel", TRIGGER, builds::cancel, builds::cancel_doc),
         route!(POST "/api/v1/builds/{build}/retry", TRIGGER, builds::retry, builds::retry_doc),
         route!(POST "/api/v1/builds/{build}/gates/{step}/approve", APPROVE, builds::approve, builds::approve_doc),

@@ -80,6 +80,8 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
         notifiers: notifiers.clone(),
         clock: clock.clone(),
         secrets: Arc::new(crate::secrets::ServerSecrets::new(&config, secret_store.clone(), keys.clone())),
+        // Images are built on the daemon Docker's defaults name (DOCKER_HOST), like the steps.
+        publisher: Arc::new(cib_publish::DeliveryPublisher::new(None)),
     };
     let engine_config = EngineConfig {
         machine: Config {

@@ -423,9 +423,63 @@ impl Condition {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Deliverable {
-    Pypi { index: String, credentials: String, files: Glob },
-    Docker { image: String, context: String, dockerfile: String, tags: Vec<String>, credentials: Option<String> },
+    Pypi {
+        index: String,
+        credentials: String,
+        files: Glob,
+        /// The pipeline whose files for the same commit are uploaded instead of the workspace's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
+    Docker {
+        image: String,
+        context: String,
+        dockerfile: String,
+        tags: Vec<String>,
+        credentials: Option<String>,
+        /// The pipeline whose image for the same commit is tagged instead of building one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
 }
+
+impl Deliverable {
+    /// `pypi` or `docker`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Deliverable::Pypi { .. } => "pypi",
+            Deliverable::Docker { .. } => "docker",
+        }
+    }
+
+    /// A short name for messages: the index or the image.
+    pub fn target(&self) -> &str {
+        match self {
+            Deliverable::Pypi { index, .. } => index,
+            Deliverable::Docker { image, .. } => image,
+        }
+    }
+
+    /// The pipeline this deliverable is promoted from, if it is promoted rather than built.
+    pub fn from(&self) -> Option<&str> {
+        match self {
+            Deliverable::Pypi { from, .. } | Deliverable::Docker { from, .. } => from.as_deref(),
+        }
+    }
+
+    /// The name of the secret holding its credentials, if any.
+    pub fn credentials(&self) -> Option<&str> {
+        match self {
+            Deliverable::Pypi { credentials, .. } => Some(credentials),
+            Deliverable::Docker { credentials, .. } => credentials.as_deref(),
+        }
+    }
+}
+
+/// The name of the synthetic step in which a pipeline's deliverables are published: its log
+/// holds the build and upload output, and a step of that name is refused in a pipeline that
+/// has deliverables.
+pub const PUBLISH_STEP: &str = "publish";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PromotionPolicy {

@@ -535,9 +535,13 @@ pub struct RawPypi {
     pub index: Spanned<String>,
     /// Name of the secret holding the index token or `user:password`.
     pub credentials: Spanned<String>,
-    /// The files to upload (default `dist/*`).
+    /// The files to upload (default `dist/*`). Not with `from`.
     #[serde(default)]
     pub files: Option<Glob>,
+    /// Promote rather than build: upload, byte for byte, the files that this pipeline
+    /// published for the same commit (its name, e.g. `staging`).
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
 }
 
 /// A Docker image build and push.
@@ -560,6 +564,10 @@ pub struct RawDockerImage {
     /// Name of the secret holding `user:password` for the registry.
     #[serde(default)]
     pub credentials: Option<Spanned<String>>,
+    /// Promote rather than build: tag, under `tags`, the manifest that this pipeline pushed
+    /// for the same commit (its name, e.g. `staging`). No `context` or `dockerfile` then.
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
 }
 
 /// The promotion policy: how a commit moves from one branch to the next.

@@ -45,7 +45,7 @@ pub(crate) fn validate(raw: RawSpec, partial: bool, max_cells: u32) -> Result<Sp
     let branches = Branches::of(&raw);
     let mut pipelines = Vec::new();
     for (name, pipeline) in &raw.pipelines {
-        pipelines.push(pipeline_model(&mut c, &branches, name, pipeline));
+        pipelines.push(pipeline_model(&mut c, &branches, name, pipeline, &names));
     }
     let promotion = raw.promotion.as_ref().map(|p| promotion_model(&mut c, &branches, p, &names));
     let merge = raw.merge.as_ref().map(|m| merge_model(&mut c, &branches, m, &names));
@@ -554,7 +554,13 @@ fn check_graph(c: &mut Checker, steps: &[RawStep]) {
     }
 }
 
-fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, p: &RawPipeline) -> Pipeline {
+fn pipeline_model(
+    c: &mut Checker,
+    branches: &Branches,
+    name: &Spanned<String>,
+    p: &RawPipeline,
+    names: &[&str],
+) -> Pipeline {
     check_name(c, "pipeline", name);
     let triggers = triggers_model(c, branches, name, p.on.as_ref());
     let kind = p.kind.unwrap_or(if matches!(name.value.as_str(), "staging" | "production") {
@@ -612,8 +618,42 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
     }
     depend_on_cells(&mut steps);
     let inputs = inputs_model(c, p);
-    let deliverables = p
-        .deliverables
+    let deliverables = deliverables_model(c, name, p, names);
+    Pipeline {
+        name: name.value.clone(),
+        kind,
+        triggers,
+        env: env_map(c, name.pos, &p.env),
+        services,
+        resources: resources_model(c, &p.resources),
+        steps,
+        deliverables,
+        timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout.as_ref().map(|t| t.value)),
+        inputs,
+    }
+}
+
+/// The deliverables of a pipeline. `from` names another pipeline of the spec; a promoted
+/// deliverable is not built, so the keys that say how to build it are refused beside it.
+fn deliverables_model(c: &mut Checker, name: &Spanned<String>, p: &RawPipeline, names: &[&str]) -> Vec<Deliverable> {
+    if !p.deliverables.is_empty()
+        && let Some(step) = p.steps.value.iter().find(|s| s.name.value == PUBLISH_STEP)
+    {
+        c.err(
+            step.name.pos,
+            format!("the step name '{PUBLISH_STEP}' is taken: a pipeline with deliverables publishes them in a step of that name"),
+        );
+    }
+    let from_model = |c: &mut Checker, from: &Option<Spanned<String>>| -> Option<String> {
+        let f = from.as_ref()?;
+        if f.value == name.value {
+            c.err(f.pos, format!("a deliverable cannot be promoted from its own pipeline '{}'", f.value));
+        } else if !c.partial && !names.contains(&f.value.as_str()) {
+            c.err(f.pos, format!("unknown pipeline '{}'{}", f.value, suggestion(&f.value, names.iter().copied())));
+        }
+        Some(f.value.clone())
+    };
+    p.deliverables
         .iter()
         .map(|d| match d {
             RawDeliverable::Pypi(x) => {
@@ -621,10 +661,15 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
                 if !(x.index.value.starts_with("https://") || x.index.value.starts_with("http://")) {
                     c.err(x.index.pos, "'index' must be an http(s) URL");
                 }
+                let from = from_model(c, &x.from);
+                if let (Some(f), Some(_)) = (&x.from, &x.files) {
+                    c.err(f.pos, "'files' and 'from' exclude each other: a promotion uploads the files the other pipeline published");
+                }
                 Deliverable::Pypi {
                     index: x.index.value.clone(),
                     credentials: x.credentials.value.clone(),
                     files: x.files.clone().unwrap_or_else(|| Glob::parse("dist/*").expect("dist/* is a valid glob")),
+                    from,
                 }
             }
             RawDeliverable::Docker(x) => {
@@ -639,6 +684,12 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
                         c.err(t.pos, "an image tag cannot be empty");
                     }
                 }
+                let from = from_model(c, &x.from);
+                if let Some(f) = &x.from
+                    && (x.context.is_some() || x.dockerfile.is_some())
+                {
+                    c.err(f.pos, "'context' and 'dockerfile' exclude 'from': a promotion tags the image the other pipeline pushed");
+                }
                 Deliverable::Docker {
                     image: x.image.value.clone(),
                     context: x.context.clone().unwrap_or_else(|| ".".into()),
@@ -649,22 +700,11 @@ fn pipeline_model(c: &mut Checker, branches: &Branches, name: &Spanned<String>, 
                         x.tags.iter().map(|t| t.value.clone()).collect()
                     },
                     credentials: x.credentials.as_ref().map(|c| c.value.clone()),
+                    from,
                 }
             }
         })
-        .collect();
-    Pipeline {
-        name: name.value.clone(),
-        kind,
-        triggers,
-        env: env_map(c, name.pos, &p.env),
-        services,
-        resources: resources_model(c, &p.resources),
-        steps,
-        deliverables,
-        timeout: positive(c, name.pos, "a pipeline's timeout", p.timeout.as_ref().map(|t| t.value)),
-        inputs,
-    }
+        .collect()
 }
 
 fn inputs_model(c: &mut Checker, p: &RawPipeline) -> Vec<InputDecl> {

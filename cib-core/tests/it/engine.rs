@@ -51,6 +51,7 @@ impl World {
             notifiers: vec![self.notifier.clone()],
             clock: self.clock.clone(),
             secrets: Arc::new(StaticSecrets([("TOKEN".to_owned(), "hunter2".to_owned())].into())),
+            publisher: Arc::new(cib_core::publish::NoPublisher),
         };
         let config = EngineConfig {
             machine: Config::default(),

@@ -44,6 +44,7 @@ fn timer_text(t: &TimerId) -> String {
         TimerId::NoOutput { build, step, attempt } => format!("no-output {build}/{step}#{attempt}"),
         TimerId::Gate { build, step } => format!("gate {build}/{step}"),
         TimerId::Leases => "leases".into(),
+        TimerId::PublishRetry { build, attempt } => format!("publish-retry {build}#{attempt}"),
     }
 }
 
@@ -93,6 +94,7 @@ fn input_text(input: &Input) -> String {
         Input::SpecInvalid { repo, commit, diagnostics, .. } => {
             format!("spec invalid {repo}@{commit}: {}", diagnostics.join("; "))
         }
+        Input::Published { build, attempt, outcome } => format!("published {build}#{attempt} {outcome:?}"),
         Input::Moved { repo, branch, commit, by, promotion, .. } => {
             format!("moved {repo} {branch} to {commit} by {by}{}", if *promotion { " (promotion)" } else { "" })
         }
@@ -132,6 +134,16 @@ fn effect_text(effect: &Effect) -> String {
         Effect::Cleanup { build } => format!("cleanup {build}"),
         Effect::ArmTimer { timer, at } => format!("arm {} at {}", timer_text(timer), at.millis()),
         Effect::CancelTimer { timer } => format!("disarm {}", timer_text(timer)),
+        Effect::PublishDeliverables(job) => {
+            let promoted: Vec<String> = job.promoted.iter().map(|r| r.artifact.digest.clone()).collect();
+            format!(
+                "publish {}#{} {} deliverables, promoting [{}]",
+                job.build,
+                job.attempt,
+                job.deliverables.len(),
+                promoted.join(", ")
+            )
+        }
     }
 }
 

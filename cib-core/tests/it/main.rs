@@ -7,6 +7,7 @@ mod machine;
 mod matrix;
 mod operator_limits;
 mod policy;
+mod publish;
 mod replay;
 mod spec;
 mod spec_fuzz;

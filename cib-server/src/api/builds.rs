@@ -244,6 +244,51 @@ pub async fn get(State(state): State<Arc<AppState>>, PathParams(id): PathParams<
     }
 }
 
+/// What a build publishes: its pipeline's deliverables as declared, and what it published.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuildDeliverables {
+    pub build: BuildId,
+    /// The deliverables its pipeline declares.
+    pub declared: Vec<DeliverableInfo>,
+    /// What it published: kind, name, version or tags, digest, where, when, and which build
+    /// first produced the bytes (another one when they were promoted).
+    pub published: Vec<cib_core::publish::DeliverableRecord>,
+}
+
+/// `GET /api/v1/builds/{build}/deliverables`.
+pub async fn deliverables(
+    State(state): State<Arc<AppState>>,
+    PathParams(id): PathParams<String>,
+) -> Result<Response, ApiError> {
+    let id = BuildId(id);
+    let Some(record) = state.store.build(&id).await.map_err(ApiError::unavailable)? else {
+        return Err(ApiError::NotFound(format!("no build '{}'", id.0)));
+    };
+    let (_, declared) = declared(&state, &id).await?;
+    let (key, repo) = (id.clone(), record.build.repo.clone());
+    // A live build holds its records; a finished one's are among the repository's that the
+    // machine keeps (the newest `KEPT_DELIVERABLES`).
+    let published = state
+        .engine
+        .query(move |m| match m.build(&key) {
+            Some(b) => b.publish.records.clone(),
+            None => m.deliverables(&repo).iter().filter(|r| r.build == key).cloned().collect(),
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::OK, &BuildDeliverables { build: id, declared, published }))
+}
+
+pub fn deliverables_doc(g: &mut DocGen) -> Op {
+    Op::new(
+        "What a build publishes: its pipeline's declared deliverables, and each artifact it published \
+         (kind, name, version or tags, sha256 or manifest digest, where, when, and the build that first produced it).",
+    )
+    .param(Param::path("build", "The build's id."))
+    .json(200, "The build's deliverables.", g.schema::<BuildDeliverables>())
+    .error(g, 404, "No such build.")
+}
+
 pub fn get_doc(g: &mut DocGen) -> Op {
     Op::new("One build with every step attempt, and its pipeline's gates and deliverables.")
         .param(Param::path("build", "The build's id."))

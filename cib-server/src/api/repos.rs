@@ -189,6 +189,9 @@ pub fn promote_doc_encoded(g: &mut DocGen) -> Op {
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Environments {
     pub environments: BTreeMap<String, Environment>,
+    /// What each environment runs: the newest record of each artifact its pipeline published
+    /// for the commit that is there.
+    pub deliverables: BTreeMap<String, Vec<cib_core::publish::DeliverableRecord>>,
 }
 
 /// `GET /api/v1/repos/{repo}/environments`: which commit is where, since when, approved by whom.
@@ -197,12 +200,33 @@ pub async fn environments(
     PathParams(params): PathParams<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let repo = repo_of(&params);
-    let environments = state.engine.query(move |m| m.environments(&repo)).await.map_err(ApiError::unavailable)?;
-    Ok(json_response(StatusCode::OK, &Environments { environments }))
+    let (environments, deliverables) = state
+        .engine
+        .query(move |m| {
+            let environments = m.environments(&repo);
+            let mut deliverables = BTreeMap::new();
+            for (name, env) in &environments {
+                let mut here: Vec<cib_core::publish::DeliverableRecord> = Vec::new();
+                for r in m.deliverables(&repo) {
+                    if r.commit == env.commit && (&r.pipeline == name || env.build.as_ref() == Some(&r.build)) {
+                        here.retain(|o| {
+                            (&o.artifact.kind, &o.artifact.name, &o.artifact.file)
+                                != (&r.artifact.kind, &r.artifact.name, &r.artifact.file)
+                        });
+                        here.push(r.clone());
+                    }
+                }
+                deliverables.insert(name.clone(), here);
+            }
+            (environments, deliverables)
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::OK, &Environments { environments, deliverables }))
 }
 
 fn environments_op(g: &mut DocGen, two: bool) -> Op {
-    let op = Op::new("Which commit is where, since when, moved by whom, approved by whom.").json(
+    let op = Op::new("Which commit is where, since when, moved by whom, approved by whom, and the deliverables each environment runs.").json(
         200,
         "The environments.",
         g.schema::<Environments>(),

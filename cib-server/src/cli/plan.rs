@@ -100,6 +100,7 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
                     "image": match &s.action { Action::Run { image, .. } => Some(image), Action::Gate(_) => None },
                     "gate": match &s.action { Action::Gate(g) => Some(g.kind), Action::Run { .. } => None },
                 }))).collect::<Vec<_>>(),
+                "deliverables": p.deliverables,
             })).collect::<Vec<_>>(),
         });
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
@@ -120,8 +121,9 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
         let (branch_mark, indent) = if last_pipeline { ("└─", "   ") } else { ("├─", "│  ") };
         let kind = if p.kind == spec::PipelineKind::Deploy { "deploy" } else { "test" };
         let _ = writeln!(out, "{branch_mark} {} ({kind}, {} steps)", p.name, p.steps.len());
+        let publishes = !p.deliverables.is_empty();
         for (j, s) in p.steps.iter().enumerate() {
-            let mark = if j + 1 == p.steps.len() { "└─" } else { "├─" };
+            let mark = if j + 1 == p.steps.len() && !publishes { "└─" } else { "├─" };
             let what = match &s.action {
                 Action::Run { image, .. } => format!("[{image}]"),
                 Action::Gate(g) => {
@@ -135,6 +137,14 @@ pub fn run(args: PlanArgs<'_>) -> ExitCode {
             };
             let skipped = if s.when.admits(&event) { "" } else { "  (skipped by its 'when')" };
             let _ = writeln!(out, "{indent}{mark} {} {what}{after}{skipped}", s.name);
+        }
+        if publishes {
+            let n = p.deliverables.len();
+            let _ = writeln!(out, "{indent}└─ publish: {n} deliverable{}", if n == 1 { "" } else { "s" });
+            for (j, d) in p.deliverables.iter().enumerate() {
+                let mark = if j + 1 == n { "└─" } else { "├─" };
+                let _ = writeln!(out, "{indent}   {mark} {}", describe(d));
+            }
         }
     }
     ExitCode::SUCCESS
@@ -169,4 +179,23 @@ fn with_matrix(step: &spec::Step, mut planned: serde_json::Value) -> serde_json:
         planned["matrix"] = json!({ "step": m.step, "values": values, "fail_fast": m.fail_fast });
     }
     planned
+}
+
+/// One deliverable in a line: what, where, from which pipeline when promoted, with which secret.
+fn describe(d: &spec::Deliverable) -> String {
+    let secret = d.credentials().map(|c| format!(" (secret {c})")).unwrap_or_default();
+    match d {
+        spec::Deliverable::Pypi { index, files, from: None, .. } => {
+            format!("pypi {} to {index}{secret}", files.as_str())
+        }
+        spec::Deliverable::Pypi { index, from: Some(from), .. } => {
+            format!("pypi: the files '{from}' published, to {index}{secret}")
+        }
+        spec::Deliverable::Docker { image, tags, from: None, context, .. } => {
+            format!("docker {image}:{} built from '{context}'{secret}", tags.join(", "))
+        }
+        spec::Deliverable::Docker { image, tags, from: Some(from), .. } => {
+            format!("docker {image}:{}: the image '{from}' pushed, re-tagged{secret}", tags.join(", "))
+        }
+    }
 }

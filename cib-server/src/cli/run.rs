@@ -301,6 +301,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         notifiers: Vec::new(),
         clock: clock.clone(),
         secrets: Arc::new(CliSecrets(secrets)),
+        publisher: Arc::new(cib_core::publish::NoPublisher),
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: 4, limits: limits.clone(), ..Config::default() },

@@ -21,12 +21,28 @@ fn temp_spec(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn lint_accepts_every_example() {
-    for example in ["python-app", "python-tests", "rust-app", "node-app", "shell"] {
+    for example in ["python-app", "python-tests", "rust-app", "node-app", "shell", "image-app"] {
         let path = repo().join("examples").join(example).join(".cib.yml");
         let out = cib(&["lint", path.to_str().expect("utf-8 path")]);
         assert_eq!(out.status.code(), Some(0), "{example}: {}", String::from_utf8_lossy(&out.stdout));
         assert!(out.stdout.is_empty());
     }
+}
+
+#[test]
+fn lint_names_an_unknown_from_pipeline_at_its_line_and_column() {
+    let path = temp_spec(
+        "from",
+        "pipelines:\n  staging:\n    steps: [{ name: a, image: busybox, commands: [true] }]\n  production:\n    steps: [{ name: a, image: busybox, commands: [true] }]\n    deliverables:\n      - docker: { image: x/app, tags: [production], from: stagng }\n",
+    );
+    let shown = path.to_str().expect("utf-8 path");
+    let out = cib(&["lint", "--short", shown]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{shown}:7:59: error: unknown pipeline 'stagng' (did you mean 'staging'?)")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -113,8 +129,9 @@ fn plan_shows_the_pipelines_an_event_starts() {
     let out = cib(&["plan", "--branch", "master", path]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(text.starts_with("push on master\n└─ staging (deploy, 3 steps)\n"), "{text}");
-    assert!(text.contains("manual-qa [hold gate]  after e2e"), "{text}");
+    assert!(text.starts_with("push on master\n└─ staging (deploy, 4 steps)\n"), "{text}");
+    assert!(text.contains("manual-qa [hold gate]  after package"), "{text}");
+    assert!(text.contains("└─ publish: 2 deliverables\n"), "{text}");
 
     let out = cib(&["plan", "--event", "pull_request", "--branch", "master", "--json", path]);
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

@@ -32,7 +32,7 @@ pipelines:
       - name: sign-off
         depends_on: [build]
         gate: { kind: approval, approvals: 1, from: { users: [approver] }, instructions: Read the notes. }
-      - { name: publish, image: busybox, depends_on: [sign-off], commands: [echo published] }
+      - { name: notes, image: busybox, depends_on: [sign-off], commands: [echo published] }
     deliverables:
       - docker: { image: registry.example.com/acme/shop, tags: ["{{commit}}", latest] }
   staging:
@@ -421,7 +421,12 @@ fn every_client_command_against_a_real_server() {
     let out = env.cib(APPROVER, &["approve", &release, "sign-off", "--comment", "fine"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout.trim(), format!("{release}/sign-off: approved (1 of 1)"));
-    let done = env.wait_status(&release, "success");
+    // Its deliverable is published after the gate: the workspace has no Dockerfile, so the
+    // image does not build, and the failed publish fails the build, naming the deliverable.
+    let done = env.wait_status(&release, "failed");
+    let publish = done["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "publish")).expect("publish");
+    let detail = publish["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("docker registry.example.com/acme/shop: "), "{done}");
     // A finished build is read from the store: its gate is still described (planned again
     // from the enqueue the store keeps), and the gate step's record says who approved.
     assert_eq!(done["gates"][0]["step"], "sign-off", "{done}");

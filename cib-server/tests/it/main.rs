@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod client;
+mod deliver;
 mod github_flow;
 mod inbox;
 mod limits;

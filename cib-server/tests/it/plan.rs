@@ -32,6 +32,20 @@ fn plan_for_a_promotion_and_a_push_to_production() {
 }
 
 #[test]
+fn plan_shows_the_deliverables_each_pipeline_would_publish() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/image-app/.cib.yml");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cib")).arg("plan").args(args).arg(&spec).output().expect("run cib");
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    insta::assert_snapshot!(run(&["--branch", "master"]));
+    insta::assert_snapshot!(run(&["--event", "promotion", "--branch", "production"]));
+    let json: serde_json::Value = serde_json::from_str(&run(&["--branch", "production", "--json"])).expect("json");
+    assert_eq!(json["pipelines"][0]["deliverables"][0]["pypi"]["from"], "staging", "{json:#}");
+}
+
+#[test]
 fn plan_for_a_tag_and_for_changed_paths() {
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rust-app/.cib.yml");
     let run = |args: &[&str]| {

@@ -134,6 +134,7 @@ async fn run(dir: PathBuf, pipeline: Option<String>) -> Result<Conclusion, Strin
         notifiers: vec![Arc::new(PrintingNotifier { finished })],
         clock: Arc::new(SystemClock),
         secrets: Arc::new(NoSecrets),
+        publisher: Arc::new(cib_core::publish::NoPublisher),
     };
     // ANCHOR_END: ports
 

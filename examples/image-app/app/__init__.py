@@ -1,0 +1,3 @@
+"""The example's package: what the wheel holds."""
+
+VERSION = "1.2.3"
