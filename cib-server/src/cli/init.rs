@@ -74,7 +74,7 @@ fn steps(kind: Kind, dir: &Path) -> String {
             format!(
                 "      # Steps run `sh -e` in the image, in a copy of the repository (docs/spec.md, \"Steps\").
       - name: unit
-        image: python:3.12-slim
+        image: python:3.11-slim
         env: {{ PYTHONPATH: {path} }}
         commands:
           # pytest from the image when it has it, else from the package index.
@@ -82,7 +82,7 @@ fn steps(kind: Kind, dir: &Path) -> String {
           - python -m pytest -q
       # Steps without `depends_on` run in parallel.
       - name: compile
-        image: python:3.12-slim
+        image: python:3.11-slim
         network: none
         commands: [python -m compileall -q .]
 "

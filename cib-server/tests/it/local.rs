@@ -21,7 +21,7 @@ type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
 #[test]
 fn init_writes_a_spec_that_lints_clean_for_each_kind_of_project() {
     let cases: [Case; 5] = [
-        ("python", &[("pyproject.toml", "[project]\nname = \"x\"\n")], "Python", "python:3.12-slim"),
+        ("python", &[("pyproject.toml", "[project]\nname = \"x\"\n")], "Python", "python:3.11-slim"),
         ("node", &[("package.json", "{\"name\": \"x\"}\n"), ("package-lock.json", "{}\n")], "Node", "npm ci"),
         ("rust", &[("Cargo.toml", "[package]\nname = \"x\"\n")], "Rust", "cargo test"),
         ("go", &[("go.mod", "module example.com/x\n")], "Go", "go test ./..."),
