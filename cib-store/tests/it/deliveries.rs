@@ -160,3 +160,71 @@ async fn old_digests_are_forgotten_and_recent_ones_kept() {
     assert!((1..10_002).contains(&kept), "recent digests are kept and old ones deleted: {kept} rows");
     assert_eq!(count("SELECT COUNT(*) FROM deliveries"), 10_002, "the deliveries themselves stay");
 }
+
+/// The writer tries a whole batch under one savepoint and falls back to one savepoint per
+/// write when one of them fails. Writes sent together (so that they share batches) mix new
+/// deliveries, a replayed body, appends to an open log and an append to a finished log, which
+/// fails: every caller must hear its own answer, and only the failed write may be missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_in_a_shared_commit_is_undone_alone() {
+    use cib_core::ports::{Intake, LogKey};
+    use cib_core::time::Timestamp;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> = Arc::new(open(&dir.path().join("cib.db"), SqliteOptions::default()));
+    let open_log = LogKey { build: BuildId::from("b"), step: "open".into(), attempt: 1 };
+    let closed_log = LogKey { build: BuildId::from("b"), step: "closed".into(), attempt: 1 };
+    store.append_log(&closed_log, b"done\n").await.expect("append");
+    store.finish_log(&closed_log).await.expect("finish");
+    let mut expected_log = Vec::new();
+    for round in 0..40u64 {
+        let mut tasks = Vec::new();
+        for n in 0..8u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let delivery = Delivery {
+                    id: format!("d-{round}-{n}"),
+                    source: "github".into(),
+                    event: "push".into(),
+                    received_at: Timestamp(round),
+                    // Deliveries 0 and 1 of each round carry the same body: one is a replay.
+                    body: format!("body {round} {}", n.max(1)).into_bytes(),
+                };
+                let digest = format!("digest {round} {}", n.max(1)).into_bytes();
+                store.insert_delivery_once(&delivery, &digest, Timestamp(0), None).await
+            }));
+        }
+        let failing = {
+            let store = store.clone();
+            let key = closed_log.clone();
+            tokio::spawn(async move { store.append_log(&key, b"late\n").await })
+        };
+        let line = format!("line {round}\n").into_bytes();
+        let appending = {
+            let store = store.clone();
+            let key = open_log.clone();
+            let line = line.clone();
+            tokio::spawn(async move { store.append_log(&key, &line).await })
+        };
+        let mut intakes = Vec::new();
+        for task in tasks {
+            intakes.push(task.await.expect("join").expect("a delivery is stored"));
+        }
+        let new = intakes.iter().filter(|i| **i == Intake::New).count();
+        let replays = intakes.iter().filter(|i| **i == Intake::DuplicateBody).count();
+        assert_eq!((new, replays), (7, 1), "round {round}: {intakes:?}");
+        let refused = failing.await.expect("join");
+        assert!(refused.is_err(), "round {round}: a finished log grew: {refused:?}");
+        expected_log.extend_from_slice(&line);
+        let length = appending.await.expect("join").expect("an open log grows");
+        assert_eq!(length, expected_log.len() as u64, "round {round}");
+        for n in 2..8 {
+            let id = format!("d-{round}-{n}");
+            assert!(store.delivery(&id).await.expect("read").is_some(), "round {round}: {id} was lost");
+        }
+    }
+    let read = store.read_log(&open_log, 0, 1 << 20).await.expect("read");
+    assert_eq!(read.data, expected_log, "the open log holds every line once, in order");
+    let closed = store.read_log(&closed_log, 0, 1 << 20).await.expect("read");
+    assert_eq!(closed.data, b"done\n", "the finished log is as it was");
+}
