@@ -1,6 +1,7 @@
 //! For tests (feature `testing`): the real servers, started per test on free loopback ports by
 //! `scripts/publish-services` (which installs them when missing) and killed when the test's
-//! handle drops; a wheel builder; and a proxy that counts blob uploads to a registry.
+//! handle drops; a wheel builder; a proxy that counts blob uploads to a registry; and one that
+//! refuses an index's first uploads with 503.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -183,6 +184,61 @@ impl Counting {
             }
         });
         Counting { port, blob_writes, task }
+    }
+}
+
+/// A proxy in front of an index that answers 503 to the first `failures` uploads (POSTs), and
+/// passes everything else through; it counts the uploads that reached the index.
+#[derive(Debug)]
+pub struct Flaky {
+    pub port: u16,
+    pub passed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Flaky {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Flaky {
+    pub async fn start(target: u16, failures: usize) -> Flaky {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let refused = std::sync::Arc::new(AtomicUsize::new(0));
+        let passed = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = passed.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let refused = refused.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    // Read the head to see the method; one request per connection.
+                    let mut head = vec![0u8; 4];
+                    if client.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    if &head == b"POST" {
+                        if refused.fetch_add(1, Ordering::SeqCst) < failures {
+                            let _ = client
+                                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy")
+                                .await;
+                            return;
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    if server.write_all(&head).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Flaky { port, passed, task }
     }
 }
 

@@ -2,7 +2,6 @@
 //! wrong credentials named (never shown), 503s reported as transient.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use cib_core::pipeline::BuildContext;
 use cib_core::ports::{ErrorKind, Stream};
@@ -11,7 +10,7 @@ use cib_core::spec::{Deliverable, Glob, TriggerEvent};
 use cib_core::testing::CollectingSink;
 use cib_publish::DeliveryPublisher;
 
-use cib_publish::testing::{self as services, pypiserver};
+use cib_publish::testing::{self as services, Flaky, pypiserver};
 
 pub fn context() -> BuildContext {
     BuildContext {
@@ -112,60 +111,6 @@ async fn wrong_credentials_name_the_index_and_the_secret_never_the_value() {
     assert!(!text.contains("not-the-password"), "the value never shows: {text}");
     assert!(!logs.text(Stream::Stdout).contains("not-the-password"));
     assert!(!index.dir.path().join("packages/app-1.0.0-py3-none-any.whl").exists());
-}
-
-/// A proxy in front of an index that answers 503 to the first `failures` uploads (POSTs), and
-/// passes everything else through; it counts the uploads that reached the index.
-pub struct Flaky {
-    pub port: u16,
-    pub passed: Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Flaky {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Flaky {
-    pub async fn start(target: u16, failures: usize) -> Flaky {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let refused = Arc::new(AtomicUsize::new(0));
-        let passed = Arc::new(AtomicUsize::new(0));
-        let counter = passed.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let refused = refused.clone();
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    // Read the head to see the method; one request per connection.
-                    let mut head = vec![0u8; 4];
-                    if client.read_exact(&mut head).await.is_err() {
-                        return;
-                    }
-                    if &head == b"POST" {
-                        if refused.fetch_add(1, Ordering::SeqCst) < failures {
-                            let _ = client
-                                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy")
-                                .await;
-                            return;
-                        }
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
-                    if server.write_all(&head).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-            }
-        });
-        Flaky { port, passed, task }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

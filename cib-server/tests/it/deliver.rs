@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cib_core::ports::{BuildStatus, Store as _};
-use cib_publish::testing::{Counting, Service, pypiserver, registry};
+use cib_publish::testing::{Counting, Flaky, Service, pypiserver, registry};
 use cib_server::config::Role;
 use cib_server::outgoing::sign;
 use sha2::{Digest, Sha256};
@@ -64,6 +64,17 @@ async fn logs_of(s: &TestServer, build: &str) -> Vec<(String, String)> {
     out
 }
 
+/// A Docker executor with an instance name of its own, so that its leftovers are its own.
+async fn docker_executor() -> (String, cib_docker::DockerExecutor) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let instance =
+        format!("cib-deliver-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let executor = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance.clone()))
+        .await
+        .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
+    (instance, executor)
+}
+
 fn the_file(index: &Service) -> Vec<u8> {
     std::fs::read(index.dir.path().join("packages/app-1.2.3-py3-none-any.whl")).expect("the wheel is on the index")
 }
@@ -75,17 +86,15 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
     let reg = registry("pusher", "registry-pass-5b8d10");
     // The daemon reaches the registry through a proxy that counts blob uploads.
     let counting = Counting::start(reg.port).await;
+    // The staging index is busy at first: its first two uploads are answered 503, which the
+    // machine retries with backoff, so the wheel lands once.
+    let flaky = Flaky::start(staging_index.port, 2).await;
     let spec = std::fs::read_to_string(example(".cib.yml"))
         .expect("the example's spec")
-        .replace("http://127.0.0.1:8081/", &staging_index.url())
+        .replace("http://127.0.0.1:8081/", &format!("http://127.0.0.1:{}/", flaky.port))
         .replace("http://127.0.0.1:8082/", &production_index.url())
         .replace("127.0.0.1:5000", &format!("127.0.0.1:{}", counting.port));
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let instance =
-        format!("cib-deliver-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let executor = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance.clone()))
-        .await
-        .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
+    let (instance, executor) = docker_executor().await;
     let s = TestServer::start_full(
         &spec,
         |c| c.instance = instance.clone(),
@@ -139,6 +148,12 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
         publish_log.contains("COPY dist/ /opt/app/dist/"),
         "the build output is in the publish step's log: {publish_log}"
     );
+    assert_eq!(flaky.passed.load(std::sync::atomic::Ordering::SeqCst), 1, "the wheel reached the index once");
+    let attempts = detail["steps"]
+        .as_array()
+        .map(|steps| steps.iter().filter(|s| s["name"] == "publish").count())
+        .unwrap_or_default();
+    assert_eq!(attempts, 3, "two attempts refused with 503, then one that landed: {detail:#}");
 
     // Staging's records: the wheel (sha256) and the image (manifest digest), first produced here.
     let records = get(&s, &format!("/api/v1/builds/{}/deliverables", staging.id)).await;
@@ -276,4 +291,80 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
         let lines = log.lines().filter(|l| l.ends_with("  -")).count();
         assert!(lines > 5, "step {step} printed the digests of its environment: {log}");
     }
+}
+
+/// A fork's pull request is built with the base's spec, whose test pipeline publishes a wheel to
+/// a real index with a credential the repository holds: the fork's steps run, but its build
+/// publishes nothing, says why on its `publish` step, and is neutral rather than green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forks_build_publishes_nothing_and_says_why() {
+    let index = pypiserver("uploader", "fork-pass-41d2e0");
+    let spec = format!(
+        r#"
+pipelines:
+  test:
+    on: {{ pull_request: {{ branches: [master] }} }}
+    steps:
+      - {{ name: wheel, image: python:3.11-slim, commands: ["python3 build_wheel.py 3.0.0", "ls dist/"] }}
+    deliverables:
+      - pypi: {{ index: "{}", credentials: FORK_INDEX, files: "dist/*.whl" }}
+"#,
+        index.url()
+    );
+    let (instance, executor) = docker_executor().await;
+    let s = TestServer::start_full(
+        &spec,
+        |c| {
+            c.instance = instance.clone();
+            c.secrets.insert(
+                "FORK_INDEX".into(),
+                cib_server::config::ConfigSecret::Flat("uploader:fork-pass-41d2e0".into()),
+            );
+        },
+        cib_store::SqliteOptions::default(),
+        Arc::new(executor),
+        &[],
+    )
+    .await;
+    let repo = s.repo_path.clone();
+    git(&repo, &["branch", "master"]);
+    let base = git(&repo, &["rev-parse", "master"]);
+    for file in ["build_wheel.py", "app/__init__.py"] {
+        std::fs::create_dir_all(repo.join(file).parent().expect("dir")).expect("mkdir");
+        std::fs::copy(example(file), repo.join(file)).expect("copy");
+    }
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "a fork's change"]);
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "action": "opened",
+        "pull_request": {
+            "number": 5,
+            "merged": false,
+            "user": { "login": "stranger" },
+            "base": { "ref": "master", "sha": base, "repo": { "full_name": "acme/shop" } },
+            "head": { "ref": "patch-1", "sha": head, "repo": { "full_name": "stranger/shop" } }
+        },
+        "repository": { "full_name": "acme/shop" },
+        "sender": { "login": "stranger" }
+    }))
+    .expect("json");
+    let signature = sign(super::server::SECRET.as_bytes(), &body);
+    assert_eq!(s.hook("pull_request", "fork-pr-5", &body, Some(&signature)).await.status, 202);
+    let build = wait_for(&s, "test", 120).await;
+    let detail = get(&s, &format!("/api/v1/builds/{}", build.id)).await;
+    assert_eq!(build.status, BuildStatus::Neutral, "{detail:#}");
+    let steps = detail["steps"].as_array().cloned().unwrap_or_default();
+    let wheel = steps.iter().find(|s| s["name"] == "wheel").expect("the wheel step");
+    assert_eq!(wheel["status"], "success", "the fork's own step ran: {detail:#}");
+    let publish = steps.iter().find(|s| s["name"] == "publish").expect("the publish step");
+    assert_eq!(publish["status"], "skipped", "{detail:#}");
+    assert!(
+        publish["detail"].as_str().unwrap_or_default().contains("an untrusted build"),
+        "the reason is recorded: {publish}"
+    );
+    let records = get(&s, &format!("/api/v1/builds/{}/deliverables", build.id)).await;
+    assert_eq!(records["published"], serde_json::json!([]), "{records:#}");
+    let packages = std::fs::read_dir(index.dir.path().join("packages")).map(|d| d.count()).unwrap_or_default();
+    assert_eq!(packages, 0, "nothing reached the index");
 }
