@@ -129,9 +129,9 @@ fn plan_shows_the_pipelines_an_event_starts() {
     let out = cib(&["plan", "--branch", "master", path]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(text.starts_with("push on master\n└─ staging (deploy, 4 steps)\n"), "{text}");
-    assert!(text.contains("manual-qa [hold gate]  after package"), "{text}");
-    assert!(text.contains("└─ publish: 2 deliverables\n"), "{text}");
+    assert!(text.starts_with("push on master\n└─ staging (deploy, 3 steps)\n"), "{text}");
+    assert!(text.contains("manual-qa [hold gate]  after smoke"), "{text}");
+    assert!(text.contains("└─ publish: 1 deliverable\n"), "{text}");
 
     let out = cib(&["plan", "--event", "pull_request", "--branch", "master", "--json", path]);
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

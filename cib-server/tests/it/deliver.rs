@@ -64,6 +64,40 @@ async fn logs_of(s: &TestServer, build: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Tells the server, as the local repository's hook would, that master moved to `head`.
+async fn push_master(s: &TestServer, head: &str) {
+    let body = serde_json::to_vec(&serde_json::json!({
+        "repo": "acme/shop", "ref": "refs/heads/master",
+        "before": "0000000000000000000000000000000000000000", "after": head, "pusher": "alice",
+    }))
+    .expect("json");
+    let req = http::Request::post(format!("{}/hooks/git", s.url))
+        .header("content-type", "application/json")
+        .header("x-cib-signature-256", sign(GIT_SECRET.as_bytes(), &body))
+        .header("x-cib-delivery", format!("push-master-{head}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    assert_eq!(s.client.request(req).await.expect("response").status(), 202);
+}
+
+/// Approves and promotes `commit` to production, as two people would.
+async fn approve_and_promote(s: &TestServer, commit: &str) {
+    let r = "/api/v1/repos/acme/shop";
+    let body = serde_json::json!({ "commit": commit }).to_string();
+    let answer = s.request("POST", &format!("{r}/approvals"), Some(&token(Role::Approve)), body.as_bytes()).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let answer = s.request("POST", &format!("{r}/promote"), Some(&token(Role::Trigger)), body.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+/// Stores a secret for `acme/shop` through the API, as an admin would, for every branch.
+async fn store_secret(s: &TestServer, name: &str, value: &str) {
+    let body = serde_json::json!({ "value": value, "branches": [] }).to_string();
+    let path = format!("/api/v1/secrets/acme/shop/{name}");
+    let answer = s.request("PUT", &path, Some(&token(Role::Admin)), body.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
 /// A Docker executor with an instance name of its own, so that its leftovers are its own.
 async fn docker_executor() -> (String, cib_docker::DockerExecutor) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -127,18 +161,7 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
     git(repo, &["branch", "master"]);
 
     // A push to master runs staging.
-    let body = serde_json::to_vec(&serde_json::json!({
-        "repo": "acme/shop", "ref": "refs/heads/master",
-        "before": "0000000000000000000000000000000000000000", "after": head, "pusher": "alice",
-    }))
-    .expect("json");
-    let req = http::Request::post(format!("{}/hooks/git", s.url))
-        .header("content-type", "application/json")
-        .header("x-cib-signature-256", sign(GIT_SECRET.as_bytes(), &body))
-        .header("x-cib-delivery", "push-master-1")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .expect("request");
-    assert_eq!(s.client.request(req).await.expect("response").status(), 202);
+    push_master(&s, &head).await;
     let staging = wait_for(&s, "staging", 180).await;
     let staging_logs = logs_of(&s, &staging.id.0).await;
     let detail = get(&s, &format!("/api/v1/builds/{}", staging.id)).await;
@@ -172,25 +195,8 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
     assert!(blob_writes > 0, "staging pushed layers");
 
     // The promotion, approved, moves production and runs its pipeline.
+    approve_and_promote(&s, &head).await;
     let r = "/api/v1/repos/acme/shop";
-    let answer = s
-        .request(
-            "POST",
-            &format!("{r}/approvals"),
-            Some(&token(Role::Approve)),
-            serde_json::json!({ "commit": head }).to_string().as_bytes(),
-        )
-        .await;
-    assert_eq!(answer.status, 201, "{}", answer.body);
-    let answer = s
-        .request(
-            "POST",
-            &format!("{r}/promote"),
-            Some(&token(Role::Trigger)),
-            serde_json::json!({ "commit": head }).to_string().as_bytes(),
-        )
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
     let production = wait_for(&s, "production", 120).await;
     let production_logs = logs_of(&s, &production.id.0).await;
     assert_eq!(production.status, BuildStatus::Success, "{production_logs:#?}");
@@ -367,4 +373,94 @@ pipelines:
     assert_eq!(records["published"], serde_json::json!([]), "{records:#}");
     let packages = std::fs::read_dir(index.dir.path().join("packages")).map(|d| d.count()).unwrap_or_default();
     assert_eq!(packages, 0, "nothing reached the index");
+}
+
+/// `examples/python-app` as it is, its index URLs put in: master's staging pipeline builds the
+/// wheel and sdist with `python -m build`, installs the wheel, holds until a person continues,
+/// and publishes both to the staging index; the approved promotion gives the production index
+/// the very same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_app_example_stages_and_promotes_its_wheel() {
+    let staging_index = pypiserver("uploader", "staging-pass-7f3a91");
+    let production_index = pypiserver("uploader", "production-pass-c20e55");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-app");
+    let spec = std::fs::read_to_string(root.join(".cib.yml"))
+        .expect("the example's spec")
+        .replace("http://127.0.0.1:8081/", &staging_index.url())
+        .replace("http://127.0.0.1:8082/", &production_index.url());
+    let (instance, executor) = docker_executor().await;
+    let s = TestServer::start_full(
+        &spec,
+        |c| c.instance = instance.clone(),
+        cib_store::SqliteOptions::default(),
+        Arc::new(executor),
+        &[],
+    )
+    .await;
+    store_secret(&s, "STAGING_INDEX", STAGING_VALUE).await;
+    store_secret(&s, "PRODUCTION_INDEX", PRODUCTION_VALUE).await;
+    let repo = &s.repo_path;
+    git(repo, &["branch", "production"]);
+    for file in ["pyproject.toml", "src/shop/__init__.py", "tests/conftest.py", "tests/test_pricing.py"] {
+        std::fs::create_dir_all(repo.join(file).parent().expect("dir")).expect("mkdir");
+        std::fs::copy(root.join(file), repo.join(file)).expect("copy");
+    }
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-q", "-m", "the shop"]);
+    let head = git(repo, &["rev-parse", "HEAD"]);
+    git(repo, &["branch", "master"]);
+    push_master(&s, &head).await;
+
+    // The hold waits for a person once the wheel has been installed and tried.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let build = loop {
+        let builds = s
+            .store
+            .builds(&cib_core::ports::BuildFilter::default(), cib_core::ports::Page::first(10))
+            .await
+            .expect("builds");
+        if let Some(b) = builds.iter().find(|b| b.pipeline == "staging") {
+            let path = format!("/api/v1/builds/{}/gates/manual-qa/approve", b.id);
+            if s.request("POST", &path, Some(&token(Role::Approve)), b"").await.status == 200 {
+                break b.id.0.clone();
+            }
+            assert!(
+                matches!(b.status, BuildStatus::Queued | BuildStatus::Running),
+                "staging ended before its hold: {:#}",
+                get(&s, &format!("/api/v1/builds/{}", b.id)).await
+            );
+        }
+        assert!(Instant::now() < deadline, "staging never reached its hold: {builds:#?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let staging = wait_for(&s, "staging", 120).await;
+    let logs = logs_of(&s, &build).await;
+    assert_eq!(
+        staging.status,
+        BuildStatus::Success,
+        "{:#}\n{logs:#?}",
+        get(&s, &format!("/api/v1/builds/{build}")).await["steps"]
+    );
+    let smoke = &logs.iter().find(|(n, _)| n == "smoke").expect("the smoke step").1;
+    assert!(smoke.contains("Successfully installed shop-0.1.0") && smoke.contains("1745"), "{smoke}");
+    let files = |index: &Service| -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = std::fs::read_dir(index.dir.path().join("packages"))
+            .expect("the index's packages")
+            .map(|e| e.expect("entry").path())
+            .map(|p| {
+                let name = p.file_name().expect("name").to_string_lossy().into_owned();
+                (name, sha256_hex(&std::fs::read(&p).expect("read")))
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let staged = files(&staging_index);
+    let names: Vec<&str> = staged.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["shop-0.1.0-py3-none-any.whl", "shop-0.1.0.tar.gz"]);
+
+    approve_and_promote(&s, &head).await;
+    let production = wait_for(&s, "production", 120).await;
+    assert_eq!(production.status, BuildStatus::Success, "{:#?}", logs_of(&s, &production.id.0).await);
+    assert_eq!(files(&production_index), staged, "production has the very files staging tested");
 }

@@ -141,6 +141,13 @@ fn the_python_tests_example_runs_green() {
     run_example("python-tests");
 }
 
+/// Its test pipeline: ruff and build from the package index (the local python image trusts
+/// this machine's certificate authorities, as the host does), pytest on an editable install.
+#[test]
+fn the_python_app_example_runs_green() {
+    run_example("python-app");
+}
+
 #[test]
 fn the_node_example_runs_green() {
     run_example("node-app");
