@@ -51,18 +51,25 @@ struct WarmLease {
     id: Option<String>,
     key: WarmKey,
     state: Arc<tokio::sync::Mutex<BuildState>>,
+    build: BuildId,
     detached: Arc<AtomicBool>,
     removals: Removals,
 }
 
-/// Removals running in the background, which `cleanup` waits for before it lists what is left:
-/// a volume cannot go while a container being removed still holds it.
-type Removals = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+/// Work running in the background for each build (removals, containers made ahead), which the
+/// build's `cleanup` waits for before it lists what is left: a volume cannot go while a
+/// container being removed still holds it. Kept per build, so that one build's cleanup neither
+/// waits for another's nor takes its tasks away from it (that build's cleanup would then find
+/// its container half-removed, and its volume still held).
+type Removals = Arc<Mutex<HashMap<BuildId, Vec<tokio::task::JoinHandle<()>>>>>;
 
-fn track(removals: &Removals, task: tokio::task::JoinHandle<()>) {
+fn track(removals: &Removals, build: &BuildId, task: tokio::task::JoinHandle<()>) {
     let mut r = lock(removals);
-    r.retain(|t| !t.is_finished());
-    r.push(task);
+    r.retain(|_, tasks| {
+        tasks.retain(|t| !t.is_finished());
+        !tasks.is_empty()
+    });
+    r.entry(build.clone()).or_default().push(task);
 }
 
 impl WarmLease {
@@ -92,7 +99,7 @@ impl WarmLease {
                 tracing::warn!(container = %id, error = %e, "could not remove a warm container");
             }
         });
-        track(&self.removals, task);
+        track(&self.removals, &self.build, task);
     }
 }
 
@@ -109,7 +116,7 @@ impl Drop for WarmLease {
                     tracing::warn!(container = %id, error = %e, "could not remove an abandoned warm container");
                 }
             });
-            track(&self.removals, task);
+            track(&self.removals, &self.build, task);
         }
     }
 }
@@ -471,13 +478,7 @@ impl Inner {
         for r in resources {
             let result = match r.kind {
                 ResourceKind::Container => remove_container(&self.docker, &r.id).await,
-                ResourceKind::Volume => {
-                    match self.docker.remove_volume(&r.id, Some(RemoveVolumeOptions { force: true })).await {
-                        Ok(()) => Ok(()),
-                        Err(e) if is_not_found(&e) => Ok(()),
-                        Err(e) => Err(exec_error(&format!("removing volume {}", r.id), e)),
-                    }
-                }
+                ResourceKind::Volume => self.remove_volume(&r.id).await,
                 ResourceKind::Network => match self.docker.remove_network(&r.id).await {
                     Ok(()) => Ok(()),
                     Err(e) if is_not_found(&e) => Ok(()),
@@ -495,6 +496,22 @@ impl Inner {
         match first_error {
             Some(e) => Err(e),
             None => Ok(removed),
+        }
+    }
+
+    /// Removes a volume. A container that another task is removing still holds it for a moment
+    /// ("volume is in use"), so that answer is waited out for up to two seconds.
+    async fn remove_volume(&self, name: &str) -> Result<(), ExecError> {
+        let patience = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) if status(&e) == Some(409) && Instant::now() < patience => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(exec_error(&format!("removing volume {name}"), e)),
+            }
         }
     }
 
@@ -849,6 +866,7 @@ impl Inner {
             id: Some(id),
             key: key.clone(),
             state: state.clone(),
+            build: job.build.clone(),
             detached: self.detached.clone(),
             removals: self.removals.clone(),
         };
@@ -974,7 +992,7 @@ impl Inner {
                 }
                 .instrument(tracing::debug_span!("prepare_warm")),
             );
-            track(&self.removals, task);
+            track(&self.removals, &job.build, task);
         }
     }
 
@@ -1473,13 +1491,13 @@ impl Inner {
             container.keep();
             return outcome;
         }
-        self.remove_later(container);
+        self.remove_later(&job.build, container);
         outcome
     }
 
     /// Removes a container on a task of its own, which the build's cleanup waits for; should it
     /// fail, the cleanup or reconcile finds the container by its labels.
-    fn remove_later(&self, mut container: ContainerGuard) {
+    fn remove_later(&self, build: &BuildId, mut container: ContainerGuard) {
         let Some(id) = container.id.take() else { return };
         let docker = self.docker.clone();
         let task = tokio::spawn(
@@ -1490,7 +1508,7 @@ impl Inner {
             }
             .instrument(tracing::debug_span!("remove_later")),
         );
-        track(&self.removals, task);
+        track(&self.removals, build, task);
     }
 
     async fn start_services(&self, build: &BuildId, services: &[spec::Service]) -> Result<(), (String, ExecError)> {
@@ -1561,7 +1579,7 @@ impl Inner {
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
-        let pending: Vec<_> = std::mem::take(&mut *lock(&self.removals));
+        let pending = lock(&self.removals).remove(build).unwrap_or_default();
         for task in pending {
             let _ = task.await;
         }
