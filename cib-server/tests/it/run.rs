@@ -305,7 +305,7 @@ pipelines:
     services:
       web:
         image: busybox
-        command: ["sh", "-c", "exec httpd -f -p 8080 -h /"]
+        command: ["sh", "-c", "mkdir -p /www && echo up > /www/index.html && exec httpd -f -p 8080 -h /www"]
         ready: wget -q -O /dev/null http://localhost:8080/
     steps:
       - { name: a, image: busybox, commands: ["wget -q -O /dev/null http://web:8080/"] }
