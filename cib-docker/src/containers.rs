@@ -1,5 +1,5 @@
 //! What the executor asks Docker to create: container bodies for steps, services and the
-//! workspace copier, with the limits and hardening every one of them gets.
+//! workspace's reader, with the limits and hardening every one of them gets.
 //!
 //! These are pure functions of the job and the options, so the safety settings are unit-tested
 //! here and only checked once more against a real daemon in the integration tests.

@@ -1,9 +1,10 @@
 //! The [`Executor`] on the Docker Engine API.
 //!
-//! Per build there is a workspace volume holding the checkout and a private bridge network;
-//! both are created on first use (the first step or the services) and removed by `cleanup`.
-//! Per step there is one container, created, fed its script, attached to, started, watched
-//! and removed, on every path: an error, a stop, a timeout, or the future being dropped.
+//! Per build there is a workspace volume holding the checkout (created and filled with the
+//! build's first container) and, when a step or a service uses one, a private bridge network;
+//! both are removed by `cleanup`. Per step there is an exec in a warm container (see `warm`) or
+//! a container of its own, created with its script and attached to, started, watched and
+//! removed, on every path: an error, a stop, a timeout, or the future being dropped.
 //! Everything carries the engine's and the build's labels, which is how `cleanup` and
 //! `reconcile` find it again without any state surviving a crash.
 
@@ -569,13 +570,11 @@ impl Inner {
     /// checkout, and no step ran on it. The caller holds the build's state, so two steps
     /// starting together fill it once.
     #[tracing::instrument(level = "debug", skip_all)]
-    #[allow(clippy::too_many_arguments, reason = "one call site per kind of container, each with all of these")]
     async fn create_filled(
         &self,
         name: &str,
         body: ContainerCreateBody,
         names: &BuildNames,
-        build: &BuildId,
         dir: &Path,
         extras: Vec<workspace::Extra>,
         mut state: tokio::sync::MutexGuard<'_, BuildState>,
@@ -613,7 +612,7 @@ impl Inner {
             // Best effort: what stays is found by the next attempt, or by cleanup.
             let _ = container.remove().await;
             if fill == Fill::New {
-                let _ = self.discard_workspace(names, build).await;
+                let _ = self.discard_workspace(names).await;
             }
             return Err(e);
         }
@@ -643,30 +642,16 @@ impl Inner {
         })
     }
 
-    /// Removes a build's copiers and its workspace volume, whole or not.
+    /// Removes a build's workspace volume after a failed fill, unless another container of the
+    /// build holds it: then it stays without its marker, and the next container fills it again
+    /// (extracting the whole checkout over a partial copy of it leaves the whole checkout, and no
+    /// step ran on a volume without its marker).
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn discard_workspace(&self, names: &BuildNames, build: &BuildId) -> Result<(), ExecError> {
-        let filters = label_filter(&[
-            (LABEL_ENGINE, self.options.instance.as_str()),
-            (LABEL_BUILD, build.0.as_str()),
-            (LABEL_ROLE, Role::Populate.as_str()),
-        ]);
-        let copiers = self
-            .docker
-            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-            .await
-            .map_err(|e| exec_error("listing workspace copiers", e))?;
-        for c in copiers.iter().filter_map(|c| c.id.as_deref()) {
-            remove_container(&self.docker, c).await?;
-        }
+    async fn discard_workspace(&self, names: &BuildNames) -> Result<(), ExecError> {
         let volume = names.volume();
         match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            // The build's warm container, created while the workspace is filled, already holds
-            // it. Filling it again is still right: the archive holds the whole checkout, and
-            // extracting it over a partial copy of the same files leaves the whole checkout
-            // (no step ran on a volume without its marker).
             Err(e) if status(&e) == Some(409) => Ok(()),
             Err(e) => Err(exec_error(&format!("removing the half-filled volume {volume}"), e)),
         }
@@ -910,7 +895,7 @@ impl Inner {
         }
         let extras = vec![workspace::Extra::Dir { path: format!("{}/", warm::WARM_DIR), mode: 0o1777 }];
         let body = warm::warm_body(key, names, &self.options);
-        let container = self.create_filled(&names.warm_container(), body, names, build, dir, extras, s).await?;
+        let container = self.create_filled(&names.warm_container(), body, names, dir, extras, s).await?;
         self.docker
             .start_container(container.id(), None)
             .await
@@ -1476,7 +1461,7 @@ impl Inner {
                 },
             ];
             let name = names.step_container(&job.step.name, job.attempt);
-            self.create_filled(&name, body, &names, &job.build, &run.workspace, extras, state).await
+            self.create_filled(&name, body, &names, &run.workspace, extras, state).await
         };
         // A stop during the preparation ends it; whatever it had created is removed by its guard
         // or by the build's cleanup.
