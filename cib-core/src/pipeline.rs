@@ -355,6 +355,13 @@ pub struct StepJob {
     /// Pipeline and step variables, `CIB_*` variables and resource variables, merged.
     pub env: BTreeMap<String, String>,
     pub resources: Vec<GrantedUnit>,
+    /// The build's steps that run commands and have not started yet, as the attempt starts: a
+    /// hint, which changes nothing of what runs. An executor may prepare the container of a
+    /// step that depends only on this one while this one runs (pipelining), and need not keep
+    /// this step's container for reuse when none of these could use it. Not serialized: it is
+    /// the machine's state at the start, which the job's other fields already describe.
+    #[serde(skip)]
+    pub upcoming: Vec<spec::Step>,
 }
 
 /// Why the machine stops a running step.
@@ -2307,6 +2314,22 @@ fn job_of(b: &Build, index: usize, attempt: u32) -> StepJob {
     let mut resources = b.pipeline_units.clone();
     resources.extend(b.steps[index].units.iter().cloned());
     let env = step_env(b, &step, attempt, &resources);
+    let upcoming = b
+        .pipeline
+        .steps
+        .iter()
+        .zip(&b.steps)
+        .enumerate()
+        .filter(|(i, (s, state))| {
+            *i != index
+                && matches!(s.action, Action::Run { .. })
+                && matches!(
+                    state.status,
+                    StepStatus::Pending | StepStatus::WaitingForLease { .. } | StepStatus::Ready { .. }
+                )
+        })
+        .map(|(_, (s, _))| s.clone())
+        .collect();
     StepJob {
         build: b.id.clone(),
         pipeline: b.pipeline.name.clone(),
@@ -2315,6 +2338,7 @@ fn job_of(b: &Build, index: usize, attempt: u32) -> StepJob {
         context: b.context.clone(),
         env,
         resources,
+        upcoming,
     }
 }
 

@@ -1006,6 +1006,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         },
         env: BTreeMap::new(),
         resources: Vec::new(),
+        upcoming: Vec::new(),
     }
 }
 

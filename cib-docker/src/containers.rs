@@ -1,5 +1,5 @@
 //! What the executor asks Docker to create: container bodies for steps, services and the
-//! workspace copier, with the limits and hardening every one of them gets.
+//! workspace's reader, with the limits and hardening every one of them gets.
 //!
 //! These are pure functions of the job and the options, so the safety settings are unit-tested
 //! here and only checked once more against a real daemon in the integration tests.
@@ -14,7 +14,7 @@ use cib_core::pipeline::StepJob;
 use cib_core::ports::ExecError;
 use cib_core::spec::{self, Network};
 
-use crate::naming::{BuildNames, LABEL_ATTEMPT, LABEL_SERVICE, LABEL_STEP, Role};
+use crate::naming::{BuildNames, LABEL_ATTEMPT, LABEL_IMAGE, LABEL_SERVICE, LABEL_STEP, Role};
 use crate::options::{DefaultLimits, DockerOptions};
 
 /// Where the workspace volume is mounted in step containers.
@@ -140,7 +140,12 @@ pub fn resources_archive(units: &[cib_core::pipeline::GrantedUnit]) -> std::io::
     tar.into_inner()
 }
 
-pub(crate) fn workspace_mount(names: &BuildNames) -> Mount {
+/// The workspace volume, created with the build's labels and the image of the container that
+/// created it (which `export_workspace` reads the volume through, with no container of the
+/// build left).
+pub(crate) fn workspace_mount(names: &BuildNames, image: &str) -> Mount {
+    let mut labels = names.labels(Role::Workspace);
+    labels.insert(LABEL_IMAGE.to_owned(), image.to_owned());
     Mount {
         target: Some(WORKSPACE.to_owned()),
         source: Some(names.volume()),
@@ -149,7 +154,7 @@ pub(crate) fn workspace_mount(names: &BuildNames) -> Mount {
         volume_options: Some(MountVolumeOptions {
             // The checkout is the content; whatever the image has at the mount point is not.
             no_copy: Some(true),
-            labels: Some(names.labels(Role::Workspace)),
+            labels: Some(labels),
             ..Default::default()
         }),
         ..Default::default()
@@ -189,7 +194,7 @@ impl StepContainer<'_> {
         };
         let host_config = HostConfig {
             network_mode: Some(network),
-            mounts: Some(vec![workspace_mount(self.names)]),
+            mounts: Some(vec![workspace_mount(self.names, self.image)]),
             // A small init as PID 1 forwards SIGTERM to the shell and reaps orphans: `sh` as
             // PID 1 would ignore SIGTERM, and every stop would wait out the grace period.
             init: Some(true),
@@ -267,9 +272,8 @@ pub fn service_body(
     }
 }
 
-/// The container that copies the checkout into the workspace volume. It is created (which
-/// creates the volume with its labels) and filled through the archive API, but never started,
-/// so any image will do and nothing of the image runs.
+/// A container that reads the workspace volume for `export_workspace`: created with the volume
+/// mounted and read through the archive API, never started, so nothing of the image runs.
 pub fn populate_body(image: &str, names: &BuildNames, options: &DockerOptions) -> ContainerCreateBody {
     let r = resources(&spec::Limits::default(), &options.default_limits, None);
     ContainerCreateBody {
@@ -279,7 +283,7 @@ pub fn populate_body(image: &str, names: &BuildNames, options: &DockerOptions) -
         labels: Some(names.labels(Role::Populate)),
         host_config: Some(HostConfig {
             network_mode: Some("none".to_owned()),
-            mounts: Some(vec![workspace_mount(names)]),
+            mounts: Some(vec![workspace_mount(names, image)]),
             ..hardened(options, Resources { nano_cpus: r.nano_cpus.min(1_000_000_000), ..r })
         }),
         ..Default::default()

@@ -1,9 +1,10 @@
 //! The [`Executor`] on the Docker Engine API.
 //!
-//! Per build there is a workspace volume holding the checkout and a private bridge network;
-//! both are created on first use (the first step or the services) and removed by `cleanup`.
-//! Per step there is one container, created, fed its script, attached to, started, watched
-//! and removed, on every path: an error, a stop, a timeout, or the future being dropped.
+//! Per build there is a workspace volume holding the checkout (created and filled with the
+//! build's first container) and, when a step or a service uses one, a private bridge network;
+//! both are removed by `cleanup`. Per step there is an exec in a warm container (see `warm`) or
+//! a container of its own, created with its script and attached to, started, watched and
+//! removed, on every path: an error, a stop, a timeout, or the future being dropped.
 //! Everything carries the engine's and the build's labels, which is how `cleanup` and
 //! `reconcile` find it again without any state surviving a crash.
 
@@ -22,7 +23,7 @@ use bollard::models::{ContainerCreateBody, ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
     ListContainersOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, RenameContainerOptions, UploadToContainerOptions, WaitContainerOptions,
+    RemoveVolumeOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
@@ -51,18 +52,25 @@ struct WarmLease {
     id: Option<String>,
     key: WarmKey,
     state: Arc<tokio::sync::Mutex<BuildState>>,
+    build: BuildId,
     detached: Arc<AtomicBool>,
     removals: Removals,
 }
 
-/// Removals running in the background, which `cleanup` waits for before it lists what is left:
-/// a volume cannot go while a container being removed still holds it.
-type Removals = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+/// Work running in the background for each build (removals, containers made ahead), which the
+/// build's `cleanup` waits for before it lists what is left: a volume cannot go while a
+/// container being removed still holds it. Kept per build, so that one build's cleanup neither
+/// waits for another's nor takes its tasks away from it (that build's cleanup would then find
+/// its container half-removed, and its volume still held).
+type Removals = Arc<Mutex<HashMap<BuildId, Vec<tokio::task::JoinHandle<()>>>>>;
 
-fn track(removals: &Removals, task: tokio::task::JoinHandle<()>) {
+fn track(removals: &Removals, build: &BuildId, task: tokio::task::JoinHandle<()>) {
     let mut r = lock(removals);
-    r.retain(|t| !t.is_finished());
-    r.push(task);
+    r.retain(|_, tasks| {
+        tasks.retain(|t| !t.is_finished());
+        !tasks.is_empty()
+    });
+    r.entry(build.clone()).or_default().push(task);
 }
 
 impl WarmLease {
@@ -92,7 +100,7 @@ impl WarmLease {
                 tracing::warn!(container = %id, error = %e, "could not remove a warm container");
             }
         });
-        track(&self.removals, task);
+        track(&self.removals, &self.build, task);
     }
 }
 
@@ -109,7 +117,7 @@ impl Drop for WarmLease {
                     tracing::warn!(container = %id, error = %e, "could not remove an abandoned warm container");
                 }
             });
-            track(&self.removals, task);
+            track(&self.removals, &self.build, task);
         }
     }
 }
@@ -118,6 +126,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The data behind these locks stays consistent at every point, so a panic elsewhere must not
     // make the executor unusable.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a build's workspace volume needs before its next container starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// It holds the whole checkout.
+    Done,
+    /// It does not exist yet, or lacks its marker: the checkout goes in.
+    New,
+    /// It exists, made by another process: its marker tells.
+    Unknown,
 }
 
 /// What exists of a build, as far as this process knows.
@@ -129,6 +148,9 @@ struct BuildState {
     idle: Vec<(WarmKey, String)>,
     /// Warm containers a step of this process is using.
     busy: BTreeSet<String>,
+    /// Warm containers being made ahead of their step (pipelining): the receiver wakes when the
+    /// one for that key is idle, or was not made.
+    preparing: Vec<(WarmKey, tokio::sync::watch::Receiver<()>)>,
 }
 
 /// A kind of Docker resource the executor creates.
@@ -151,7 +173,12 @@ pub struct Resource {
 }
 
 /// Runs steps and services in Docker containers. See the crate documentation.
-pub struct DockerExecutor {
+///
+/// The state lives behind an `Arc`, so that work the executor starts on its own (preparing the
+/// container of a step that is about to run) can outlive the call that started it.
+pub struct DockerExecutor(Arc<Inner>);
+
+struct Inner {
     docker: Docker,
     options: DockerOptions,
     /// The daemon's CPU count, which caps CPU limits.
@@ -168,7 +195,8 @@ pub struct DockerExecutor {
 
 impl std::fmt::Debug for DockerExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DockerExecutor").field("options", &self.options).field("host_cpus", &self.host_cpus).finish()
+        let s = &self.0;
+        f.debug_struct("DockerExecutor").field("options", &s.options).field("host_cpus", &s.host_cpus).finish()
     }
 }
 
@@ -257,6 +285,79 @@ impl DockerExecutor {
     /// older than bollard's default), and reads its CPU count. Fails as `Misconfigured` when no
     /// daemon answers.
     pub async fn connect(options: DockerOptions) -> Result<Self, ExecError> {
+        Inner::connect(options).await.map(|inner| DockerExecutor(Arc::new(inner)))
+    }
+
+    /// The client, for callers that need more of the API than the port offers (tests, tools).
+    pub fn docker(&self) -> &Docker {
+        &self.0.docker
+    }
+
+    pub fn options(&self) -> &DockerOptions {
+        &self.0.options
+    }
+
+    /// A default for the engine's `max_running_steps` that fits this daemon: twice its CPU
+    /// count, at least 2 (see `Inner::suggested_running_steps`).
+    pub fn suggested_running_steps(&self) -> usize {
+        self.0.suggested_running_steps()
+    }
+
+    /// The names of every engine instance with something in this daemon (containers,
+    /// volumes or networks labelled by cib), so that leftovers of dead instances can be found.
+    pub async fn instances(&self) -> Result<Vec<String>, ExecError> {
+        self.0.instances().await
+    }
+
+    /// Everything carrying this engine's label, of one build or of all, containers first.
+    pub async fn resources(&self, build: Option<&BuildId>) -> Result<Vec<Resource>, ExecError> {
+        self.0.resources(build).await
+    }
+}
+
+#[async_trait]
+impl Executor for DockerExecutor {
+    async fn healthcheck(&self) -> Result<(), ExecError> {
+        self.0.healthcheck().await
+    }
+
+    async fn run(&self, run: &StepRun, logs: Arc<dyn LogSink>, stop: StopSignal) -> Result<Outcome, ExecError> {
+        self.0.run(run, logs, stop).await
+    }
+
+    async fn start_services(&self, build: &BuildId, services: &[spec::Service]) -> Result<(), (String, ExecError)> {
+        self.0.start_services(build, services).await
+    }
+
+    async fn export_workspace(&self, build: &BuildId, dest: &Path) -> Result<(), ExecError> {
+        self.0.export_workspace(build, dest).await
+    }
+
+    async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
+        self.0.cleanup(build).await
+    }
+
+    async fn attach(
+        &self,
+        run: &StepRun,
+        offset: u64,
+        logs: Arc<dyn LogSink>,
+        stop: StopSignal,
+    ) -> Result<Attached, ExecError> {
+        self.0.attach(run, offset, logs, stop).await
+    }
+
+    fn detach(&self) {
+        self.0.detach();
+    }
+
+    async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError> {
+        self.0.reconcile(live).await
+    }
+}
+
+impl Inner {
+    async fn connect(options: DockerOptions) -> Result<Self, ExecError> {
         let address = options
             .host
             .clone()
@@ -278,7 +379,7 @@ impl DockerExecutor {
             docker.negotiate_version().await.map_err(|e| unreachable(exec_error("negotiating the API version", e)))?;
         let info = docker.info().await.map_err(|e| unreachable(exec_error("reading the daemon's info", e)))?;
         let host_cpus = info.ncpu.filter(|n| *n > 0).map(|n| n as f64);
-        Ok(DockerExecutor {
+        Ok(Inner {
             docker,
             options,
             host_cpus,
@@ -286,15 +387,6 @@ impl DockerExecutor {
             detached: Arc::new(AtomicBool::new(false)),
             removals: Removals::default(),
         })
-    }
-
-    /// The client, for callers that need more of the API than the port offers (tests, tools).
-    pub fn docker(&self) -> &Docker {
-        &self.docker
-    }
-
-    pub fn options(&self) -> &DockerOptions {
-        &self.options
     }
 
     /// A default for the engine's `max_running_steps` that fits this daemon: twice its CPU
@@ -387,13 +479,7 @@ impl DockerExecutor {
         for r in resources {
             let result = match r.kind {
                 ResourceKind::Container => remove_container(&self.docker, &r.id).await,
-                ResourceKind::Volume => {
-                    match self.docker.remove_volume(&r.id, Some(RemoveVolumeOptions { force: true })).await {
-                        Ok(()) => Ok(()),
-                        Err(e) if is_not_found(&e) => Ok(()),
-                        Err(e) => Err(exec_error(&format!("removing volume {}", r.id), e)),
-                    }
-                }
+                ResourceKind::Volume => self.remove_volume(&r.id).await,
                 ResourceKind::Network => match self.docker.remove_network(&r.id).await {
                     Ok(()) => Ok(()),
                     Err(e) if is_not_found(&e) => Ok(()),
@@ -411,6 +497,22 @@ impl DockerExecutor {
         match first_error {
             Some(e) => Err(e),
             None => Ok(removed),
+        }
+    }
+
+    /// Removes a volume. A container that another task is removing still holds it for a moment
+    /// ("volume is in use"), so that answer is waited out for up to two seconds.
+    async fn remove_volume(&self, name: &str) -> Result<(), ExecError> {
+        let patience = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) if status(&e) == Some(409) && Instant::now() < patience => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(exec_error(&format!("removing volume {name}"), e)),
+            }
         }
     }
 
@@ -440,98 +542,116 @@ impl DockerExecutor {
         Ok(())
     }
 
-    /// Creates the build's workspace volume and copies the checkout into it, once per build.
-    ///
-    /// The copy goes through a container that is created but never started, with the volume
-    /// mounted: creating it creates the labelled volume in the same call, and the archive API
-    /// extracts into it. Once the copy is complete the copier is renamed to the build's
-    /// "workspace filled" name and kept until cleanup: that rename is atomic, so the marker
-    /// exists exactly when the volume is whole. A volume without it was left half-filled (an
-    /// upload failed, or the engine died midway), and is thrown away and filled again.
+    /// What the build's workspace volume needs: nothing when this process filled it; the
+    /// checkout when it does not exist yet (the next container of the build creates it); a look
+    /// at its marker when another process made it (a restart). One inspection of a volume, much
+    /// cheaper in the daemon than the container the marker used to be.
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn ensure_workspace(
-        &self,
-        names: &BuildNames,
-        build: &BuildId,
-        image: &str,
-        dir: &Path,
-        state: &mut BuildState,
-    ) -> Result<(), ExecError> {
+    async fn fill_needed(&self, names: &BuildNames, state: &BuildState) -> Result<Fill, ExecError> {
         if state.workspace {
-            return Ok(());
+            return Ok(Fill::Done);
         }
-        let filled = names.workspace_filled();
-        match self.docker.inspect_container(&filled, None::<InspectContainerOptions>).await {
-            Ok(_) => {
-                state.workspace = true;
-                return Ok(());
+        match self.docker.inspect_volume(&names.volume()).await {
+            Ok(_) => Ok(Fill::Unknown),
+            Err(e) if is_not_found(&e) => Ok(Fill::New),
+            Err(e) => Err(exec_error("looking for the workspace volume", e)),
+        }
+    }
+
+    /// Creates a container of the build and, before it starts, uploads `extras` into it (the
+    /// warm directory, a step's script) together with the checkout when the workspace volume
+    /// needs it, in one archive.
+    ///
+    /// This is how the workspace is filled, once per build: the first container of the build
+    /// creates the labelled volume (it is one of its mounts), and the archive API extracts the
+    /// checkout into it before anything runs, with a marker file written last. A volume without
+    /// the marker was left half-filled (an upload failed, or the engine died midway) and is
+    /// filled again: extracting the whole checkout over a partial copy of it leaves the whole
+    /// checkout, and no step ran on it. The caller holds the build's state, so two steps
+    /// starting together fill it once.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn create_filled(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+        names: &BuildNames,
+        dir: &Path,
+        extras: Vec<workspace::Extra>,
+        mut state: tokio::sync::MutexGuard<'_, BuildState>,
+    ) -> Result<ContainerGuard, ExecError> {
+        let mut fill = self.fill_needed(names, &state).await?;
+        if fill == Fill::Done {
+            // Nothing to fill: other containers of the build may be made meanwhile.
+            drop(state);
+            let container = self.create(name, body).await?;
+            if let Err(e) = self.upload(container.id(), workspace::Upload { extras, checkout: None }).await {
+                let _ = container.remove().await;
+                return Err(e);
             }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(exec_error("looking for the workspace's marker", e)),
+            return Ok(container);
         }
         if !dir.is_dir() {
             return Err(ExecError::Permanent(format!("the workspace {} is not a directory", dir.display())));
         }
-        self.discard_workspace(names, build).await?;
-        let body = containers::populate_body(image, names, &self.options);
-        let copier = self.create(&names.populate_container(), body).await?;
-        if let Err(e) = self.fill(copier.id(), dir, &filled).await {
+        let container = self.create(name, body).await?;
+        if fill == Fill::Unknown {
+            let marker = bollard::query_parameters::ContainerArchiveInfoOptions {
+                path: format!("{}/{}", containers::WORKSPACE, workspace::FILLED_MARKER),
+            };
+            fill = match self.docker.get_container_archive_info(container.id(), Some(marker)).await {
+                Ok(_) => Fill::Done,
+                Err(e) if is_not_found(&e) => Fill::New,
+                Err(e) => {
+                    let _ = container.remove().await;
+                    return Err(exec_error("looking for the workspace's marker", e));
+                }
+            };
+        }
+        let upload = workspace::Upload { extras, checkout: (fill == Fill::New).then(|| dir.to_path_buf()) };
+        if let Err(e) = self.upload(container.id(), upload).await {
             // Best effort: what stays is found by the next attempt, or by cleanup.
-            let _ = copier.remove().await;
-            let _ = self.discard_workspace(names, build).await;
+            let _ = container.remove().await;
+            if fill == Fill::New {
+                let _ = self.discard_workspace(names).await;
+            }
             return Err(e);
         }
-        // From here the copier is the marker; cleanup removes it with the build.
-        copier.keep();
         state.workspace = true;
-        Ok(())
+        Ok(container)
     }
 
-    /// Streams the checkout into the copier's volume, then renames the copier to `marker`.
+    /// Streams an upload to `/` of a container that has not started.
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn fill(&self, copier: &str, dir: &Path, marker: &str) -> Result<(), ExecError> {
-        let (archive, writer) = workspace::archive(dir.to_path_buf());
+    async fn upload(&self, id: &str, upload: workspace::Upload) -> Result<(), ExecError> {
+        let with_checkout = upload.checkout.is_some();
+        let (archive, writer) = workspace::archive(upload);
         let options = UploadToContainerOptions {
-            path: containers::WORKSPACE.to_owned(),
-            // When the image names a user, files become that user's, so that it can write them.
-            copy_uidgid: Some("1".to_owned()),
+            path: "/".to_owned(),
+            // When the image names a user, the checkout becomes that user's, so that it can
+            // write it.
+            copy_uidgid: with_checkout.then(|| "1".to_owned()),
             ..Default::default()
         };
-        let uploaded = self.docker.upload_to_container(copier, Some(options), bollard::body_try_stream(archive)).await;
+        let uploaded = self.docker.upload_to_container(id, Some(options), bollard::body_try_stream(archive)).await;
         let written = writer.await.map_err(|e| ExecError::Transient(format!("archiving the workspace: {e}")))?;
         // The archiving error explains an upload failure better than the daemon's "unexpected EOF".
         written.map_err(|e| ExecError::Permanent(e.to_string()))?;
-        uploaded.map_err(|e| exec_error("copying the workspace into its volume", e))?;
-        self.docker
-            .rename_container(copier, RenameContainerOptions { name: marker.to_owned() })
-            .await
-            .map_err(|e| exec_error("marking the workspace as filled", e))
+        uploaded.map_err(|e| {
+            let what = if with_checkout { "copying the workspace into its volume" } else { "preparing the container" };
+            exec_error(what, e)
+        })
     }
 
-    /// Removes a build's copiers and its workspace volume, whole or not.
+    /// Removes a build's workspace volume after a failed fill, unless another container of the
+    /// build holds it: then it stays without its marker, and the next container fills it again
+    /// (extracting the whole checkout over a partial copy of it leaves the whole checkout, and no
+    /// step ran on a volume without its marker).
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn discard_workspace(&self, names: &BuildNames, build: &BuildId) -> Result<(), ExecError> {
-        let filters = label_filter(&[
-            (LABEL_ENGINE, self.options.instance.as_str()),
-            (LABEL_BUILD, build.0.as_str()),
-            (LABEL_ROLE, Role::Populate.as_str()),
-        ]);
-        let copiers = self
-            .docker
-            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-            .await
-            .map_err(|e| exec_error("listing workspace copiers", e))?;
-        for c in copiers.iter().filter_map(|c| c.id.as_deref()) {
-            remove_container(&self.docker, c).await?;
-        }
+    async fn discard_workspace(&self, names: &BuildNames) -> Result<(), ExecError> {
         let volume = names.volume();
         match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            // The build's warm container, created while the workspace is filled, already holds
-            // it. Filling it again is still right: the archive holds the whole checkout, and
-            // extracting it over a partial copy of the same files leaves the whole checkout
-            // (no step ran on a volume without its marker).
             Err(e) if status(&e) == Some(409) => Ok(()),
             Err(e) => Err(exec_error(&format!("removing the half-filled volume {volume}"), e)),
         }
@@ -557,28 +677,18 @@ impl DockerExecutor {
         }
     }
 
-    /// Runs the step in its container; the caller removes the container.
+    /// Runs the step in its container, which holds its script already; the caller removes the
+    /// container.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn supervise(
         &self,
         run: &StepRun,
         container: &ContainerGuard,
-        script: &str,
         logs: Arc<dyn LogSink>,
         stop: &mut StopSignal,
     ) -> Result<Outcome, ExecError> {
         let id = container.id();
         let step = &run.job.step;
-        let archive =
-            containers::script_archive(script).map_err(|e| ExecError::Transient(format!("packing the script: {e}")))?;
-        self.docker
-            .upload_to_container(
-                id,
-                Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
-                bollard::body_full(archive.into()),
-            )
-            .await
-            .map_err(|e| exec_error("copying the script into the container", e))?;
         if !run.job.resources.is_empty() {
             let archive = containers::resources_archive(&run.job.resources)
                 .map_err(|e| ExecError::Transient(format!("packing the resources file: {e}")))?;
@@ -724,13 +834,12 @@ impl DockerExecutor {
         }
     }
 
-    /// Takes an idle warm container made for `key`, or makes one (preparing the build's image,
-    /// network and workspace first).
+    /// Takes an idle warm container made for `key`, waiting for one that is being prepared for
+    /// it (pipelining), or makes one.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn take_warm(
         &self,
         run: &StepRun,
-        image: &str,
         key: &WarmKey,
         names: &BuildNames,
         reuse: bool,
@@ -742,60 +851,134 @@ impl DockerExecutor {
             id: Some(id),
             key: key.clone(),
             state: state.clone(),
+            build: job.build.clone(),
             detached: self.detached.clone(),
             removals: self.removals.clone(),
         };
         if reuse {
-            let mut s = state.lock().await;
-            if let Some(at) = s.idle.iter().position(|(k, _)| k == key) {
-                let (_, id) = s.idle.swap_remove(at);
-                s.busy.insert(id.clone());
-                return Ok(lease(id));
+            loop {
+                let preparing = {
+                    let mut s = state.lock().await;
+                    if let Some(at) = s.idle.iter().position(|(k, _)| k == key) {
+                        let (_, id) = s.idle.swap_remove(at);
+                        s.busy.insert(id.clone());
+                        return Ok(lease(id));
+                    }
+                    s.preparing.iter().find(|(k, _)| k == key).map(|(_, ready)| ready.clone())
+                };
+                // The container being prepared is further along than a new one would be.
+                let Some(mut ready) = preparing else { break };
+                let _ = ready.changed().await;
             }
         }
-        image::ensure(&self.docker, image, self.options.pull_timeout).await?;
+        let id = self.make_warm(&job.build, key, names, &run.workspace).await?;
+        state.lock().await.busy.insert(id.clone());
+        Ok(lease(id))
+    }
+
+    /// Makes a warm container for `key` and starts it: the image, the build's network when the
+    /// key uses it, and the container with the warm directory and, when the workspace needs it,
+    /// the checkout. Returns its id; the caller owns it.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn make_warm(
+        &self,
+        build: &BuildId,
+        key: &WarmKey,
+        names: &BuildNames,
+        dir: &Path,
+    ) -> Result<String, ExecError> {
+        image::ensure(&self.docker, &key.image, self.options.pull_timeout).await?;
+        let state = self.build_state(build);
         let mut s = state.lock().await;
         if key.network == spec::Network::Bridge {
             self.ensure_network(names, &mut s).await?;
         }
-        // The workspace is filled (by its copier) while the warm container is created: the two
-        // are independent until the start, and each costs the daemon a container creation.
-        let make = async {
-            let container = self.create(&names.warm_container(), warm::warm_body(key, names, &self.options)).await?;
-            let archive = warm::warm_dir_archive()
-                .map_err(|e| ExecError::Transient(format!("packing the warm directory: {e}")))?;
-            self.docker
-                .upload_to_container(
-                    container.id(),
-                    Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
-                    bollard::body_full(archive.into()),
-                )
-                .await
-                .map_err(|e| exec_error("preparing the warm container", e))?;
-            Ok::<_, ExecError>(container)
-        };
-        let (filled, made) =
-            tokio::join!(self.ensure_workspace(names, &job.build, image, &run.workspace, &mut s), make);
-        drop(s);
-        if let Err(e) = filled {
-            // The warm container holds the half-filled volume: both go, so that nothing of a
-            // failed copy stays (the next attempt fills a new volume).
-            if let Ok(container) = made {
-                let _ = container.remove().await;
-            }
-            let _ = self.discard_workspace(names, &job.build).await;
-            return Err(e);
-        }
-        let container = made?;
+        let extras = vec![workspace::Extra::Dir { path: format!("{}/", warm::WARM_DIR), mode: 0o1777 }];
+        let body = warm::warm_body(key, names, &self.options);
+        let container = self.create_filled(&names.warm_container(), body, names, dir, extras, s).await?;
         self.docker
             .start_container(container.id(), None)
             .await
             .map_err(|e| exec_error("starting the warm container", e))?;
         let id = container.id().to_owned();
-        // From here the lease owns it.
         container.keep();
-        state.lock().await.busy.insert(id.clone());
-        Ok(lease(id))
+        Ok(id)
+    }
+
+    /// Whether a step should run in a warm container: when one is there (or being prepared) for
+    /// its settings, or when a step that has not started yet could use the container after it.
+    /// Otherwise the step runs as the main process of a container of its own, which saves the
+    /// exec (a second process start in the container's namespaces) over a warm container that
+    /// nothing would use again.
+    async fn warm_wanted(&self, run: &StepRun, key: &WarmKey) -> bool {
+        let reusable = run.job.upcoming.iter().any(|s| self.warm_key(s).as_ref() == Some(key));
+        if reusable {
+            return true;
+        }
+        let state = self.build_state(&run.job.build);
+        let s = state.lock().await;
+        s.idle.iter().any(|(k, _)| k == key) || s.preparing.iter().any(|(k, _)| k == key)
+    }
+
+    /// The warm container a step would run in, if it runs in one.
+    fn warm_key(&self, step: &spec::Step) -> Option<WarmKey> {
+        match &step.action {
+            spec::Action::Run { image, .. } if warm::eligible(step) => {
+                Some(WarmKey::of(step, image, &self.options, self.host_cpus))
+            }
+            _ => None,
+        }
+    }
+
+    /// Pipelining: while a step runs, makes ready the warm containers of the steps that depend
+    /// on it alone and would not share its container (`own`), so that they start with an exec
+    /// instead of a container's creation, fill and start. Each is made on a task of its own,
+    /// tracked with the removals so that the build's cleanup waits for it; a step that comes
+    /// while its container is being made waits for it (`take_warm`), and one that never comes
+    /// (its dependency failed) leaves an idle container for the cleanup.
+    fn prepare_followers(self: &Arc<Self>, run: &StepRun, own: Option<&WarmKey>) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = &run.job;
+        let mut keys: Vec<WarmKey> = Vec::new();
+        for next in job.upcoming.iter().filter(|s| s.depends_on.len() == 1 && s.depends_on[0] == job.step.name) {
+            if let Some(key) = self.warm_key(next)
+                && Some(&key) != own
+                && !keys.contains(&key)
+            {
+                keys.push(key);
+            }
+        }
+        for key in keys {
+            let this = Arc::clone(self);
+            let (build, dir) = (job.build.clone(), run.workspace.clone());
+            let names = BuildNames::new(&self.options.instance, &build);
+            let task = tokio::spawn(
+                async move {
+                    let state = this.build_state(&build);
+                    let (ready, _) = tokio::sync::watch::channel(());
+                    {
+                        let mut s = state.lock().await;
+                        if s.idle.iter().any(|(k, _)| *k == key) || s.preparing.iter().any(|(k, _)| *k == key) {
+                            return;
+                        }
+                        s.preparing.push((key.clone(), ready.subscribe()));
+                    }
+                    let made = this.make_warm(&build, &key, &names, &dir).await;
+                    let mut s = state.lock().await;
+                    s.preparing.retain(|(k, _)| *k != key);
+                    match made {
+                        Ok(id) => s.idle.push((key, id)),
+                        Err(e) => tracing::warn!(%build, error = %e, "could not prepare a warm container ahead"),
+                    }
+                    // Dropping `ready` wakes the steps waiting for this container.
+                    drop(ready);
+                }
+                .instrument(tracing::debug_span!("prepare_warm")),
+            );
+            track(&self.removals, &job.build, task);
+        }
     }
 
     /// Runs a step as an exec in a warm container (see `warm`).
@@ -803,19 +986,18 @@ impl DockerExecutor {
     async fn run_warm(
         &self,
         run: &StepRun,
-        image: &str,
+        key: &WarmKey,
         commands: &[String],
         logs: Arc<dyn LogSink>,
         stop: &mut StopSignal,
     ) -> Result<Outcome, ExecError> {
         let job = &run.job;
         let names = BuildNames::new(&self.options.instance, &job.build);
-        let key = WarmKey::of(job, image, &self.options, self.host_cpus);
         let script = containers::script(commands);
         let mut reuse = true;
         loop {
             let lease = tokio::select! {
-                taken = self.take_warm(run, image, &key, &names, reuse) => taken?,
+                taken = self.take_warm(run, key, &names, reuse) => taken?,
                 reason = stop.stopped() => return Ok(stopped(reason)),
             };
             match self.supervise_exec(run, lease.id(), &script, logs.clone(), stop).await {
@@ -1205,13 +1387,18 @@ async fn forward_output(
     }
 }
 
-#[async_trait]
-impl Executor for DockerExecutor {
+/// The executor's work; `DockerExecutor` hands the port's calls here.
+impl Inner {
     async fn healthcheck(&self) -> Result<(), ExecError> {
         self.docker.ping().await.map(|_| ()).map_err(|e| exec_error("ping", e))
     }
 
-    async fn run(&self, run: &StepRun, logs: Arc<dyn LogSink>, mut stop: StopSignal) -> Result<Outcome, ExecError> {
+    async fn run(
+        self: &Arc<Self>,
+        run: &StepRun,
+        logs: Arc<dyn LogSink>,
+        mut stop: StopSignal,
+    ) -> Result<Outcome, ExecError> {
         let job = &run.job;
         let (image, commands) = match &job.step.action {
             spec::Action::Run { image, commands } => (image, commands),
@@ -1223,8 +1410,30 @@ impl Executor for DockerExecutor {
             return Ok(stopped(reason));
         }
         if warm::eligible(&job.step) {
-            return self.run_warm(run, image, commands, logs, &mut stop).await;
+            let key = WarmKey::of(&job.step, image, &self.options, self.host_cpus);
+            self.prepare_followers(run, Some(&key));
+            if self.warm_wanted(run, &key).await {
+                return self.run_warm(run, &key, commands, logs, &mut stop).await;
+            }
+        } else {
+            self.prepare_followers(run, None);
         }
+        self.run_own(run, image, commands, logs, &mut stop).await
+    }
+
+    /// Runs a step as the main process of a container of its own: `sh -e` on its script, with
+    /// its variables and secrets in the container's environment. The container is removed in
+    /// the background once the outcome is known, so that the outcome is reported first.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn run_own(
+        &self,
+        run: &StepRun,
+        image: &str,
+        commands: &[String],
+        logs: Arc<dyn LogSink>,
+        stop: &mut StopSignal,
+    ) -> Result<Outcome, ExecError> {
+        let job = &run.job;
         let names = BuildNames::new(&self.options.instance, &job.build);
         let prepare = async {
             image::ensure(&self.docker, image, self.options.pull_timeout).await?;
@@ -1233,7 +1442,6 @@ impl Executor for DockerExecutor {
             if job.step.network == spec::Network::Bridge {
                 self.ensure_network(&names, &mut state).await?;
             }
-            self.ensure_workspace(&names, &job.build, image, &run.workspace, &mut state).await?;
             let body = StepContainer {
                 job,
                 image,
@@ -1243,7 +1451,17 @@ impl Executor for DockerExecutor {
                 host_cpus: self.host_cpus,
             }
             .body()?;
-            self.create(&names.step_container(&job.step.name, job.attempt), body).await
+            let extras = vec![
+                workspace::Extra::Dir { path: format!("{}/", containers::SCRIPT_DIR), mode: 0o755 },
+                // Readable by whatever user the image runs as; `sh` reads it, nobody executes it.
+                workspace::Extra::File {
+                    path: containers::SCRIPT_PATH.trim_start_matches('/').to_owned(),
+                    mode: 0o644,
+                    data: containers::script(commands).into_bytes(),
+                },
+            ];
+            let name = names.step_container(&job.step.name, job.attempt);
+            self.create_filled(&name, body, &names, &run.workspace, extras, state).await
         };
         // A stop during the preparation ends it; whatever it had created is removed by its guard
         // or by the build's cleanup.
@@ -1251,18 +1469,31 @@ impl Executor for DockerExecutor {
             created = prepare => created?,
             reason = stop.stopped() => return Ok(stopped(reason)),
         };
-        let outcome = self.supervise(run, &container, &containers::script(commands), logs, &mut stop).await;
+        let outcome = self.supervise(run, &container, logs, stop).await;
         if self.detached.load(Ordering::SeqCst) {
             // The engine is going away and will not hear this outcome: the container stays, so
             // that the next engine reads the exit from it.
             container.keep();
             return outcome;
         }
-        if let Err(e) = container.remove().await {
-            // The outcome stands; the build's cleanup removes the container by its labels.
-            tracing::warn!(step = %job.step.name, error = %e, "could not remove the step's container");
-        }
+        self.remove_later(&job.build, container);
         outcome
+    }
+
+    /// Removes a container on a task of its own, which the build's cleanup waits for; should it
+    /// fail, the cleanup or reconcile finds the container by its labels.
+    fn remove_later(&self, build: &BuildId, mut container: ContainerGuard) {
+        let Some(id) = container.id.take() else { return };
+        let docker = self.docker.clone();
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = remove_container(&docker, &id).await {
+                    tracing::warn!(container = %id, error = %e, "could not remove a step's container");
+                }
+            }
+            .instrument(tracing::debug_span!("remove_later")),
+        );
+        track(&self.removals, build, task);
     }
 
     async fn start_services(&self, build: &BuildId, services: &[spec::Service]) -> Result<(), (String, ExecError)> {
@@ -1284,14 +1515,33 @@ impl Executor for DockerExecutor {
         results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
     }
 
-    /// Reads the workspace volume through its marker container (created with the volume
-    /// mounted, never started) as a tar archive, and unpacks it over `dest`. The archive goes
-    /// to a temporary file first, so a large workspace is never held in memory.
+    /// Reads the workspace volume as a tar archive, through a container made for it (created
+    /// with the volume mounted, never started, removed after) of the image that created the
+    /// volume, and unpacks it over `dest`. The archive goes to a temporary file first, so a
+    /// large workspace is never held in memory.
     async fn export_workspace(&self, build: &BuildId, dest: &Path) -> Result<(), ExecError> {
         let names = BuildNames::new(&self.options.instance, build);
+        let volume = self
+            .docker
+            .inspect_volume(&names.volume())
+            .await
+            .map_err(|e| exec_error("looking for the workspace volume", e))?;
+        let image = volume.labels.get(crate::naming::LABEL_IMAGE).cloned().ok_or_else(|| {
+            ExecError::Permanent(format!("the workspace volume {} names no image to read it through", volume.name))
+        })?;
+        let reader =
+            self.create(&names.populate_container(), containers::populate_body(&image, &names, &self.options)).await?;
+        let read = self.download_workspace(reader.id(), dest).await;
+        if let Err(e) = reader.remove().await {
+            tracing::warn!(%build, error = %e, "could not remove the workspace's reader");
+        }
+        read
+    }
+
+    async fn download_workspace(&self, reader: &str, dest: &Path) -> Result<(), ExecError> {
         let options =
             bollard::query_parameters::DownloadFromContainerOptions { path: format!("{}/.", containers::WORKSPACE) };
-        let mut stream = self.docker.download_from_container(&names.workspace_filled(), Some(options));
+        let mut stream = self.docker.download_from_container(reader, Some(options));
         let file = tempfile::NamedTempFile::new_in(dest.parent().unwrap_or(dest))
             .map_err(|e| ExecError::Transient(format!("a temporary file for the workspace: {e}")))?;
         let mut out = tokio::fs::File::from_std(
@@ -1314,7 +1564,7 @@ impl Executor for DockerExecutor {
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
-        let pending: Vec<_> = std::mem::take(&mut *lock(&self.removals));
+        let pending = lock(&self.removals).remove(build).unwrap_or_default();
         for task in pending {
             let _ = task.await;
         }

@@ -21,13 +21,19 @@
 //!   `reconcile` query, so a crashed engine's leftovers are found without any saved state.
 //!
 //! Decisions worth knowing:
-//! - The workspace is filled once per build (while the first warm container is created), by a
-//!   container of the step's image that is
-//!   created with the volume mounted but never started; the checkout is streamed to it as a tar
-//!   archive whose files belong to root, or to the image's user when it names one
-//!   (`copyUIDGID`). Once whole, the copier is renamed to a marker kept until cleanup; a volume
-//!   without its marker was left half-filled and is filled again from scratch. Steps of one
-//!   build share the volume: what one step writes, the next one sees.
+//! - The workspace is filled once per build, by the build's first container: creating it
+//!   creates the labelled volume (one of its mounts), and before it starts, one upload through
+//!   the archive API puts the checkout into the volume (files belong to root, or to the image's
+//!   user when it names one: `copyUIDGID`) together with what the container itself needs (the
+//!   warm directory, or the step's script), with a marker file (`.cib/filled` in the workspace)
+//!   written last. A volume without its marker was left half-filled and is filled again. Steps
+//!   of one build share the volume: what one step writes, the next one sees.
+//! - A step runs warm only when a step that has not started yet could use its container after
+//!   it (`StepJob::upcoming`, the machine's hint), or one is idle for it already; otherwise it
+//!   runs as the main process of a container of its own, which saves the exec. While a step
+//!   runs, the warm container of a step that depends on it alone is made (pipelining).
+//! - Containers a step is done with are removed in the background, after its outcome is
+//!   reported; `cleanup` waits for those removals of its build before it lists what is left.
 //! - Steps run under Docker's small init (`--init`), so SIGTERM reaches the shell, and with the
 //!   `none` log driver, since the executor streams the output itself through an attach made
 //!   before the start (nothing is lost at the beginning).

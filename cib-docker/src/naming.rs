@@ -15,6 +15,8 @@ use cib_core::event::BuildId;
 pub const LABEL_ENGINE: &str = "org.cib.engine";
 /// The build a resource belongs to.
 pub const LABEL_BUILD: &str = "org.cib.build";
+/// The image of the container that created a workspace volume.
+pub const LABEL_IMAGE: &str = "org.cib.image";
 /// What a resource is for: see [`Role`].
 pub const LABEL_ROLE: &str = "org.cib.role";
 /// The step a step container runs.
@@ -31,8 +33,8 @@ pub enum Role {
     Step,
     /// A sidecar container running a service.
     Service,
-    /// A container that is never started, used to copy the checkout into the workspace volume
-    /// and then kept, renamed, as the sign that the copy finished.
+    /// A container that is never started, made only to read the workspace volume through the
+    /// archive API (`export_workspace`), and removed right after.
     Populate,
     /// The build's workspace volume.
     Workspace,
@@ -122,11 +124,6 @@ impl BuildNames {
 
     pub fn populate_container(&self) -> String {
         format!("{}-populate-{}", self.prefix, nonce())
-    }
-
-    /// The name the copier takes once the workspace is whole: its existence is the proof.
-    pub fn workspace_filled(&self) -> String {
-        format!("{}-ws-filled", self.prefix)
     }
 
     /// The labels every resource of this build carries, plus its role.

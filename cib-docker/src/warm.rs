@@ -91,13 +91,13 @@ pub struct WarmKey {
 }
 
 impl WarmKey {
-    pub fn of(job: &StepJob, image: &str, options: &DockerOptions, host_cpus: Option<f64>) -> Self {
-        let mut services = job.step.services.clone();
+    pub fn of(step: &spec::Step, image: &str, options: &DockerOptions, host_cpus: Option<f64>) -> Self {
+        let mut services = step.services.clone();
         services.sort();
         WarmKey {
             image: image.to_owned(),
-            resources: resources(&job.step.limits, &options.default_limits, host_cpus),
-            network: job.step.network,
+            resources: resources(&step.limits, &options.default_limits, host_cpus),
+            network: step.network,
             services,
         }
     }
@@ -112,7 +112,7 @@ pub fn warm_body(key: &WarmKey, names: &BuildNames, options: &DockerOptions) -> 
     };
     let host_config = HostConfig {
         network_mode: Some(network),
-        mounts: Some(vec![workspace_mount(names)]),
+        mounts: Some(vec![workspace_mount(names, &key.image)]),
         // No Docker init: the keeper must be PID 1 (see the module documentation).
         init: Some(false),
         // The keeper prints nothing, and exec output never reaches the container's log.
@@ -156,20 +156,6 @@ pub fn exec_env(job: &StepJob, secrets: &BTreeMap<String, String>, script: &str,
     env
 }
 
-/// A tar archive holding the wrapper's directory, writable by whatever user the image runs as
-/// (sticky, like `/tmp`), to upload to `/` before the container starts.
-pub fn warm_dir_archive() -> std::io::Result<Vec<u8>> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut dir = tar::Header::new_gnu();
-    dir.set_entry_type(tar::EntryType::Directory);
-    dir.set_mode(0o1777);
-    dir.set_size(0);
-    dir.set_uid(0);
-    dir.set_gid(0);
-    tar.append_data(&mut dir, format!("{WARM_DIR}/"), std::io::empty())?;
-    tar.into_inner()
-}
-
 /// Whether a step may run in a warm container at all.
 pub fn eligible(step: &spec::Step) -> bool {
     !step.isolated
@@ -188,17 +174,23 @@ mod tests {
         let mut b = conformance_job("b", "b", "busybox", &["false"]);
         b.env.insert("X".into(), "1".into());
         b.step.secrets.push("TOKEN".into());
-        assert_eq!(WarmKey::of(&a, "busybox", &options, Some(2.0)), WarmKey::of(&b, "busybox", &options, Some(2.0)));
+        assert_eq!(
+            WarmKey::of(&a.step, "busybox", &options, Some(2.0)),
+            WarmKey::of(&b.step, "busybox", &options, Some(2.0))
+        );
         let mut c = a.clone();
         c.step.network = Network::None;
-        assert_ne!(WarmKey::of(&a, "busybox", &options, None), WarmKey::of(&c, "busybox", &options, None));
+        assert_ne!(WarmKey::of(&a.step, "busybox", &options, None), WarmKey::of(&c.step, "busybox", &options, None));
         let mut d = a.clone();
         d.step.limits.memory = Some(spec::Memory(64 << 20));
-        assert_ne!(WarmKey::of(&a, "busybox", &options, None), WarmKey::of(&d, "busybox", &options, None));
-        assert_ne!(WarmKey::of(&a, "busybox", &options, None), WarmKey::of(&a, "python:3.12-slim", &options, None));
+        assert_ne!(WarmKey::of(&a.step, "busybox", &options, None), WarmKey::of(&d.step, "busybox", &options, None));
+        assert_ne!(
+            WarmKey::of(&a.step, "busybox", &options, None),
+            WarmKey::of(&a.step, "python:3.12-slim", &options, None)
+        );
         let mut e = a.clone();
         e.step.services.push("db".into());
-        assert_ne!(WarmKey::of(&a, "busybox", &options, None), WarmKey::of(&e, "busybox", &options, None));
+        assert_ne!(WarmKey::of(&a.step, "busybox", &options, None), WarmKey::of(&e.step, "busybox", &options, None));
     }
 
     #[test]
@@ -206,7 +198,7 @@ mod tests {
         let options = DockerOptions::new("t");
         let job = conformance_job("b", "a", "busybox", &["true"]);
         let names = BuildNames::new("t", &job.build);
-        let body = warm_body(&WarmKey::of(&job, "busybox", &options, Some(2.0)), &names, &options);
+        let body = warm_body(&WarmKey::of(&job.step, "busybox", &options, Some(2.0)), &names, &options);
         let hc = body.host_config.unwrap_or_default();
         assert_eq!(hc.init, Some(false));
         assert_eq!(hc.privileged, Some(false));

@@ -48,9 +48,61 @@ impl Write for ChannelWriter {
     }
 }
 
-fn write_archive(dir: &Path, writer: ChannelWriter) -> io::Result<ChannelWriter> {
+/// The marker of a whole workspace, relative to the workspace: the last entry of the archive
+/// that fills it, so that it exists exactly when every file before it was extracted.
+pub const FILLED_MARKER: &str = ".cib/filled";
+
+/// A file or directory to put in an upload next to the checkout, owned by root.
+#[derive(Debug, Clone)]
+pub enum Extra {
+    Dir { path: String, mode: u32 },
+    File { path: String, mode: u32, data: Vec<u8> },
+}
+
+/// What one upload to `/` of a new container holds: `extras` (the warm directory, a step's
+/// script), then the checkout under `workspace/`, then the marker. One upload rather than
+/// several, because each upload into a container that is not running mounts its file system
+/// and volumes in the daemon and unmounts them again.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub extras: Vec<Extra>,
+    /// The checkout to copy, or `None` when the volume is filled already.
+    pub checkout: Option<PathBuf>,
+}
+
+fn root_header(mode: u32, size: u64, kind: tar::EntryType) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(size);
+    header.set_uid(0);
+    header.set_gid(0);
+    header
+}
+
+fn write_archive(upload: &Upload, writer: ChannelWriter) -> io::Result<ChannelWriter> {
     let mut tar = tar::Builder::new(writer);
-    append_tree(&mut tar, dir, Path::new("."))?;
+    for extra in &upload.extras {
+        match extra {
+            Extra::Dir { path, mode } => {
+                tar.append_data(&mut root_header(*mode, 0, tar::EntryType::Directory), path, io::empty())?;
+            }
+            Extra::File { path, mode, data } => {
+                let mut header = root_header(*mode, data.len() as u64, tar::EntryType::Regular);
+                tar.append_data(&mut header, path, data.as_slice())?;
+            }
+        }
+    }
+    if let Some(dir) = &upload.checkout {
+        let root = Path::new(crate::containers::WORKSPACE.trim_start_matches('/'));
+        append_tree(&mut tar, dir, root)?;
+        // Written last: the marker says that everything before it is there.
+        let marker = root.join(FILLED_MARKER);
+        if let Some(parent) = marker.parent() {
+            tar.append_data(&mut root_header(0o755, 0, tar::EntryType::Directory), parent, io::empty())?;
+        }
+        tar.append_data(&mut root_header(0o644, 0, tar::EntryType::Regular), marker, io::empty())?;
+    }
     tar.into_inner()
 }
 
@@ -105,10 +157,6 @@ fn header(meta: &std::fs::Metadata) -> tar::Header {
     header
 }
 
-/// Starts archiving `dir` and returns the archive as a stream, with the task that writes it.
-///
-/// A failure while archiving reaches the stream as an error, so that the upload fails instead
-/// of leaving a partial workspace; the task returns the same error for a clearer message.
 /// Unpacks a workspace archive from Docker (entries under one top directory, `./` or
 /// `workspace/`) into `dest`, the top directory stripped. An entry that would land outside
 /// `dest` is skipped.
@@ -120,6 +168,10 @@ pub fn unpack(archive: &Path, dest: &Path) -> io::Result<()> {
         let path = entry.path()?.into_owned();
         let rel: PathBuf = path.components().skip(1).collect();
         if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        // cib's own mark in the volume, not something a step made.
+        if rel == Path::new(FILLED_MARKER) {
             continue;
         }
         let target = dest.join(&rel);
@@ -135,14 +187,20 @@ pub fn unpack(archive: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
-pub fn archive(dir: PathBuf) -> (impl Stream<Item = io::Result<Bytes>> + Send + 'static, JoinHandle<io::Result<()>>) {
+/// Starts archiving `upload` and returns the archive as a stream, with the task that writes it.
+///
+/// A failure while archiving reaches the stream as an error, so that the upload fails instead
+/// of leaving a partial workspace; the task returns the same error for a clearer message.
+pub fn archive(upload: Upload) -> (impl Stream<Item = io::Result<Bytes>> + Send + 'static, JoinHandle<io::Result<()>>) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     let task = tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
-        match write_archive(&dir, writer).and_then(|mut w| w.flush()) {
+        match write_archive(&upload, writer).and_then(|mut w| w.flush()) {
             Ok(()) => Ok(()),
             Err(e) => {
-                let report = io::Error::new(e.kind(), format!("archiving {}: {e}", dir.display()));
+                let what =
+                    upload.checkout.as_deref().map_or_else(|| "the upload".to_owned(), |d| d.display().to_string());
+                let report = io::Error::new(e.kind(), format!("archiving {what}: {e}"));
                 // The receiver may be gone already; then the upload has failed anyway.
                 let _ = tx.blocking_send(Err(io::Error::new(e.kind(), report.to_string())));
                 Err(report)
@@ -165,7 +223,11 @@ mod tests {
         std::fs::create_dir(dir.path().join("src")).unwrap_or_else(|e| panic!("mkdir: {e}"));
         std::fs::write(dir.path().join("src/main.rs"), "fn main() {}").unwrap_or_else(|e| panic!("write: {e}"));
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("leak")).unwrap_or_else(|e| panic!("link: {e}"));
-        let (stream, task) = archive(dir.path().to_path_buf());
+        let upload = Upload {
+            extras: vec![Extra::Dir { path: ".cib/".into(), mode: 0o1777 }],
+            checkout: Some(dir.path().to_path_buf()),
+        };
+        let (stream, task) = archive(upload);
         let chunks: Vec<io::Result<Bytes>> = stream.collect().await;
         task.await.unwrap_or_else(|e| panic!("join: {e}")).unwrap_or_else(|e| panic!("archive: {e}"));
         let bytes: Vec<u8> =
@@ -178,13 +240,17 @@ mod tests {
             assert_eq!(entry.header().uid().ok(), Some(0), "{path} must belong to root");
             seen.push((path, entry.header().entry_type()));
         }
-        assert!(seen.iter().any(|(p, t)| p.ends_with("src/main.rs") && *t == tar::EntryType::Regular), "{seen:?}");
-        assert!(seen.iter().any(|(p, t)| p.ends_with("leak") && *t == tar::EntryType::Symlink), "{seen:?}");
+        assert!(seen.iter().any(|(p, t)| p == "workspace/src/main.rs" && *t == tar::EntryType::Regular), "{seen:?}");
+        assert!(seen.iter().any(|(p, t)| p == "workspace/leak" && *t == tar::EntryType::Symlink), "{seen:?}");
+        assert_eq!(seen.first().map(|(p, _)| p.as_str()), Some(".cib/"), "the extras come first");
+        // The marker comes last, so that it exists only when the whole checkout does.
+        assert_eq!(seen.last().map(|(p, _)| p.as_str()), Some("workspace/.cib/filled"), "{seen:?}");
     }
 
     #[tokio::test]
     async fn a_missing_directory_fails_the_stream() {
-        let (stream, task) = archive(PathBuf::from("/nonexistent/cib/workspace"));
+        let upload = Upload { extras: Vec::new(), checkout: Some(PathBuf::from("/nonexistent/cib/workspace")) };
+        let (stream, task) = archive(upload);
         let chunks: Vec<io::Result<Bytes>> = stream.collect().await;
         assert!(chunks.iter().any(Result::is_err), "the stream must carry the error");
         let err = task.await.unwrap_or_else(|e| panic!("join: {e}")).err();

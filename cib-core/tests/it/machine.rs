@@ -1016,3 +1016,34 @@ fn a_draining_machine_starts_no_step_until_it_resumes() {
     sim.finish(40, "b1", "b", 1, StepResult::Exited(0));
     finished(&sim, "b1", Conclusion::Success);
 }
+
+#[test]
+fn a_starting_step_is_told_which_steps_have_not_started_yet() {
+    let spec = "pipelines:\n  test:\n    steps:\n      - { name: a, image: busybox, commands: [x] }\n      - { name: b, image: busybox, commands: [x] }\n      - { name: c, image: alpine, commands: [x], depends_on: [a] }\n      - { name: d, image: busybox, commands: [x], depends_on: [c] }\n";
+    let mut sim = Sim::new(Config::default());
+    let input = Input::Enqueue {
+        build: "b1".into(),
+        spec: Arc::from(spec),
+        pipeline: "test".into(),
+        context: context("feature/a"),
+        only: None,
+        variables: Default::default(),
+    };
+    let jobs: Vec<_> = sim
+        .input(0, input)
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::StartStep(job) => Some(job),
+            _ => None,
+        })
+        .collect();
+    let upcoming = |step: &str| -> Vec<String> {
+        let job = jobs.iter().find(|j| j.step.name == step).unwrap_or_else(|| panic!("{step} started"));
+        job.upcoming.iter().map(|s| s.name.clone()).collect()
+    };
+    // a and b start together: neither is upcoming for the other once both run, but the first
+    // to start still saw the second ready.
+    assert_eq!(jobs.len(), 2, "{}", sim.trace);
+    assert_eq!(upcoming("a"), ["b", "c", "d"]);
+    assert_eq!(upcoming("b"), ["c", "d"]);
+}

@@ -113,3 +113,25 @@ async fn a_workspace_volume_without_its_marker_is_filled_again() {
     exec.cleanup(&build).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
     assert_nothing_left(&exec).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_workspace_is_not_filled_again_by_the_next_process() {
+    let build = BuildId::from("refill");
+    let dir = tempdir();
+    std::fs::write(dir.path().join("README"), "read me\n").unwrap_or_else(|e| panic!("{e}"));
+    let exec = executor("whole").await;
+    let sink = Sink::new();
+    let (_keep, stop) = StopSignal::new();
+    let first = step_run(job("refill", "first", &["echo changed > README"]), dir.path());
+    assert_eq!(exec.run(&first, sink.clone(), stop).await.ok(), Some(Outcome::Exited(0)));
+    // Another process of the same engine instance (a restart) finds the volume with its marker
+    // and leaves it as the first step made it, rather than copying the checkout over it.
+    let again = executor("whole").await;
+    let (_keep, stop) = StopSignal::new();
+    let second = step_run(job("refill", "second", &["cat README", "ls .cib"]), dir.path());
+    assert_eq!(again.run(&second, sink.clone(), stop).await.ok(), Some(Outcome::Exited(0)));
+    assert_eq!(sink.text(Stream::Stdout), "changed\nfilled\n");
+    again.cleanup(&build).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    exec.cleanup(&build).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert_nothing_left(&again).await;
+}

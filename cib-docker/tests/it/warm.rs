@@ -17,6 +17,16 @@ use cib_docker::naming::{LABEL_ENGINE, LABEL_ROLE};
 
 use crate::common::*;
 
+/// A run of `job` in a build with a step still to come that could use its container, which is
+/// when the executor runs a step warm (a step that nothing after it could follow in its
+/// container gets one of its own, see `a_step_nothing_could_follow_runs_in_a_container_of_its_own`).
+fn step_run(mut job: StepJob, dir: &std::path::Path) -> StepRun {
+    let mut later = job.step.clone();
+    later.name = format!("{}-later", job.step.name);
+    job.upcoming = vec![later];
+    crate::common::step_run(job, dir)
+}
+
 async fn run_in(exec: &DockerExecutor, run: &StepRun, sink: Arc<Sink>) -> Outcome {
     let (_keep, stop) = StopSignal::new();
     exec.run(run, sink, stop).await.unwrap_or_else(|e| panic!("run: {e}"))
@@ -329,4 +339,81 @@ async fn the_suggested_running_steps_are_twice_the_daemons_cpus() {
     let info = exec.docker().info().await.unwrap_or_else(|e| panic!("info: {e}"));
     let cpus = usize::try_from(info.ncpu.unwrap_or(1)).unwrap_or(1).max(1);
     assert_eq!(exec.suggested_running_steps(), (2 * cpus).max(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_nothing_could_follow_runs_in_a_container_of_its_own() {
+    let exec = executor("warm-alone").await;
+    let dir = tempdir();
+    // Nothing after it: its own container, whose main process is the step's shell.
+    let sink = Sink::new();
+    let alone = crate::common::step_run(job("alone", "only", &["echo $$ > /tmp/mine", "echo ran"]), dir.path());
+    assert_eq!(run_in(&exec, &alone, sink.clone()).await, Outcome::Exited(0));
+    assert_eq!(sink.text(Stream::Stdout), "ran\n");
+    assert!(warm_containers(&exec).await.is_empty(), "no warm container for a step nothing follows");
+
+    // A step that a later one could follow runs warm, and leaves its container idle; a step
+    // with nothing after it then still takes that idle container rather than making one.
+    let first = job("alone", "first", &["echo warm > /tmp/mine"]);
+    assert_eq!(run(&exec, first, dir.path(), Sink::new()).await, Outcome::Exited(0));
+    let warm = warm_containers(&exec).await;
+    assert_eq!(warm.len(), 1, "{warm:?}");
+    let sink = Sink::new();
+    let last = crate::common::step_run(job("alone", "last", &["cat /tmp/mine"]), dir.path());
+    assert_eq!(run_in(&exec, &last, sink.clone()).await, Outcome::Exited(0));
+    assert_eq!(sink.text(Stream::Stdout), "warm\n", "the last step ran in the warm container");
+    assert_eq!(warm_containers(&exec).await, warm);
+    cleanup(&exec, "alone").await;
+    assert_nothing_left(&exec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_of_a_step_that_depends_only_on_the_running_one_is_made_meanwhile() {
+    let exec = executor("warm-pipeline").await;
+    let dir = tempdir();
+    // `next` depends on `first` alone and has other limits: it cannot share first's container.
+    let mut next = job("pipe", "next", &["echo next ran"]);
+    next.step.depends_on = vec!["first".into()];
+    next.step.limits.memory = Some(spec::Memory(64 << 20));
+    let mut first = job("pipe", "first", &["echo started", "sleep 4"]);
+    first.upcoming = vec![next.step.clone()];
+    let sink = Sink::new();
+    let first_run = crate::common::step_run(first, dir.path());
+    let watch = async {
+        sink.wait_for(Stream::Stdout, "started", Duration::from_secs(60)).await;
+        // While first runs, next's warm container is made and started.
+        let start = Instant::now();
+        loop {
+            let warm = warm_containers(&exec).await;
+            if let Some(id) = warm.first() {
+                let inspected = exec.docker().inspect_container(id, None::<InspectContainerOptions>).await;
+                let state = inspected.unwrap_or_else(|e| panic!("inspect: {e}")).state.unwrap_or_default();
+                if state.running == Some(true) {
+                    let memory = exec
+                        .docker()
+                        .inspect_container(id, None::<InspectContainerOptions>)
+                        .await
+                        .ok()
+                        .and_then(|c| c.host_config)
+                        .and_then(|h| h.memory);
+                    assert_eq!(memory, Some(64 << 20), "the container is made for next's settings");
+                    break id.clone();
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no container was made ahead: {warm:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (outcome, ahead) = tokio::join!(run_in(&exec, &first_run, sink.clone()), watch);
+    assert_eq!(outcome, Outcome::Exited(0));
+    assert!(!sink.text(Stream::Stdout).contains("next"), "only first ran so far");
+
+    // next, started with nothing after it, runs in the container made ahead for it.
+    let next_sink = Sink::new();
+    let next_run = crate::common::step_run(next, dir.path());
+    assert_eq!(run_in(&exec, &next_run, next_sink.clone()).await, Outcome::Exited(0));
+    assert_eq!(next_sink.text(Stream::Stdout), "next ran\n");
+    assert_eq!(warm_containers(&exec).await, vec![ahead], "no other warm container was made");
+    cleanup(&exec, "pipe").await;
+    assert_nothing_left(&exec).await;
 }

@@ -296,3 +296,67 @@ fn a_matrix_of_257_cells_is_refused_at_its_line_by_lint_plan_and_run() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("7:9: error: the matrix makes 257 cells"), "{text}");
 }
+
+/// A build that leaves much to remove: a network, a service, the workspace volume, warm
+/// containers of two settings and the container of an isolated step.
+const MANY_KINDS: &str = r#"
+pipelines:
+  test:
+    services:
+      web:
+        image: busybox
+        command: ["sh", "-c", "mkdir -p /www && echo up > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ready: wget -q -O /dev/null http://localhost:8080/
+    steps:
+      - { name: a, image: busybox, commands: ["wget -q -O /dev/null http://web:8080/"] }
+      - { name: b, image: busybox, isolated: true, services: [], commands: ["true"] }
+      - { name: c, image: busybox, network: none, services: [], commands: ["true"], depends_on: [a] }
+      - { name: d, image: busybox, network: none, services: [], commands: ["true"], depends_on: [c] }
+      - { name: e, image: busybox, network: none, services: [], commands: ["true"], depends_on: [d] }
+"#;
+
+#[test]
+fn a_run_killed_during_its_background_cleanup_leaves_nothing_once_reconciled() {
+    use std::io::BufRead;
+    let dir = project(MANY_KINDS);
+    // The outcome is reported before the cleanup ends, so a kill right after the report lands
+    // during the cleanup; should the cleanup have been quicker than the kill, the run is tried
+    // again, since a kill after it proves nothing.
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cib"))
+            .args(["run", "--color", "never"])
+            .current_dir(dir.path())
+            .env("CIB_DATA_DIR", dir.path().join(".cib-data"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run cib");
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout");
+        let mut seen = String::new();
+        let mut reported = false;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with("pipeline test succeeded") {
+                reported = true;
+                break;
+            }
+        }
+        // SIGKILL: no destructor and no cleanup run, as when the machine loses power.
+        child.kill().expect("kill cib");
+        let _ = child.wait();
+        assert!(reported, "the run did not succeed:\n{seen}");
+        let left = left_in_docker(pid);
+        if left.is_empty() {
+            continue;
+        }
+        // The next `cib run` reconciles what runs that no longer exist left behind.
+        let (out, next) = cib_run_with_pid(dir.path(), &["--color", "never", "--step", "b"]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(left_in_docker(pid).is_empty(), "after the reconcile, the killed run left {:?}", left_in_docker(pid));
+        assert!(left_in_docker(next).is_empty(), "the second run left {:?}", left_in_docker(next));
+        return;
+    }
+    panic!("in three runs the kill never landed before the cleanup ended");
+}
