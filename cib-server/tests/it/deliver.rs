@@ -98,15 +98,23 @@ async fn store_secret(s: &TestServer, name: &str, value: &str) {
     assert_eq!(answer.status, 200, "{}", answer.body);
 }
 
-/// A Docker executor with an instance name of its own, so that its leftovers are its own.
-async fn docker_executor() -> (String, cib_docker::DockerExecutor) {
+/// A server for `spec` whose steps run on the real Docker daemon, under an instance name of its
+/// own so that its leftovers are its own.
+async fn docker_server(spec: &str) -> TestServer {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let instance =
         format!("cib-deliver-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let executor = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance.clone()))
         .await
         .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
-    (instance, executor)
+    TestServer::start_full(
+        spec,
+        |c| c.instance = instance,
+        cib_store::SqliteOptions::default(),
+        Arc::new(executor),
+        &[],
+    )
+    .await
 }
 
 fn the_file(index: &Service) -> Vec<u8> {
@@ -128,15 +136,7 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
         .replace("http://127.0.0.1:8081/", &format!("http://127.0.0.1:{}/", flaky.port))
         .replace("http://127.0.0.1:8082/", &production_index.url())
         .replace("127.0.0.1:5000", &format!("127.0.0.1:{}", counting.port));
-    let (instance, executor) = docker_executor().await;
-    let s = TestServer::start_full(
-        &spec,
-        |c| c.instance = instance.clone(),
-        cib_store::SqliteOptions::default(),
-        Arc::new(executor),
-        &[],
-    )
-    .await;
+    let s = docker_server(&spec).await;
     let admin = token(Role::Admin);
     for (name, value, branches) in [
         ("STAGING_INDEX", STAGING_VALUE, serde_json::json!(["master"])),
@@ -236,7 +236,7 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
         "pip install --index-url http://127.0.0.1:{}/simple/ app==1.2.3 && python3 -c 'import app; print(app.VERSION)'",
         production_index.port
     );
-    let name = format!("{instance}-pip");
+    let name = format!("cib-deliver-pip-{}", std::process::id());
     let config = bollard::models::ContainerCreateBody {
         image: Some("cib-test/python-pip:latest".into()),
         cmd: Some(vec!["sh".into(), "-c".into(), script]),
@@ -317,21 +317,8 @@ pipelines:
 "#,
         index.url()
     );
-    let (instance, executor) = docker_executor().await;
-    let s = TestServer::start_full(
-        &spec,
-        |c| {
-            c.instance = instance.clone();
-            c.secrets.insert(
-                "FORK_INDEX".into(),
-                cib_server::config::ConfigSecret::Flat("uploader:fork-pass-41d2e0".into()),
-            );
-        },
-        cib_store::SqliteOptions::default(),
-        Arc::new(executor),
-        &[],
-    )
-    .await;
+    let s = docker_server(&spec).await;
+    store_secret(&s, "FORK_INDEX", "uploader:fork-pass-41d2e0").await;
     let repo = s.repo_path.clone();
     git(&repo, &["branch", "master"]);
     let base = git(&repo, &["rev-parse", "master"]);
@@ -388,15 +375,7 @@ async fn the_python_app_example_stages_and_promotes_its_wheel() {
         .expect("the example's spec")
         .replace("http://127.0.0.1:8081/", &staging_index.url())
         .replace("http://127.0.0.1:8082/", &production_index.url());
-    let (instance, executor) = docker_executor().await;
-    let s = TestServer::start_full(
-        &spec,
-        |c| c.instance = instance.clone(),
-        cib_store::SqliteOptions::default(),
-        Arc::new(executor),
-        &[],
-    )
-    .await;
+    let s = docker_server(&spec).await;
     store_secret(&s, "STAGING_INDEX", STAGING_VALUE).await;
     store_secret(&s, "PRODUCTION_INDEX", PRODUCTION_VALUE).await;
     let repo = &s.repo_path;
