@@ -18,7 +18,7 @@ async fn installation_tokens_are_minted_cached_and_refreshed() {
     fake.set_branch("o/r", "main", &sha);
     // octocrab replaces a token 30 s before it expires: a 32 s token is fresh for about 2 s.
     fake.enable_app(42, PUBLIC, 7, Duration::from_secs(32));
-    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: 7 };
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: Some(7) };
     let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
 
     let first = vcs.resolve("o/r", "main").await;
@@ -48,7 +48,7 @@ async fn a_jwt_signed_with_another_key_is_refused() {
     // The fake trusts a different public key than the one that signs.
     let other = b"-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAu1SU1LfVLPHCozMxH2Mo\n4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u\n+qKhbwKfBstIs+bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyeh\nkd3qqGElvW/VDL5AaWTg0nLVkjRo9z+40RQzuVaE8AkAFmxZzow3x+VJYKdjykkJ\n0iT9wCS0DRTXu269V264Vf/3jvredZiKRkgwlL9xNAwxXFg0x/XFw005UWVRIkdg\ncKWTjpBP2dPwVZ4WWC+9aGVd+Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbc\nmwIDAQAB\n-----END PUBLIC KEY-----\n";
     fake.enable_app(42, other, 7, Duration::from_secs(3600));
-    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: 7 };
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: Some(7) };
     let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
     let e = vcs.resolve("o/r", "main").await.expect_err("refused");
     assert_eq!(fake.tokens_issued(), 0, "{e}");
