@@ -116,9 +116,11 @@ impl GithubVcs {
         );
         run_git(dest, &["init", "-q", "."], None).await?;
         run_git(dest, &["remote", "add", "origin", &url], None).await?;
-        // A named remote makes git follow the tags that point into the fetched history.
+        // git follows the tags that point into the fetched history only when the fetch stores
+        // a ref (a commit id alone stores none), hence the destination ref.
         let depth = format!("--depth={}", git.depth);
-        run_git(dest, &["fetch", "-q", "--no-recurse-submodules", &depth, "origin", rev], Some(&header)).await?;
+        let refspec = format!("+{rev}:refs/remotes/origin/cib-build");
+        run_git(dest, &["fetch", "-q", "--no-recurse-submodules", &depth, "origin", &refspec], Some(&header)).await?;
         run_git(dest, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", "FETCH_HEAD"], None).await
     }
 
@@ -337,7 +339,9 @@ async fn run_git(dir: &Path, args: &[&str], header: Option<&str>) -> Result<(), 
     let message = format!("git {} failed: {}", args.first().copied().unwrap_or_default(), stderr.trim());
     // A network failure or a 5xx passes; a missing commit or a refused token does not.
     let lower = stderr.to_ascii_lowercase();
-    Err(if lower.contains("authentication failed") || lower.contains("403") || lower.contains("401") {
+    // A refused token shows as git asking for a user name, which it may not.
+    let refused = ["authentication failed", "could not read username", "terminal prompts disabled", "403", "401"];
+    Err(if refused.iter().any(|r| lower.contains(r)) {
         VcsError::Misconfigured(message)
     } else if lower.contains("not our ref") || lower.contains("couldn't find remote ref") || lower.contains("not found")
     {

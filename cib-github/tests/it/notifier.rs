@@ -18,6 +18,7 @@ pub fn config() -> NotifierConfig {
         retry_base: Duration::from_millis(50),
         retry_max: Duration::from_secs(2),
         coalesce: Duration::from_millis(50),
+        ..NotifierConfig::default()
     }
 }
 
