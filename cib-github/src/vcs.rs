@@ -49,10 +49,12 @@ pub struct GithubVcs {
     client: GithubClient,
     spec_path: String,
     git: Option<GitFetch>,
-    /// Team memberships already asked: (organisation, team, user) to the answer and when it
-    /// was given.
-    teams: Arc<Mutex<HashMap<(String, String, String), (bool, Instant)>>>,
+    teams: Arc<Mutex<TeamCache>>,
 }
+
+/// Team memberships already asked: (organisation, team, user) to the answer and when it was
+/// given.
+type TeamCache = HashMap<(String, String, String), (bool, Instant)>;
 
 /// Where and how deep workspaces are fetched with git.
 #[derive(Debug, Clone)]
