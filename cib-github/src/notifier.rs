@@ -826,6 +826,14 @@ impl Notifier for GithubNotifier {
             _ => return Ok(()),
         };
         let info = info.clone();
+        // What the steps did is kept on disk as it changes, so that a restart's summary still
+        // lists every step with its duration.
+        if matches!(
+            &event.body,
+            EventBody::StepStarted { .. } | EventBody::StepFinished { .. } | EventBody::StepSkipped { .. }
+        ) {
+            write_atomic(&inner.build_path(&build), &(&build, &info)).map_err(|e| io_error("write", e))?;
+        }
         if inner.config.check_runs {
             let check = match &event.body {
                 EventBody::BuildQueued { .. } | EventBody::BuildWaitingForTurn { .. } => {
@@ -1034,6 +1042,19 @@ mod tests {
         steps.insert("docs".to_owned(), StepConclusion::Skipped);
         assert_eq!(summary(&steps), "1 passed, 1 failed (lint), 1 skipped");
         assert_eq!(truncate(&"x".repeat(200), 140).chars().count(), 140);
+    }
+
+    #[test]
+    fn diagnostics_and_steps_are_placed_on_lines() {
+        let a =
+            diagnostic_annotation(".cib.yml:3:5: error: unknown key 'stepz' (did you mean 'steps'?)").expect("parsed");
+        assert_eq!((a.path.as_str(), a.line, a.column), (".cib.yml", 3, Some(5)));
+        assert_eq!(a.message, "unknown key 'stepz' (did you mean 'steps'?)");
+        assert!(diagnostic_annotation("no place here").is_none());
+        let spec = "pipelines:\n  t:\n    steps:\n      - { name: lint, image: x }\n      - name: \"unit\"\n        image: x\n";
+        assert_eq!(step_line(spec, "lint"), Some(4));
+        assert_eq!(step_line(spec, "unit (python=3.12)"), Some(5), "a matrix cell is found by its step");
+        assert_eq!(step_line(spec, "uni"), None, "a prefix is not a name");
     }
 
     #[test]
