@@ -154,6 +154,21 @@ impl World {
         }
     }
 
+    /// Sets a secret of `acme/shop` through the API, as an admin.
+    async fn put_secret(&self, name: &str, value: &str) {
+        use http_body_util::BodyExt;
+        let body = serde_json::to_vec(&serde_json::json!({ "value": value })).expect("json");
+        let request = http::Request::put(format!("{}/api/v1/secrets/{REPO}/{name}", self.url))
+            .header("authorization", format!("Bearer {}", super::server::token(cib_server::config::Role::Admin)))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        let response = self.client.request(request).await.expect("response");
+        let status = response.status();
+        let text = response.into_body().collect().await.expect("body").to_bytes();
+        assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&text));
+    }
+
     async fn comment(&self, repo: &str, number: u64, text: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -234,7 +249,8 @@ pipelines:
       - name: unit
         image: busybox
         depends_on: [build]
-        commands: ["echo running 3 tests", "echo FAILED test_checkout", "exit 1"]
+        secrets: [DEPLOY_KEY]
+        commands: ["echo running 3 tests with key=$DEPLOY_KEY", "echo FAILED test_checkout", "exit 1"]
 "#;
 
 /// A pipeline is one check run, created once and updated in place, whose summary lists the
@@ -246,6 +262,7 @@ async fn a_rerequested_check_run_makes_a_new_build() {
     let (w, heads) = World::start(&[(REPO, FAILING_SPEC)], false).await;
     w.fake.set_permission(REPO, "dev", "write");
     w.fake.set_permission(REPO, "guest", "read");
+    w.put_secret("DEPLOY_KEY", "s3cr3t-deploy-value").await;
     w.hook("push", "first", push(REPO, &heads[0])).await;
     let runs = w.completed(REPO, "cib/test", 1).await;
     let run = runs[0].clone();
@@ -253,9 +270,10 @@ async fn a_rerequested_check_run_makes_a_new_build() {
     assert!(run.writes >= 2, "created, then updated in place: {run:#?}");
     assert_eq!(w.fake.check_runs(REPO).len(), 1, "one run per pipeline");
     let summary = run.summary.clone().unwrap_or_default();
-    for expected in ["| build | success", "| unit | failed", "exit code 1", "FAILED test_checkout"] {
+    for expected in ["| build | success", "| unit | failed", "exit code 1", "FAILED test_checkout", "key=***"] {
         assert!(summary.contains(expected), "{expected:?} is not in the summary:\n{summary}");
     }
+    assert!(!summary.contains("s3cr3t-deploy-value"), "the log lines are masked:\n{summary}");
     let unit_line = FAILING_SPEC.lines().position(|l| l.contains("name: unit")).expect("unit") as u64 + 1;
     assert_eq!(run.annotations.len(), 1, "{:#?}", run.annotations);
     assert_eq!((run.annotations[0].path.as_str(), run.annotations[0].start_line), (".cib.yml", unit_line));
