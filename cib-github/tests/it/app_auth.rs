@@ -55,3 +55,28 @@ async fn a_jwt_signed_with_another_key_is_refused() {
     assert_eq!(e.kind(), cib_core::ports::ErrorKind::Misconfigured, "{e}");
     fake.assert_no_violations();
 }
+
+/// Without a configured installation, each repository's is asked of GitHub once and its token
+/// cached per installation; a repository the App is not installed on is a clear error.
+#[tokio::test]
+async fn each_repository_finds_its_installation_and_an_uninstalled_one_is_refused_clearly() {
+    let fake = FakeGithub::start().await.expect("fake");
+    for repo in ["o/a", "p/b"] {
+        let sha = fake.commit(repo, &[], &[("a", "1")], "one");
+        fake.set_branch(repo, "main", &sha);
+    }
+    fake.enable_app(42, PUBLIC, 7, Duration::from_secs(3600));
+    fake.install("p/b", 9);
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: None };
+    let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
+    for _ in 0..2 {
+        vcs.resolve("o/a", "main").await.expect("o/a through installation 7");
+        vcs.resolve("p/b", "main").await.expect("p/b through installation 9");
+    }
+    assert_eq!((fake.tokens_of(7), fake.tokens_of(9)), (1, 1), "one token per installation");
+    assert_eq!(fake.count("apps/get-repo-installation"), 2, "each installation asked once");
+    let e = vcs.resolve("q/none", "main").await.expect_err("not installed");
+    assert_eq!(e.kind(), cib_core::ports::ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("installation for q/none"), "{e}");
+    fake.assert_no_violations();
+}

@@ -280,8 +280,11 @@ async fn a_rerequested_check_run_makes_a_new_build() {
     let build = run.external_id.clone().expect("the run names its build");
     assert!(w.log(&build, "unit").await.contains("FAILED test_checkout"));
 
-    // Someone who may only read asks first: nothing is built.
+    // Someone who may only read asks first: nothing is built. Nor is anything for a run whose
+    // external id names this build but whose commit is another: the payload cannot pick builds.
     w.hook("check_run", "rerun-guest", rerequested(REPO, &run, "guest")).await;
+    let forged = CheckRunRecord { head_sha: "f".repeat(40), ..run.clone() };
+    w.hook("check_run", "rerun-forged", rerequested(REPO, &forged, "dev")).await;
     // A writer asks: a new build, with its own run of the same name.
     w.hook("check_run", "rerun-dev", rerequested(REPO, &run, "dev")).await;
     let runs = w.completed(REPO, "cib/test", 2).await;
