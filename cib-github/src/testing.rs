@@ -912,8 +912,13 @@ async fn git_http_backend(
         Ok(child) => child,
         Err(e) => return failed(format!("git http-backend: {e}")),
     };
+    // The request is written while the answer is read, so that neither side waits on a full
+    // pipe.
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(body).await;
+        let body = body.to_vec();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&body).await;
+        });
     }
     let output = match child.wait_with_output().await {
         Ok(output) => output,
