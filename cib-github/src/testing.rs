@@ -910,7 +910,7 @@ async fn git_http_backend(
     }
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(e) => return failed(format!("git http-backend: {e}")),
+        Err(e) => return failed(format!("git http-backend: {e} (scripts/ensure-git-http-backend installs it)")),
     };
     // The request is written while the answer is read, so that neither side waits on a full
     // pipe.
