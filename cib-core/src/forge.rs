@@ -21,7 +21,16 @@ pub enum ForgeEvent {
     /// A comment addressed to cib (`/cib ...`) on a pull request or issue.
     Command(Command),
     /// Someone asked for a check to run again.
-    Rerun { repo: RepoName, sender: String, commit: String, name: String },
+    Rerun {
+        repo: RepoName,
+        sender: String,
+        commit: String,
+        name: String,
+        /// What the check reports on, as the backend that made it named it (cib names a
+        /// pipeline's check run after its build).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        external_id: Option<String>,
+    },
     /// An event cib does not act on; kept in the inbox, ignored.
     Ignored { event: String, action: Option<String> },
 }

@@ -305,6 +305,13 @@ pub trait Vcs: Send + Sync {
     async fn default_branch(&self, _repo: &str) -> Result<Option<String>, VcsError> {
         Ok(None)
     }
+
+    /// Whether `user` belongs to `team` (a slug of the repository owner's teams, or
+    /// `org/slug`), from the forge's own record; `None` when the backend has no teams, so that
+    /// teams come from the operator's directory only.
+    async fn team_member(&self, _repo: &str, _team: &str, _user: &str) -> Result<Option<bool>, VcsError> {
+        Ok(None)
+    }
 }
 
 /// Publishes events somewhere (commit statuses, chat, webhooks). Publishing the same event

@@ -39,6 +39,10 @@ const OPERATIONS = [
   ["post", "/repos/{owner}/{repo}/statuses/{sha}"],
   ["post", "/repos/{owner}/{repo}/issues/{issue_number}/comments"],
   ["post", "/app/installations/{installation_id}/access_tokens"],
+  ["get", "/repos/{owner}/{repo}/installation"],
+  ["post", "/repos/{owner}/{repo}/check-runs"],
+  ["patch", "/repos/{owner}/{repo}/check-runs/{check_run_id}"],
+  ["get", "/orgs/{org}/teams/{team_slug}/memberships/{username}"],
 ];
 
 const here = dirname(fileURLToPath(import.meta.url));

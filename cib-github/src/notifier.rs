@@ -1,5 +1,16 @@
-//! [`Notifier`] on GitHub commit statuses: one status context per pipeline (`cib/test`), its state
-//! and description following the build's events, delivered through a durable outbox.
+//! [`Notifier`] on GitHub: per pipeline, a check run (with a GitHub App) or a commit status
+//! (with a token), named `cib/<pipeline>`, following the build's events and delivered through a
+//! durable outbox.
+//!
+//! Check runs need an App (GitHub refuses them to other tokens), and say more than a status: a
+//! summary with every step, its result and duration, the failing step's last log lines (as the
+//! store keeps them, masked), and annotations on `.cib.yml` (a spec's diagnostics at their line
+//! and column; a failed step at the line that defines it). A check run is created once
+//! (`POST .../check-runs`) and then changed in place (`PATCH .../check-runs/{id}`); its id is
+//! kept in the outbox directory until its final state is delivered. A crash between GitHub's
+//! answer to the creation and that id being written makes a second run of the same name, the
+//! newer of which GitHub shows. Annotations ride on the final update only, because GitHub
+//! appends each request's annotations to those already there.
 //!
 //! `publish` never talks to GitHub. It works out the status the event implies, writes it to the
 //! outbox (one small JSON file per repository, commit and context, replaced in place) and wakes
@@ -20,12 +31,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cib_core::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
-use cib_core::ports::{ErrorKind, Notifier, NotifyError};
+use cib_core::ports::{ErrorKind, LogKey, Notifier, NotifyError, Store};
 use http::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -46,6 +57,11 @@ pub struct NotifierConfig {
     pub retry_max: Duration,
     /// How long the delivery task waits after being woken, so that a burst coalesces.
     pub coalesce: Duration,
+    /// Check runs instead of commit statuses for pipelines and broken specs. GitHub accepts
+    /// them from an App only; [`GithubNotifier::new`] turns this on for an App's client.
+    pub check_runs: bool,
+    /// How many of the failing step's last log lines a check run's summary shows.
+    pub log_lines: usize,
 }
 
 impl Default for NotifierConfig {
@@ -56,6 +72,8 @@ impl Default for NotifierConfig {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             coalesce: Duration::from_millis(200),
+            check_runs: false,
+            log_lines: 20,
         }
     }
 }
@@ -79,6 +97,81 @@ impl StatusUpdate {
     }
 }
 
+/// One annotation of a check run, on a file of the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Annotation {
+    pub path: String,
+    pub line: u64,
+    pub column: Option<u64>,
+    /// `notice`, `warning` or `failure`.
+    pub level: String,
+    pub message: String,
+    pub details: Option<String>,
+}
+
+/// The state a check run should have, as the outbox keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckUpdate {
+    pub repo: String,
+    pub sha: String,
+    /// The run's name, `cib/<pipeline>` or `cib/spec`.
+    pub name: String,
+    /// What the run reports on: the build id, or `spec@<commit>`. A `rerequested` event names
+    /// it, which is how a re-run finds its build.
+    pub external_id: String,
+    /// `queued`, `in_progress` or `completed`.
+    pub status: String,
+    pub conclusion: Option<String>,
+    pub title: String,
+    pub summary: String,
+    pub annotations: Vec<Annotation>,
+    pub details_url: Option<String>,
+}
+
+impl CheckUpdate {
+    fn key(&self) -> String {
+        let digest = Sha256::digest(format!("{}\0{}\0check", self.repo, self.external_id).as_bytes());
+        hex::encode(&digest[..16])
+    }
+}
+
+/// What the outbox holds: a status or a check run. Untagged, so that files written before check
+/// runs existed (statuses) are still read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Update {
+    Status(StatusUpdate),
+    Check(CheckUpdate),
+}
+
+impl Update {
+    fn key(&self) -> String {
+        match self {
+            Update::Status(s) => s.key(),
+            Update::Check(c) => c.key(),
+        }
+    }
+
+    fn repo_sha(&self) -> (&str, &str) {
+        match self {
+            Update::Status(s) => (&s.repo, &s.sha),
+            Update::Check(c) => (&c.repo, &c.sha),
+        }
+    }
+}
+
+/// How one step went, for a check run's summary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StepReport {
+    started_ms: Option<u64>,
+    finished_ms: Option<u64>,
+    detail: String,
+    /// The failing attempt's last log lines.
+    tail: Option<String>,
+    /// The line of `.cib.yml` that defines the step, once it failed.
+    line: Option<u64>,
+}
+
 /// What the notifier remembers of a running build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct BuildInfo {
@@ -87,11 +180,14 @@ struct BuildInfo {
     pipeline: String,
     /// How each finished step ended (its last attempt).
     steps: BTreeMap<String, StepConclusion>,
+    /// Times, details and log tails of the steps, for check runs.
+    #[serde(default)]
+    reports: BTreeMap<String, StepReport>,
 }
 
 #[derive(Debug)]
 struct Pending {
-    update: StatusUpdate,
+    update: Update,
     /// Bumped by every replacement, so that a delivery of an older version does not delete a
     /// newer one that arrived meanwhile.
     generation: u64,
@@ -104,6 +200,17 @@ struct State {
     builds: HashMap<BuildId, BuildInfo>,
     pending: BTreeMap<String, Pending>,
     generation: u64,
+    /// Check run ids GitHub gave, by outbox key.
+    check_ids: HashMap<String, u64>,
+}
+
+/// The store, behind a `Debug` that says only that it is there.
+struct StoreRef(Arc<dyn Store>);
+
+impl std::fmt::Debug for StoreRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreRef(..)")
+    }
 }
 
 #[derive(Debug)]
@@ -115,6 +222,8 @@ struct Inner {
     wake: Notify,
     /// How many updates wait, for [`GithubNotifier::flush`].
     waiting: watch::Sender<usize>,
+    /// Where the logs and the enqueued specs are read from, for check runs' summaries.
+    store: OnceLock<StoreRef>,
 }
 
 /// The GitHub commit status notifier. Dropping it stops delivery; what was not delivered stays
@@ -173,12 +282,19 @@ impl GithubNotifier {
     /// A notifier keeping its outbox in `dir` (created if missing). Updates left there by an
     /// earlier process are sent again. Must be called within a Tokio runtime.
     pub fn new(client: GithubClient, dir: &Path, config: NotifierConfig) -> Result<GithubNotifier, NotifyError> {
-        let (outbox, builds) = (dir.join("outbox"), dir.join("builds"));
-        for d in [&outbox, &builds] {
+        let mut config = config;
+        config.check_runs |= client.is_app();
+        let (outbox, builds, checks) = (dir.join("outbox"), dir.join("builds"), dir.join("checks"));
+        for d in [&outbox, &builds, &checks] {
             std::fs::create_dir_all(d).map_err(|e| io_error("create", e))?;
         }
         let mut state = State::default();
-        for (_, update) in read_dir_json::<StatusUpdate>(&outbox).map_err(|e| io_error("read", e))? {
+        for (path, id) in read_dir_json::<u64>(&checks).map_err(|e| io_error("read", e))? {
+            if let Some(key) = path.file_stem().and_then(|s| s.to_str()) {
+                state.check_ids.insert(key.to_owned(), id);
+            }
+        }
+        for (_, update) in read_dir_json::<Update>(&outbox).map_err(|e| io_error("read", e))? {
             state.generation += 1;
             let pending = Pending { update, generation: state.generation, attempts: 0, not_before: None };
             state.pending.insert(pending.update.key(), pending);
@@ -195,6 +311,7 @@ impl GithubNotifier {
             state: Mutex::new(state),
             wake: Notify::new(),
             waiting,
+            store: OnceLock::new(),
         });
         let task = tokio::spawn(deliver(inner.clone()));
         inner.wake.notify_one();
@@ -207,9 +324,38 @@ impl GithubNotifier {
         tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await.is_ok_and(|r| r.is_ok())
     }
 
-    /// The updates not yet delivered.
+    /// Reads the failing steps' logs (and the specs builds were enqueued with) from `store`,
+    /// for check runs' summaries and annotations. Without it, check runs name the failed steps
+    /// but show no log lines.
+    pub fn with_store(self, store: Arc<dyn Store>) -> Self {
+        let _ = self.inner.store.set(StoreRef(store));
+        self
+    }
+
+    /// The status updates not yet delivered.
     pub fn pending(&self) -> Vec<StatusUpdate> {
-        lock(&self.inner.state).pending.values().map(|p| p.update.clone()).collect()
+        let state = lock(&self.inner.state);
+        state
+            .pending
+            .values()
+            .filter_map(|p| match &p.update {
+                Update::Status(s) => Some(s.clone()),
+                Update::Check(_) => None,
+            })
+            .collect()
+    }
+
+    /// The check run updates not yet delivered.
+    pub fn pending_checks(&self) -> Vec<CheckUpdate> {
+        let state = lock(&self.inner.state);
+        state
+            .pending
+            .values()
+            .filter_map(|p| match &p.update {
+                Update::Check(c) => Some(c.clone()),
+                Update::Status(_) => None,
+            })
+            .collect()
     }
 }
 
@@ -221,6 +367,61 @@ impl Inner {
 
     fn outbox_path(&self, key: &str) -> PathBuf {
         self.dir.join("outbox").join(format!("{key}.json"))
+    }
+
+    fn check_path(&self, key: &str) -> PathBuf {
+        self.dir.join("checks").join(format!("{key}.json"))
+    }
+
+    fn details_url(&self, build: &BuildId) -> Option<String> {
+        self.config
+            .target_url
+            .as_ref()
+            .map(|base| format!("{}/builds/{}", base.trim_end_matches('/'), encode(&build.0, false)))
+    }
+
+    /// The check run a build's event implies.
+    fn check(
+        &self,
+        build: &BuildId,
+        info: &BuildInfo,
+        status: &str,
+        conclusion: Option<&str>,
+        title: String,
+    ) -> CheckUpdate {
+        CheckUpdate {
+            repo: info.repo.clone(),
+            sha: info.commit.clone(),
+            name: format!("{}/{}", self.config.context_prefix, info.pipeline),
+            external_id: build.0.clone(),
+            status: status.to_owned(),
+            conclusion: conclusion.map(str::to_owned),
+            title: truncate(&title, 200),
+            summary: check_summary(info),
+            annotations: Vec::new(),
+            details_url: self.details_url(build),
+        }
+    }
+
+    /// The last `log_lines` lines of a step attempt's stored log, which the engine masked
+    /// before storing.
+    async fn log_tail(&self, build: &BuildId, step: &str, attempt: u32) -> Option<String> {
+        let store = &self.store.get()?.0;
+        let key = LogKey { build: build.clone(), step: step.to_owned(), attempt };
+        let end = store.read_log(&key, u64::MAX, 1).await.ok()?.next_offset;
+        let read = store.read_log(&key, end.saturating_sub(8192), 8192).await.ok()?;
+        let text = String::from_utf8_lossy(&read.data);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(self.config.log_lines)..].join("\n");
+        Some(tail)
+    }
+
+    /// The line of `.cib.yml` that names `step`, from the spec text the build was enqueued with.
+    async fn step_line(&self, build: &BuildId, step: &str) -> Option<u64> {
+        let store = &self.store.get()?.0;
+        let stored = store.enqueued(build).await.ok()??;
+        let cib_core::pipeline::Input::Enqueue { spec, .. } = stored.input else { return None };
+        step_line(&spec, step)
     }
 
     fn status(&self, build: &BuildId, info: &BuildInfo, state: &str, description: String) -> StatusUpdate {
@@ -238,8 +439,9 @@ impl Inner {
         }
     }
 
-    /// Puts `update` in the outbox in place of any older one for the same status.
-    fn enqueue(&self, state: &mut State, update: StatusUpdate) -> Result<(), NotifyError> {
+    /// Puts `update` in the outbox in place of any older one for the same status or run.
+    fn enqueue(&self, state: &mut State, update: impl Into<Update>) -> Result<(), NotifyError> {
+        let update = update.into();
         let key = update.key();
         if state.pending.get(&key).is_some_and(|p| p.update == update) {
             return Ok(());
@@ -259,6 +461,139 @@ impl Inner {
         self.wake.notify_one();
         Ok(())
     }
+}
+
+impl From<StatusUpdate> for Update {
+    fn from(s: StatusUpdate) -> Self {
+        Update::Status(s)
+    }
+}
+
+impl From<CheckUpdate> for Update {
+    fn from(c: CheckUpdate) -> Self {
+        Update::Check(c)
+    }
+}
+
+/// The line in a spec's text where the step `step` is named (`name: step`, quoted or not, in
+/// block or flow style), for an annotation. A matrix cell (`unit (python=3.12)`) is found by its
+/// matrix step's name. `None` when no line names it.
+fn step_line(spec: &str, step: &str) -> Option<u64> {
+    let base = step.split(" (").next().unwrap_or(step);
+    for (i, line) in spec.lines().enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("name:") {
+            let value = rest[at + 5..].trim_start();
+            let value = value.trim_start_matches(['"', '\'']);
+            if let Some(after) = value.strip_prefix(base)
+                && after.chars().next().is_none_or(|c| matches!(c, '"' | '\'' | ',' | '}' | ' ' | '#'))
+            {
+                return Some(i as u64 + 1);
+            }
+            rest = &rest[at + 5..];
+        }
+    }
+    None
+}
+
+/// A diagnostic line (`PATH:LINE:COL: error: MESSAGE`, as `Diagnostic::line` writes it) as an
+/// annotation at its place.
+fn diagnostic_annotation(line: &str) -> Option<Annotation> {
+    let mut parts = line.splitn(4, ':');
+    let (path, row, col, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let row: u64 = row.trim().parse().ok()?;
+    let col: u64 = col.trim().parse().ok()?;
+    let message = rest.trim_start().strip_prefix("error:").unwrap_or(rest).trim();
+    Some(Annotation {
+        path: path.to_owned(),
+        line: row.max(1),
+        column: Some(col.max(1)),
+        level: "failure".into(),
+        message: message.to_owned(),
+        details: None,
+    })
+}
+
+/// One failure annotation per failed step whose line in `.cib.yml` is known, carrying the
+/// step's last log lines.
+fn failed_annotations(info: &BuildInfo) -> Vec<Annotation> {
+    info.reports
+        .iter()
+        .filter(|(name, _)| {
+            info.steps.get(*name).is_some_and(|c| !matches!(c, StepConclusion::Success | StepConclusion::Skipped))
+        })
+        .filter_map(|(name, report)| {
+            Some(Annotation {
+                path: cib_core::spec::FILE_NAME.to_owned(),
+                line: report.line?,
+                column: None,
+                level: "failure".into(),
+                message: truncate(&format!("step {name} failed: {}", report.detail), 1000),
+                details: report.tail.clone(),
+            })
+        })
+        .take(50)
+        .collect()
+}
+
+/// The check run conclusion of a build's conclusion.
+fn check_conclusion(conclusion: Conclusion) -> &'static str {
+    match conclusion {
+        Conclusion::Success => "success",
+        Conclusion::Failed | Conclusion::Errored => "failure",
+        Conclusion::TimedOut => "timed_out",
+        Conclusion::Cancelled => "cancelled",
+        // Check runs have a neutral conclusion, which branch protection does not count as a
+        // pass: a build whose secret steps were skipped proves nothing.
+        Conclusion::Neutral => "neutral",
+    }
+}
+
+/// `1m 05s`, `3.2s`: a step's duration for a summary.
+fn duration(ms: u64) -> String {
+    if ms >= 60_000 {
+        format!("{}m {:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+/// A check run's summary in Markdown: a table of the steps, then the failing steps' last lines.
+fn check_summary(info: &BuildInfo) -> String {
+    let mut names: Vec<&String> = info.reports.keys().collect();
+    for name in info.steps.keys() {
+        if !info.reports.contains_key(name) {
+            names.push(name);
+        }
+    }
+    let mut out = format!("**{}**\n\n| step | result | duration |\n|---|---|---|\n", summary(&info.steps));
+    for name in &names {
+        let report = info.reports.get(*name).cloned().unwrap_or_default();
+        let result = match info.steps.get(*name) {
+            Some(c) => format!("{c:?}").to_lowercase(),
+            None => "running".into(),
+        };
+        let took = match (report.started_ms, report.finished_ms) {
+            (Some(a), Some(b)) => duration(b.saturating_sub(a)),
+            _ => String::new(),
+        };
+        let detail = if report.detail.is_empty() { String::new() } else { format!(" ({})", report.detail) };
+        out.push_str(&format!("| {} | {result}{} | {took} |\n", markdown_cell(name), markdown_cell(&detail)));
+    }
+    for name in names {
+        if let Some(tail) = info.reports.get(name).and_then(|r| r.tail.as_ref()) {
+            out.push_str(&format!(
+                "\n**{}**: the last lines of its log\n\n```\n{}\n```\n",
+                markdown_cell(name),
+                tail.replace("```", "``\u{200b}`")
+            ));
+        }
+    }
+    truncate(&out, 65_000)
+}
+
+fn markdown_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -358,6 +693,31 @@ impl Notifier for GithubNotifier {
             // problem; a pull request also gets every problem in a comment.
             EventBody::SpecInvalid { repo, commit, pull_request, diagnostics } => {
                 let first = diagnostics.first().map(String::as_str).unwrap_or("the spec is invalid");
+                let check = inner.config.check_runs.then(|| {
+                    let mut summary = format!(
+                        "cib built nothing: `{}` has {} problem(s).\n\n```\n",
+                        cib_core::spec::FILE_NAME,
+                        diagnostics.len()
+                    );
+                    for d in diagnostics {
+                        summary.push_str(d);
+                        summary.push('\n');
+                    }
+                    summary.push_str("```\n");
+                    CheckUpdate {
+                        repo: repo.clone(),
+                        sha: commit.clone(),
+                        name: format!("{}/spec", inner.config.context_prefix),
+                        external_id: format!("spec@{commit}"),
+                        status: "completed".into(),
+                        conclusion: Some("failure".into()),
+                        title: truncate(first, 200),
+                        summary: truncate(&summary, 65_000),
+                        // GitHub takes 50 annotations per request; the summary lists them all.
+                        annotations: diagnostics.iter().filter_map(|d| diagnostic_annotation(d)).take(50).collect(),
+                        details_url: None,
+                    }
+                });
                 let update = StatusUpdate {
                     repo: repo.clone(),
                     sha: commit.clone(),
@@ -381,9 +741,23 @@ impl Notifier for GithubNotifier {
                     post_comment(inner.client.clone(), repo.clone(), *number, text);
                 }
                 let mut state = lock(&inner.state);
-                return inner.enqueue(&mut state, update);
+                return match check {
+                    Some(check) => inner.enqueue(&mut state, check),
+                    None => inner.enqueue(&mut state, update),
+                };
             }
             _ => {}
+        }
+        // A failed step's log tail and line are read before the state is locked, since the
+        // store is async.
+        let mut failure: Option<(String, Option<String>, Option<u64>)> = None;
+        if inner.config.check_runs
+            && let EventBody::StepFinished { build, step, attempt, conclusion, will_retry: false, .. } = &event.body
+            && !matches!(conclusion, StepConclusion::Success | StepConclusion::Skipped)
+        {
+            let tail = inner.log_tail(build, step, *attempt).await;
+            let line = inner.step_line(build, step).await;
+            failure = Some((step.clone(), tail, line));
         }
         let mut state = lock(&inner.state);
         let Some(build) = event.body.build().cloned() else { return Ok(()) };
@@ -393,6 +767,7 @@ impl Notifier for GithubNotifier {
                 commit: commit.clone(),
                 pipeline: pipeline.clone(),
                 steps: BTreeMap::new(),
+                reports: BTreeMap::new(),
             };
             write_atomic(&inner.build_path(&build), &(&build, &info)).map_err(|e| io_error("write", e))?;
             state.builds.insert(build.clone(), info);
@@ -402,6 +777,29 @@ impl Notifier for GithubNotifier {
             tracing::debug!(%build, seq = event.seq, "no BuildQueued seen for this build; status skipped");
             return Ok(());
         };
+        let at = event.at.millis();
+        match &event.body {
+            EventBody::StepStarted { step, .. } => {
+                let report = info.reports.entry(step.clone()).or_default();
+                report.started_ms = Some(at);
+                report.finished_ms = None;
+            }
+            EventBody::StepFinished { step, detail, will_retry: false, .. } => {
+                let report = info.reports.entry(step.clone()).or_default();
+                report.finished_ms = Some(at);
+                report.detail = detail.clone();
+                if let Some((failed, tail, line)) = &failure
+                    && failed == step
+                {
+                    report.tail = tail.clone();
+                    report.line = *line;
+                }
+            }
+            EventBody::StepSkipped { step, reason, .. } => {
+                info.reports.entry(step.clone()).or_default().detail = reason.clone();
+            }
+            _ => {}
+        }
         let mut finished = false;
         let (state_name, description) = match &event.body {
             EventBody::BuildQueued { .. } => ("pending", "queued".to_owned()),
@@ -428,8 +826,32 @@ impl Notifier for GithubNotifier {
             _ => return Ok(()),
         };
         let info = info.clone();
-        let update = inner.status(&build, &info, state_name, description);
-        inner.enqueue(&mut state, update)?;
+        // What the steps did is kept on disk as it changes, so that a restart's summary still
+        // lists every step with its duration.
+        if matches!(
+            &event.body,
+            EventBody::StepStarted { .. } | EventBody::StepFinished { .. } | EventBody::StepSkipped { .. }
+        ) {
+            write_atomic(&inner.build_path(&build), &(&build, &info)).map_err(|e| io_error("write", e))?;
+        }
+        if inner.config.check_runs {
+            let check = match &event.body {
+                EventBody::BuildQueued { .. } | EventBody::BuildWaitingForTurn { .. } => {
+                    inner.check(&build, &info, "queued", None, description)
+                }
+                EventBody::BuildFinished { conclusion, .. } => {
+                    let mut check =
+                        inner.check(&build, &info, "completed", Some(check_conclusion(*conclusion)), description);
+                    check.annotations = failed_annotations(&info);
+                    check
+                }
+                _ => inner.check(&build, &info, "in_progress", None, description),
+            };
+            inner.enqueue(&mut state, check)?;
+        } else {
+            let update = inner.status(&build, &info, state_name, description);
+            inner.enqueue(&mut state, update)?;
+        }
         if finished {
             // The final status is durable in the outbox; the build's record is no longer needed.
             state.builds.remove(&build);
@@ -467,11 +889,28 @@ async fn deliver(inner: Arc<Inner>) {
                 continue;
             }
         };
-        let Some((update, generation)) = lock(&inner.state).pending.get(&key).map(|p| (p.update.clone(), p.generation))
-        else {
-            continue;
+        let found = {
+            let state = lock(&inner.state);
+            state.pending.get(&key).map(|p| (p.update.clone(), p.generation, state.check_ids.get(&key).copied()))
         };
-        let result = send(&inner.client, &update).await;
+        let Some((update, generation, check_id)) = found else { continue };
+        let result = match &update {
+            Update::Status(status) => send(&inner.client, status).await,
+            Update::Check(check) => match send_check(&inner.client, check, check_id).await {
+                Ok(Some(id)) => {
+                    // The id is durable before the update leaves the outbox, so the next update
+                    // (or a restart) changes this run rather than making another.
+                    if let Err(e) = write_atomic(&inner.check_path(&key), &id) {
+                        tracing::warn!(error = %e, "a check run's id was not stored; its next update makes another run");
+                    }
+                    lock(&inner.state).check_ids.insert(key.clone(), id);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+        };
+        let (repo, sha) = update.repo_sha();
         let mut state = lock(&inner.state);
         let Some(pending) = state.pending.get_mut(&key) else { continue };
         match result {
@@ -481,10 +920,15 @@ async fn deliver(inner: Arc<Inner>) {
                     if let Err(e) = std::fs::remove_file(inner.outbox_path(&key)) {
                         tracing::warn!(error = %e, "a delivered status stays in the outbox and will be sent again");
                     }
+                    // A completed run changes no more; its id is no longer needed.
+                    if matches!(&update, Update::Check(c) if c.status == "completed") {
+                        state.check_ids.remove(&key);
+                        let _ = std::fs::remove_file(inner.check_path(&key));
+                    }
                 }
             }
             Err(e) if e.kind == ErrorKind::Permanent => {
-                tracing::error!(error = %e, repo = %update.repo, sha = %update.sha, "GitHub refused a commit status; dropped");
+                tracing::error!(error = %e, %repo, %sha, "GitHub refused an update; dropped");
                 if pending.generation == generation {
                     state.pending.remove(&key);
                     let _ = std::fs::remove_file(inner.outbox_path(&key));
@@ -525,6 +969,54 @@ fn finished_state(conclusion: Conclusion, steps: &str) -> (&'static str, String)
     }
 }
 
+/// Creates the check run (answering its new id) or changes the one GitHub already has.
+async fn send_check(
+    client: &GithubClient,
+    check: &CheckUpdate,
+    id: Option<u64>,
+) -> Result<Option<u64>, crate::client::ApiError> {
+    let annotations: Vec<serde_json::Value> = check
+        .annotations
+        .iter()
+        .map(|a| {
+            let mut v = serde_json::json!({
+                "path": a.path, "start_line": a.line, "end_line": a.line,
+                "annotation_level": a.level, "message": a.message,
+            });
+            // GitHub takes columns only on a one-line annotation, which these are.
+            if let Some(column) = a.column {
+                v["start_column"] = column.into();
+                v["end_column"] = column.into();
+            }
+            if let Some(details) = &a.details {
+                v["raw_details"] = truncate(details, 60_000).into();
+            }
+            v
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "name": check.name,
+        "external_id": check.external_id,
+        "status": check.status,
+        "output": { "title": check.title, "summary": check.summary, "annotations": annotations },
+    });
+    if let Some(conclusion) = &check.conclusion {
+        body["conclusion"] = conclusion.clone().into();
+    }
+    if let Some(url) = &check.details_url {
+        body["details_url"] = url.clone().into();
+    }
+    let base = format!("{}/check-runs", repo_path(&check.repo)?);
+    match id {
+        Some(id) => client.send(Method::PATCH, &format!("{base}/{id}"), Some(&body)).await.map(|_| None),
+        None => {
+            body["head_sha"] = check.sha.clone().into();
+            let answer = client.send(Method::POST, &base, Some(&body)).await?.json()?;
+            Ok(answer.get("id").and_then(serde_json::Value::as_u64))
+        }
+    }
+}
+
 async fn send(client: &GithubClient, update: &StatusUpdate) -> Result<(), crate::client::ApiError> {
     let path = format!("{}/statuses/{}", repo_path(&update.repo)?, encode(&update.sha, false));
     let mut body = serde_json::json!({
@@ -550,6 +1042,19 @@ mod tests {
         steps.insert("docs".to_owned(), StepConclusion::Skipped);
         assert_eq!(summary(&steps), "1 passed, 1 failed (lint), 1 skipped");
         assert_eq!(truncate(&"x".repeat(200), 140).chars().count(), 140);
+    }
+
+    #[test]
+    fn diagnostics_and_steps_are_placed_on_lines() {
+        let a =
+            diagnostic_annotation(".cib.yml:3:5: error: unknown key 'stepz' (did you mean 'steps'?)").expect("parsed");
+        assert_eq!((a.path.as_str(), a.line, a.column), (".cib.yml", 3, Some(5)));
+        assert_eq!(a.message, "unknown key 'stepz' (did you mean 'steps'?)");
+        assert!(diagnostic_annotation("no place here").is_none());
+        let spec = "pipelines:\n  t:\n    steps:\n      - { name: lint, image: x }\n      - name: \"unit\"\n        image: x\n";
+        assert_eq!(step_line(spec, "lint"), Some(4));
+        assert_eq!(step_line(spec, "unit (python=3.12)"), Some(5), "a matrix cell is found by its step");
+        assert_eq!(step_line(spec, "uni"), None, "a prefix is not a name");
     }
 
     #[test]

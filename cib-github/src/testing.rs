@@ -13,8 +13,15 @@
 //! GitHub can send them from any endpoint, and the description documents them unevenly.
 //!
 //! The state is small and in memory: repositories with commits (each a full snapshot of files,
-//! with parents), branches, commit statuses, comments, collaborators' permissions and pull
-//! request reviews. Faults can be injected per operation to test retries.
+//! with parents), branches, commit statuses, check runs, comments, collaborators' permissions,
+//! pull request reviews, organisation teams and App installations. Faults can be injected per
+//! operation to test retries.
+//!
+//! A repository imported from a local bare repository ([`FakeGithub::import_bare`]) is also
+//! served to `git` over the smart HTTP protocol at `<url>/<owner>/<repo>.git`, through Git's own
+//! `git http-backend`, and only to a client that authenticates as `x-access-token` with a token
+//! the fake accepts, as GitHub does. That part is Git's protocol, not the REST API, so it is not
+//! checked against the OpenAPI description; `git` itself checks it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -137,6 +144,38 @@ pub struct Recorded {
     pub authorization: Option<String>,
 }
 
+/// A check run as the fake stored it, with every update applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRunRecord {
+    pub id: u64,
+    pub name: String,
+    pub head_sha: String,
+    pub status: String,
+    pub conclusion: Option<String>,
+    pub external_id: Option<String>,
+    pub details_url: Option<String>,
+    pub title: Option<String>,
+    pub summary: Option<String>,
+    pub text: Option<String>,
+    /// Every annotation sent, in order: GitHub appends each update's annotations.
+    pub annotations: Vec<AnnotationRecord>,
+    /// How many requests created or changed it.
+    pub writes: u32,
+}
+
+/// One annotation of a check run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotationRecord {
+    pub path: String,
+    pub start_line: u64,
+    pub end_line: u64,
+    pub start_column: Option<u64>,
+    pub end_column: Option<u64>,
+    pub level: String,
+    pub message: String,
+    pub title: Option<String>,
+}
+
 /// A commit status as the fake stored it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusRecord {
@@ -182,6 +221,7 @@ struct Repo {
     /// Full ref names without `refs/`: `heads/main`, `tags/v1`.
     refs: BTreeMap<String, String>,
     statuses: Vec<StatusRecord>,
+    check_runs: Vec<CheckRunRecord>,
     comments: Vec<(u64, String)>,
     permissions: BTreeMap<String, String>,
     reviews: BTreeMap<u64, Vec<FakeReview>>,
@@ -192,7 +232,15 @@ struct App {
     id: u64,
     public_key_pem: Vec<u8>,
     installation: u64,
+    /// Repositories installed on another installation than `installation`.
+    installed: BTreeMap<String, u64>,
     token_lifetime: Duration,
+}
+
+impl App {
+    fn installation_of(&self, repo: &str) -> u64 {
+        self.installed.get(repo).copied().unwrap_or(self.installation)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -202,8 +250,10 @@ struct State {
     requests: Vec<Recorded>,
     faults: VecDeque<Fault>,
     tokens: BTreeSet<String>,
-    /// Installation tokens and when they expire (Unix seconds).
-    installation_tokens: BTreeMap<String, u64>,
+    /// Installation tokens: when each expires (Unix seconds) and its installation.
+    installation_tokens: BTreeMap<String, (u64, u64)>,
+    /// Team memberships: (organisation, team slug) to user to state (`active`, `pending`).
+    teams: BTreeMap<(String, String), BTreeMap<String, String>>,
     app: Option<App>,
     next_id: u64,
 }
@@ -274,8 +324,40 @@ impl FakeGithub {
     /// Makes the fake a GitHub App host: JWTs signed with the key whose public half is
     /// `public_key_pem` may create tokens for `installation`, which live `token_lifetime`.
     pub fn enable_app(&self, app_id: u64, public_key_pem: &[u8], installation: u64, token_lifetime: Duration) {
-        self.state().app =
-            Some(App { id: app_id, public_key_pem: public_key_pem.to_vec(), installation, token_lifetime });
+        self.state().app = Some(App {
+            id: app_id,
+            public_key_pem: public_key_pem.to_vec(),
+            installation,
+            installed: BTreeMap::new(),
+            token_lifetime,
+        });
+    }
+
+    /// Installs the App on `repo` through `installation` (another than [`Self::enable_app`]'s):
+    /// `GET /repos/{owner}/{repo}/installation` names it, and only its tokens reach the
+    /// repository, as on GitHub, where another installation's token gets a 404.
+    pub fn install(&self, repo: &str, installation: u64) {
+        if let Some(app) = self.state().app.as_mut() {
+            app.installed.insert(repo.to_owned(), installation);
+        }
+    }
+
+    /// Installation tokens issued per installation.
+    pub fn tokens_of(&self, installation: u64) -> usize {
+        self.state().installation_tokens.values().filter(|(_, i)| *i == installation).count()
+    }
+
+    /// Sets `user`'s membership of `org`'s team `team` (`active`, or `pending` for an
+    /// invitation not yet accepted).
+    pub fn set_team_member(&self, org: &str, team: &str, user: &str, state_name: &str) {
+        let mut state = self.state();
+        let members = state.teams.entry((org.to_owned(), team.to_owned())).or_default();
+        members.insert(user.to_owned(), state_name.to_owned());
+    }
+
+    /// The check runs of the repository, oldest first.
+    pub fn check_runs(&self, repo: &str) -> Vec<CheckRunRecord> {
+        self.state().repos.get(repo).map(|r| r.check_runs.clone()).unwrap_or_default()
     }
 
     /// How many installation tokens the fake has issued.
@@ -471,17 +553,43 @@ async fn serve(state: &Arc<Mutex<State>>, base: &str, req: Request<Incoming>) ->
     let method = req.method().as_str().to_owned();
     let uri = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
     let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let git_headers = [header("content-type"), header("content-encoding"), header("git-protocol")];
     let path = req.uri().path().to_owned();
-    let query = parse_query(req.uri().query().unwrap_or(""));
+    let raw_query = req.uri().query().unwrap_or("").to_owned();
+    let query = parse_query(&raw_query);
     let raw = match req.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(_) => Bytes::new(),
     };
     let body: Option<Value> = if raw.is_empty() { None } else { serde_json::from_slice(&raw).ok() };
 
+    // Git's smart HTTP protocol runs a process, so it is answered outside the state's lock.
+    let answer = match git_repo(&path) {
+        Some((repo, rest)) => {
+            let bare = {
+                let st = lock(state);
+                let allowed = git_authorized(&st, &repo, authorization.as_deref());
+                st.repos.get(&repo).and_then(|r| r.bare.clone()).map(|b| (b, allowed))
+            };
+            Some(match bare {
+                None => not_found(),
+                Some((_, false)) => Answer {
+                    status: 401,
+                    headers: vec![("www-authenticate".into(), "Basic realm=\"GitHub\"".into())],
+                    body: AnswerBody::Empty,
+                },
+                Some((bare, true)) => git_http_backend(&bare, &method, &rest, &raw_query, &git_headers, &raw).await,
+            })
+        }
+        None => None,
+    };
+
     let mut st = lock(state);
-    let (operation, answer) =
-        route(&mut st, base, &method, &path, &query, &raw, body.as_ref(), authorization.as_deref());
+    let (operation, answer) = match answer {
+        Some(answer) => (None, answer),
+        None => route(&mut st, base, &method, &path, &query, &raw, body.as_ref(), authorization.as_deref()),
+    };
     st.requests.push(Recorded {
         method,
         uri,
@@ -602,8 +710,15 @@ fn route(
 
     let answer = if id == "apps/create-installation-access-token" {
         create_installation_token(st, &params, authorization)
+    } else if id == "apps/get-repo-installation" {
+        repo_installation(st, base, &params, authorization)
     } else if !authorized(st, authorization) {
         answer(401, json!({"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"}))
+    } else if !installation_reaches(st, &params, authorization) {
+        // GitHub hides a repository from an installation that does not have it.
+        not_found()
+    } else if id == "teams/get-membership-for-user-in-org" {
+        team_membership(st, base, &params)
     } else {
         handle(st, base, &id, &params, query, body)
     };
@@ -703,7 +818,143 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 fn authorized(st: &State, authorization: Option<&str>) -> bool {
     let Some(token) = bearer(authorization) else { return false };
-    st.tokens.contains(token) || st.installation_tokens.get(token).is_some_and(|exp| *exp > unix_now())
+    token_valid(st, token)
+}
+
+fn token_valid(st: &State, token: &str) -> bool {
+    st.tokens.contains(token) || st.installation_tokens.get(token).is_some_and(|(exp, _)| *exp > unix_now())
+}
+
+/// Whether an installation token may reach the repository a request names: only the
+/// installation the repository is installed on may. Other tokens are not limited here.
+fn installation_reaches(st: &State, params: &HashMap<String, String>, authorization: Option<&str>) -> bool {
+    let (Some(app), Some(token)) = (&st.app, bearer(authorization)) else { return true };
+    let Some((_, installation)) = st.installation_tokens.get(token) else { return true };
+    match (params.get("owner"), params.get("repo")) {
+        (Some(owner), Some(repo)) => app.installation_of(&format!("{owner}/{repo}")) == *installation,
+        _ => true,
+    }
+}
+
+/// `/<owner>/<repo>.git/<rest>`: the repository and the rest of the path, for Git's protocol.
+fn git_repo(path: &str) -> Option<(String, String)> {
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let (owner, name, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    let name = name.strip_suffix(".git")?;
+    if owner.is_empty() || name.is_empty() || owner.starts_with('_') {
+        return None;
+    }
+    Some((format!("{owner}/{name}"), format!("/{rest}")))
+}
+
+/// Git authenticates over HTTP with Basic auth; GitHub takes a token as the password (the
+/// user name `x-access-token` for an installation token, anything for a personal one).
+fn git_authorized(st: &State, repo: &str, authorization: Option<&str>) -> bool {
+    let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ")) else { return false };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+    let text = String::from_utf8_lossy(&decoded);
+    let Some((_, token)) = text.split_once(':') else { return false };
+    if !token_valid(st, token) {
+        return false;
+    }
+    match (&st.app, st.installation_tokens.get(token)) {
+        (Some(app), Some((_, installation))) => app.installation_of(repo) == *installation,
+        _ => true,
+    }
+}
+
+/// Where Git's `http-backend` is: next to the `git` on the path, or where Debian puts it.
+fn http_backend() -> std::path::PathBuf {
+    let exec_path = std::process::Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("git-http-backend"));
+    match exec_path {
+        Some(path) if path.exists() => path,
+        _ => std::path::PathBuf::from("/usr/lib/git-core/git-http-backend"),
+    }
+}
+
+/// Runs `git http-backend` as a CGI program over the bare repository and turns its output into
+/// an answer.
+async fn git_http_backend(
+    bare: &std::path::Path,
+    method: &str,
+    path_info: &str,
+    query: &str,
+    headers: &[Option<String>; 3],
+    body: &[u8],
+) -> Answer {
+    use tokio::io::AsyncWriteExt;
+    let failed = |m: String| answer(500, json!({"message": m}));
+    let mut command = tokio::process::Command::new(http_backend());
+    command
+        .env_clear()
+        .env("GIT_PROJECT_ROOT", bare)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", path_info)
+        .env("REQUEST_METHOD", method)
+        .env("QUERY_STRING", query)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_USER", "x-access-token")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (name, value) in ["CONTENT_TYPE", "HTTP_CONTENT_ENCODING", "GIT_PROTOCOL"].iter().zip(headers) {
+        if let Some(value) = value {
+            command.env(name, value);
+        }
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return failed(format!("git http-backend: {e} (scripts/ensure-git-http-backend installs it)")),
+    };
+    // The request is written while the answer is read, so that neither side waits on a full
+    // pipe.
+    if let Some(mut stdin) = child.stdin.take() {
+        let body = body.to_vec();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&body).await;
+        });
+    }
+    let output = match child.wait_with_output().await {
+        Ok(output) => output,
+        Err(e) => return failed(format!("git http-backend: {e}")),
+    };
+    let out = output.stdout;
+    let Some(split) = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4))
+        .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))
+    else {
+        return failed(format!("git http-backend: {}", String::from_utf8_lossy(&output.stderr)));
+    };
+    let (head, rest) = (String::from_utf8_lossy(&out[..split.0]).into_owned(), out[split.0 + split.1..].to_vec());
+    let mut status = 200;
+    let mut answer_headers = Vec::new();
+    let mut content_type = "application/octet-stream";
+    for line in head.lines() {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            status = value.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(500);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            // The content types git sends are a handful of fixed strings.
+            content_type = match value {
+                "application/x-git-upload-pack-advertisement" => "application/x-git-upload-pack-advertisement",
+                "application/x-git-upload-pack-result" => "application/x-git-upload-pack-result",
+                "text/plain" => "text/plain",
+                _ => "application/octet-stream",
+            };
+        } else {
+            answer_headers.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    Answer { status, headers: answer_headers, body: AnswerBody::Bytes(content_type, rest) }
 }
 
 fn unix_now() -> u64 {
@@ -713,6 +964,79 @@ fn unix_now() -> u64 {
 #[derive(Debug, Deserialize)]
 struct Claims {
     iss: Value,
+}
+
+/// Checks that the request carries a JWT of the fake's App, as GitHub does for the App's own
+/// endpoints; the refusal is the answer to give.
+fn app_jwt<'a>(st: &'a State, authorization: Option<&str>) -> Result<&'a App, Answer> {
+    let unauthorized =
+        |m: &str| answer(401, json!({"message": m, "documentation_url": "https://docs.github.com/rest"}));
+    let Some(app) = &st.app else { return Err(unauthorized("this fake is not a GitHub App host")) };
+    let Some(jwt) = bearer(authorization) else { return Err(unauthorized("a JWT is required")) };
+    let key = match octocrab::jsonwebtoken::DecodingKey::from_rsa_pem(&app.public_key_pem) {
+        Ok(k) => k,
+        Err(e) => return Err(unauthorized(&format!("the test's public key: {e}"))),
+    };
+    let mut validation = octocrab::jsonwebtoken::Validation::new(octocrab::jsonwebtoken::Algorithm::RS256);
+    validation.set_required_spec_claims(&["exp", "iat"]);
+    let claims = match octocrab::jsonwebtoken::decode::<Claims>(jwt, &key, &validation) {
+        Ok(data) => data.claims,
+        Err(e) => return Err(unauthorized(&format!("A JSON web token could not be decoded: {e}"))),
+    };
+    let iss = match &claims.iss {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    };
+    if iss != Some(app.id) {
+        return Err(unauthorized("the JWT's issuer is not this app"));
+    }
+    Ok(app)
+}
+
+/// `GET /repos/{owner}/{repo}/installation`, with the App's JWT.
+fn repo_installation(st: &State, base: &str, params: &HashMap<String, String>, authorization: Option<&str>) -> Answer {
+    let app = match app_jwt(st, authorization) {
+        Ok(app) => app,
+        Err(refused) => return refused,
+    };
+    let p = |name: &str| params.get(name).cloned().unwrap_or_default();
+    let repo = format!("{}/{}", p("owner"), p("repo"));
+    if !st.repos.contains_key(&repo) {
+        return not_found();
+    }
+    let id = app.installation_of(&repo);
+    let now = rfc3339(unix_now());
+    answer(
+        200,
+        json!({
+            "id": id, "account": user_json(base, &p("owner")), "repository_selection": "selected",
+            "access_tokens_url": format!("{base}/app/installations/{id}/access_tokens"),
+            "repositories_url": format!("{base}/installation/repositories"),
+            "html_url": format!("{base}/html/settings/installations/{id}"),
+            "app_id": app.id, "app_slug": "cib", "target_id": 1, "target_type": "Organization",
+            "permissions": {"checks": "write", "contents": "read", "members": "read", "metadata": "read"},
+            "events": ["check_run", "issue_comment", "pull_request", "push"],
+            "created_at": now, "updated_at": now, "single_file_name": null,
+            "suspended_by": null, "suspended_at": null,
+        }),
+    )
+}
+
+/// `GET /orgs/{org}/teams/{team_slug}/memberships/{username}`: 404 for a non-member.
+fn team_membership(st: &State, base: &str, params: &HashMap<String, String>) -> Answer {
+    let p = |name: &str| params.get(name).cloned().unwrap_or_default();
+    let (org, team, user) = (p("org"), p("team_slug"), p("username"));
+    match st.teams.get(&(org.clone(), team.clone())).and_then(|m| m.get(&user)) {
+        Some(state_name) => answer(
+            200,
+            json!({
+                "url": format!("{base}/orgs/{org}/teams/{team}/memberships/{user}"),
+                "role": "member", "state": state_name,
+            }),
+        ),
+        None => not_found(),
+    }
 }
 
 fn create_installation_token(st: &mut State, params: &HashMap<String, String>, authorization: Option<&str>) -> Answer {
@@ -740,15 +1064,21 @@ fn create_installation_token(st: &mut State, params: &HashMap<String, String>, a
     if iss != Some(app.id) {
         return unauthorized("the JWT's issuer is not this app");
     }
-    if params.get("installation_id").and_then(|s| s.parse().ok()) != Some(app.installation) {
+    let installation = params.get("installation_id").and_then(|s| s.parse::<u64>().ok());
+    let Some(installation) =
+        installation.filter(|i| *i == app.installation || app.installed.values().any(|other| other == i))
+    else {
         return not_found();
-    }
+    };
     let expires = unix_now() + app.token_lifetime.as_secs();
     let n = st.id();
     let token = format!("ghs_installation{n}");
-    st.installation_tokens.insert(token.clone(), expires);
+    st.installation_tokens.insert(token.clone(), (expires, installation));
     // GitHub always lists the token's permissions, and octocrab's model requires them.
-    let permissions = json!({"contents": "read", "metadata": "read", "pull_requests": "read", "statuses": "write"});
+    let permissions = json!({
+        "checks": "write", "contents": "read", "members": "read", "metadata": "read",
+        "pull_requests": "read", "statuses": "write",
+    });
     answer(
         201,
         json!({"token": token, "expires_at": rfc3339(expires), "permissions": permissions, "repository_selection": "all"}),
@@ -919,6 +1249,96 @@ fn handle(
                     "node_id": format!("SC_{new_id}"), "state": record.state, "description": record.description,
                     "target_url": record.target_url, "context": record.context, "created_at": now,
                     "updated_at": now, "creator": user_json(base, "cib[bot]"),
+                }),
+            )
+        }
+        "checks/create" | "checks/update" => {
+            let field = |k: &str| body.and_then(|b| b.get(k)).and_then(Value::as_str).map(str::to_owned);
+            let output = |k: &str| {
+                body.and_then(|b| b.pointer(&format!("/output/{k}"))).and_then(Value::as_str).map(str::to_owned)
+            };
+            let index = if id == "checks/create" {
+                let head_sha = field("head_sha").unwrap_or_default();
+                if !repo.commits.contains_key(&head_sha) {
+                    return unprocessable(&format!("No commit found for SHA: {head_sha}"));
+                }
+                repo.check_runs.push(CheckRunRecord {
+                    id: new_id,
+                    name: field("name").unwrap_or_default(),
+                    head_sha,
+                    status: "queued".into(),
+                    conclusion: None,
+                    external_id: None,
+                    details_url: None,
+                    title: None,
+                    summary: None,
+                    text: None,
+                    annotations: Vec::new(),
+                    writes: 0,
+                });
+                repo.check_runs.len() - 1
+            } else {
+                let wanted: u64 = p("check_run_id").parse().unwrap_or(0);
+                match repo.check_runs.iter().position(|c| c.id == wanted) {
+                    Some(i) => i,
+                    None => return not_found(),
+                }
+            };
+            let run = &mut repo.check_runs[index];
+            run.writes += 1;
+            if let Some(name) = field("name") {
+                run.name = name;
+            }
+            if let Some(status) = field("status") {
+                run.status = status;
+            }
+            if let Some(conclusion) = field("conclusion") {
+                // GitHub completes a run that is given a conclusion.
+                run.conclusion = Some(conclusion);
+                run.status = "completed".into();
+            }
+            for (slot, key) in [(&mut run.external_id, "external_id"), (&mut run.details_url, "details_url")] {
+                if let Some(value) = field(key) {
+                    *slot = Some(value);
+                }
+            }
+            for (slot, key) in [(&mut run.title, "title"), (&mut run.summary, "summary"), (&mut run.text, "text")] {
+                if let Some(value) = output(key) {
+                    *slot = Some(value);
+                }
+            }
+            let annotations = body.and_then(|b| b.pointer("/output/annotations")).and_then(Value::as_array);
+            for a in annotations.into_iter().flatten() {
+                let text = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
+                let number = |k: &str| a.get(k).and_then(Value::as_u64);
+                run.annotations.push(AnnotationRecord {
+                    path: text("path").unwrap_or_default(),
+                    start_line: number("start_line").unwrap_or(0),
+                    end_line: number("end_line").unwrap_or(0),
+                    start_column: number("start_column"),
+                    end_column: number("end_column"),
+                    level: text("annotation_level").unwrap_or_default(),
+                    message: text("message").unwrap_or_default(),
+                    title: text("title"),
+                });
+            }
+            let run = run.clone();
+            let url = format!("{}/check-runs/{}", urls.api(), run.id);
+            let now = rfc3339(unix_now());
+            let completed = run.status == "completed";
+            answer(
+                if id == "checks/create" { 201 } else { 200 },
+                json!({
+                    "id": run.id, "head_sha": run.head_sha, "node_id": format!("CR_{}", run.id),
+                    "external_id": run.external_id, "url": url,
+                    "html_url": format!("{}/runs/{}", urls.html(), run.id), "details_url": run.details_url,
+                    "status": run.status, "conclusion": run.conclusion, "started_at": now,
+                    "completed_at": if completed { Value::from(now.clone()) } else { Value::Null },
+                    "output": {
+                        "title": run.title, "summary": run.summary, "text": run.text,
+                        "annotations_count": run.annotations.len(), "annotations_url": format!("{url}/annotations"),
+                    },
+                    "name": run.name, "check_suite": {"id": 1}, "app": null, "pull_requests": [],
                 }),
             )
         }

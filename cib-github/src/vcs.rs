@@ -1,14 +1,23 @@
 //! [`Vcs`] on GitHub's REST API: specs through the contents API, workspaces from tarballs,
 //! comparisons, fast-forwards, permissions and pull request reviews.
 //!
-//! A workspace is the tarball of the commit (`GET /repos/{owner}/{repo}/tarball/{ref}`, which
-//! redirects to a short-lived codeload URL), unpacked into the destination. That needs no `git`
-//! binary and no token on disk; the price is no `.git` directory in the workspace, which is what
-//! a build of one commit needs. A step that needs history should fetch it itself.
+//! A workspace is, by default, a Git checkout of the exact commit, fetched over HTTPS with the
+//! client's token (an App's installation token) and `--depth 50` (configurable), with the tags
+//! that point into that history, so that `git describe`, `setuptools-scm` and the like work in
+//! steps. The token reaches `git` for the fetch only, as an `http.extraHeader` passed through the
+//! `GIT_CONFIG_*` environment of that one process: it is never in a command line (which other
+//! users can read), in `.git/config`, or in a step's environment. The remote's URL, which has no
+//! credentials, stays in `.git/config`.
+//!
+//! Without a Git URL ([`GithubVcs::with_git`]), a workspace is the tarball of the commit
+//! (`GET /repos/{owner}/{repo}/tarball/{ref}`, which redirects to a short-lived codeload URL),
+//! unpacked into the destination: no `git` binary is needed, and there is no `.git` directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -39,7 +48,27 @@ impl From<ApiError> for VcsError {
 pub struct GithubVcs {
     client: GithubClient,
     spec_path: String,
+    git: Option<GitFetch>,
+    teams: Arc<Mutex<TeamCache>>,
 }
+
+/// Team memberships already asked: (organisation, team, user) to the answer and when it was
+/// given.
+type TeamCache = HashMap<(String, String, String), (bool, Instant)>;
+
+/// Where and how deep workspaces are fetched with git.
+#[derive(Debug, Clone)]
+struct GitFetch {
+    base: String,
+    depth: u32,
+}
+
+/// The history a workspace fetch takes by default: enough for `git describe` to find a recent
+/// tag, small enough to stay quick on a large repository.
+pub const DEFAULT_CLONE_DEPTH: u32 = 50;
+
+/// How long a team membership answer is trusted before GitHub is asked again.
+const TEAM_TTL: Duration = Duration::from_secs(300);
 
 fn bad_answer(what: &str) -> VcsError {
     VcsError::Permanent(format!("GitHub's answer lacks {what}"))
@@ -47,7 +76,54 @@ fn bad_answer(what: &str) -> VcsError {
 
 impl GithubVcs {
     pub fn new(client: GithubClient) -> Self {
-        GithubVcs { client, spec_path: SPEC_PATH.to_owned() }
+        GithubVcs { client, spec_path: SPEC_PATH.to_owned(), git: None, teams: Arc::default() }
+    }
+
+    /// Fetches workspaces with git from `<base>/<owner>/<repo>.git` (`https://github.com`, or a
+    /// GitHub Enterprise Server's address), `depth` commits deep (at least 1).
+    pub fn with_git(mut self, base: &str, depth: u32) -> Self {
+        self.git = Some(GitFetch { base: base.trim_end_matches('/').to_owned(), depth: depth.max(1) });
+        self
+    }
+
+    /// Whether `user` is an active member of `team` in `org`, cached for five minutes. A
+    /// pending invitation is not membership.
+    async fn member(&self, repo: &str, org: &str, team: &str, user: &str) -> Result<bool, VcsError> {
+        let key = (org.to_ascii_lowercase(), team.to_ascii_lowercase(), user.to_ascii_lowercase());
+        if let Some((answer, at)) = self.teams.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < TEAM_TTL
+        {
+            return Ok(*answer);
+        }
+        let path =
+            format!("/orgs/{}/teams/{}/memberships/{}", encode(org, false), encode(team, false), encode(user, false));
+        let answer = match self.client.send_for(Some(repo), Method::GET, &path, None).await {
+            Ok(answer) => answer.json()?.get("state").and_then(Value::as_str) == Some("active"),
+            // GitHub answers 404 for a user who is not a member (and for a team it hides).
+            Err(e) if e.status == Some(404) => false,
+            Err(e) => return Err(e.into()),
+        };
+        self.teams.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (answer, Instant::now()));
+        Ok(answer)
+    }
+
+    /// Fetches `rev` of `repo` into the empty directory `dest` with git, and checks it out.
+    async fn fetch(&self, git: &GitFetch, repo: &str, rev: &str, dest: &Path) -> Result<(), VcsError> {
+        repo_path(repo)?;
+        let token = self.client.git_token(repo).await?;
+        let url = format!("{}/{repo}.git", git.base);
+        let header = format!(
+            "Authorization: Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
+        );
+        run_git(dest, &["init", "-q", "."], None).await?;
+        run_git(dest, &["remote", "add", "origin", &url], None).await?;
+        // git follows the tags that point into the fetched history only when the fetch stores
+        // a ref (a commit id alone stores none), hence the destination ref.
+        let depth = format!("--depth={}", git.depth);
+        let refspec = format!("+{rev}:refs/remotes/origin/cib-build");
+        run_git(dest, &["fetch", "-q", "--no-recurse-submodules", &depth, "origin", &refspec], Some(&header)).await?;
+        run_git(dest, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", "FETCH_HEAD"], None).await
     }
 
     /// Reads the spec from another path than [`SPEC_PATH`].
@@ -129,6 +205,9 @@ impl Vcs for GithubVcs {
     }
 
     async fn prepare_workspace(&self, repo: &str, rev: &str, dest: &Path) -> Result<(), VcsError> {
+        if let Some(git) = &self.git {
+            return self.fetch(git, repo, rev, dest).await;
+        }
         let path = format!("{}/tarball/{}", repo_path(repo)?, encode(rev, true));
         let answer = self.client.send(Method::GET, &path, None).await?;
         if answer.body.len() > MAX_TARBALL {
@@ -185,6 +264,19 @@ impl Vcs for GithubVcs {
         Ok(answer.pointer("/author/login").and_then(Value::as_str).map(str::to_owned))
     }
 
+    async fn team_member(&self, repo: &str, team: &str, user: &str) -> Result<Option<bool>, VcsError> {
+        // `org/team` names another organisation's team; a bare slug is a team of the
+        // repository's owner.
+        let (org, slug) = match team.split_once('/') {
+            Some((org, slug)) => (org.to_owned(), slug.to_owned()),
+            None => (repo.split('/').next().unwrap_or_default().to_owned(), team.to_owned()),
+        };
+        if org.is_empty() || slug.is_empty() {
+            return Ok(Some(false));
+        }
+        self.member(repo, &org, &slug, user).await.map(Some)
+    }
+
     async fn permission(&self, repo: &str, user: &str) -> Result<Permission, VcsError> {
         let path = format!("{}/collaborators/{}/permission", repo_path(repo)?, encode(user, false));
         let answer = match self.client.send(Method::GET, &path, None).await {
@@ -209,6 +301,56 @@ impl Vcs for GithubVcs {
             },
         })
     }
+}
+
+/// Runs one git command in `dir` with no configuration but the repository's own (no system or
+/// user file, no prompt), and with `header` as an `http.extraHeader` given through the
+/// environment of this process only.
+async fn run_git(dir: &Path, args: &[&str], header: Option<&str>) -> Result<(), VcsError> {
+    let mut command = tokio::process::Command::new("git");
+    command
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_ASKPASS")
+        .env_remove("SSH_ASKPASS")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match header {
+        Some(header) => {
+            command
+                .env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", header);
+        }
+        None => {
+            command.env_remove("GIT_CONFIG_COUNT");
+        }
+    }
+    let output = command
+        .output()
+        .await
+        .map_err(|e| VcsError::Misconfigured(format!("cannot run git for the workspace: {e}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let message = format!("git {} failed: {}", args.first().copied().unwrap_or_default(), stderr.trim());
+    // A network failure or a 5xx passes; a missing commit or a refused token does not.
+    let lower = stderr.to_ascii_lowercase();
+    // A refused token shows as git asking for a user name, which it may not.
+    let refused = ["authentication failed", "could not read username", "terminal prompts disabled", "403", "401"];
+    Err(if refused.iter().any(|r| lower.contains(r)) {
+        VcsError::Misconfigured(message)
+    } else if lower.contains("not our ref") || lower.contains("couldn't find remote ref") || lower.contains("not found")
+    {
+        VcsError::Permanent(message)
+    } else {
+        VcsError::Transient(message)
+    })
 }
 
 /// Unpacks a codeload tarball into `dest`, dropping its single top directory. Entries that would

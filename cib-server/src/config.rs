@@ -178,6 +178,30 @@ pub struct GithubConfig {
     /// Links from commit statuses to builds: `<public_url>/builds/<id>`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Where workspaces are fetched with git: `<git_url>/<owner>/<repo>.git`. Unset, it is
+    /// `https://github.com` for the public API and the server's address for a GitHub
+    /// Enterprise Server's `https://host/api/v3`; for any other `api_url` (a test's fake),
+    /// workspaces are tarballs without `.git`.
+    #[serde(default)]
+    pub git_url: Option<String>,
+    /// How many commits of history a workspace fetch takes (default 50), so that `git
+    /// describe` finds a tag that recent.
+    #[serde(default)]
+    pub clone_depth: Option<u32>,
+}
+
+impl GithubConfig {
+    /// The base URL workspaces are fetched from with git, if any.
+    pub fn git_base(&self) -> Option<String> {
+        if let Some(url) = &self.git_url {
+            return Some(url.trim_end_matches('/').to_owned());
+        }
+        let api = self.api_url.as_deref()?.trim_end_matches('/');
+        if api == cib_github::client::GITHUB_API {
+            return Some("https://github.com".into());
+        }
+        api.strip_suffix("/api/v3").map(str::to_owned)
+    }
 }
 
 /// The whole configuration.
@@ -748,6 +772,8 @@ impl std::fmt::Debug for GithubConfig {
             .field("private_key_path", &self.private_key_path)
             .field("installation_id", &self.installation_id)
             .field("public_url", &self.public_url)
+            .field("git_url", &self.git_url)
+            .field("clone_depth", &self.clone_depth)
             .finish_non_exhaustive()
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cib_core::ports::{Comparison, Notifier, Permission, Vcs, VcsError};
+use cib_core::ports::{Comparison, Notifier, Permission, Store, Vcs, VcsError};
 use cib_git::GitVcs;
 use cib_github::{Auth, GithubClient, GithubNotifier, GithubVcs, NotifierConfig};
 
@@ -30,11 +30,12 @@ pub fn github_client(config: &ServerConfig) -> Result<Option<GithubClient>, Stri
     let Some(url) = &g.api_url else { return Ok(None) };
     let auth = match (&g.token, g.app_id, &g.private_key_path, g.installation_id) {
         (Some(token), _, _, _) => Auth::Token(token.clone()),
-        (None, Some(app_id), Some(key), Some(installation_id)) => {
+        // Without installation_id, each repository's installation is found through GitHub.
+        (None, Some(app_id), Some(key), installation_id) => {
             let private_key_pem = std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
             Auth::App { app_id, private_key_pem, installation_id }
         }
-        _ => return Err("[github] api_url needs a token, or app_id, private_key_path and installation_id".into()),
+        _ => return Err("[github] api_url needs a token, or app_id and private_key_path".into()),
     };
     GithubClient::new(url, auth).map(Some).map_err(|e| e.to_string())
 }
@@ -48,7 +49,15 @@ impl Forges {
         Forges {
             local,
             names: config.repos.iter().map(|r| r.name.clone()).collect(),
-            github: github.map(GithubVcs::new),
+            github: github.map(|client| {
+                let vcs = GithubVcs::new(client);
+                match config.github.git_base() {
+                    Some(base) => {
+                        vcs.with_git(&base, config.github.clone_depth.unwrap_or(cib_github::vcs::DEFAULT_CLONE_DEPTH))
+                    }
+                    None => vcs,
+                }
+            }),
         }
     }
 
@@ -60,13 +69,21 @@ impl Forges {
     }
 }
 
-/// The notifier that reports to GitHub, with its outbox under the data directory.
-pub fn github_notifier(config: &ServerConfig, client: GithubClient) -> Result<Arc<dyn Notifier>, String> {
+/// The notifier that reports to GitHub, with its outbox under the data directory: check runs
+/// for an App (their summaries read the failing steps' logs from `store`), commit statuses for
+/// a token.
+pub fn github_notifier(
+    config: &ServerConfig,
+    client: GithubClient,
+    store: Option<Arc<dyn Store>>,
+) -> Result<Arc<dyn Notifier>, String> {
     let dir = config.data_dir.join("github-outbox");
     let notifier_config = NotifierConfig { target_url: config.github.public_url.clone(), ..NotifierConfig::default() };
-    GithubNotifier::new(client, &dir, notifier_config)
-        .map(|n| Arc::new(n) as Arc<dyn Notifier>)
-        .map_err(|e| e.to_string())
+    let notifier = GithubNotifier::new(client, &dir, notifier_config).map_err(|e| e.to_string())?;
+    Ok(Arc::new(match store {
+        Some(store) => notifier.with_store(store),
+        None => notifier,
+    }))
 }
 
 #[async_trait]
@@ -108,5 +125,9 @@ impl Vcs for Forges {
 
     async fn default_branch(&self, repo: &str) -> Result<Option<String>, VcsError> {
         self.pick(repo).default_branch(repo).await
+    }
+
+    async fn team_member(&self, repo: &str, team: &str, user: &str) -> Result<Option<bool>, VcsError> {
+        self.pick(repo).team_member(repo, team, user).await
     }
 }

@@ -60,6 +60,26 @@ pub fn build_id(delivery: &str, pipeline: &str) -> BuildId {
     BuildId(format!("{}-{}", clean(delivery), clean(pipeline)))
 }
 
+/// The teams of the person behind a forge login: those the operator's directory gives, and
+/// those of `named` (the teams a rule lets decide) that the forge says the login belongs to.
+/// Only the named teams are asked, so a comment costs a request per team the rule names, and
+/// the forge's answers are cached by its backend. A forge that cannot answer adds no team: the
+/// rule then refuses rather than trusting a name.
+async fn teams_of(state: &Arc<AppState>, repo: &str, login: &str, named: &[String]) -> Vec<String> {
+    let mut teams = state.teams_of_login(login);
+    for team in named {
+        if teams.contains(team) {
+            continue;
+        }
+        match state.vcs.team_member(repo, team, login).await {
+            Ok(Some(true)) => teams.push(team.clone()),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%repo, %team, %login, %error, "cannot ask the forge about a team"),
+        }
+    }
+    teams
+}
+
 /// Answers a `/cib` command: merge, promote, approve, or help. The answer goes out as an event
 /// (the forge's notifier posts it as a comment); the identity is the comment's authenticated
 /// author, and their permission comes from the forge.
@@ -84,9 +104,10 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
         }
         (["approve", commit], _) if permission >= Permission::Write => {
             // Recorded against the person, so their other identities do not approve twice.
+            let named = crate::workflow::promotion_teams(state, &c.repo).await;
             let actor = Actor {
                 login: state.person_of_login(&c.sender),
-                teams: state.teams_of_login(&c.sender),
+                teams: teams_of(state, &c.repo, &c.sender, &named).await,
                 can_write: true,
             };
             crate::workflow::try_approve(state, &c.repo, commit, actor, true).await.map(|r| match r {
@@ -167,12 +188,11 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                         .filter(|b| b.context.repo == repo && b.finished_at.is_none())
                         .flat_map(|b| {
                             b.steps.iter().filter(|s| s.status == cib_core::pipeline::StepStatus::AtGate).filter_map(
-                                |s| {
-                                    let hold = matches!(
-                                        b.pipeline.step(&s.name).map(|x| &x.action),
-                                        Some(spec::Action::Gate(g)) if g.kind == spec::GateKind::Hold
-                                    );
-                                    hold.then(|| (b.id.clone(), s.name.clone()))
+                                |s| match b.pipeline.step(&s.name).map(|x| &x.action) {
+                                    Some(spec::Action::Gate(g)) if g.kind == spec::GateKind::Hold => {
+                                        Some((b.id.clone(), s.name.clone(), g.from.teams.clone()))
+                                    }
+                                    _ => None,
                                 },
                             )
                         })
@@ -180,14 +200,14 @@ async fn command(state: &Arc<AppState>, c: Command) -> String {
                 })
                 .await
                 .unwrap_or_default();
-            let [(build, step)] = waiting.as_slice() else {
+            let [(build, step, named)] = waiting.as_slice() else {
                 return format!("{} manual tests wait in {}; pass or fail one through the API.", waiting.len(), c.repo);
             };
             let approve = words[0] == "pass";
             let mut events = state.engine.subscribe();
             let actor = Actor {
                 login: c.sender.clone(),
-                teams: state.teams_of_login(&c.sender),
+                teams: teams_of(state, &c.repo, &c.sender, named).await,
                 can_write: permission >= Permission::Write,
             };
             let person = state.person_of_login(&c.sender);
@@ -298,11 +318,64 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
             engine.submit(Input::Answer { repo, number, text: text.clone() }).await.map_err(engine_error)?;
             return Ok(Processed::Nothing(format!("answered: {text}")));
         }
-        ForgeEvent::Rerun { .. } => return Ok(Processed::Nothing("re-runs are handled by the workflow".into())),
+        ForgeEvent::Rerun { repo, sender, commit, name, external_id } => {
+            return rerun(state, delivery_id, &repo, &sender, &commit, &name, external_id).await;
+        }
         ForgeEvent::Ignored { event, .. } => return Ok(Processed::Nothing(format!("{event} is ignored"))),
     };
     let planned = Planned { repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted };
     enqueue(state, delivery_id, planned).await
+}
+
+/// A check run's "Re-run": builds the pipeline of the build the run reports on again, at the
+/// same commit and with the spec stored with that build. The run names its build through its
+/// `external_id` (cib's notifier sets it); the build must be of this repository and commit,
+/// and the person asking needs write access, as the forge's permission API says. The new
+/// build's id comes from the delivery, so a redelivery builds nothing twice.
+async fn rerun(
+    state: &Arc<AppState>,
+    delivery_id: &str,
+    repo: &str,
+    sender: &str,
+    commit: &str,
+    name: &str,
+    external_id: Option<String>,
+) -> Result<Processed, InboxError> {
+    let Some(id) = external_id.filter(|id| !id.starts_with("spec@")) else {
+        return Ok(Processed::Nothing(format!("the check run {name} names no cib build to run again")));
+    };
+    let id = BuildId(id);
+    let context = match state
+        .engine
+        .query({
+            let id = id.clone();
+            move |m| m.build(&id).map(|b| b.context.clone())
+        })
+        .await
+        .map_err(engine_error)?
+    {
+        Some(context) => Some(context),
+        None => match state.store.enqueued(&id).await.map_err(|e| InboxError::Engine(e.to_string()))? {
+            Some(cib_core::ports::StoredInput { input: Input::Enqueue { context, .. }, .. }) => Some(context),
+            _ => None,
+        },
+    };
+    // The external id comes from the payload: it must name a build of this very check.
+    match context {
+        Some(c) if c.repo == repo && c.commit == commit => {}
+        _ => return Ok(Processed::Nothing(format!("{id} is not a build of {repo} at {commit}; nothing re-run"))),
+    }
+    let permission =
+        state.vcs.permission(repo, sender).await.map_err(|source| InboxError::Vcs { repo: repo.to_owned(), source })?;
+    if permission < Permission::Write {
+        return Ok(Processed::Nothing(format!("{sender} has no write permission on {repo}; nothing re-run")));
+    }
+    let new = BuildId(format!("{}-rerun-{}", id.0, build_id(delivery_id, "check").0));
+    match crate::workflow::retry_build(state, &id, new, state.person_of_login(sender)).await {
+        Ok(Some((new, _))) => Ok(Processed::Builds(vec![new])),
+        Ok(None) => Ok(Processed::Nothing(format!("no build {id} to run again"))),
+        Err(e) => Err(InboxError::Engine(e.to_string())),
+    }
 }
 
 /// What an event asks to build, before the spec is read.

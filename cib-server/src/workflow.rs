@@ -17,6 +17,54 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// The teams the governing spec's promotion approvals name, so that a person's membership of
+/// them can be asked of the forge; empty when the spec cannot be read or names none.
+pub async fn promotion_teams(state: &AppState, repo: &str) -> Vec<String> {
+    match governing_spec(state, repo, None).await {
+        Ok((spec, _)) => spec.promotion.map(|p| p.approvers.teams).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Enqueues `id`'s pipeline again at the same commit as the build `new`, run by `actor`; the
+/// API's retry and a check run's re-run both come here. The spec is the one stored with the
+/// original build, never the one at its commit: for a fork's pull request the commit's spec is
+/// the fork's, and it would choose its own steps and secrets. A finished build is no longer in
+/// the engine; the store keeps the input that enqueued it. `None` when there is no such build.
+pub async fn retry_build(
+    state: &Arc<AppState>,
+    id: &BuildId,
+    new: BuildId,
+    actor: String,
+) -> Result<Option<(BuildId, BuildContext)>, ApiError> {
+    let found = state
+        .engine
+        .query({
+            let id = id.clone();
+            move |m| {
+                m.build(&id).map(|b| (b.pipeline.name.clone(), b.context.clone(), b.variables.clone(), b.spec.clone()))
+            }
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    let found = match found {
+        Some(found) => Some(found),
+        None => match state.store.enqueued(id).await.map_err(ApiError::unavailable)? {
+            Some(cib_core::ports::StoredInput {
+                input: Input::Enqueue { pipeline, context, variables, spec, .. },
+                ..
+            }) => Some((pipeline, context, variables, spec)),
+            _ => None,
+        },
+    };
+    let Some((pipeline, context, variables, source)) = found else { return Ok(None) };
+    let context = BuildContext { actor: Some(actor), ..context };
+    let input =
+        Input::Enqueue { build: new.clone(), spec: source, pipeline, context: context.clone(), only: None, variables };
+    state.engine.submit(input).await.map_err(ApiError::unavailable)?;
+    Ok(Some((new, context)))
+}
+
 /// A review or a promotion approval on record.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]

@@ -192,6 +192,7 @@ fn check_run(body: &[u8]) -> Result<ForgeEvent, ParseError> {
         sender: event.sender.login,
         commit: event.check_run.head_sha,
         name: event.check_run.name,
+        external_id: event.check_run.external_id.filter(|id| !id.is_empty()),
     })
 }
 

@@ -160,4 +160,7 @@ pub(super) struct CheckRunEvent {
 pub(super) struct CheckRun {
     pub name: String,
     pub head_sha: String,
+    /// The id the check run's creator gave it; GitHub sends `""` or `null` when there is none.
+    #[serde(default)]
+    pub external_id: Option<String>,
 }

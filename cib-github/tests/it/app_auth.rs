@@ -18,7 +18,7 @@ async fn installation_tokens_are_minted_cached_and_refreshed() {
     fake.set_branch("o/r", "main", &sha);
     // octocrab replaces a token 30 s before it expires: a 32 s token is fresh for about 2 s.
     fake.enable_app(42, PUBLIC, 7, Duration::from_secs(32));
-    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: 7 };
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: Some(7) };
     let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
 
     let first = vcs.resolve("o/r", "main").await;
@@ -48,10 +48,35 @@ async fn a_jwt_signed_with_another_key_is_refused() {
     // The fake trusts a different public key than the one that signs.
     let other = b"-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAu1SU1LfVLPHCozMxH2Mo\n4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u\n+qKhbwKfBstIs+bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyeh\nkd3qqGElvW/VDL5AaWTg0nLVkjRo9z+40RQzuVaE8AkAFmxZzow3x+VJYKdjykkJ\n0iT9wCS0DRTXu269V264Vf/3jvredZiKRkgwlL9xNAwxXFg0x/XFw005UWVRIkdg\ncKWTjpBP2dPwVZ4WWC+9aGVd+Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbc\nmwIDAQAB\n-----END PUBLIC KEY-----\n";
     fake.enable_app(42, other, 7, Duration::from_secs(3600));
-    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: 7 };
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: Some(7) };
     let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
     let e = vcs.resolve("o/r", "main").await.expect_err("refused");
     assert_eq!(fake.tokens_issued(), 0, "{e}");
     assert_eq!(e.kind(), cib_core::ports::ErrorKind::Misconfigured, "{e}");
+    fake.assert_no_violations();
+}
+
+/// Without a configured installation, each repository's is asked of GitHub once and its token
+/// cached per installation; a repository the App is not installed on is a clear error.
+#[tokio::test]
+async fn each_repository_finds_its_installation_and_an_uninstalled_one_is_refused_clearly() {
+    let fake = FakeGithub::start().await.expect("fake");
+    for repo in ["o/a", "p/b"] {
+        let sha = fake.commit(repo, &[], &[("a", "1")], "one");
+        fake.set_branch(repo, "main", &sha);
+    }
+    fake.enable_app(42, PUBLIC, 7, Duration::from_secs(3600));
+    fake.install("p/b", 9);
+    let auth = Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: None };
+    let vcs = GithubVcs::new(GithubClient::new(fake.url(), auth).expect("client"));
+    for _ in 0..2 {
+        vcs.resolve("o/a", "main").await.expect("o/a through installation 7");
+        vcs.resolve("p/b", "main").await.expect("p/b through installation 9");
+    }
+    assert_eq!((fake.tokens_of(7), fake.tokens_of(9)), (1, 1), "one token per installation");
+    assert_eq!(fake.count("apps/get-repo-installation"), 2, "each installation asked once");
+    let e = vcs.resolve("q/none", "main").await.expect_err("not installed");
+    assert_eq!(e.kind(), cib_core::ports::ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("installation for q/none"), "{e}");
     fake.assert_no_violations();
 }

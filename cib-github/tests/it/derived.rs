@@ -301,6 +301,7 @@ fn a_rerequested_check_run_is_a_rerun() {
             sender: "octocat".into(),
             commit: "d6fde92930d4715a2b49857d24b940956b26d2d3".into(),
             name: "randscape".into(),
+            external_id: None,
         })
     );
 }

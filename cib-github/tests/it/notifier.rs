@@ -18,6 +18,7 @@ pub fn config() -> NotifierConfig {
         retry_base: Duration::from_millis(50),
         retry_max: Duration::from_secs(2),
         coalesce: Duration::from_millis(50),
+        ..NotifierConfig::default()
     }
 }
 
@@ -208,5 +209,63 @@ async fn up_to_date_statuses_and_command_answers_reach_the_pull_request() {
     let comments = fake.comments("o/r");
     assert_eq!(comments[0].0, 4, "on the pull request");
     assert!(comments[0].1.contains("0 approving review(s), 1 needed"), "{comments:?}");
+    fake.assert_no_violations();
+}
+
+fn app_client(fake: &FakeGithub) -> GithubClient {
+    const KEY: &[u8] = include_bytes!("../fixtures/app/test-app-key.pem");
+    const PUBLIC: &[u8] = include_bytes!("../fixtures/app/test-app-key.pub.pem");
+    fake.enable_app(42, PUBLIC, 7, Duration::from_secs(3600));
+    GithubClient::new(fake.url(), Auth::App { app_id: 42, private_key_pem: KEY.to_vec(), installation_id: None })
+        .expect("client")
+}
+
+/// An App's check run goes through the same durable outbox as statuses: created through a 502,
+/// its id kept on disk, so that a new notifier over the same directory (after a restart)
+/// finishes that run in place instead of making another.
+#[tokio::test]
+async fn a_check_run_is_created_through_a_502_and_finished_in_place_after_a_restart() {
+    let fake = FakeGithub::start().await.expect("fake");
+    let sha = fake.commit("o/r", &[], &[("a", "1")], "one");
+    fake.inject("checks/create", 502, &[], json!({"message": "Bad Gateway"}), Some(1));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notifier = GithubNotifier::new(app_client(&fake), dir.path(), config()).expect("notifier");
+    notifier.publish(&event(1, queued(&sha))).await.expect("publish");
+    let step = EventBody::StepStarted { build: "b1".into(), step: "unit".into(), attempt: 1 };
+    notifier.publish(&event(2, step)).await.expect("publish");
+    assert!(notifier.flush(Duration::from_secs(20)).await, "delivered");
+    assert!(fake.statuses("o/r").is_empty(), "an App reports check runs, not statuses");
+    let runs = fake.check_runs("o/r");
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!((runs[0].name.as_str(), runs[0].status.as_str()), ("cib/test", "in_progress"));
+    assert_eq!(runs[0].external_id.as_deref(), Some("b1"));
+    assert_eq!(runs[0].details_url.as_deref(), Some("https://ci.example.com/builds/b1"));
+    drop(notifier);
+
+    let notifier = GithubNotifier::new(app_client(&fake), dir.path(), config()).expect("notifier again");
+    let body = EventBody::StepFinished {
+        build: "b1".into(),
+        step: "unit".into(),
+        attempt: 1,
+        conclusion: StepConclusion::Success,
+        detail: "exit code 0".into(),
+        will_retry: false,
+    };
+    notifier.publish(&event(3, body)).await.expect("publish");
+    notifier.publish(&event(4, finished(Conclusion::Neutral))).await.expect("publish");
+    assert!(notifier.flush(Duration::from_secs(20)).await, "delivered");
+    let runs = fake.check_runs("o/r");
+    assert_eq!(runs.len(), 1, "the same run, finished in place: {runs:#?}");
+    assert_eq!(runs[0].conclusion.as_deref(), Some("neutral"), "neutral never passes");
+    let summary = runs[0].summary.clone().unwrap_or_default();
+    assert!(summary.contains("| unit | success (exit code 0) | 1.0s |"), "{summary}");
+    let creates: Vec<u16> =
+        fake.requests().iter().filter(|r| r.operation.as_deref() == Some("checks/create")).map(|r| r.status).collect();
+    assert_eq!(creates, vec![502, 201]);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("checks")).expect("checks").count(),
+        0,
+        "a finished run's id is let go"
+    );
     fake.assert_no_violations();
 }

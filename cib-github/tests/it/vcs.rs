@@ -130,3 +130,77 @@ async fn a_commits_author_is_the_account_github_links_never_the_name_written_in_
     assert_eq!(s.vcs.author("o/r", "main").await.expect("author"), Some("octocat".to_owned()));
     s.fake.assert_no_violations();
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare repository with 60 commits, `v1` tagged at the 5th and `v2` at the 55th; answers it
+/// and the head.
+fn history(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let bare = dir.join("r.git");
+    let work = dir.join("work");
+    git(dir, &["init", "-q", "--bare", "-b", "main", &bare.to_string_lossy()]);
+    git(dir, &["init", "-q", "-b", "main", &work.to_string_lossy()]);
+    for i in 1..=60 {
+        std::fs::write(work.join("n"), format!("{i}\n")).expect("write");
+        git(&work, &["add", "n"]);
+        git(&work, &["commit", "-q", "-m", &format!("commit {i}")]);
+        if i == 5 {
+            git(&work, &["tag", "-a", "v1", "-m", "one"]);
+        }
+        if i == 55 {
+            git(&work, &["tag", "-a", "v2", "-m", "two"]);
+        }
+    }
+    git(&work, &["push", "-q", "--follow-tags", &bare.to_string_lossy(), "main"]);
+    let head = git(&bare, &["rev-parse", "main"]);
+    (bare, head)
+}
+
+/// A git workspace is the exact commit with `clone_depth` commits of history and the tags in
+/// it, fetched with the token, which stays out of `.git`.
+#[tokio::test]
+async fn a_git_workspace_has_the_history_and_tags_of_its_depth() {
+    let dir = tempfile::tempdir().expect("temp");
+    let (bare, head) = history(dir.path());
+    let fake = FakeGithub::start().await.expect("fake");
+    fake.import_bare("o/r", &bare).expect("import");
+    let client = GithubClient::new(fake.url(), Auth::Token(TEST_TOKEN.into())).expect("client");
+    let vcs = GithubVcs::new(client.clone()).with_git(fake.url(), 50);
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).expect("ws");
+    vcs.prepare_workspace("o/r", &head, &ws).await.expect("fetched");
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), head);
+    assert_eq!(git(&ws, &["rev-list", "--count", "HEAD"]), "50", "--depth 50");
+    assert_eq!(git(&ws, &["describe", "--tags"]), format!("v2-5-g{}", &head[..7]));
+    assert_eq!(git(&ws, &["tag", "-l"]), "v2", "v1 lies beyond the depth");
+    let config = std::fs::read_to_string(ws.join(".git/config")).expect("config");
+    assert!(!config.contains(TEST_TOKEN) && !config.to_ascii_lowercase().contains("extraheader"), "{config}");
+
+    // A shallower depth, and a token GitHub refuses.
+    let ws = dir.path().join("ws2");
+    std::fs::create_dir_all(&ws).expect("ws");
+    GithubVcs::new(client).with_git(fake.url(), 3).prepare_workspace("o/r", &head, &ws).await.expect("fetched");
+    assert_eq!(git(&ws, &["rev-list", "--count", "HEAD"]), "3");
+    let ws = dir.path().join("ws3");
+    std::fs::create_dir_all(&ws).expect("ws");
+    let refused = GithubVcs::new(GithubClient::new(fake.url(), Auth::Token("ghp_wrong".into())).expect("client"))
+        .with_git(fake.url(), 50)
+        .prepare_workspace("o/r", &head, &ws)
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.kind(), ErrorKind::Misconfigured, "{refused}");
+    fake.assert_no_violations();
+}

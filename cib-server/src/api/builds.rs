@@ -479,38 +479,14 @@ pub async fn retry(
     Caller(who): Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
-    let found = state
-        .engine
-        .query({
-            let id = BuildId(id.clone());
-            move |m| {
-                m.build(&id).map(|b| (b.pipeline.name.clone(), b.context.clone(), b.variables.clone(), b.spec.clone()))
-            }
-        })
-        .await
-        .map_err(ApiError::unavailable)?;
-    // The spec stored with the build, never the one at its commit: for a fork's pull request
-    // the commit's spec is the fork's, and it would choose its own steps and secrets. A finished
-    // build is no longer in the engine; the store keeps the input that enqueued it.
-    let found = match found {
-        Some(found) => Some(found),
-        None => match state.store.enqueued(&BuildId(id.clone())).await.map_err(ApiError::unavailable)? {
-            Some(StoredInput { input: Input::Enqueue { pipeline, context, variables, spec, .. }, .. }) => {
-                Some((pipeline, context, variables, spec))
-            }
-            _ => None,
-        },
-    };
-    let Some((pipeline, context, variables, source)) = found else {
-        return Err(ApiError::NotFound(format!("no build '{id}' to retry")));
-    };
     // The time keeps retry ids apart across restarts, which start the counter again.
     let n = state.counter().fetch_add(1, Ordering::Relaxed) + 1;
     let new = BuildId(format!("{id}-retry-{}-{n}", state.clock.now().millis()));
-    let context = BuildContext { actor: Some(state.person_of_token(&who.name)), ..context };
-    let input = Input::Enqueue { build: new.clone(), spec: source, pipeline, context, only: None, variables };
-    state.engine.submit(input).await.map_err(ApiError::unavailable)?;
-    Ok(json_response(StatusCode::CREATED, &Retried { build: new, retry_of: id }))
+    let actor = state.person_of_token(&who.name);
+    match crate::workflow::retry_build(&state, &BuildId(id.clone()), new, actor).await? {
+        Some((new, _)) => Ok(json_response(StatusCode::CREATED, &Retried { build: new, retry_of: id })),
+        None => Err(ApiError::NotFound(format!("no build '{id}' to retry"))),
+    }
 }
 
 pub fn retry_doc(g: &mut DocGen) -> Op {

@@ -41,7 +41,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             return ExitCode::from(3);
         }
         let store = match cib_store::SqliteStore::open(db, store_options(&config.limits)) {
-            Ok(s) => s,
+            Ok(s) => Arc::new(s),
             Err(e) => {
                 eprint(&format!("cib serve: cannot open the store: {e}"));
                 return ExitCode::from(3);
@@ -50,7 +50,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         // A key that cannot be had, or that does not open the stored secrets, stops the server
         // here with the file's or the variable's name, rather than failing each build that
         // asks for a secret.
-        if let Err(e) = cib_server::secrets::check_key(&config, &store).await {
+        if let Err(e) = cib_server::secrets::check_key(&config, &*store).await {
             eprint(&format!("cib serve: {e}"));
             return ExitCode::from(2);
         }
@@ -75,7 +75,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
         };
         let mut notifiers = Vec::new();
         if let Some(client) = github.clone() {
-            match cib_server::forge::github_notifier(&config, client) {
+            match cib_server::forge::github_notifier(&config, client, Some(store.clone() as Arc<dyn cib_core::ports::Store>)) {
                 Ok(n) => notifiers.push(n),
                 Err(e) => {
                     eprint(&format!("cib serve: cannot set up GitHub statuses: {e}"));
@@ -92,7 +92,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             }
         };
         let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let running = server::start_with(config, Arc::new(executor), Arc::new(store), Arc::new(vcs), notifiers);
+        let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), notifiers);
         eprint(&format!("cib serve: listening on http://{address}"));
         let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
         // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server

@@ -175,7 +175,7 @@ async fn from_pull_request_to_production_on_github() {
         .await
         .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
     let client = cib_server::forge::github_client(&config).expect("config").expect("a GitHub client");
-    let notifier = cib_server::forge::github_notifier(&config, client.clone()).expect("notifier");
+    let notifier = cib_server::forge::github_notifier(&config, client.clone(), None).expect("notifier");
     let vcs = cib_server::forge::Forges::new(&config, Some(client));
     let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), vec![notifier]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod client;
 mod deliver;
+mod github_app;
 mod github_flow;
 mod inbox;
 mod limits;
