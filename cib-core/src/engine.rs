@@ -37,6 +37,9 @@ pub struct Ports {
     pub secrets: Arc<dyn Secrets>,
     /// Publishes deliverables; [`crate::publish::NoPublisher`] for engines that publish nothing.
     pub publisher: Arc<dyn crate::publish::Publisher>,
+    /// Keeps the files steps list in `artifacts`; [`crate::ports::NoArtifacts`] for engines
+    /// that keep none.
+    pub artifacts: Arc<dyn crate::ports::Artifacts>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -887,7 +890,101 @@ async fn run_step(
     };
     sink.write(Stream::Stderr, notice.as_bytes());
     let run = StepRun { job, secrets, mask, workspace };
-    outcome_result(ports.executor.run(&run, sink, stop).await)
+    if let Err(message) = restore_artifacts(ports, &run, sink.as_ref()).await {
+        sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+        return StepResult::Infrastructure(message);
+    }
+    let outcome = ports.executor.run(&run, sink.clone(), stop).await;
+    if matches!(outcome, Ok(Outcome::Exited(0)))
+        && let Err(message) = keep_artifacts(ports, &run, sink.as_ref()).await
+    {
+        // The step's work is not whole without its artifacts: later pipelines would miss them.
+        sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+        return StepResult::Infrastructure(message);
+    }
+    outcome_result(outcome)
+}
+
+/// Unpacks the artifacts the step needs (`needs_artifacts`: other pipelines' steps on the same
+/// commit) into its workspace. A trusted build takes only what trusted builds made.
+async fn restore_artifacts(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<(), String> {
+    let job = &run.job;
+    for need in &job.step.needs_artifacts {
+        let query = crate::ports::ArtifactQuery {
+            repo: &job.context.repo,
+            commit: &job.context.commit,
+            pipeline: &need.pipeline,
+            step: &need.step,
+            trusted_only: job.context.trusted,
+        };
+        let what = format!("the artifacts of {}/{}", need.pipeline, need.step);
+        let record = ports
+            .artifacts
+            .find(&query, ports.clock.now())
+            .await
+            .map_err(|e| format!("cannot look for {what}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "{what} on commit {} are not there: run pipeline '{}' on this commit first (or they expired)",
+                    job.context.commit, need.pipeline
+                )
+            })?;
+        let files =
+            ports.artifacts.unpack(&record, &run.workspace).await.map_err(|e| format!("cannot unpack {what}: {e}"))?;
+        let archive = ports.artifacts.archive_path(&record);
+        ports
+            .executor
+            .import_archive(run, &archive)
+            .await
+            .map_err(|e| format!("cannot copy {what} into the workspace: {e}"))?;
+        sink.write(
+            Stream::Stderr,
+            format!("cib: restored {what} from build {} ({files} files, sha256 {})\n", record.build, record.sha256)
+                .as_bytes(),
+        );
+    }
+    Ok(())
+}
+
+/// Packs and keeps the files the step lists in `artifacts`, once it succeeded. The executor
+/// first copies what the step left into the host workspace, which the store packs from.
+async fn keep_artifacts(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<(), String> {
+    let job = &run.job;
+    let Some(kept) = &job.step.artifacts else { return Ok(()) };
+    ports
+        .executor
+        .export_workspace(&job.build, &run.workspace)
+        .await
+        .map_err(|e| format!("cannot read what the step left in the workspace: {e}"))?;
+    let now = ports.clock.now();
+    let new = crate::ports::NewArtifact {
+        build: job.build.clone(),
+        name: job.step.name.clone(),
+        repo: job.context.repo.clone(),
+        commit: job.context.commit.clone(),
+        pipeline: job.pipeline.clone(),
+        trusted: job.context.trusted,
+        created_at: now,
+        expires_at: now + kept.expire.as_std(),
+    };
+    let record = ports
+        .artifacts
+        .save(new, &run.workspace, &kept.paths)
+        .await
+        .map_err(|e| format!("cannot keep the artifacts: {e}"))?;
+    sink.write(
+        Stream::Stderr,
+        format!(
+            "cib: kept {} files as artifact '{}' ({} bytes, sha256 {}), until {}\n",
+            record.files,
+            record.name,
+            record.size,
+            record.sha256,
+            record.expires_at.rfc3339_secs()
+        )
+        .as_bytes(),
+    );
+    Ok(())
 }
 
 /// The values of the step's secrets, those of the build's other secrets to mask, and the notice

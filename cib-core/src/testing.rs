@@ -989,6 +989,8 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         allow_failure: false,
         isolated: false,
         matrix: None,
+        artifacts: None,
+        needs_artifacts: Vec::new(),
     };
     StepJob {
         build: BuildId::from(build),

@@ -1313,6 +1313,35 @@ impl Executor for DockerExecutor {
             .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))
     }
 
+    /// Uploads an artifact's archive (gzip-compressed tar, which the daemon unpacks) into the
+    /// workspace volume through its marker container. A volume not filled yet needs nothing:
+    /// its fill copies the host workspace, where the engine unpacked the archive already. The
+    /// build's lock is held across the check and the upload, so a fill running meanwhile has
+    /// finished before the archive goes in over it.
+    async fn import_archive(&self, run: &StepRun, archive: &Path) -> Result<(), ExecError> {
+        let names = BuildNames::new(&self.options.instance, &run.job.build);
+        let state = self.build_state(&run.job.build);
+        let _state = state.lock().await;
+        let marker = names.workspace_filled();
+        match self.docker.inspect_container(&marker, None::<InspectContainerOptions>).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(exec_error("looking for the workspace's marker", e)),
+        }
+        let bytes = tokio::fs::read(archive)
+            .await
+            .map_err(|e| ExecError::Transient(format!("cannot read the artifact {}: {e}", archive.display())))?;
+        let options = UploadToContainerOptions {
+            path: containers::WORKSPACE.to_owned(),
+            copy_uidgid: Some("1".to_owned()),
+            ..Default::default()
+        };
+        self.docker
+            .upload_to_container(&marker, Some(options), bollard::body_full(bytes.into()))
+            .await
+            .map_err(|e| exec_error("copying the artifact into the workspace", e))
+    }
+
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
         let pending: Vec<_> = std::mem::take(&mut *lock(&self.removals));
         for task in pending {

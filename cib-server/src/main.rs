@@ -155,6 +155,20 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// List the artifacts a build kept, or download one with --get (checked against its sha256).
+    Artifacts {
+        id: String,
+        /// Download this artifact (a step's name) as a .tar.gz.
+        #[arg(long, value_name = "NAME")]
+        get: Option<String>,
+        /// Where the download goes (default: NAME.tar.gz here).
+        #[arg(short, long, requires = "get")]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Print a step's log; -f follows it until the step ends, resuming after dropped connections.
     Logs {
         id: String,
@@ -430,6 +444,9 @@ fn main() -> ExitCode {
             )
         }
         Command::Build { id, json, remote: r } => remote(r, |r| async move { remote::build(&r, &id, json).await }),
+        Command::Artifacts { id, get, output, json, remote: r } => remote(r, |r| async move {
+            cli::artifacts::artifacts(&r, cli::artifacts::ArtifactsArgs { build: id, get, output, json }).await
+        }),
         Command::Logs { id, step, follow, attempt, timestamps, remote: r } => remote(r, |r| async move {
             logs::logs(&r, logs::LogsArgs { build: id, step, follow, attempt, timestamps }).await
         }),

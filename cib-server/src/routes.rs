@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
+use crate::api::{artifacts, builds, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -86,6 +86,8 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/builds", TRIGGER, builds::trigger, builds::trigger_doc),
         route!(GET "/api/v1/builds/{build}", READ, builds::get, builds::get_doc),
         route!(GET "/api/v1/builds/{build}/deliverables", READ, builds::deliverables, builds::deliverables_doc),
+        route!(GET "/api/v1/builds/{build}/artifacts", READ, artifacts::list, artifacts::list_doc),
+        route!(GET "/api/v1/builds/{build}/artifacts/{name}", READ, artifacts::get, artifacts::get_doc),
         route!(POST "/api/v1/builds/{build}/cancel", TRIGGER, builds::cancel, builds::cancel_doc),
         route!(POST "/api/v1/builds/{build}/retry", TRIGGER, builds::retry, builds::retry_doc),
         route!(POST "/api/v1/builds/{build}/gates/{step}/approve", APPROVE, builds::approve, builds::approve_doc),

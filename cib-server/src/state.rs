@@ -36,6 +36,8 @@ pub struct AppState {
     pub inbox_alive: Arc<std::sync::atomic::AtomicBool>,
     /// The notifiers the engine publishes to, for their outbox depths in `/metrics`.
     pub notifiers: Vec<Arc<dyn cib_core::ports::Notifier>>,
+    /// The kept artifacts (the engine's own store of them), for the API and their expiry.
+    pub artifacts: Arc<dyn cib_core::ports::Artifacts>,
     counter: AtomicU64,
 }
 
@@ -69,6 +71,7 @@ impl AppState {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             inbox_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             notifiers: Vec::new(),
+            artifacts: Arc::new(cib_core::ports::NoArtifacts),
             counter: AtomicU64::new(0),
         }
     }

@@ -330,6 +330,29 @@ pub struct Step {
     /// The matrix this step is a cell of, when its spec gave it a `matrix`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matrix: Option<MatrixCell>,
+    /// What of the workspace is kept after the step succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactPaths>,
+    /// Other pipelines' artifacts of the same commit, unpacked before the step runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub needs_artifacts: Vec<NeedArtifacts>,
+}
+
+/// How long artifacts are kept when the spec does not say.
+pub const DEFAULT_ARTIFACT_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The files a step keeps, matched against paths relative to the workspace.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArtifactPaths {
+    pub paths: Vec<Glob>,
+    pub expire: Duration,
+}
+
+/// The artifacts of `step` of `pipeline`, from a build of the same commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NeedArtifacts {
+    pub pipeline: String,
+    pub step: String,
 }
 
 /// What a step does.

@@ -355,6 +355,39 @@ pub struct RawStep {
     /// With a `matrix`: when one cell fails, cancel the others. Default false.
     #[serde(default)]
     pub fail_fast: Option<Spanned<bool>>,
+    /// Files of the workspace kept after the step succeeds, as a compressed archive that later
+    /// pipelines of the same commit can ask for and people can download.
+    #[serde(default)]
+    pub artifacts: Option<Keyed<RawArtifacts>>,
+    /// Artifacts of other pipelines' steps on the same commit, unpacked into the workspace
+    /// before this step runs.
+    #[serde(default)]
+    pub needs_artifacts: Vec<Spanned<RawNeedArtifacts>>,
+}
+
+/// What a step keeps of its workspace.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Artifacts")]
+pub struct RawArtifacts {
+    /// Globs of files relative to the workspace, e.g. `dist/**` or `report.xml`.
+    pub paths: Spanned<Vec<Spanned<Glob>>>,
+    /// How long the artifacts are kept (default `30d`).
+    #[serde(default)]
+    pub expire: Option<Spanned<Duration>>,
+}
+
+/// The artifacts of one step of another pipeline, built on the same commit.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "NeedArtifacts")]
+pub struct RawNeedArtifacts {
+    /// The pipeline that made them.
+    pub pipeline: Spanned<String>,
+    /// Its step that lists `artifacts`.
+    pub step: Spanned<String>,
 }
 
 /// `bridge` or `none`.

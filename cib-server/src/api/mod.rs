@@ -2,6 +2,7 @@
 //! each (`*_doc`), and the route table (`routes.rs`) lists them with their method, path
 //! and role.
 
+pub mod artifacts;
 pub mod builds;
 pub mod deliveries;
 pub mod events;
