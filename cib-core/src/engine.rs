@@ -21,8 +21,8 @@ use crate::event::{BuildId, Event};
 use crate::lease::LeaseError;
 use crate::pipeline::{Config, Effect, Input, Machine, StepJob, StepResult, StepStatus, TimerId};
 use crate::ports::{
-    Attached, Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal, Store,
-    StoreError, StoredInput, Stream, Vcs,
+    Attached, CacheJob, Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal,
+    Store, StoreError, StoredInput, Stream, Vcs,
 };
 use crate::time::Timestamp;
 
@@ -894,7 +894,17 @@ async fn run_step(
         sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
         return StepResult::Infrastructure(message);
     }
+    let caches = match restore_caches(ports, &run, sink.as_ref()).await {
+        Ok(caches) => caches,
+        Err(message) => {
+            sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+            return StepResult::Infrastructure(message);
+        }
+    };
     let outcome = ports.executor.run(&run, sink.clone(), stop).await;
+    if matches!(outcome, Ok(Outcome::Exited(0))) {
+        save_caches(ports, &run, &caches, sink.as_ref()).await;
+    }
     if matches!(outcome, Ok(Outcome::Exited(0)))
         && let Err(message) = keep_artifacts(ports, &run, sink.as_ref()).await
     {
@@ -903,6 +913,68 @@ async fn run_step(
         return StepResult::Infrastructure(message);
     }
     outcome_result(outcome)
+}
+
+/// Resolves the step's cache keys against the checkout (`{{ checksum 'path' }}` is the file's
+/// SHA-256) and restores each cache; answers the caches with whether their exact key was hit.
+/// A key that names a missing file fails the step: its cache could never be right.
+async fn restore_caches(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<Vec<(CacheJob, bool)>, String> {
+    use sha2::Digest as _;
+    let job = &run.job;
+    let (write, reads) = crate::policy::cache_namespaces(&job.context);
+    let mut out = Vec::new();
+    for cache in &job.step.cache {
+        let mut key = String::new();
+        for part in &cache.key {
+            match part {
+                crate::spec::CacheKeyPart::Text(text) => key.push_str(text),
+                crate::spec::CacheKeyPart::Checksum(path) => {
+                    let bytes = tokio::fs::read(run.workspace.join(path))
+                        .await
+                        .map_err(|e| format!("the cache key's checksum of '{path}': {e}"))?;
+                    key.push_str(&hex::encode(sha2::Sha256::digest(&bytes)));
+                }
+            }
+        }
+        let cache = CacheJob {
+            repo: job.context.repo.clone(),
+            key,
+            restore_keys: cache.restore_keys.clone(),
+            paths: cache.paths.clone(),
+            write: write.clone(),
+            reads: reads.clone(),
+        };
+        let restored = ports
+            .executor
+            .restore_cache(run, &cache)
+            .await
+            .map_err(|e| format!("cannot restore the cache '{}': {e}", cache.key))?;
+        let line = match &restored {
+            Some(found) if *found == cache.key => format!("cib: restored the cache '{found}'\n"),
+            Some(found) => format!("cib: restored the cache '{found}' for the key '{}'\n", cache.key),
+            None => format!("cib: no cache for the key '{}'\n", cache.key),
+        };
+        sink.write(Stream::Stderr, line.as_bytes());
+        let hit = restored.as_deref() == Some(cache.key.as_str());
+        out.push((cache, hit));
+    }
+    Ok(out)
+}
+
+/// Saves the caches whose key was not restored exactly. A cache that cannot be saved is worth
+/// a line in the log, not a failed step: the next build only runs slower.
+async fn save_caches(ports: &Ports, run: &StepRun, caches: &[(CacheJob, bool)], sink: &dyn LogSink) {
+    for (cache, hit) in caches {
+        if *hit {
+            continue;
+        }
+        let line = match ports.executor.save_cache(run, cache).await {
+            Ok(true) => format!("cib: saved the cache '{}'\n", cache.key),
+            Ok(false) => format!("cib: the cache '{}' was saved already\n", cache.key),
+            Err(e) => format!("cib: cannot save the cache '{}': {e}\n", cache.key),
+        };
+        sink.write(Stream::Stderr, line.as_bytes());
+    }
 }
 
 /// Unpacks the artifacts the step needs (`needs_artifacts`: other pipelines' steps on the same

@@ -203,6 +203,21 @@ pub trait Executor: Send + Sync {
         Ok(())
     }
 
+    /// Restores a cache into the workspace `run` works in, before the step: the cache of
+    /// `cache.key` in the first of `cache.reads` that has it, else the newest whose key starts
+    /// with one of `cache.restore_keys` (in order). Answers the key restored, if any. The
+    /// default keeps no caches.
+    async fn restore_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<Option<String>, ExecError> {
+        Ok(None)
+    }
+
+    /// Saves the cache's paths of the workspace under `cache.key` in `cache.write`, after the
+    /// step succeeded, unless a cache of that key is there already. Two saves of one key at
+    /// once leave one whole cache. Answers whether this call saved it.
+    async fn save_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<bool, ExecError> {
+        Ok(false)
+    }
+
     /// Removes what belongs to builds not in `live` (left by a crash). Returns how many
     /// resources it removed.
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError>;
@@ -229,6 +244,19 @@ pub trait Executor: Send + Sync {
     /// remove nothing on their behalf, so that the next process can re-attach to them. Called
     /// once, as the engine stops.
     fn detach(&self) {}
+}
+
+/// One cache of a step, as the executor gets it: the key resolved, and the namespaces the
+/// build may write and read ([`crate::policy::cache_namespaces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheJob {
+    pub repo: String,
+    pub key: String,
+    pub restore_keys: Vec<String>,
+    /// Workspace-relative paths the cache holds.
+    pub paths: Vec<String>,
+    pub write: String,
+    pub reads: Vec<String>,
 }
 
 /// What [`Executor::attach`] found of a step attempt that an earlier process started.

@@ -991,6 +991,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         matrix: None,
         artifacts: None,
         needs_artifacts: Vec::new(),
+        cache: Vec::new(),
     };
     StepJob {
         build: BuildId::from(build),

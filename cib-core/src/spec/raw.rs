@@ -363,6 +363,26 @@ pub struct RawStep {
     /// before this step runs.
     #[serde(default)]
     pub needs_artifacts: Vec<Spanned<RawNeedArtifacts>>,
+    /// Directories kept between builds of the repository under a key, restored before the step
+    /// and saved after it succeeds when the key was new.
+    #[serde(default)]
+    pub cache: Vec<Spanned<RawCache>>,
+}
+
+/// One cache of a step.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Cache")]
+pub struct RawCache {
+    /// The cache's key, e.g. `pip-{{ checksum 'requirements.txt' }}`: text, and the SHA-256 of
+    /// workspace files.
+    pub key: Spanned<String>,
+    /// Paths relative to the workspace that the cache holds, e.g. `.cache/pip`.
+    pub paths: Spanned<Vec<Spanned<String>>>,
+    /// Prefixes of other keys to restore from, newest first, when the key itself has no cache.
+    #[serde(default)]
+    pub restore_keys: Vec<Spanned<String>>,
 }
 
 /// What a step keeps of its workspace.

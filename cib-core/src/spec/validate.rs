@@ -435,7 +435,45 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
             .iter()
             .map(|n| NeedArtifacts { pipeline: n.value.pipeline.value.clone(), step: n.value.step.value.clone() })
             .collect(),
+        cache: caches_model(c, s),
     }
+}
+
+/// A step's caches: keys that parse, relative paths, and a container step to fill them.
+fn caches_model(c: &mut Checker, s: &RawStep) -> Vec<Cache> {
+    let mut out = Vec::new();
+    for raw in &s.cache {
+        let r = &raw.value;
+        if s.gate.is_some() {
+            c.err(raw.pos, "a gate step runs no container, so it fills no cache: remove 'cache'");
+        }
+        let key = match parse_cache_key(&r.key.value) {
+            Ok(key) => key,
+            Err(message) => {
+                c.err(r.key.pos, message);
+                Vec::new()
+            }
+        };
+        if r.paths.value.is_empty() {
+            c.err(r.paths.pos, "'paths' names nothing to cache: list directories of the workspace, such as .cache/pip");
+        }
+        for p in r.paths.value.iter().chain(&r.restore_keys) {
+            if p.value.trim().is_empty() {
+                c.err(p.pos, "an empty value caches nothing");
+            }
+        }
+        for p in &r.paths.value {
+            if p.value.starts_with('/') || p.value.split('/').any(|part| part == "..") {
+                c.err(p.pos, format!("'{}' leaves the workspace: cache paths are relative to it", p.value));
+            }
+        }
+        out.push(Cache {
+            key,
+            paths: r.paths.value.iter().map(|p| p.value.trim_end_matches('/').to_owned()).collect(),
+            restore_keys: r.restore_keys.iter().map(|k| k.value.clone()).collect(),
+        });
+    }
+    out
 }
 
 /// A step's `artifacts`: relative paths, a positive expiry, and a container step to make them.
@@ -556,6 +594,7 @@ fn step_placeholder() -> Step {
         matrix: None,
         artifacts: None,
         needs_artifacts: Vec::new(),
+        cache: Vec::new(),
     }
 }
 
