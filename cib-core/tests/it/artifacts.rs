@@ -107,3 +107,82 @@ fn needing_a_step_that_keeps_nothing_is_an_error_at_the_step() {
         [".cib.yml:11:51: error: step 'package' of pipeline 'test' keeps no artifacts: give it 'artifacts'"]
     );
 }
+
+// ---- caches ----------------------------------------------------------------------------------
+
+#[test]
+fn a_cache_key_is_text_and_checksums_of_workspace_files() {
+    use spec::CacheKeyPart::{Checksum, Text};
+    let text = r#"pipelines:
+  test:
+    steps:
+      - name: unit
+        image: python:3.11-slim
+        commands: [pip install -r requirements.txt]
+        cache:
+          - key: "pip-{{ checksum 'requirements.txt' }}-{{checksum \"constraints.txt\"}}"
+            paths: [.cache/pip/]
+            restore_keys: [pip-]
+"#;
+    let spec = spec::parse(text).expect("valid");
+    let unit = spec.pipeline("test").and_then(|p| p.step("unit")).expect("unit");
+    assert_eq!(
+        unit.cache,
+        [spec::Cache {
+            key: vec![
+                Text("pip-".into()),
+                Checksum("requirements.txt".into()),
+                Text("-".into()),
+                Checksum("constraints.txt".into())
+            ],
+            paths: vec![".cache/pip".into()],
+            restore_keys: vec!["pip-".into()],
+        }]
+    );
+}
+
+#[test]
+fn cache_mistakes_are_reported_with_line_and_column() {
+    let text = r#"pipelines:
+  test:
+    steps:
+      - name: unit
+        image: busybox
+        commands: [make]
+        cache:
+          - { key: "a-{{ sha 'x' }}", paths: [x] }
+          - { key: "b-{{ checksum '../etc/passwd' }}", paths: [/root, ../up] }
+          - { key: "c-{{ checksum 'x'", paths: [] }
+          - { key: k, paths: [x], restore: [k-] }
+      - name: gate
+        gate: { kind: approval }
+        cache: [{ key: k, paths: [x] }]
+"#;
+    insta::assert_snapshot!(errors(text).join("\n"), @r"
+    .cib.yml:8:20: error: '{{ sha 'x' }}' is not a key function: write {{ checksum 'path' }}
+    .cib.yml:9:20: error: checksum '../etc/passwd' must name a file inside the workspace
+    .cib.yml:9:64: error: '/root' leaves the workspace: cache paths are relative to it
+    .cib.yml:9:71: error: '../up' leaves the workspace: cache paths are relative to it
+    .cib.yml:10:20: error: a '{{' in the key is never closed with '}}'
+    .cib.yml:10:48: error: 'paths' names nothing to cache: list directories of the workspace, such as .cache/pip
+    .cib.yml:11:35: error: unknown key 'restore' (did you mean 'restore_keys'?)
+    .cib.yml:14:17: error: a gate step runs no container, so it fills no cache: remove 'cache'
+    ");
+}
+
+#[test]
+fn forks_and_untrusted_builds_write_their_own_cache_namespace() {
+    use cib_core::policy::cache_namespaces;
+    let mut context = crate::machine::context("master");
+    assert_eq!(cache_namespaces(&context), ("trusted".to_owned(), vec!["trusted".to_owned()]));
+    context.pull_request = Some(7);
+    assert_eq!(cache_namespaces(&context), ("pr-7".to_owned(), vec!["pr-7".to_owned(), "trusted".to_owned()]));
+    context.trusted = false;
+    assert_eq!(
+        cache_namespaces(&context),
+        ("fork-pr-7".to_owned(), vec!["fork-pr-7".to_owned(), "trusted".to_owned()])
+    );
+    context.pull_request = None;
+    let (write, reads) = cache_namespaces(&context);
+    assert!(write.starts_with("untrusted-") && reads == [write.clone(), "trusted".to_owned()], "{write} {reads:?}");
+}
