@@ -181,3 +181,71 @@ async fn the_wheel_test_built_is_installed_by_staging_and_downloadable_with_its_
     assert!(ran.1.status.success(), "{}", String::from_utf8_lossy(&ran.1.stderr));
     assert_eq!(std::fs::read(&out).expect("downloaded"), body);
 }
+
+const CACHED: &str = r#"
+pipelines:
+  test:
+    on: { manual: {} }
+    steps:
+      - name: deps
+        image: busybox
+        cache: [{ key: "deps-{{ checksum 'lock.txt' }}", paths: [deps], restore_keys: [deps-] }]
+        commands:
+          - if [ -f deps/who ]; then echo "found $(cat deps/who)"; else mkdir -p deps; echo "$CIB_BUILD" > deps/who; echo fresh; fi
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_build_restores_the_cache_the_first_saved_under_the_lock_files_checksum() {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let instance = format!("cib-cache-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let executor = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance.clone()))
+        .await
+        .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
+    let docker = executor.docker().clone();
+    let s = TestServer::start_full(
+        CACHED,
+        |c| c.instance = instance.clone(),
+        cib_store::SqliteOptions::default(),
+        Arc::new(executor),
+        &[],
+    )
+    .await;
+    // Caches outlive builds and servers, so the lock file is unique to this run: its checksum
+    // is a key no other run has used.
+    let lock = format!("{instance}-{:?}\n", std::time::SystemTime::now());
+    std::fs::write(s.repo_path.join("lock.txt"), &lock).expect("lock");
+    git(&s.repo_path, &["add", "."]);
+    git(&s.repo_path, &["commit", "-q", "-m", "deps"]);
+    git(&s.repo_path, &["branch", "master"]);
+    let key = format!("deps-{}", hex::encode(Sha256::digest(lock.as_bytes())));
+
+    let first = trigger(&s, "test").await;
+    assert_eq!(finished(&s, &first).await, BuildStatus::Success, "{}", log(&s, &first, "deps").await);
+    let text = log(&s, &first, "deps").await;
+    assert!(text.contains("fresh") && text.contains(&format!("cib: saved the cache '{key}'")), "{text}");
+    let second = trigger(&s, "test").await;
+    assert_eq!(finished(&s, &second).await, BuildStatus::Success, "{}", log(&s, &second, "deps").await);
+    let text = log(&s, &second, "deps").await;
+    assert!(text.contains(&format!("cib: restored the cache '{key}'")), "{text}");
+    assert!(text.contains(&format!("found {first}")), "the second build sees the first one's file: {text}");
+    assert!(!text.contains("saved the cache"), "an exact hit saves nothing: {text}");
+
+    // This run's cache goes: its marker and volume.
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={key}", cib_docker::cache::LABEL_CACHE_KEY)],
+    )]);
+    let all = bollard::query_parameters::ListContainersOptions {
+        all: true,
+        filters: Some(filters.clone()),
+        ..Default::default()
+    };
+    for c in docker.list_containers(Some(all)).await.expect("list") {
+        let force = bollard::query_parameters::RemoveContainerOptions { force: true, ..Default::default() };
+        docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await.expect("remove");
+    }
+    let volumes = docker.list_volumes(Some(bollard::query_parameters::ListVolumesOptions { filters: Some(filters) }));
+    for v in volumes.await.expect("volumes").volumes.unwrap_or_default() {
+        docker.remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await.expect("remove");
+    }
+}
