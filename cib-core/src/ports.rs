@@ -218,6 +218,16 @@ pub trait Executor: Send + Sync {
         Ok(false)
     }
 
+    /// The caches kept for `repo`, newest first. The default keeps none.
+    async fn list_caches(&self, _repo: &str) -> Result<Vec<CacheInfo>, ExecError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the caches of `repo` under `key`, in every namespace; answers how many.
+    async fn remove_caches(&self, _repo: &str, _key: &str) -> Result<usize, ExecError> {
+        Ok(0)
+    }
+
     /// Removes what belongs to builds not in `live` (left by a crash). Returns how many
     /// resources it removed.
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError>;
@@ -257,6 +267,15 @@ pub struct CacheJob {
     pub paths: Vec<String>,
     pub write: String,
     pub reads: Vec<String>,
+}
+
+/// A kept cache, as `cib cache list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CacheInfo {
+    pub key: String,
+    /// `trusted`, or the pull request or build that wrote it (see `policy::cache_namespaces`).
+    pub namespace: String,
+    pub created_at: Timestamp,
 }
 
 /// What [`Executor::attach`] found of a step attempt that an earlier process started.

@@ -72,6 +72,23 @@ pub async fn exists(docker: &Docker, name: &str) -> Result<bool, ExecError> {
     }
 }
 
+/// The markers of `repo`'s caches: (container, namespace, key).
+pub async fn markers(docker: &Docker, repo: &str) -> Result<Vec<(ContainerSummary, String, String)>, ExecError> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_CACHE_REPO}={repo}")])]);
+    let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+    let listed = docker.list_containers(Some(options)).await.map_err(|e| exec_error("listing caches", e))?;
+    // Only markers count: a save still filling its volume has another name.
+    Ok(listed
+        .into_iter()
+        .filter_map(|c| {
+            let labels = c.labels.as_ref()?;
+            let (ns, key) = (labels.get(LABEL_CACHE_NAMESPACE)?.clone(), labels.get(LABEL_CACHE_KEY)?.clone());
+            let marker = format!("/{}", marker_name(repo, &ns, &key));
+            c.names.as_ref()?.contains(&marker).then_some((c, ns, key))
+        })
+        .collect())
+}
+
 /// The marker to restore from and its key: the exact key in the first namespace that has it,
 /// else, for each restore prefix in order, the newest cache of a readable namespace (the
 /// build's own first) whose key starts with it.
@@ -85,19 +102,9 @@ pub async fn find(docker: &Docker, cache: &CacheJob) -> Result<Option<(String, S
     if cache.restore_keys.is_empty() {
         return Ok(None);
     }
-    let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_CACHE_REPO}={}", cache.repo)])]);
-    let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-    let listed = docker.list_containers(Some(options)).await.map_err(|e| exec_error("listing caches", e))?;
-    // Only markers count: a save still filling its volume has another name.
-    let markers: Vec<(&ContainerSummary, &str, &str)> = listed
-        .iter()
-        .filter_map(|c| {
-            let labels = c.labels.as_ref()?;
-            let (ns, key) = (labels.get(LABEL_CACHE_NAMESPACE)?, labels.get(LABEL_CACHE_KEY)?);
-            let marker = format!("/{}", marker_name(&cache.repo, ns, key));
-            c.names.as_ref()?.contains(&marker).then_some((c, ns.as_str(), key.as_str()))
-        })
-        .collect();
+    let found = markers(docker, &cache.repo).await?;
+    let markers: Vec<(&ContainerSummary, &str, &str)> =
+        found.iter().map(|(c, ns, key)| (c, ns.as_str(), key.as_str())).collect();
     for prefix in &cache.restore_keys {
         for namespace in &cache.reads {
             let newest = markers

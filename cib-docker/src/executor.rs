@@ -26,7 +26,9 @@ use bollard::query_parameters::{
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
-use cib_core::ports::{Attached, CacheJob, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
+use cib_core::ports::{
+    Attached, CacheInfo, CacheJob, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream,
+};
 use cib_core::spec;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
@@ -1450,6 +1452,45 @@ impl Executor for DockerExecutor {
                 Err(exec_error("committing a cache", e))
             }
         }
+    }
+
+    async fn list_caches(&self, repo: &str) -> Result<Vec<CacheInfo>, ExecError> {
+        let mut found: Vec<CacheInfo> = cache::markers(&self.docker, repo)
+            .await?
+            .into_iter()
+            .map(|(c, namespace, key)| CacheInfo {
+                key,
+                namespace,
+                created_at: cib_core::time::Timestamp::from_secs(u64::try_from(c.created.unwrap_or(0)).unwrap_or(0)),
+            })
+            .collect();
+        found.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.key.cmp(&b.key)));
+        Ok(found)
+    }
+
+    /// Removes each marker of the key and the volume it holds.
+    async fn remove_caches(&self, repo: &str, key: &str) -> Result<usize, ExecError> {
+        let mut removed = 0;
+        for (c, _, k) in cache::markers(&self.docker, repo).await? {
+            if k != key {
+                continue;
+            }
+            let volumes: Vec<String> = c.mounts.unwrap_or_default().into_iter().filter_map(|m| m.name).collect();
+            let force = RemoveContainerOptions { force: true, ..Default::default() };
+            match self.docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(exec_error("removing a cache", e)),
+            }
+            for volume in volumes {
+                match self.docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(exec_error("removing a cache's volume", e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {

@@ -77,7 +77,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     let outgoing = Arc::new(crate::outgoing::Outgoing::start(receivers, store.clone()));
     notifiers.push(outgoing.clone());
     let ports = Ports {
-        executor,
+        executor: executor.clone(),
         vcs: vcs.clone(),
         store: store.clone(),
         notifiers: notifiers.clone(),
@@ -115,6 +115,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys, sessions);
     state.notifiers = notifiers;
     state.artifacts = artifacts;
+    state.executor = Some(executor);
     let state = Arc::new(state);
     let inbox_task = tokio::spawn({
         let state = state.clone();

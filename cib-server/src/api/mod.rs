@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod builds;
+pub mod caches;
 pub mod deliveries;
 pub mod events;
 pub mod hooks;

@@ -1,5 +1,5 @@
 //! `cib artifacts ID [--get NAME]`: the artifacts a build kept, and the download of one archive,
-//! checked against the SHA-256 the server recorded before it is kept.
+//! checked against the SHA-256 the server recorded before it is kept; and `cib cache list|rm`.
 
 use std::path::{Path, PathBuf};
 
@@ -104,4 +104,42 @@ pub async fn artifacts(remote: &Remote, args: ArtifactsArgs) -> Result<(), Failu
 fn file_name(name: &str) -> String {
     let cleaned: String = name.chars().map(|c| if c == '/' || c.is_control() { '_' } else { c }).collect();
     if cleaned.starts_with('.') { format!("_{cleaned}") } else { cleaned }
+}
+
+/// `cib cache list REPO`.
+pub async fn cache_list(remote: &Remote, repo: &str, json: bool) -> Result<(), Failure> {
+    let http = http_client()?;
+    let path = format!("/api/v1/caches/{}", super::client::repo_path(repo)?);
+    let v = remote.json(&http, "GET", &path, None).await?;
+    if json {
+        pretty(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v["caches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                c["key"].as_str().unwrap_or("-").to_owned(),
+                c["namespace"].as_str().unwrap_or("-").to_owned(),
+                c["created_at"].as_u64().map_or("-".into(), |t| cib_core::time::Timestamp(t).rfc3339_secs()),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out(&format!("{repo} has no caches"));
+    } else {
+        table(&["KEY", "NAMESPACE", "SAVED (UTC)"], &rows);
+    }
+    Ok(())
+}
+
+/// `cib cache rm REPO KEY`.
+pub async fn cache_remove(remote: &Remote, repo: &str, key: &str) -> Result<(), Failure> {
+    let http = http_client()?;
+    let path = format!("/api/v1/caches/{}/{}", super::client::repo_path(repo)?, encode(key));
+    let v = remote.json(&http, "DELETE", &path, None).await?;
+    out(&format!("removed {} cache(s) of '{key}'", v["removed"]));
+    Ok(())
 }

@@ -230,7 +230,21 @@ async fn a_second_build_restores_the_cache_the_first_saved_under_the_lock_files_
     assert!(text.contains(&format!("found {first}")), "the second build sees the first one's file: {text}");
     assert!(!text.contains("saved the cache"), "an exact hit saves nothing: {text}");
 
-    // This run's cache goes: its marker and volume.
+    // The API lists it, and an admin removes it (its marker and its volume).
+    let answer = s.request("GET", "/api/v1/caches/acme/shop", Some(&token(Role::Read)), b"").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let listed: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+    let mine: Vec<&serde_json::Value> =
+        listed["caches"].as_array().expect("caches").iter().filter(|c| c["key"] == key.as_str()).collect();
+    assert_eq!(mine.len(), 1, "{listed}");
+    assert_eq!(mine[0]["namespace"], "trusted");
+    let path = format!("/api/v1/caches/acme/shop/{key}");
+    assert_eq!(s.request("DELETE", &path, Some(&token(Role::Read)), b"").await.status, 403);
+    let answer = s.request("DELETE", &path, Some(&token(Role::Admin)), b"").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let removed: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+    assert_eq!(removed, serde_json::json!({ "removed": 1 }));
+    assert_eq!(s.request("DELETE", &path, Some(&token(Role::Admin)), b"").await.status, 404);
     let filters = std::collections::HashMap::from([(
         "label".to_owned(),
         vec![format!("{}={key}", cib_docker::cache::LABEL_CACHE_KEY)],
@@ -240,12 +254,7 @@ async fn a_second_build_restores_the_cache_the_first_saved_under_the_lock_files_
         filters: Some(filters.clone()),
         ..Default::default()
     };
-    for c in docker.list_containers(Some(all)).await.expect("list") {
-        let force = bollard::query_parameters::RemoveContainerOptions { force: true, ..Default::default() };
-        docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await.expect("remove");
-    }
+    assert!(docker.list_containers(Some(all)).await.expect("list").is_empty(), "the marker is gone");
     let volumes = docker.list_volumes(Some(bollard::query_parameters::ListVolumesOptions { filters: Some(filters) }));
-    for v in volumes.await.expect("volumes").volumes.unwrap_or_default() {
-        docker.remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await.expect("remove");
-    }
+    assert!(volumes.await.expect("volumes").volumes.unwrap_or_default().is_empty(), "the volume is gone");
 }
