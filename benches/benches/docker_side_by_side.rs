@@ -228,6 +228,7 @@ async fn main() {
         clock: Arc::new(SystemClock),
         secrets: Arc::new(StaticSecrets(BTreeMap::new())),
         publisher: Arc::new(cib_core::publish::NoPublisher),
+        artifacts: Arc::new(cib_core::ports::NoArtifacts),
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: concurrency, ..Config::default() },

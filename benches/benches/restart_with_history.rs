@@ -48,6 +48,7 @@ fn engine(store: Arc<dyn Store>, vcs: Arc<FakeVcs>, workspaces: &Path) -> (Engin
         clock: Arc::new(SystemClock),
         secrets: Arc::new(StaticSecrets::default()),
         publisher: Arc::new(cib_core::publish::NoPublisher),
+        artifacts: Arc::new(cib_core::ports::NoArtifacts),
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: 64, ..Config::default() },

@@ -21,8 +21,8 @@ use crate::event::{BuildId, Event};
 use crate::lease::LeaseError;
 use crate::pipeline::{Config, Effect, Input, Machine, StepJob, StepResult, StepStatus, TimerId};
 use crate::ports::{
-    Attached, Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal, Store,
-    StoreError, StoredInput, Stream, Vcs,
+    Attached, CacheJob, Clock, Executor, LogKey, LogSink, Notifier, Outcome, Secrets, StepRun, StopHandle, StopSignal,
+    Store, StoreError, StoredInput, Stream, Vcs,
 };
 use crate::time::Timestamp;
 
@@ -37,6 +37,9 @@ pub struct Ports {
     pub secrets: Arc<dyn Secrets>,
     /// Publishes deliverables; [`crate::publish::NoPublisher`] for engines that publish nothing.
     pub publisher: Arc<dyn crate::publish::Publisher>,
+    /// Keeps the files steps list in `artifacts`; [`crate::ports::NoArtifacts`] for engines
+    /// that keep none.
+    pub artifacts: Arc<dyn crate::ports::Artifacts>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -887,7 +890,173 @@ async fn run_step(
     };
     sink.write(Stream::Stderr, notice.as_bytes());
     let run = StepRun { job, secrets, mask, workspace };
-    outcome_result(ports.executor.run(&run, sink, stop).await)
+    if let Err(message) = restore_artifacts(ports, &run, sink.as_ref()).await {
+        sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+        return StepResult::Infrastructure(message);
+    }
+    let caches = match restore_caches(ports, &run, sink.as_ref()).await {
+        Ok(caches) => caches,
+        Err(message) => {
+            sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+            return StepResult::Infrastructure(message);
+        }
+    };
+    let outcome = ports.executor.run(&run, sink.clone(), stop).await;
+    if matches!(outcome, Ok(Outcome::Exited(0))) {
+        save_caches(ports, &run, &caches, sink.as_ref()).await;
+    }
+    if matches!(outcome, Ok(Outcome::Exited(0)))
+        && let Err(message) = keep_artifacts(ports, &run, sink.as_ref()).await
+    {
+        // The step's work is not whole without its artifacts: later pipelines would miss them.
+        sink.write(Stream::Stderr, format!("cib: {message}\n").as_bytes());
+        return StepResult::Infrastructure(message);
+    }
+    outcome_result(outcome)
+}
+
+/// Resolves the step's cache keys against the checkout (`{{ checksum 'path' }}` is the file's
+/// SHA-256) and restores each cache; answers the caches with whether their exact key was hit.
+/// A key that names a missing file fails the step: its cache could never be right.
+async fn restore_caches(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<Vec<(CacheJob, bool)>, String> {
+    use sha2::Digest as _;
+    let job = &run.job;
+    let (write, reads) = crate::policy::cache_namespaces(&job.context);
+    let mut out = Vec::new();
+    for cache in &job.step.cache {
+        let mut key = String::new();
+        for part in &cache.key {
+            match part {
+                crate::spec::CacheKeyPart::Text(text) => key.push_str(text),
+                crate::spec::CacheKeyPart::Checksum(path) => {
+                    let bytes = tokio::fs::read(run.workspace.join(path))
+                        .await
+                        .map_err(|e| format!("the cache key's checksum of '{path}': {e}"))?;
+                    key.push_str(&hex::encode(sha2::Sha256::digest(&bytes)));
+                }
+            }
+        }
+        let cache = CacheJob {
+            repo: job.context.repo.clone(),
+            key,
+            restore_keys: cache.restore_keys.clone(),
+            paths: cache.paths.clone(),
+            write: write.clone(),
+            reads: reads.clone(),
+        };
+        let restored = ports
+            .executor
+            .restore_cache(run, &cache)
+            .await
+            .map_err(|e| format!("cannot restore the cache '{}': {e}", cache.key))?;
+        let line = match &restored {
+            Some(found) if *found == cache.key => format!("cib: restored the cache '{found}'\n"),
+            Some(found) => format!("cib: restored the cache '{found}' for the key '{}'\n", cache.key),
+            None => format!("cib: no cache for the key '{}'\n", cache.key),
+        };
+        sink.write(Stream::Stderr, line.as_bytes());
+        let hit = restored.as_deref() == Some(cache.key.as_str());
+        out.push((cache, hit));
+    }
+    Ok(out)
+}
+
+/// Saves the caches whose key was not restored exactly. A cache that cannot be saved is worth
+/// a line in the log, not a failed step: the next build only runs slower.
+async fn save_caches(ports: &Ports, run: &StepRun, caches: &[(CacheJob, bool)], sink: &dyn LogSink) {
+    for (cache, hit) in caches {
+        if *hit {
+            continue;
+        }
+        let line = match ports.executor.save_cache(run, cache).await {
+            Ok(true) => format!("cib: saved the cache '{}'\n", cache.key),
+            Ok(false) => format!("cib: the cache '{}' was saved already\n", cache.key),
+            Err(e) => format!("cib: cannot save the cache '{}': {e}\n", cache.key),
+        };
+        sink.write(Stream::Stderr, line.as_bytes());
+    }
+}
+
+/// Unpacks the artifacts the step needs (`needs_artifacts`: other pipelines' steps on the same
+/// commit) into its workspace. A trusted build takes only what trusted builds made.
+async fn restore_artifacts(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<(), String> {
+    let job = &run.job;
+    for need in &job.step.needs_artifacts {
+        let query = crate::ports::ArtifactQuery {
+            repo: &job.context.repo,
+            commit: &job.context.commit,
+            pipeline: &need.pipeline,
+            step: &need.step,
+            trusted_only: job.context.trusted,
+        };
+        let what = format!("the artifacts of {}/{}", need.pipeline, need.step);
+        let record = ports
+            .artifacts
+            .find(&query, ports.clock.now())
+            .await
+            .map_err(|e| format!("cannot look for {what}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "{what} on commit {} are not there: run pipeline '{}' on this commit first (or they expired)",
+                    job.context.commit, need.pipeline
+                )
+            })?;
+        let files =
+            ports.artifacts.unpack(&record, &run.workspace).await.map_err(|e| format!("cannot unpack {what}: {e}"))?;
+        let archive = ports.artifacts.archive_path(&record);
+        ports
+            .executor
+            .import_archive(run, &archive)
+            .await
+            .map_err(|e| format!("cannot copy {what} into the workspace: {e}"))?;
+        sink.write(
+            Stream::Stderr,
+            format!("cib: restored {what} from build {} ({files} files, sha256 {})\n", record.build, record.sha256)
+                .as_bytes(),
+        );
+    }
+    Ok(())
+}
+
+/// Packs and keeps the files the step lists in `artifacts`, once it succeeded. The executor
+/// first copies what the step left into the host workspace, which the store packs from.
+async fn keep_artifacts(ports: &Ports, run: &StepRun, sink: &dyn LogSink) -> Result<(), String> {
+    let job = &run.job;
+    let Some(kept) = &job.step.artifacts else { return Ok(()) };
+    ports
+        .executor
+        .export_workspace(&job.build, &run.workspace)
+        .await
+        .map_err(|e| format!("cannot read what the step left in the workspace: {e}"))?;
+    let now = ports.clock.now();
+    let new = crate::ports::NewArtifact {
+        build: job.build.clone(),
+        name: job.step.name.clone(),
+        repo: job.context.repo.clone(),
+        commit: job.context.commit.clone(),
+        pipeline: job.pipeline.clone(),
+        trusted: job.context.trusted,
+        created_at: now,
+        expires_at: now + kept.expire.as_std(),
+    };
+    let record = ports
+        .artifacts
+        .save(new, &run.workspace, &kept.paths)
+        .await
+        .map_err(|e| format!("cannot keep the artifacts: {e}"))?;
+    sink.write(
+        Stream::Stderr,
+        format!(
+            "cib: kept {} files as artifact '{}' ({} bytes, sha256 {}), until {}\n",
+            record.files,
+            record.name,
+            record.size,
+            record.sha256,
+            record.expires_at.rfc3339_secs()
+        )
+        .as_bytes(),
+    );
+    Ok(())
 }
 
 /// The values of the step's secrets, those of the build's other secrets to mask, and the notice

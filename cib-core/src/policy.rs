@@ -362,3 +362,20 @@ pub fn check_trigger(
     }
     if out.is_empty() { Ok(env) } else { Err(out) }
 }
+
+/// Where a build's caches are written and read from (issue 19). Only a trusted build that is
+/// not a pull request (a push, a promotion, a schedule, a trigger by hand) writes the shared
+/// namespace `trusted`; a pull request writes its own (`pr-<n>`, or `fork-pr-<n>` while
+/// untrusted), and any other untrusted build one of its commit. Every build reads its own
+/// namespace first, then `trusted`: a fork can use what trusted builds cached, and never writes
+/// what a trusted build reads.
+pub fn cache_namespaces(context: &crate::pipeline::BuildContext) -> (String, Vec<String>) {
+    const TRUSTED: &str = "trusted";
+    let own = match (context.pull_request, context.trusted) {
+        (None, true) => return (TRUSTED.to_owned(), vec![TRUSTED.to_owned()]),
+        (Some(n), true) => format!("pr-{n}"),
+        (Some(n), false) => format!("fork-pr-{n}"),
+        (None, false) => format!("untrusted-{}", context.commit),
+    };
+    (own.clone(), vec![own, TRUSTED.to_owned()])
+}

@@ -196,6 +196,38 @@ pub trait Executor: Send + Sync {
         Ok(())
     }
 
+    /// Puts the files of a gzip-compressed tar archive (an artifact of another build) into the
+    /// workspace `run` works in. The engine has unpacked it over the host workspace already,
+    /// so the default does nothing: for an executor whose steps work in that directory.
+    async fn import_archive(&self, _run: &StepRun, _archive: &Path) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    /// Restores a cache into the workspace `run` works in, before the step: the cache of
+    /// `cache.key` in the first of `cache.reads` that has it, else the newest whose key starts
+    /// with one of `cache.restore_keys` (in order). Answers the key restored, if any. The
+    /// default keeps no caches.
+    async fn restore_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<Option<String>, ExecError> {
+        Ok(None)
+    }
+
+    /// Saves the cache's paths of the workspace under `cache.key` in `cache.write`, after the
+    /// step succeeded, unless a cache of that key is there already. Two saves of one key at
+    /// once leave one whole cache. Answers whether this call saved it.
+    async fn save_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<bool, ExecError> {
+        Ok(false)
+    }
+
+    /// The caches kept for `repo`, newest first. The default keeps none.
+    async fn list_caches(&self, _repo: &str) -> Result<Vec<CacheInfo>, ExecError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the caches of `repo` under `key`, in every namespace; answers how many.
+    async fn remove_caches(&self, _repo: &str, _key: &str) -> Result<usize, ExecError> {
+        Ok(0)
+    }
+
     /// Removes what belongs to builds not in `live` (left by a crash). Returns how many
     /// resources it removed.
     async fn reconcile(&self, live: &[BuildId]) -> Result<usize, ExecError>;
@@ -222,6 +254,28 @@ pub trait Executor: Send + Sync {
     /// remove nothing on their behalf, so that the next process can re-attach to them. Called
     /// once, as the engine stops.
     fn detach(&self) {}
+}
+
+/// One cache of a step, as the executor gets it: the key resolved, and the namespaces the
+/// build may write and read ([`crate::policy::cache_namespaces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheJob {
+    pub repo: String,
+    pub key: String,
+    pub restore_keys: Vec<String>,
+    /// Workspace-relative paths the cache holds.
+    pub paths: Vec<String>,
+    pub write: String,
+    pub reads: Vec<String>,
+}
+
+/// A kept cache, as `cib cache list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CacheInfo {
+    pub key: String,
+    /// `trusted`, or the pull request or build that wrote it (see `policy::cache_namespaces`).
+    pub namespace: String,
+    pub created_at: Timestamp,
 }
 
 /// What [`Executor::attach`] found of a step attempt that an earlier process started.
@@ -1258,4 +1312,141 @@ pub trait SessionStore: Send + Sync {
 
     /// Removes every session last used before `before`; returns how many.
     async fn expire_sessions(&self, before: Timestamp) -> Result<usize, StoreError>;
+}
+
+// ---- artifacts -----------------------------------------------------------------------------
+
+port_error!(
+    /// Artifacts could not be packed, stored, found or unpacked.
+    ArtifactError
+);
+
+impl From<StoreError> for ArtifactError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Permanent(m) => ArtifactError::Permanent(m),
+            StoreError::Misconfigured(m) => ArtifactError::Misconfigured(m),
+            other => ArtifactError::Transient(other.message().to_owned()),
+        }
+    }
+}
+
+/// One step's kept files: a gzip-compressed tar archive, indexed by the build and the step's
+/// name, and found again by later pipelines of the same commit through its repository,
+/// commit, pipeline and step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ArtifactRecord {
+    pub build: BuildId,
+    /// The step's name, which is also the artifact's name in the API.
+    pub name: String,
+    pub repo: String,
+    pub commit: String,
+    pub pipeline: String,
+    /// Whether a trusted build made it: an untrusted build's artifacts never reach a trusted one.
+    pub trusted: bool,
+    /// SHA-256 of the archive, in lower-case hex.
+    pub sha256: String,
+    /// Bytes of the archive.
+    pub size: u64,
+    /// Files in the archive (directories not counted).
+    pub files: u64,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// What the engine knows of artifacts it asks to keep; the store adds the digest and sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewArtifact {
+    pub build: BuildId,
+    pub name: String,
+    pub repo: String,
+    pub commit: String,
+    pub pipeline: String,
+    pub trusted: bool,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// Where a step's artifacts are looked for: the newest of this step of this pipeline, built
+/// on this commit of this repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactQuery<'a> {
+    pub repo: &'a str,
+    pub commit: &'a str,
+    pub pipeline: &'a str,
+    pub step: &'a str,
+    /// Only artifacts that trusted builds made.
+    pub trusted_only: bool,
+}
+
+/// The index of kept artifacts, which a store keeps beside its builds.
+#[async_trait]
+pub trait ArtifactIndex: Send + Sync {
+    /// Records an artifact, replacing the one of the same build and name (a retried step).
+    async fn put_artifact(&self, record: &ArtifactRecord) -> Result<(), StoreError>;
+
+    /// A build's artifacts, by name.
+    async fn artifacts(&self, build: &BuildId) -> Result<Vec<ArtifactRecord>, StoreError>;
+
+    /// The newest artifact matching the query that has not expired at `now`.
+    async fn find_artifact(
+        &self,
+        query: &ArtifactQuery<'_>,
+        now: Timestamp,
+    ) -> Result<Option<ArtifactRecord>, StoreError>;
+
+    /// Removes the records that expired at `now` and answers them, so that their files go too.
+    async fn expire_artifacts(&self, now: Timestamp) -> Result<Vec<ArtifactRecord>, StoreError>;
+}
+
+/// Keeps artifacts: packs files of a workspace, finds them again, unpacks them. The engine
+/// hands it host directories only (the executor copies files between its workspace and them).
+#[async_trait]
+pub trait Artifacts: Send + Sync {
+    /// Packs the files under `dir` whose path relative to it matches one of `paths`, stores the
+    /// archive and indexes it. Matching no file at all is a permanent error naming the globs.
+    async fn save(&self, new: NewArtifact, dir: &Path, paths: &[spec::Glob]) -> Result<ArtifactRecord, ArtifactError>;
+
+    /// A build's artifacts.
+    async fn list(&self, build: &BuildId) -> Result<Vec<ArtifactRecord>, ArtifactError>;
+
+    /// The newest unexpired artifact matching the query.
+    async fn find(&self, query: &ArtifactQuery<'_>, now: Timestamp) -> Result<Option<ArtifactRecord>, ArtifactError>;
+
+    /// The archive's file, to send or upload as it is.
+    fn archive_path(&self, record: &ArtifactRecord) -> std::path::PathBuf;
+
+    /// Unpacks an artifact over `dest`; answers how many files it wrote.
+    async fn unpack(&self, record: &ArtifactRecord, dest: &Path) -> Result<u64, ArtifactError>;
+
+    /// Removes the artifacts expired at `now`, records and files; answers how many.
+    async fn remove_expired(&self, now: Timestamp) -> Result<usize, ArtifactError>;
+}
+
+/// For engines that keep no artifacts: a step that asks to keep or restore some fails, saying so.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoArtifacts;
+
+const NO_ARTIFACTS: &str = "this engine keeps no artifacts (it was started without an artifact store)";
+
+#[async_trait]
+impl Artifacts for NoArtifacts {
+    async fn save(&self, _: NewArtifact, _: &Path, _: &[spec::Glob]) -> Result<ArtifactRecord, ArtifactError> {
+        Err(ArtifactError::Misconfigured(NO_ARTIFACTS.into()))
+    }
+    async fn list(&self, _: &BuildId) -> Result<Vec<ArtifactRecord>, ArtifactError> {
+        Ok(Vec::new())
+    }
+    async fn find(&self, _: &ArtifactQuery<'_>, _: Timestamp) -> Result<Option<ArtifactRecord>, ArtifactError> {
+        Err(ArtifactError::Misconfigured(NO_ARTIFACTS.into()))
+    }
+    fn archive_path(&self, _: &ArtifactRecord) -> std::path::PathBuf {
+        std::path::PathBuf::new()
+    }
+    async fn unpack(&self, _: &ArtifactRecord, _: &Path) -> Result<u64, ArtifactError> {
+        Err(ArtifactError::Misconfigured(NO_ARTIFACTS.into()))
+    }
+    async fn remove_expired(&self, _: Timestamp) -> Result<usize, ArtifactError> {
+        Ok(0)
+    }
 }

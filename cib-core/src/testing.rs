@@ -989,6 +989,9 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         allow_failure: false,
         isolated: false,
         matrix: None,
+        artifacts: None,
+        needs_artifacts: Vec::new(),
+        cache: Vec::new(),
     };
     StepJob {
         build: BuildId::from(build),

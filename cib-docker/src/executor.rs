@@ -27,12 +27,15 @@ use bollard::query_parameters::{
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
-use cib_core::ports::{Attached, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
+use cib_core::ports::{
+    Attached, CacheInfo, CacheJob, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream,
+};
 use cib_core::spec;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::cache;
 use crate::containers::{self, StepContainer};
 use crate::errors::{exec_error, is_not_found, status};
 use crate::image;
@@ -151,6 +154,14 @@ struct BuildState {
     /// Warm containers being made ahead of their step (pipelining): the receiver wakes when the
     /// one for that key is idle, or was not made.
     preparing: Vec<(WarmKey, tokio::sync::watch::Receiver<()>)>,
+}
+
+/// The image a command step runs in; caches are copied through containers of it.
+fn step_image(run: &StepRun) -> Result<&str, ExecError> {
+    match &run.job.step.action {
+        spec::Action::Run { image, .. } => Ok(image),
+        spec::Action::Gate(_) => Err(ExecError::Permanent("a gate has no container to cache for".into())),
+    }
 }
 
 /// A kind of Docker resource the executor creates.
@@ -1561,6 +1572,175 @@ impl Inner {
             .await
             .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))?
             .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))
+    }
+
+    /// Uploads an artifact's archive (gzip-compressed tar, which the daemon unpacks) into the
+    /// workspace volume through its marker container. A volume not filled yet needs nothing:
+    /// its fill copies the host workspace, where the engine unpacked the archive already. The
+    /// build's lock is held across the check and the upload, so a fill running meanwhile has
+    /// finished before the archive goes in over it.
+    async fn import_archive(&self, run: &StepRun, archive: &Path) -> Result<(), ExecError> {
+        let names = BuildNames::new(&self.options.instance, &run.job.build);
+        let state = self.build_state(&run.job.build);
+        let _state = state.lock().await;
+        let marker = names.workspace_filled();
+        match self.docker.inspect_container(&marker, None::<InspectContainerOptions>).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(exec_error("looking for the workspace's marker", e)),
+        }
+        let bytes = tokio::fs::read(archive)
+            .await
+            .map_err(|e| ExecError::Transient(format!("cannot read the artifact {}: {e}", archive.display())))?;
+        let options = UploadToContainerOptions {
+            path: containers::WORKSPACE.to_owned(),
+            copy_uidgid: Some("1".to_owned()),
+            ..Default::default()
+        };
+        self.docker
+            .upload_to_container(&marker, Some(options), bollard::body_full(bytes.into()))
+            .await
+            .map_err(|e| exec_error("copying the artifact into the workspace", e))
+    }
+
+    /// Copies a cache (see `cache.rs`) into the workspace volume: the volume is made and filled
+    /// first when no step of the build has, so that the step finds the files where it works.
+    async fn restore_cache(&self, run: &StepRun, job: &CacheJob) -> Result<Option<String>, ExecError> {
+        let Some((marker, key)) = cache::find(&self.docker, job).await? else { return Ok(None) };
+        let image = step_image(run)?;
+        image::ensure(&self.docker, image, self.options.pull_timeout).await?;
+        let names = BuildNames::new(&self.options.instance, &run.job.build);
+        let state = self.build_state(&run.job.build);
+        let mut state = state.lock().await;
+        self.ensure_workspace(&names, &run.job.build, image, &run.workspace, &mut state).await?;
+        let options =
+            bollard::query_parameters::DownloadFromContainerOptions { path: format!("{}/.", cache::CACHE_DIR) };
+        let archive: Vec<bytes::Bytes> = self
+            .docker
+            .download_from_container(&marker, Some(options))
+            .try_collect()
+            .await
+            .map_err(|e| exec_error("reading the cache", e))?;
+        let upload = UploadToContainerOptions {
+            path: containers::WORKSPACE.to_owned(),
+            copy_uidgid: Some("1".to_owned()),
+            ..Default::default()
+        };
+        self.docker
+            .upload_to_container(&names.workspace_filled(), Some(upload), bollard::body_full(archive.concat().into()))
+            .await
+            .map_err(|e| exec_error("copying the cache into the workspace", e))?;
+        Ok(Some(key))
+    }
+
+    /// Saves the cache's paths into a fresh volume through a container of a unique name, then
+    /// renames that container to the cache's marker: the rename is the commit, and the daemon
+    /// lets one container only have the name, so a concurrent save of the same key loses and
+    /// removes what it made.
+    async fn save_cache(&self, run: &StepRun, job: &CacheJob) -> Result<bool, ExecError> {
+        let marker = cache::marker_name(&job.repo, &job.write, &job.key);
+        if cache::exists(&self.docker, &marker).await? {
+            return Ok(false);
+        }
+        // What the step left, on the host, to pack the cache's paths from.
+        self.export_workspace(&run.job.build, &run.workspace).await?;
+        let (root, paths) = (run.workspace.clone(), job.paths.clone());
+        let archive = tokio::task::spawn_blocking(move || workspace::pack_paths(&root, &paths))
+            .await
+            .map_err(|e| ExecError::Transient(format!("packing the cache: {e}")))?
+            .map_err(|e| ExecError::Transient(format!("packing the cache: {e}")))?;
+        let Some(archive) = archive else {
+            return Err(ExecError::Permanent(format!("none of the cache's paths exists: {}", job.paths.join(", "))));
+        };
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = format!("{}-{}", self.options.instance, SAVES.fetch_add(1, Ordering::Relaxed));
+        let (volume, holder) = (format!("{marker}-v-{unique}"), format!("{marker}-tmp-{unique}"));
+        let labels = cache::labels(&job.repo, &job.write, &job.key);
+        let create = bollard::models::VolumeCreateRequest {
+            name: Some(volume.clone()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        self.docker.create_volume(create).await.map_err(|e| exec_error("creating a cache volume", e))?;
+        let image = step_image(run)?;
+        let discard = |holder: Option<String>| {
+            let (docker, volume) = (self.docker.clone(), volume.clone());
+            async move {
+                if let Some(holder) = holder {
+                    let force = RemoveContainerOptions { force: true, ..Default::default() };
+                    let _ = docker.remove_container(&holder, Some(force)).await;
+                }
+                let _ = docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await;
+            }
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions { name: Some(holder.clone()), ..Default::default() }),
+                cache::holder_body(image, &volume, labels),
+            )
+            .await;
+        if let Err(e) = created {
+            discard(None).await;
+            return Err(exec_error("creating a cache's container", e));
+        }
+        let upload = UploadToContainerOptions { path: cache::CACHE_DIR.to_owned(), ..Default::default() };
+        if let Err(e) = self.docker.upload_to_container(&holder, Some(upload), bollard::body_full(archive.into())).await
+        {
+            discard(Some(holder)).await;
+            return Err(exec_error("filling a cache", e));
+        }
+        match self.docker.rename_container(&holder, RenameContainerOptions { name: marker.clone() }).await {
+            Ok(()) => Ok(true),
+            // Another save of the key committed first: its cache stands, whole, and this one goes.
+            Err(e) if status(&e) == Some(409) => {
+                discard(Some(holder)).await;
+                Ok(false)
+            }
+            Err(e) => {
+                discard(Some(holder)).await;
+                Err(exec_error("committing a cache", e))
+            }
+        }
+    }
+
+    async fn list_caches(&self, repo: &str) -> Result<Vec<CacheInfo>, ExecError> {
+        let mut found: Vec<CacheInfo> = cache::markers(&self.docker, repo)
+            .await?
+            .into_iter()
+            .map(|(c, namespace, key)| CacheInfo {
+                key,
+                namespace,
+                created_at: cib_core::time::Timestamp::from_secs(u64::try_from(c.created.unwrap_or(0)).unwrap_or(0)),
+            })
+            .collect();
+        found.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.key.cmp(&b.key)));
+        Ok(found)
+    }
+
+    /// Removes each marker of the key and the volume it holds.
+    async fn remove_caches(&self, repo: &str, key: &str) -> Result<usize, ExecError> {
+        let mut removed = 0;
+        for (c, _, k) in cache::markers(&self.docker, repo).await? {
+            if k != key {
+                continue;
+            }
+            let volumes: Vec<String> = c.mounts.unwrap_or_default().into_iter().filter_map(|m| m.name).collect();
+            let force = RemoveContainerOptions { force: true, ..Default::default() };
+            match self.docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(exec_error("removing a cache", e)),
+            }
+            for volume in volumes {
+                match self.docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(exec_error("removing a cache's volume", e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {

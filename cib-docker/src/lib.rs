@@ -42,6 +42,7 @@
 //! - The log sink receives bytes as the process wrote them, without timestamps: the port has
 //!   no place for them, and writing them into the text would change what the step printed.
 
+pub mod cache;
 mod containers;
 mod errors;
 mod executor;

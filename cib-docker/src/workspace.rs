@@ -211,6 +211,30 @@ pub fn archive(upload: Upload) -> (impl Stream<Item = io::Result<Bytes>> + Send 
     (stream, task)
 }
 
+/// A tar archive of the paths of `root` (relative, each a file or a directory kept whole),
+/// named by those paths, for a cache; paths that do not exist are left out. `None` when none
+/// exists.
+pub fn pack_paths(root: &Path, paths: &[String]) -> io::Result<Option<Vec<u8>>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut any = false;
+    for path in paths {
+        let full = root.join(path);
+        let Ok(meta) = std::fs::symlink_metadata(&full) else { continue };
+        any = true;
+        if meta.is_dir() {
+            append_tree(&mut tar, &full, Path::new(path))?;
+        } else if meta.is_file() {
+            tar.append_data(&mut header(&meta), path, std::fs::File::open(&full)?)?;
+        } else if meta.file_type().is_symlink() {
+            tar.append_link(&mut header(&meta), path, std::fs::read_link(&full)?)?;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    tar.into_inner().map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use futures_util::StreamExt;

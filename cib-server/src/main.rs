@@ -155,6 +155,25 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// List the artifacts a build kept, or download one with --get (checked against its sha256).
+    Artifacts {
+        id: String,
+        /// Download this artifact (a step's name) as a .tar.gz.
+        #[arg(long, value_name = "NAME")]
+        get: Option<String>,
+        /// Where the download goes (default: NAME.tar.gz here).
+        #[arg(short, long, requires = "get")]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// A repository's caches: list them, or remove a key's (admin).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Print a step's log; -f follows it until the step ends, resuming after dropped connections.
     Logs {
         id: String,
@@ -347,6 +366,25 @@ where
 }
 
 #[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// The repository's caches, newest first: key, namespace and when each was saved.
+    List {
+        repo: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Removes the repository's caches of KEY, in every namespace.
+    Rm {
+        repo: String,
+        key: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum PoolCommand {
     /// Each pool's units, who holds what until when, and who waits in which position.
     List,
@@ -430,6 +468,15 @@ fn main() -> ExitCode {
             )
         }
         Command::Build { id, json, remote: r } => remote(r, |r| async move { remote::build(&r, &id, json).await }),
+        Command::Artifacts { id, get, output, json, remote: r } => remote(r, |r| async move {
+            cli::artifacts::artifacts(&r, cli::artifacts::ArtifactsArgs { build: id, get, output, json }).await
+        }),
+        Command::Cache { command: CacheCommand::List { repo, json, remote: r } } => {
+            remote(r, |r| async move { cli::artifacts::cache_list(&r, &repo, json).await })
+        }
+        Command::Cache { command: CacheCommand::Rm { repo, key, remote: r } } => {
+            remote(r, |r| async move { cli::artifacts::cache_remove(&r, &repo, &key).await })
+        }
         Command::Logs { id, step, follow, attempt, timestamps, remote: r } => remote(r, |r| async move {
             logs::logs(&r, logs::LogsArgs { build: id, step, follow, attempt, timestamps }).await
         }),

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{builds, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
+use crate::api::{artifacts, builds, caches, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -86,6 +86,8 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/builds", TRIGGER, builds::trigger, builds::trigger_doc),
         route!(GET "/api/v1/builds/{build}", READ, builds::get, builds::get_doc),
         route!(GET "/api/v1/builds/{build}/deliverables", READ, builds::deliverables, builds::deliverables_doc),
+        route!(GET "/api/v1/builds/{build}/artifacts", READ, artifacts::list, artifacts::list_doc),
+        route!(GET "/api/v1/builds/{build}/artifacts/{name}", READ, artifacts::get, artifacts::get_doc),
         route!(POST "/api/v1/builds/{build}/cancel", TRIGGER, builds::cancel, builds::cancel_doc),
         route!(POST "/api/v1/builds/{build}/retry", TRIGGER, builds::retry, builds::retry_doc),
         route!(POST "/api/v1/builds/{build}/gates/{step}/approve", APPROVE, builds::approve, builds::approve_doc),
@@ -116,6 +118,9 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/repos/{owner}/merge", TRIGGER, repos::merge, repos::merge_doc_encoded),
         route!(POST "/api/v1/repos/{owner}/promote", TRIGGER, repos::promote, repos::promote_doc_encoded),
         route!(GET "/api/v1/repos/{owner}/environments", READ, repos::environments, repos::environments_doc_encoded),
+        // Caches: anyone may see them; removing them is an admin's.
+        route!(GET "/api/v1/caches/{owner}/{name}", READ, caches::list, caches::list_doc),
+        route!(DELETE "/api/v1/caches/{owner}/{name}/{key}", ADMIN, caches::remove, caches::remove_doc),
         // Secrets, admins only: values go in and never come out.
         route!(GET "/api/v1/secrets", ADMIN, secrets::list, secrets::list_doc),
         route!(POST "/api/v1/secrets/rekey", ADMIN, secrets::rekey, secrets::rekey_doc),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cib_core::engine::{Engine, EngineConfig, Ports, SystemClock};
 use cib_core::pipeline::Config;
-use cib_core::ports::{Clock, Notifier, SecretStore, SessionStore, Store, Vcs};
+use cib_core::ports::{ArtifactIndex, Artifacts, Clock, Notifier, SecretStore, SessionStore, Store, Vcs};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
@@ -27,7 +27,7 @@ pub struct Running {
 
 /// Starts the engine and the inbox processor with these backends. The store keeps the
 /// builds and the encrypted secrets both.
-pub fn start<S: Store + SecretStore + SessionStore + 'static>(
+pub fn start<S: Store + SecretStore + SessionStore + ArtifactIndex + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
@@ -37,7 +37,7 @@ pub fn start<S: Store + SecretStore + SessionStore + 'static>(
 }
 
 /// [`start`], with more notifiers (the forge's, say) besides the configured webhooks.
-pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
+pub fn start_with<S: Store + SecretStore + SessionStore + ArtifactIndex + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
@@ -49,7 +49,7 @@ pub fn start_with<S: Store + SecretStore + SessionStore + 'static>(
 
 /// [`start_with`] on this clock: the engine's time and the scheduler's (tests hand in a clock
 /// they move by hand).
-pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
+pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'static>(
     config: ServerConfig,
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
@@ -59,6 +59,9 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
 ) -> Running {
     let secret_store: Arc<dyn SecretStore> = store.clone();
     let sessions: Arc<dyn SessionStore> = store.clone();
+    // Artifacts are archives under the data directory, indexed in the same store.
+    let artifacts: Arc<dyn Artifacts> =
+        Arc::new(cib_store::FileArtifacts::new(config.data_dir.join("artifacts"), store.clone()));
     let store: Arc<dyn Store> = store;
     let keys = Arc::new(crate::secrets::Keyring::load(&config));
     let mut receivers = Vec::new();
@@ -74,7 +77,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
     let outgoing = Arc::new(crate::outgoing::Outgoing::start(receivers, store.clone()));
     notifiers.push(outgoing.clone());
     let ports = Ports {
-        executor,
+        executor: executor.clone(),
         vcs: vcs.clone(),
         store: store.clone(),
         notifiers: notifiers.clone(),
@@ -82,6 +85,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
         secrets: Arc::new(crate::secrets::ServerSecrets::new(&config, secret_store.clone(), keys.clone())),
         // Images are built on the daemon Docker's defaults name (DOCKER_HOST), like the steps.
         publisher: Arc::new(cib_publish::DeliveryPublisher::new(None)),
+        artifacts: artifacts.clone(),
     };
     let engine_config = EngineConfig {
         machine: Config {
@@ -110,6 +114,8 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
     });
     let mut state = AppState::new(config, engine, store, vcs, clock, secret_store, keys, sessions);
     state.notifiers = notifiers;
+    state.artifacts = artifacts;
+    state.executor = Some(executor);
     let state = Arc::new(state);
     let inbox_task = tokio::spawn({
         let state = state.clone();
@@ -120,8 +126,28 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + 'static>(
         }
     });
     tokio::spawn(feed_metrics(state.clone()));
+    tokio::spawn(expire_artifacts(state.clone()));
     let scheduler_task = tokio::spawn(crate::scheduler::run(state.clone()));
     Running { state, engine_task, inbox_task, outgoing, scheduler_task }
+}
+
+/// How often expired artifacts are looked for.
+const ARTIFACT_EXPIRY_EVERY: Duration = Duration::from_secs(600);
+
+/// Removes expired artifacts at start and then every ten minutes, for as long as the server
+/// runs. A failure is logged and tried again at the next round.
+async fn expire_artifacts(state: Arc<AppState>) {
+    loop {
+        match state.artifacts.remove_expired(state.clock.now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed expired artifacts"),
+            Err(error) => tracing::warn!(%error, "cannot remove expired artifacts"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ARTIFACT_EXPIRY_EVERY) => {}
+            () = state.stopping.notified() => return,
+        }
+    }
 }
 
 struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);

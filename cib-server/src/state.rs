@@ -36,6 +36,10 @@ pub struct AppState {
     pub inbox_alive: Arc<std::sync::atomic::AtomicBool>,
     /// The notifiers the engine publishes to, for their outbox depths in `/metrics`.
     pub notifiers: Vec<Arc<dyn cib_core::ports::Notifier>>,
+    /// The kept artifacts (the engine's own store of them), for the API and their expiry.
+    pub artifacts: Arc<dyn cib_core::ports::Artifacts>,
+    /// The engine's executor, for what it keeps beyond builds (caches).
+    pub executor: Option<Arc<dyn cib_core::ports::Executor>>,
     counter: AtomicU64,
 }
 
@@ -69,6 +73,8 @@ impl AppState {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             inbox_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             notifiers: Vec::new(),
+            artifacts: Arc::new(cib_core::ports::NoArtifacts),
+            executor: None,
             counter: AtomicU64::new(0),
         }
     }

@@ -17,6 +17,7 @@
 //! with the same tables and the same conformance suite (`cib_core::testing::store_conformance`,
 //! behind cib-core's `testing` feature).
 
+mod artifacts;
 mod error;
 mod logs;
 mod read;
@@ -25,6 +26,7 @@ mod secrets;
 mod sqlite;
 mod writer;
 
+pub use artifacts::FileArtifacts;
 pub use schema::SCHEMA_VERSION;
 pub use secrets::{generate_key, load_or_create_key_file, parse_key, read_key_file};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};

@@ -359,3 +359,44 @@ pub(crate) fn session(conn: &Connection, digest: &str) -> Result<Option<cib_core
     })
     .transpose()
 }
+
+/// Artifact records matching a condition on the `artifacts` table, newest first.
+pub(crate) fn artifacts_where(
+    conn: &Connection,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<cib_core::ports::ArtifactRecord>, StoreError> {
+    let sql = format!(
+        "SELECT build, name, repo, commit_sha, pipeline, trusted, sha256, size, files, created_at, expires_at \
+         FROM artifacts WHERE {condition} ORDER BY created_at DESC, build DESC, name"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let rows = stmt
+        .query_map(params, |r| {
+            Ok((
+                (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?),
+                (r.get::<_, String>(4)?, r.get::<_, i64>(5)?, r.get::<_, String>(6)?),
+                (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?),
+            ))
+        })
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let ((build, name, repo, commit), (pipeline, trusted, sha256), (size, files, created, expires)) =
+            row.map_err(db)?;
+        out.push(cib_core::ports::ArtifactRecord {
+            build: cib_core::event::BuildId(build),
+            name,
+            repo,
+            commit,
+            pipeline,
+            trusted: trusted != 0,
+            sha256,
+            size: from_sql(size)?,
+            files: from_sql(files)?,
+            created_at: cib_core::time::Timestamp(from_sql(created)?),
+            expires_at: cib_core::time::Timestamp(from_sql(expires)?),
+        });
+    }
+    Ok(out)
+}

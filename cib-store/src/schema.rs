@@ -197,10 +197,33 @@ CREATE TABLE web_sessions (
 CREATE INDEX web_sessions_last_seen ON web_sessions (last_seen);
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6), (7, V7), (8, V8), (9, V9)];
+/// Version 10: the index of kept artifacts (issue 19). The archives are files beside the
+/// database; a row names one by its build and step, and is found again by the commit, pipeline
+/// and step that made it, newest first.
+const V10: &str = "
+CREATE TABLE artifacts (
+    build TEXT NOT NULL,
+    name TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    commit_sha TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    trusted BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    files BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (build, name)
+);
+CREATE INDEX artifacts_source ON artifacts (repo, commit_sha, pipeline, name, created_at);
+CREATE INDEX artifacts_expiry ON artifacts (expires_at);
+";
+
+const MIGRATIONS: &[(i64, &str)] =
+    &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6), (7, V7), (8, V8), (9, V9), (10, V10)];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// Brings the database to [`SCHEMA_VERSION`]. Several processes may open the same file at
 /// once: each migration reads the version inside its own write transaction, so exactly one of

@@ -660,3 +660,51 @@ impl SessionStore for SqliteStore {
         }
     }
 }
+
+#[async_trait]
+impl cib_core::ports::ArtifactIndex for SqliteStore {
+    async fn put_artifact(&self, record: &cib_core::ports::ArtifactRecord) -> Result<(), StoreError> {
+        self.write(Op::PutArtifact(record.clone())).await.map(|_| ())
+    }
+
+    async fn artifacts(&self, build: &BuildId) -> Result<Vec<cib_core::ports::ArtifactRecord>, StoreError> {
+        let build = build.0.clone();
+        self.read(move |c| {
+            let mut found = read::artifacts_where(c, "build = ?1", [build])?;
+            found.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn find_artifact(
+        &self,
+        query: &cib_core::ports::ArtifactQuery<'_>,
+        now: Timestamp,
+    ) -> Result<Option<cib_core::ports::ArtifactRecord>, StoreError> {
+        let params = (
+            query.repo.to_owned(),
+            query.commit.to_owned(),
+            query.pipeline.to_owned(),
+            query.step.to_owned(),
+            i64::from(query.trusted_only),
+            crate::error::to_sql(now.0)?,
+        );
+        self.read(move |c| {
+            let found = read::artifacts_where(
+                c,
+                "repo = ?1 AND commit_sha = ?2 AND pipeline = ?3 AND name = ?4 AND trusted >= ?5 AND expires_at > ?6",
+                params,
+            )?;
+            Ok(found.into_iter().next())
+        })
+        .await
+    }
+
+    async fn expire_artifacts(&self, now: Timestamp) -> Result<Vec<cib_core::ports::ArtifactRecord>, StoreError> {
+        match self.write(Op::ExpireArtifacts { now: now.0 }).await? {
+            Done::Artifacts(removed) => Ok(removed),
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -114,6 +114,10 @@ pub(crate) enum Op {
     ExpireSessions {
         before: u64,
     },
+    PutArtifact(cib_core::ports::ArtifactRecord),
+    ExpireArtifacts {
+        now: u64,
+    },
 }
 
 impl Op {
@@ -133,6 +137,7 @@ impl Op {
             | Op::TouchSession { .. }
             | Op::RemoveSession { .. }
             | Op::ExpireSessions { .. } => 0,
+            Op::PutArtifact(_) | Op::ExpireArtifacts { .. } => 0,
         }
     }
 }
@@ -149,6 +154,8 @@ pub(crate) enum Done {
     Count(usize),
     /// A secret operation refused before it wrote anything: a wrong key, say.
     SecretRefused(SecretError),
+    /// The artifact records a write removed.
+    Artifacts(Vec<cib_core::ports::ArtifactRecord>),
 }
 
 /// A write and where its answer goes.
@@ -573,6 +580,31 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
         Op::RemoveSession { digest } => {
             exec(conn, "DELETE FROM web_sessions WHERE digest = ?1", params![digest])?;
             Ok(Done::Unit)
+        }
+        Op::PutArtifact(a) => {
+            exec(
+                conn,
+                "INSERT OR REPLACE INTO artifacts (build, name, repo, commit_sha, pipeline, trusted, sha256, size, files, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    a.build.0,
+                    a.name,
+                    a.repo,
+                    a.commit,
+                    a.pipeline,
+                    i64::from(a.trusted),
+                    a.sha256,
+                    to_sql(a.size)?,
+                    to_sql(a.files)?,
+                    to_sql(a.created_at.0)?,
+                    to_sql(a.expires_at.0)?
+                ],
+            )?;
+            Ok(Done::Unit)
+        }
+        Op::ExpireArtifacts { now } => {
+            let expired = crate::read::artifacts_where(conn, "expires_at <= ?1", [to_sql(*now)?])?;
+            exec(conn, "DELETE FROM artifacts WHERE expires_at <= ?1", params![to_sql(*now)?])?;
+            Ok(Done::Artifacts(expired))
         }
         Op::ExpireSessions { before } => {
             let removed = exec(conn, "DELETE FROM web_sessions WHERE last_seen < ?1", params![to_sql(*before)?])?;

@@ -330,6 +330,90 @@ pub struct Step {
     /// The matrix this step is a cell of, when its spec gave it a `matrix`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matrix: Option<MatrixCell>,
+    /// What of the workspace is kept after the step succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactPaths>,
+    /// Other pipelines' artifacts of the same commit, unpacked before the step runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub needs_artifacts: Vec<NeedArtifacts>,
+    /// Directories kept between builds under a key.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache: Vec<Cache>,
+}
+
+/// A step's cache: the key as parts (resolved against the workspace before the step), the
+/// workspace paths it holds, and the prefixes to fall back on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cache {
+    pub key: Vec<CacheKeyPart>,
+    pub paths: Vec<String>,
+    pub restore_keys: Vec<String>,
+}
+
+/// A piece of a cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheKeyPart {
+    Text(String),
+    /// `{{ checksum 'path' }}`: the SHA-256 of a workspace file, in hex.
+    Checksum(String),
+}
+
+/// Reads a cache key template: text with `{{ checksum 'path' }}` (single or double quotes)
+/// for the SHA-256 of a workspace file. Anything else between braces is an error that says
+/// what is allowed.
+pub fn parse_cache_key(template: &str) -> Result<Vec<CacheKeyPart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        if open > 0 {
+            parts.push(CacheKeyPart::Text(rest[..open].to_owned()));
+        }
+        let after = &rest[open + 2..];
+        let close = after.find("}}").ok_or("a '{{' in the key is never closed with '}}'")?;
+        let inner = after[..close].trim();
+        let arg = inner
+            .strip_prefix("checksum")
+            .map(str::trim)
+            .and_then(|a| {
+                a.strip_prefix('\'')
+                    .and_then(|a| a.strip_suffix('\''))
+                    .or_else(|| a.strip_prefix('"').and_then(|a| a.strip_suffix('"')))
+            })
+            .ok_or_else(|| format!("'{{{{ {inner} }}}}' is not a key function: write {{{{ checksum 'path' }}}}"))?;
+        if arg.is_empty() || arg.starts_with('/') || arg.split('/').any(|p| p == "..") {
+            return Err(format!("checksum '{arg}' must name a file inside the workspace"));
+        }
+        parts.push(CacheKeyPart::Checksum(arg.to_owned()));
+        rest = &after[close + 2..];
+    }
+    if rest.contains("}}") {
+        return Err("a '}}' in the key has no '{{' before it".into());
+    }
+    if !rest.is_empty() {
+        parts.push(CacheKeyPart::Text(rest.to_owned()));
+    }
+    if parts.is_empty() {
+        return Err("a cache key cannot be empty".into());
+    }
+    Ok(parts)
+}
+
+/// How long artifacts are kept when the spec does not say.
+pub const DEFAULT_ARTIFACT_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The files a step keeps, matched against paths relative to the workspace.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArtifactPaths {
+    pub paths: Vec<Glob>,
+    pub expire: Duration,
+}
+
+/// The artifacts of `step` of `pipeline`, from a build of the same commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NeedArtifacts {
+    pub pipeline: String,
+    pub step: String,
 }
 
 /// What a step does.

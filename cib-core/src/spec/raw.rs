@@ -355,6 +355,59 @@ pub struct RawStep {
     /// With a `matrix`: when one cell fails, cancel the others. Default false.
     #[serde(default)]
     pub fail_fast: Option<Spanned<bool>>,
+    /// Files of the workspace kept after the step succeeds, as a compressed archive that later
+    /// pipelines of the same commit can ask for and people can download.
+    #[serde(default)]
+    pub artifacts: Option<Keyed<RawArtifacts>>,
+    /// Artifacts of other pipelines' steps on the same commit, unpacked into the workspace
+    /// before this step runs.
+    #[serde(default)]
+    pub needs_artifacts: Vec<Spanned<RawNeedArtifacts>>,
+    /// Directories kept between builds of the repository under a key, restored before the step
+    /// and saved after it succeeds when the key was new.
+    #[serde(default)]
+    pub cache: Vec<Spanned<RawCache>>,
+}
+
+/// One cache of a step.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Cache")]
+pub struct RawCache {
+    /// The cache's key, e.g. `pip-{{ checksum 'requirements.txt' }}`: text, and the SHA-256 of
+    /// workspace files.
+    pub key: Spanned<String>,
+    /// Paths relative to the workspace that the cache holds, e.g. `.cache/pip`.
+    pub paths: Spanned<Vec<Spanned<String>>>,
+    /// Prefixes of other keys to restore from, newest first, when the key itself has no cache.
+    #[serde(default)]
+    pub restore_keys: Vec<Spanned<String>>,
+}
+
+/// What a step keeps of its workspace.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "Artifacts")]
+pub struct RawArtifacts {
+    /// Globs of files relative to the workspace, e.g. `dist/**` or `report.xml`.
+    pub paths: Spanned<Vec<Spanned<Glob>>>,
+    /// How long the artifacts are kept (default `30d`).
+    #[serde(default)]
+    pub expire: Option<Spanned<Duration>>,
+}
+
+/// The artifacts of one step of another pipeline, built on the same commit.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "NeedArtifacts")]
+pub struct RawNeedArtifacts {
+    /// The pipeline that made them.
+    pub pipeline: Spanned<String>,
+    /// Its step that lists `artifacts`.
+    pub step: Spanned<String>,
 }
 
 /// `bridge` or `none`.

@@ -47,6 +47,7 @@ pub(crate) fn validate(raw: RawSpec, partial: bool, max_cells: u32) -> Result<Sp
     for (name, pipeline) in &raw.pipelines {
         pipelines.push(pipeline_model(&mut c, &branches, name, pipeline, &names));
     }
+    check_needs_artifacts(&mut c, &raw, &pipelines);
     let promotion = raw.promotion.as_ref().map(|p| promotion_model(&mut c, &branches, p, &names));
     let merge = raw.merge.as_ref().map(|m| merge_model(&mut c, &branches, m, &names));
     if c.diags.is_empty() {
@@ -428,6 +429,122 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
         allow_failure: s.allow_failure,
         isolated: s.isolated,
         matrix: None,
+        artifacts: artifacts_model(c, s),
+        needs_artifacts: s
+            .needs_artifacts
+            .iter()
+            .map(|n| NeedArtifacts { pipeline: n.value.pipeline.value.clone(), step: n.value.step.value.clone() })
+            .collect(),
+        cache: caches_model(c, s),
+    }
+}
+
+/// A step's caches: keys that parse, relative paths, and a container step to fill them.
+fn caches_model(c: &mut Checker, s: &RawStep) -> Vec<Cache> {
+    let mut out = Vec::new();
+    for raw in &s.cache {
+        let r = &raw.value;
+        if s.gate.is_some() {
+            c.err(raw.pos, "a gate step runs no container, so it fills no cache: remove 'cache'");
+        }
+        let key = match parse_cache_key(&r.key.value) {
+            Ok(key) => key,
+            Err(message) => {
+                c.err(r.key.pos, message);
+                Vec::new()
+            }
+        };
+        if r.paths.value.is_empty() {
+            c.err(r.paths.pos, "'paths' names nothing to cache: list directories of the workspace, such as .cache/pip");
+        }
+        for p in r.paths.value.iter().chain(&r.restore_keys) {
+            if p.value.trim().is_empty() {
+                c.err(p.pos, "an empty value caches nothing");
+            }
+        }
+        for p in &r.paths.value {
+            if p.value.starts_with('/') || p.value.split('/').any(|part| part == "..") {
+                c.err(p.pos, format!("'{}' leaves the workspace: cache paths are relative to it", p.value));
+            }
+        }
+        out.push(Cache {
+            key,
+            paths: r.paths.value.iter().map(|p| p.value.trim_end_matches('/').to_owned()).collect(),
+            restore_keys: r.restore_keys.iter().map(|k| k.value.clone()).collect(),
+        });
+    }
+    out
+}
+
+/// A step's `artifacts`: relative paths, a positive expiry, and a container step to make them.
+fn artifacts_model(c: &mut Checker, s: &RawStep) -> Option<ArtifactPaths> {
+    let keyed = &s.artifacts.as_ref()?.0;
+    let a = &keyed.value;
+    if s.gate.is_some() {
+        c.err(keyed.pos, "a gate step runs no container, so it makes no artifacts: remove 'artifacts'");
+    }
+    if a.paths.value.is_empty() {
+        c.err(a.paths.pos, "'paths' names no file: list globs relative to the workspace, such as dist/**");
+    }
+    for p in &a.paths.value {
+        let text = p.value.as_str();
+        if text.starts_with('/') || text.split('/').any(|part| part == "..") {
+            c.err(p.pos, format!("'{text}' leaves the workspace: artifact paths are relative to it"));
+        }
+    }
+    let expire = match &a.expire {
+        Some(e) => positive(c, e.pos, "'expire'", Some(e.value)).unwrap_or(DEFAULT_ARTIFACT_EXPIRY),
+        None => DEFAULT_ARTIFACT_EXPIRY,
+    };
+    Some(ArtifactPaths { paths: a.paths.value.iter().map(|p| p.value.clone()).collect(), expire })
+}
+
+/// Every `needs_artifacts` names another pipeline of the spec and a step of it that keeps
+/// artifacts. Steps of the same build share their workspace, so a pipeline never asks itself.
+fn check_needs_artifacts(c: &mut Checker, raw: &RawSpec, pipelines: &[Pipeline]) {
+    let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+    for (name, pipeline) in &raw.pipelines {
+        for step in &pipeline.steps.value {
+            for need in &step.needs_artifacts {
+                let (p, s) = (&need.value.pipeline, &need.value.step);
+                if p.value == name.value {
+                    c.err(
+                        p.pos,
+                        format!(
+                            "'{}' is this step's own pipeline: its steps share the workspace, so use depends_on",
+                            p.value
+                        ),
+                    );
+                    continue;
+                }
+                let Some(source) = pipelines.iter().find(|x| x.name == p.value) else {
+                    if !c.partial {
+                        c.err(
+                            p.pos,
+                            format!("unknown pipeline '{}'{}", p.value, suggestion(&p.value, names.iter().copied())),
+                        );
+                    }
+                    continue;
+                };
+                match source.steps.iter().find(|x| x.name == s.value) {
+                    Some(found) if found.artifacts.is_none() => c.err(
+                        s.pos,
+                        format!("step '{}' of pipeline '{}' keeps no artifacts: give it 'artifacts'", s.value, p.value),
+                    ),
+                    Some(_) => {}
+                    None if c.partial => {}
+                    None => c.err(
+                        s.pos,
+                        format!(
+                            "pipeline '{}' has no step '{}'{}",
+                            p.value,
+                            s.value,
+                            suggestion(&s.value, source.steps.iter().map(|x| x.name.as_str()))
+                        ),
+                    ),
+                }
+            }
+        }
     }
 }
 
@@ -475,6 +592,9 @@ fn step_placeholder() -> Step {
         allow_failure: false,
         isolated: false,
         matrix: None,
+        artifacts: None,
+        needs_artifacts: Vec::new(),
+        cache: Vec::new(),
     }
 }
 

@@ -52,6 +52,7 @@ impl World {
             clock: self.clock.clone(),
             secrets: Arc::new(StaticSecrets([("TOKEN".to_owned(), "hunter2".to_owned())].into())),
             publisher: Arc::new(cib_core::publish::NoPublisher),
+            artifacts: Arc::new(cib_core::ports::NoArtifacts),
         };
         let config = EngineConfig {
             machine: Config::default(),

@@ -1,5 +1,6 @@
 //! cib-core's integration tests, in one binary so that linking happens once.
 
+mod artifacts;
 mod conformance;
 mod engine;
 mod lease;

@@ -5,6 +5,7 @@
 //! instance label, so tests running in parallel never see, reconcile or remove each other's
 //! containers, and "nothing is left" is checked by querying Docker for that label directly.
 
+mod cache;
 mod common;
 mod conformance;
 mod images;

@@ -2,7 +2,9 @@
 //! each (`*_doc`), and the route table (`routes.rs`) lists them with their method, path
 //! and role.
 
+pub mod artifacts;
 pub mod builds;
+pub mod caches;
 pub mod deliveries;
 pub mod events;
 pub mod hooks;

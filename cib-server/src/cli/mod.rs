@@ -1,8 +1,9 @@
 //! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`,
 //! `init`, `completions`, `man`), the server (`serve`), and client commands that talk to a
 //! server (`builds`, `build`, `logs`, `trigger`, `cancel`, `retry`, `approve`, `reject`,
-//! `merge`, `promote`, `approvals`, `envs`, `whoami`, `pool`, `lease`, `secret`).
+//! `merge`, `promote`, `approvals`, `envs`, `whoami`, `artifacts`, `pool`, `lease`, `secret`).
 
+pub mod artifacts;
 pub mod client;
 pub mod init;
 pub mod lint;

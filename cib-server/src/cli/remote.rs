@@ -38,7 +38,7 @@ fn short(commit: &str) -> &str {
 }
 
 /// Prints rows under headers, each column as wide as its widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..headers.len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(headers[i].len()))
         .collect();
@@ -52,7 +52,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn pretty(v: &serde_json::Value) {
+pub(crate) fn pretty(v: &serde_json::Value) {
     out(&serde_json::to_string_pretty(v).unwrap_or_default());
 }
 

@@ -292,7 +292,11 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
     remove_leftovers_of_dead_runs(&executor).await;
     let store = cib_store::SqliteStore::open(data_dir.join("cib.db"), super::serve::store_options(&limits_table))
         .map_err(|e| fail(exit::INFRASTRUCTURE, format!("cannot open the store: {e}")))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store = Arc::new(store);
+    // With `--data-dir`, artifacts outlive the run, so a later run of another pipeline of the
+    // same commit finds them (`needs_artifacts`).
+    let artifacts = Arc::new(cib_store::FileArtifacts::new(data_dir.join("artifacts"), store.clone()));
+    let store: Arc<dyn Store> = store;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ports = Ports {
         executor: executor.clone(),
@@ -302,6 +306,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
         clock: clock.clone(),
         secrets: Arc::new(CliSecrets(secrets)),
         publisher: Arc::new(cib_core::publish::NoPublisher),
+        artifacts,
     };
     let config = EngineConfig {
         machine: Config { max_running_steps: 4, limits: limits.clone(), ..Config::default() },

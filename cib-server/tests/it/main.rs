@@ -1,6 +1,7 @@
 //! cib-server's integration tests, in one binary: the `cib` command as a user runs it.
 
 mod api;
+mod artifacts;
 mod cli;
 mod client;
 mod deliver;

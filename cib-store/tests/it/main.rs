@@ -2,6 +2,7 @@
 //! SQLite files in temporary directories; the crash and large-log tests re-run this binary as
 //! a child process (see [`child`]).
 
+mod artifacts;
 mod big_log;
 mod child;
 mod conformance;

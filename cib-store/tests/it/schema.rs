@@ -87,6 +87,7 @@ async fn a_version_1_database_is_migrated_in_place_keeping_its_data() {
          DROP TABLE secrets;
          DROP TABLE webhook_cursors;
          DROP TABLE web_sessions;
+         DROP TABLE artifacts;
          DROP INDEX deliveries_pending;
          DROP TABLE delivery_digests;
          ALTER TABLE deliveries DROP COLUMN done;

@@ -135,6 +135,7 @@ async fn run(dir: PathBuf, pipeline: Option<String>) -> Result<Conclusion, Strin
         clock: Arc::new(SystemClock),
         secrets: Arc::new(NoSecrets),
         publisher: Arc::new(cib_core::publish::NoPublisher),
+        artifacts: Arc::new(cib_core::ports::NoArtifacts),
     };
     // ANCHOR_END: ports
 
