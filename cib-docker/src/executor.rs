@@ -344,6 +344,26 @@ impl Executor for DockerExecutor {
         self.0.export_workspace(build, dest).await
     }
 
+    async fn import_archive(&self, run: &StepRun, archive: &Path) -> Result<(), ExecError> {
+        self.0.import_archive(run, archive).await
+    }
+
+    async fn restore_cache(&self, run: &StepRun, cache: &CacheJob) -> Result<Option<String>, ExecError> {
+        self.0.restore_cache(run, cache).await
+    }
+
+    async fn save_cache(&self, run: &StepRun, cache: &CacheJob) -> Result<bool, ExecError> {
+        self.0.save_cache(run, cache).await
+    }
+
+    async fn list_caches(&self, repo: &str) -> Result<Vec<CacheInfo>, ExecError> {
+        self.0.list_caches(repo).await
+    }
+
+    async fn remove_caches(&self, repo: &str, key: &str) -> Result<usize, ExecError> {
+        self.0.remove_caches(repo, key).await
+    }
+
     async fn cleanup(&self, build: &BuildId) -> Result<(), ExecError> {
         self.0.cleanup(build).await
     }
@@ -1574,45 +1594,62 @@ impl Inner {
             .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))
     }
 
-    /// Uploads an artifact's archive (gzip-compressed tar, which the daemon unpacks) into the
-    /// workspace volume through its marker container. A volume not filled yet needs nothing:
-    /// its fill copies the host workspace, where the engine unpacked the archive already. The
-    /// build's lock is held across the check and the upload, so a fill running meanwhile has
-    /// finished before the archive goes in over it.
-    async fn import_archive(&self, run: &StepRun, archive: &Path) -> Result<(), ExecError> {
-        let names = BuildNames::new(&self.options.instance, &run.job.build);
-        let state = self.build_state(&run.job.build);
+    /// Puts an archive (a tar, gzip-compressed or not: the daemon unpacks both) into the
+    /// build's workspace volume, through a short-lived container of the image the volume was
+    /// made with, as `export_workspace` reads it. `false` when the build has no volume yet: the
+    /// first step's container fills it from the host workspace, so the caller puts the files
+    /// there instead. The build's lock is held across the check and the upload, so that a fill
+    /// running meanwhile has finished before the archive goes in over it.
+    async fn upload_into_workspace(
+        &self,
+        build: &BuildId,
+        archive: bytes::Bytes,
+        what: &str,
+    ) -> Result<bool, ExecError> {
+        let names = BuildNames::new(&self.options.instance, build);
+        let state = self.build_state(build);
         let _state = state.lock().await;
-        let marker = names.workspace_filled();
-        match self.docker.inspect_container(&marker, None::<InspectContainerOptions>).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => return Ok(()),
-            Err(e) => return Err(exec_error("looking for the workspace's marker", e)),
-        }
-        let bytes = tokio::fs::read(archive)
-            .await
-            .map_err(|e| ExecError::Transient(format!("cannot read the artifact {}: {e}", archive.display())))?;
+        let volume = match self.docker.inspect_volume(&names.volume()).await {
+            Ok(volume) => volume,
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(exec_error("looking for the workspace volume", e)),
+        };
+        let image = volume.labels.get(crate::naming::LABEL_IMAGE).cloned().ok_or_else(|| {
+            ExecError::Permanent(format!("the workspace volume {} names no image to write it through", volume.name))
+        })?;
+        let writer =
+            self.create(&names.populate_container(), containers::populate_body(&image, &names, &self.options)).await?;
         let options = UploadToContainerOptions {
             path: containers::WORKSPACE.to_owned(),
             copy_uidgid: Some("1".to_owned()),
             ..Default::default()
         };
-        self.docker
-            .upload_to_container(&marker, Some(options), bollard::body_full(bytes.into()))
+        let uploaded = self
+            .docker
+            .upload_to_container(writer.id(), Some(options), bollard::body_full(archive))
             .await
-            .map_err(|e| exec_error("copying the artifact into the workspace", e))
+            .map_err(|e| exec_error(what, e));
+        if let Err(e) = writer.remove().await {
+            tracing::warn!(%build, error = %e, "could not remove the workspace's writer");
+        }
+        uploaded.map(|()| true)
     }
 
-    /// Copies a cache (see `cache.rs`) into the workspace volume: the volume is made and filled
-    /// first when no step of the build has, so that the step finds the files where it works.
+    /// Uploads an artifact's archive (gzip-compressed tar) into the workspace volume. A build
+    /// with no volume yet needs nothing: the engine unpacked the archive into the host
+    /// workspace already, which the first step's container copies.
+    async fn import_archive(&self, run: &StepRun, archive: &Path) -> Result<(), ExecError> {
+        let bytes = tokio::fs::read(archive)
+            .await
+            .map_err(|e| ExecError::Transient(format!("cannot read the artifact {}: {e}", archive.display())))?;
+        self.upload_into_workspace(&run.job.build, bytes.into(), "copying the artifact into the workspace").await?;
+        Ok(())
+    }
+
+    /// Copies a cache (see `cache.rs`) into the workspace: into the volume when the build has
+    /// one, else into the host workspace, which the first step's container copies.
     async fn restore_cache(&self, run: &StepRun, job: &CacheJob) -> Result<Option<String>, ExecError> {
         let Some((marker, key)) = cache::find(&self.docker, job).await? else { return Ok(None) };
-        let image = step_image(run)?;
-        image::ensure(&self.docker, image, self.options.pull_timeout).await?;
-        let names = BuildNames::new(&self.options.instance, &run.job.build);
-        let state = self.build_state(&run.job.build);
-        let mut state = state.lock().await;
-        self.ensure_workspace(&names, &run.job.build, image, &run.workspace, &mut state).await?;
         let options =
             bollard::query_parameters::DownloadFromContainerOptions { path: format!("{}/.", cache::CACHE_DIR) };
         let archive: Vec<bytes::Bytes> = self
@@ -1621,15 +1658,19 @@ impl Inner {
             .try_collect()
             .await
             .map_err(|e| exec_error("reading the cache", e))?;
-        let upload = UploadToContainerOptions {
-            path: containers::WORKSPACE.to_owned(),
-            copy_uidgid: Some("1".to_owned()),
-            ..Default::default()
-        };
-        self.docker
-            .upload_to_container(&names.workspace_filled(), Some(upload), bollard::body_full(archive.concat().into()))
-            .await
-            .map_err(|e| exec_error("copying the cache into the workspace", e))?;
+        let archive = bytes::Bytes::from(archive.concat());
+        if self.upload_into_workspace(&run.job.build, archive.clone(), "copying the cache into the workspace").await? {
+            return Ok(Some(key));
+        }
+        let dest = run.workspace.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut file = tempfile::NamedTempFile::new()?;
+            std::io::Write::write_all(&mut file, &archive)?;
+            workspace::unpack(file.path(), &dest)
+        })
+        .await
+        .map_err(|e| ExecError::Transient(format!("unpacking the cache: {e}")))?
+        .map_err(|e| ExecError::Transient(format!("unpacking the cache into the workspace: {e}")))?;
         Ok(Some(key))
     }
 
@@ -1690,7 +1731,11 @@ impl Inner {
             discard(Some(holder)).await;
             return Err(exec_error("filling a cache", e));
         }
-        match self.docker.rename_container(&holder, RenameContainerOptions { name: marker.clone() }).await {
+        match self
+            .docker
+            .rename_container(&holder, bollard::query_parameters::RenameContainerOptions { name: marker.clone() })
+            .await
+        {
             Ok(()) => Ok(true),
             // Another save of the key committed first: its cache stands, whole, and this one goes.
             Err(e) if status(&e) == Some(409) => {

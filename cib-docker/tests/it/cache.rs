@@ -166,3 +166,32 @@ async fn two_saves_of_one_key_at_once_leave_one_whole_cache() {
     assert!(out.trim() == "whole r-0" || out.trim() == "whole r-1", "{out}");
     remove_caches(&exec, &repo).await;
 }
+
+/// A cache restored before a later step of a build goes into the workspace volume that the
+/// first step's container made and filled, where that step then finds it beside what the
+/// first step wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_restored_before_a_later_step_lands_in_the_builds_volume() {
+    let exec = executor("cache-later").await;
+    let repo = repo("later");
+    let (_, out, saved) =
+        build(&exec, "l-1", true, None, |c| cache_job(&repo, c, "deps-l", &[]), &[&fill("l-1")]).await;
+    assert_eq!((out.trim(), saved), ("fresh", true));
+    let dir = tempdir();
+    let first = step_run(job("l-2", "one", &["echo one > one.txt"]), dir.path());
+    let (_stop, signal) = StopSignal::new();
+    let sink = Sink::new();
+    let outcome = exec.run(&first, sink.clone(), signal).await.expect("run");
+    assert_eq!(outcome, cib_core::ports::Outcome::Exited(0), "{}", sink.text(Stream::Stderr));
+    let second = step_run(job("l-2", "two", &["cat one.txt", &fill("l-2")]), dir.path());
+    let cache = cache_job(&repo, &second.job.context, "deps-l", &[]);
+    let restored = exec.restore_cache(&second, &cache).await.expect("restore");
+    assert_eq!(restored.as_deref(), Some("deps-l"));
+    let (_stop, signal) = StopSignal::new();
+    let sink = Sink::new();
+    let outcome = exec.run(&second, sink.clone(), signal).await.expect("run");
+    assert_eq!(outcome, cib_core::ports::Outcome::Exited(0), "{}", sink.text(Stream::Stderr));
+    assert_eq!(sink.text(Stream::Stdout), "one\nfound l-1\n");
+    exec.cleanup(&second.job.build).await.expect("cleanup");
+    remove_caches(&exec, &repo).await;
+}
