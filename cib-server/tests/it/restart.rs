@@ -64,7 +64,14 @@ pub(super) fn start(config: &Path, port: u16) -> Server {
         .expect("start cib serve");
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    // A connection to a port in the ephemeral range that nothing listens on can, rarely, be
+    // given that very port as its source and connect to itself (a TCP simultaneous open); it
+    // then looks like a server that is listening. Only a peer other than ourselves counts.
+    let listening = || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok_and(|s| matches!((s.local_addr(), s.peer_addr()), (Ok(l), Ok(p)) if l != p))
+    };
+    while !listening() {
         assert!(Instant::now() < deadline, "cib serve did not start listening");
         std::thread::sleep(Duration::from_millis(50));
     }
