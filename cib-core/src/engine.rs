@@ -633,6 +633,18 @@ impl Runner {
         }
     }
 
+    /// The sink a step's (or the publish phase's) output goes through: to the store's log
+    /// writer, the live readers and the output-seen timer.
+    fn sink(&self, key: &LogKey) -> Arc<EngineSink> {
+        Arc::new(EngineSink {
+            key: key.clone(),
+            tx: self.logs.clone(),
+            live: self.live_logs.clone(),
+            clock: self.ports.clock.clone(),
+            seen: self.seen.clone(),
+        })
+    }
+
     /// Publishes a build's deliverables on a task of its own, which reports back as an input.
     /// Its output goes to the log of the build's `publish` step.
     fn spawn_publish(&mut self, job: crate::publish::PublishJob) {
@@ -642,13 +654,7 @@ impl Runner {
         let ports = self.ports.clone();
         let internal = self.internal.clone();
         let logs = self.logs.clone();
-        let sink = Arc::new(EngineSink {
-            key: key.clone(),
-            tx: logs.clone(),
-            live: self.live_logs.clone(),
-            clock: ports.clock.clone(),
-            seen: self.seen.clone(),
-        });
+        let sink = self.sink(&key);
         let environment = self
             .machine
             .build(&job.build)
@@ -675,13 +681,7 @@ impl Runner {
         let ports = self.ports.clone();
         let internal = self.internal.clone();
         let logs = self.logs.clone();
-        let sink = Arc::new(EngineSink {
-            key: key.clone(),
-            tx: logs.clone(),
-            live: self.live_logs.clone(),
-            clock: ports.clock.clone(),
-            seen: self.seen.clone(),
-        });
+        let sink = self.sink(&key);
         let seen = self.seen.clone();
         // Every secret any step of the build asks for is masked in every step's output.
         let mut build_secrets: Vec<String> = self

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use cib_core::ports::{LogKey, Store};
 use cib_github::testing::{CheckRunRecord, FakeGithub};
 use cib_server::config::{GithubConfig, ServerConfig};
-use cib_server::outgoing::sign;
 use cib_server::server;
 
 use super::server::{SECRET, git, tokens};
@@ -120,18 +119,7 @@ impl World {
     }
 
     async fn hook(&self, event: &str, delivery: &str, body: serde_json::Value) {
-        use http_body_util::BodyExt;
-        let body = serde_json::to_vec(&body).expect("json");
-        let request = http::Request::post(format!("{}/hooks/github", self.url))
-            .header("x-github-event", event)
-            .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", sign(SECRET.as_bytes(), &body))
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .expect("request");
-        let response = self.client.request(request).await.expect("response");
-        let status = response.status();
-        let text = response.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(status, 202, "{}", String::from_utf8_lossy(&text));
+        super::github_flow::signed_hook(&self.client, &self.url, event, delivery, body).await;
     }
 
     /// Waits until the completed check runs of `repo` named `name` number `count`, and answers

@@ -52,20 +52,35 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
+/// Posts a delivery to the server's GitHub receiver, signed with the test secret, and expects
+/// its 202.
+pub(super) async fn signed_hook(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    url: &str,
+    event: &str,
+    delivery: &str,
+    body: serde_json::Value,
+) {
+    use http_body_util::BodyExt;
+    let body = serde_json::to_vec(&body).expect("json");
+    let request = http::Request::post(format!("{url}/hooks/github"))
+        .header("x-github-event", event)
+        .header("x-github-delivery", delivery)
+        .header("x-hub-signature-256", sign(SECRET.as_bytes(), &body))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    let response = client.request(request).await.expect("response");
+    let status = response.status();
+    let text = response.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&text));
+}
+
 impl World {
     async fn hook(&self, event: &str, delivery: &str, body: serde_json::Value) {
-        use http_body_util::BodyExt;
-        let body = serde_json::to_vec(&body).expect("json");
-        let request = http::Request::post(format!("{}/hooks/github", self.url))
-            .header("x-github-event", event)
-            .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", sign(SECRET.as_bytes(), &body))
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .expect("request");
-        let response = self.client.request(request).await.expect("response");
-        let status = response.status();
-        let text = response.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(status, 202, "{}", String::from_utf8_lossy(&text));
+        signed_hook(&self.client, &self.url, event, delivery, body).await;
     }
 
     /// Waits until the status `context` on `sha` is `state`.
