@@ -400,6 +400,10 @@ impl Inner {
             }
             other => other,
         };
+        // bollard reads the docker client's own variables: with its `ssl` feature (on, with ring
+        // as the one crypto provider), `tcp://` plus `DOCKER_TLS_VERIFY` speaks TLS and presents
+        // the client certificate in `DOCKER_CERT_PATH`, so a daemon on another machine is
+        // reached the way the docker client reaches it (docs/operations.md).
         let docker = match &options.host {
             Some(host) => Docker::connect_with_host(host),
             None => Docker::connect_with_defaults(),

@@ -73,7 +73,7 @@ fn init_writes_a_spec_that_lints_clean_for_each_kind_of_project() {
 }
 
 /// Copies a directory tree (files and directories only, as the examples hold).
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("entry");
@@ -88,7 +88,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// Makes `dir` a Git repository on a feature branch with everything committed, as a person's
 /// checkout would be, so that `cib run` runs the `test` pipeline there.
-fn commit_all(dir: &Path) {
+pub(crate) fn commit_all(dir: &Path) {
     if !dir.join(".git").exists() {
         git(dir, &["init", "-q", "-b", "feature/x"]);
     }

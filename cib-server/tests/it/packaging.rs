@@ -112,3 +112,148 @@ fn the_lock_file_is_up_to_date_for_a_locked_install() {
         .expect("cargo runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The commit this checkout is at, which the image is told to show in `cib --version`.
+fn head_commit() -> String {
+    let out = Command::new("git").args(["rev-parse", "HEAD"]).current_dir(root()).output().expect("git runs");
+    assert!(out.status.success(), "git rev-parse HEAD: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker").args(args).output().unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The socket the daemon answers on, from `DOCKER_HOST` when it names one.
+fn docker_socket() -> String {
+    match std::env::var("DOCKER_HOST") {
+        Ok(host) if host.starts_with("unix://") => host.trim_start_matches("unix://").to_owned(),
+        _ => "/var/run/docker.sock".to_owned(),
+    }
+}
+
+/// `GET /healthz` over plain HTTP/1.1: the status code, or why there is none yet.
+fn healthz(port: u16) -> Result<u16, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    let status = answer.split_whitespace().nth(1).ok_or_else(|| format!("no status line in '{answer}'"))?;
+    status.parse().map_err(|_| format!("status '{status}' in '{answer}'"))
+}
+
+/// Removes the container and the volume whatever the test's outcome, so a failed run leaves
+/// nothing behind on the daemon.
+struct Running {
+    container: String,
+    volume: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.container]);
+        let _ = docker(&["volume", "rm", "-f", &self.volume]);
+    }
+}
+
+/// The repository's `Dockerfile` builds, from the local stand-ins of its two Debian bookworm
+/// bases (`scripts/build-test-images` makes them; nothing can be pulled here), and the image
+/// runs `cib serve` as the docs say: its data directory on a volume and the host's Docker
+/// through the mounted socket, which `cib serve` connects to before it listens. So an answer on
+/// `/healthz` proves the binary, the user, the volume and the socket all work.
+#[test]
+fn the_docker_image_builds_and_answers_healthz() {
+    let images = Command::new("bash").arg(root().join("scripts/build-test-images")).output().expect("bash runs");
+    assert!(images.status.success(), "build-test-images: {}", String::from_utf8_lossy(&images.stderr));
+    let commit = head_commit();
+    let tag = "cib-test/cib:suite";
+    let commit_arg = format!("CIB_BUILD_COMMIT={commit}");
+    let root = root();
+    let context = root.to_str().expect("utf-8 path");
+    docker_ok(&[
+        "build",
+        "--quiet",
+        "--build-arg",
+        "BUILDER=rust:1.95",
+        "--build-arg",
+        "RUNTIME=python:3.11-slim",
+        "--build-arg",
+        &commit_arg,
+        "--build-arg",
+        "CARGO_PROFILE=image-test",
+        "--label",
+        "org.cib.test=packaging",
+        "-t",
+        tag,
+        context,
+    ]);
+
+    // The version names the commit, and the process is not root.
+    let version = docker_ok(&["run", "--rm", "--entrypoint", "cib", tag, "--version"]);
+    assert!(version.contains(&commit[..12]), "cib --version in the image says '{version}', not {commit}");
+    assert_eq!(docker_ok(&["run", "--rm", "--entrypoint", "id", tag, "-un"]), "cib");
+
+    let name = format!("cib-packaging-{}", std::process::id());
+    let run = Running { container: name.clone(), volume: format!("{name}-data") };
+    let socket = docker_socket();
+    let gid = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&socket).unwrap_or_else(|e| panic!("{socket}: {e}")).gid().to_string()
+    };
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &run.container,
+        "-p",
+        "127.0.0.1::8080",
+        "-v",
+        &format!("{}:/var/lib/cib", run.volume),
+        "-v",
+        &format!("{socket}:/var/run/docker.sock"),
+        "--group-add",
+        &gid,
+        tag,
+    ]);
+    let port: u16 = docker_ok(&["port", &run.container, "8080/tcp"])
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("a published port");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let last = match healthz(port) {
+            Ok(200) => break,
+            Ok(code) => format!("status {code}"),
+            Err(e) => e,
+        };
+        let state = docker_ok(&["inspect", "--format", "{{.State.Status}}", &run.container]);
+        assert!(
+            state == "running",
+            "the container is {state}; its output:\n{}",
+            String::from_utf8_lossy(&docker(&["logs", &run.container]).stderr)
+        );
+        assert!(std::time::Instant::now() < deadline, "no 200 from /healthz within 60 s: {last}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    // The server wrote its database into the volume, not into the container's own layer.
+    let files = docker_ok(&["run", "--rm", "-v", &format!("{}:/data", run.volume), "--entrypoint", "ls", tag, "/data"]);
+    assert!(files.lines().any(|f| f == "cib.db"), "the data volume holds {files:?}");
+}
