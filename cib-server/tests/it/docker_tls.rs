@@ -111,16 +111,24 @@ async fn tls_front(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, counts:
     port
 }
 
-fn cib_run(dir: &Path, port: u16, certs: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cib"))
-        .args(["run", "--color", "never"])
-        .current_dir(dir)
-        .env("CIB_DATA_DIR", dir.join(".cib-data"))
-        .env("DOCKER_HOST", format!("tcp://localhost:{port}"))
-        .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", certs)
-        .output()
-        .expect("cib runs")
+/// `cib run` in `dir` against the TLS front, off the runtime that serves the front: its exit
+/// code and everything it said.
+async fn cib_run(dir: &Path, port: u16, certs: PathBuf) -> (Option<i32>, String) {
+    let dir = dir.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cib"))
+            .args(["run", "--color", "never"])
+            .current_dir(&dir)
+            .env("CIB_DATA_DIR", dir.join(".cib-data"))
+            .env("DOCKER_HOST", format!("tcp://localhost:{port}"))
+            .env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", certs)
+            .output()
+            .expect("cib runs")
+    })
+    .await
+    .expect("joined");
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,14 +145,8 @@ async fn cib_run_reaches_docker_over_tls_with_a_client_certificate() {
     // use Docker (exit 3), and runs nothing.
     let stranger = issue(&ca("someone else"), &["cib"], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
     let wrong = cert_dir(&dir.path().join("wrong"), &authority.pem(), &stranger);
-    let out = tokio::task::spawn_blocking({
-        let work = work.clone();
-        move || cib_run(&work, port, &wrong)
-    })
-    .await
-    .expect("joined");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(3), "a refused certificate: {said}");
+    let (code, said) = cib_run(&work, port, wrong).await;
+    assert_eq!(code, Some(3), "a refused certificate: {said}");
     assert!(said.contains("Docker"), "{said}");
     assert!(counts.refused.load(Ordering::SeqCst) >= 1, "the front saw no refused handshake");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 0);
@@ -152,14 +154,8 @@ async fn cib_run_reaches_docker_over_tls_with_a_client_certificate() {
     // With the CA's own client certificate, the example's pipeline runs green through TLS.
     let client = issue(&authority, &["cib"], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
     let right = cert_dir(&dir.path().join("right"), &authority.pem(), &client);
-    let out = tokio::task::spawn_blocking({
-        let work = work.clone();
-        move || cib_run(&work, port, &right)
-    })
-    .await
-    .expect("joined");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "over TLS: {said}");
+    let (code, said) = cib_run(&work, port, right).await;
+    assert_eq!(code, Some(0), "over TLS: {said}");
     assert!(said.contains("pipeline test succeeded"), "{said}");
     assert!(counts.accepted.load(Ordering::SeqCst) >= 1, "no connection went through the TLS front");
 }
