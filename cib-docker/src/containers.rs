@@ -392,6 +392,31 @@ mod tests {
     }
 
     #[test]
+    fn a_container_filled_through_stdin_opens_it_once_and_runs_the_wrapper() {
+        let job = conformance_job("b", "s", "busybox", &["true"]);
+        let names = BuildNames::new("t", &job.build);
+        let options = DockerOptions::new("t");
+        let secrets = BTreeMap::new();
+        let mut c = StepContainer {
+            job: &job,
+            image: "busybox",
+            secrets: &secrets,
+            names: &names,
+            options: &options,
+            host_cpus: None,
+            stdin_fill: true,
+        };
+        let body = c.body().unwrap_or_else(|e| panic!("body: {e}"));
+        assert_eq!((body.open_stdin, body.stdin_once, body.attach_stdin), (Some(true), Some(true), Some(true)));
+        assert_eq!(body.entrypoint.unwrap_or_default().get(2).map(String::as_str), Some(STDIN_WRAPPER));
+        assert_eq!(body.labels.unwrap_or_default().get(LABEL_STDIN).map(String::as_str), Some("1"));
+        c.stdin_fill = false;
+        let body = c.body().unwrap_or_else(|e| panic!("body: {e}"));
+        assert_eq!((body.open_stdin, body.stdin_once), (Some(false), Some(false)), "stdin stays closed otherwise");
+        assert!(!body.labels.unwrap_or_default().contains_key(LABEL_STDIN));
+    }
+
+    #[test]
     fn workdir_stays_inside_the_workspace() {
         let mut job = conformance_job("b", "s", "busybox", &["true"]);
         assert_eq!(workdir(&job.step).ok().as_deref(), Some("/workspace"));

@@ -2148,3 +2148,33 @@ impl Inner {
         self.remove_all(&dead).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_opening_token_is_told_apart_from_output_even_when_it_arrives_in_pieces() {
+        let unpacked = containers::UNPACKED;
+        assert_eq!(opening(b""), None, "nothing yet could still be a token");
+        assert_eq!(opening(&unpacked[..3]), None, "a token's first bytes wait for the rest");
+        assert_eq!(opening(unpacked), Some(Some((Said::Unpacked, unpacked.len()))));
+        let mut with_output = unpacked.to_vec();
+        with_output.extend_from_slice(b"hello\n");
+        assert_eq!(opening(&with_output), Some(Some((Said::Unpacked, unpacked.len()))));
+        assert_eq!(opening(containers::NO_TAR), Some(Some((Said::NoTar, containers::NO_TAR.len()))));
+        assert_eq!(opening(b"hello"), Some(None), "ordinary output is no token");
+        assert_eq!(opening(b"\x1ecib:x"), Some(None), "a token's start followed by something else is output");
+    }
+
+    #[test]
+    fn the_wrapper_prints_the_tokens_the_reader_looks_for() {
+        // The wrapper writes them with printf's octal escapes; the reader compares bytes.
+        let printed = |token: &[u8]| {
+            let text = String::from_utf8_lossy(token).replace('\x1e', "\\036");
+            format!("printf '{text}'")
+        };
+        assert!(containers::STDIN_WRAPPER.contains(&printed(containers::UNPACKED)), "{}", containers::STDIN_WRAPPER);
+        assert!(containers::STDIN_WRAPPER.contains(&printed(containers::NO_TAR)), "{}", containers::STDIN_WRAPPER);
+    }
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{ContainerConfig, ContainerCreateBody};
 use bollard::query_parameters::{
-    CommitContainerOptions, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    RemoveImageOptions, WaitContainerOptions,
+    CommitContainerOptions, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveImageOptions,
+    WaitContainerOptions,
 };
 use cib_core::event::BuildId;
 use cib_core::ports::{Executor, Outcome, StopSignal, Stream};
