@@ -14,7 +14,7 @@ use cib_core::pipeline::StepJob;
 use cib_core::ports::ExecError;
 use cib_core::spec::{self, Network};
 
-use crate::naming::{BuildNames, LABEL_ATTEMPT, LABEL_IMAGE, LABEL_SERVICE, LABEL_STEP, Role};
+use crate::naming::{BuildNames, LABEL_ATTEMPT, LABEL_IMAGE, LABEL_SERVICE, LABEL_STDIN, LABEL_STEP, Role};
 use crate::options::{DefaultLimits, DockerOptions};
 
 /// Where the workspace volume is mounted in step containers.
@@ -25,6 +25,27 @@ pub const SCRIPT_DIR: &str = ".cib";
 pub const RESOURCES_FILE: &str = "/workspace/.cib/resources.json";
 /// The script's path in the container.
 pub const SCRIPT_PATH: &str = "/.cib/step.sh";
+
+/// What the container's main process prints first on stdout once it has unpacked what arrived on
+/// its stdin (see [`STDIN_WRAPPER`]). The executor takes it out of the output, so no log shows
+/// it; nothing of the step runs before it, so a step cannot forge it.
+pub const UNPACKED: &[u8] = b"\x1ecib:unpacked\x1e";
+/// What the container's main process prints first instead when the image has no `tar`: it then
+/// exits without running anything, and the executor makes the step's container again, filled
+/// through the archive API.
+pub const NO_TAR: &[u8] = b"\x1ecib:no-tar\x1e";
+
+/// The main process of a step's own container that is filled through its stdin: it unpacks the
+/// tar arriving there into `/` (the step's script under `/.cib`, and the checkout under
+/// `/workspace` when the volume needs it), says so on stdout, and replaces itself with `sh -e`
+/// on the script, whose stdin is empty as in any other step. `tar` runs as root (only images
+/// that run as root are filled this way), so entries keep the owner and mode the archive gives
+/// them. Its messages are kept back unless it fails, so that a warning does not land in the
+/// step's log. The tokens are written with `printf` octal escapes (`\036` is the byte 0x1e).
+pub const STDIN_WRAPPER: &str = r#"command -v tar >/dev/null 2>&1 || { printf '\036cib:no-tar\036'; exit 0; }
+if ! e=$(tar -xf - -C / 2>&1); then printf 'cib: the workspace could not be unpacked in the step container: %s\n' "$e" >&2; exit 1; fi
+printf '\036cib:unpacked\036'
+exec sh -e /.cib/step.sh </dev/null"#;
 
 /// The limits one container gets, in Docker's units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +198,8 @@ pub struct StepContainer<'a> {
     pub names: &'a BuildNames,
     pub options: &'a DockerOptions,
     pub host_cpus: Option<f64>,
+    /// Filled through its stdin ([`STDIN_WRAPPER`]) rather than an upload before it starts.
+    pub stdin_fill: bool,
 }
 
 impl StepContainer<'_> {
@@ -187,6 +210,11 @@ impl StepContainer<'_> {
         let mut labels = self.names.labels(Role::Step);
         labels.insert(LABEL_STEP.to_owned(), step.name.clone());
         labels.insert(LABEL_ATTEMPT.to_owned(), self.job.attempt.to_string());
+        if self.stdin_fill {
+            // Read by `attach`, which must take the token out of the daemon's copy of the output
+            // just as the first reader did.
+            labels.insert(LABEL_STDIN.to_owned(), "1".to_owned());
+        }
         let r = resources(&step.limits, &self.options.default_limits, self.host_cpus);
         let network = match step.network {
             Network::None => "none".to_owned(),
@@ -213,7 +241,11 @@ impl StepContainer<'_> {
             image: Some(self.image.to_owned()),
             // The entrypoint is replaced, not prefixed: images whose entrypoint is a program
             // (`git`, `docker`) would otherwise receive the shell as arguments.
-            entrypoint: Some(vec!["sh".to_owned(), "-e".to_owned(), SCRIPT_PATH.to_owned()]),
+            entrypoint: Some(if self.stdin_fill {
+                vec!["sh".to_owned(), "-c".to_owned(), STDIN_WRAPPER.to_owned(), "cib-step".to_owned()]
+            } else {
+                vec!["sh".to_owned(), "-e".to_owned(), SCRIPT_PATH.to_owned()]
+            }),
             cmd: Some(Vec::new()),
             env: Some({
                 let mut env = env_list(&self.job.env, self.secrets);
@@ -226,8 +258,10 @@ impl StepContainer<'_> {
             labels: Some(labels),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            attach_stdin: Some(false),
-            open_stdin: Some(false),
+            attach_stdin: Some(self.stdin_fill),
+            open_stdin: Some(self.stdin_fill),
+            // The wrapper's `tar` sees the end of its input when the executor closes its side.
+            stdin_once: Some(self.stdin_fill),
             tty: Some(false),
             stop_timeout: Some(i64::try_from(self.options.stop_grace.as_secs()).unwrap_or(i64::MAX)),
             host_config: Some(host_config),
@@ -300,8 +334,15 @@ mod tests {
     fn body_of(job: &StepJob, secrets: &BTreeMap<String, String>) -> ContainerCreateBody {
         let names = BuildNames::new("t", &job.build);
         let options = DockerOptions::new("t");
-        let c =
-            StepContainer { job, image: "busybox", secrets, names: &names, options: &options, host_cpus: Some(2.0) };
+        let c = StepContainer {
+            job,
+            image: "busybox",
+            secrets,
+            names: &names,
+            options: &options,
+            host_cpus: Some(2.0),
+            stdin_fill: false,
+        };
         c.body().unwrap_or_else(|e| panic!("body: {e}"))
     }
 
@@ -348,6 +389,31 @@ mod tests {
         let text = script(commands);
         assert!(text.ends_with("echo $TOKEN\nmake\n") && !text.contains("v4lue"), "{text}");
         assert_eq!(body.entrypoint, Some(vec!["sh".to_owned(), "-e".to_owned(), SCRIPT_PATH.to_owned()]));
+    }
+
+    #[test]
+    fn a_container_filled_through_stdin_opens_it_once_and_runs_the_wrapper() {
+        let job = conformance_job("b", "s", "busybox", &["true"]);
+        let names = BuildNames::new("t", &job.build);
+        let options = DockerOptions::new("t");
+        let secrets = BTreeMap::new();
+        let mut c = StepContainer {
+            job: &job,
+            image: "busybox",
+            secrets: &secrets,
+            names: &names,
+            options: &options,
+            host_cpus: None,
+            stdin_fill: true,
+        };
+        let body = c.body().unwrap_or_else(|e| panic!("body: {e}"));
+        assert_eq!((body.open_stdin, body.stdin_once, body.attach_stdin), (Some(true), Some(true), Some(true)));
+        assert_eq!(body.entrypoint.unwrap_or_default().get(2).map(String::as_str), Some(STDIN_WRAPPER));
+        assert_eq!(body.labels.unwrap_or_default().get(LABEL_STDIN).map(String::as_str), Some("1"));
+        c.stdin_fill = false;
+        let body = c.body().unwrap_or_else(|e| panic!("body: {e}"));
+        assert_eq!((body.open_stdin, body.stdin_once), (Some(false), Some(false)), "stdin stays closed otherwise");
+        assert!(!body.labels.unwrap_or_default().contains_key(LABEL_STDIN));
     }
 
     #[test]

@@ -41,7 +41,8 @@ use crate::errors::{exec_error, is_not_found, status};
 use crate::image;
 use crate::mask::Masker;
 use crate::naming::{
-    BuildNames, LABEL_ATTEMPT, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, LABEL_STEP, Role, label_filter,
+    BuildNames, LABEL_ATTEMPT, LABEL_BUILD, LABEL_ENGINE, LABEL_ROLE, LABEL_SERVICE, LABEL_STDIN, LABEL_STEP, Role,
+    label_filter,
 };
 use crate::options::DockerOptions;
 use crate::warm::{self, WarmKey};
@@ -154,6 +155,61 @@ struct BuildState {
     /// Warm containers being made ahead of their step (pipelining): the receiver wakes when the
     /// one for that key is idle, or was not made.
     preparing: Vec<(WarmKey, tokio::sync::watch::Receiver<()>)>,
+    /// Set while a step's container fills the workspace through its stdin, after it started:
+    /// the receiver wakes when the fill is over, one way or the other (its [`FillTicket`] is
+    /// gone). Containers that need the workspace wait for it (`lock_build`).
+    filling: Option<tokio::sync::watch::Receiver<()>>,
+}
+
+/// Held while a container fills the workspace through its stdin. `filled` records a whole
+/// workspace; dropped without it, the fill failed, and the next container of the build looks
+/// at the volume's marker again.
+struct FillTicket {
+    state: Arc<tokio::sync::Mutex<BuildState>>,
+    /// Dropped with the ticket, which wakes the containers waiting for the fill.
+    _over: tokio::sync::watch::Sender<()>,
+}
+
+impl FillTicket {
+    async fn filled(self) {
+        self.state.lock().await.workspace = true;
+    }
+}
+
+/// What a step's own container still needs once it is created: the archive to stream into its
+/// stdin, and the ticket of the workspace's fill when the archive carries the checkout.
+struct Feed {
+    upload: workspace::Upload,
+    ticket: Option<FillTicket>,
+}
+
+/// What a container filled through its stdin said first (see `containers::STDIN_WRAPPER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Said {
+    Unpacked,
+    NoTar,
+}
+
+/// Which token `buf`, the first bytes of a container's stdout, begins with: `None` while it
+/// could still become one, `Some(None)` when it is none of them (ordinary output).
+fn opening(buf: &[u8]) -> Option<Option<(Said, usize)>> {
+    let mut undecided = false;
+    for (token, said) in [(containers::UNPACKED, Said::Unpacked), (containers::NO_TAR, Said::NoTar)] {
+        if buf.starts_with(token) {
+            return Some(Some((said, token.len())));
+        }
+        undecided |= token.starts_with(buf);
+    }
+    if undecided { None } else { Some(None) }
+}
+
+/// How a step in a container of its own went.
+enum Supervised {
+    Ran(Outcome),
+    /// The image has no `tar`: nothing ran, and the step goes again, filled by an upload.
+    NoTar,
+    /// Filling the container through its stdin failed before the step ran.
+    FillFailed(ExecError),
 }
 
 /// The image a command step runs in; caches are copied through containers of it.
@@ -202,6 +258,8 @@ struct Inner {
     detached: Arc<AtomicBool>,
     /// Warm containers being removed in the background.
     removals: Removals,
+    /// Images found without `tar`, whose step containers are filled by an upload instead.
+    no_tar: Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -287,6 +345,8 @@ async fn until(deadline: Option<Instant>) {
 
 /// How the watched container ended.
 enum Ending {
+    /// With code 0, as the wait said.
+    Clean,
     Exited,
     Stopped(StopReason),
 }
@@ -421,6 +481,7 @@ impl Inner {
             builds: Mutex::new(HashMap::new()),
             detached: Arc::new(AtomicBool::new(false)),
             removals: Removals::default(),
+            no_tar: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -436,6 +497,23 @@ impl Inner {
 
     fn build_state(&self, build: &BuildId) -> Arc<tokio::sync::Mutex<BuildState>> {
         lock(&self.builds).entry(build.clone()).or_default().clone()
+    }
+
+    /// Locks a build's state once no container of it is filling the workspace through its
+    /// stdin, for work that needs the workspace whole (or its absence known).
+    async fn lock_build(&self, build: &BuildId) -> tokio::sync::OwnedMutexGuard<BuildState> {
+        let state = self.build_state(build);
+        loop {
+            let mut s = state.clone().lock_owned().await;
+            let Some(mut over) = s.filling.clone() else { return s };
+            // `has_changed` fails once the ticket is gone: the fill is over.
+            if over.has_changed().is_err() {
+                s.filling = None;
+                return s;
+            }
+            drop(s);
+            let _ = over.changed().await;
+        }
     }
 
     /// The names of every engine instance with something in this daemon (containers,
@@ -595,16 +673,19 @@ impl Inner {
 
     /// Creates a container of the build and, before it starts, uploads `extras` into it (the
     /// warm directory, a step's script) together with the checkout when the workspace volume
-    /// needs it, in one archive.
+    /// needs it, in one archive; or, with `stdin`, leaves that archive for the caller to stream
+    /// into the container's stdin once it has started (see `containers::STDIN_WRAPPER`).
     ///
     /// This is how the workspace is filled, once per build: the first container of the build
-    /// creates the labelled volume (it is one of its mounts), and the archive API extracts the
-    /// checkout into it before anything runs, with a marker file written last. A volume without
+    /// creates the labelled volume (it is one of its mounts), and the archive is extracted into
+    /// it before anything of the step runs, with a marker file written last. A volume without
     /// the marker was left half-filled (an upload failed, or the engine died midway) and is
     /// filled again: extracting the whole checkout over a partial copy of it leaves the whole
     /// checkout, and no step ran on it. The caller holds the build's state, so two steps
-    /// starting together fill it once.
+    /// starting together fill it once; a fill through stdin happens after this returns, so it
+    /// leaves a [`FillTicket`] in the state that other containers of the build wait for.
     #[tracing::instrument(level = "debug", skip_all)]
+    #[allow(clippy::too_many_arguments, reason = "one call site each, and every argument differs")]
     async fn create_filled(
         &self,
         name: &str,
@@ -612,18 +693,23 @@ impl Inner {
         names: &BuildNames,
         dir: &Path,
         extras: Vec<workspace::Extra>,
-        mut state: tokio::sync::MutexGuard<'_, BuildState>,
-    ) -> Result<ContainerGuard, ExecError> {
+        mut state: tokio::sync::OwnedMutexGuard<BuildState>,
+        stdin: bool,
+    ) -> Result<(ContainerGuard, Option<Feed>), ExecError> {
         let mut fill = self.fill_needed(names, &state).await?;
         if fill == Fill::Done {
             // Nothing to fill: other containers of the build may be made meanwhile.
             drop(state);
             let container = self.create(name, body).await?;
-            if let Err(e) = self.upload(container.id(), workspace::Upload { extras, checkout: None }).await {
+            let upload = workspace::Upload { extras, checkout: None };
+            if stdin {
+                return Ok((container, Some(Feed { upload, ticket: None })));
+            }
+            if let Err(e) = self.upload(container.id(), upload).await {
                 let _ = container.remove().await;
                 return Err(e);
             }
-            return Ok(container);
+            return Ok((container, None));
         }
         if !dir.is_dir() {
             return Err(ExecError::Permanent(format!("the workspace {} is not a directory", dir.display())));
@@ -643,6 +729,17 @@ impl Inner {
             };
         }
         let upload = workspace::Upload { extras, checkout: (fill == Fill::New).then(|| dir.to_path_buf()) };
+        if stdin {
+            let ticket = (fill == Fill::New).then(|| {
+                let (over, waiting) = tokio::sync::watch::channel(());
+                state.filling = Some(waiting);
+                FillTicket { state: tokio::sync::OwnedMutexGuard::mutex(&state).clone(), _over: over }
+            });
+            if ticket.is_none() {
+                state.workspace = true;
+            }
+            return Ok((container, Some(Feed { upload, ticket })));
+        }
         if let Err(e) = self.upload(container.id(), upload).await {
             // Best effort: what stays is found by the next attempt, or by cleanup.
             let _ = container.remove().await;
@@ -652,7 +749,7 @@ impl Inner {
             return Err(e);
         }
         state.workspace = true;
-        Ok(container)
+        Ok((container, None))
     }
 
     /// Streams an upload to `/` of a container that has not started.
@@ -712,42 +809,66 @@ impl Inner {
         }
     }
 
-    /// Runs the step in its container, which holds its script already; the caller removes the
+    /// Runs the step in its container, which holds its script already or gets it, with the
+    /// checkout when the workspace needs it, through its stdin (`feed`); the caller removes the
     /// container.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn supervise(
         &self,
         run: &StepRun,
         container: &ContainerGuard,
+        feed: Option<Feed>,
         logs: Arc<dyn LogSink>,
         stop: &mut StopSignal,
-    ) -> Result<Outcome, ExecError> {
+    ) -> Result<Supervised, ExecError> {
         let id = container.id();
         let step = &run.job.step;
-        if !run.job.resources.is_empty() {
-            let archive = containers::resources_archive(&run.job.resources)
-                .map_err(|e| ExecError::Transient(format!("packing the resources file: {e}")))?;
-            self.docker
-                .upload_to_container(
-                    id,
-                    Some(UploadToContainerOptions { path: containers::WORKSPACE.to_owned(), ..Default::default() }),
-                    bollard::body_full(archive.into()),
-                )
-                .await
-                .map_err(|e| exec_error("copying the resources file into the workspace", e))?;
-        }
 
-        // Attaching before the start is what keeps the first lines of output.
-        let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
+        // Attaching before the start is what keeps the first lines of output, and what lets
+        // the archive in through stdin.
+        let attach = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            stdin: feed.is_some(),
+            ..Default::default()
+        };
         let attached =
             self.docker.attach_container(id, Some(attach)).await.map_err(|e| exec_error("attaching to the step", e))?;
         let last_output = Arc::new(Mutex::new(Instant::now()));
+        let (said_tx, said_rx) = match feed {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let reader = tokio::spawn(forward_output(
             attached.output,
             run.secrets.values().chain(&run.mask).cloned().collect(),
             logs,
             last_output.clone(),
+            said_tx,
         ));
+        let feeding = match (feed, said_rx) {
+            (Some(Feed { upload, ticket }), Some(said)) => {
+                let (archive, writer) = workspace::archive(upload);
+                let pump = tokio::spawn(feed_stdin(attached.input, archive));
+                // The fill is recorded as soon as the container says so, not when the step
+                // ends, so that other containers of the build need not wait for the step.
+                let told = tokio::spawn(async move {
+                    let said = said.await.ok();
+                    if said == Some(Said::Unpacked)
+                        && let Some(ticket) = ticket
+                    {
+                        ticket.filled().await;
+                    }
+                    said
+                });
+                Some((pump, writer, told))
+            }
+            _ => None,
+        };
 
         self.docker.start_container(id, None).await.map_err(|e| exec_error("starting the step", e))?;
         let started = Instant::now();
@@ -761,6 +882,8 @@ impl Inner {
             let quiet_until = silence.map(|d| *lock(&last_output) + d);
             tokio::select! {
                 exit = wait.next() => match exit {
+                    // The wait's answer carries the exit code: a clean exit needs no inspection.
+                    Some(Ok(response)) if response.status_code == 0 => break Ending::Clean,
                     None | Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) => break Ending::Exited,
                     Some(Err(e)) => return Err(exec_error("waiting for the step", e)),
                 },
@@ -775,7 +898,29 @@ impl Inner {
             }
         };
 
-        self.finish_step(id, &step.name, ending, &mut wait, reader).await
+        let stopped_early = matches!(ending, Ending::Stopped(_));
+        let outcome = self.finish_step(id, &step.name, ending, &mut wait, reader).await?;
+        let Some((pump, writer, told)) = feeding else { return Ok(Supervised::Ran(outcome)) };
+        let said = told.await.ok().flatten();
+        if said == Some(Said::Unpacked) || stopped_early {
+            pump.abort();
+            return Ok(Supervised::Ran(outcome));
+        }
+        if said == Some(Said::NoTar) {
+            pump.abort();
+            return Ok(Supervised::NoTar);
+        }
+        // The container ended without unpacking. An archiving error on this side explains it
+        // best (a socket in the checkout); otherwise the container's stderr, in the step's log,
+        // says what `tar` did not like.
+        pump.abort();
+        if let Ok(Err(e)) = writer.await {
+            return Ok(Supervised::FillFailed(ExecError::Permanent(e.to_string())));
+        }
+        Ok(Supervised::FillFailed(ExecError::Transient(format!(
+            "step {}: its container could not unpack the workspace ({outcome:?} before the step ran); its log says why",
+            step.name
+        ))))
     }
 
     /// Ends a watched step: stops its container when it was asked to, lets its output drain,
@@ -806,8 +951,12 @@ impl Inner {
             tracing::warn!(%step, "the step's output did not end after it exited; the rest is dropped");
         }
 
+        if let Ending::Clean = ending {
+            return Ok(Outcome::Exited(0));
+        }
         let (code, oom_killed) = self.exit_state(id).await?;
         Ok(match ending {
+            Ending::Clean => Outcome::Exited(0),
             Ending::Stopped(reason) => stopped(reason),
             // A command killed for memory that the script shrugged off (`|| true`) did not end
             // the step, so only a failing exit counts as out of memory.
@@ -821,7 +970,7 @@ impl Inner {
     async fn step_container(
         &self,
         run: &StepRun,
-    ) -> Result<Option<(String, bollard::models::ContainerSummaryStateEnum)>, ExecError> {
+    ) -> Result<Option<(String, bollard::models::ContainerSummaryStateEnum, bool)>, ExecError> {
         let attempt = run.job.attempt.to_string();
         let filters = label_filter(&[
             (LABEL_ENGINE, self.options.instance.as_str()),
@@ -838,9 +987,10 @@ impl Inner {
         found.sort_by_key(|c| {
             (c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING), c.created.unwrap_or_default())
         });
-        Ok(found
-            .pop()
-            .and_then(|c| Some((c.id?, c.state.unwrap_or(bollard::models::ContainerSummaryStateEnum::EMPTY)))))
+        Ok(found.pop().and_then(|c| {
+            let fed = c.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_STDIN));
+            Some((c.id?, c.state.unwrap_or(bollard::models::ContainerSummaryStateEnum::EMPTY), fed))
+        }))
     }
 
     /// The exit code of a finished container and whether the kernel killed something in it for
@@ -923,14 +1073,13 @@ impl Inner {
         dir: &Path,
     ) -> Result<String, ExecError> {
         image::ensure(&self.docker, &key.image, self.options.pull_timeout).await?;
-        let state = self.build_state(build);
-        let mut s = state.lock().await;
+        let mut s = self.lock_build(build).await;
         if key.network == spec::Network::Bridge {
             self.ensure_network(names, &mut s).await?;
         }
         let extras = vec![workspace::Extra::Dir { path: format!("{}/", warm::WARM_DIR), mode: 0o1777 }];
         let body = warm::warm_body(key, names, &self.options);
-        let container = self.create_filled(&names.warm_container(), body, names, dir, extras, s).await?;
+        let (container, _) = self.create_filled(&names.warm_container(), body, names, dir, extras, s, false).await?;
         self.docker
             .start_container(container.id(), None)
             .await
@@ -1131,6 +1280,7 @@ impl Inner {
             run.secrets.values().chain(&run.mask).cloned().collect(),
             logs,
             last_output.clone(),
+            None,
         ));
         let total = step.timeout.map(|t| started + t.as_std());
         let silence = step.no_output_timeout.map(|t| t.as_std());
@@ -1388,16 +1538,50 @@ impl LogSink for Skip {
     }
 }
 
-/// Copies a step's output into the sink, masked, and notes when output last arrived.
+/// Streams a workspace archive into a container's stdin, then closes it: with `StdinOnce`, the
+/// daemon then closes the container's stdin, and `tar` sees the end of its input. It is closed
+/// after a failure too, so that `tar` fails on the truncated archive instead of waiting.
+async fn feed_stdin(
+    mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    archive: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut archive = std::pin::pin!(archive);
+    let mut result = Ok(());
+    while let Some(chunk) = archive.next().await {
+        match chunk {
+            Ok(chunk) => {
+                if let Err(e) = input.write_all(&chunk).await {
+                    result = Err(e);
+                    break;
+                }
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = input.shutdown().await;
+    result
+}
+
+/// Copies a step's output into the sink, masked, and notes when output last arrived. With
+/// `said`, the output of a container filled through its stdin begins with one of the tokens of
+/// `containers::STDIN_WRAPPER`: it is taken out before anything reaches the sink, and sent to
+/// `said` (dropped unsent when the output does not begin with one).
 async fn forward_output(
     mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>>,
     secrets: Vec<String>,
     sink: Arc<dyn LogSink>,
     last_output: Arc<Mutex<Instant>>,
+    mut said: Option<tokio::sync::oneshot::Sender<Said>>,
 ) {
     // One masker per stream: a secret split between stdout and stderr is not one secret.
     let mut out = Masker::new(&secrets);
     let mut err = Masker::new(&secrets);
+    // The first bytes of stdout, held back while they could still be a token.
+    let mut head: Option<Vec<u8>> = said.is_some().then(Vec::new);
     while let Some(item) = output.next().await {
         let (stream, masker, message) = match item {
             Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => (Stream::Stdout, &mut out, message),
@@ -1409,9 +1593,36 @@ async fn forward_output(
             }
         };
         *lock(&last_output) = Instant::now();
+        let message = match (stream, head.as_mut()) {
+            (Stream::Stdout, Some(buf)) => {
+                buf.extend_from_slice(&message);
+                let Some(token) = opening(buf) else { continue };
+                let mut buf = head.take().unwrap_or_default();
+                match token {
+                    Some((what, len)) => {
+                        if let Some(tx) = said.take() {
+                            let _ = tx.send(what);
+                        }
+                        bytes::Bytes::from(buf.split_off(len))
+                    }
+                    None => {
+                        said = None;
+                        bytes::Bytes::from(buf)
+                    }
+                }
+            }
+            _ => message,
+        };
         let masked = masker.push(&message);
         if !masked.is_empty() {
             sink.write(stream, &masked);
+        }
+    }
+    if let Some(buf) = head {
+        // The output ended inside what could have been a token: it was output after all.
+        let masked = out.push(&buf);
+        if !masked.is_empty() {
+            sink.write(Stream::Stdout, &masked);
         }
     }
     for (stream, masker) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
@@ -1459,6 +1670,13 @@ impl Inner {
     /// Runs a step as the main process of a container of its own: `sh -e` on its script, with
     /// its variables and secrets in the container's environment. The container is removed in
     /// the background once the outcome is known, so that the outcome is reported first.
+    ///
+    /// The script, and the checkout when the workspace needs it, reach the container through
+    /// its stdin when its image runs as root (see `containers::STDIN_WRAPPER`): that saves the
+    /// daemon the archive upload, which mounts the container's file system and runs a helper
+    /// process of its own under the container's lock, on every build. An image that runs as
+    /// another user gets the upload (its user could not write `/.cib`, nor the workspace the
+    /// daemon made for root), and so does one without `tar`, from the second time on.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn run_own(
         &self,
@@ -1470,49 +1688,91 @@ impl Inner {
     ) -> Result<Outcome, ExecError> {
         let job = &run.job;
         let names = BuildNames::new(&self.options.instance, &job.build);
-        let prepare = async {
-            image::ensure(&self.docker, image, self.options.pull_timeout).await?;
-            let state = self.build_state(&job.build);
-            let mut state = state.lock().await;
-            if job.step.network == spec::Network::Bridge {
-                self.ensure_network(&names, &mut state).await?;
+        loop {
+            let prepare = async {
+                let facts = image::ensure(&self.docker, image, self.options.pull_timeout).await?;
+                let stdin = facts.runs_as_root() && !lock(&self.no_tar).contains(image);
+                let mut state = self.lock_build(&job.build).await;
+                if job.step.network == spec::Network::Bridge {
+                    self.ensure_network(&names, &mut state).await?;
+                }
+                let body = StepContainer {
+                    job,
+                    image,
+                    secrets: &run.secrets,
+                    names: &names,
+                    options: &self.options,
+                    host_cpus: self.host_cpus,
+                    stdin_fill: stdin,
+                }
+                .body()?;
+                let mut extras = vec![
+                    workspace::Extra::Dir { path: format!("{}/", containers::SCRIPT_DIR), mode: 0o755 },
+                    // Readable by whatever user the image runs as; `sh` reads it, nobody executes it.
+                    workspace::Extra::File {
+                        path: containers::SCRIPT_PATH.trim_start_matches('/').to_owned(),
+                        mode: 0o644,
+                        data: containers::script(commands).into_bytes(),
+                    },
+                ];
+                if !job.resources.is_empty() {
+                    // In the same archive, rather than an upload of its own.
+                    let json = serde_json::to_vec_pretty(&job.resources)
+                        .map_err(|e| ExecError::Transient(format!("packing the resources file: {e}")))?;
+                    let path = containers::RESOURCES_FILE.trim_start_matches('/');
+                    if let Some((parent, _)) = path.rsplit_once('/') {
+                        extras.push(workspace::Extra::Dir { path: format!("{parent}/"), mode: 0o755 });
+                    }
+                    extras.push(workspace::Extra::File { path: path.to_owned(), mode: 0o644, data: json });
+                }
+                let name = names.step_container(&job.step.name, job.attempt);
+                self.create_filled(&name, body, &names, &run.workspace, extras, state, stdin).await
+            };
+            // A stop during the preparation ends it; whatever it had created is removed by its
+            // guard or by the build's cleanup.
+            let (container, feed) = tokio::select! {
+                created = prepare => created?,
+                reason = stop.stopped() => return Ok(stopped(reason)),
+            };
+            let filling = feed.as_ref().is_some_and(|f| f.ticket.is_some());
+            let supervised = self.supervise(run, &container, feed, logs.clone(), stop).await;
+            if self.detached.load(Ordering::SeqCst) {
+                // The engine is going away and will not hear this outcome: the container stays,
+                // so that the next engine reads the exit from it.
+                container.keep();
+                return supervised.and_then(|s| match s {
+                    Supervised::Ran(outcome) => Ok(outcome),
+                    Supervised::NoTar | Supervised::FillFailed(_) => {
+                        Err(ExecError::Transient("the engine went away before the step ran".to_owned()))
+                    }
+                });
             }
-            let body = StepContainer {
-                job,
-                image,
-                secrets: &run.secrets,
-                names: &names,
-                options: &self.options,
-                host_cpus: self.host_cpus,
+            match supervised {
+                Ok(Supervised::Ran(outcome)) => {
+                    self.remove_later(&job.build, container);
+                    return Ok(outcome);
+                }
+                Ok(Supervised::NoTar) => {
+                    tracing::info!(%image, "the image has no tar: its steps' containers are filled by an upload");
+                    lock(&self.no_tar).insert(image.to_owned());
+                    self.remove_later(&job.build, container);
+                }
+                Ok(Supervised::FillFailed(e)) => {
+                    // Removed now, with the volume it was filling, so that a failed fill leaves
+                    // nothing (the volume stays when another container holds it; then it has
+                    // no marker, and the next container fills it again).
+                    let _ = container.remove().await;
+                    if filling {
+                        let _ = self.discard_workspace(&names).await;
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.remove_later(&job.build, container);
+                    return Err(e);
+                }
             }
-            .body()?;
-            let extras = vec![
-                workspace::Extra::Dir { path: format!("{}/", containers::SCRIPT_DIR), mode: 0o755 },
-                // Readable by whatever user the image runs as; `sh` reads it, nobody executes it.
-                workspace::Extra::File {
-                    path: containers::SCRIPT_PATH.trim_start_matches('/').to_owned(),
-                    mode: 0o644,
-                    data: containers::script(commands).into_bytes(),
-                },
-            ];
-            let name = names.step_container(&job.step.name, job.attempt);
-            self.create_filled(&name, body, &names, &run.workspace, extras, state).await
-        };
-        // A stop during the preparation ends it; whatever it had created is removed by its guard
-        // or by the build's cleanup.
-        let container = tokio::select! {
-            created = prepare => created?,
-            reason = stop.stopped() => return Ok(stopped(reason)),
-        };
-        let outcome = self.supervise(run, &container, logs, stop).await;
-        if self.detached.load(Ordering::SeqCst) {
-            // The engine is going away and will not hear this outcome: the container stays, so
-            // that the next engine reads the exit from it.
-            container.keep();
-            return outcome;
         }
-        self.remove_later(&job.build, container);
-        outcome
     }
 
     /// Removes a container on a task of its own, which the build's cleanup waits for; should it
@@ -1611,8 +1871,7 @@ impl Inner {
         what: &str,
     ) -> Result<bool, ExecError> {
         let names = BuildNames::new(&self.options.instance, build);
-        let state = self.build_state(build);
-        let _state = state.lock().await;
+        let _state = self.lock_build(build).await;
         let volume = match self.docker.inspect_volume(&names.volume()).await {
             Ok(volume) => volume,
             Err(e) if is_not_found(&e) => return Ok(false),
@@ -1810,7 +2069,7 @@ impl Inner {
         mut stop: StopSignal,
     ) -> Result<Attached, ExecError> {
         use bollard::models::ContainerSummaryStateEnum as State;
-        let Some((id, state)) = self.step_container(run).await? else {
+        let Some((id, state, fed)) = self.step_container(run).await? else {
             // A warm step (an exec) cannot be followed: Docker keeps no copy of its output. It
             // is reported gone, after its container goes, so that a re-run never overlaps it.
             self.remove_foreign_warm(&run.job.build).await?;
@@ -1829,11 +2088,20 @@ impl Inner {
         let options = LogsOptions { follow: true, stdout: true, stderr: true, ..Default::default() };
         let output = Box::pin(self.docker.logs(&id, Some(options)));
         let sink: Arc<dyn LogSink> = Arc::new(Skip { inner: logs, skip: Mutex::new(offset) });
+        // A container filled through its stdin begins its output with a token, which the first
+        // reader took out too.
+        let (said_tx, said_rx) = if fed {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let reader = tokio::spawn(forward_output(
             output,
             run.secrets.values().chain(&run.mask).cloned().collect(),
             sink,
             Arc::new(Mutex::new(Instant::now())),
+            said_tx,
         ));
         // The step's timeouts are the machine's timers here, armed again by the replay: they
         // arrive as a stop.
@@ -1846,7 +2114,19 @@ impl Inner {
             },
             reason = stop.stopped() => Ending::Stopped(reason),
         };
+        let stopped_early = matches!(ending, Ending::Stopped(_));
         let outcome = self.finish_step(&id, &run.job.step.name, ending, &mut wait, reader).await;
+        if let Some(said) = said_rx
+            && !stopped_early
+            && said.await.ok() != Some(Said::Unpacked)
+        {
+            // Its fill never finished (the engine that fed it went away midway), so the step
+            // never ran: gone, and run again.
+            if !self.detached.load(Ordering::SeqCst) {
+                container.remove().await?;
+            }
+            return Ok(Attached::Gone);
+        }
         if self.detached.load(Ordering::SeqCst) {
             container.keep();
         } else if let Err(e) = container.remove().await {
@@ -1870,5 +2150,35 @@ impl Inner {
             .collect();
         lock(&self.builds).retain(|b, _| live.contains(b.0.as_str()));
         self.remove_all(&dead).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_opening_token_is_told_apart_from_output_even_when_it_arrives_in_pieces() {
+        let unpacked = containers::UNPACKED;
+        assert_eq!(opening(b""), None, "nothing yet could still be a token");
+        assert_eq!(opening(&unpacked[..3]), None, "a token's first bytes wait for the rest");
+        assert_eq!(opening(unpacked), Some(Some((Said::Unpacked, unpacked.len()))));
+        let mut with_output = unpacked.to_vec();
+        with_output.extend_from_slice(b"hello\n");
+        assert_eq!(opening(&with_output), Some(Some((Said::Unpacked, unpacked.len()))));
+        assert_eq!(opening(containers::NO_TAR), Some(Some((Said::NoTar, containers::NO_TAR.len()))));
+        assert_eq!(opening(b"hello"), Some(None), "ordinary output is no token");
+        assert_eq!(opening(b"\x1ecib:x"), Some(None), "a token's start followed by something else is output");
+    }
+
+    #[test]
+    fn the_wrapper_prints_the_tokens_the_reader_looks_for() {
+        // The wrapper writes them with printf's octal escapes; the reader compares bytes.
+        let printed = |token: &[u8]| {
+            let text = String::from_utf8_lossy(token).replace('\x1e', "\\036");
+            format!("printf '{text}'")
+        };
+        assert!(containers::STDIN_WRAPPER.contains(&printed(containers::UNPACKED)), "{}", containers::STDIN_WRAPPER);
+        assert!(containers::STDIN_WRAPPER.contains(&printed(containers::NO_TAR)), "{}", containers::STDIN_WRAPPER);
     }
 }

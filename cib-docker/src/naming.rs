@@ -23,6 +23,8 @@ pub const LABEL_ROLE: &str = "org.cib.role";
 pub const LABEL_STEP: &str = "org.cib.step";
 /// The attempt of the step a step container runs.
 pub const LABEL_ATTEMPT: &str = "org.cib.attempt";
+/// Set on a step container filled through its stdin, whose output begins with a token.
+pub const LABEL_STDIN: &str = "org.cib.stdin";
 /// The service a service container runs.
 pub const LABEL_SERVICE: &str = "org.cib.service";
 

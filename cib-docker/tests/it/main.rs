@@ -8,6 +8,7 @@
 mod cache;
 mod common;
 mod conformance;
+mod fill;
 mod images;
 mod lifecycle;
 mod logs;
