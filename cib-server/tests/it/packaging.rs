@@ -189,6 +189,8 @@ fn the_docker_image_builds_and_answers_healthz() {
     docker_ok(&[
         "build",
         "--quiet",
+        // A failed step's container is removed too, so a broken build leaves nothing behind.
+        "--force-rm",
         "--build-arg",
         "BUILDER=rust:1.95",
         "--build-arg",
