@@ -16,6 +16,7 @@ mod outgoing;
 mod packaging;
 mod plan;
 mod pools;
+mod postgres;
 mod restart;
 mod run;
 mod schedule;
