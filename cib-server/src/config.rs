@@ -212,6 +212,11 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Where builds, logs, the inbox and sealed secrets are kept: `sqlite:PATH`, or a
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`). Unset, the SQLite file
+    /// `<data_dir>/cib.db`. `CIB_STORE` overrides it. `Debug` hides a password in it.
+    #[serde(default)]
+    pub store: Option<StoreSetting>,
     /// The name on everything this server makes in Docker. Two servers on one daemon need
     /// different names, or each would remove the other's containers as leftovers.
     #[serde(default = "default_instance")]
@@ -299,6 +304,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
+            store: None,
             instance: default_instance(),
             max_running_steps: None,
             max_body_bytes: default_body_limit(),
@@ -524,6 +530,9 @@ impl ServerConfig {
         if let Some(dir) = env.get("CIB_DATA_DIR") {
             config.data_dir = PathBuf::from(dir);
         }
+        if let Some(store) = env.get("CIB_STORE") {
+            config.store = Some(StoreSetting(store.clone()));
+        }
         if let Some(secret) = env.get("CIB_GITHUB_WEBHOOK_SECRET") {
             config.github.webhook_secret = Some(secret.clone());
         }
@@ -542,6 +551,7 @@ impl ServerConfig {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.store_location()?;
         for t in &self.tokens {
             match &t.token_sha256 {
                 None if t.token.len() < 16 => {
@@ -602,6 +612,15 @@ impl ServerConfig {
     pub fn serves(&self, repo: &str) -> bool {
         self.repos.iter().any(|r| r.name == repo)
             || self.github.repos.iter().any(|g| cib_core::spec::Glob::parse(g).is_ok_and(|g| g.is_match(repo)))
+    }
+
+    /// Where the store is: `store` (or `CIB_STORE`) read, else the SQLite file in the data
+    /// directory.
+    pub fn store_location(&self) -> Result<StoreLocation, String> {
+        match &self.store {
+            None => Ok(StoreLocation::Sqlite(self.data_dir.join("cib.db"))),
+            Some(setting) => StoreLocation::parse(&setting.0).map_err(|e| format!("store: {e}")),
+        }
     }
 
     /// Where the key that seals stored secrets lives.
@@ -713,6 +732,54 @@ pub fn digest_bytes(hex_digest: &str) -> Option<[u8; 32]> {
 
 const REDACTED: &str = "<redacted>";
 
+/// The `store` setting as written. `Debug` shows it without a password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StoreSetting(pub String);
+
+impl std::fmt::Debug for StoreSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StoreSetting").field(&cib_store::redact_url(&self.0)).finish()
+    }
+}
+
+/// Where the server keeps its store.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file, made when missing.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by its URL (which may hold a password).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            StoreLocation::Postgres(url) => f.debug_tuple("Postgres").field(&cib_store::redact_url(url)).finish(),
+        }
+    }
+}
+
+impl StoreLocation {
+    /// Reads `sqlite:PATH`, `postgres://...` or `postgresql://...`; anything else is an error
+    /// that says what is accepted.
+    pub fn parse(text: &str) -> Result<StoreLocation, String> {
+        let text = text.trim();
+        if let Some(path) = text.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("'sqlite:' needs a file: sqlite:/var/lib/cib/cib.db".into());
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(StoreLocation::Postgres(text.to_owned()));
+        }
+        Err(format!("'{}' is neither sqlite:PATH nor a postgres:// URL", cib_store::redact_url(text)))
+    }
+}
+
 /// Text that must not be shown: `Debug` redacts it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretText(pub String);
@@ -802,6 +869,30 @@ impl std::fmt::Debug for ScopedSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_is_sqlite_in_the_data_dir_unless_set_in_the_file_or_cib_store() {
+        let plain = ServerConfig::parse("data_dir = \"/srv/cib\"\n").expect("valid");
+        assert_eq!(plain.store_location(), Ok(StoreLocation::Sqlite(PathBuf::from("/srv/cib/cib.db"))));
+        let pg = ServerConfig::parse("store = \"postgres://cib:pw@db:5432/cib\"\n").expect("valid");
+        assert_eq!(pg.store_location(), Ok(StoreLocation::Postgres("postgres://cib:pw@db:5432/cib".into())));
+        // Debug never shows the password, in the setting or the location.
+        assert!(!format!("{pg:?}").contains("pw"), "{pg:?}");
+        assert!(!format!("{:?}", pg.store_location()).contains("pw"));
+        let env: BTreeMap<String, String> =
+            [("CIB_STORE".to_owned(), "sqlite:/tmp/other.db".to_owned())].into_iter().collect();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("cib.toml");
+        std::fs::write(&file, "store = \"postgresql://db/cib\"\n").expect("write");
+        let overridden = ServerConfig::load(Some(&file), &env).expect("valid");
+        assert_eq!(overridden.store_location(), Ok(StoreLocation::Sqlite(PathBuf::from("/tmp/other.db"))));
+        // Anything else is refused when the configuration loads, saying what is accepted.
+        std::fs::write(&file, "store = \"mysql://u:secretpw@db/cib\"\n").expect("write");
+        let error = ServerConfig::load(Some(&file), &BTreeMap::new()).expect_err("refused");
+        assert!(error.contains("neither sqlite:PATH nor a postgres:// URL"), "{error}");
+        assert!(!error.contains("secretpw"), "{error}");
+        assert!(StoreLocation::parse("sqlite:").is_err());
+    }
 
     fn limits(toml_text: &str) -> Result<OperatorLimits, String> {
         let config = ServerConfig::parse(toml_text)?;

@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{client, init, lint, logs, manual, plan, remote, run, secret, serve};
+use cli::{client, init, lint, logs, manual, plan, remote, run, secret, serve, store};
 
 /// `0.1.0 (commit 0123456789ab, 2026-12-01)`: the commit comes from `build.rs`.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CIB_BUILD_COMMIT_TEXT"), ")");
@@ -125,6 +125,11 @@ enum Command {
         /// comes from `CIB_LOG`, in `RUST_LOG`'s syntax (default `info`).
         #[arg(long, env = "CIB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+    },
+    /// The server's store itself, for operators: copy a SQLite store into PostgreSQL.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// List builds on a server, newest first.
     Builds {
@@ -416,6 +421,21 @@ enum LeaseCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy everything of a SQLite store (journal, snapshots, builds, logs, inbox, sealed
+    /// secrets) into an empty PostgreSQL database, then check every table's row count and
+    /// checksum; a database that holds anything is refused. Stop the server first.
+    Copy {
+        /// The SQLite store: sqlite:PATH (the server's is sqlite:<data_dir>/cib.db).
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://user:password@host:port/database.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SecretCommand {
     /// Set a secret of REPO (owner/name); the value is read from standard input.
     Set {
@@ -543,6 +563,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve { config, log_format } => serve::run(config.as_deref(), &log_format),
+        Command::Store { command: StoreCommand::Copy { from, to } } => store::copy(&from, &to),
         Command::Pool { command: PoolCommand::List, remote } => match remote.resolve() {
             Ok(remote) => client::pool_list(&remote),
             Err(code) => code,

@@ -20,6 +20,8 @@
 mod artifacts;
 mod error;
 mod logs;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod read;
 mod schema;
 mod secrets;
@@ -27,6 +29,10 @@ mod sqlite;
 mod writer;
 
 pub use artifacts::FileArtifacts;
+#[cfg(feature = "testing")]
+pub use postgres::testing;
+#[cfg(feature = "postgres")]
+pub use postgres::{CopyReport, PgOptions, PgStore, TableCopy, copy_sqlite_to_postgres, redact_url};
 pub use schema::SCHEMA_VERSION;
 pub use secrets::{generate_key, load_or_create_key_file, parse_key, read_key_file};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};

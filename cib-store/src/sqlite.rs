@@ -306,29 +306,34 @@ fn unexpected(done: Done) -> StoreError {
     StoreError::Permanent(format!("the store's writer gave an unexpected answer: {done:?}"))
 }
 
-fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String, StoreError> {
+/// An input as the journal keeps it: its JSON, and for an enqueue, what is stored beside it.
+/// The spec text is stored once, by its digest, and the journaled enqueue refers to it: a busy
+/// repository pushes the same spec thousands of times. Both stores journal this form.
+pub(crate) fn journal_form(input: &Input) -> Result<(String, Option<Enqueue>), StoreError> {
+    Ok(match input {
+        Input::Enqueue { build, spec, .. } => {
+            let mut value = serde_json::to_value(input)
+                .map_err(|e| StoreError::Permanent(format!("cannot serialize an input: {e}")))?;
+            let sha256 = hex::encode(Sha256::digest(spec.as_bytes()));
+            if let Some(map) = value.as_object_mut() {
+                map.remove("spec");
+                map.insert(read::SPEC_DIGEST.into(), serde_json::Value::String(sha256.clone()));
+            }
+            let enqueue = Enqueue { build: build.0.clone(), sha256, spec: spec.to_string() };
+            (to_json(&value, "an input")?, Some(enqueue))
+        }
+        other => (to_json(other, "an input")?, None),
+    })
+}
+
+pub(crate) fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Permanent(format!("cannot serialize {what}: {e}")))
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError> {
-        let (json, enqueue) = match &input.input {
-            // The spec text is stored once, by its digest, and the journaled enqueue refers to
-            // it: a busy repository pushes the same spec thousands of times.
-            Input::Enqueue { build, spec, .. } => {
-                let mut value = serde_json::to_value(&input.input)
-                    .map_err(|e| StoreError::Permanent(format!("cannot serialize an input: {e}")))?;
-                let sha256 = hex::encode(Sha256::digest(spec.as_bytes()));
-                if let Some(map) = value.as_object_mut() {
-                    map.remove("spec");
-                    map.insert(read::SPEC_DIGEST.into(), serde_json::Value::String(sha256.clone()));
-                }
-                let enqueue = Enqueue { build: build.0.clone(), sha256, spec: spec.to_string() };
-                (to_json(&value, "an input")?, Some(enqueue))
-            }
-            other => (to_json(other, "an input")?, None),
-        };
+        let (json, enqueue) = journal_form(&input.input)?;
         match self.write(Op::Input { at: input.at.0, input: json, enqueue }).await? {
             Done::Seq(seq) => Ok(seq),
             other => Err(unexpected(other)),
@@ -536,13 +541,13 @@ impl Store for SqliteStore {
 
 /// The scope as stored: the repository has its own column.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct StoredScope {
+pub(crate) struct StoredScope {
     #[serde(default)]
-    branches: Vec<cib_core::spec::Glob>,
+    pub(crate) branches: Vec<cib_core::spec::Glob>,
     #[serde(default)]
-    pipelines: Vec<String>,
+    pub(crate) pipelines: Vec<String>,
     #[serde(default)]
-    environments: Vec<String>,
+    pub(crate) environments: Vec<String>,
 }
 
 type SecretRow = (SecretInfo, Vec<u8>, Vec<u8>);

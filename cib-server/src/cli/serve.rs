@@ -1,4 +1,5 @@
-//! `cib serve`: the server with its real backends: Docker, SQLite and local Git repositories.
+//! `cib serve`: the server with its real backends: Docker, SQLite or PostgreSQL, and local Git
+//! repositories.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -6,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use cib_server::config::ServerConfig;
+use cib_server::config::{ServerConfig, StoreLocation};
 use cib_server::server::{self, Running};
 
 fn eprint(text: &str) {
@@ -16,7 +17,7 @@ fn eprint(text: &str) {
 pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
     super::init_logs(log_format, None);
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CIB_")).collect();
-    let mut config = match ServerConfig::load(config_path, &env) {
+    let config = match ServerConfig::load(config_path, &env) {
         Ok(c) => c,
         Err(e) => {
             eprint(&format!("cib serve: {e}"));
@@ -35,101 +36,136 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
             eprint(&format!("cib serve: cannot create {}: {e}", config.data_dir.display()));
             return ExitCode::from(3);
         }
-        let db = config.data_dir.join("cib.db");
-        if let Err(e) = cib_server::secrets::create_private_file(&db) {
-            eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
+        match config.store_location() {
+            Ok(StoreLocation::Sqlite(db)) => {
+                if let Err(e) = cib_server::secrets::create_private_file(&db) {
+                    eprint(&format!("cib serve: cannot create {}: {e}", db.display()));
+                    return ExitCode::from(3);
+                }
+                match cib_store::SqliteStore::open(db, store_options(&config.limits)) {
+                    Ok(store) => serve_on(config, Arc::new(store)).await,
+                    Err(e) => {
+                        eprint(&format!("cib serve: cannot open the store: {e}"));
+                        ExitCode::from(3)
+                    }
+                }
+            }
+            Ok(StoreLocation::Postgres(url)) => {
+                match cib_store::PgStore::connect(&url, pg_options(&config.limits)).await {
+                    Ok(store) => {
+                        eprint(&format!("cib serve: the store is PostgreSQL at {}", store.target()));
+                        serve_on(config, Arc::new(store)).await
+                    }
+                    Err(e) => {
+                        eprint(&format!("cib serve: cannot open the store {}: {e}", cib_store::redact_url(&url)));
+                        ExitCode::from(3)
+                    }
+                }
+            }
+            Err(e) => {
+                eprint(&format!("cib serve: {e}"));
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+/// Serves with `store`, SQLite or PostgreSQL alike, until SIGTERM, ^C, or the engine or the
+/// inbox stops.
+async fn serve_on<S>(mut config: ServerConfig, store: Arc<S>) -> ExitCode
+where
+    S: cib_core::ports::Store
+        + cib_core::ports::SecretStore
+        + cib_core::ports::SessionStore
+        + cib_core::ports::ArtifactIndex
+        + 'static,
+{
+    // A key that cannot be had, or that does not open the stored secrets, stops the server
+    // here with the file's or the variable's name, rather than failing each build that
+    // asks for a secret.
+    if let Err(e) = cib_server::secrets::check_key(&config, &*store).await {
+        eprint(&format!("cib serve: {e}"));
+        return ExitCode::from(2);
+    }
+    let options = docker_options(config.instance.clone(), &config.operator_limits());
+    let executor = match cib_docker::DockerExecutor::connect(options).await {
+        Ok(e) => {
+            // Unset, the limit fits the daemon: its CPU count decides (issue 16).
+            config.max_running_steps.get_or_insert(e.suggested_running_steps());
+            e
+        }
+        Err(e) => {
+            eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
             return ExitCode::from(3);
         }
-        let store = match cib_store::SqliteStore::open(db, store_options(&config.limits)) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprint(&format!("cib serve: cannot open the store: {e}"));
-                return ExitCode::from(3);
-            }
-        };
-        // A key that cannot be had, or that does not open the stored secrets, stops the server
-        // here with the file's or the variable's name, rather than failing each build that
-        // asks for a secret.
-        if let Err(e) = cib_server::secrets::check_key(&config, &*store).await {
+    };
+    let github = match cib_server::forge::github_client(&config) {
+        Ok(g) => g,
+        Err(e) => {
             eprint(&format!("cib serve: {e}"));
             return ExitCode::from(2);
         }
-        let options = docker_options(config.instance.clone(), &config.operator_limits());
-        let executor = match cib_docker::DockerExecutor::connect(options).await {
-            Ok(e) => {
-                // Unset, the limit fits the daemon: its CPU count decides (issue 16).
-                config.max_running_steps.get_or_insert(e.suggested_running_steps());
-                e
-            }
+    };
+    let mut notifiers = Vec::new();
+    if let Some(client) = github.clone() {
+        match cib_server::forge::github_notifier(
+            &config,
+            client,
+            Some(store.clone() as Arc<dyn cib_core::ports::Store>),
+        ) {
+            Ok(n) => notifiers.push(n),
             Err(e) => {
-                eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
+                eprint(&format!("cib serve: cannot set up GitHub statuses: {e}"));
                 return ExitCode::from(3);
             }
-        };
-        let github = match cib_server::forge::github_client(&config) {
-            Ok(g) => g,
-            Err(e) => {
-                eprint(&format!("cib serve: {e}"));
-                return ExitCode::from(2);
-            }
-        };
-        let mut notifiers = Vec::new();
-        if let Some(client) = github.clone() {
-            match cib_server::forge::github_notifier(&config, client, Some(store.clone() as Arc<dyn cib_core::ports::Store>)) {
-                Ok(n) => notifiers.push(n),
-                Err(e) => {
-                    eprint(&format!("cib serve: cannot set up GitHub statuses: {e}"));
-                    return ExitCode::from(3);
-                }
-            }
         }
-        let vcs = cib_server::forge::Forges::new(&config, github);
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprint(&format!("cib serve: cannot listen on {}: {e}", config.listen));
-                return ExitCode::from(3);
-            }
-        };
-        let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), notifiers);
-        eprint(&format!("cib serve: listening on http://{address}"));
-        let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
-        // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
-        // whose engine is gone must not live on answering as if nothing happened.
-        let mut died: Option<String> = None;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                ended = &mut engine_task => died = Some(format!("the engine stopped: {ended:?}")),
-                ended = &mut inbox_task => died = Some(format!("the inbox task stopped: {ended:?}")),
-            }
-        };
-        if let Err(e) = server::serve(state.clone(), listener, shutdown).await {
-            eprint(&format!("cib serve: {e}"));
+    }
+    let vcs = cib_server::forge::Forges::new(&config, github);
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprint(&format!("cib serve: cannot listen on {}: {e}", config.listen));
+            return ExitCode::from(3);
         }
-        if let Some(why) = died {
-            tracing::error!(reason = %why, "cib serve is exiting");
-            eprint(&format!("cib serve: {why}"));
-            return ExitCode::from(4);
+    };
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), notifiers);
+    eprint(&format!("cib serve: listening on http://{address}"));
+    let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
+    // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
+    // whose engine is gone must not live on answering as if nothing happened.
+    let mut died: Option<String> = None;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            ended = &mut engine_task => died = Some(format!("the engine stopped: {ended:?}")),
+            ended = &mut inbox_task => died = Some(format!("the inbox task stopped: {ended:?}")),
         }
-        // No new work: the inbox stops, and the engine starts no more steps. Running steps get
-        // the grace period to finish; what still runs then is left running, never failed, and
-        // the next start re-attaches to it.
-        inbox_task.abort();
-        let grace = std::time::Duration::from_secs(state.config.shutdown_grace);
-        eprint(&format!("cib serve: stopping: waiting up to {} s for running steps", grace.as_secs()));
-        match state.engine.drain(grace).await {
-            Ok(true) => eprint("cib serve: no step is running"),
-            Ok(false) => eprint("cib serve: steps still run; the next start re-attaches to them"),
-            Err(e) => eprint(&format!("cib serve: {e}")),
-        }
-        state.engine.shutdown().await;
-        let _ = engine_task.await;
-        ExitCode::SUCCESS
-    })
+    };
+    if let Err(e) = server::serve(state.clone(), listener, shutdown).await {
+        eprint(&format!("cib serve: {e}"));
+    }
+    if let Some(why) = died {
+        tracing::error!(reason = %why, "cib serve is exiting");
+        eprint(&format!("cib serve: {why}"));
+        return ExitCode::from(4);
+    }
+    // No new work: the inbox stops, and the engine starts no more steps. Running steps get
+    // the grace period to finish; what still runs then is left running, never failed, and
+    // the next start re-attaches to it.
+    inbox_task.abort();
+    let grace = std::time::Duration::from_secs(state.config.shutdown_grace);
+    eprint(&format!("cib serve: stopping: waiting up to {} s for running steps", grace.as_secs()));
+    match state.engine.drain(grace).await {
+        Ok(true) => eprint("cib serve: no step is running"),
+        Ok(false) => eprint("cib serve: steps still run; the next start re-attaches to them"),
+        Err(e) => eprint(&format!("cib serve: {e}")),
+    }
+    state.engine.shutdown().await;
+    let _ = engine_task.await;
+    ExitCode::SUCCESS
 }
 
 /// The Docker executor's options: this server's instance name, and the defaults of `[limits]`
@@ -143,6 +179,11 @@ pub fn docker_options(instance: String, limits: &cib_core::spec::OperatorLimits)
         options.default_limits.pids = pids;
     }
     options
+}
+
+/// The PostgreSQL store's options: a step's log keeps `[limits] log_size` bytes, as on SQLite.
+pub fn pg_options(limits: &cib_server::config::LimitsConfig) -> cib_store::PgOptions {
+    cib_store::PgOptions { log_limit: limits.log_size(), ..Default::default() }
 }
 
 /// The store's options: a step's log keeps `[limits] log_size` bytes.

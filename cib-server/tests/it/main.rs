@@ -17,6 +17,7 @@ mod outgoing;
 mod packaging;
 mod plan;
 mod pools;
+mod postgres;
 mod restart;
 mod run;
 mod schedule;

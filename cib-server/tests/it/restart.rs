@@ -124,7 +124,7 @@ pub(super) fn hook(url: &str, delivery: &str, body: &[u8]) -> u16 {
     http(url, "POST", "/hooks/github", &headers, body).0
 }
 
-fn builds(url: &str) -> serde_json::Value {
+pub(super) fn builds(url: &str) -> serde_json::Value {
     let (status, body) =
         http(url, "GET", "/api/v1/builds", &[("authorization", "Bearer reader-token-0123456789")], b"");
     assert_eq!(status, 200, "{body}");

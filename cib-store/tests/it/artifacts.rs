@@ -31,14 +31,19 @@ fn query(trusted_only: bool) -> ArtifactQuery<'static> {
 async fn artifacts_are_packed_by_glob_found_by_commit_unpacked_and_expired() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(SqliteStore::open(dir.path().join("cib.db"), SqliteOptions::default()).expect("store"));
-    let artifacts = FileArtifacts::new(dir.path().join("artifacts"), store.clone());
-    let work = dir.path().join("work");
+    artifacts_round_trip(store, dir.path()).await;
+}
+
+/// Artifacts kept under `dir`, indexed in a store of any kind.
+pub(crate) async fn artifacts_round_trip(store: Arc<dyn cib_core::ports::ArtifactIndex>, dir: &std::path::Path) {
+    let artifacts = FileArtifacts::new(dir.join("artifacts"), store.clone());
+    let work = dir.join("work");
     std::fs::create_dir_all(work.join("dist/docs")).expect("mkdir");
     std::fs::write(work.join("dist/app.whl"), b"the wheel").expect("write");
     std::fs::write(work.join("dist/docs/index.html"), b"<p>docs</p>").expect("write");
     std::fs::write(work.join("notes.txt"), b"not kept").expect("write");
-    std::fs::write(dir.path().join("host-secret"), b"a file of the host").expect("write");
-    std::os::unix::fs::symlink(dir.path().join("host-secret"), work.join("dist/link")).expect("symlink");
+    std::fs::write(dir.join("host-secret"), b"a file of the host").expect("write");
+    std::os::unix::fs::symlink(dir.join("host-secret"), work.join("dist/link")).expect("symlink");
     let paths = [Glob::parse("dist/**").expect("glob")];
 
     // Nothing matching is an error that names the globs, and keeps nothing.
@@ -57,7 +62,7 @@ async fn artifacts_are_packed_by_glob_found_by_commit_unpacked_and_expired() {
     assert_eq!(artifacts.find(&query(true), Timestamp(30)).await.expect("find"), Some(record.clone()));
     assert_eq!(artifacts.find(&query(false), Timestamp(30)).await.expect("find"), Some(untrusted));
 
-    let out = dir.path().join("out");
+    let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
     assert_eq!(artifacts.unpack(&record, &out).await.expect("unpacked"), 2);
     assert_eq!(std::fs::read(out.join("dist/app.whl")).expect("wheel"), b"the wheel");

@@ -38,6 +38,17 @@ async fn receive(store: Arc<dyn Store>, n: u64) -> bool {
 }
 
 async fn race(stores: Vec<Arc<dyn Store>>, path: &std::path::Path) {
+    let path = path.to_path_buf();
+    race_counting(stores, async move || {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0)).expect("count")
+    })
+    .await;
+}
+
+/// Twenty copies of one delivery sent at once through `stores` (one store, or several on the
+/// same database, as several processes would be); `rows` counts the deliveries' rows.
+pub(crate) async fn race_counting(stores: Vec<Arc<dyn Store>>, rows: impl AsyncFnOnce() -> i64) {
     let tasks: Vec<_> =
         (0..20u64).map(|n| tokio::spawn(receive(stores[n as usize % stores.len()].clone(), n))).collect();
     let mut new = 0;
@@ -47,9 +58,7 @@ async fn race(stores: Vec<Arc<dyn Store>>, path: &std::path::Path) {
     assert_eq!(new, 1, "exactly one copy is new");
     let builds = stores[0].builds(&BuildFilter::default(), Page::first(100)).await.expect("builds");
     assert_eq!(builds.len(), 1, "exactly one build: {builds:?}");
-    let conn = rusqlite::Connection::open(path).expect("open");
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0)).expect("count");
-    assert_eq!(rows, 1, "exactly one row");
+    assert_eq!(rows().await, 1, "exactly one row");
     let kept = stores[0].delivery("gh-7f3a").await.expect("read").expect("stored");
     let winner = builds[0].id.0.trim_start_matches("build-from-copy-").parse::<u64>().expect("number");
     assert_eq!(kept, copy(winner), "the copy stored is the one that queued the build");
@@ -167,11 +176,14 @@ async fn old_digests_are_forgotten_and_recent_ones_kept() {
 /// fails: every caller must hear its own answer, and only the failed write may be missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_in_a_shared_commit_is_undone_alone() {
-    use cib_core::ports::{Intake, LogKey};
-    use cib_core::time::Timestamp;
-
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Arc<dyn Store> = Arc::new(open(&dir.path().join("cib.db"), SqliteOptions::default()));
+    failed_writes_are_undone_alone(store).await;
+}
+
+/// Concurrent writes of every kind, one of which fails each round, through a store of any kind.
+pub(crate) async fn failed_writes_are_undone_alone(store: Arc<dyn Store>) {
+    use cib_core::ports::{Intake, LogKey};
     let open_log = LogKey { build: BuildId::from("b"), step: "open".into(), attempt: 1 };
     let closed_log = LogKey { build: BuildId::from("b"), step: "closed".into(), attempt: 1 };
     store.append_log(&closed_log, b"done\n").await.expect("append");

@@ -8,6 +8,8 @@ mod child;
 mod conformance;
 mod crash;
 mod deliveries;
+#[cfg(feature = "testing")]
+mod postgres;
 mod reads;
 mod schema;
 mod secrets;

@@ -106,10 +106,16 @@ fn random_filter(rng: &mut Rng) -> BuildFilter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_listings_and_records_match_the_reference_store() {
-    let seed = Rng::seed();
-    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("temp dir");
     let sqlite = open(&dir.path().join("cib.db"), SqliteOptions::default());
+    build_listings_match(&sqlite).await;
+}
+
+/// Random histories appended (some batches twice) to `sqlite`, a store under test of any kind,
+/// and to the memory store; every build and random filtered pages must read alike.
+pub(crate) async fn build_listings_match(sqlite: &dyn Store) {
+    let seed = Rng::seed();
+    let mut rng = Rng::new(seed);
     let memory = MemoryStore::new();
     let events = history(&mut rng, 150);
     // Appended in batches of random size, some of them twice, as a replay would.
@@ -152,14 +158,25 @@ async fn build_listings_and_records_match_the_reference_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_ranges_match_the_reference_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = SqliteOptions { log_limit: LOG_LIMIT, log_chunk_size: LOG_CHUNK, ..SqliteOptions::default() };
+    let sqlite = open(&dir.path().join("cib.db"), options);
+    log_ranges_match(&sqlite).await;
+}
+
+/// The log limit and chunk size of the store [`log_ranges_match`] checks.
+pub(crate) const LOG_LIMIT: u64 = 3000;
+pub(crate) const LOG_CHUNK: usize = 200;
+
+/// Random appends (lines, bursts past a chunk and past the limit) and finishes on three logs
+/// of `sqlite`, a store of any kind set up with [`LOG_LIMIT`] and [`LOG_CHUNK`], and of the
+/// memory store; random reads must give the same bytes.
+pub(crate) async fn log_ranges_match(sqlite: &dyn Store) {
     let seed = Rng::seed();
     let mut rng = Rng::new(seed);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let limit = 3000;
-    let options = SqliteOptions { log_limit: limit, log_chunk_size: 200, ..SqliteOptions::default() };
-    let sqlite = open(&dir.path().join("cib.db"), options);
+    let limit = LOG_LIMIT;
     let memory = MemoryStore::with_log_limit(limit);
-    let stores: [&dyn Store; 2] = [&sqlite, memory.as_ref()];
+    let stores: [&dyn Store; 2] = [sqlite, memory.as_ref()];
     let keys: Vec<LogKey> =
         (1..=3).map(|attempt| LogKey { build: BuildId::from("b"), step: "s".into(), attempt }).collect();
     let mut lengths = [0u64; 3];

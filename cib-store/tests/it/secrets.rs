@@ -74,11 +74,19 @@ fn assert_no_plaintext(db: &Path, key: &SecretKey, phase: &str) {
 async fn a_wrong_or_missing_key_is_a_clear_error_naming_the_key_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir.path().join("cib.db"), SqliteOptions::default());
-    let key = load_or_create_key_file(&dir.path().join("first.key")).expect("key");
+    a_wrong_or_missing_key_is_a_clear_error_naming_the_key_file_on(&store, dir.path()).await;
+}
+
+/// The check, on a store of any kind; key files go in `dir`.
+pub(crate) async fn a_wrong_or_missing_key_is_a_clear_error_naming_the_key_file_on(
+    store: &dyn SecretStore,
+    dir: &Path,
+) {
+    let key = load_or_create_key_file(&dir.join("first.key")).expect("key");
     store.set_secret(&key, &secret("acme/app", "DEPLOY_KEY", DEPLOY_KEY)).await.expect("set");
 
     // The key file was lost, and a new one made in its place.
-    let lost = dir.path().join("replaced.key");
+    let lost = dir.join("replaced.key");
     let other = load_or_create_key_file(&lost).expect("a new key");
     let error = store.open_secrets(&other, "acme/app").await.expect_err("another key does not open them");
     let text = error.to_string();
@@ -91,7 +99,7 @@ async fn a_wrong_or_missing_key_is_a_clear_error_naming_the_key_file() {
     assert!(matches!(refused, Err(SecretError::WrongKey { .. })), "{refused:?}");
     assert_eq!(store.list_secrets(None).await.expect("list").len(), 1, "nothing was stored");
 
-    let missing = dir.path().join("nowhere.key");
+    let missing = dir.join("nowhere.key");
     let error = read_key_file(&missing).expect_err("no key file");
     assert!(error.to_string().contains(&missing.display().to_string()), "{error}");
 }
@@ -100,8 +108,16 @@ async fn a_wrong_or_missing_key_is_a_clear_error_naming_the_key_file() {
 async fn rekey_keeps_every_value_readable_and_the_old_key_then_fails() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir.path().join("cib.db"), SqliteOptions::default());
-    let old = load_or_create_key_file(&dir.path().join("old.key")).expect("key");
-    let new = load_or_create_key_file(&dir.path().join("new.key")).expect("key");
+    rekey_keeps_every_value_readable_and_the_old_key_then_fails_on(&store, dir.path()).await;
+}
+
+/// The check, on a store of any kind; key files go in `dir`.
+pub(crate) async fn rekey_keeps_every_value_readable_and_the_old_key_then_fails_on(
+    store: &dyn SecretStore,
+    dir: &Path,
+) {
+    let old = load_or_create_key_file(&dir.join("old.key")).expect("key");
+    let new = load_or_create_key_file(&dir.join("new.key")).expect("key");
     assert_ne!(old.bytes(), new.bytes(), "two new key files hold different keys");
     store.set_secret(&old, &secret("acme/app", "DEPLOY_KEY", DEPLOY_KEY)).await.expect("set");
     store.set_secret(&old, &secret("acme/app", "PYPI_TOKEN", PYPI_TOKEN)).await.expect("set");
@@ -126,7 +142,12 @@ async fn rekey_keeps_every_value_readable_and_the_old_key_then_fails() {
 async fn a_list_says_names_scopes_and_who_set_them_never_values() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir.path().join("cib.db"), SqliteOptions::default());
-    let key = load_or_create_key_file(&dir.path().join("secret.key")).expect("key");
+    a_list_says_names_scopes_and_who_set_them_never_values_on(&store, dir.path()).await;
+}
+
+/// The check, on a store of any kind; key files go in `dir`.
+pub(crate) async fn a_list_says_names_scopes_and_who_set_them_never_values_on(store: &dyn SecretStore, dir: &Path) {
+    let key = load_or_create_key_file(&dir.join("secret.key")).expect("key");
     store.set_secret(&key, &secret("acme/app", "DEPLOY_KEY", DEPLOY_KEY)).await.expect("set");
     store.set_secret(&key, &secret("acme/lib", "PYPI_TOKEN", PYPI_TOKEN)).await.expect("set");
     let all = store.list_secrets(None).await.expect("list");
@@ -151,7 +172,12 @@ async fn a_list_says_names_scopes_and_who_set_them_never_values() {
 async fn short_values_and_bad_names_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir.path().join("cib.db"), SqliteOptions::default());
-    let key = load_or_create_key_file(&dir.path().join("secret.key")).expect("key");
+    short_values_and_bad_names_are_refused_on(&store, dir.path()).await;
+}
+
+/// The check, on a store of any kind; key files go in `dir`.
+pub(crate) async fn short_values_and_bad_names_are_refused_on(store: &dyn SecretStore, dir: &Path) {
+    let key = load_or_create_key_file(&dir.join("secret.key")).expect("key");
     let error = store.set_secret(&key, &secret("acme/app", "PIN", "12345")).await.expect_err("too short");
     assert_eq!(
         error.to_string(),

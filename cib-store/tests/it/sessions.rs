@@ -12,6 +12,14 @@ async fn sessions_are_kept_touched_ended_and_expired() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("cib.db");
     let store = open(&path, SqliteOptions::default());
+    sessions_are_kept_touched_ended_and_expired_on(&store).await;
+    drop(store);
+    let store = open(&path, SqliteOptions::default());
+    sessions_survive_and_end_on(&store).await;
+}
+
+/// Sessions made, read, touched and expired, on a store of any kind.
+pub(crate) async fn sessions_are_kept_touched_ended_and_expired_on(store: &dyn SessionStore) {
     let record = |name: &str, at: u64| SessionRecord {
         token_name: name.into(),
         created_at: Timestamp(at),
@@ -32,9 +40,11 @@ async fn sessions_are_kept_touched_ended_and_expired() {
     assert_eq!(store.expire_sessions(Timestamp(6_000)).await.expect("expire"), 1);
     assert_eq!(store.session("d2").await.expect("read"), None);
     assert!(store.session("d1").await.expect("read").is_some());
+}
 
-    drop(store);
-    let store = open(&path, SqliteOptions::default());
+/// After [`sessions_are_kept_touched_ended_and_expired_on`] and a restart: "d1" is there and
+/// is removed.
+pub(crate) async fn sessions_survive_and_end_on(store: &dyn SessionStore) {
     assert!(store.session("d1").await.expect("read").is_some(), "sessions survive a restart");
     store.remove_session("d1").await.expect("remove");
     store.remove_session("d1").await.expect("removing one that is gone is no error");
