@@ -5,6 +5,7 @@ mod artifacts;
 mod cli;
 mod client;
 mod deliver;
+mod downstream;
 mod github_app;
 mod github_flow;
 mod inbox;
