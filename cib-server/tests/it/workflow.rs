@@ -657,8 +657,8 @@ async fn a_forks_pull_request_writes_its_own_cache_and_a_trusted_build_never_see
     git(&repo, &["add", "patch.txt"]);
     git(&repo, &["commit", "-q", "-m", "a fork's patch"]);
     let head = git(&repo, &["rev-parse", "HEAD"]);
-    let flow = Flow { s };
-    let log = |id: String| {
+    let flow = &Flow { s };
+    let log = move |id: String| {
         let s = &flow.s;
         async move {
             let answer =
@@ -694,7 +694,7 @@ async fn a_forks_pull_request_writes_its_own_cache_and_a_trusted_build_never_see
 
     // A trusted build of the base branch never sees the fork's file: it starts fresh, and
     // saves the shared cache, which the next trusted build finds.
-    let trusted = |n: u32| {
+    let trusted = move |n: u32| {
         let s = &flow.s;
         async move {
             let body = serde_json::json!({ "repo": "acme/shop", "ref": "master", "pipeline": "test" });
