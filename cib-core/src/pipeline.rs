@@ -21,8 +21,8 @@ use crate::policy;
 use crate::publish::{self, DeliverableRecord, PublishJob, PublishOutcome};
 use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
-use crate::workflow::{DownstreamResult, DownstreamState};
 pub use crate::workflow::Approval;
+use crate::workflow::{DownstreamResult, DownstreamState};
 
 /// An open pull request as the workflow needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

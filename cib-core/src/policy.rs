@@ -12,8 +12,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{EventKind, Gate, GateKind, Glob, Pipeline};
-use crate::workflow::Refusal;
 use crate::time::Timestamp;
+use crate::workflow::Refusal;
 
 // ---- secrets ----------------------------------------------------------------------------------
 

@@ -1092,7 +1092,10 @@ mod tests {
     #[test]
     fn a_downstream_result_reads_as_a_status_of_the_upstream_commit() {
         let (state, description) = downstream_status(DownstreamState::Failed, "acme/client", "test");
-        assert_eq!((state, description.as_str()), ("failure", "acme/client's test pipeline failed against this commit"));
+        assert_eq!(
+            (state, description.as_str()),
+            ("failure", "acme/client's test pipeline failed against this commit")
+        );
         assert_eq!(downstream_status(DownstreamState::Running, "acme/client", "test").0, "pending");
         assert_eq!(downstream_status(DownstreamState::Success, "acme/client", "test").0, "success");
         assert_eq!(downstream_status(DownstreamState::Neutral, "acme/client", "test").0, "failure");

@@ -39,8 +39,14 @@ pub fn candidates(state: &AppState) -> Vec<String> {
 /// them, so that a push webhook for a move cib made itself (or a redelivery) starts nothing
 /// twice, since the engine drops an enqueue of an id it already holds.
 pub fn build_id(upstream_commit: &str, repo: &str, pipeline: &str) -> BuildId {
-    let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect::<String>();
-    BuildId(format!("downstream-{}-{}-{}", clean(upstream_commit.get(..12).unwrap_or(upstream_commit)), clean(repo), clean(pipeline)))
+    let clean =
+        |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect::<String>();
+    BuildId(format!(
+        "downstream-{}-{}-{}",
+        clean(upstream_commit.get(..12).unwrap_or(upstream_commit)),
+        clean(repo),
+        clean(pipeline)
+    ))
 }
 
 /// The default branch of `repo` and its tip, with the spec there: what a downstream build runs.
@@ -74,7 +80,9 @@ pub async fn start(state: &AppState, upstream: &str, branch: &str, commit: &str,
             };
             match state.engine.submit(input).await {
                 Ok(()) => ids.push(id),
-                Err(e) => tracing::warn!(%repo, pipeline = %p.name, error = %e, "a downstream build could not be enqueued"),
+                Err(e) => {
+                    tracing::warn!(%repo, pipeline = %p.name, error = %e, "a downstream build could not be enqueued")
+                }
             }
         }
     }

@@ -325,7 +325,16 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
     };
     // A branch push moves the branch: repositories downstream of it test the new commit.
     let moved = (pull_request.is_none() && trigger.tag.is_none()).then(|| branch.clone()).flatten();
-    let planned = Planned { repo: repo.clone(), commit: commit.clone(), trigger, branch, pull_request, actor: actor.clone(), spec_rev, trusted };
+    let planned = Planned {
+        repo: repo.clone(),
+        commit: commit.clone(),
+        trigger,
+        branch,
+        pull_request,
+        actor: actor.clone(),
+        spec_rev,
+        trusted,
+    };
     let processed = enqueue(state, delivery_id, planned).await?;
     let Some(branch) = moved else { return Ok(processed) };
     let downstream = crate::downstream::start(state, &repo, &branch, &commit, &actor).await;

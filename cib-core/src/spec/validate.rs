@@ -217,7 +217,10 @@ fn triggers_model(
         upstream: raw.upstream.as_ref().map(|u| {
             check_repo_name(c, "on.upstream.repo", &u.repo);
             if u.branch.value.trim().is_empty() {
-                c.err(u.branch.pos, "on.upstream.branch is empty: name the upstream branch whose moves start this pipeline");
+                c.err(
+                    u.branch.pos,
+                    "on.upstream.branch is empty: name the upstream branch whose moves start this pipeline",
+                );
             }
             UpstreamTrigger { repo: u.repo.value.clone(), branch: u.branch.value.clone() }
         }),

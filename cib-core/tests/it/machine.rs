@@ -1069,10 +1069,12 @@ pipelines:
     };
     let mut sim = Sim::new(Config::default());
     sim.enqueue(0, "d1", CLIENT, "test", downstream("c1"));
-    let states = |m: &Machine| m.downstream_results("acme/api").iter().map(|r| (r.build.clone(), r.state)).collect::<Vec<_>>();
+    let states =
+        |m: &Machine| m.downstream_results("acme/api").iter().map(|r| (r.build.clone(), r.state)).collect::<Vec<_>>();
     assert_eq!(states(&sim.machine), [("d1".to_owned(), DownstreamState::Running)]);
     // The step started at once (a free slot, no resources): its job carries the upstream.
-    let job = sim.machine.running_job(&BuildId::from("d1"), "unit", 1).unwrap_or_else(|| panic!("started: {}", sim.trace));
+    let job =
+        sim.machine.running_job(&BuildId::from("d1"), "unit", 1).unwrap_or_else(|| panic!("started: {}", sim.trace));
     assert_eq!(job.env.get("UPSTREAM_REPO").map(String::as_str), Some("acme/api"));
     assert_eq!(job.env.get("UPSTREAM_COMMIT").map(String::as_str), Some("a91"));
     assert_eq!(job.env.get("CIB_EVENT").map(String::as_str), Some("upstream"));

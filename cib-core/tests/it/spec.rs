@@ -682,7 +682,8 @@ fn upstream_pipelines_are_chosen_by_the_repository_and_branch_that_moved() {
         promotion: { requires: { downstream: [acme/client, acme/cli] } }
         "#,
     );
-    let names = |repo: &str, branch: &str| s.downstream_of(repo, branch).iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    let names =
+        |repo: &str, branch: &str| s.downstream_of(repo, branch).iter().map(|p| p.name.clone()).collect::<Vec<_>>();
     assert_eq!(names("acme/api", "master"), ["against-api"]);
     assert_eq!(names("acme/api", "next"), ["against-api-next"]);
     assert!(names("acme/api", "production").is_empty());

@@ -223,8 +223,7 @@ async fn an_over_budget_repository_loses_its_least_recently_used_cache_first() {
     // Its volume went with it: nothing of deps-b is left on the daemon.
     let marker = marker_name(&repo, "trusted", "deps-b");
     assert!(exec.docker().inspect_container(&marker, None).await.is_err(), "the marker is gone");
-    let filters =
-        std::collections::HashMap::from([("label".to_owned(), vec![format!("org.cib.cache.key=deps-b")])]);
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec!["org.cib.cache.key=deps-b".to_owned()])]);
     let volumes = exec
         .docker()
         .list_volumes(Some(bollard::query_parameters::ListVolumesOptions { filters: Some(filters) }))
@@ -232,6 +231,6 @@ async fn an_over_budget_repository_loses_its_least_recently_used_cache_first() {
         .expect("volumes")
         .volumes
         .unwrap_or_default();
-    assert!(volumes.iter().all(|v| !v.labels.get(LABEL_CACHE_REPO).is_some_and(|r| *r == repo)), "{volumes:?}");
+    assert!(volumes.iter().all(|v| v.labels.get(LABEL_CACHE_REPO).is_none_or(|r| *r != repo)), "{volumes:?}");
     remove_caches(&exec, &repo).await;
 }

@@ -314,7 +314,10 @@ pub async fn downstream(
             m.downstream_results(&repo_q)
                 .iter()
                 .filter(|r| r.upstream_commit == commit_q)
-                .map(|r| DownstreamStatus { context: crate::downstream::context(&r.repo, &r.pipeline), result: r.clone() })
+                .map(|r| DownstreamStatus {
+                    context: crate::downstream::context(&r.repo, &r.pipeline),
+                    result: r.clone(),
+                })
                 .collect::<Vec<_>>()
         })
         .await

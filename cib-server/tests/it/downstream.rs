@@ -124,7 +124,8 @@ async fn a_failing_downstream_client_holds_the_api_promotion_until_a_fix_passes(
     let client_tip = git(&client, &["rev-parse", "HEAD"]);
 
     // Before anything ran against it, the promotion is refused for want of a result.
-    let (status, answer) = post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
+    let (status, answer) =
+        post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
     assert_eq!(status, 409, "{answer}");
     let reason = answer["error"].as_str().expect("a reason");
     assert!(reason.contains("acme/client has no downstream result"), "{reason}");
@@ -154,7 +155,8 @@ async fn a_failing_downstream_client_holds_the_api_promotion_until_a_fix_passes(
     assert_eq!(downstream_of(&s, "production").await["downstream"], serde_json::json!([]), "another commit has none");
 
     // The promotion of that commit is refused, with the reason.
-    let (status, answer) = post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
+    let (status, answer) =
+        post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
     assert_eq!(status, 409, "{answer}");
     let reason = answer["error"].as_str().expect("a reason");
     assert!(reason.contains(&format!("acme/client's test pipeline failed on this commit: build {first}")), "{reason}");
@@ -164,7 +166,8 @@ async fn a_failing_downstream_client_holds_the_api_promotion_until_a_fix_passes(
     git(&client, &["add", "fixed"]);
     git(&client, &["commit", "-q", "-m", "the fix"]);
     let fixed_tip = git(&client, &["rev-parse", "HEAD"]);
-    let (status, answer) = post(&s, &format!("/api/v1/builds/{first}/retry"), Role::Trigger, serde_json::json!({})).await;
+    let (status, answer) =
+        post(&s, &format!("/api/v1/builds/{first}/retry"), Role::Trigger, serde_json::json!({})).await;
     assert_eq!(status, 201, "{answer}");
     let second = answer["build"].as_str().expect("a build").to_owned();
     assert_eq!(finished(&s, &second).await, BuildStatus::Success, "{}", log(&s, &second, "against-api").await);
@@ -173,7 +176,8 @@ async fn a_failing_downstream_client_holds_the_api_promotion_until_a_fix_passes(
     assert!(log(&s, &second, "against-api").await.contains(&format!("at {api}")));
     assert_eq!(downstream_of(&s, &api).await["downstream"][0]["state"], "success");
 
-    let (status, answer) = post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
+    let (status, answer) =
+        post(&s, "/api/v1/repos/acme/shop/promote", Role::Trigger, serde_json::json!({ "commit": api })).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(git(&s.repo_path, &["rev-parse", "production"]), api);
 }

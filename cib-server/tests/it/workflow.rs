@@ -673,10 +673,8 @@ async fn a_forks_pull_request_writes_its_own_cache_and_a_trusted_build_never_see
     let body = fork_pull_request("opened", 3, &head, &base);
     let signature = cib_server::outgoing::sign(super::server::SECRET.as_bytes(), &body);
     assert_eq!(flow.s.hook("pull_request", "fork-cache-1", &body, Some(&signature)).await.status, 202);
-    let builds = flow
-        .s
-        .wait_builds(|b| b.iter().any(|x| x.id.0.starts_with("fork-cache-1") && x.status.is_finished()))
-        .await;
+    let builds =
+        flow.s.wait_builds(|b| b.iter().any(|x| x.id.0.starts_with("fork-cache-1") && x.status.is_finished())).await;
     let fork = builds.iter().find(|x| x.id.0.starts_with("fork-cache-1")).expect("the fork's build");
     let said = log(fork.id.0.clone()).await;
     assert!(said.contains("fresh"), "{said}");
