@@ -144,6 +144,7 @@ impl Cib {
                 event: TriggerEvent::push(&branch),
                 actor: None,
                 trusted: true,
+                upstream: None,
             },
             only: None,
             variables: BTreeMap::new(),

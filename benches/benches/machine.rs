@@ -64,6 +64,7 @@ fn machine_bench() {
                 event: TriggerEvent::push(&branch),
                 actor: None,
                 trusted: true,
+                upstream: None,
             },
             only: None,
             variables: Default::default(),

@@ -93,6 +93,7 @@ async fn write_history(db: &Path, workspaces: &Path, builds: usize) -> Duration 
                     event: TriggerEvent::push(&format!("feature/{i}")),
                     actor: Some("dev".into()),
                     trusted: true,
+                    upstream: None,
                 },
                 only: None,
                 variables: Default::default(),

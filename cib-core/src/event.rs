@@ -248,6 +248,16 @@ pub enum EventBody {
         /// Boxed: a record is far larger than the other events.
         deliverable: Box<crate::publish::DeliverableRecord>,
     },
+    /// A downstream repository's pipeline started or finished against an upstream commit:
+    /// reported on that commit as `cib/downstream/<repo>/<pipeline>`.
+    DownstreamReported {
+        build: BuildId,
+        upstream_repo: String,
+        upstream_commit: String,
+        repo: String,
+        pipeline: String,
+        state: crate::workflow::DownstreamState,
+    },
     /// cib fast-forwarded a branch: a merge into `master`, or a promotion to `production`.
     BranchMoved {
         repo: String,
@@ -278,6 +288,7 @@ impl EventBody {
             | DecisionRefused { build, .. }
             | GateExpired { build, .. }
             | DeliverablePublished { build, .. }
+            | DownstreamReported { build, .. }
             | BuildFinished { build, .. } => Some(build),
             LeaseWaiting { .. }
             | LeaseGranted { .. }

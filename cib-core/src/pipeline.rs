@@ -22,6 +22,7 @@ use crate::publish::{self, DeliverableRecord, PublishJob, PublishOutcome};
 use crate::spec::{self, Action, GateKind, PipelineKind, RetryOn, RunStatus};
 use crate::time::Timestamp;
 pub use crate::workflow::Approval;
+use crate::workflow::{DownstreamResult, DownstreamState};
 
 /// An open pull request as the workflow needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +93,18 @@ pub struct BuildContext {
     /// secrets, and its steps that ask for secrets do not run.
     #[serde(default = "trusted_by_default")]
     pub trusted: bool,
+    /// For a downstream build (`on: upstream`), the upstream repository and commit it runs
+    /// against; its steps see them as `UPSTREAM_REPO` and `UPSTREAM_COMMIT`, and its outcome
+    /// is recorded against that commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Upstream>,
+}
+
+/// The upstream commit a downstream build runs against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub repo: String,
+    pub commit: String,
 }
 
 fn trusted_by_default() -> bool {
@@ -467,6 +480,10 @@ pub struct PublishState {
     pub records: Vec<DeliverableRecord>,
 }
 
+/// How many downstream results the machine keeps per upstream repository (the newest): a
+/// promotion asks about a recent commit, and older results only fill snapshots.
+pub const KEPT_DOWNSTREAM: usize = 500;
+
 /// How many records of published deliverables the machine keeps per repository (the newest),
 /// for promotions (`from:`) and the environments' listing. Older ones are dropped.
 pub const KEPT_DELIVERABLES: usize = 500;
@@ -682,6 +699,10 @@ pub struct Machine {
     /// Deliverables published, by repository, oldest first, at most [`KEPT_DELIVERABLES`].
     #[serde(default)]
     published: BTreeMap<String, Vec<DeliverableRecord>>,
+    /// Downstream results by upstream repository, oldest first, at most [`KEPT_DOWNSTREAM`]:
+    /// one per upstream commit, downstream repository and pipeline (the newest build's).
+    #[serde(default)]
+    downstream: BTreeMap<String, Vec<DownstreamResult>>,
     /// Effects gathered while handling one input; always empty between inputs.
     #[serde(skip)]
     out: Vec<Effect>,
@@ -763,6 +784,7 @@ impl Machine {
             trusted_forks: BTreeMap::new(),
             commit_authors: BTreeMap::new(),
             published: BTreeMap::new(),
+            downstream: BTreeMap::new(),
             out: Vec::new(),
             spec_cache: SpecCache::default(),
         })
@@ -782,6 +804,11 @@ impl Machine {
 
     pub fn leases(&self) -> &LeaseTable {
         &self.leases
+    }
+
+    /// The downstream results recorded against commits of `upstream_repo`, oldest first.
+    pub fn downstream_results(&self, upstream_repo: &str) -> &[DownstreamResult] {
+        self.downstream.get(upstream_repo).map(Vec::as_slice).unwrap_or_default()
     }
 
     /// The deliverables published in a repository that the machine still keeps, oldest first.
@@ -1033,6 +1060,31 @@ impl Machine {
 
     // ---- builds ----------------------------------------------------------------------------
 
+    /// Keeps `result` as the one of its upstream commit, downstream repository and pipeline
+    /// (replacing an older build's), and says so on the event stream.
+    fn record_downstream(&mut self, result: DownstreamResult, now: Timestamp) {
+        let kept = self.downstream.entry(result.upstream_repo.clone()).or_default();
+        kept.retain(|r| {
+            !(r.upstream_commit == result.upstream_commit && r.repo == result.repo && r.pipeline == result.pipeline)
+        });
+        kept.push(result.clone());
+        if kept.len() > KEPT_DOWNSTREAM {
+            let extra = kept.len() - KEPT_DOWNSTREAM;
+            kept.drain(..extra);
+        }
+        self.publish(
+            now,
+            EventBody::DownstreamReported {
+                build: BuildId(result.build),
+                upstream_repo: result.upstream_repo,
+                upstream_commit: result.upstream_commit,
+                repo: result.repo,
+                pipeline: result.pipeline,
+                state: result.state,
+            },
+        );
+    }
+
     fn enqueue(&mut self, new: NewBuild, source: &str, pipeline: &str, now: Timestamp) {
         let NewBuild { id, context, only, variables } = new;
         if self.builds.contains_key(&id) {
@@ -1087,6 +1139,19 @@ impl Machine {
         let kind = build.pipeline.kind;
         let supersedes = matches!(build.context.event.kind, spec::EventKind::Push | spec::EventKind::PullRequest);
         let queue = (build.context.repo.clone(), build.pipeline.name.clone());
+        if let Some(up) = &build.context.upstream {
+            let result = DownstreamResult {
+                upstream_repo: up.repo.clone(),
+                upstream_commit: up.commit.clone(),
+                repo: build.context.repo.clone(),
+                pipeline: build.pipeline.name.clone(),
+                build: id.0.clone(),
+                commit: build.context.commit.clone(),
+                state: DownstreamState::Running,
+                at: now,
+            };
+            self.record_downstream(result, now);
+        }
         self.builds.insert(id.clone(), build);
         if errored {
             self.finish(&id, Conclusion::Errored, now);
@@ -1604,6 +1669,32 @@ impl Machine {
             self.out.push(Effect::Cleanup { build: id.clone() });
         }
         self.publish(now, EventBody::BuildFinished { build: id.clone(), conclusion });
+        // A downstream build's outcome is bound to its upstream commit, unless a newer build
+        // of the same pipeline for that commit (a re-run) has replaced it.
+        let finished_downstream = self.builds.get(id).and_then(|b| {
+            let up = b.context.upstream.as_ref()?;
+            let current = self.downstream.get(&up.repo).is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r.upstream_commit == up.commit
+                        && r.repo == b.context.repo
+                        && r.pipeline == b.pipeline.name
+                        && r.build == id.0
+                })
+            });
+            current.then(|| DownstreamResult {
+                upstream_repo: up.repo.clone(),
+                upstream_commit: up.commit.clone(),
+                repo: b.context.repo.clone(),
+                pipeline: b.pipeline.name.clone(),
+                build: id.0.clone(),
+                commit: b.context.commit.clone(),
+                state: DownstreamState::of(conclusion),
+                at: now,
+            })
+        });
+        if let Some(result) = finished_downstream {
+            self.record_downstream(result, now);
+        }
         // A deploy that succeeded is what now runs in its environment.
         if kind == PipelineKind::Deploy
             && conclusion == Conclusion::Success
@@ -2356,6 +2447,10 @@ fn step_env(b: &Build, step: &spec::Step, attempt: u32, resources: &[GrantedUnit
     env.insert("CIB_REPO".into(), ctx.repo.clone());
     env.insert("CIB_COMMIT".into(), ctx.commit.clone());
     env.insert("CIB_EVENT".into(), ctx.event.kind.as_str().to_owned());
+    if let Some(up) = &ctx.upstream {
+        env.insert("UPSTREAM_REPO".into(), up.repo.clone());
+        env.insert("UPSTREAM_COMMIT".into(), up.commit.clone());
+    }
     if let Some(branch) = &ctx.branch {
         env.insert("CIB_BRANCH".into(), branch.clone());
     }

@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{EventKind, Gate, GateKind, Glob, Pipeline};
+use crate::time::Timestamp;
 use crate::workflow::Refusal;
 
 // ---- secrets ----------------------------------------------------------------------------------
@@ -378,4 +379,38 @@ pub fn cache_namespaces(context: &crate::pipeline::BuildContext) -> (String, Vec
         (None, false) => format!("untrusted-{}", context.commit),
     };
     (own.clone(), vec![own, TRUSTED.to_owned()])
+}
+
+/// A kept cache of one repository, as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheUse {
+    pub namespace: String,
+    pub key: String,
+    /// Its size in bytes, as saved.
+    pub bytes: u64,
+    /// When a build last restored it, else when it was saved.
+    pub last_used: Timestamp,
+}
+
+/// Which of a repository's caches go so that the rest fit in `budget` bytes: the least recently
+/// used first (ties: the older key first). The most recently used cache always stays, even
+/// alone over the budget, so that the cache a build just saved or restored is there for the
+/// next one. Answers indexes into `caches`.
+pub fn caches_to_evict(caches: &[CacheUse], budget: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..caches.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&caches[a], &caches[b]);
+        (a.last_used, &a.namespace, &a.key).cmp(&(b.last_used, &b.namespace, &b.key))
+    });
+    let mut total: u64 = caches.iter().map(|c| c.bytes).sum();
+    let mut out = Vec::new();
+    // The newest is the last of the order; it is never taken.
+    for &i in order.iter().take(order.len().saturating_sub(1)) {
+        if total <= budget {
+            break;
+        }
+        total -= caches[i].bytes;
+        out.push(i);
+    }
+    out
 }

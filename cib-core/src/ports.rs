@@ -925,6 +925,7 @@ impl BuildUpdate {
             EventBody::BuildSuperseded { .. }
             | EventBody::ServiceReady { .. }
             | EventBody::DecisionRefused { .. }
+            | EventBody::DownstreamReported { .. }
             | EventBody::LeaseWaiting { .. }
             | EventBody::LeaseGranted { .. }
             | EventBody::LeaseRenewed { .. }

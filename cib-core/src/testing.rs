@@ -1006,6 +1006,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
             event: spec::TriggerEvent::push("master"),
             actor: None,
             trusted: true,
+            upstream: None,
         },
         env: BTreeMap::new(),
         resources: Vec::new(),

@@ -54,6 +54,9 @@ pub enum Refusal {
     InvalidInput { name: String, why: String },
     /// A required input that was not given.
     MissingInput { name: String },
+    /// A downstream repository the promotion requires has no passing result on this commit:
+    /// none at all (`pipeline` and `build` absent), one still running, or one that did not pass.
+    Downstream { repo: String, pipeline: Option<String>, state: String, build: Option<String> },
 }
 
 impl fmt::Display for Refusal {
@@ -99,6 +102,10 @@ impl fmt::Display for Refusal {
             }
             Refusal::InvalidInput { name, why } => write!(f, "input '{name}': {why}"),
             Refusal::MissingInput { name } => write!(f, "input '{name}' is required"),
+            Refusal::Downstream { repo, pipeline: Some(pipeline), state, build: Some(build) } => {
+                write!(f, "{repo}'s {pipeline} pipeline {state} on this commit: build {build}")
+            }
+            Refusal::Downstream { repo, state, .. } => write!(f, "{repo} {state} on this commit"),
         }
     }
 }
@@ -161,6 +168,89 @@ pub struct Approval {
     pub at: Timestamp,
 }
 
+/// Where a downstream pipeline stands against one upstream commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DownstreamState {
+    Running,
+    Success,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Errored,
+    Neutral,
+}
+
+impl DownstreamState {
+    /// The state a finished build's conclusion gives.
+    pub fn of(conclusion: Conclusion) -> Self {
+        match conclusion {
+            Conclusion::Success => DownstreamState::Success,
+            Conclusion::Failed => DownstreamState::Failed,
+            Conclusion::Cancelled => DownstreamState::Cancelled,
+            Conclusion::TimedOut => DownstreamState::TimedOut,
+            Conclusion::Errored => DownstreamState::Errored,
+            Conclusion::Neutral => DownstreamState::Neutral,
+        }
+    }
+
+    /// How a refusal says it: `acme/client's test pipeline failed on this commit`.
+    fn words(self) -> &'static str {
+        match self {
+            DownstreamState::Running => "is still running",
+            DownstreamState::Success => "passed",
+            DownstreamState::Failed => "failed",
+            DownstreamState::Cancelled => "was cancelled",
+            DownstreamState::TimedOut => "timed out",
+            DownstreamState::Errored => "errored (the infrastructure failed)",
+            // A neutral build skipped steps: it proves nothing, as for the repository's own.
+            DownstreamState::Neutral => "skipped steps (a neutral build)",
+        }
+    }
+}
+
+/// The result of a downstream repository's pipeline against one upstream commit, bound to
+/// that exact commit. The newest build of a pipeline for the commit is the one that counts, so
+/// a re-run after a fix replaces a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DownstreamResult {
+    /// The upstream repository and the commit the pipeline ran against.
+    pub upstream_repo: String,
+    pub upstream_commit: String,
+    /// The downstream repository, its pipeline, and the build that ran it.
+    pub repo: String,
+    pub pipeline: String,
+    pub build: String,
+    /// The downstream commit the build ran (its default branch's tip when it started).
+    pub commit: String,
+    pub state: DownstreamState,
+    /// When the state was last changed.
+    pub at: Timestamp,
+}
+
+fn downstream(required: &[String], commit: &str, results: &[DownstreamResult], out: &mut Vec<Refusal>) {
+    for repo in required {
+        let mine: Vec<&DownstreamResult> =
+            results.iter().filter(|r| r.upstream_commit == commit && &r.repo == repo).collect();
+        if mine.is_empty() {
+            out.push(Refusal::Downstream {
+                repo: repo.clone(),
+                pipeline: None,
+                state: "has no downstream result (none of its 'on: upstream' pipelines ran)".into(),
+                build: None,
+            });
+        }
+        for r in mine.into_iter().filter(|r| r.state != DownstreamState::Success) {
+            out.push(Refusal::Downstream {
+                repo: repo.clone(),
+                pipeline: Some(r.pipeline.clone()),
+                state: r.state.words().into(),
+                build: Some(r.build.clone()),
+            });
+        }
+    }
+}
+
 /// The facts of a promotion request.
 #[derive(Debug, Clone)]
 pub struct PromotionFacts<'a> {
@@ -173,6 +263,9 @@ pub struct PromotionFacts<'a> {
     pub results: &'a PipelineResults,
     /// Every approval given in the repository (for any commit).
     pub approvals: &'a [Approval],
+    /// Downstream results on record for the repository (any commit; those of other commits
+    /// do not count).
+    pub downstream: &'a [DownstreamResult],
     pub now: Timestamp,
 }
 
@@ -190,6 +283,7 @@ pub fn check_promotion(policy: &PromotionPolicy, facts: &PromotionFacts<'_>) -> 
         out.push(Refusal::NotFastForward { target: policy.to.clone() });
     }
     green(&policy.pipelines, facts.results, &mut out);
+    downstream(&policy.downstream, facts.commit, facts.downstream, &mut out);
     let mut counted: Vec<&str> = Vec::new();
     let mut ignored = Vec::new();
     for a in facts.approvals {

@@ -20,6 +20,13 @@ use crate::errors::{exec_error, is_not_found};
 pub const LABEL_CACHE_REPO: &str = "org.cib.cache.repo";
 pub const LABEL_CACHE_NAMESPACE: &str = "org.cib.cache.namespace";
 pub const LABEL_CACHE_KEY: &str = "org.cib.cache.key";
+/// The size in bytes of the archive a cache was filled from, on its marker.
+pub const LABEL_CACHE_SIZE: &str = "org.cib.cache.size";
+
+/// A file in the marker's own file system (not in the cache's volume, so never restored into a
+/// workspace) holding the time it was last restored, in milliseconds since the epoch. Labels
+/// cannot change after creation, so the last use is written here instead.
+pub const USED_FILE: &str = "cib-cache-used";
 
 /// Where a cache's volume is mounted in its marker.
 pub const CACHE_DIR: &str = "/cache";
@@ -117,4 +124,36 @@ pub async fn find(docker: &Docker, cache: &CacheJob) -> Result<Option<(String, S
         }
     }
     Ok(None)
+}
+
+/// Notes that the cache of `marker` was used now, for least-recently-used eviction.
+pub async fn touch(docker: &Docker, marker: &str, now_ms: u64) -> Result<(), ExecError> {
+    let text = now_ms.to_string();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(text.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, USED_FILE, text.as_bytes())
+        .map_err(|e| ExecError::Transient(format!("noting a cache's use: {e}")))?;
+    let archive = builder.into_inner().map_err(|e| ExecError::Transient(format!("noting a cache's use: {e}")))?;
+    let options = bollard::query_parameters::UploadToContainerOptions { path: "/".to_owned(), ..Default::default() };
+    docker
+        .upload_to_container(marker, Some(options), bollard::body_full(archive.into()))
+        .await
+        .map_err(|e| exec_error("noting a cache's use", e))
+}
+
+/// When the cache of `marker` was last restored, in milliseconds, if it ever was.
+pub async fn last_used(docker: &Docker, marker: &str) -> Option<u64> {
+    use futures_util::TryStreamExt;
+    let options = bollard::query_parameters::DownloadFromContainerOptions { path: format!("/{USED_FILE}") };
+    let chunks: Vec<bytes::Bytes> = docker.download_from_container(marker, Some(options)).try_collect().await.ok()?;
+    let archive = chunks.concat();
+    let mut reader = tar::Archive::new(archive.as_slice());
+    let mut entry = reader.entries().ok()?.next()?.ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
+    text.trim().parse().ok()
 }

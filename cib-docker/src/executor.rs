@@ -1858,6 +1858,61 @@ impl Inner {
             .map_err(|e| ExecError::Transient(format!("unpacking the workspace: {e}")))
     }
 
+    /// Removes one cache's marker and the volume it holds; `false` when it was gone already.
+    async fn remove_cache(&self, c: bollard::models::ContainerSummary) -> Result<bool, ExecError> {
+        let volumes: Vec<String> = c.mounts.unwrap_or_default().into_iter().filter_map(|m| m.name).collect();
+        let force = RemoveContainerOptions { force: true, ..Default::default() };
+        match self.docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(exec_error("removing a cache", e)),
+        }
+        for volume in volumes {
+            match self.docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(exec_error("removing a cache's volume", e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Holds `repo`'s caches to the budget (`DockerOptions::cache_budget`): the least recently
+    /// used go first, as `cib_core::policy::caches_to_evict` decides. Answers the keys removed.
+    pub(crate) async fn evict_caches(&self, repo: &str) -> Result<Vec<String>, ExecError> {
+        let Some(budget) = self.options.cache_budget else { return Ok(Vec::new()) };
+        let markers = cache::markers(&self.docker, repo).await?;
+        let mut uses = Vec::with_capacity(markers.len());
+        for (c, namespace, key) in &markers {
+            let name = cache::marker_name(repo, namespace, key);
+            let created_ms = u64::try_from(c.created.unwrap_or(0)).unwrap_or(0) * 1000;
+            let last_used = cache::last_used(&self.docker, &name).await.unwrap_or(created_ms).max(created_ms);
+            let bytes = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(cache::LABEL_CACHE_SIZE))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            uses.push(cib_core::policy::CacheUse {
+                namespace: namespace.clone(),
+                key: key.clone(),
+                bytes,
+                last_used: cib_core::time::Timestamp(last_used),
+            });
+        }
+        let mut removed = Vec::new();
+        let mut markers: Vec<Option<_>> = markers.into_iter().map(Some).collect();
+        for i in cib_core::policy::caches_to_evict(&uses, budget) {
+            if let Some((c, namespace, key)) = markers[i].take()
+                && self.remove_cache(c).await?
+            {
+                tracing::info!(%repo, %namespace, %key, bytes = uses[i].bytes, budget, "cache evicted (least recently used)");
+                removed.push(key);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Puts an archive (a tar, gzip-compressed or not: the daemon unpacks both) into the
     /// build's workspace volume, through a short-lived container of the image the volume was
     /// made with, as `export_workspace` reads it. `false` when the build has no volume yet: the
@@ -1922,6 +1977,10 @@ impl Inner {
             .await
             .map_err(|e| exec_error("reading the cache", e))?;
         let archive = bytes::Bytes::from(archive.concat());
+        // Eviction removes the least recently used caches first, so a restore counts as a use.
+        if let Err(e) = cache::touch(&self.docker, &marker, now_ms()).await {
+            tracing::warn!(%marker, error = %e, "the cache's use could not be noted");
+        }
         if self.upload_into_workspace(&run.job.build, archive.clone(), "copying the cache into the workspace").await? {
             return Ok(Some(key));
         }
@@ -1960,6 +2019,7 @@ impl Inner {
         let unique = format!("{}-{}", self.options.instance, SAVES.fetch_add(1, Ordering::Relaxed));
         let (volume, holder) = (format!("{marker}-v-{unique}"), format!("{marker}-tmp-{unique}"));
         let labels = cache::labels(&job.repo, &job.write, &job.key);
+        let size = archive.len() as u64;
         let create = bollard::models::VolumeCreateRequest {
             name: Some(volume.clone()),
             labels: Some(labels.clone()),
@@ -1981,7 +2041,11 @@ impl Inner {
             .docker
             .create_container(
                 Some(CreateContainerOptions { name: Some(holder.clone()), ..Default::default() }),
-                cache::holder_body(image, &volume, labels),
+                cache::holder_body(image, &volume, {
+                    let mut labels = labels;
+                    labels.insert(cache::LABEL_CACHE_SIZE.to_owned(), size.to_string());
+                    labels
+                }),
             )
             .await;
         if let Err(e) = created {
@@ -1994,12 +2058,24 @@ impl Inner {
             discard(Some(holder)).await;
             return Err(exec_error("filling a cache", e));
         }
+        // A cache just saved counts as just used.
+        if let Err(e) = cache::touch(&self.docker, &holder, now_ms()).await {
+            discard(Some(holder)).await;
+            return Err(e);
+        }
         match self
             .docker
             .rename_container(&holder, bollard::query_parameters::RenameContainerOptions { name: marker.clone() })
             .await
         {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                // A failed eviction leaves the repository over its budget until the next save;
+                // the cache just saved is whole either way.
+                if let Err(e) = self.evict_caches(&job.repo).await {
+                    tracing::warn!(repo = %job.repo, error = %e, "caches over the budget could not be evicted");
+                }
+                Ok(true)
+            }
             // Another save of the key committed first: its cache stands, whole, and this one goes.
             Err(e) if status(&e) == Some(409) => {
                 discard(Some(holder)).await;
@@ -2030,22 +2106,8 @@ impl Inner {
     async fn remove_caches(&self, repo: &str, key: &str) -> Result<usize, ExecError> {
         let mut removed = 0;
         for (c, _, k) in cache::markers(&self.docker, repo).await? {
-            if k != key {
-                continue;
-            }
-            let volumes: Vec<String> = c.mounts.unwrap_or_default().into_iter().filter_map(|m| m.name).collect();
-            let force = RemoveContainerOptions { force: true, ..Default::default() };
-            match self.docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(force)).await {
-                Ok(()) => removed += 1,
-                Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(exec_error("removing a cache", e)),
-            }
-            for volume in volumes {
-                match self.docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await {
-                    Ok(()) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(exec_error("removing a cache's volume", e)),
-                }
+            if k == key && self.remove_cache(c).await? {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -2151,6 +2213,11 @@ impl Inner {
         lock(&self.builds).retain(|b, _| live.contains(b.0.as_str()));
         self.remove_all(&dead).await
     }
+}
+
+/// The wall clock in milliseconds, for noting when a cache was last used.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub struct DockerOptions {
     pub pull_timeout: Duration,
     /// How long to keep reading a step's output after it exited, before giving up on the rest.
     pub log_drain_timeout: Duration,
+    /// The most bytes of caches kept per repository: after a save that goes past it, the least
+    /// recently used caches of the repository are removed until the rest fit. `None` keeps all.
+    pub cache_budget: Option<u64>,
 }
 
 impl DockerOptions {
@@ -69,6 +72,7 @@ impl DockerOptions {
             api_timeout: Duration::from_secs(120),
             pull_timeout: Duration::from_secs(600),
             log_drain_timeout: Duration::from_secs(10),
+            cache_budget: None,
         }
     }
 }

@@ -37,6 +37,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cib_core::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
 use cib_core::ports::{ErrorKind, LogKey, Notifier, NotifyError, Store};
+use cib_core::workflow::DownstreamState;
 use http::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -682,6 +683,22 @@ impl Notifier for GithubNotifier {
                 let mut state = lock(&inner.state);
                 return inner.enqueue(&mut state, update);
             }
+            // A downstream repository's pipeline against an upstream commit: a status of its
+            // own on that commit, whichever mode reports the builds (a check run belongs to the
+            // App's own runs of the commit's repository; a status names any context).
+            EventBody::DownstreamReported { build, upstream_repo, upstream_commit, repo, pipeline, state } => {
+                let (state_name, description) = downstream_status(*state, repo, pipeline);
+                let update = StatusUpdate {
+                    repo: upstream_repo.clone(),
+                    sha: upstream_commit.clone(),
+                    context: format!("{}/downstream/{repo}/{pipeline}", inner.config.context_prefix),
+                    state: state_name.to_owned(),
+                    description: truncate(&description, 140),
+                    target_url: inner.details_url(build),
+                };
+                let mut state = lock(&inner.state);
+                return inner.enqueue(&mut state, update);
+            }
             // Answers to `/cib` commands become comments on the pull request. They are sent
             // once, with a few retries; a replay after a crash may post an answer again,
             // which says nothing wrong.
@@ -969,6 +986,21 @@ fn finished_state(conclusion: Conclusion, steps: &str) -> (&'static str, String)
     }
 }
 
+/// The commit status of a downstream pipeline on the upstream commit.
+fn downstream_status(state: DownstreamState, repo: &str, pipeline: &str) -> (&'static str, String) {
+    let what = format!("{repo}'s {pipeline} pipeline");
+    match state {
+        DownstreamState::Running => ("pending", format!("{what} is running against this commit")),
+        DownstreamState::Success => ("success", format!("{what} passed against this commit")),
+        DownstreamState::Failed => ("failure", format!("{what} failed against this commit")),
+        DownstreamState::TimedOut => ("failure", format!("{what} timed out against this commit")),
+        // As for a build's own status, a neutral result must never satisfy a required check.
+        DownstreamState::Neutral => ("failure", format!("{what} skipped steps (neutral)")),
+        DownstreamState::Cancelled => ("error", format!("{what} was cancelled")),
+        DownstreamState::Errored => ("error", format!("{what} hit an infrastructure error")),
+    }
+}
+
 /// Creates the check run (answering its new id) or changes the one GitHub already has.
 async fn send_check(
     client: &GithubClient,
@@ -1055,6 +1087,18 @@ mod tests {
         assert_eq!(step_line(spec, "lint"), Some(4));
         assert_eq!(step_line(spec, "unit (python=3.12)"), Some(5), "a matrix cell is found by its step");
         assert_eq!(step_line(spec, "uni"), None, "a prefix is not a name");
+    }
+
+    #[test]
+    fn a_downstream_result_reads_as_a_status_of_the_upstream_commit() {
+        let (state, description) = downstream_status(DownstreamState::Failed, "acme/client", "test");
+        assert_eq!(
+            (state, description.as_str()),
+            ("failure", "acme/client's test pipeline failed against this commit")
+        );
+        assert_eq!(downstream_status(DownstreamState::Running, "acme/client", "test").0, "pending");
+        assert_eq!(downstream_status(DownstreamState::Success, "acme/client", "test").0, "success");
+        assert_eq!(downstream_status(DownstreamState::Neutral, "acme/client", "test").0, "failure");
     }
 
     #[test]

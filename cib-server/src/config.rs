@@ -270,6 +270,11 @@ pub struct ServerConfig {
     /// fixed offset such as `+02:00`.
     #[serde(default)]
     pub time_zone: Option<String>,
+    /// The most bytes of caches (`cache:` in specs) kept per repository, such as `"10g"`. A
+    /// save that goes past it removes the repository's least recently used caches until the
+    /// rest fit. Unset: caches are kept until removed (`cib cache rm`).
+    #[serde(default)]
+    pub cache_budget: Option<ByteSize>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -322,6 +327,7 @@ impl Default for ServerConfig {
             people: Vec::new(),
             limits: LimitsConfig::default(),
             time_zone: None,
+            cache_budget: None,
         }
     }
 }

@@ -323,8 +323,31 @@ pub async fn process(state: &Arc<AppState>, delivery_id: &str, event: ForgeEvent
         }
         ForgeEvent::Ignored { event, .. } => return Ok(Processed::Nothing(format!("{event} is ignored"))),
     };
-    let planned = Planned { repo, commit, trigger, branch, pull_request, actor, spec_rev, trusted };
-    enqueue(state, delivery_id, planned).await
+    // A branch push moves the branch: repositories downstream of it test the new commit.
+    let moved = (pull_request.is_none() && trigger.tag.is_none()).then(|| branch.clone()).flatten();
+    let planned = Planned {
+        repo: repo.clone(),
+        commit: commit.clone(),
+        trigger,
+        branch,
+        pull_request,
+        actor: actor.clone(),
+        spec_rev,
+        trusted,
+    };
+    let processed = enqueue(state, delivery_id, planned).await?;
+    let Some(branch) = moved else { return Ok(processed) };
+    let downstream = crate::downstream::start(state, &repo, &branch, &commit, &actor).await;
+    if downstream.is_empty() {
+        return Ok(processed);
+    }
+    Ok(match processed {
+        Processed::Builds(mut builds) => {
+            builds.extend(downstream);
+            Processed::Builds(builds)
+        }
+        Processed::Nothing(_) => Processed::Builds(downstream),
+    })
 }
 
 /// A check run's "Re-run": builds the pipeline of the build the run reports on again, at the
@@ -430,6 +453,7 @@ async fn enqueue(state: &Arc<AppState>, tag: &str, planned: Planned) -> Result<P
             event: trigger.clone(),
             actor: Some(actor.clone()),
             trusted,
+            upstream: None,
         };
         let input = Input::Enqueue {
             build: id.clone(),

@@ -75,7 +75,7 @@ enum Command {
         /// The repository (default: the current directory).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The event to run for: push, pull_request, promotion, manual or schedule.
+        /// The event to run for: push, pull_request, promotion, manual, schedule or upstream.
         #[arg(long, value_parser = parse_event)]
         event: Option<EventKind>,
         /// The branch (default: the current one).
@@ -318,7 +318,7 @@ enum Command {
         /// The spec to read.
         #[arg(default_value = cib_core::spec::FILE_NAME)]
         path: PathBuf,
-        /// The event: push, pull_request, promotion, manual or schedule.
+        /// The event: push, pull_request, promotion, manual, schedule or upstream.
         #[arg(long, default_value = "push", value_parser = parse_event)]
         event: EventKind,
         /// The branch (for a pull request, its base branch). Default: the current git branch.
@@ -469,7 +469,7 @@ enum SecretCommand {
 
 fn parse_event(text: &str) -> Result<EventKind, String> {
     serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
-        .map_err(|_| format!("unknown event '{text}': use push, pull_request, promotion, manual or schedule"))
+        .map_err(|_| format!("unknown event '{text}': use push, pull_request, promotion, manual, schedule or upstream"))
 }
 
 fn main() -> ExitCode {

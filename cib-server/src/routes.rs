@@ -112,12 +112,14 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/repos/{owner}/{name}/merge", TRIGGER, repos::merge, repos::merge_doc),
         route!(POST "/api/v1/repos/{owner}/{name}/promote", TRIGGER, repos::promote, repos::promote_doc),
         route!(GET "/api/v1/repos/{owner}/{name}/environments", READ, repos::environments, repos::environments_doc),
+        route!(GET "/api/v1/repos/{owner}/{name}/commits/{commit}/downstream", READ, repos::downstream, repos::downstream_doc),
         // The same with the slash encoded (`owner%2Fname`), for clients that keep a name whole.
         route!(POST "/api/v1/repos/{owner}/reviews", APPROVE, repos::review, repos::review_doc_encoded),
         route!(POST "/api/v1/repos/{owner}/approvals", APPROVE, repos::approval, repos::approval_doc_encoded),
         route!(POST "/api/v1/repos/{owner}/merge", TRIGGER, repos::merge, repos::merge_doc_encoded),
         route!(POST "/api/v1/repos/{owner}/promote", TRIGGER, repos::promote, repos::promote_doc_encoded),
         route!(GET "/api/v1/repos/{owner}/environments", READ, repos::environments, repos::environments_doc_encoded),
+        route!(GET "/api/v1/repos/{owner}/commits/{commit}/downstream", READ, repos::downstream, repos::downstream_doc_encoded),
         // Caches: anyone may see them; removing them is an admin's.
         route!(GET "/api/v1/caches/{owner}/{name}", READ, caches::list, caches::list_doc),
         route!(DELETE "/api/v1/caches/{owner}/{name}/{key}", ADMIN, caches::remove, caches::remove_doc),
@@ -137,6 +139,8 @@ pub fn table() -> Vec<Route> {
         route!(GET "/builds", WEB_READ, web::pages::builds, web::page_doc),
         route!(GET "/builds/{build}", WEB_READ, web::pages::build, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}", WEB_READ, web::logpage::log_page, web::page_doc),
+        // An artifact's archive for a signed-in person: the API's own handler.
+        route!(GET "/builds/{build}/artifacts/{name}", WEB_READ, artifacts::get, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/lines", WEB_READ, web::logpage::log_lines, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/count", WEB_READ, web::logpage::count, web::page_doc),
         route!(GET "/builds/{build}/steps/{step}/raw", WEB_READ, web::logpage::raw, web::page_doc),

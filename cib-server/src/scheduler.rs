@@ -117,6 +117,7 @@ pub async fn tick(state: &AppState, now: Timestamp) -> Vec<BuildId> {
                 event,
                 actor: Some("cib".into()),
                 trusted: true,
+                upstream: None,
             },
             only: None,
             variables: Default::default(),

@@ -58,6 +58,19 @@ pub async fn retry_build(
         },
     };
     let Some((pipeline, context, variables, source)) = found else { return Ok(None) };
+    // A downstream build runs again at its repository's tip as it is now (a fix there is why
+    // it is re-run), still against the same upstream commit.
+    if context.upstream.is_some() {
+        let Some((input, context)) = crate::downstream::rerun_input(state, &context, &pipeline, &new, actor).await
+        else {
+            return Err(ApiError::Unprocessable(format!(
+                "{}'s default branch, its spec or its pipeline '{pipeline}' cannot be read now",
+                context.repo
+            )));
+        };
+        state.engine.submit(input).await.map_err(ApiError::unavailable)?;
+        return Ok(Some((new, context)));
+    }
     let context = BuildContext { actor: Some(actor), ..context };
     let input =
         Input::Enqueue { build: new.clone(), spec: source, pipeline, context: context.clone(), only: None, variables };
@@ -220,6 +233,7 @@ async fn build_branch(
                 event: event.clone(),
                 actor: Some(by.to_owned()),
                 trusted: true,
+                upstream: None,
             },
             only: None,
             variables: Default::default(),
@@ -254,7 +268,11 @@ async fn move_branch(
         approved_by,
     };
     record(state, moved).await?;
-    Ok(build_branch(state, repo, branch, commit, user, promotion).await)
+    let mut builds = build_branch(state, repo, branch, commit, user, promotion).await;
+    // Repositories downstream of this branch test the new commit (for GitHub the push webhook
+    // asks again; the ids are the same, so nothing runs twice).
+    builds.extend(crate::downstream::start(state, repo, branch, commit, user).await);
+    Ok(builds)
 }
 
 async fn record(state: &AppState, input: Input) -> Result<(), ApiError> {
@@ -402,9 +420,13 @@ pub async fn check_promotable(
     }
     let comparison = compare(state, repo, &policy.to, &commit).await?;
     let author = state.vcs.author(repo, &commit).await.ok().flatten();
-    let approvals = {
+    let (approvals, downstream) = {
         let repo_q = repo.to_owned();
-        state.engine.query(move |m| m.approvals(&repo_q).to_vec()).await.map_err(ApiError::unavailable)?
+        state
+            .engine
+            .query(move |m| (m.approvals(&repo_q).to_vec(), m.downstream_results(&repo_q).to_vec()))
+            .await
+            .map_err(ApiError::unavailable)?
     };
     let results = pipeline_results(state.store.as_ref(), repo, &commit).await.map_err(ApiError::unavailable)?;
     let facts = PromotionFacts {
@@ -413,6 +435,7 @@ pub async fn check_promotable(
         comparison,
         results: &results,
         approvals: &approvals,
+        downstream: &downstream,
         now: state.clock.now(),
     };
     let approved_by = check_promotion(policy, &facts).map_err(|refusals| refused("promote this commit", &refusals))?;

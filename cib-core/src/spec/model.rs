@@ -39,6 +39,15 @@ impl Spec {
     pub fn plan<'s>(&'s self, event: &TriggerEvent) -> Vec<&'s Pipeline> {
         self.pipelines.iter().filter(|p| p.triggers.matches(event)).collect()
     }
+
+    /// The pipelines that a move of `branch` in the repository `repo` starts here (`on:
+    /// upstream` naming exactly that repository and branch), in the order the spec lists them.
+    pub fn downstream_of<'s>(&'s self, repo: &str, branch: &str) -> Vec<&'s Pipeline> {
+        self.pipelines
+            .iter()
+            .filter(|p| p.triggers.upstream.as_ref().is_some_and(|u| u.repo == repo && u.branch == branch))
+            .collect()
+    }
 }
 
 /// A checked pipeline.
@@ -144,6 +153,15 @@ pub struct Triggers {
     pub manual: Option<BranchFilter>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub schedule: Vec<Schedule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamTrigger>,
+}
+
+/// Another repository's branch whose moves start a pipeline (`on: upstream`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTrigger {
+    pub repo: String,
+    pub branch: String,
 }
 
 /// An event as trigger matching sees it.
@@ -188,6 +206,9 @@ impl Triggers {
             }
             EventKind::Manual => self.manual.as_ref().is_some_and(|f| branch.is_none_or(|b| f.matches(b))),
             EventKind::Schedule => !self.schedule.is_empty(),
+            // Which upstream moved is not part of the event: the server picks the pipelines
+            // with `Spec::downstream_of`, and this says only that the pipeline has one.
+            EventKind::Upstream => self.upstream.is_some(),
         }
     }
 }
@@ -575,6 +596,9 @@ pub struct PromotionPolicy {
     pub self_approval: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<Duration>,
+    /// Downstream repositories whose `on: upstream` pipelines must have passed on the commit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub downstream: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

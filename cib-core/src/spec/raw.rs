@@ -139,6 +139,24 @@ pub struct RawTriggers {
     /// Started on a schedule.
     #[serde(default)]
     pub schedule: Vec<RawSchedule>,
+    /// Started when a branch of another repository this server builds moves (a push, or
+    /// cib's own merge or promotion), at this repository's default branch tip, with
+    /// `UPSTREAM_REPO` and `UPSTREAM_COMMIT` set. Its outcome is reported on the upstream
+    /// commit as `cib/downstream/<this repository>/<pipeline>`.
+    #[serde(default)]
+    pub upstream: Option<RawUpstream>,
+}
+
+/// The repository and branch a downstream pipeline watches.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "UpstreamTrigger")]
+pub struct RawUpstream {
+    /// The upstream repository, `owner/name`, as the forge names it.
+    pub repo: Spanned<String>,
+    /// The upstream branch whose moves start the pipeline (for example `master`).
+    pub branch: Spanned<String>,
 }
 
 /// Which pushes start the pipeline. With no filter, every branch push does.
@@ -495,6 +513,8 @@ pub enum EventKind {
     Promotion,
     Manual,
     Schedule,
+    /// Another repository's branch moved (`on: upstream`).
+    Upstream,
 }
 
 impl EventKind {
@@ -506,6 +526,7 @@ impl EventKind {
             EventKind::Promotion => "promotion",
             EventKind::Manual => "manual",
             EventKind::Schedule => "schedule",
+            EventKind::Upstream => "upstream",
         }
     }
 }
@@ -654,6 +675,10 @@ pub struct RawPromotionRequires {
     /// Approvals from people.
     #[serde(default)]
     pub approvals: Option<RawApprovalPolicy>,
+    /// Downstream repositories (`owner/name`) whose `on: upstream` pipelines must have passed
+    /// against this exact commit.
+    #[serde(default)]
+    pub downstream: Vec<Spanned<String>>,
 }
 
 /// How many approvals, from whom, valid how long.

@@ -214,9 +214,19 @@ fn triggers_model(
                 catch_up: s.catch_up,
             })
             .collect(),
+        upstream: raw.upstream.as_ref().map(|u| {
+            check_repo_name(c, "on.upstream.repo", &u.repo);
+            if u.branch.value.trim().is_empty() {
+                c.err(
+                    u.branch.pos,
+                    "on.upstream.branch is empty: name the upstream branch whose moves start this pipeline",
+                );
+            }
+            UpstreamTrigger { repo: u.repo.value.clone(), branch: u.branch.value.clone() }
+        }),
     };
     if t == Triggers::default() && !c.partial {
-        c.err(on.pos, "'on' names no event: use push, pull_request, promotion, manual or schedule");
+        c.err(on.pos, "'on' names no event: use push, pull_request, promotion, manual, schedule or upstream");
     }
     t
 }
@@ -935,7 +945,31 @@ fn promotion_model(c: &mut Checker, branches: &Branches, p: &RawPromotion, names
             (a.count.value, who, a.self_approval, expires)
         }
     };
-    PromotionPolicy { from, to, pipelines, approvals, approvers, self_approval, expires }
+    let mut downstream: Vec<String> = Vec::new();
+    for repo in requires.map(|r| r.downstream.as_slice()).unwrap_or_default() {
+        check_repo_name(c, "promotion.requires.downstream", repo);
+        if downstream.contains(&repo.value) {
+            c.err(repo.pos, format!("'{}' is listed twice in promotion.requires.downstream", repo.value));
+        } else {
+            downstream.push(repo.value.clone());
+        }
+    }
+    PromotionPolicy { from, to, pipelines, approvals, approvers, self_approval, expires, downstream }
+}
+
+/// A repository named as the forge names it: `owner/name`, two non-empty parts of letters,
+/// digits, `-`, `_` and `.`, which is also what build ids and status names can carry.
+fn check_repo_name(c: &mut Checker, key: &str, repo: &Spanned<String>) {
+    let ok_part = |p: &str| {
+        !p.is_empty() && p != "." && p != ".." && p.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    };
+    let valid = match repo.value.split_once('/') {
+        Some((owner, name)) => ok_part(owner) && ok_part(name),
+        None => false,
+    };
+    if !valid {
+        c.err(repo.pos, format!("{key}: '{}' is not a repository: write it as owner/name (acme/api)", repo.value));
+    }
 }
 
 fn merge_model(c: &mut Checker, branches: &Branches, m: &RawMerge, names: &[&str]) -> MergePolicy {

@@ -80,6 +80,7 @@ impl World {
                 event: TriggerEvent::push("feature/x"),
                 actor: Some("dev".into()),
                 trusted: true,
+                upstream: None,
             },
             only: None,
             variables: Default::default(),

@@ -30,6 +30,7 @@ pub fn context(branch: &str) -> BuildContext {
         event: TriggerEvent::push(branch),
         actor: Some("dev".into()),
         trusted: true,
+        upstream: None,
     }
 }
 
@@ -1046,4 +1047,57 @@ fn a_starting_step_is_told_which_steps_have_not_started_yet() {
     assert_eq!(jobs.len(), 2, "{}", sim.trace);
     assert_eq!(upcoming("a"), ["b", "c", "d"]);
     assert_eq!(upcoming("b"), ["c", "d"]);
+}
+
+#[test]
+fn a_downstream_build_is_recorded_against_its_upstream_commit_and_a_rerun_replaces_it() {
+    use cib_core::pipeline::Upstream;
+    use cib_core::workflow::DownstreamState;
+    const CLIENT: &str = r#"
+pipelines:
+  test:
+    on: { upstream: { repo: acme/api, branch: master } }
+    steps: [{ name: unit, image: busybox, commands: [true] }]
+"#;
+    let downstream = |commit: &str| BuildContext {
+        repo: "acme/client".into(),
+        commit: commit.into(),
+        branch: Some("master".into()),
+        event: TriggerEvent::of(cib_core::spec::EventKind::Upstream, "master"),
+        upstream: Some(Upstream { repo: "acme/api".into(), commit: "a91".into() }),
+        ..context("master")
+    };
+    let mut sim = Sim::new(Config::default());
+    sim.enqueue(0, "d1", CLIENT, "test", downstream("c1"));
+    let states =
+        |m: &Machine| m.downstream_results("acme/api").iter().map(|r| (r.build.clone(), r.state)).collect::<Vec<_>>();
+    assert_eq!(states(&sim.machine), [("d1".to_owned(), DownstreamState::Running)]);
+    // The step started at once (a free slot, no resources): its job carries the upstream.
+    let job =
+        sim.machine.running_job(&BuildId::from("d1"), "unit", 1).unwrap_or_else(|| panic!("started: {}", sim.trace));
+    assert_eq!(job.env.get("UPSTREAM_REPO").map(String::as_str), Some("acme/api"));
+    assert_eq!(job.env.get("UPSTREAM_COMMIT").map(String::as_str), Some("a91"));
+    assert_eq!(job.env.get("CIB_EVENT").map(String::as_str), Some("upstream"));
+    sim.finish(2, "d1", "unit", 1, StepResult::Exited(1));
+    assert_eq!(states(&sim.machine), [("d1".to_owned(), DownstreamState::Failed)]);
+    assert!(sim.trace.contains("downstream_reported"), "{}", sim.trace);
+
+    // A re-run after a fix (another downstream commit) replaces the failure; an older build
+    // that finishes late does not overwrite the newer one.
+    sim.enqueue(3, "d2", CLIENT, "test", downstream("c2"));
+    sim.enqueue(3, "d3", CLIENT, "test", downstream("c3"));
+    sim.input(4, Input::Cancel { build: "d2".into(), by: "dev".into(), reason: "late".into() });
+    assert_eq!(states(&sim.machine), [("d3".to_owned(), DownstreamState::Running)]);
+    sim.finish(5, "d3", "unit", 1, StepResult::Exited(0));
+    assert_eq!(states(&sim.machine), [("d3".to_owned(), DownstreamState::Success)]);
+    assert_eq!(sim.machine.downstream_results("acme/api")[0].commit, "c3");
+
+    // The result survives a snapshot, and a replay of the inputs reaches the same.
+    let restored = Machine::restore(sim.machine.snapshot()).expect("restores");
+    assert_eq!(restored.downstream_results("acme/api"), sim.machine.downstream_results("acme/api"));
+    let mut replayed = Machine::new(Config::default()).expect("machine");
+    for (input, at) in sim.inputs.clone() {
+        replayed.handle(input, at);
+    }
+    assert_eq!(replayed.downstream_results("acme/api"), sim.machine.downstream_results("acme/api"));
 }

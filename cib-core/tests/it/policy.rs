@@ -245,3 +245,22 @@ fn a_trigger_is_refused_for_every_reason_at_once() {
     - 'x' is not an input of this pipeline, which declares none
     ");
 }
+
+#[test]
+fn cache_eviction_takes_the_least_recently_used_until_the_rest_fit() {
+    use cib_core::policy::{CacheUse, caches_to_evict};
+    let cache = |key: &str, bytes: u64, used: u64| CacheUse {
+        namespace: "trusted".into(),
+        key: key.into(),
+        bytes,
+        last_used: cib_core::time::Timestamp(used),
+    };
+    let caches = [cache("a", 100, 30), cache("b", 100, 10), cache("c", 100, 20), cache("d", 100, 40)];
+    assert_eq!(caches_to_evict(&caches, 400), Vec::<usize>::new(), "within the budget nothing goes");
+    assert_eq!(caches_to_evict(&caches, 300), [1], "b was used least recently");
+    assert_eq!(caches_to_evict(&caches, 150), [1, 2, 0]);
+    // The most recently used cache stays even alone over the budget.
+    assert_eq!(caches_to_evict(&caches, 0), [1, 2, 0]);
+    assert_eq!(caches_to_evict(&[cache("big", 1_000, 5)], 10), Vec::<usize>::new());
+    assert_eq!(caches_to_evict(&[], 10), Vec::<usize>::new());
+}

@@ -241,6 +241,7 @@ fn an_untrusted_build_publishes_nothing_and_says_why() {
         event: TriggerEvent { kind: EventKind::PullRequest, ..TriggerEvent::push("master") },
         actor: Some("stranger".into()),
         trusted: false,
+        upstream: None,
     };
     sim.enqueue(0, "f1", SPEC, "staging", fork);
     let effects = sim.input(

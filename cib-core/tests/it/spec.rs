@@ -476,6 +476,17 @@ cases! {
                 - cron: "0 0 3 * * *"
             steps: [{ name: a, image: busybox, commands: [true] }]
     "#;
+    invalid_upstream = r#"
+        pipelines:
+          client:
+            on: { upstream: { repo: "acme", branch: "" } }
+            steps: [{ name: a, image: busybox, commands: [true] }]
+          other:
+            on: { upstream: { repo: "acme/api/x" } }
+            steps: [{ name: a, image: busybox, commands: [true] }]
+        promotion:
+          requires: { downstream: ["acme/client", "acme/client", "not a repo"] }
+    "#;
     invalid_limits = r#"
         pipelines:
           test:
@@ -654,6 +665,34 @@ fn default_layout_plans_the_master_production_strategy() {
     assert_eq!(s.pipeline("staging").map(|p| p.kind), Some(spec::PipelineKind::Deploy));
     assert_eq!(s.pipeline("test").map(|p| p.kind), Some(spec::PipelineKind::Test));
     assert_eq!(names(TriggerEvent::of(EventKind::Promotion, "production")), ["production"]);
+}
+
+#[test]
+fn upstream_pipelines_are_chosen_by_the_repository_and_branch_that_moved() {
+    let s = parsed(
+        r#"
+        pipelines:
+          against-api:
+            on: { upstream: { repo: acme/api, branch: master } }
+            steps: [{ name: a, image: busybox, commands: [true] }]
+          against-api-next:
+            on: { upstream: { repo: acme/api, branch: next }, push: { branches: [master] } }
+            steps: [{ name: a, image: busybox, commands: [true] }]
+          test: { steps: [{ name: a, image: busybox, commands: [true] }] }
+        promotion: { requires: { downstream: [acme/client, acme/cli] } }
+        "#,
+    );
+    let names =
+        |repo: &str, branch: &str| s.downstream_of(repo, branch).iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names("acme/api", "master"), ["against-api"]);
+    assert_eq!(names("acme/api", "next"), ["against-api-next"]);
+    assert!(names("acme/api", "production").is_empty());
+    assert!(names("acme/other", "master").is_empty(), "another repository's master starts nothing");
+    // A push to this repository never starts a pipeline that has only `on: upstream`.
+    let pushed: Vec<String> = s.plan(&TriggerEvent::push("master")).iter().map(|p| p.name.clone()).collect();
+    assert_eq!(pushed, ["against-api-next"]);
+    let promotion = s.promotion.as_ref().expect("a promotion policy");
+    assert_eq!(promotion.downstream, ["acme/client", "acme/cli"]);
 }
 
 #[test]

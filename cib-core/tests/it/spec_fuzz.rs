@@ -42,6 +42,8 @@ fn fragment() -> impl Strategy<Value = String> {
         "status",
         "schedule",
         "cron",
+        "upstream",
+        "downstream",
         "network",
     ]);
     let values = prop::sample::select(vec![

@@ -5,7 +5,8 @@ use cib_core::ports::{Comparison, Permission};
 use cib_core::spec::{self, Duration};
 use cib_core::time::Timestamp;
 use cib_core::workflow::{
-    Approval, MergeFacts, PipelineResults, PromotionFacts, Refusal, check_merge, check_promotion, explain,
+    Approval, DownstreamResult, DownstreamState, MergeFacts, PipelineResults, PromotionFacts, Refusal, check_merge,
+    check_promotion, explain,
 };
 
 fn policies() -> (spec::MergePolicy, spec::PromotionPolicy) {
@@ -100,6 +101,7 @@ fn promotion<'a>(results: &'a PipelineResults, approvals: &'a [Approval], now: u
         comparison: Comparison { ahead: 3, behind: 0 },
         results,
         approvals,
+        downstream: &[],
         now: Timestamp::from_secs(now),
     }
 }
@@ -219,4 +221,62 @@ fn a_neutral_build_does_not_pass_a_required_pipeline() {
     let approvals = [approval("alice", C, 100), approval("bob", C, 100)];
     let refused = check_promotion(&promotion, &self::promotion(&neutral, &approvals, 200));
     assert!(matches!(&refused, Err(r) if matches!(r[..], [Refusal::NotGreen { .. }])), "{refused:?}");
+}
+
+fn downstream_result(repo: &str, commit: &str, build: &str, state: DownstreamState) -> DownstreamResult {
+    DownstreamResult {
+        upstream_repo: "acme/api".into(),
+        upstream_commit: commit.into(),
+        repo: repo.into(),
+        pipeline: "test".into(),
+        build: build.into(),
+        commit: "d0d0".into(),
+        state,
+        at: Timestamp::from_secs(10),
+    }
+}
+
+#[test]
+fn a_promotion_waits_for_each_required_downstream_repository_on_the_exact_commit() {
+    let policy = spec::parse(
+        r#"
+pipelines:
+  staging: { steps: [{ name: a, image: busybox, commands: [true] }] }
+promotion:
+  requires: { downstream: [acme/client, acme/cli] }
+"#,
+    )
+    .expect("valid spec")
+    .promotion
+    .expect("promotion policy");
+    let none = results(&[]);
+    fn facts<'a>(none: &'a PipelineResults, downstream: &'a [DownstreamResult]) -> PromotionFacts<'a> {
+        PromotionFacts { downstream, ..promotion(none, &[], 1_000) }
+    }
+    // The client failed on this commit, passed on another; the cli is still running.
+    let seen = [
+        downstream_result("acme/client", C, "b-1", DownstreamState::Failed),
+        downstream_result("acme/client", OTHER, "b-0", DownstreamState::Success),
+        downstream_result("acme/cli", C, "b-2", DownstreamState::Running),
+    ];
+    let refusals = check_promotion(&policy, &facts(&none, &seen)).expect_err("refused");
+    insta::assert_snapshot!(explain("promote this commit", &refusals), @r"
+    cib cannot promote this commit:
+    - acme/client's test pipeline failed on this commit: build b-1
+    - acme/cli's test pipeline is still running on this commit: build b-2
+    ");
+    // Nothing on record for a repository is a refusal too: a result of another commit is not one.
+    let other = [downstream_result("acme/client", OTHER, "b-0", DownstreamState::Success)];
+    let refusals = check_promotion(&policy, &facts(&none, &other)).expect_err("refused");
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert_eq!(
+        refusals[0].to_string(),
+        "acme/client has no downstream result (none of its 'on: upstream' pipelines ran) on this commit"
+    );
+    // Both passed on this commit: promoted.
+    let green = [
+        downstream_result("acme/client", C, "b-3", DownstreamState::Success),
+        downstream_result("acme/cli", C, "b-2", DownstreamState::Success),
+    ];
+    assert_eq!(check_promotion(&policy, &facts(&none, &green)), Ok(Vec::new()));
 }

@@ -195,3 +195,42 @@ async fn a_cache_restored_before_a_later_step_lands_in_the_builds_volume() {
     exec.cleanup(&second.job.build).await.expect("cleanup");
     remove_caches(&exec, &repo).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_budget_repository_loses_its_least_recently_used_cache_first() {
+    // Room for two caches of about 100 kB each, not three.
+    let exec = crate::common::executor_with("cache-evict", |o| o.cache_budget = Some(250_000)).await;
+    let repo = repo("evict");
+    let fill = "mkdir -p deps && dd if=/dev/zero of=deps/blob bs=1000 count=100 2>/dev/null && echo filled";
+    let keys = |caches: Vec<cib_core::ports::CacheInfo>| {
+        let mut keys: Vec<String> = caches.into_iter().map(|c| c.key).collect();
+        keys.sort();
+        keys
+    };
+    for (id, key) in [("e-1", "deps-a"), ("e-2", "deps-b")] {
+        let (_, out, saved) = build(&exec, id, true, None, |c| cache_job(&repo, c, key, &[]), &[fill]).await;
+        assert_eq!((out.trim(), saved), ("filled", true));
+    }
+    assert_eq!(keys(exec.list_caches(&repo).await.expect("list")), ["deps-a", "deps-b"], "both fit");
+    // deps-a is used again, so deps-b is now the least recently used.
+    let (restored, _, saved) =
+        build(&exec, "e-3", true, None, |c| cache_job(&repo, c, "deps-a", &[]), &["test -f deps/blob"]).await;
+    assert_eq!((restored.as_deref(), saved), (Some("deps-a"), false));
+    // A third cache goes over the budget: deps-b goes, the two used most recently stay.
+    let (_, _, saved) = build(&exec, "e-4", true, None, |c| cache_job(&repo, c, "deps-c", &[]), &[fill]).await;
+    assert!(saved);
+    assert_eq!(keys(exec.list_caches(&repo).await.expect("list")), ["deps-a", "deps-c"]);
+    // Its volume went with it: nothing of deps-b is left on the daemon.
+    let marker = marker_name(&repo, "trusted", "deps-b");
+    assert!(exec.docker().inspect_container(&marker, None).await.is_err(), "the marker is gone");
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec!["org.cib.cache.key=deps-b".to_owned()])]);
+    let volumes = exec
+        .docker()
+        .list_volumes(Some(bollard::query_parameters::ListVolumesOptions { filters: Some(filters) }))
+        .await
+        .expect("volumes")
+        .volumes
+        .unwrap_or_default();
+    assert!(volumes.iter().all(|v| v.labels.get(LABEL_CACHE_REPO).is_none_or(|r| *r != repo)), "{volumes:?}");
+    remove_caches(&exec, &repo).await;
+}

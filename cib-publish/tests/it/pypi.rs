@@ -21,6 +21,7 @@ pub fn context() -> BuildContext {
         event: TriggerEvent::push("master"),
         actor: Some("dev".into()),
         trusted: true,
+        upstream: None,
     }
 }
 

@@ -376,6 +376,7 @@ pub async fn trigger(
             event,
             actor: Some(state.person_of_token(&who.name)),
             trusted: true,
+            upstream: None,
         },
         only: None,
         variables: inputs,

@@ -277,3 +277,67 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiErr
 pub fn list_doc(g: &mut DocGen) -> Op {
     Op::new("The repositories this server builds.").json(200, "The repositories.", g.schema::<ServedList>())
 }
+
+/// One downstream result on the upstream commit, with the status name it is reported under.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct DownstreamStatus {
+    /// `cib/downstream/<repo>/<pipeline>`.
+    pub context: String,
+    #[serde(flatten)]
+    pub result: cib_core::workflow::DownstreamResult,
+}
+
+/// The downstream results on one commit of a repository.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct DownstreamStatuses {
+    pub repo: String,
+    /// The commit, resolved when the path named a branch or an abbreviation the repository knows.
+    pub commit: String,
+    pub downstream: Vec<DownstreamStatus>,
+}
+
+/// `GET /api/v1/repos/{repo}/commits/{commit}/downstream`: how the downstream repositories'
+/// pipelines fared against this exact commit (the newest build of each).
+pub async fn downstream(
+    State(state): State<Arc<AppState>>,
+    PathParams(params): PathParams<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let repo = repo_of(&params);
+    let asked = params.get("commit").cloned().unwrap_or_default();
+    // A name the repository resolves is read as its commit; anything else is taken as written,
+    // and simply has no results.
+    let commit = state.vcs.resolve(&repo, &asked).await.unwrap_or(asked);
+    let (repo_q, commit_q) = (repo.clone(), commit.clone());
+    let downstream = state
+        .engine
+        .query(move |m| {
+            m.downstream_results(&repo_q)
+                .iter()
+                .filter(|r| r.upstream_commit == commit_q)
+                .map(|r| DownstreamStatus {
+                    context: crate::downstream::context(&r.repo, &r.pipeline),
+                    result: r.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(json_response(StatusCode::OK, &DownstreamStatuses { repo, commit, downstream }))
+}
+
+fn downstream_op(g: &mut DocGen, two: bool) -> Op {
+    let mut op = Op::new(
+        "The results of downstream repositories' `on: upstream` pipelines against this commit, each under its status name `cib/downstream/<repo>/<pipeline>`.",
+    )
+    .json(200, "The downstream results.", g.schema::<DownstreamStatuses>());
+    op.params.push(Param::path("commit", "The upstream commit (or a name the repository resolves)."));
+    with_repo(op, two)
+}
+
+pub fn downstream_doc(g: &mut DocGen) -> Op {
+    downstream_op(g, true)
+}
+
+pub fn downstream_doc_encoded(g: &mut DocGen) -> Op {
+    downstream_op(g, false)
+}

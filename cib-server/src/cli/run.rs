@@ -351,6 +351,7 @@ async fn run_async(args: RunArgs) -> Result<u8, Failure> {
             event: event.clone(),
             actor: std::env::var("USER").ok(),
             trusted: true,
+            upstream: None,
         };
         context.event.changed_paths = None;
         let input = Input::Enqueue {

@@ -87,7 +87,8 @@ where
         eprint(&format!("cib serve: {e}"));
         return ExitCode::from(2);
     }
-    let options = docker_options(config.instance.clone(), &config.operator_limits());
+    let mut options = docker_options(config.instance.clone(), &config.operator_limits());
+    options.cache_budget = config.cache_budget.map(|b| b.0);
     let executor = match cib_docker::DockerExecutor::connect(options).await {
         Ok(e) => {
             // Unset, the limit fits the daemon: its CPU count decides (issue 16).
@@ -202,6 +203,8 @@ mod tests {
                 .expect("valid");
         assert_eq!(store_options(&config.limits).log_limit, 8 << 20);
         let docker = docker_options(config.instance.clone(), &config.operator_limits());
+        let budget = cib_server::config::ServerConfig::parse("cache_budget = \"2g\"\n").expect("valid").cache_budget;
+        assert_eq!(budget.map(|b| b.0), Some(2 << 30));
         assert_eq!((docker.default_limits.memory, docker.default_limits.pids), (1 << 30, 256));
         assert_eq!(docker.instance, config.instance);
         // Without [limits], the built-in values, which are the executor's and the store's own.

@@ -364,6 +364,8 @@ pub async fn build(State(state): State<Arc<AppState>>, user: WebUser, PathParams
         Ok(None) => (Vec::new(), None),
         Err(e) => return fail(e, &user),
     };
+    // What the build's steps kept; the page works without them when the index cannot answer.
+    let artifacts = state.artifacts.list(&bid).await.unwrap_or_default();
     let b = &record.build;
     let now = state.clock.now();
     let finished = b.finished_at.is_some();
@@ -487,8 +489,42 @@ pub async fn build(State(state): State<Arc<AppState>>, user: WebUser, PathParams
                 ul { @for s in &record.steps { li { a href=(format!("/builds/{}/steps/{}", encode(&id), encode(&s.name))) { (s.name) } " " (status(&status_text(&s.status))) } } }
             }
         }
+        section #artifacts data-live-part {
+            @if !artifacts.is_empty() {
+                h2 { "Artifacts" }
+                table.artifacts {
+                    thead { tr { th { "Name" } th { "Size" } th { "Files" } th { "SHA-256" } th { "Expires" } } }
+                    tbody {
+                        @for a in &artifacts {
+                            tr data-artifact=(a.name) {
+                                td { a href=(format!("/builds/{}/artifacts/{}", encode(&id), encode(&a.name))) download=(format!("{}.tar.gz", a.name)) { (a.name) } }
+                                td { (size_text(a.size)) }
+                                td { (a.files) }
+                                td { code.sha256 { (a.sha256) } }
+                                td { (time(Some(a.expires_at))) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     };
     layout::html(StatusCode::OK, layout::page(&page, Some(&user), body))
+}
+
+/// A size in bytes as people read it: `812 B`, `14.2 KiB`, `3.0 MiB`.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Every pool as the API shows it.

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod deliver;
 mod docker_tls;
+mod downstream;
 mod github_app;
 mod github_flow;
 mod inbox;

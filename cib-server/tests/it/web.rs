@@ -304,3 +304,61 @@ async fn a_long_log_shows_its_last_lines_first_and_earlier_ones_by_offset() {
     assert_eq!(lines.headers["x-cib-start"], text.find("line 1001\n").expect("offset").to_string().as_str());
     assert_eq!(lines.body.matches("class=\"l\"").count(), 2000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_page_lists_its_artifacts_with_download_links() {
+    use cib_core::ports::{Artifacts, NewArtifact};
+    use sha2::Digest;
+    let s = TestServer::start(SPEC).await;
+    let id = build_at_gate(&s).await;
+    let mut visitor = Visitor::new(&s);
+    visitor.sign_in(Role::Read).await;
+    let page = visitor.get(&format!("/builds/{id}")).await;
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains("<h2>Artifacts</h2>"), "a build that kept nothing lists nothing");
+
+    // The build keeps an artifact, as the engine would after its step: the server's own store.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("dist")).expect("mkdir");
+    std::fs::write(dir.path().join("dist/app-1.0.whl"), b"a wheel <b>not bold</b>").expect("write");
+    let artifacts = cib_store::FileArtifacts::new(s.data_dir.join("artifacts"), s.store.clone());
+    let now = cib_core::time::Timestamp::from_secs(1_900_000_000);
+    let new = NewArtifact {
+        build: BuildId(id.clone()),
+        name: "talk".into(),
+        repo: "acme/shop".into(),
+        commit: s.commit.clone(),
+        pipeline: "test".into(),
+        trusted: true,
+        created_at: now,
+        expires_at: now,
+    };
+    let record = artifacts
+        .save(new, dir.path(), &[cib_core::spec::Glob::parse("dist/*.whl").expect("glob")])
+        .await
+        .expect("kept");
+
+    let page = visitor.get(&format!("/builds/{id}")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<h2>Artifacts</h2>"), "{}", page.body);
+    let link = format!("/builds/{id}/artifacts/talk");
+    assert!(page.body.contains(&format!("href=\"{link}\"")), "a download link: {}", page.body);
+    assert!(page.body.contains(&record.sha256), "the SHA-256 is shown");
+    assert!(page.body.contains(&format!("{} B", record.size)) || page.body.contains("KiB"), "the size is shown");
+
+    // The link downloads the archive for a signed-in person, with the digest the page shows.
+    let download = visitor.get(&link).await;
+    assert_eq!(download.status, 200);
+    assert_eq!(download.headers.get("x-cib-sha256").and_then(|v| v.to_str().ok()), Some(record.sha256.as_str()));
+    let bytes = std::fs::read(artifacts.archive_path(&record)).expect("the archive");
+    assert_eq!(hex(&sha2::Sha256::digest(&bytes)), record.sha256);
+    // Without a session the archive is not given out.
+    let stranger = Visitor::new(&s).get(&link).await;
+    assert_ne!(stranger.status, 200);
+    let missing = visitor.get(&format!("/builds/{id}/artifacts/nothing")).await;
+    assert_eq!(missing.status, 404);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -614,3 +614,107 @@ async fn a_spec_that_names_its_branches_merges_and_promotes_on_them() {
     assert_eq!(envs["environments"]["main"]["commit"], head.as_str(), "{envs:#}");
     assert!(envs["environments"].get("master").is_none(), "{envs:#}");
 }
+
+/// A spec whose one step keeps `deps/` in a cache under `key`, and prints who filled it.
+fn cache_spec(key: &str) -> String {
+    format!(
+        r#"
+pipelines:
+  test:
+    on: {{ pull_request: {{ branches: [master] }}, manual: {{}} }}
+    steps:
+      - name: deps
+        image: busybox
+        cache: [{{ key: "{key}", paths: [deps], restore_keys: ["{key}"] }}]
+        commands:
+          - 'if [ -f deps/who ]; then echo "found $(cat deps/who)"; else mkdir -p deps; echo "$CIB_BUILD" > deps/who; echo fresh; fi'
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forks_pull_request_writes_its_own_cache_and_a_trusted_build_never_sees_it() {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let instance = format!("cib-fork-cache-{}-{n}", std::process::id());
+    // A key of this run alone: caches belong to the repository, and outlive the server.
+    let key = format!("deps-{}-{n}", std::process::id());
+    let executor = cib_docker::DockerExecutor::connect(cib_docker::DockerOptions::new(instance.clone()))
+        .await
+        .expect("a Docker daemon answers (scripts/ensure-docker starts one)");
+    let s = TestServer::start_full(
+        &cache_spec(&key),
+        |c| c.instance = instance.clone(),
+        cib_store::SqliteOptions::default(),
+        std::sync::Arc::new(executor),
+        &[],
+    )
+    .await;
+    let repo = s.repo_path.clone();
+    git(&repo, &["branch", "master"]);
+    let base = git(&repo, &["rev-parse", "master"]);
+    std::fs::write(repo.join("patch.txt"), "x\n").expect("write");
+    git(&repo, &["add", "patch.txt"]);
+    git(&repo, &["commit", "-q", "-m", "a fork's patch"]);
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let flow = &Flow { s };
+    let log = move |id: String| {
+        let s = &flow.s;
+        async move {
+            let answer =
+                s.request("GET", &format!("/api/v1/builds/{id}/steps/deps/log"), Some(&token(Role::Read)), b"").await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            answer.body
+        }
+    };
+
+    // The fork's pull request builds first and saves a cache under the very key trusted
+    // builds use.
+    let body = fork_pull_request("opened", 3, &head, &base);
+    let signature = cib_server::outgoing::sign(super::server::SECRET.as_bytes(), &body);
+    assert_eq!(flow.s.hook("pull_request", "fork-cache-1", &body, Some(&signature)).await.status, 202);
+    let builds =
+        flow.s.wait_builds(|b| b.iter().any(|x| x.id.0.starts_with("fork-cache-1") && x.status.is_finished())).await;
+    let fork = builds.iter().find(|x| x.id.0.starts_with("fork-cache-1")).expect("the fork's build");
+    let said = log(fork.id.0.clone()).await;
+    assert!(said.contains("fresh"), "{said}");
+    let answer = flow.s.request("GET", "/api/v1/caches/acme/shop", Some(&token(Role::Read)), b"").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let listed: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+    let namespaces: Vec<&str> = listed["caches"]
+        .as_array()
+        .expect("caches")
+        .iter()
+        .filter(|c| c["key"] == key.as_str())
+        .filter_map(|c| c["namespace"].as_str())
+        .collect();
+    assert_eq!(namespaces, ["fork-pr-3"], "the fork wrote its own namespace only: {listed}");
+
+    // A trusted build of the base branch never sees the fork's file: it starts fresh, and
+    // saves the shared cache, which the next trusted build finds.
+    let trusted = move |n: u32| {
+        let s = &flow.s;
+        async move {
+            let body = serde_json::json!({ "repo": "acme/shop", "ref": "master", "pipeline": "test" });
+            let answer =
+                s.request("POST", "/api/v1/builds", Some(&token(Role::Trigger)), body.to_string().as_bytes()).await;
+            assert_eq!(answer.status, 201, "{n}: {}", answer.body);
+            let id = serde_json::from_str::<serde_json::Value>(&answer.body).expect("json")["build"]
+                .as_str()
+                .expect("id")
+                .to_owned();
+            flow.wait_status(&id, BuildStatus::Success).await;
+            id
+        }
+    };
+    let first = trusted(1).await;
+    let said = log(first.clone()).await;
+    assert!(said.contains("fresh") && !said.contains(&fork.id.0), "{said}");
+    let second = trusted(2).await;
+    let said = log(second).await;
+    assert!(said.contains(&format!("found {first}")), "the shared cache is the trusted build's: {said}");
+
+    let answer =
+        flow.s.request("DELETE", &format!("/api/v1/caches/acme/shop/{key}"), Some(&token(Role::Admin)), b"").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}

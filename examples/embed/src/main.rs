@@ -166,6 +166,7 @@ async fn run(dir: PathBuf, pipeline: Option<String>) -> Result<Conclusion, Strin
             actor: None,
             // A build of one's own directory is trusted: its steps may be given secrets.
             trusted: true,
+            upstream: None,
         },
         only: None,
         variables: BTreeMap::new(),
