@@ -47,9 +47,10 @@ impl std::fmt::Debug for HttpClient {
 impl Default for HttpClient {
     fn default() -> Self {
         let roots = rustls::RootCertStore { roots: webpki_roots() };
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth());
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -57,8 +58,11 @@ impl Default for HttpClient {
             Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls),
             // The ring provider supports the default versions; this cannot fail, but if it
             // did, no roots means https fails per request with a clear error.
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()),
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
         }
         .https_or_http()
         .enable_http1()
@@ -106,7 +110,11 @@ impl HttpClient {
         let request = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| ApiError { kind: ErrorKind::Permanent, message: format!("bad URL {url}: {e}"), retry_after: None })?;
+            .map_err(|e| ApiError {
+                kind: ErrorKind::Permanent,
+                message: format!("bad URL {url}: {e}"),
+                retry_after: None,
+            })?;
         let answer = self.send(request).await?;
         status_error(&answer, "the response URL")
     }
@@ -162,7 +170,11 @@ impl Slack {
             .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
             .body(form_body(fields))
-            .map_err(|e| ApiError { kind: ErrorKind::Misconfigured, message: format!("bad Slack URL {url}: {e}"), retry_after: None })?;
+            .map_err(|e| ApiError {
+                kind: ErrorKind::Misconfigured,
+                message: format!("bad Slack URL {url}: {e}"),
+                retry_after: None,
+            })?;
         let answer = self.http.send(request).await?;
         status_error(&answer, &format!("Slack's {method}"))?;
         let json: serde_json::Value = serde_json::from_slice(&answer.body)
@@ -175,8 +187,8 @@ impl Slack {
             "ratelimited" | "internal_error" | "fatal_error" | "service_unavailable" | "request_timeout" => {
                 ErrorKind::Transient
             }
-            "not_authed" | "invalid_auth" | "account_inactive" | "token_revoked" | "missing_scope" | "not_in_channel"
-            | "channel_not_found" => ErrorKind::Misconfigured,
+            "not_authed" | "invalid_auth" | "account_inactive" | "token_revoked" | "missing_scope"
+            | "not_in_channel" | "channel_not_found" => ErrorKind::Misconfigured,
             _ => ErrorKind::Permanent,
         };
         Err(ApiError { kind, message: format!("Slack's {method} refused: {code}"), retry_after: answer.retry_after })
@@ -195,12 +207,21 @@ pub struct Zulip {
 
 impl std::fmt::Debug for Zulip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Zulip").field("site", &self.site).field("email", &self.email).field("api_key", &"<redacted>").finish()
+        f.debug_struct("Zulip")
+            .field("site", &self.site)
+            .field("email", &self.email)
+            .field("api_key", &"<redacted>")
+            .finish()
     }
 }
 
 impl Zulip {
-    async fn call(&self, method: http::Method, path: &str, fields: &[(&str, &str)]) -> Result<serde_json::Value, ApiError> {
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<serde_json::Value, ApiError> {
         let url = format!("{}/api/v1/{path}", self.site.trim_end_matches('/'));
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", self.email, self.api_key));
         let request = http::Request::builder()
@@ -209,7 +230,11 @@ impl Zulip {
             .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(http::header::AUTHORIZATION, format!("Basic {auth}"))
             .body(form_body(fields))
-            .map_err(|e| ApiError { kind: ErrorKind::Misconfigured, message: format!("bad Zulip URL {url}: {e}"), retry_after: None })?;
+            .map_err(|e| ApiError {
+                kind: ErrorKind::Misconfigured,
+                message: format!("bad Zulip URL {url}: {e}"),
+                retry_after: None,
+            })?;
         let answer = self.http.send(request).await?;
         status_error(&answer, &format!("Zulip's {path}"))?;
         serde_json::from_slice(&answer.body)
@@ -219,7 +244,11 @@ impl Zulip {
     /// Sends a stream message; answers its id.
     pub async fn send(&self, stream: &str, topic: &str, content: &str) -> Result<u64, ApiError> {
         let json = self
-            .call(http::Method::POST, "messages", &[("type", "stream"), ("to", stream), ("topic", topic), ("content", content)])
+            .call(
+                http::Method::POST,
+                "messages",
+                &[("type", "stream"), ("to", stream), ("topic", topic), ("content", content)],
+            )
             .await?;
         json.get("id")
             .and_then(serde_json::Value::as_u64)

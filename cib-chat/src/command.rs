@@ -6,22 +6,54 @@
 pub enum Command {
     Help,
     /// The newest build of each pipeline (of one repository, or all).
-    Status { repo: Option<String> },
+    Status {
+        repo: Option<String>,
+    },
     /// The recent builds (of one repository, or all).
-    Builds { repo: Option<String> },
-    Retry { build: String },
-    Cancel { build: String },
-    Approve { build: String, gate: String },
-    Reject { build: String, gate: String },
-    Merge { repo: String, branch: String },
-    ApproveRelease { repo: String, commit: String },
-    Promote { repo: String, commit: String },
+    Builds {
+        repo: Option<String>,
+    },
+    Retry {
+        build: String,
+    },
+    Cancel {
+        build: String,
+    },
+    Approve {
+        build: String,
+        gate: String,
+    },
+    Reject {
+        build: String,
+        gate: String,
+    },
+    Merge {
+        repo: String,
+        branch: String,
+    },
+    ApproveRelease {
+        repo: String,
+        commit: String,
+    },
+    Promote {
+        repo: String,
+        commit: String,
+    },
     /// `lease take <pool> [for 2h]`; an hour when no duration is given.
-    LeaseTake { pool: String, duration: String },
-    LeaseReturn { id: String },
+    LeaseTake {
+        pool: String,
+        duration: String,
+    },
+    LeaseReturn {
+        id: String,
+    },
     /// Marks the manual test (hold gate) a build waits at as passed or failed.
-    Pass { build: String },
-    Fail { build: String },
+    Pass {
+        build: String,
+    },
+    Fail {
+        build: String,
+    },
 }
 
 /// Every command with its arguments, one per line: the answer to `help` and to a mistake.
@@ -70,8 +102,9 @@ pub fn parse(text: &str) -> Result<Command, String> {
         "approve" => two(rest, "approve <build> <gate>").map(|(build, gate)| Command::Approve { build, gate }),
         "reject" => two(rest, "reject <build> <gate>").map(|(build, gate)| Command::Reject { build, gate }),
         "merge" => two(rest, "merge <repo> <branch>").map(|(repo, branch)| Command::Merge { repo, branch }),
-        "approve-release" => two(rest, "approve-release <repo> <commit>")
-            .map(|(repo, commit)| Command::ApproveRelease { repo, commit }),
+        "approve-release" => {
+            two(rest, "approve-release <repo> <commit>").map(|(repo, commit)| Command::ApproveRelease { repo, commit })
+        }
         "promote" => two(rest, "promote <repo> <commit>").map(|(repo, commit)| Command::Promote { repo, commit }),
         "pass" => Ok(Command::Pass { build: one(rest, "pass <build>")? }),
         "fail" => Ok(Command::Fail { build: one(rest, "fail <build>")? }),
@@ -121,7 +154,10 @@ mod tests {
             ("approve b-1 deploy", Command::Approve { build: "b-1".into(), gate: "deploy".into() }),
             ("reject b-1 deploy", Command::Reject { build: "b-1".into(), gate: "deploy".into() }),
             ("merge acme/shop feature/x", Command::Merge { repo: "acme/shop".into(), branch: "feature/x".into() }),
-            ("approve-release acme/shop abc", Command::ApproveRelease { repo: "acme/shop".into(), commit: "abc".into() }),
+            (
+                "approve-release acme/shop abc",
+                Command::ApproveRelease { repo: "acme/shop".into(), commit: "abc".into() },
+            ),
             ("promote acme/shop abc", Command::Promote { repo: "acme/shop".into(), commit: "abc".into() }),
             ("lease take staging", Command::LeaseTake { pool: "staging".into(), duration: "1h".into() }),
             ("lease take staging for 2h", Command::LeaseTake { pool: "staging".into(), duration: "2h".into() }),
@@ -137,7 +173,10 @@ mod tests {
     #[test]
     fn chat_command_mistakes_name_the_usage() {
         assert_eq!(parse("approve b-1"), Err("usage: approve <build> <gate>".into()));
-        assert_eq!(parse("lease take staging for ever"), Err("usage: lease take <pool> [for 2h], lease return <id>".into()));
+        assert_eq!(
+            parse("lease take staging for ever"),
+            Err("usage: lease take <pool> [for 2h], lease return <id>".into())
+        );
         assert_eq!(parse("retry"), Err("usage: retry <build>".into()));
         let unknown = parse("deploy now").unwrap_err();
         assert!(unknown.starts_with("cib does not know 'deploy'.") && unknown.contains("lease take"), "{unknown}");

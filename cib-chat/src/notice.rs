@@ -60,13 +60,8 @@ pub fn build_text(view: &BuildView, link: Option<&str>) -> String {
         (None, None, None) => "🕒 queued".to_owned(),
     };
     let on = view.branch.as_deref().map(|b| format!(" on {b}")).unwrap_or_default();
-    let mut text = format!(
-        "*{}* {} `{}`{on} @ `{}`: {state}",
-        view.repo,
-        view.pipeline,
-        view.build,
-        short(&view.commit)
-    );
+    let mut text =
+        format!("*{}* {} `{}`{on} @ `{}`: {state}", view.repo, view.pipeline, view.build, short(&view.commit));
     if !view.steps.is_empty() {
         let steps: Vec<String> = view.steps.iter().map(|(name, c)| format!("{} {name}", icon(*c))).collect();
         text.push_str(&format!("\n{}", steps.join("  ")));
@@ -88,11 +83,13 @@ pub fn failure_text(step: &str, detail: &str, tail: &str, link: Option<&str>) ->
 }
 
 /// The message of a gate that waits for people, and its buttons.
-pub fn gate_text(view: &BuildView, gate: &str, instructions: Option<&str>, link: Option<&str>) -> (String, Vec<Button>) {
-    let mut text = format!(
-        "⏸ *{}* {} `{}` waits for approval at *{gate}*.",
-        view.repo, view.pipeline, view.build
-    );
+pub fn gate_text(
+    view: &BuildView,
+    gate: &str,
+    instructions: Option<&str>,
+    link: Option<&str>,
+) -> (String, Vec<Button>) {
+    let mut text = format!("⏸ *{}* {} `{}` waits for approval at *{gate}*.", view.repo, view.pipeline, view.build);
     if let Some(i) = instructions {
         text.push_str(&format!("\n{i}"));
     }
@@ -102,7 +99,12 @@ pub fn gate_text(view: &BuildView, gate: &str, instructions: Option<&str>, link:
     }
     let value = format!("{} {gate}", view.build);
     let buttons = vec![
-        Button { action_id: "approve".into(), text: "Approve".into(), value: value.clone(), style: Some("primary".into()) },
+        Button {
+            action_id: "approve".into(),
+            text: "Approve".into(),
+            value: value.clone(),
+            style: Some("primary".into()),
+        },
         Button { action_id: "reject".into(), text: "Reject".into(), value, style: Some("danger".into()) },
     ];
     (text, buttons)

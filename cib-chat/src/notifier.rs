@@ -155,11 +155,15 @@ impl Message {
     }
 
     fn slack_due(&self, config: &ChatConfig) -> bool {
-        self.wants_slack(config) && self.slack.id.as_deref() != Some("") && (self.slack.version < self.version || self.slack.replies < self.replies.len())
+        self.wants_slack(config)
+            && self.slack.id.as_deref() != Some("")
+            && (self.slack.version < self.version || self.slack.replies < self.replies.len())
     }
 
     fn zulip_due(&self, config: &ChatConfig) -> bool {
-        self.wants_zulip(config) && self.zulip.id.as_deref() != Some("") && (self.zulip.version < self.version || self.zulip.replies < self.replies.len())
+        self.wants_zulip(config)
+            && self.zulip.id.as_deref() != Some("")
+            && (self.zulip.version < self.version || self.zulip.replies < self.replies.len())
     }
 
     fn due(&self, config: &ChatConfig) -> bool {
@@ -237,7 +241,11 @@ impl ChatNotifier {
     pub fn new(config: ChatConfig, dir: &Path) -> Result<ChatNotifier, NotifyError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("create", e))?;
         let http = HttpClient::default();
-        let slack = config.slack.as_ref().map(|a| Slack { http: http.clone(), api_url: a.api_url.clone(), token: a.bot_token.clone() });
+        let slack = config.slack.as_ref().map(|a| Slack {
+            http: http.clone(),
+            api_url: a.api_url.clone(),
+            token: a.bot_token.clone(),
+        });
         let zulip = config.zulip.as_ref().map(|a| Zulip {
             http: http.clone(),
             site: a.site.clone(),
@@ -328,7 +336,14 @@ impl Inner {
     }
 
     /// A message of its own (a gate, a lease, a promotion), posted once under `key`.
-    fn post_once(&self, state: &mut State, key: String, target: ChatTarget, text: String, buttons: Vec<Button>) -> Result<(), NotifyError> {
+    fn post_once(
+        &self,
+        state: &mut State,
+        key: String,
+        target: ChatTarget,
+        text: String,
+        buttons: Vec<Button>,
+    ) -> Result<(), NotifyError> {
         if state.messages.contains_key(&key) {
             return Ok(());
         }
@@ -383,15 +398,29 @@ impl Notifier for ChatNotifier {
         match &event.body {
             EventBody::LeaseWarning { lease, holder, deadline } => {
                 let Some(target) = inner.config.default_target.clone() else { return Ok(()) };
-                let text = format!("⏰ The lease `{lease}` of {holder} ends at {deadline}. Extend it or give it back: `lease return {lease}`.");
+                let text = format!(
+                    "⏰ The lease `{lease}` of {holder} ends at {deadline}. Extend it or give it back: `lease return {lease}`."
+                );
                 let mut state = lock(&inner.state);
-                return inner.post_once(&mut state, format!("lease-warning:{lease}:{}", deadline.millis()), target, text, Vec::new());
+                return inner.post_once(
+                    &mut state,
+                    format!("lease-warning:{lease}:{}", deadline.millis()),
+                    target,
+                    text,
+                    Vec::new(),
+                );
             }
             EventBody::BranchMoved { repo, branch, commit, by, promotion: true } => {
                 let Some(target) = inner.target(repo) else { return Ok(()) };
                 let text = format!("🚀 *{repo}*: {by} promoted `{}` to {branch}.", commit.get(..8).unwrap_or(commit));
                 let mut state = lock(&inner.state);
-                return inner.post_once(&mut state, format!("promoted:{repo}:{branch}:{commit}"), target, text, Vec::new());
+                return inner.post_once(
+                    &mut state,
+                    format!("promoted:{repo}:{branch}:{commit}"),
+                    target,
+                    text,
+                    Vec::new(),
+                );
             }
             _ => {}
         }
@@ -405,7 +434,8 @@ impl Notifier for ChatNotifier {
             let known = lock(&inner.state).messages.get(&key).is_some_and(|m| !m.reply_keys.contains(step));
             if known {
                 let tail = inner.log_tail(&build, step, *attempt).await;
-                failure = Some((step.clone(), notice::failure_text(step, detail, &tail, inner.link(&build.0).as_deref())));
+                failure =
+                    Some((step.clone(), notice::failure_text(step, detail, &tail, inner.link(&build.0).as_deref())));
             }
         }
         let mut state = lock(&inner.state);
@@ -451,8 +481,15 @@ impl Notifier for ChatNotifier {
             }
             EventBody::GateWaiting { step, instructions, .. } => {
                 view.waiting = Some(step.clone());
-                let (text, gate_buttons) = notice::gate_text(&view, step, instructions.as_deref(), inner.link(&build.0).as_deref());
-                inner.post_once(&mut state, format!("gate:{}:{step}", build.0), message.target.clone(), text, gate_buttons)?;
+                let (text, gate_buttons) =
+                    notice::gate_text(&view, step, instructions.as_deref(), inner.link(&build.0).as_deref());
+                inner.post_once(
+                    &mut state,
+                    format!("gate:{}:{step}", build.0),
+                    message.target.clone(),
+                    text,
+                    gate_buttons,
+                )?;
             }
             EventBody::Approved { step, count, needed, .. } if count >= needed => {
                 if view.waiting.as_deref() == Some(step) {
@@ -515,21 +552,30 @@ async fn slack_step(slack: &Slack, m: &Message, d: &Delivered) -> Result<Option<
     let mut next = d.clone();
     match step {
         Step::Post => {
-            let answer = slack.call("chat.postMessage", &[("channel", channel), ("text", &m.text), ("blocks", &blocks)]).await?;
+            let answer =
+                slack.call("chat.postMessage", &[("channel", channel), ("text", &m.text), ("blocks", &blocks)]).await?;
             next.id = answer.get("ts").and_then(|v| v.as_str()).map(str::to_owned);
             if next.id.is_none() {
-                return Err(ApiError { kind: ErrorKind::Transient, message: "Slack's answer has no ts".into(), retry_after: None });
+                return Err(ApiError {
+                    kind: ErrorKind::Transient,
+                    message: "Slack's answer has no ts".into(),
+                    retry_after: None,
+                });
             }
             next.version = m.version;
         }
         Step::Edit(ts) => {
             // `chat.update` answers the channel's id, which is what later calls must use;
             // cib keeps the configured channel, which Slack accepts for both.
-            slack.call("chat.update", &[("channel", channel), ("ts", &ts), ("text", &m.text), ("blocks", &blocks)]).await?;
+            slack
+                .call("chat.update", &[("channel", channel), ("ts", &ts), ("text", &m.text), ("blocks", &blocks)])
+                .await?;
             next.version = m.version;
         }
         Step::Reply(ts, i) => {
-            slack.call("chat.postMessage", &[("channel", channel), ("thread_ts", &ts), ("text", &m.replies[i])]).await?;
+            slack
+                .call("chat.postMessage", &[("channel", channel), ("thread_ts", &ts), ("text", &m.replies[i])])
+                .await?;
             next.replies = i + 1;
         }
     }
@@ -549,7 +595,11 @@ async fn zulip_step(zulip: &Zulip, m: &Message, d: &Delivered) -> Result<Option<
             next.version = m.version;
         }
         Step::Edit(id) => {
-            let id: u64 = id.parse().map_err(|_| ApiError { kind: ErrorKind::Permanent, message: format!("a Zulip message id '{id}' is not a number"), retry_after: None })?;
+            let id: u64 = id.parse().map_err(|_| ApiError {
+                kind: ErrorKind::Permanent,
+                message: format!("a Zulip message id '{id}' is not a number"),
+                retry_after: None,
+            })?;
             zulip.edit(id, &m.text).await?;
             next.version = m.version;
         }
@@ -596,7 +646,9 @@ async fn deliver(inner: Arc<Inner>) {
             }
         };
         let Some(message) = lock(&inner.state).messages.get(&key).cloned() else { continue };
-        let (service, result) = if message.slack_due(&inner.config) && let Some(slack) = &inner.slack {
+        let (service, result) = if message.slack_due(&inner.config)
+            && let Some(slack) = &inner.slack
+        {
             ("slack", slack_step(slack, &message, &message.slack).await)
         } else if let Some(zulip) = &inner.zulip {
             ("zulip", zulip_step(zulip, &message, &message.zulip).await)
@@ -624,7 +676,8 @@ async fn deliver(inner: Arc<Inner>) {
             Err(e) if e.kind == ErrorKind::Permanent => {
                 tracing::error!(error = %e, service, key, "the chat service refused a message; dropped");
                 if let Some(current) = state.messages.get_mut(&key) {
-                    let skip = Delivered { id: Some(String::new()), version: current.version, replies: current.replies.len() };
+                    let skip =
+                        Delivered { id: Some(String::new()), version: current.version, replies: current.replies.len() };
                     let d = if service == "slack" { &mut current.slack } else { &mut current.zulip };
                     // Keep an id already given, so that later edits still reach the message.
                     *d = Delivered { id: d.id.clone().or(skip.id), ..skip };
@@ -635,7 +688,8 @@ async fn deliver(inner: Arc<Inner>) {
             Err(e) => {
                 let attempts = state.attempts.entry(key.clone()).or_default();
                 *attempts += 1;
-                let backoff = inner.config.retry_base.saturating_mul(1 << (*attempts - 1).min(16)).min(inner.config.retry_max);
+                let backoff =
+                    inner.config.retry_base.saturating_mul(1 << (*attempts - 1).min(16)).min(inner.config.retry_max);
                 let wait = match e.kind {
                     ErrorKind::Misconfigured => inner.config.retry_max,
                     _ => backoff.max(e.retry_after.unwrap_or_default()),

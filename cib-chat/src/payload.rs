@@ -153,7 +153,8 @@ mod tests {
             "actions": [{"action_id": "approve", "value": "b-1 deploy", "type": "button"}],
             "response_url": "https://hooks.slack.com/actions/T/1/x"
         });
-        let body: String = form_urlencoded::Serializer::new(String::new()).append_pair("payload", &payload.to_string()).finish();
+        let body: String =
+            form_urlencoded::Serializer::new(String::new()).append_pair("payload", &payload.to_string()).finish();
         let a = block_action(body.as_bytes()).expect("parsed");
         assert_eq!((a.user_id.as_str(), a.action_id.as_str(), a.value.as_str()), ("U1", "approve", "b-1 deploy"));
         assert!(block_action(b"payload=%7B%7D").unwrap_err().starts_with("the interaction's payload"));

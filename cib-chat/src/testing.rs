@@ -91,7 +91,8 @@ where
                         Ok::<_, Infallible>(handler(parts.method, path, parts.headers, body).await)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });
@@ -120,7 +121,8 @@ pub fn check_slack_request(
     };
     let content_type = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
-    let consumes: Vec<&str> = op["consumes"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    let consumes: Vec<&str> =
+        op["consumes"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
     if !consumes.is_empty() && !consumes.contains(&media) {
         problems.push(format!("{method}: content type '{media}' is not one of {consumes:?}"));
     }
@@ -274,7 +276,8 @@ fn slack_answer(
         rec.violations.extend(problems);
         return json(200, serde_json::json!({ "ok": false, "error": "invalid_arguments" }), None);
     }
-    let fields: Vec<(String, String)> = form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let fields: Vec<(String, String)> =
+        form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
     let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let channel = get("channel").unwrap_or_default();
     match api_method {
@@ -326,7 +329,8 @@ impl FakeZulip {
     pub async fn start(email: &str, api_key: &str) -> std::io::Result<FakeZulip> {
         let recorded: Shared = Arc::default();
         let r = recorded.clone();
-        let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{email}:{api_key}")));
+        let expected =
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{email}:{api_key}")));
         let (addr, task) = serve(move |method, path, headers, body| {
             let (r, expected) = (r.clone(), expected.clone());
             async move { zulip_answer(&r, &expected, method, &path, &headers, &body) }
@@ -383,7 +387,8 @@ fn zulip_answer(
     if !media.starts_with("application/x-www-form-urlencoded") {
         rec.violations.push(format!("{method} {path}: content type '{media}' is not a form"));
     }
-    let fields: Vec<(String, String)> = form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let fields: Vec<(String, String)> =
+        form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
     let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let known = |allowed: &[&str], rec: &mut Recorded| {
         for (k, _) in &fields {
@@ -420,7 +425,18 @@ fn zulip_answer(
     if method == http::Method::PATCH
         && let Some(id) = path.strip_prefix("/api/v1/messages/")
     {
-        known(&["content", "topic", "propagate_mode", "send_notification_to_old_thread", "send_notification_to_new_thread", "stream_id", "prev_content_sha256"], &mut rec);
+        known(
+            &[
+                "content",
+                "topic",
+                "propagate_mode",
+                "send_notification_to_old_thread",
+                "send_notification_to_new_thread",
+                "stream_id",
+                "prev_content_sha256",
+            ],
+            &mut rec,
+        );
         let Some(m) = rec.messages.iter_mut().find(|m| m.id == id) else {
             return zulip_error(400, "Invalid message(s)", "BAD_REQUEST");
         };

@@ -127,16 +127,34 @@ mod tests {
             verify_slack(SECRET, Some("1531420618"), Some(EXPECTED), tampered.as_bytes(), at),
             Err(VerifyError::BadSignature)
         );
-        assert_eq!(verify_slack(b"other", Some("1531420618"), Some(EXPECTED), body, at), Err(VerifyError::BadSignature));
-        assert_eq!(verify_slack(SECRET, Some("1531420618"), Some(EXPECTED), body, at + 360), Err(VerifyError::Stale(360)));
-        assert_eq!(verify_slack(SECRET, Some("1531420618"), Some(EXPECTED), body, at - 360), Err(VerifyError::Stale(-360)));
+        assert_eq!(
+            verify_slack(b"other", Some("1531420618"), Some(EXPECTED), body, at),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            verify_slack(SECRET, Some("1531420618"), Some(EXPECTED), body, at + 360),
+            Err(VerifyError::Stale(360))
+        );
+        assert_eq!(
+            verify_slack(SECRET, Some("1531420618"), Some(EXPECTED), body, at - 360),
+            Err(VerifyError::Stale(-360))
+        );
         assert_eq!(
             verify_slack(SECRET, None, Some(EXPECTED), body, at),
             Err(VerifyError::MissingHeader("X-Slack-Request-Timestamp"))
         );
-        assert_eq!(verify_slack(SECRET, Some("soon"), Some(EXPECTED), body, at), Err(VerifyError::Malformed("X-Slack-Request-Timestamp")));
-        assert_eq!(verify_slack(SECRET, Some("1531420618"), Some("v1=00"), body, at), Err(VerifyError::Malformed("X-Slack-Signature")));
-        assert_eq!(verify_slack(SECRET, Some("1531420618"), Some("v0=zz"), body, at), Err(VerifyError::Malformed("X-Slack-Signature")));
+        assert_eq!(
+            verify_slack(SECRET, Some("soon"), Some(EXPECTED), body, at),
+            Err(VerifyError::Malformed("X-Slack-Request-Timestamp"))
+        );
+        assert_eq!(
+            verify_slack(SECRET, Some("1531420618"), Some("v1=00"), body, at),
+            Err(VerifyError::Malformed("X-Slack-Signature"))
+        );
+        assert_eq!(
+            verify_slack(SECRET, Some("1531420618"), Some("v0=zz"), body, at),
+            Err(VerifyError::Malformed("X-Slack-Signature"))
+        );
     }
 
     #[test]
@@ -150,7 +168,10 @@ mod tests {
     #[test]
     fn chat_zulip_token() {
         assert_eq!(verify_zulip_token("xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ0", "xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ0"), Ok(()));
-        assert_eq!(verify_zulip_token("xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ0", "xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ"), Err(VerifyError::BadToken));
+        assert_eq!(
+            verify_zulip_token("xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ0", "xvOzfurIutdRRVLzpXrIIHXJvNfaJLJ"),
+            Err(VerifyError::BadToken)
+        );
         assert_eq!(verify_zulip_token("", ""), Err(VerifyError::BadToken), "an unset token never matches");
     }
 }
