@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{artifacts, builds, caches, chat, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
+use crate::api::{
+    artifacts, builds, caches, chat, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets,
+};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};

@@ -129,7 +129,13 @@ fn repo_path(repo: &str) -> String {
 }
 
 /// Sends the server an API request as `token`; answers the status and the JSON body.
-async fn call(state: &Arc<AppState>, token: &TokenConfig, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    state: &Arc<AppState>,
+    token: &TokenConfig,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let Some(make) = state.api_router.get() else {
         return (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": "the server is starting; try again" }));
     };
@@ -167,7 +173,8 @@ fn builds_text(body: &Value) -> String {
         .iter()
         .take(15)
         .map(|b| {
-            let status = b.get("conclusion").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| field(b, "status"));
+            let status =
+                b.get("conclusion").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| field(b, "status"));
             format!("`{}` {} {} {}", field(b, "id"), field(b, "repo"), field(b, "pipeline"), status)
         })
         .collect::<Vec<_>>()
@@ -183,7 +190,9 @@ async fn waiting_hold(state: &AppState, build: &str) -> Option<String> {
             m.builds().filter(|b| b.id.0 == build).find_map(|b| {
                 b.steps.iter().filter(|s| s.status == cib_core::pipeline::StepStatus::AtGate).find_map(|s| {
                     match b.pipeline.step(&s.name).map(|x| &x.action) {
-                        Some(cib_core::spec::Action::Gate(g)) if g.kind == cib_core::spec::GateKind::Hold => Some(s.name.clone()),
+                        Some(cib_core::spec::Action::Gate(g)) if g.kind == cib_core::spec::GateKind::Hold => {
+                            Some(s.name.clone())
+                        }
                         _ => None,
                     }
                 })
@@ -201,7 +210,8 @@ pub async fn run(state: &Arc<AppState>, token: &TokenConfig, command: Command) -
         Command::Help => return command::HELP.to_owned(),
         Command::Status { repo } | Command::Builds { repo } => {
             let query = repo.map(|r| format!("&repo={}", seg(&r))).unwrap_or_default();
-            let (status, body) = call(state, token, Method::GET, &format!("/api/v1/builds?limit=15{query}"), None).await;
+            let (status, body) =
+                call(state, token, Method::GET, &format!("/api/v1/builds?limit=15{query}"), None).await;
             return refusal(status, &body).unwrap_or_else(|| builds_text(&body));
         }
         Command::Retry { build } => {
@@ -255,7 +265,8 @@ pub async fn run(state: &Arc<AppState>, token: &TokenConfig, command: Command) -
             (s, b, format!("Promoted {commit} of {repo} to {to}."))
         }
         Command::LeaseTake { pool, duration } => {
-            let (s, b) = call(state, token, post, "/api/v1/leases", Some(json!({ "pool": pool, "for": duration }))).await;
+            let (s, b) =
+                call(state, token, post, "/api/v1/leases", Some(json!({ "pool": pool, "for": duration }))).await;
             let id = b.get("id").or_else(|| b.get("lease")).and_then(Value::as_str).unwrap_or("?").to_owned();
             (s, b, format!("Lease {id} of {pool} for {duration}."))
         }
@@ -286,20 +297,28 @@ fn response_url_allowed(state: &AppState, url: &str) -> bool {
 
 /// Answers Slack within its deadline: the work's answer, or "working on it" and the answer
 /// later through `response_url`.
-async fn within_deadline(state: Arc<AppState>, identity: Identity, text: String, response_url: Option<String>) -> Value {
+async fn within_deadline(
+    state: Arc<AppState>,
+    identity: Identity,
+    text: String,
+    response_url: Option<String>,
+) -> Value {
     let work = {
         let state = state.clone();
         tokio::spawn(async move { answer(&state, &identity, &text).await })
     };
     let mut work = work;
     match tokio::time::timeout(SLACK_DEADLINE, &mut work).await {
-        Ok(done) => json!({ "response_type": "ephemeral", "text": done.unwrap_or_else(|_| "cib failed to answer; see its log.".into()) }),
+        Ok(done) => {
+            json!({ "response_type": "ephemeral", "text": done.unwrap_or_else(|_| "cib failed to answer; see its log.".into()) })
+        }
         Err(_) => {
             if let Some(url) = response_url.filter(|u| response_url_allowed(&state, u)) {
                 tokio::spawn(async move {
                     let text = work.await.unwrap_or_else(|_| "cib failed to answer; see its log.".into());
                     let client = cib_chat::api::HttpClient::default();
-                    if let Err(e) = client.post_json(&url, &json!({ "response_type": "ephemeral", "text": text })).await {
+                    if let Err(e) = client.post_json(&url, &json!({ "response_type": "ephemeral", "text": text })).await
+                    {
                         tracing::warn!(error = %e, "a late answer could not be posted to Slack");
                     }
                 });
@@ -310,7 +329,11 @@ async fn within_deadline(state: Arc<AppState>, identity: Identity, text: String,
 }
 
 /// `POST /chat/slack/commands`: `/cib <command>`.
-pub async fn slack_command(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn slack_command(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let body = crate::extract::read_body(body, 64 * 1024).await?;
     verify_slack(&state, &headers, &body)?;
     let c = cib_chat::payload::slash_command(&body).map_err(ApiError::BadRequest)?;
@@ -321,7 +344,11 @@ pub async fn slack_command(State(state): State<Arc<AppState>>, headers: HeaderMa
 /// `POST /chat/slack/actions`: a button on one of cib's messages (Approve, Reject, Promote).
 /// Slack takes the request's answer as an acknowledgement only, so the result also goes to the
 /// `response_url`, as a reply visible to the person who pressed.
-pub async fn slack_action(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn slack_action(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let body = crate::extract::read_body(body, 64 * 1024).await?;
     verify_slack(&state, &headers, &body)?;
     let a = cib_chat::payload::block_action(&body).map_err(ApiError::BadRequest)?;
@@ -350,7 +377,8 @@ pub async fn zulip(State(state): State<Arc<AppState>>, body: Body) -> Result<Res
     // The token is in the body, so the body is read as JSON first, but nothing in it is used
     // before the token matched.
     let hook = cib_chat::payload::zulip_webhook(&body).map_err(ApiError::BadRequest)?;
-    verify::verify_zulip_token(&expected.0, &hook.token).map_err(|e| ApiError::BadSignature(format!("Zulip request refused: {e}")))?;
+    verify::verify_zulip_token(&expected.0, &hook.token)
+        .map_err(|e| ApiError::BadSignature(format!("Zulip request refused: {e}")))?;
     let identity = Identity::Zulip(hook.message.sender_id.to_string());
     let content = answer(&state, &identity, &hook.command_text()).await;
     Ok(json_response(StatusCode::OK, &json!({ "content": content })))
@@ -381,7 +409,11 @@ pub fn zulip_doc(g: &mut DocGen) -> Op {
     Op::new("Zulip's outgoing webhook: a mention of the bot, or a direct message to it.")
         .describe("The payload's `token` must be the bot's outgoing-webhook token (compared in constant time).")
         .optional_body(json!({ "type": "object" }))
-        .json(200, "The reply, which Zulip posts as the bot.", json!({ "type": "object", "properties": { "content": { "type": "string" } } }))
+        .json(
+            200,
+            "The reply, which Zulip posts as the bot.",
+            json!({ "type": "object", "properties": { "content": { "type": "string" } } }),
+        )
         .error(g, 400, "The payload is not Zulip's outgoing webhook format.")
         .error(g, 401, "The token does not match.")
         .error(g, 404, "Zulip is not configured on this server.")

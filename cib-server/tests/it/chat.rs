@@ -112,7 +112,8 @@ async fn server(slack: &FakeSlack, zulip: &FakeZulip) -> TestServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
-    let (slack, zulip) = (FakeSlack::start().await.unwrap(), FakeZulip::start("cib-bot@example.com", "key1").await.unwrap());
+    let (slack, zulip) =
+        (FakeSlack::start().await.unwrap(), FakeZulip::start("cib-bot@example.com", "key1").await.unwrap());
     let s = server(&slack, &zulip).await;
     let url = slack.response_url("1");
     let body = slash("UDAVE", "help", &url);
@@ -142,7 +143,12 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
     assert_eq!(status, 401);
     let (status, answer) = post(&s, "/chat/zulip", &json, zulip_body(7, "help", ZULIP_TOKEN).as_bytes()).await;
     assert_eq!(status, 200, "{answer}");
-    assert!(serde_json::from_str::<serde_json::Value>(&answer).unwrap()["content"].as_str().unwrap().contains("approve <build> <gate>"));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .contains("approve <build> <gate>")
+    );
 
     // An unknown chat user is refused politely, with how to be added.
     let stranger = slash("USTRANGER", "builds", &url);
@@ -186,18 +192,24 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
     // The build ends, and its one message in each service says so.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let build_message = |m: &cib_chat::testing::FakeMessage| m.text.contains(&format!("`{build}`")) && m.text.contains("✅ passed");
+        let build_message =
+            |m: &cib_chat::testing::FakeMessage| m.text.contains(&format!("`{build}`")) && m.text.contains("✅ passed");
         if slack.messages().iter().any(build_message) && zulip.messages().iter().any(build_message) {
             break;
         }
         assert!(Instant::now() < deadline, "no passed message: {:?} {:?}", slack.messages(), zulip.messages());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let build_messages = |ms: Vec<cib_chat::testing::FakeMessage>| ms.into_iter().filter(|m| m.text.contains(&format!("release `{build}`"))).collect::<Vec<_>>();
+    let build_messages = |ms: Vec<cib_chat::testing::FakeMessage>| {
+        ms.into_iter().filter(|m| m.text.contains(&format!("release `{build}`"))).collect::<Vec<_>>()
+    };
     let (sm, zm) = (build_messages(slack.messages()), build_messages(zulip.messages()));
     assert_eq!((sm.len(), zm.len()), (1, 1), "one message per build in each: {sm:?} {zm:?}");
     assert!(sm[0].edits >= 1 && zm[0].edits >= 1, "edited in place: {sm:?} {zm:?}");
-    assert!(slack.messages().iter().any(|m| m.text.contains("waits for approval at *sign-off*")), "the gate had its own message");
+    assert!(
+        slack.messages().iter().any(|m| m.text.contains("waits for approval at *sign-off*")),
+        "the gate had its own message"
+    );
     assert!(slack.violations().is_empty(), "{:?}", slack.violations());
     assert!(zulip.violations().is_empty(), "{:?}", zulip.violations());
 }
@@ -206,7 +218,8 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
 /// and a missing variable is named without any value.
 #[test]
 fn chat_configuration_in_the_docs_loads() {
-    let doc = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/chat.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/chat.md")).unwrap();
     let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
     let block = &doc[start..start + doc[start..].find("```").unwrap()];
     let dir = tempfile::tempdir().unwrap();
