@@ -63,7 +63,8 @@ fn now_secs() -> i64 {
 /// Checks a Slack request's signature, age and novelty; the refusal is a 401.
 fn verify_slack(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let Some(secret) = state.config.chat.slack.as_ref().and_then(|s| s.signing_secret.as_ref()) else {
-        return Err(ApiError::NotFound("Slack is not configured on this server".into()));
+        // Without a signing secret no request can be verified, which is what 401 says.
+        return Err(ApiError::BadSignature("Slack is not configured on this server".into()));
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (timestamp, signature) = (header("x-slack-request-timestamp"), header("x-slack-signature"));
@@ -204,7 +205,7 @@ async fn waiting_hold(state: &AppState, build: &str) -> Option<String> {
 }
 
 /// Runs one command as `token`, answering what to say.
-pub async fn run(state: &Arc<AppState>, token: &TokenConfig, command: Command) -> String {
+async fn run(state: &Arc<AppState>, token: &TokenConfig, command: Command) -> String {
     let post = Method::POST;
     let (status, body, done) = match command {
         Command::Help => return command::HELP.to_owned(),
@@ -371,7 +372,7 @@ pub async fn slack_action(
 /// (`{"content": ...}`), which Zulip posts as the bot's reply.
 pub async fn zulip(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let Some(expected) = state.config.chat.zulip.as_ref().and_then(|z| z.webhook_token.clone()) else {
-        return Err(ApiError::NotFound("Zulip is not configured on this server".into()));
+        return Err(ApiError::BadSignature("Zulip is not configured on this server".into()));
     };
     let body = crate::extract::read_body(body, 256 * 1024).await?;
     // The token is in the body, so the body is read as JSON first, but nothing in it is used
@@ -393,8 +394,7 @@ fn slack_doc(g: &mut DocGen, summary: &'static str) -> Op {
         .optional_body(json!({}))
         .json(200, "The answer, for Slack to show.", json!({ "type": "object" }))
         .error(g, 400, "The form lacks a field Slack always sends.")
-        .error(g, 401, "The signature is missing, wrong or stale, or the request was replayed.")
-        .error(g, 404, "Slack is not configured on this server.")
+        .error(g, 401, "The signature is missing, wrong or stale, the request was replayed, or Slack is not configured.")
 }
 
 pub fn slack_command_doc(g: &mut DocGen) -> Op {
@@ -415,6 +415,5 @@ pub fn zulip_doc(g: &mut DocGen) -> Op {
             json!({ "type": "object", "properties": { "content": { "type": "string" } } }),
         )
         .error(g, 400, "The payload is not Zulip's outgoing webhook format.")
-        .error(g, 401, "The token does not match.")
-        .error(g, 404, "Zulip is not configured on this server.")
+        .error(g, 401, "The token does not match, or Zulip is not configured.")
 }

@@ -201,7 +201,7 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let build_messages = |ms: Vec<cib_chat::testing::FakeMessage>| {
-        ms.into_iter().filter(|m| m.text.contains(&format!("release `{build}`"))).collect::<Vec<_>>()
+        ms.into_iter().filter(|m| m.text.contains(&format!("release `{build}` on"))).collect::<Vec<_>>()
     };
     let (sm, zm) = (build_messages(slack.messages()), build_messages(zulip.messages()));
     assert_eq!((sm.len(), zm.len()), (1, 1), "one message per build in each: {sm:?} {zm:?}");
