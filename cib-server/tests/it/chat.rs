@@ -194,7 +194,12 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
     loop {
         let build_message =
             |m: &cib_chat::testing::FakeMessage| m.text.contains(&format!("`{build}`")) && m.text.contains("✅ passed");
-        if slack.messages().iter().any(build_message) && zulip.messages().iter().any(build_message) {
+        // The gate's own message is delivered after the build's (one request at a time).
+        let gate = |m: &cib_chat::testing::FakeMessage| m.text.contains("waits for approval at *sign-off*");
+        if slack.messages().iter().any(build_message)
+            && zulip.messages().iter().any(build_message)
+            && slack.messages().iter().any(gate)
+        {
             break;
         }
         assert!(Instant::now() < deadline, "no passed message: {:?} {:?}", slack.messages(), zulip.messages());
