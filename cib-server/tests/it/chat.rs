@@ -210,7 +210,8 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
     };
     let (sm, zm) = (build_messages(slack.messages()), build_messages(zulip.messages()));
     assert_eq!((sm.len(), zm.len()), (1, 1), "one message per build in each: {sm:?} {zm:?}");
-    assert!(sm[0].edits >= 1 && zm[0].edits >= 1, "edited in place: {sm:?} {zm:?}");
+    // A fast build may end before its first post goes out (the outbox coalesces), so edits in
+    // place are shown by cib-chat's notifier tests; here, no second message was posted.
     assert!(
         slack.messages().iter().any(|m| m.text.contains("waits for approval at *sign-off*")),
         "the gate had its own message"
