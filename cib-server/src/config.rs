@@ -275,6 +275,152 @@ pub struct ServerConfig {
     /// rest fit. Unset: caches are kept until removed (`cib cache rm`).
     #[serde(default)]
     pub cache_budget: Option<ByteSize>,
+    /// Slack and Zulip (`[chat.slack]`, `[chat.zulip]`, `[[chat.repos]]`).
+    #[serde(default)]
+    pub chat: ChatFileConfig,
+}
+
+/// `[chat]`: the chat services cib posts notices to and takes commands from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatFileConfig {
+    #[serde(default)]
+    pub slack: Option<SlackFileConfig>,
+    #[serde(default)]
+    pub zulip: Option<ZulipFileConfig>,
+    /// Where each repository's notices go.
+    #[serde(default)]
+    pub repos: Vec<ChatRepoConfig>,
+    /// Where notices about no one repository (leases) go.
+    #[serde(default)]
+    pub default: Option<ChatRepoConfig>,
+}
+
+/// `[chat.slack]`. Each credential is given in the file or, better, named by an environment
+/// variable (`*_env`), which is read when the configuration is loaded.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackFileConfig {
+    #[serde(default)]
+    pub bot_token: Option<SecretText>,
+    #[serde(default)]
+    pub bot_token_env: Option<String>,
+    #[serde(default)]
+    pub signing_secret: Option<SecretText>,
+    #[serde(default)]
+    pub signing_secret_env: Option<String>,
+    /// Slack's Web API; another only for tests.
+    #[serde(default = "default_slack_api")]
+    pub api_url: String,
+    /// Where Slack's `response_url`s point; an answer goes to no other address, so that a
+    /// request cannot make cib post elsewhere.
+    #[serde(default = "default_slack_responses")]
+    pub response_url_prefix: String,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+
+fn default_slack_responses() -> String {
+    "https://hooks.slack.com/".into()
+}
+
+/// `[chat.zulip]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZulipFileConfig {
+    /// The organisation's address, `https://chat.example.com`.
+    pub site: String,
+    pub bot_email: String,
+    #[serde(default)]
+    pub api_key: Option<SecretText>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The outgoing webhook's token, which Zulip puts in each payload.
+    #[serde(default)]
+    pub webhook_token: Option<SecretText>,
+    #[serde(default)]
+    pub webhook_token_env: Option<String>,
+}
+
+/// `[[chat.repos]]`: one repository's Slack channel and Zulip stream and topic.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRepoConfig {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub channel: Option<String>,
+    #[serde(default)]
+    pub stream: Option<String>,
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+impl std::fmt::Debug for SlackFileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackFileConfig")
+            .field("bot_token", &redacted(&self.bot_token))
+            .field("bot_token_env", &self.bot_token_env)
+            .field("signing_secret", &redacted(&self.signing_secret))
+            .field("signing_secret_env", &self.signing_secret_env)
+            .field("api_url", &self.api_url)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ZulipFileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZulipFileConfig")
+            .field("site", &self.site)
+            .field("bot_email", &self.bot_email)
+            .field("api_key", &redacted(&self.api_key))
+            .field("api_key_env", &self.api_key_env)
+            .field("webhook_token", &redacted(&self.webhook_token))
+            .field("webhook_token_env", &self.webhook_token_env)
+            .finish()
+    }
+}
+
+/// A credential from the file, or from the environment variable it names; the error names
+/// the setting and the variable, never a value.
+fn credential(
+    value: &mut Option<SecretText>,
+    var: &Option<String>,
+    env: &BTreeMap<String, String>,
+    what: &str,
+) -> Result<(), String> {
+    if let Some(var) = var {
+        match env.get(var) {
+            Some(v) if !v.is_empty() => *value = Some(SecretText(v.clone())),
+            _ => return Err(format!("{what}_env names {var}, which is not set")),
+        }
+    }
+    if value.as_ref().is_none_or(|v| v.0.is_empty()) {
+        return Err(format!("{what} is missing (give {what}_env, the environment variable holding it)"));
+    }
+    Ok(())
+}
+
+impl ChatFileConfig {
+    /// Reads the credentials named by environment variables, and checks that each is there.
+    fn resolve(&mut self, env: &BTreeMap<String, String>) -> Result<(), String> {
+        if let Some(s) = &mut self.slack {
+            credential(&mut s.bot_token, &s.bot_token_env, env, "[chat.slack] bot_token")?;
+            credential(&mut s.signing_secret, &s.signing_secret_env, env, "[chat.slack] signing_secret")?;
+        }
+        if let Some(z) = &mut self.zulip {
+            credential(&mut z.api_key, &z.api_key_env, env, "[chat.zulip] api_key")?;
+            credential(&mut z.webhook_token, &z.webhook_token_env, env, "[chat.zulip] webhook_token")?;
+        }
+        for r in &self.repos {
+            if r.name.is_empty() {
+                return Err("[[chat.repos]]: an entry has no name".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -328,6 +474,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             time_zone: None,
             cache_budget: None,
+            chat: ChatFileConfig::default(),
         }
     }
 }
@@ -548,6 +695,7 @@ impl ServerConfig {
         if let Some(key) = env.get("CIB_SECRET_KEY") {
             config.secret_key = Some(SecretText(key.clone()));
         }
+        config.chat.resolve(env)?;
         config.check()?;
         Ok(config)
     }
@@ -787,7 +935,8 @@ impl StoreLocation {
 }
 
 /// Text that must not be shown: `Debug` redacts it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct SecretText(pub String);
 
 impl std::fmt::Debug for SecretText {

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
-use crate::api::{artifacts, builds, caches, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets};
+use crate::api::{
+    artifacts, builds, caches, chat, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets,
+};
 use crate::auth::Access;
 use crate::config::Role;
 use crate::error::{ApiError, ErrorCode, plain_error};
@@ -77,6 +79,10 @@ pub fn table() -> Vec<Route> {
         route!(GET "/api/v1/openapi.json", Public, openapi, openapi_doc),
         route!(POST "/hooks/github", Signed, hooks::github, hooks::github_doc),
         route!(POST "/hooks/git", Signed, hooks::git, hooks::git_doc),
+        // Chat commands, signed by Slack or carrying Zulip's token, run as the mapped person.
+        route!(POST "/chat/slack/commands", Signed, chat::slack_command, chat::slack_command_doc),
+        route!(POST "/chat/slack/actions", Signed, chat::slack_action, chat::slack_action_doc),
+        route!(POST "/chat/zulip", Signed, chat::zulip, chat::zulip_doc),
         route!(GET "/api/v1/whoami", READ, meta::whoami, meta::whoami_doc),
         // The inbox.
         route!(GET "/api/v1/deliveries", ADMIN, deliveries::list, deliveries::list_doc),

@@ -76,6 +76,12 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
     let outgoing = Arc::new(crate::outgoing::Outgoing::start(receivers, store.clone()));
     notifiers.push(outgoing.clone());
+    if let Some(chat) = crate::api::chat::notifier_config(&config) {
+        match cib_chat::ChatNotifier::new(chat, &config.data_dir.join("chat-outbox")) {
+            Ok(n) => notifiers.push(Arc::new(n.with_store(store.clone()))),
+            Err(error) => tracing::error!(%error, "the chat notifier is not started"),
+        }
+    }
     let ports = Ports {
         executor: executor.clone(),
         vcs: vcs.clone(),
@@ -116,6 +122,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     state.notifiers = notifiers;
     state.artifacts = artifacts;
     state.executor = Some(executor);
+    let _ = state.api_router.set(crate::routes::router);
     let state = Arc::new(state);
     let inbox_task = tokio::spawn({
         let state = state.clone();

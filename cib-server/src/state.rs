@@ -40,6 +40,12 @@ pub struct AppState {
     pub artifacts: Arc<dyn cib_core::ports::Artifacts>,
     /// The engine's executor, for what it keeps beyond builds (caches).
     pub executor: Option<Arc<dyn cib_core::ports::Executor>>,
+    /// Builds the API's router, for requests the server makes to itself on a person's behalf
+    /// (chat commands). Set by `server.rs`; a function rather than a router, since a router
+    /// holds this state and would keep it alive.
+    pub api_router: std::sync::OnceLock<fn(Arc<AppState>) -> axum::Router>,
+    /// Slack signatures seen in the last minutes, so that a replayed request does nothing.
+    pub slack_replays: cib_chat::verify::ReplayGuard,
     counter: AtomicU64,
 }
 
@@ -75,6 +81,8 @@ impl AppState {
             notifiers: Vec::new(),
             artifacts: Arc::new(cib_core::ports::NoArtifacts),
             executor: None,
+            api_router: std::sync::OnceLock::new(),
+            slack_replays: cib_chat::verify::ReplayGuard::default(),
             counter: AtomicU64::new(0),
         }
     }

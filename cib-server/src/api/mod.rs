@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod builds;
 pub mod caches;
+pub mod chat;
 pub mod deliveries;
 pub mod events;
 pub mod hooks;

@@ -2,6 +2,7 @@
 
 mod api;
 mod artifacts;
+mod chat;
 mod cli;
 mod client;
 mod deliver;
