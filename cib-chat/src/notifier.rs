@@ -491,15 +491,16 @@ impl Notifier for ChatNotifier {
                     gate_buttons,
                 )?;
             }
-            EventBody::Approved { step, count, needed, .. } if count >= needed => {
-                if view.waiting.as_deref() == Some(step) {
-                    view.waiting = None;
-                }
+            // A decided gate is no longer waited for (only the one the notice shows).
+            EventBody::Approved { step, count, needed, .. }
+                if count >= needed && view.waiting.as_deref() == Some(step) =>
+            {
+                view.waiting = None;
             }
-            EventBody::Rejected { step, .. } | EventBody::GateExpired { step, .. } => {
-                if view.waiting.as_deref() == Some(step) {
-                    view.waiting = None;
-                }
+            EventBody::Rejected { step, .. } | EventBody::GateExpired { step, .. }
+                if view.waiting.as_deref() == Some(step) =>
+            {
+                view.waiting = None;
             }
             EventBody::BuildFinished { conclusion, .. } => {
                 view.conclusion = Some(*conclusion);
