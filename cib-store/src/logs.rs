@@ -28,8 +28,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::error::{corrupt, db, exec, from_sql, query_opt, to_sql};
 
 /// Chunk codecs.
-const RAW: i64 = 0;
-const ZLIB: i64 = 1;
+pub(crate) const RAW: i64 = 0;
+pub(crate) const ZLIB: i64 = 1;
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy)]
@@ -132,13 +132,13 @@ fn insert_chunk(
     Ok(())
 }
 
-fn compress(data: &[u8], level: u32) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn compress(data: &[u8], level: u32) -> Result<Vec<u8>, StoreError> {
     let mut encoder = ZlibEncoder::new(Vec::with_capacity(data.len() / 4 + 64), Compression::new(level));
     encoder.write_all(data).and_then(|()| encoder.finish()).map_err(|e| StoreError::Permanent(format!("zlib: {e}")))
 }
 
 /// A chunk's bytes, checked against the length its offsets say it has.
-fn decode(codec: i64, data: Vec<u8>, length: u64) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn decode(codec: i64, data: Vec<u8>, length: u64) -> Result<Vec<u8>, StoreError> {
     let bytes = match codec {
         RAW => data,
         ZLIB => {

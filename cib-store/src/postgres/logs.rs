@@ -9,19 +9,12 @@
 //! (running [`LogLimit::read`] without data), fetches the chunks that hold them in one query,
 //! and then runs it for real over them.
 
-use std::io::{Read, Write};
-
 use cib_core::ports::{LogKey, LogLimit, LogRead, StoreError};
-use flate2::Compression;
-use flate2::read::ZlibDecoder;
-use flate2::write::ZlibEncoder;
 
 use super::Sql;
 use crate::error::{corrupt, from_sql, to_sql};
-use crate::logs::LogConfig;
-
-const RAW: i64 = 0;
-const ZLIB: i64 = 1;
+// The chunks' codecs and their coding are SQLite's own, so a copied store reads the same.
+use crate::logs::{LogConfig, RAW, ZLIB, compress, decode};
 
 #[derive(Debug)]
 struct Meta {
@@ -99,30 +92,6 @@ async fn insert_chunk(
     )
     .await?;
     Ok(())
-}
-
-fn compress(data: &[u8], level: u32) -> Result<Vec<u8>, StoreError> {
-    let mut encoder = ZlibEncoder::new(Vec::with_capacity(data.len() / 4 + 64), Compression::new(level));
-    encoder.write_all(data).and_then(|()| encoder.finish()).map_err(|e| StoreError::Permanent(format!("zlib: {e}")))
-}
-
-fn decode(codec: i64, data: Vec<u8>, length: u64) -> Result<Vec<u8>, StoreError> {
-    let bytes = match codec {
-        RAW => data,
-        ZLIB => {
-            let mut out = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
-            ZlibDecoder::new(data.as_slice())
-                .take(length.saturating_add(1))
-                .read_to_end(&mut out)
-                .map_err(|e| corrupt(format!("zlib: {e}")))?;
-            out
-        }
-        other => return Err(corrupt(format!("unknown log codec {other}"))),
-    };
-    if bytes.len() as u64 != length {
-        return Err(corrupt(format!("a log chunk holds {} bytes instead of {length}", bytes.len())));
-    }
-    Ok(bytes)
 }
 
 /// Stores `bytes`, printed at `offset`, as raw or compressed chunks (see `crate::logs::store`).
