@@ -550,6 +550,19 @@ pub(crate) struct StoredScope {
     pub(crate) environments: Vec<String>,
 }
 
+impl StoredScope {
+    /// A new secret's scope as both stores keep it (JSON), once the secret is checked.
+    pub(crate) fn json_of(secret: &NewSecret) -> Result<String, SecretError> {
+        check_new_secret(secret)?;
+        let stored = StoredScope {
+            branches: secret.scope.branches.clone(),
+            pipelines: secret.scope.pipelines.clone(),
+            environments: secret.scope.environments.clone(),
+        };
+        Ok(to_json(&stored, "a secret's scope")?)
+    }
+}
+
 type SecretRow = (SecretInfo, Vec<u8>, Vec<u8>);
 
 /// Reads secret rows (info, nonce, ciphertext) of one repository or all, by repository and name.
@@ -600,13 +613,7 @@ fn secret_answer<T>(done: Done, f: impl FnOnce(Done) -> Option<T>) -> Result<T, 
 #[async_trait]
 impl SecretStore for SqliteStore {
     async fn set_secret(&self, key: &SecretKey, secret: &NewSecret) -> Result<(), SecretError> {
-        check_new_secret(secret)?;
-        let stored = StoredScope {
-            branches: secret.scope.branches.clone(),
-            pipelines: secret.scope.pipelines.clone(),
-            environments: secret.scope.environments.clone(),
-        };
-        let scope = to_json(&stored, "a secret's scope")?;
+        let scope = StoredScope::json_of(secret)?;
         let op = Op::SetSecret { key: key.clone(), secret: secret.clone(), scope };
         secret_answer(self.write(op).await?, |d| (d == Done::Unit).then_some(()))
     }

@@ -30,7 +30,7 @@ use cib_core::ports::{
     ArtifactIndex, ArtifactQuery, ArtifactRecord, BuildFilter, BuildRecord, BuildStatus, BuildSummary, BuildUpdate,
     DEFAULT_LOG_LIMIT, Delivery, DeliveryInfo, DeliveryOutcome, DeliveryState, InboxDepth, Intake, LogKey, LogLimit,
     LogRead, NewSecret, OpenSecret, Page, SecretError, SecretInfo, SecretKey, SecretStore, SecretValue, SessionRecord,
-    SessionStore, StepRecord, StepRecordStatus, Store, StoreError, StoredInput, check_new_secret,
+    SessionStore, StepRecord, StepRecordStatus, Store, StoreError, StoredInput,
 };
 use cib_core::time::Timestamp;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -935,13 +935,7 @@ async fn secret_rows(c: &impl Sql, repo: Option<&str>) -> Result<Vec<SecretRow>,
 #[async_trait]
 impl SecretStore for PgStore {
     async fn set_secret(&self, key: &SecretKey, secret: &NewSecret) -> Result<(), SecretError> {
-        check_new_secret(secret)?;
-        let stored = StoredScope {
-            branches: secret.scope.branches.clone(),
-            pipelines: secret.scope.pipelines.clone(),
-            environments: secret.scope.environments.clone(),
-        };
-        let scope = to_json(&stored, "a secret's scope")?;
+        let scope = StoredScope::json_of(secret)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         // Changes to secrets take turns, so that a rekey and a set cannot leave values sealed
