@@ -148,6 +148,10 @@ enum Fill {
 struct BuildState {
     network: bool,
     workspace: bool,
+    /// Set when this process found no workspace volume for the build and made it: then every
+    /// volume and network of the build is one this process knows of (`network` says whether it
+    /// made one), and `cleanup` lists only containers.
+    born_here: bool,
     /// Warm containers no step is using, with what they were made for.
     idle: Vec<(WarmKey, String)>,
     /// Warm containers a step of this process is using.
@@ -541,6 +545,21 @@ impl Inner {
         Ok(found)
     }
 
+    /// The containers of one build, in one listing.
+    async fn containers_of(&self, build: &BuildId) -> Result<Vec<Resource>, ExecError> {
+        let filters = label_filter(&[(LABEL_ENGINE, self.options.instance.as_str()), (LABEL_BUILD, build.0.as_str())]);
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| exec_error("listing containers", e))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| c.id)
+            .map(|id| Resource { kind: ResourceKind::Container, id, build: Some(build.0.clone()) })
+            .collect())
+    }
+
     /// The containers, volumes and networks that match `filters`, each with its kind, the id
     /// (or volume name) to remove it by, and its labels.
     async fn labelled(
@@ -697,6 +716,9 @@ impl Inner {
         stdin: bool,
     ) -> Result<(ContainerGuard, Option<Feed>), ExecError> {
         let mut fill = self.fill_needed(names, &state).await?;
+        if fill == Fill::New {
+            state.born_here = true;
+        }
         if fill == Fill::Done {
             // Nothing to fill: other containers of the build may be made meanwhile.
             drop(state);
@@ -2118,8 +2140,34 @@ impl Inner {
         for task in pending {
             let _ = task.await;
         }
-        let found = self.resources(Some(build)).await?;
-        lock(&self.builds).remove(build);
+        let state = lock(&self.builds).remove(build);
+        let known = match state {
+            Some(state) => {
+                let state = state.lock().await;
+                state.born_here.then_some(state.network)
+            }
+            None => None,
+        };
+        let found = match known {
+            // Three listings are the dearest part of a cleanup in the daemon (issue 16), and
+            // only the containers are unknown here (services, warm containers, a step's own
+            // container still being removed): the build's one volume and its network have
+            // names of their own, and a volume already gone counts as removed.
+            Some(network) => {
+                let names = BuildNames::new(&self.options.instance, build);
+                let mut found = self.containers_of(build).await?;
+                found.push(Resource { kind: ResourceKind::Volume, id: names.volume(), build: Some(build.0.clone()) });
+                if network {
+                    found.push(Resource {
+                        kind: ResourceKind::Network,
+                        id: names.network(),
+                        build: Some(build.0.clone()),
+                    });
+                }
+                found
+            }
+            None => self.resources(Some(build)).await?,
+        };
         self.remove_all(&found).await.map(|_| ())
     }
 

@@ -41,6 +41,28 @@ async fn cleanup(exec: &DockerExecutor, build: &str) {
     exec.cleanup(&BuildId::from(build)).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
 }
 
+/// `cleanup` lists only containers when this process made the build's workspace (it knows the
+/// volume and the network by name), and everything when another process did (a restart): both
+/// leave nothing, the network included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_leaves_nothing_whichever_process_made_the_build() {
+    let first = executor("cleanup-owner").await;
+    assert_eq!(run(&first, job("mine", "a", &["true"]), Sink::new()).await, Outcome::Exited(0));
+    assert_eq!(run(&first, job("theirs", "a", &["true"]), Sink::new()).await, Outcome::Exited(0));
+    let start = Instant::now();
+    while !step_containers(first.docker(), &first.options().instance).await.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the step containers stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = leftovers(first.docker(), &first.options().instance).await;
+    assert_eq!(left.iter().filter(|l| l.starts_with("network")).count(), 2, "{left:?}");
+    // A second process of the same instance, as after a restart, knows nothing of "theirs".
+    let second = executor("cleanup-owner").await;
+    cleanup(&first, "mine").await;
+    cleanup(&second, "theirs").await;
+    assert_nothing_left(&first).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_and_failure_leave_nothing_after_cleanup() {
     let exec = executor("success-failure").await;
