@@ -43,6 +43,8 @@ pub struct DeliveryPublisher {
     http: HttpClient,
     docker_host: Option<String>,
     docker: tokio::sync::OnceCell<Docker>,
+    /// The daemon's default registry, asked once, for image names that name none.
+    default_registry: tokio::sync::OnceCell<String>,
 }
 
 impl std::fmt::Debug for DeliveryPublisher {
@@ -55,7 +57,12 @@ impl DeliveryPublisher {
     /// A publisher building images on the daemon at `docker_host` (Docker's defaults when
     /// `None`). Nothing connects until an image is built.
     pub fn new(docker_host: Option<String>) -> Self {
-        DeliveryPublisher { http: HttpClient::new(), docker_host, docker: tokio::sync::OnceCell::new() }
+        DeliveryPublisher {
+            http: HttpClient::new(),
+            docker_host,
+            docker: tokio::sync::OnceCell::new(),
+            default_registry: tokio::sync::OnceCell::new(),
+        }
     }
 
     async fn docker(&self, deliverable: &str) -> Result<&Docker, Failure> {
@@ -70,6 +77,34 @@ impl DeliveryPublisher {
                 docker.negotiate_version().await.map_err(|e| fail(format!("cannot reach the Docker daemon: {e}")))
             })
             .await
+    }
+
+    /// Where `image` is: its own registry, or the daemon's default one (asked of the daemon
+    /// once), since the registry API needs a host and cib names none of its own.
+    async fn image_ref(&self, deliverable: &str, image: &str) -> Result<ImageRef, Failure> {
+        if ImageRef::names_registry(image) {
+            return Ok(ImageRef::parse(image, ""));
+        }
+        let docker = self.docker(deliverable).await?;
+        let default = self
+            .default_registry
+            .get_or_try_init(|| async {
+                let info = docker.info().await.map_err(|e| Failure {
+                    kind: ErrorKind::Transient,
+                    deliverable: deliverable.to_owned(),
+                    message: format!("cannot ask the Docker daemon for its default registry: {e}"),
+                })?;
+                info.index_server_address.as_deref().and_then(registry::registry_of_index).ok_or_else(|| Failure {
+                    kind: ErrorKind::Misconfigured,
+                    deliverable: deliverable.to_owned(),
+                    message: format!(
+                        "{image} names no registry, and the Docker daemon has no default one: write the registry \
+                         in the image's name"
+                    ),
+                })
+            })
+            .await?;
+        Ok(ImageRef::parse(image, default))
     }
 
     /// Publishes one deliverable.
@@ -238,7 +273,7 @@ impl DeliveryPublisher {
                 Err(e) => return Err(fail(ErrorKind::Transient, format!("the image did not build: {e}"))),
             }
         }
-        let reference = ImageRef::parse(image);
+        let reference = self.image_ref(name, image).await?;
         let secret = credentials.as_ref().map(|(s, _)| s.clone());
         let auth = credentials.as_ref().map(|(_, (user, password))| DockerCredentials {
             username: Some(user.clone()),
@@ -344,8 +379,8 @@ impl DeliveryPublisher {
         logs: &Arc<dyn LogSink>,
     ) -> Result<Artifact, Failure> {
         let fail = |kind, message: String| Failure { kind, deliverable: name.to_owned(), message };
-        let source = ImageRef::parse(&record.artifact.name);
-        let target = ImageRef::parse(image);
+        let source = self.image_ref(name, &record.artifact.name).await?;
+        let target = self.image_ref(name, image).await?;
         if source.registry != target.registry {
             return Err(fail(
                 ErrorKind::Permanent,

@@ -24,16 +24,28 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    /// Reads an image name as Docker does: a first component with a dot or a colon, or
-    /// `localhost`, names the registry; otherwise it is Docker Hub.
-    pub fn parse(image: &str) -> ImageRef {
+    /// Whether `image` names its registry, as Docker reads a name: a first component with a dot
+    /// or a colon, or `localhost`. A name without one is on the daemon's default registry.
+    pub fn names_registry(image: &str) -> bool {
         let image = image.split('@').next().unwrap_or(image);
-        let (first, rest) = image.split_once('/').unwrap_or(("", image));
-        let (registry, path) = if !first.is_empty() && (first.contains(['.', ':']) || first == "localhost") {
+        match image.split_once('/') {
+            Some((first, _)) => first.contains(['.', ':']) || first == "localhost",
+            None => false,
+        }
+    }
+
+    /// Reads an image name as Docker does. A name that does not name its registry
+    /// ([`ImageRef::names_registry`]) is on `default`, the daemon's default registry (see
+    /// [`registry_of_index`]), under `library/` when it has no namespace; cib names no
+    /// registry of its own.
+    pub fn parse(image: &str, default: &str) -> ImageRef {
+        let image = image.split('@').next().unwrap_or(image);
+        let (registry, path) = if Self::names_registry(image) {
+            let (first, rest) = image.split_once('/').unwrap_or(("", image));
             (first.to_owned(), rest.to_owned())
         } else {
             let path = if image.contains('/') { image.to_owned() } else { format!("library/{image}") };
-            ("registry-1.docker.io".to_owned(), path)
+            (default.to_owned(), path)
         };
         // A tag after the last slash is not part of the repository.
         let repository = match path.rsplit_once('/') {
@@ -49,6 +61,15 @@ impl ImageRef {
         let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
         format!("{}://{}", if local { "http" } else { "https" }, self.registry)
     }
+}
+
+/// The registry host of the daemon's default index, from the `IndexServerAddress` of its
+/// `GET /info` (a URL such as `https://<host>/v1/`): where names without a registry go, as the
+/// `docker` client sends them.
+pub fn registry_of_index(address: &str) -> Option<String> {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let host = rest.split('/').next().unwrap_or_default();
+    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// A manifest as the registry holds it.
@@ -211,4 +232,31 @@ pub fn blobs_of(manifest: &Manifest) -> Vec<String> {
         out.extend(layers.iter().filter_map(|l| l["digest"].as_str().map(str::to_owned)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_with_a_registry_keeps_it_and_one_without_goes_to_the_default() {
+        let own = ImageRef::parse("127.0.0.1:5000/team/app:1.2", "index.example");
+        assert_eq!(own, ImageRef { registry: "127.0.0.1:5000".into(), repository: "team/app".into() });
+        let local = ImageRef::parse("localhost/app@sha256:00", "index.example");
+        assert_eq!(local, ImageRef { registry: "localhost".into(), repository: "app".into() });
+        let team = ImageRef::parse("acme/app:latest", "index.example");
+        assert_eq!(team, ImageRef { registry: "index.example".into(), repository: "acme/app".into() });
+        let official = ImageRef::parse("busybox", "index.example");
+        assert_eq!(official, ImageRef { registry: "index.example".into(), repository: "library/busybox".into() });
+        assert!(!ImageRef::names_registry("acme/app"));
+        assert!(ImageRef::names_registry("registry.example/acme/app"));
+    }
+
+    #[test]
+    fn the_default_registry_is_the_host_of_the_daemons_index_address() {
+        assert_eq!(registry_of_index("https://index.example/v1/").as_deref(), Some("index.example"));
+        assert_eq!(registry_of_index("index.example:443").as_deref(), Some("index.example:443"));
+        assert_eq!(registry_of_index("https:///v1/"), None);
+        assert_eq!(registry_of_index(""), None);
+    }
 }

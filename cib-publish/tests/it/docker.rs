@@ -50,7 +50,7 @@ fn context_dir(extra_mb: usize) -> tempfile::TempDir {
 fn repo(port: u16, name: &str, user: &str, password: &str) -> Registry {
     Registry::new(
         HttpClient::new(),
-        ImageRef::parse(&format!("127.0.0.1:{port}/{name}")),
+        ImageRef::parse(&format!("127.0.0.1:{port}/{name}"), ""),
         Some((user.into(), password.into())),
     )
 }
@@ -183,4 +183,17 @@ impl Cut {
         });
         Cut { port, tripped, task }
     }
+}
+
+/// Image names without a registry go where the daemon's own default index is, read from its
+/// `GET /info`: the real daemon's answer has the shape `registry_of_index` reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_names_the_default_registry_for_names_without_one() {
+    let docker = bollard::Docker::connect_with_defaults().unwrap_or_else(|e| panic!("docker: {e}"));
+    let info = docker.info().await.unwrap_or_else(|e| panic!("cannot reach Docker ({e}): run scripts/ensure-docker"));
+    let address = info.index_server_address.unwrap_or_else(|| panic!("the daemon names no index"));
+    let host = cib_publish::registry::registry_of_index(&address).unwrap_or_else(|| panic!("no host in {address}"));
+    assert!(!host.contains('/') && address.contains(&host), "{host} from {address}");
+    let image = cib_publish::registry::ImageRef::parse("acme/app:1", &host);
+    assert_eq!((image.registry.as_str(), image.repository.as_str()), (host.as_str(), "acme/app"));
 }

@@ -211,7 +211,7 @@ async fn staging_publishes_and_an_approved_promotion_puts_the_same_bytes_in_prod
     }
     let registry_api = cib_publish::registry::Registry::new(
         cib_publish::http::HttpClient::new(),
-        cib_publish::registry::ImageRef::parse(&format!("127.0.0.1:{}/app", reg.port)),
+        cib_publish::registry::ImageRef::parse(&format!("127.0.0.1:{}/app", reg.port), ""),
         Some(("pusher".into(), "registry-pass-5b8d10".into())),
     );
     let tagged = registry_api.manifest("production").await.expect("read").expect("app:production exists");
