@@ -77,19 +77,17 @@ async fn server(slack: &FakeSlack, zulip: &FakeZulip) -> TestServer {
     TestServer::start_configured(SPEC, move |c| {
         c.chat.slack = Some(SlackFileConfig {
             bot_token: Some(SecretText("xoxb-test".into())),
-            bot_token_env: None,
             signing_secret: Some(SecretText(SIGNING.into())),
-            signing_secret_env: None,
             api_url,
             response_url_prefix: response_prefix,
+            ..SlackFileConfig::default()
         });
         c.chat.zulip = Some(ZulipFileConfig {
             site,
             bot_email: "cib-bot@example.com".into(),
             api_key: Some(SecretText("key1".into())),
-            api_key_env: None,
             webhook_token: Some(SecretText(ZULIP_TOKEN.into())),
-            webhook_token_env: None,
+            ..ZulipFileConfig::default()
         });
         c.chat.repos = vec![ChatRepoConfig {
             name: "acme/shop".into(),
