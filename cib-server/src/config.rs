@@ -438,7 +438,9 @@ fn credential(
         let env_like = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !env_like {
-            return Err(format!("{what}_secret: '{name}' is not a secret's name (they are named like environment variables)"));
+            return Err(format!(
+                "{what}_secret: '{name}' is not a secret's name (they are named like environment variables)"
+            ));
         }
         return Ok(());
     }
