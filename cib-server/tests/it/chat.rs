@@ -574,3 +574,64 @@ topic = "shop"
     }
     eprintln!("the chat scenario took {elapsed:?} after the server was ready");
 }
+
+/// The store-backed configuration shown in `docs/chat.md` loads with no variable set, its
+/// credentials are opened from `_cib/server` with the server's key, a missing one is named as
+/// the docs say, and `_cib/` is no repository's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_credentials_in_the_docs_come_from_the_secret_store() {
+    use cib_core::ports::SecretStore;
+    let doc =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/chat.md")).unwrap();
+    let block = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").unwrap()])
+        .find(|b| b.contains("bot_token_secret"))
+        .expect("a toml block with stored credentials");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cib.toml");
+    std::fs::write(&path, block).unwrap();
+    let env = std::collections::BTreeMap::new();
+    let mut config = cib_server::config::ServerConfig::load(Some(&path), &env).expect("it loads without variables");
+    assert!(config.chat.slack.as_ref().unwrap().bot_token.is_none(), "opened only from the store");
+
+    let key = cib_store::load_or_create_key_file(&dir.path().join("secret.key")).unwrap();
+    let store = cib_store::SqliteStore::open(dir.path().join("cib.db"), cib_store::SqliteOptions::default()).unwrap();
+    let set = |name: &str, value: &str| cib_core::ports::NewSecret {
+        name: name.into(),
+        value: cib_core::ports::SecretValue::new(value.to_owned()),
+        scope: cib_core::policy::SecretScope::repo(cib_server::config::SERVER_SECRETS_REPO),
+        by: "admin".into(),
+        at: cib_core::time::Timestamp::from_secs(1),
+    };
+    for (name, value) in [("SLACK_BOT_TOKEN", "xoxb-9"), ("SLACK_SIGNING_SECRET", "signing-9"), ("ZULIP_API_KEY", "zkey-9")]
+    {
+        store.set_secret(&key, &set(name, value)).await.unwrap();
+    }
+    let error = config.chat.clone().open_secrets(&store, Ok(key.clone())).await.unwrap_err();
+    assert_eq!(
+        error,
+        "[chat.zulip] webhook_token_secret names ZULIP_WEBHOOK_TOKEN, which is not stored: store it with `cib secret set _cib/server ZULIP_WEBHOOK_TOKEN`"
+    );
+    store.set_secret(&key, &set("ZULIP_WEBHOOK_TOKEN", "ztoken-9")).await.unwrap();
+    config.chat.open_secrets(&store, Ok(key)).await.expect("all four are stored");
+    assert_eq!(config.chat.slack.as_ref().unwrap().bot_token.as_ref().unwrap().0, "xoxb-9");
+    assert_eq!(config.chat.zulip.as_ref().unwrap().webhook_token.as_ref().unwrap().0, "ztoken-9");
+    let shown = format!("{config:?}");
+    for value in ["xoxb-9", "signing-9", "zkey-9", "ztoken-9"] {
+        assert!(!shown.contains(value), "{value} is printed");
+    }
+
+    // Two sources for one credential are refused, and so is a repository under _cib/.
+    let twice = format!("{block}\n").replace(
+        "bot_token_secret = \"SLACK_BOT_TOKEN\"",
+        "bot_token_secret = \"SLACK_BOT_TOKEN\"\nbot_token_env = \"SLACK_BOT_TOKEN\"",
+    );
+    std::fs::write(&path, twice).unwrap();
+    let error = cib_server::config::ServerConfig::load(Some(&path), &env).unwrap_err();
+    assert!(error.contains("give one of [chat.slack] bot_token, [chat.slack] bot_token_env and"), "{error}");
+    std::fs::write(&path, "[[repos]]\nname = \"_cib/server\"\npath = \"/tmp/x\"\n").unwrap();
+    let error = cib_server::config::ServerConfig::load(Some(&path), &env).unwrap_err();
+    assert!(error.contains("names under _cib/ are kept for the server's own credentials"), "{error}");
+}
