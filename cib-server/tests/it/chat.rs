@@ -605,7 +605,8 @@ async fn chat_credentials_in_the_docs_come_from_the_secret_store() {
         by: "admin".into(),
         at: cib_core::time::Timestamp::from_secs(1),
     };
-    for (name, value) in [("SLACK_BOT_TOKEN", "xoxb-9"), ("SLACK_SIGNING_SECRET", "signing-9"), ("ZULIP_API_KEY", "zkey-9")]
+    for (name, value) in
+        [("SLACK_BOT_TOKEN", "xoxb-9"), ("SLACK_SIGNING_SECRET", "signing-9"), ("ZULIP_API_KEY", "zkey-9")]
     {
         store.set_secret(&key, &set(name, value)).await.unwrap();
     }
