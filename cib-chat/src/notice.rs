@@ -16,6 +16,37 @@ pub struct Button {
     pub style: Option<String>,
 }
 
+/// Which service a text is for: they write mentions differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chat {
+    Slack,
+    Zulip,
+}
+
+/// Who started a build, as the people directory knows them: their chat ids, when listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pusher {
+    /// The person's name in cib, or the login or token name nobody in `[[people]]` claims.
+    pub name: String,
+    /// Their Slack user id (`U024BE7LH`).
+    pub slack: Option<String>,
+    /// Their Zulip user id (`7`).
+    pub zulip: Option<String>,
+}
+
+impl Pusher {
+    /// How `chat` mentions them: Slack's `<@U…>`, Zulip's `@**|id**` (Zulip's mention by user
+    /// id, which it shows as `@Full Name` and which, unlike `@**Full Name**`, still works after
+    /// a rename), or their name in plain text when that service's id is not known.
+    pub fn mention(&self, chat: Chat) -> String {
+        match (chat, &self.slack, &self.zulip) {
+            (Chat::Slack, Some(id), _) => format!("<@{id}>"),
+            (Chat::Zulip, _, Some(id)) => format!("@**|{id}**"),
+            _ => self.name.replace(['*', '<', '>', '`', '@'], ""),
+        }
+    }
+}
+
 /// What the notifier remembers of a build for its message.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildView {
@@ -31,6 +62,9 @@ pub struct BuildView {
     /// A gate the build waits at.
     pub waiting: Option<String>,
     pub conclusion: Option<Conclusion>,
+    /// Who pushed (or started) it, mentioned in its message.
+    #[serde(default)]
+    pub pusher: Option<Pusher>,
 }
 
 fn short(commit: &str) -> &str {
@@ -46,8 +80,9 @@ fn icon(c: StepConclusion) -> &'static str {
 }
 
 /// The one message of a build, in Markdown both services read (bold with `*`, code with
-/// backticks; Zulip reads `*x*` as italics, which is still legible).
-pub fn build_text(view: &BuildView, link: Option<&str>) -> String {
+/// backticks; Zulip reads `*x*` as italics, which is still legible), mentioning its pusher as
+/// `chat` writes mentions.
+pub fn build_text(view: &BuildView, link: Option<&str>, chat: Chat) -> String {
     let state = match (view.conclusion, &view.waiting, &view.running) {
         (Some(Conclusion::Success), ..) => "✅ passed".to_owned(),
         (Some(Conclusion::Failed), ..) => "❌ failed".to_owned(),
@@ -60,8 +95,9 @@ pub fn build_text(view: &BuildView, link: Option<&str>) -> String {
         (None, None, None) => "🕒 queued".to_owned(),
     };
     let on = view.branch.as_deref().map(|b| format!(" on {b}")).unwrap_or_default();
+    let by = view.pusher.as_ref().map(|p| format!(" by {}", p.mention(chat))).unwrap_or_default();
     let mut text =
-        format!("*{}* {} `{}`{on} @ `{}`: {state}", view.repo, view.pipeline, view.build, short(&view.commit));
+        format!("*{}* {} `{}`{on} @ `{}`{by}: {state}", view.repo, view.pipeline, view.build, short(&view.commit));
     if !view.steps.is_empty() {
         let steps: Vec<String> = view.steps.iter().map(|(name, c)| format!("{} {name}", icon(*c))).collect();
         text.push_str(&format!("\n{}", steps.join("  ")));
@@ -161,16 +197,22 @@ mod tests {
             branch: Some("main".into()),
             ..BuildView::default()
         };
-        assert_eq!(build_text(&view, None), "*acme/shop* test `b-1` on main @ `01234567`: 🕒 queued");
+        assert_eq!(build_text(&view, None, Chat::Slack), "*acme/shop* test `b-1` on main @ `01234567`: 🕒 queued");
         view.running = Some("lint".into());
-        assert!(build_text(&view, None).ends_with("🔄 running lint"));
+        assert!(build_text(&view, None, Chat::Zulip).ends_with("🔄 running lint"));
         view.steps.insert("lint".into(), StepConclusion::Success);
         view.steps.insert("unit".into(), StepConclusion::Failed);
         view.conclusion = Some(Conclusion::Failed);
         assert_eq!(
-            build_text(&view, Some("http://ci/builds/b-1")),
+            build_text(&view, Some("http://ci/builds/b-1"), Chat::Slack),
             "*acme/shop* test `b-1` on main @ `01234567`: ❌ failed\n✅ lint  ❌ unit\nhttp://ci/builds/b-1"
         );
+        // The pusher is mentioned as each service mentions people, or named when it cannot.
+        view.pusher = Some(Pusher { name: "paula".into(), slack: Some("U024BE7LH".into()), zulip: Some("7".into()) });
+        assert!(build_text(&view, None, Chat::Slack).contains("@ `01234567` by <@U024BE7LH>: ❌ failed"));
+        assert!(build_text(&view, None, Chat::Zulip).contains("@ `01234567` by @**|7**: ❌ failed"));
+        view.pusher = Some(Pusher { name: "octo*cat".into(), slack: None, zulip: None });
+        assert!(build_text(&view, None, Chat::Slack).contains(" by octocat: "));
         let (text, buttons) = gate_text(&view, "deploy", None, None);
         assert!(text.contains("`approve b-1 deploy`"), "{text}");
         assert_eq!(buttons[0].value, "b-1 deploy");

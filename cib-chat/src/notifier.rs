@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cib_core::event::{BuildId, Conclusion, Event, EventBody, StepConclusion};
+use cib_core::policy::Identity;
 use cib_core::ports::{ErrorKind, LogKey, Notifier, NotifyError, Store};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,7 +38,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::api::{ApiError, HttpClient, Slack, Zulip};
-use crate::notice::{self, BuildView, Button};
+use crate::notice::{self, BuildView, Button, Chat, Pusher};
 
 /// A Slack workspace cib posts to as a bot.
 #[derive(Clone)]
@@ -97,6 +98,8 @@ pub struct ChatConfig {
     pub retry_max: Duration,
     /// How long the delivery task waits after being woken, so that a burst coalesces.
     pub coalesce: Duration,
+    /// Who is who (`[[people]]`), so that a build's message mentions the person who pushed.
+    pub people: cib_core::policy::People,
 }
 
 impl Default for ChatConfig {
@@ -111,6 +114,7 @@ impl Default for ChatConfig {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             coalesce: Duration::from_millis(100),
+            people: cib_core::policy::People::default(),
         }
     }
 }
@@ -132,7 +136,11 @@ pub struct Delivered {
 pub struct Message {
     pub key: String,
     pub target: ChatTarget,
+    /// The text, as Slack gets it.
     pub text: String,
+    /// The text as Zulip gets it, when it differs (a mention); `text` when none.
+    #[serde(default)]
+    pub zulip_text: Option<String>,
     pub buttons: Vec<Button>,
     /// Bumped by each change of `text` or `buttons`.
     pub version: u64,
@@ -351,6 +359,7 @@ impl Inner {
             key,
             target,
             text,
+            zulip_text: None,
             buttons,
             version: 1,
             replies: Vec::new(),
@@ -360,6 +369,31 @@ impl Inner {
             view: None,
         };
         self.save(state, message)
+    }
+
+    /// The person who started `build` (its context's actor: a person's name, a GitHub login or
+    /// a token's name), with their chat ids from the people directory.
+    async fn pusher(&self, build: &BuildId) -> Option<Pusher> {
+        let store = self.store.get()?;
+        let stored = match store.0.enqueued(build).await {
+            Ok(stored) => stored?,
+            Err(error) => {
+                tracing::warn!(%error, build = %build.0, "who started the build cannot be read; it is not mentioned");
+                return None;
+            }
+        };
+        let cib_core::pipeline::Input::Enqueue { context, .. } = stored.input else { return None };
+        let actor = context.actor?;
+        let people = &self.config.people;
+        let person = people
+            .iter()
+            .find(|p| p.name == actor)
+            .or_else(|| people.find(&Identity::Github(actor.clone())))
+            .or_else(|| people.find(&Identity::Token(actor.clone())));
+        Some(match person {
+            Some(p) => Pusher { name: p.name.clone(), slack: p.slack.clone(), zulip: p.zulip.clone() },
+            None => Pusher { name: actor, slack: None, zulip: None },
+        })
     }
 
     async fn log_tail(&self, build: &BuildId, step: &str, attempt: u32) -> String {
@@ -438,6 +472,11 @@ impl Notifier for ChatNotifier {
                     Some((step.clone(), notice::failure_text(step, detail, &tail, inner.link(&build.0).as_deref())));
             }
         }
+        // Who started a new build is in the input that enqueued it, stored before its events.
+        let mut pusher = None;
+        if matches!(event.body, EventBody::BuildQueued { .. }) && !lock(&inner.state).messages.contains_key(&key) {
+            pusher = inner.pusher(&build).await;
+        }
         let mut state = lock(&inner.state);
         let mut message = match (&event.body, state.messages.get(&key)) {
             (_, Some(m)) => m.clone(),
@@ -447,6 +486,7 @@ impl Notifier for ChatNotifier {
                     key: key.clone(),
                     target,
                     text: String::new(),
+                    zulip_text: None,
                     buttons: Vec::new(),
                     version: 0,
                     replies: Vec::new(),
@@ -459,6 +499,7 @@ impl Notifier for ChatNotifier {
                         pipeline: pipeline.clone(),
                         commit: commit.clone(),
                         branch: branch.clone(),
+                        pusher: pusher.clone(),
                         ..BuildView::default()
                     }),
                 }
@@ -518,9 +559,12 @@ impl Notifier for ChatNotifier {
             message.reply_keys.push(step);
             message.replies.push(text);
         }
-        let text = notice::build_text(&view, inner.link(&build.0).as_deref());
-        if text != message.text || buttons != message.buttons {
+        let link = inner.link(&build.0);
+        let text = notice::build_text(&view, link.as_deref(), Chat::Slack);
+        let zulip_text = Some(notice::build_text(&view, link.as_deref(), Chat::Zulip)).filter(|z| *z != text);
+        if text != message.text || zulip_text != message.zulip_text || buttons != message.buttons {
             message.text = text;
+            message.zulip_text = zulip_text;
             message.buttons = buttons;
             message.version += 1;
         }
@@ -592,7 +636,7 @@ async fn zulip_step(zulip: &Zulip, m: &Message, d: &Delivered) -> Result<Option<
     let mut next = d.clone();
     match step {
         Step::Post => {
-            next.id = Some(zulip.send(stream, topic, &m.text).await?.to_string());
+            next.id = Some(zulip.send(stream, topic, m.zulip_text.as_ref().unwrap_or(&m.text)).await?.to_string());
             next.version = m.version;
         }
         Step::Edit(id) => {
@@ -601,7 +645,7 @@ async fn zulip_step(zulip: &Zulip, m: &Message, d: &Delivered) -> Result<Option<
                 message: format!("a Zulip message id '{id}' is not a number"),
                 retry_after: None,
             })?;
-            zulip.edit(id, &m.text).await?;
+            zulip.edit(id, m.zulip_text.as_ref().unwrap_or(&m.text)).await?;
             next.version = m.version;
         }
         Step::Reply(_, i) => {

@@ -202,13 +202,35 @@ impl Drop for FakeSlack {
 }
 
 impl FakeSlack {
+    /// A Slack that takes any bot token.
     pub async fn start() -> std::io::Result<FakeSlack> {
+        Self::start_inner(None).await
+    }
+
+    /// A Slack whose bot token is `token`: a Web API call with another is answered
+    /// `invalid_auth`, as Slack answers it.
+    pub async fn start_for(token: &str) -> std::io::Result<FakeSlack> {
+        Self::start_inner(Some(format!("Bearer {token}"))).await
+    }
+
+    async fn start_inner(expected: Option<String>) -> std::io::Result<FakeSlack> {
         let contract = Arc::new(slack_contract());
         let recorded: Shared = Arc::default();
         let r = recorded.clone();
+        let expected = Arc::new(expected);
         let (addr, task) = serve(move |method, path, headers, body| {
-            let (r, contract) = (r.clone(), contract.clone());
-            async move { slack_answer(&r, &contract, method, &path, &headers, &body) }
+            let (r, contract, expected) = (r.clone(), contract.clone(), expected.clone());
+            async move {
+                let auth = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                if let Some(expected) = expected.as_deref()
+                    && path.starts_with("/api/")
+                    && auth != Some(expected)
+                {
+                    lock(&r).requests.push(format!("{method} {path} (refused: invalid_auth)"));
+                    return json(200, serde_json::json!({ "ok": false, "error": "invalid_auth" }), None);
+                }
+                slack_answer(&r, &contract, method, &path, &headers, &body)
+            }
         })
         .await?;
         Ok(FakeSlack { addr, recorded, task })

@@ -296,8 +296,10 @@ pub struct ChatFileConfig {
     pub default: Option<ChatRepoConfig>,
 }
 
-/// `[chat.slack]`. Each credential is given in the file or, better, named by an environment
-/// variable (`*_env`), which is read when the configuration is loaded.
+/// `[chat.slack]`. Each credential is named as a secret of cib's encrypted store (`*_secret`,
+/// a secret of [`SERVER_SECRETS_REPO`], opened when `cib serve` starts), or by an environment
+/// variable (`*_env`, read when the configuration is loaded), or, least well, given in the
+/// file.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlackFileConfig {
@@ -306,9 +308,13 @@ pub struct SlackFileConfig {
     #[serde(default)]
     pub bot_token_env: Option<String>,
     #[serde(default)]
+    pub bot_token_secret: Option<String>,
+    #[serde(default)]
     pub signing_secret: Option<SecretText>,
     #[serde(default)]
     pub signing_secret_env: Option<String>,
+    #[serde(default)]
+    pub signing_secret_secret: Option<String>,
     /// Slack's Web API; another only for tests.
     #[serde(default = "default_slack_api")]
     pub api_url: String,
@@ -316,6 +322,21 @@ pub struct SlackFileConfig {
     /// request cannot make cib post elsewhere.
     #[serde(default = "default_slack_responses")]
     pub response_url_prefix: String,
+}
+
+impl Default for SlackFileConfig {
+    fn default() -> Self {
+        SlackFileConfig {
+            bot_token: None,
+            bot_token_env: None,
+            bot_token_secret: None,
+            signing_secret: None,
+            signing_secret_env: None,
+            signing_secret_secret: None,
+            api_url: default_slack_api(),
+            response_url_prefix: default_slack_responses(),
+        }
+    }
 }
 
 fn default_slack_api() -> String {
@@ -326,8 +347,8 @@ fn default_slack_responses() -> String {
     "https://hooks.slack.com/".into()
 }
 
-/// `[chat.zulip]`.
-#[derive(Clone, Deserialize)]
+/// `[chat.zulip]`, whose credentials come as `[chat.slack]`'s do.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZulipFileConfig {
     /// The organisation's address, `https://chat.example.com`.
@@ -337,12 +358,22 @@ pub struct ZulipFileConfig {
     pub api_key: Option<SecretText>,
     #[serde(default)]
     pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub api_key_secret: Option<String>,
     /// The outgoing webhook's token, which Zulip puts in each payload.
     #[serde(default)]
     pub webhook_token: Option<SecretText>,
     #[serde(default)]
     pub webhook_token_env: Option<String>,
+    #[serde(default)]
+    pub webhook_token_secret: Option<String>,
 }
+
+/// The repository the server's own credentials are stored under in the encrypted secret store
+/// (`cib secret set _cib/server SLACK_BOT_TOKEN`). No forge can have a repository of that name
+/// (GitHub's owners cannot begin with `_`), `[[repos]]` may not take it, and no build is ever
+/// given its secrets, so a credential stored there reaches the server and nothing else.
+pub const SERVER_SECRETS_REPO: &str = "_cib/server";
 
 /// `[[chat.repos]]`: one repository's Slack channel and Zulip stream and topic.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -363,8 +394,10 @@ impl std::fmt::Debug for SlackFileConfig {
         f.debug_struct("SlackFileConfig")
             .field("bot_token", &redacted(&self.bot_token))
             .field("bot_token_env", &self.bot_token_env)
+            .field("bot_token_secret", &self.bot_token_secret)
             .field("signing_secret", &redacted(&self.signing_secret))
             .field("signing_secret_env", &self.signing_secret_env)
+            .field("signing_secret_secret", &self.signing_secret_secret)
             .field("api_url", &self.api_url)
             .finish()
     }
@@ -377,20 +410,40 @@ impl std::fmt::Debug for ZulipFileConfig {
             .field("bot_email", &self.bot_email)
             .field("api_key", &redacted(&self.api_key))
             .field("api_key_env", &self.api_key_env)
+            .field("api_key_secret", &self.api_key_secret)
             .field("webhook_token", &redacted(&self.webhook_token))
             .field("webhook_token_env", &self.webhook_token_env)
+            .field("webhook_token_secret", &self.webhook_token_secret)
             .finish()
     }
 }
 
 /// A credential from the file, or from the environment variable it names; the error names
-/// the setting and the variable, never a value.
+/// the setting and the variable, never a value. One named as a stored secret (`secret`) is
+/// opened later, by [`ChatFileConfig::open_secrets`], when the store can be read.
 fn credential(
     value: &mut Option<SecretText>,
     var: &Option<String>,
+    secret: &Option<String>,
     env: &BTreeMap<String, String>,
     what: &str,
 ) -> Result<(), String> {
+    let given = [value.is_some(), var.is_some(), secret.is_some()].into_iter().filter(|g| *g).count();
+    if given > 1 {
+        return Err(format!("{what}: give one of {what}, {what}_env and {what}_secret"));
+    }
+    if let Some(name) = secret {
+        // Stored secrets are named like environment variables; another name cannot be there.
+        let mut chars = name.chars();
+        let env_like = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !env_like {
+            return Err(format!(
+                "{what}_secret: '{name}' is not a secret's name (they are named like environment variables)"
+            ));
+        }
+        return Ok(());
+    }
     if let Some(var) = var {
         match env.get(var) {
             Some(v) if !v.is_empty() => *value = Some(SecretText(v.clone())),
@@ -398,7 +451,9 @@ fn credential(
         }
     }
     if value.as_ref().is_none_or(|v| v.0.is_empty()) {
-        return Err(format!("{what} is missing (give {what}_env, the environment variable holding it)"));
+        return Err(format!(
+            "{what} is missing (give {what}_secret, a secret stored with `cib secret set {SERVER_SECRETS_REPO} NAME`, or {what}_env, the environment variable holding it)"
+        ));
     }
     Ok(())
 }
@@ -407,17 +462,80 @@ impl ChatFileConfig {
     /// Reads the credentials named by environment variables, and checks that each is there.
     fn resolve(&mut self, env: &BTreeMap<String, String>) -> Result<(), String> {
         if let Some(s) = &mut self.slack {
-            credential(&mut s.bot_token, &s.bot_token_env, env, "[chat.slack] bot_token")?;
-            credential(&mut s.signing_secret, &s.signing_secret_env, env, "[chat.slack] signing_secret")?;
+            credential(&mut s.bot_token, &s.bot_token_env, &s.bot_token_secret, env, "[chat.slack] bot_token")?;
+            credential(
+                &mut s.signing_secret,
+                &s.signing_secret_env,
+                &s.signing_secret_secret,
+                env,
+                "[chat.slack] signing_secret",
+            )?;
         }
         if let Some(z) = &mut self.zulip {
-            credential(&mut z.api_key, &z.api_key_env, env, "[chat.zulip] api_key")?;
-            credential(&mut z.webhook_token, &z.webhook_token_env, env, "[chat.zulip] webhook_token")?;
+            credential(&mut z.api_key, &z.api_key_env, &z.api_key_secret, env, "[chat.zulip] api_key")?;
+            credential(
+                &mut z.webhook_token,
+                &z.webhook_token_env,
+                &z.webhook_token_secret,
+                env,
+                "[chat.zulip] webhook_token",
+            )?;
         }
         for r in &self.repos {
             if r.name.is_empty() {
                 return Err("[[chat.repos]]: an entry has no name".into());
             }
+        }
+        Ok(())
+    }
+
+    /// The environment variables the credentials name, so that `cib serve` reads those and no
+    /// others of its environment.
+    pub fn env_names(&self) -> Vec<String> {
+        let slack = self.slack.iter().flat_map(|s| [&s.bot_token_env, &s.signing_secret_env]);
+        let zulip = self.zulip.iter().flat_map(|z| [&z.api_key_env, &z.webhook_token_env]);
+        slack.chain(zulip).flatten().cloned().collect()
+    }
+
+    /// Opens the credentials named as stored secrets (`*_secret`) with the server's key. The
+    /// error names the setting and the secret, never a value.
+    pub async fn open_secrets(
+        &mut self,
+        store: &dyn cib_core::ports::SecretStore,
+        key: Result<cib_core::ports::SecretKey, String>,
+    ) -> Result<(), String> {
+        let mut wanted: Vec<(&mut Option<SecretText>, &str, String)> = Vec::new();
+        if let Some(s) = &mut self.slack {
+            if let Some(n) = &s.bot_token_secret {
+                wanted.push((&mut s.bot_token, "[chat.slack] bot_token_secret", n.clone()));
+            }
+            if let Some(n) = &s.signing_secret_secret {
+                wanted.push((&mut s.signing_secret, "[chat.slack] signing_secret_secret", n.clone()));
+            }
+        }
+        if let Some(z) = &mut self.zulip {
+            if let Some(n) = &z.api_key_secret {
+                wanted.push((&mut z.api_key, "[chat.zulip] api_key_secret", n.clone()));
+            }
+            if let Some(n) = &z.webhook_token_secret {
+                wanted.push((&mut z.webhook_token, "[chat.zulip] webhook_token_secret", n.clone()));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let key = key.map_err(|e| format!("[chat]: the stored credentials cannot be opened: {e}"))?;
+        let stored = store
+            .open_secrets(&key, SERVER_SECRETS_REPO)
+            .await
+            .map_err(|e| format!("[chat]: the stored credentials cannot be opened: {e}"))?;
+        for (value, what, name) in wanted {
+            let Some(secret) = stored.iter().find(|s| s.info.name == name) else {
+                return Err(format!(
+                    "{what} names {name}, which is not stored: store it with `cib secret set {SERVER_SECRETS_REPO} {name}`"
+                ));
+            };
+            *value = Some(SecretText(secret.value.expose().to_owned()));
         }
         Ok(())
     }
@@ -752,6 +870,12 @@ impl ServerConfig {
             return Err(format!(
                 "[limits] log_size is {} bytes; a step's log keeps at least {MIN_LOG_SIZE} bytes (64k)",
                 self.limits.log_size()
+            ));
+        }
+        if let Some(r) = self.repos.iter().find(|r| r.name.starts_with("_cib/")) {
+            return Err(format!(
+                "[[repos]] '{}': names under _cib/ are kept for the server's own credentials ({SERVER_SECRETS_REPO})",
+                r.name
             ));
         }
         for p in &self.pools {

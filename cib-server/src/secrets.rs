@@ -124,6 +124,15 @@ impl ServerSecrets {
 #[async_trait]
 impl Secrets for ServerSecrets {
     async fn for_step(&self, build: &BuildFacts<'_>, asked: &[String]) -> Result<StepSecrets, String> {
+        // The server's own credentials (chat tokens) are stored under a repository no build
+        // may have; this holds even if one were somehow started for it.
+        if build.repo == crate::config::SERVER_SECRETS_REPO {
+            let mut out = StepSecrets::default();
+            for name in asked {
+                out.withheld.push((name.clone(), "the server's own credentials are given to no build".into()));
+            }
+            return Ok(out);
+        }
         let stored = match self.keys.current() {
             Ok(key) => self.store.open_secrets(&key, build.repo).await.map_err(|e| e.to_string())?,
             // Without a key, only the configuration's secrets can be had; a stored one the

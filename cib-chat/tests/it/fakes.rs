@@ -61,6 +61,20 @@ async fn chat_fake_slack_records_a_violation_over_http() {
 }
 
 #[tokio::test]
+async fn chat_fake_slack_refuses_another_bot_token() {
+    let slack = FakeSlack::start_for("xoxb-right").await.unwrap();
+    let client =
+        |token: &str| cib_chat::api::Slack { http: Default::default(), api_url: slack.api_url(), token: token.into() };
+    let refused = client("xoxb-wrong").call("chat.postMessage", &[("channel", "C1"), ("text", "hi")]).await;
+    let refused = refused.unwrap_err();
+    assert!(refused.message.contains("invalid_auth"), "{refused}");
+    assert_eq!(refused.kind, cib_core::ports::ErrorKind::Misconfigured);
+    assert!(slack.messages().is_empty(), "nothing was posted");
+    client("xoxb-right").call("chat.postMessage", &[("channel", "C1"), ("text", "hi")]).await.unwrap();
+    assert_eq!(slack.messages().len(), 1);
+}
+
+#[tokio::test]
 async fn chat_fake_zulip_checks_auth_and_fields() {
     let zulip = FakeZulip::start("cib-bot@example.com", "key1").await.unwrap();
     let good = cib_chat::api::Zulip {

@@ -52,6 +52,7 @@ pub fn notifier_config(config: &ServerConfig) -> Option<cib_chat::ChatConfig> {
         repos: chat.repos.iter().map(|r| (r.name.clone(), target(r))).collect(),
         default_target: chat.default.as_ref().map(target),
         public_url: config.github.public_url.clone(),
+        people: config.people_directory(),
         ..cib_chat::ChatConfig::default()
     })
 }

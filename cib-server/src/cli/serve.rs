@@ -16,7 +16,17 @@ fn eprint(text: &str) {
 
 pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
     super::init_logs(log_format, None);
-    let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CIB_")).collect();
+    // The `CIB_*` overrides, and the variables `[chat]` names for its credentials (read from
+    // the file first, so that no other variable of the environment is read).
+    let named = config_path
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| ServerConfig::parse(&text).ok())
+        .map(|c| c.chat.env_names())
+        .unwrap_or_default();
+    let env: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("CIB_") || named.contains(k))
+        .collect();
     let config = match ServerConfig::load(config_path, &env) {
         Ok(c) => c,
         Err(e) => {
@@ -84,6 +94,13 @@ where
     // here with the file's or the variable's name, rather than failing each build that
     // asks for a secret.
     if let Err(e) = cib_server::secrets::check_key(&config, &*store).await {
+        eprint(&format!("cib serve: {e}"));
+        return ExitCode::from(2);
+    }
+    // Chat credentials kept in the encrypted store are opened once, here; a missing one stops
+    // the server with its setting's and the secret's names.
+    let key = cib_server::secrets::load_key(&config);
+    if let Err(e) = config.chat.open_secrets(&*store, key).await {
         eprint(&format!("cib serve: {e}"));
         return ExitCode::from(2);
     }
