@@ -210,10 +210,24 @@ async fn run(state: &Arc<AppState>, token: &TokenConfig, command: Command) -> St
     let post = Method::POST;
     let (status, body, done) = match command {
         Command::Help => return command::HELP.to_owned(),
-        Command::Status { repo } | Command::Builds { repo } => {
+        Command::Builds { repo } => {
             let query = repo.map(|r| format!("&repo={}", seg(&r))).unwrap_or_default();
             let (status, body) =
                 call(state, token, Method::GET, &format!("/api/v1/builds?limit=15{query}"), None).await;
+            return refusal(status, &body).unwrap_or_else(|| builds_text(&body));
+        }
+        Command::Status { repo } => {
+            // The newest build of each pipeline, among the last page of builds (newest first).
+            let query = repo.map(|r| format!("&repo={}", seg(&r))).unwrap_or_default();
+            let (status, mut body) =
+                call(state, token, Method::GET, &format!("/api/v1/builds?limit=500{query}"), None).await;
+            if let Some(builds) = body.get_mut("builds").and_then(Value::as_array_mut) {
+                let mut seen = std::collections::BTreeSet::new();
+                builds.retain(|b| {
+                    let key = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                    seen.insert((key("repo"), key("pipeline")))
+                });
+            }
             return refusal(status, &body).unwrap_or_else(|| builds_text(&body));
         }
         Command::Retry { build } => {

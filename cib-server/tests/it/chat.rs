@@ -214,6 +214,19 @@ async fn chat_requests_are_verified_and_run_as_the_mapped_person() {
         slack.messages().iter().any(|m| m.text.contains("waits for approval at *sign-off*")),
         "the gate had its own message"
     );
+
+    // A second build of the same pipeline: `builds` lists both, `status` only the newest.
+    let again = s.request("POST", "/api/v1/builds", Some(&token(Role::Trigger)), trigger.as_bytes()).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    let second = serde_json::from_str::<serde_json::Value>(&again.body).unwrap()["build"].as_str().unwrap().to_owned();
+    let ask = |text: &str| slash("URITA", text, &url);
+    let builds = ask("builds acme/shop");
+    let (_, answer) = post(&s, "/chat/slack/commands", &signed(&builds, now()), builds.as_bytes()).await;
+    assert!(answer.contains(&build) && answer.contains(&second), "{answer}");
+    let status = ask("status acme/shop");
+    let (_, answer) = post(&s, "/chat/slack/commands", &signed(&status, now()), status.as_bytes()).await;
+    assert!(answer.contains(&second) && !answer.contains(&build), "the newest build of each pipeline: {answer}");
+
     assert!(slack.violations().is_empty(), "{:?}", slack.violations());
     assert!(zulip.violations().is_empty(), "{:?}", zulip.violations());
 }
