@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod deliver;
 mod docker_tls;
+mod failover;
 mod downstream;
 mod github_app;
 mod github_flow;
