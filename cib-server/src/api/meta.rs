@@ -125,11 +125,9 @@ pub async fn readyz(
 
 pub fn readyz_doc(g: &mut DocGen) -> Op {
     let schema = g.schema::<Readiness>();
-    Op::new("Readiness: the engine (not at a standby), the inbox and the store answer; and the server's role.").json(200, "Ready.", schema.clone()).json(
-        503,
-        "Something has stopped; the body says what.",
-        schema,
-    )
+    Op::new("Readiness: the engine (not at a standby), the inbox and the store answer; and the server's role.")
+        .json(200, "Ready.", schema.clone())
+        .json(503, "Something has stopped; the body says what.", schema)
 }
 
 /// The caller, as the server knows them.

@@ -116,7 +116,11 @@ fn role_of(tenure: cib_store::Tenure) -> Option<cib_server::state::Role> {
 /// moves the server's role; steps down when the lease is lost or runs out. A thread of its
 /// own watches the lease's end by the monotonic clock, so that a process paused past its lease
 /// (SIGSTOP, a frozen VM) stops within 50 ms of running again, whichever task runs first.
-fn lead(leadership: cib_store::Leadership, role: tokio::sync::watch::Sender<cib_server::state::Role>, renew: std::time::Duration) {
+fn lead(
+    leadership: cib_store::Leadership,
+    role: tokio::sync::watch::Sender<cib_server::state::Role>,
+    renew: std::time::Duration,
+) {
     let watched = leadership.clone();
     std::thread::spawn(move || {
         loop {

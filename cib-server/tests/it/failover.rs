@@ -250,7 +250,11 @@ fn the_standby_takes_over_from_a_killed_active_server_and_builds_every_delivery_
     let took = wait_active(&b.url, Duration::from_secs(5));
     let since_kill = killed.elapsed();
     assert!(since_kill < Duration::from_secs(5), "takeover took {since_kill:?} after the kill");
-    eprintln!("failover: the standby was active {since_kill:?} after the kill ({took:?} of polling)");
+    // The figure, for docs/operations.md (shown with --no-capture).
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!("failover: the standby was active {since_kill:?} after the kill ({took:?} of polling)\n"),
+    );
     assert_eq!(readyz(&b.url).expect("b").1["epoch"].as_i64(), Some(2));
 
     // Every acknowledged delivery built exactly once, the running steps re-attached to.
@@ -322,4 +326,25 @@ fn raw_request(url: &str, method: &str, path: &str, authorization: &str) -> Stri
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The `[leadership]` example of docs/operations.md is accepted with its values, and a renewal
+/// that could not keep a lease is refused when the configuration loads.
+#[test]
+fn the_leadership_example_in_the_docs_is_accepted_and_bad_timings_are_refused() {
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"))
+        .expect("docs/operations.md");
+    let from = docs.find("<!-- leadership -->").expect("the example is marked");
+    let start = from + docs[from..].find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let end = start + docs[start..].find("```").expect("the block ends");
+    let config = cib_server::config::ServerConfig::parse(&docs[start..end]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((config.leadership.lease_ms, config.leadership.renew_ms), (3000, 1000));
+    assert_eq!(config.leadership.address.as_deref(), Some("http://cib-1.internal:8080"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    for bad in ["lease_ms = 1500\nrenew_ms = 1000", "renew_ms = 0"] {
+        let path = dir.path().join("cib.toml");
+        std::fs::write(&path, format!("[leadership]\n{bad}\n")).expect("config");
+        let error = cib_server::config::ServerConfig::load(Some(&path), &Default::default()).expect_err(bad);
+        assert!(error.contains("[leadership]"), "{error}");
+    }
 }

@@ -202,10 +202,7 @@ impl Leadership {
     pub async fn holder(&self) -> Result<Option<Holder>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
-            .opt(
-                "SELECT holder, address, epoch FROM leadership WHERE id = 1 AND deadline >= clock_timestamp()",
-                &[],
-            )
+            .opt("SELECT holder, address, epoch FROM leadership WHERE id = 1 AND deadline >= clock_timestamp()", &[])
             .await?;
         Ok(row.map(|r| Holder { holder: r.get(0), address: r.get(1), epoch: r.get(2) }))
     }
@@ -215,7 +212,9 @@ impl Leadership {
     pub async fn release(&self) -> Result<(), StoreError> {
         self.fence.epoch.store(-1, Ordering::SeqCst);
         let client = self.pool.get().await.map_err(pool_error)?;
-        client.exec("UPDATE leadership SET deadline = '-infinity' WHERE id = 1 AND holder = $1", &[&self.holder]).await?;
+        client
+            .exec("UPDATE leadership SET deadline = '-infinity' WHERE id = 1 AND holder = $1", &[&self.holder])
+            .await?;
         Ok(())
     }
 

@@ -356,14 +356,21 @@ async fn one_server_holds_the_lease_and_a_standby_takes_over_under_a_new_epoch()
     let refused = b.append_input(&tick(2)).await.expect_err("the standby is refused");
     assert!(cib_store::is_fenced(&refused), "{refused}");
     // Webhook intake is not fenced: every server takes deliveries.
-    assert_eq!(b.insert_delivery_once(&delivery("d", 5), b"digest", Timestamp(0), None).await.expect("intake"), Intake::New);
+    assert_eq!(
+        b.insert_delivery_once(&delivery("d", 5), b"digest", Timestamp(0), None).await.expect("intake"),
+        Intake::New
+    );
     // Renewals keep it: a round within the lease is still epoch 1.
     assert_eq!(la.round().await.expect("renew"), Tenure::Active { epoch: 1 });
     assert_eq!(lb.round().await.expect("round"), Tenure::Standby { active: Some(active.clone()) });
     // `a` stops renewing (paused): once the lease has run out, `b` takes it under epoch 2.
     tokio::time::sleep(lease + std::time::Duration::from_millis(100)).await;
     assert!(la.expired(), "the old leader knows by its own clock");
-    assert!(cib_store::is_fenced(&a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late").await.expect_err("fenced")));
+    assert!(cib_store::is_fenced(
+        &a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late")
+            .await
+            .expect_err("fenced")
+    ));
     assert_eq!(lb.round().await.expect("takeover"), Tenure::Active { epoch: 2 });
     assert_eq!(b.append_input(&tick(3)).await.expect("the new leader appends"), 2);
     let Tenure::Lost { active: Some(now) } = la.round().await.expect("round") else { panic!("a has lost the lease") };
@@ -396,7 +403,9 @@ async fn the_database_refuses_a_write_under_a_stale_epoch() {
     for refused in [
         a.append_input(&tick(1)).await.expect_err("journal"),
         a.save_snapshot(0, b"{}").await.expect_err("snapshot"),
-        a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late").await.expect_err("log"),
+        a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late")
+            .await
+            .expect_err("log"),
     ] {
         assert!(matches!(&refused, StoreError::Permanent(m) if m.contains("epoch 1 is stale")), "{refused}");
     }
