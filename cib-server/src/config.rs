@@ -278,6 +278,32 @@ pub struct ServerConfig {
     /// Slack and Zulip (`[chat.slack]`, `[chat.zulip]`, `[[chat.repos]]`).
     #[serde(default)]
     pub chat: ChatFileConfig,
+    /// `[leadership]`: active/standby servers on one PostgreSQL store.
+    #[serde(default)]
+    pub leadership: LeadershipConfig,
+}
+
+/// `[leadership]`: how the servers of one PostgreSQL store choose the one that runs the
+/// engine (SQLite has one server, and ignores it).
+///
+/// ```toml
+/// [leadership]
+/// lease_ms = 3000                      # a holder silent this long loses the lease
+/// renew_ms = 1000                      # how often the holder renews (and a standby asks)
+/// address = "http://cib-1.internal:8080"  # where standbys send clients (default: http://LISTEN)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeadershipConfig {
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+    pub address: Option<String>,
+}
+
+impl Default for LeadershipConfig {
+    fn default() -> Self {
+        LeadershipConfig { lease_ms: 3_000, renew_ms: 1_000, address: None }
+    }
 }
 
 /// `[chat]`: the chat services cib posts notices to and takes commands from.
@@ -593,6 +619,7 @@ impl Default for ServerConfig {
             time_zone: None,
             cache_budget: None,
             chat: ChatFileConfig::default(),
+            leadership: LeadershipConfig::default(),
         }
     }
 }
@@ -841,6 +868,13 @@ impl ServerConfig {
         }
         for g in &self.github.repos {
             cib_core::spec::Glob::parse(g).map_err(|e| format!("[github] repos: '{g}': {e}"))?;
+        }
+        let LeadershipConfig { lease_ms, renew_ms, .. } = self.leadership;
+        if renew_ms == 0 || lease_ms < 2 * renew_ms {
+            return Err(format!(
+                "[leadership] renew_ms is {renew_ms} and lease_ms {lease_ms}: renew at least once a millisecond \
+                 and at least twice per lease, or a holder loses its lease between two renewals"
+            ));
         }
         if self.inbox.max_attempts == 0 || self.inbox.concurrency == 0 {
             return Err("[inbox] max_attempts and concurrency must be at least 1".into());

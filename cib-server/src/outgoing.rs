@@ -261,13 +261,28 @@ impl Drop for Outgoing {
 impl Outgoing {
     /// Starts a task for each receiver.
     pub fn start(receivers: Vec<Receiver>, store: Arc<dyn Store>) -> Self {
+        Self::start_when(receivers, store, tokio::sync::watch::Sender::new(crate::state::Role::Single).subscribe())
+    }
+
+    /// [`Outgoing::start`], each receiver's task waiting until this server is no standby: only
+    /// the active server delivers, so that two servers do not send each event twice.
+    pub fn start_when(
+        receivers: Vec<Receiver>,
+        store: Arc<dyn Store>,
+        role: tokio::sync::watch::Receiver<crate::state::Role>,
+    ) -> Self {
         let senders = receivers
             .into_iter()
             .map(|receiver| {
                 let wake = Arc::new(Notify::new());
                 let last_error = Arc::new(Mutex::new(None));
                 let name = receiver.name.clone();
-                let task = tokio::spawn(run(receiver, store.clone(), wake.clone(), last_error.clone()));
+                let work = run(receiver, store.clone(), wake.clone(), last_error.clone());
+                let role = role.clone();
+                let task = tokio::spawn(async move {
+                    crate::state::wait_active(role).await;
+                    work.await
+                });
                 Sender { name, wake, last_error, task }
             })
             .collect();

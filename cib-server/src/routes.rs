@@ -189,10 +189,60 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     router
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), standby_gate))
         .layer(axum::middleware::map_response(explain_405))
         // Bodies are read with each route's own limit (the webhook's is larger), not axum's.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The header naming the active server in a standby's `503`.
+pub const ACTIVE_HEADER: &str = "x-cib-active";
+
+/// Whether a standby serves this request itself: reads of what the store holds, webhook
+/// intake (an insert, which the active server's inbox picks up) and signing in and out.
+/// What needs the engine (every write, and reads of its memory: pools, leases, environments,
+/// downstream builds, live streams) is the active server's.
+pub fn served_by_standby(method: &Method, path: &str) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        let engine_read = path.starts_with("/api/v1/pools")
+            || path.starts_with("/api/v1/leases")
+            || path == "/pools"
+            || path.starts_with("/repos/")
+            || path.ends_with("/environments")
+            || path.contains("/downstream")
+            || path.ends_with("/stream")
+            || path.ends_with("/events");
+        return !engine_read;
+    }
+    method == Method::POST && matches!(path, "/hooks/github" | "/hooks/git" | "/login" | "/logout")
+}
+
+/// At a standby, answers what only the active server can do with `503`, `Retry-After: 1` and
+/// the active server's address (in [`ACTIVE_HEADER`] and the message) rather than forwarding
+/// it: a client that retries there reaches the engine that will act, and a standby never
+/// carries a write whose outcome it cannot know.
+async fn standby_gate(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // Cloned out, so that the role's lock is not held across the handler's await.
+    let role = state.role.borrow().clone();
+    let crate::state::Role::Standby { active } = role else { return next.run(request).await };
+    if served_by_standby(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let message = match &active {
+        Some(address) => format!("this server is a standby; the active server is {address}"),
+        None => "this server is a standby, and no server holds the lease at the moment".to_owned(),
+    };
+    let mut response = plain_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &message);
+    response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    if let Some(value) = active.and_then(|a| http::HeaderValue::from_str(&a).ok()) {
+        response.headers_mut().insert(ACTIVE_HEADER, value);
+    }
+    response
 }
 
 async fn not_found() -> ApiError {

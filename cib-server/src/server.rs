@@ -54,9 +54,26 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     executor: Arc<dyn cib_core::ports::Executor>,
     store: Arc<S>,
     vcs: Arc<dyn Vcs>,
-    mut notifiers: Vec<Arc<dyn Notifier>>,
+    notifiers: Vec<Arc<dyn Notifier>>,
     clock: Arc<dyn Clock>,
 ) -> Running {
+    start_in_role(config, executor, store, vcs, notifiers, clock, crate::state::Role::Single)
+}
+
+/// [`start_clocked`] in a role among the servers of one database. A standby serves webhooks
+/// and reads at once; its engine (which loads the snapshot and replays the journal's tail
+/// when it starts, as after a restart), inbox processor, scheduler, outgoing webhooks and
+/// artifact expiry start only when [`AppState::role`] leaves `Standby`.
+pub fn start_in_role<S: Store + SecretStore + SessionStore + ArtifactIndex + 'static>(
+    config: ServerConfig,
+    executor: Arc<dyn cib_core::ports::Executor>,
+    store: Arc<S>,
+    vcs: Arc<dyn Vcs>,
+    mut notifiers: Vec<Arc<dyn Notifier>>,
+    clock: Arc<dyn Clock>,
+    role: crate::state::Role,
+) -> Running {
+    let role = tokio::sync::watch::Sender::new(role);
     let secret_store: Arc<dyn SecretStore> = store.clone();
     let sessions: Arc<dyn SessionStore> = store.clone();
     // Artifacts are archives under the data directory, indexed in the same store.
@@ -74,7 +91,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
         }
     }
     let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
-    let outgoing = Arc::new(crate::outgoing::Outgoing::start(receivers, store.clone()));
+    let outgoing = Arc::new(crate::outgoing::Outgoing::start_when(receivers, store.clone(), role.subscribe()));
     notifiers.push(outgoing.clone());
     if let Some(chat) = crate::api::chat::notifier_config(&config) {
         match cib_chat::ChatNotifier::new(chat, &config.data_dir.join("chat-outbox")) {
@@ -108,7 +125,9 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     let (engine, future) = Engine::start(ports, engine_config);
     let engine_task = tokio::spawn({
         let store = store.clone();
+        let role = role.subscribe();
         async move {
+            crate::state::wait_active(role).await;
             // Receivers new to the store start after the last event stored before the engine
             // runs, so that none of the events it makes from now on is missed. A failure here
             // is not fatal: each receiver's task sets its own cursor when it finds none.
@@ -122,6 +141,7 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
     state.notifiers = notifiers;
     state.artifacts = artifacts;
     state.executor = Some(executor);
+    state.role = role;
     let _ = state.api_router.set(crate::routes::router);
     let state = Arc::new(state);
     let inbox_task = tokio::spawn({
@@ -129,12 +149,25 @@ pub fn start_clocked<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
         async move {
             // Cleared however the inbox ends, a panic included, so `/readyz` tells.
             let _alive = AliveGuard(state.inbox_alive.clone());
+            crate::state::wait_active(state.role.subscribe()).await;
             crate::inbox::run(state).await;
         }
     });
     tokio::spawn(feed_metrics(state.clone()));
-    tokio::spawn(expire_artifacts(state.clone()));
-    let scheduler_task = tokio::spawn(crate::scheduler::run(state.clone()));
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            crate::state::wait_active(state.role.subscribe()).await;
+            expire_artifacts(state).await;
+        }
+    });
+    let scheduler_task = tokio::spawn({
+        let state = state.clone();
+        async move {
+            crate::state::wait_active(state.role.subscribe()).await;
+            crate::scheduler::run(state).await;
+        }
+    });
     Running { state, engine_task, inbox_task, outgoing, scheduler_task }
 }
 

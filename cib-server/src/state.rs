@@ -46,7 +46,42 @@ pub struct AppState {
     pub api_router: std::sync::OnceLock<fn(Arc<AppState>) -> axum::Router>,
     /// Slack signatures seen in the last minutes, so that a replayed request does nothing.
     pub slack_replays: cib_chat::verify::ReplayGuard,
+    /// Whether this server runs the engine (see [`Role`]); the leadership task moves it.
+    pub role: tokio::sync::watch::Sender<Role>,
     counter: AtomicU64,
+}
+
+/// A server's part among the servers of one database (issue 22).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The only server of its store (SQLite, or PostgreSQL without leadership): it runs the
+    /// engine from the start.
+    Single,
+    /// It holds the leadership lease under this epoch and runs the engine.
+    Active { epoch: i64 },
+    /// Another server holds the lease (its address, when known): this one takes webhooks and
+    /// serves reads, and its engine, inbox processor and scheduler wait.
+    Standby { active: Option<String> },
+}
+
+impl Role {
+    /// `single`, `active` or `standby`, as `/readyz` says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Active { .. } => "active",
+            Role::Standby { .. } => "standby",
+        }
+    }
+}
+
+/// Returns once the role is no longer standby: the engine's, the inbox's and the scheduler's
+/// tasks start behind it. Never returns if the role's sender is gone, since nothing could then
+/// say that this server leads.
+pub async fn wait_active(mut role: tokio::sync::watch::Receiver<Role>) {
+    if role.wait_for(|r| !matches!(r, Role::Standby { .. })).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl AppState {
@@ -83,6 +118,7 @@ impl AppState {
             executor: None,
             api_router: std::sync::OnceLock::new(),
             slack_replays: cib_chat::verify::ReplayGuard::default(),
+            role: tokio::sync::watch::Sender::new(Role::Single),
             counter: AtomicU64::new(0),
         }
     }

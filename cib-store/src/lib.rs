@@ -32,7 +32,10 @@ pub use artifacts::FileArtifacts;
 #[cfg(feature = "testing")]
 pub use postgres::testing;
 #[cfg(feature = "postgres")]
-pub use postgres::{CopyReport, PgOptions, PgStore, TableCopy, copy_sqlite_to_postgres, redact_url};
+pub use postgres::{
+    CopyReport, FENCED, Holder, Leadership, PgOptions, PgStore, TableCopy, Tenure, copy_sqlite_to_postgres, is_fenced,
+    redact_url,
+};
 pub use schema::SCHEMA_VERSION;
 pub use secrets::{generate_key, load_or_create_key_file, parse_key, read_key_file};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};

@@ -91,27 +91,43 @@ pub struct Readiness {
     pub engine: bool,
     pub inbox: bool,
     pub store: bool,
+    /// `single` (the only server of its store), `active` (it holds the leadership lease and
+    /// runs the engine) or `standby` (it takes webhooks and serves reads; its engine waits).
+    pub role: String,
+    /// The leadership epoch an active server holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+    /// The address of the active server, as a standby knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
 }
 
 /// `GET /readyz`: 200 when the engine, the inbox and the store answer; 503 otherwise.
 pub async fn readyz(
     axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
 ) -> Response {
-    let engine = state.engine.query(|_| ()).await.is_ok();
+    let role = state.role.borrow().clone();
+    let standby = matches!(role, crate::state::Role::Standby { .. });
+    // A standby's engine has not started, so asking it would wait forever; a standby is
+    // ready when it can take webhooks and serve reads.
+    let engine = !standby && state.engine.query(|_| ()).await.is_ok();
     let inbox = state.inbox_alive.load(std::sync::atomic::Ordering::SeqCst);
     let store = state.store.inbox_depth().await.is_ok();
-    let ready = engine && inbox && store;
+    let ready = (engine || standby) && inbox && store;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json_response(status, &Readiness { ready, engine, inbox, store })
+    let (epoch, active) = match &role {
+        crate::state::Role::Active { epoch } => (Some(*epoch), None),
+        crate::state::Role::Standby { active } => (None, active.clone()),
+        crate::state::Role::Single => (None, None),
+    };
+    json_response(status, &Readiness { ready, engine, inbox, store, role: role.name().to_owned(), epoch, active })
 }
 
 pub fn readyz_doc(g: &mut DocGen) -> Op {
     let schema = g.schema::<Readiness>();
-    Op::new("Readiness: the engine, the inbox and the store answer.").json(200, "Ready.", schema.clone()).json(
-        503,
-        "Something has stopped; the body says what.",
-        schema,
-    )
+    Op::new("Readiness: the engine (not at a standby), the inbox and the store answer; and the server's role.")
+        .json(200, "Ready.", schema.clone())
+        .json(503, "Something has stopped; the body says what.", schema)
 }
 
 /// The caller, as the server knows them.

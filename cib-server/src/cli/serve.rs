@@ -53,7 +53,7 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
                     return ExitCode::from(3);
                 }
                 match cib_store::SqliteStore::open(db, store_options(&config.limits)) {
-                    Ok(store) => serve_on(config, Arc::new(store)).await,
+                    Ok(store) => serve_on(config, Arc::new(store), None).await,
                     Err(e) => {
                         eprint(&format!("cib serve: cannot open the store: {e}"));
                         ExitCode::from(3)
@@ -64,7 +64,16 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
                 match cib_store::PgStore::connect(&url, pg_options(&config.limits)).await {
                     Ok(store) => {
                         eprint(&format!("cib serve: the store is PostgreSQL at {}", store.target()));
-                        serve_on(config, Arc::new(store)).await
+                        let address =
+                            config.leadership.address.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+                        let lease = std::time::Duration::from_millis(config.leadership.lease_ms);
+                        match store.leadership(&holder_id(), &address, lease).await {
+                            Ok(leadership) => serve_on(config, Arc::new(store), Some(leadership)).await,
+                            Err(e) => {
+                                eprint(&format!("cib serve: cannot take part in leadership: {e}"));
+                                ExitCode::from(3)
+                            }
+                        }
                     }
                     Err(e) => {
                         eprint(&format!("cib serve: cannot open the store {}: {e}", cib_store::redact_url(&url)));
@@ -80,9 +89,93 @@ pub fn run(config_path: Option<&Path>, log_format: &str) -> ExitCode {
     })
 }
 
+/// This process's id in the leadership row: the host, the process and when it started, so
+/// that a restarted server is a new holder (and a takeover always moves the epoch).
+fn holder_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{host}:{}:{started}", std::process::id())
+}
+
+/// The exit code of a server that stepped down: it lost the leadership lease, or its lease
+/// ran out before it could renew it.
+const STEPPED_DOWN: u8 = 5;
+
+/// Ends the process at once, because it no longer holds the lease. Going back to standby
+/// inside the process would leave the old engine's tasks (steps it follows, logs in flight)
+/// running beside the new active server; ending the process ends them without one more
+/// write or Docker call, and the containers stay for the new active server to re-attach to.
+/// A supervisor (systemd's `Restart=always`) starts it again as a standby.
+fn step_down(why: &str) -> ! {
+    tracing::error!(reason = %why, "cib serve is stepping down");
+    eprint(&format!("cib serve: stepping down: {why}"));
+    std::process::exit(i32::from(STEPPED_DOWN))
+}
+
+/// The role a leadership round gives this server.
+fn role_of(tenure: cib_store::Tenure) -> Option<cib_server::state::Role> {
+    use cib_server::state::Role;
+    match tenure {
+        cib_store::Tenure::Active { epoch } => Some(Role::Active { epoch }),
+        cib_store::Tenure::Standby { active } => Some(Role::Standby { active: active.map(|h| h.address) }),
+        cib_store::Tenure::Lost { .. } => None,
+    }
+}
+
+/// Renews the lease, or asks for it, every `renew`, for as long as the process lives, and
+/// moves the server's role; steps down when the lease is lost or runs out. A thread of its
+/// own watches the lease's end by the monotonic clock, so that a process paused past its lease
+/// (SIGSTOP, a frozen VM) stops within 50 ms of running again, whichever task runs first.
+fn lead(
+    leadership: cib_store::Leadership,
+    role: tokio::sync::watch::Sender<cib_server::state::Role>,
+    renew: std::time::Duration,
+) {
+    let watched = leadership.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if watched.expired() {
+                step_down("the leadership lease ran out before it was renewed");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(renew).await;
+            match leadership.round().await {
+                Ok(tenure) => {
+                    let Some(new) = role_of(tenure.clone()) else {
+                        let holder = match tenure {
+                            cib_store::Tenure::Lost { active: Some(h) } => format!("{} (epoch {})", h.address, h.epoch),
+                            _ => "another server".to_owned(),
+                        };
+                        step_down(&format!("the leadership lease was taken by {holder}"));
+                    };
+                    role.send_if_modified(|current| {
+                        if *current == new {
+                            return false;
+                        }
+                        match &new {
+                            cib_server::state::Role::Active { epoch } => {
+                                eprint(&format!("cib serve: this server is now active (epoch {epoch})"));
+                                tracing::info!(epoch, "this server holds the leadership lease and starts its engine");
+                            }
+                            other => tracing::info!(role = ?other, "leadership"),
+                        }
+                        *current = new.clone();
+                        true
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "cannot renew or ask for the leadership lease"),
+            }
+        }
+    });
+}
+
 /// Serves with `store`, SQLite or PostgreSQL alike, until SIGTERM, ^C, or the engine or the
-/// inbox stops.
-async fn serve_on<S>(mut config: ServerConfig, store: Arc<S>) -> ExitCode
+/// inbox stops. With `leadership` (PostgreSQL), the server is active or a standby.
+async fn serve_on<S>(mut config: ServerConfig, store: Arc<S>, leadership: Option<cib_store::Leadership>) -> ExitCode
 where
     S: cib_core::ports::Store
         + cib_core::ports::SecretStore
@@ -147,7 +240,26 @@ where
         }
     };
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), notifiers);
+    let renew = std::time::Duration::from_millis(config.leadership.renew_ms);
+    let role = match &leadership {
+        None => cib_server::state::Role::Single,
+        Some(l) => match l.round().await.map(role_of) {
+            Ok(Some(role)) => role,
+            // A first round cannot have lost a lease it never held; a failed one starts as a
+            // standby, and the next round decides.
+            Ok(None) => cib_server::state::Role::Standby { active: None },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask for the leadership lease");
+                cib_server::state::Role::Standby { active: None }
+            }
+        },
+    };
+    eprint(&format!("cib serve: role {}", role.name()));
+    let clock: Arc<dyn cib_core::ports::Clock> = Arc::new(cib_core::engine::SystemClock);
+    let running = server::start_in_role(config, Arc::new(executor), store, Arc::new(vcs), notifiers, clock, role);
+    if let Some(l) = &leadership {
+        lead(l.clone(), running.state.role.clone(), renew);
+    }
     eprint(&format!("cib serve: listening on http://{address}"));
     let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
     // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
@@ -166,9 +278,17 @@ where
         eprint(&format!("cib serve: {e}"));
     }
     if let Some(why) = died {
+        if why.contains(cib_store::FENCED) {
+            step_down(&why);
+        }
         tracing::error!(reason = %why, "cib serve is exiting");
         eprint(&format!("cib serve: {why}"));
         return ExitCode::from(4);
+    }
+    if matches!(*state.role.borrow(), cib_server::state::Role::Standby { .. }) {
+        // A standby's engine never started: there is nothing to drain.
+        eprint("cib serve: stopped (standby)");
+        return ExitCode::SUCCESS;
     }
     // No new work: the inbox stops, and the engine starts no more steps. Running steps get
     // the grace period to finish; what still runs then is left running, never failed, and
@@ -183,6 +303,13 @@ where
     }
     state.engine.shutdown().await;
     let _ = engine_task.await;
+    if let Some(l) = &leadership {
+        // Given up rather than left to run out, so that a standby takes over within a second.
+        match l.release().await {
+            Ok(()) => eprint("cib serve: the leadership lease is given up"),
+            Err(e) => eprint(&format!("cib serve: cannot give the leadership lease up ({e}); it runs out by itself")),
+        }
+    }
     ExitCode::SUCCESS
 }
 

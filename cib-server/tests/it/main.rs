@@ -8,6 +8,7 @@ mod client;
 mod deliver;
 mod docker_tls;
 mod downstream;
+mod failover;
 mod github_app;
 mod github_flow;
 mod inbox;

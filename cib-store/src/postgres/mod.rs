@@ -14,6 +14,7 @@
 //!   they see one committed state, as SQLite's read transactions do.
 
 mod copy;
+mod leader;
 mod logs;
 mod schema;
 #[cfg(feature = "testing")]
@@ -38,6 +39,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 pub use copy::{CopyReport, TableCopy, copy_sqlite_to_postgres};
+pub use leader::{FENCED, Holder, Leadership, Tenure, is_fenced};
 
 use crate::error::{corrupt, from_sql, sql_limit, to_sql};
 use crate::logs::LogConfig;
@@ -81,6 +83,8 @@ pub struct PgStore {
     /// digests were last deleted.
     digest_horizon: AtomicU64,
     intakes: AtomicUsize,
+    /// Whether this store's server may write the engine's state (see `leader.rs`).
+    fence: std::sync::Arc<leader::Fence>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -224,6 +228,7 @@ impl PgStore {
             target,
             digest_horizon: AtomicU64::new(0),
             intakes: AtomicUsize::new(0),
+            fence: Default::default(),
         })
     }
 
@@ -415,6 +420,8 @@ impl Store for PgStore {
         // The lock makes appends take turns, so the next number is free and numbers have no
         // gaps; a snapshot may have taken every input, so its number counts too.
         tx.exec("SELECT pg_advisory_xact_lock($1)", &[&JOURNAL_LOCK]).await?;
+        // Checked in the append's own transaction: see `leader.rs`.
+        self.fence.check(&tx).await?;
         let last: i64 = tx
             .opt(
                 "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM inputs), 0), COALESCE((SELECT MAX(seq) FROM snapshots), 0))",
@@ -478,6 +485,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         tx.exec("SELECT pg_advisory_xact_lock($1)", &[&JOURNAL_LOCK]).await?;
+        self.fence.check(&tx).await?;
         tx.exec(
             "INSERT INTO snapshots (seq, at, data) VALUES ($1, $2, $3)
              ON CONFLICT (seq) DO UPDATE SET at = excluded.at, data = excluded.data",
@@ -517,6 +525,7 @@ impl Store for PgStore {
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        self.fence.check(&tx).await?;
         for event in events {
             let (seq, at) = (to_sql(event.seq)?, to_sql(event.at.0)?);
             let build = event.body.build().map(|b| b.0.clone());
@@ -555,6 +564,7 @@ impl Store for PgStore {
     async fn append_log(&self, key: &LogKey, data: &[u8]) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        self.fence.check(&tx).await?;
         let length = logs::append(&tx, &self.logs, key, data).await?;
         tx.commit().await.map_err(db)?;
         Ok(length)
@@ -563,11 +573,13 @@ impl Store for PgStore {
     async fn finish_log(&self, key: &LogKey) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        self.fence.check(&tx).await?;
         logs::finish(&tx, &self.logs, key).await?;
         tx.commit().await.map_err(db)
     }
 
     async fn mark_log_time(&self, key: &LogKey, offset: u64, at: Timestamp) -> Result<(), StoreError> {
+        self.fence.local()?;
         let (offset, at, attempt) = (to_sql(offset)?, to_sql(at.0)?, i64::from(key.attempt));
         self.client()
             .await?
@@ -631,6 +643,7 @@ impl Store for PgStore {
     }
 
     async fn mark_delivery_done(&self, id: &str) -> Result<(), StoreError> {
+        self.fence.local()?;
         self.client().await?.exec("UPDATE deliveries SET done = 1 WHERE id = $1", &[&id]).await?;
         Ok(())
     }
@@ -713,6 +726,9 @@ impl Store for PgStore {
     }
 
     async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome) -> Result<(), StoreError> {
+        // Only the inbox processor of the active server finishes deliveries; the lease is
+        // checked here, without a round trip (a refusal only leaves the delivery pending).
+        self.fence.local()?;
         let client = self.client().await?;
         match outcome {
             DeliveryOutcome::Done { reason } => {
@@ -892,6 +908,7 @@ impl Store for PgStore {
     }
 
     async fn advance_webhook_cursor(&self, receiver: &str, seq: u64) -> Result<(), StoreError> {
+        self.fence.local()?;
         let seq = to_sql(seq)?;
         self.client()
             .await?

@@ -331,3 +331,83 @@ async fn a_unix_socket_url_reaches_the_database() {
     let store = PgStore::connect(&url, PgOptions::default()).await.unwrap_or_else(|e| panic!("{url}: {e}"));
     assert_eq!(store.schema_version().await.expect("version"), SCHEMA_VERSION);
 }
+
+fn tick(n: u64) -> StoredInput {
+    StoredInput { at: Timestamp(n), input: cib_core::pipeline::Input::Tick }
+}
+
+/// Leadership (issue 22): one of two servers takes the lease and only it may append; the
+/// other takes over once the lease has run out, under a new epoch; the first then finds its
+/// lease lost, and every write of its engine is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_holds_the_lease_and_a_standby_takes_over_under_a_new_epoch() {
+    use cib_store::Tenure;
+    let db = database().await;
+    let (a, b) = (connect(&db, PgOptions::default()).await, connect(&db, PgOptions::default()).await);
+    let lease = std::time::Duration::from_millis(600);
+    let la = a.leadership("a", "http://a", lease).await.expect("leadership a");
+    let lb = b.leadership("b", "http://b", lease).await.expect("leadership b");
+    // Before any round neither may write the engine's state.
+    assert!(cib_store::is_fenced(&a.append_input(&tick(1)).await.expect_err("not yet the leader")));
+    assert_eq!(la.round().await.expect("round"), Tenure::Active { epoch: 1 });
+    let Tenure::Standby { active: Some(active) } = lb.round().await.expect("round") else { panic!("b is a standby") };
+    assert_eq!((active.holder.as_str(), active.address.as_str(), active.epoch), ("a", "http://a", 1));
+    assert_eq!(a.append_input(&tick(1)).await.expect("the leader appends"), 1);
+    let refused = b.append_input(&tick(2)).await.expect_err("the standby is refused");
+    assert!(cib_store::is_fenced(&refused), "{refused}");
+    // Webhook intake is not fenced: every server takes deliveries.
+    assert_eq!(
+        b.insert_delivery_once(&delivery("d", 5), b"digest", Timestamp(0), None).await.expect("intake"),
+        Intake::New
+    );
+    // Renewals keep it: a round within the lease is still epoch 1.
+    assert_eq!(la.round().await.expect("renew"), Tenure::Active { epoch: 1 });
+    assert_eq!(lb.round().await.expect("round"), Tenure::Standby { active: Some(active.clone()) });
+    // `a` stops renewing (paused): once the lease has run out, `b` takes it under epoch 2.
+    tokio::time::sleep(lease + std::time::Duration::from_millis(100)).await;
+    assert!(la.expired(), "the old leader knows by its own clock");
+    assert!(cib_store::is_fenced(
+        &a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late")
+            .await
+            .expect_err("fenced")
+    ));
+    assert_eq!(lb.round().await.expect("takeover"), Tenure::Active { epoch: 2 });
+    assert_eq!(b.append_input(&tick(3)).await.expect("the new leader appends"), 2);
+    let Tenure::Lost { active: Some(now) } = la.round().await.expect("round") else { panic!("a has lost the lease") };
+    assert_eq!((now.holder.as_str(), now.epoch), ("b", 2));
+    assert!(cib_store::is_fenced(&a.append_input(&tick(4)).await.expect_err("stale")));
+    // A clean stop gives the lease up at once.
+    lb.release().await.expect("release");
+    assert_eq!(la.round().await.expect("round"), Tenure::Active { epoch: 3 });
+    assert_eq!(b.inputs_after(0, 10).await.expect("inputs").len(), 2, "only the leaders' appends are stored");
+}
+
+/// The database refuses a stale epoch even when the old leader's own clock says its lease
+/// still runs (a clock that ran slow, say): the row's epoch, read in the write's own
+/// transaction, decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_refuses_a_write_under_a_stale_epoch() {
+    use cib_store::Tenure;
+    let db = database().await;
+    let (a, b) = (connect(&db, PgOptions::default()).await, connect(&db, PgOptions::default()).await);
+    let lease = std::time::Duration::from_secs(30);
+    let la = a.leadership("a", "http://a", lease).await.expect("leadership a");
+    let lb = b.leadership("b", "http://b", lease).await.expect("leadership b");
+    assert_eq!(la.round().await.expect("round"), Tenure::Active { epoch: 1 });
+    // The database's clock passes the lease while `a`'s does not.
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client.execute("UPDATE leadership SET deadline = '-infinity'", &[]).await.expect("expire");
+    assert_eq!(lb.round().await.expect("takeover"), Tenure::Active { epoch: 2 });
+    assert_eq!(la.epoch(), Some(1), "a still believes it leads");
+    for refused in [
+        a.append_input(&tick(1)).await.expect_err("journal"),
+        a.save_snapshot(0, b"{}").await.expect_err("snapshot"),
+        a.append_log(&LogKey { build: BuildId::from("x"), step: "s".into(), attempt: 1 }, b"late")
+            .await
+            .expect_err("log"),
+    ] {
+        assert!(matches!(&refused, StoreError::Permanent(m) if m.contains("epoch 1 is stale")), "{refused}");
+    }
+    assert_eq!(b.append_input(&tick(2)).await.expect("the new leader appends"), 1);
+}
