@@ -395,10 +395,12 @@ fn start_until_the_middle_step_sleeps(
     (server, id, config, port)
 }
 
-/// The containers of one step of a build, running or not.
-fn step_containers(build: &str, step: &str) -> Vec<String> {
+/// The containers of one step of a build, running or not, of the server on `port` (build ids
+/// come from delivery ids, so tests running at once may share one; their instances differ).
+fn step_containers(port: u16, build: &str, step: &str) -> Vec<String> {
     let out = Command::new("docker")
         .args(["container", "ls", "-a", "-q", "--filter", &format!("label=org.cib.build={build}")])
+        .args(["--filter", &format!("label=org.cib.engine=test-server-{port}")])
         .args(["--filter", &format!("label=org.cib.step={step}")])
         .output()
         .expect("docker answers");
@@ -410,7 +412,7 @@ fn a_step_running_at_a_kill_is_re_attached_and_the_build_succeeds() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, id, config, port) = start_until_the_middle_step_sleeps(dir.path(), "test", "", None);
     server.kill();
-    assert_eq!(step_containers(&id, "two").len(), 1, "the middle step's container outlived the server");
+    assert_eq!(step_containers(port, &id, "two").len(), 1, "the middle step's container outlived the server");
 
     let server = start(&config, port);
     wait_for(&server.url, "the build ends after the restart", |b| {
@@ -434,7 +436,7 @@ fn a_deploy_step_lost_at_a_kill_is_interrupted_run_once_and_retried_by_a_person(
     let (server, id, config, port) = start_until_the_middle_step_sleeps(dir.path(), "ship", header, None);
     server.kill();
     // The daemon loses the step's container while no server runs (a daemon restart would).
-    let lost = step_containers(&id, "two");
+    let lost = step_containers(port, &id, "two");
     assert_eq!(lost.len(), 1, "{lost:?}");
     let removed = Command::new("docker").args(["rm", "-f"]).args(&lost).output().expect("docker answers");
     assert!(removed.status.success(), "{removed:?}");
@@ -478,6 +480,7 @@ fn sigterm_during_a_step_leaves_it_running_and_the_next_start_finishes_it() {
     // The grace period (1 s) was shorter than the step's sleep: the step was left running.
     let left = Command::new("docker")
         .args(["container", "ls", "-q", "--filter", &format!("label=org.cib.build={id}")])
+        .args(["--filter", &format!("label=org.cib.engine=test-server-{port}")])
         .args(["--filter", "label=org.cib.step=two", "--filter", "status=running"])
         .output()
         .expect("docker answers");
