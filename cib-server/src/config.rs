@@ -278,6 +278,89 @@ pub struct ServerConfig {
     /// Slack and Zulip (`[chat.slack]`, `[chat.zulip]`, `[[chat.repos]]`).
     #[serde(default)]
     pub chat: ChatFileConfig,
+    /// Remote workers over RabbitMQ (`[broker]`): steps whose `runs_on` asks for another
+    /// operating system, or labels the Docker side lacks, run on `cib worker` processes.
+    #[serde(default)]
+    pub broker: Option<BrokerFileConfig>,
+}
+
+/// `[broker]`: the RabbitMQ that carries jobs to remote workers (see `docs/scaling.md`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFileConfig {
+    /// `amqp://user:password@host:5672/vhost`, or `amqps://` with TLS. `CIB_BROKER_URL`
+    /// overrides it (so that the password need not be in the file).
+    #[serde(default)]
+    pub url: String,
+    /// The base URL at which workers reach this server's API, `https://cib.example.com`: each
+    /// job names it, and workers fetch the workspace and send output and results there.
+    pub server_url: String,
+    /// Seconds between a worker's heartbeats on a job (5). A job whose worker misses three is
+    /// taken over by the next worker the broker hands it to.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: f64,
+    /// The operating system of the Docker daemon's steps (`linux`): a step with another
+    /// `runs_on.os` goes to the broker.
+    #[serde(default = "default_docker_os")]
+    pub docker_os: String,
+    /// Labels the Docker side has: a step asking for a `runs_on` label not listed here goes to
+    /// the broker.
+    #[serde(default)]
+    pub docker_labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for BrokerFileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's password never reaches a log line.
+        f.debug_struct("BrokerFileConfig")
+            .field("url", &cib_worker::broker::redact(&self.url))
+            .field("server_url", &self.server_url)
+            .field("heartbeat", &self.heartbeat)
+            .field("docker_os", &self.docker_os)
+            .field("docker_labels", &self.docker_labels)
+            .finish()
+    }
+}
+
+fn default_heartbeat() -> f64 {
+    5.0
+}
+
+fn default_docker_os() -> String {
+    "linux".into()
+}
+
+impl BrokerFileConfig {
+    /// The executor's settings, its job files under `data_dir`.
+    pub fn executor_config(&self, data_dir: &Path) -> cib_worker::BrokerConfig {
+        let mut config =
+            cib_worker::BrokerConfig::new(self.url.clone(), self.server_url.clone(), data_dir.join("worker-jobs"));
+        config.heartbeat = std::time::Duration::from_secs_f64(self.heartbeat);
+        config.stale_after = config.heartbeat * 3;
+        config
+    }
+
+    /// What the Docker side offers, for routing.
+    pub fn local_offer(&self) -> cib_worker::LocalOffer {
+        cib_worker::LocalOffer { os: self.docker_os.clone(), labels: self.docker_labels.clone() }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err("[broker] url must start with amqp:// or amqps:// (or set CIB_BROKER_URL)".into());
+        }
+        if !(self.server_url.starts_with("http://") || self.server_url.starts_with("https://")) {
+            return Err("[broker] server_url must start with https:// (or http://)".into());
+        }
+        if !(self.heartbeat.is_finite() && (0.1..=300.0).contains(&self.heartbeat)) {
+            return Err("[broker] heartbeat must be between 0.1 and 300 seconds".into());
+        }
+        for (k, v) in &self.docker_labels {
+            cib_worker::protocol::check_label_word(k).map_err(|e| format!("[broker] docker_labels: {e}"))?;
+            cib_worker::protocol::check_label_word(v).map_err(|e| format!("[broker] docker_labels: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// `[chat]`: the chat services cib posts notices to and takes commands from.
@@ -475,6 +558,7 @@ impl Default for ServerConfig {
             time_zone: None,
             cache_budget: None,
             chat: ChatFileConfig::default(),
+            broker: None,
         }
     }
 }
@@ -696,6 +780,9 @@ impl ServerConfig {
             config.secret_key = Some(SecretText(key.clone()));
         }
         config.chat.resolve(env)?;
+        if let (Some(broker), Some(url)) = (config.broker.as_mut(), env.get("CIB_BROKER_URL")) {
+            broker.url = url.clone();
+        }
         config.check()?;
         Ok(config)
     }
@@ -706,6 +793,9 @@ impl ServerConfig {
 
     fn check(&self) -> Result<(), String> {
         self.store_location()?;
+        if let Some(broker) = &self.broker {
+            broker.check()?;
+        }
         for t in &self.tokens {
             match &t.token_sha256 {
                 None if t.token.len() < 16 => {

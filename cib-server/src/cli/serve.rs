@@ -130,7 +130,30 @@ where
         }
     };
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let running = server::start_with(config, Arc::new(executor), store, Arc::new(vcs), notifiers);
+    // With `[broker]`, steps that ask for another operating system (or labels Docker lacks)
+    // go to remote workers; every other step to Docker, as without it.
+    let docker: Arc<dyn cib_core::ports::Executor> = Arc::new(executor);
+    let (executor, workers) = match &config.broker {
+        Some(broker) => match cib_worker::BrokerExecutor::start(broker.executor_config(&config.data_dir)) {
+            Ok(b) => {
+                eprint(&format!(
+                    "cib serve: remote workers through the broker {}",
+                    cib_worker::broker::redact(&broker.url)
+                ));
+                let routed = cib_worker::RoutingExecutor::new(docker, b.clone(), broker.local_offer());
+                (Arc::new(routed) as Arc<dyn cib_core::ports::Executor>, Some(b))
+            }
+            Err(e) => {
+                eprint(&format!("cib serve: [broker]: {e}"));
+                return ExitCode::from(3);
+            }
+        },
+        None => (docker, None),
+    };
+    let running = server::start_with(config, executor, store, Arc::new(vcs), notifiers);
+    if let Some(broker) = workers {
+        let _ = running.state.workers.set(broker);
+    }
     eprint(&format!("cib serve: listening on http://{address}"));
     let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;
     // Serving ends on SIGTERM or ^C, or when the engine or the inbox task ends: a server
