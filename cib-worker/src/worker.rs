@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{mpsc, watch};
 
@@ -43,6 +43,10 @@ pub struct WorkerOptions {
     /// dead worker held.
     pub state_dir: Option<PathBuf>,
 }
+
+/// How many times (a second apart) a worker tries to reach the server to claim a job before it
+/// gives the job back.
+const CLAIM_TRIES: u32 = 30;
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -220,7 +224,10 @@ async fn handle(options: Arc<WorkerOptions>, client: HttpClient, delivery: Deliv
     let api = Api { client, base: message.server.clone(), job: message.job.clone() };
     let reported = run_job(&options, &api, &message).await;
     if let Err(error) = &reported {
+        // Given back to its queue (this counts as a delivery, so a job whose server stays
+        // away ends dead-lettered instead of blocking a worker's queue for ever).
         tracing::warn!(job = %message.job, %error, "the job is given back");
+        let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
     }
     if reported.is_ok() {
         // The server recorded the result (or the job is over): the message can go. When the
@@ -235,6 +242,7 @@ async fn handle(options: Arc<WorkerOptions>, client: HttpClient, delivery: Deliv
 /// Claims, runs and reports one job. `Ok` when the message may be acknowledged.
 async fn run_job(options: &WorkerOptions, api: &Api, message: &JobMessage) -> Result<(), String> {
     let request = ClaimRequest { worker: options.name.clone() };
+    let mut unreachable = 0u32;
     let claim: Claim = loop {
         match api.json::<Claim>("claim", &message.token, &request).await {
             Ok(claim) => break claim,
@@ -242,6 +250,10 @@ async fn run_job(options: &WorkerOptions, api: &Api, message: &JobMessage) -> Re
                 tokio::time::sleep(Duration::from_millis(body.retry_ms.unwrap_or(1000).clamp(100, 30_000))).await;
             }
             Err(ApiError::Network(error)) => {
+                unreachable += 1;
+                if unreachable >= CLAIM_TRIES {
+                    return Err(format!("the server cannot be reached to claim the job: {error}"));
+                }
                 tracing::info!(job = %message.job, %error, "cannot reach the server; claiming again in a second");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -27,4 +27,5 @@ mod server;
 mod trust;
 mod web;
 mod web_browser;
+mod workers;
 mod workflow;
