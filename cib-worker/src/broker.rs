@@ -28,7 +28,9 @@ pub async fn connect(url: &str, heartbeat_secs: u16, name: &str) -> Result<Conne
         format!("{url}?heartbeat={heartbeat_secs}")
     };
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&url, properties).await.map_err(|e| format!("cannot connect to the broker {}: {e}", redact(&url)))
+    Connection::connect(&url, properties)
+        .await
+        .map_err(|e| format!("cannot connect to the broker {}: {e}", redact(&url)))
 }
 
 /// The URL without its password, for messages.

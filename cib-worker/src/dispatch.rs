@@ -352,7 +352,14 @@ impl BrokerExecutor {
     /// Output of the claim, from byte `offset` of its output. Bytes the server holds already
     /// are skipped (a retry after a lost answer); a gap is refused with the offset expected.
     /// Answers how many bytes of the claim's output the server holds now.
-    pub fn output(&self, id: &str, claim_token: &str, offset: u64, stream: Stream, bytes: &[u8]) -> Result<u64, JobError> {
+    pub fn output(
+        &self,
+        id: &str,
+        claim_token: &str,
+        offset: u64,
+        stream: Stream,
+        bytes: &[u8],
+    ) -> Result<u64, JobError> {
         let job = self.current(id, claim_token)?;
         let mut state = job.state.lock().unwrap_or_else(|e| e.into_inner());
         let Some(claim) = state.claim.as_mut() else { return Err(JobError::Ended) };
@@ -429,8 +436,12 @@ impl BrokerExecutor {
             state.ended = true;
             state.fence
         };
+        // The dead-lettered copy carries no delivery count of its own; the claims the server
+        // handed out count the tries that reached a worker.
+        let tries = claims.max(deliveries);
         let reason = format!(
-            "the job was dead-lettered after {deliveries} deliveries: {claims} worker(s) claimed it and were lost before reporting a result"
+            "the job was dead-lettered after {tries} tries ({} redeliveries): every worker that took it was lost before reporting a result",
+            tries.saturating_sub(1)
         );
         job.logs.write(Stream::Stderr, format!("cib: {reason}\n").as_bytes());
         job.done.send_replace(Some(Err(reason)));

@@ -30,8 +30,8 @@ pub const MAX_LABELS: usize = 6;
 /// A label set: `os=macos,arch=arm64`, kept sorted by key.
 pub type Labels = BTreeMap<String, String>;
 
-/// Parses `os=macos,arch=arm64`. Keys and values are short words of lower-case letters,
-/// digits, `.`, `_` and `-`, so that they make valid, unambiguous queue names.
+/// Parses `os=macos,arch=arm64`. Keys and values are short words of letters, digits, `.`, `_`
+/// and `-`, so that they make valid, unambiguous queue names.
 pub fn parse_labels(text: &str) -> Result<Labels, String> {
     let mut labels = Labels::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -58,12 +58,8 @@ pub fn parse_labels(text: &str) -> Result<Labels, String> {
 pub fn check_label_word(word: &str) -> Result<(), String> {
     let ok = !word.is_empty()
         && word.len() <= 40
-        && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("label word '{word}' must be 1 to 40 of a-z, 0-9, '.', '_' and '-'"))
-    }
+        && word.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok { Ok(()) } else { Err(format!("label word '{word}' must be 1 to 40 letters, digits, '.', '_' and '-'")) }
 }
 
 /// The queue of jobs asking for exactly this label set.

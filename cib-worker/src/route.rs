@@ -16,7 +16,7 @@ use crate::protocol::Labels;
 /// The label set a step asks for: its `runs_on.labels`, and its `runs_on.os` as the label `os`.
 pub fn step_labels(step: &spec::Step) -> Labels {
     let mut labels = Labels::new();
-    if let Some(runs_on) = &tmp_runs_on(step) {
+    if let Some(runs_on) = &step.runs_on {
         labels.extend(runs_on.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(os) = &runs_on.os {
             labels.insert("os".into(), os.clone());
@@ -37,7 +37,7 @@ impl LocalOffer {
     /// Whether a step must go to a remote worker: it names an operating system other than the
     /// daemon's, or a label (other than `os`) the local side does not have with that value.
     pub fn is_remote(&self, step: &spec::Step) -> bool {
-        let Some(runs_on) = &tmp_runs_on(step) else { return false };
+        let Some(runs_on) = &step.runs_on else { return false };
         if runs_on.os.as_ref().is_some_and(|os| *os != self.os) {
             return true;
         }
@@ -135,9 +135,4 @@ impl Executor for RoutingExecutor {
     fn detach(&self) {
         self.local.detach();
     }
-}
-
-struct TmpRunsOn { os: Option<String>, labels: std::collections::BTreeMap<String, String> }
-fn tmp_runs_on(step: &spec::Step) -> Option<TmpRunsOn> {
-    step.env.get("TMP_RUNS_ON_OS").map(|os| TmpRunsOn { os: Some(os.clone()), labels: Default::default() })
 }

@@ -63,8 +63,11 @@ fn http_client() -> Result<HttpClient, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https =
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
@@ -125,12 +128,8 @@ impl Api {
             .map_err(|_| ApiError::Network(format!("{url}: no answer within 60 s")))?
             .map_err(|e| ApiError::Network(format!("{url}: {e}")))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ApiError::Network(format!("{url}: {e}")))?
-            .to_bytes();
+        let bytes =
+            response.into_body().collect().await.map_err(|e| ApiError::Network(format!("{url}: {e}")))?.to_bytes();
         if status.is_success() {
             return Ok(bytes);
         }
@@ -302,7 +301,13 @@ async fn run_claimed(api: &Api, claim: &Claim) -> Result<(), String> {
             // the message says why, and the step ends rather than going around.
             let text = format!("cib worker: cannot fetch the workspace: {error}\n");
             let _ = api
-                .call(http::Method::POST, "output?offset=0&stream=stderr", &token, "application/octet-stream", text.into_bytes())
+                .call(
+                    http::Method::POST,
+                    "output?offset=0&stream=stderr",
+                    &token,
+                    "application/octet-stream",
+                    text.into_bytes(),
+                )
                 .await;
             Some(Outcome::Exited(125))
         }

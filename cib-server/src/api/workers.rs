@@ -179,9 +179,16 @@ pub fn output_doc(_g: &mut DocGen) -> Op {
              again; a gap is refused with 409 `offset` and the offset expected.",
         )
         .param(Param::path("job", "The job's id."))
-        .param(Param::query("offset", "Where the chunk starts in this claim's output.", json!({"type": "integer"})).required())
+        .param(
+            Param::query("offset", "Where the chunk starts in this claim's output.", json!({"type": "integer"}))
+                .required(),
+        )
         .param(Param::query("stream", "`stdout` (the default) or `stderr`.", json!({"type": "string"})))
-        .json(200, "How many bytes of this claim's output the server holds.", json!({"type": "object", "properties": {"offset": {"type": "integer"}}}))
+        .json(
+            200,
+            "How many bytes of this claim's output the server holds.",
+            json!({"type": "object", "properties": {"offset": {"type": "integer"}}}),
+        )
         .json(409, "Fenced, or the wrong offset.", error_schema())
         .json(410, "The step has ended.", error_schema())
 }
@@ -199,11 +206,13 @@ pub async fn heartbeat(State(state): State<Arc<AppState>>, Path(job): Path<Strin
 }
 
 pub fn heartbeat_doc(_g: &mut DocGen) -> Op {
-    Op::new("The claim's worker still runs the step. Answers whether to stop it (`cancelled`, `timed_out`, `no_output`).")
-        .param(Param::path("job", "The job's id."))
-        .json(200, "Whether to stop.", json!({"type": "object", "properties": {"stop": {"type": ["string", "null"]}}}))
-        .json(409, "The claim was taken over (fenced): stop.", error_schema())
-        .json(410, "The step has ended: stop.", error_schema())
+    Op::new(
+        "The claim's worker still runs the step. Answers whether to stop it (`cancelled`, `timed_out`, `no_output`).",
+    )
+    .param(Param::path("job", "The job's id."))
+    .json(200, "Whether to stop.", json!({"type": "object", "properties": {"stop": {"type": ["string", "null"]}}}))
+    .json(409, "The claim was taken over (fenced): stop.", error_schema())
+    .json(410, "The step has ended: stop.", error_schema())
 }
 
 /// `POST /api/v1/worker/jobs/{job}/result`.
