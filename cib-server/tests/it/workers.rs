@@ -146,7 +146,7 @@ fn a_testos_step_runs_on_a_worker_with_its_output_streamed_live() {
 fn a_worker_killed_mid_step_is_taken_over_and_its_late_result_is_refused() {
     let url = broker(55672);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut workers = vec![
+    let mut workers = [
         Worker::start(dir.path(), &url, "os=testos-kill", "k1"),
         Worker::start(dir.path(), &url, "os=testos-kill", "k2"),
     ];
