@@ -1229,3 +1229,44 @@ max_matrix_cells = 64
         assert_eq!(config.limits.log_size(), 1 << 20);
     }
 }
+
+#[cfg(test)]
+mod broker_tests {
+    use super::*;
+
+    /// The `[broker]` example of docs/scaling.md, as written there.
+    fn documented() -> String {
+        let doc = include_str!("../../docs/scaling.md");
+        let start = doc.find("```toml\n[broker]").expect("the example") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        doc[start..end].to_owned()
+    }
+
+    #[test]
+    fn the_documented_broker_section_loads_and_the_url_comes_from_the_environment() {
+        let config = ServerConfig::parse(&documented()).expect("parses");
+        let broker = config.broker.clone().expect("[broker]");
+        assert_eq!(broker.server_url, "https://cib.example.com");
+        assert_eq!(broker.heartbeat, 5.0);
+        assert_eq!(broker.docker_os, "linux");
+        assert!(format!("{broker:?}").contains("cib:***@"), "the password stays out of Debug");
+        let executor = broker.executor_config(Path::new("/var/lib/cib"));
+        assert_eq!(executor.stale_after, std::time::Duration::from_secs(15));
+        assert_eq!(executor.state_dir, Path::new("/var/lib/cib/worker-jobs"));
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("cib.toml");
+        std::fs::write(&path, documented()).expect("write");
+        let env = BTreeMap::from([("CIB_BROKER_URL".to_owned(), "amqp://other@127.0.0.1:5672/%2f".to_owned())]);
+        let loaded = ServerConfig::load(Some(&path), &env).expect("loads");
+        assert_eq!(loaded.broker.expect("[broker]").url, "amqp://other@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn a_bad_broker_section_is_refused_with_the_reason() {
+        let bad = |text: &str| ServerConfig::parse(text).expect("parses").check().expect_err("refused");
+        assert!(bad("[broker]\nurl = \"http://x\"\nserver_url = \"https://c\"\n").contains("amqp://"));
+        assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"c\"\n").contains("server_url"));
+        assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"https://c\"\nheartbeat = 0\n").contains("heartbeat"));
+        assert!(ServerConfig::parse("[broker]\nurl = \"amqp://x\"\nserverurl = \"https://c\"\n").is_err());
+    }
+}
