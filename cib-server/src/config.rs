@@ -281,6 +281,10 @@ pub struct ServerConfig {
     /// `[leadership]`: active/standby servers on one PostgreSQL store.
     #[serde(default)]
     pub leadership: LeadershipConfig,
+    /// Remote workers over RabbitMQ (`[broker]`): steps whose `runs_on` asks for another
+    /// operating system, or labels the Docker side lacks, run on `cib worker` processes.
+    #[serde(default)]
+    pub broker: Option<BrokerFileConfig>,
 }
 
 /// `[leadership]`: how the servers of one PostgreSQL store choose the one that runs the
@@ -303,6 +307,85 @@ pub struct LeadershipConfig {
 impl Default for LeadershipConfig {
     fn default() -> Self {
         LeadershipConfig { lease_ms: 3_000, renew_ms: 1_000, address: None }
+    }
+}
+
+/// `[broker]`: the RabbitMQ that carries jobs to remote workers (see `docs/scaling.md`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFileConfig {
+    /// `amqp://user:password@host:5672/vhost`, or `amqps://` with TLS. `CIB_BROKER_URL`
+    /// overrides it (so that the password need not be in the file).
+    #[serde(default)]
+    pub url: String,
+    /// The base URL at which workers reach this server's API, `https://cib.example.com`: each
+    /// job names it, and workers fetch the workspace and send output and results there.
+    pub server_url: String,
+    /// Seconds between a worker's heartbeats on a job (5). A job whose worker misses three is
+    /// taken over by the next worker the broker hands it to.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: f64,
+    /// The operating system of the Docker daemon's steps (`linux`): a step with another
+    /// `runs_on.os` goes to the broker.
+    #[serde(default = "default_docker_os")]
+    pub docker_os: String,
+    /// Labels the Docker side has: a step asking for a `runs_on` label not listed here goes to
+    /// the broker.
+    #[serde(default)]
+    pub docker_labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for BrokerFileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's password never reaches a log line.
+        f.debug_struct("BrokerFileConfig")
+            .field("url", &cib_worker::broker::redact(&self.url))
+            .field("server_url", &self.server_url)
+            .field("heartbeat", &self.heartbeat)
+            .field("docker_os", &self.docker_os)
+            .field("docker_labels", &self.docker_labels)
+            .finish()
+    }
+}
+
+fn default_heartbeat() -> f64 {
+    5.0
+}
+
+fn default_docker_os() -> String {
+    "linux".into()
+}
+
+impl BrokerFileConfig {
+    /// The executor's settings, its job files under `data_dir`.
+    pub fn executor_config(&self, data_dir: &Path) -> cib_worker::BrokerConfig {
+        let mut config =
+            cib_worker::BrokerConfig::new(self.url.clone(), self.server_url.clone(), data_dir.join("worker-jobs"));
+        config.heartbeat = std::time::Duration::from_secs_f64(self.heartbeat);
+        config.stale_after = config.heartbeat * 3;
+        config
+    }
+
+    /// What the Docker side offers, for routing.
+    pub fn local_offer(&self) -> cib_worker::LocalOffer {
+        cib_worker::LocalOffer { os: self.docker_os.clone(), labels: self.docker_labels.clone() }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err("[broker] url must start with amqp:// or amqps:// (or set CIB_BROKER_URL)".into());
+        }
+        if !(self.server_url.starts_with("http://") || self.server_url.starts_with("https://")) {
+            return Err("[broker] server_url must start with https:// (or http://)".into());
+        }
+        if !(self.heartbeat.is_finite() && (0.1..=300.0).contains(&self.heartbeat)) {
+            return Err("[broker] heartbeat must be between 0.1 and 300 seconds".into());
+        }
+        for (k, v) in &self.docker_labels {
+            cib_worker::protocol::check_label_word(k).map_err(|e| format!("[broker] docker_labels: {e}"))?;
+            cib_worker::protocol::check_label_word(v).map_err(|e| format!("[broker] docker_labels: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -620,6 +703,7 @@ impl Default for ServerConfig {
             cache_budget: None,
             chat: ChatFileConfig::default(),
             leadership: LeadershipConfig::default(),
+            broker: None,
         }
     }
 }
@@ -841,6 +925,9 @@ impl ServerConfig {
             config.secret_key = Some(SecretText(key.clone()));
         }
         config.chat.resolve(env)?;
+        if let (Some(broker), Some(url)) = (config.broker.as_mut(), env.get("CIB_BROKER_URL")) {
+            broker.url = url.clone();
+        }
         config.check()?;
         Ok(config)
     }
@@ -851,6 +938,9 @@ impl ServerConfig {
 
     fn check(&self) -> Result<(), String> {
         self.store_location()?;
+        if let Some(broker) = &self.broker {
+            broker.check()?;
+        }
         for t in &self.tokens {
             match &t.token_sha256 {
                 None if t.token.len() < 16 => {
@@ -1295,5 +1385,46 @@ max_matrix_cells = 64
         assert!(ByteSize::parse("99999999999g").is_err(), "overflow is refused");
         let config = ServerConfig::parse("[limits]\nlog_size = 1048576").expect("an integer is bytes");
         assert_eq!(config.limits.log_size(), 1 << 20);
+    }
+}
+
+#[cfg(test)]
+mod broker_tests {
+    use super::*;
+
+    /// The `[broker]` example of docs/scaling.md, as written there.
+    fn documented() -> String {
+        let doc = include_str!("../../docs/scaling.md");
+        let start = doc.find("```toml\n[broker]").expect("the example") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        doc[start..end].to_owned()
+    }
+
+    #[test]
+    fn the_documented_broker_section_loads_and_the_url_comes_from_the_environment() {
+        let config = ServerConfig::parse(&documented()).expect("parses");
+        let broker = config.broker.clone().expect("[broker]");
+        assert_eq!(broker.server_url, "https://cib.example.com");
+        assert_eq!(broker.heartbeat, 5.0);
+        assert_eq!(broker.docker_os, "linux");
+        assert!(format!("{broker:?}").contains("cib:***@"), "the password stays out of Debug");
+        let executor = broker.executor_config(Path::new("/var/lib/cib"));
+        assert_eq!(executor.stale_after, std::time::Duration::from_secs(15));
+        assert_eq!(executor.state_dir, Path::new("/var/lib/cib/worker-jobs"));
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("cib.toml");
+        std::fs::write(&path, documented()).expect("write");
+        let env = BTreeMap::from([("CIB_BROKER_URL".to_owned(), "amqp://other@127.0.0.1:5672/%2f".to_owned())]);
+        let loaded = ServerConfig::load(Some(&path), &env).expect("loads");
+        assert_eq!(loaded.broker.expect("[broker]").url, "amqp://other@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn a_bad_broker_section_is_refused_with_the_reason() {
+        let bad = |text: &str| ServerConfig::parse(text).expect("parses").check().expect_err("refused");
+        assert!(bad("[broker]\nurl = \"http://x\"\nserver_url = \"https://c\"\n").contains("amqp://"));
+        assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"c\"\n").contains("server_url"));
+        assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"https://c\"\nheartbeat = 0\n").contains("heartbeat"));
+        assert!(ServerConfig::parse("[broker]\nurl = \"amqp://x\"\nserverurl = \"https://c\"\n").is_err());
     }
 }

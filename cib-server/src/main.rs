@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{client, init, lint, logs, manual, plan, remote, run, secret, serve, store};
+use cli::{client, init, lint, logs, manual, plan, remote, run, secret, serve, store, worker};
 
 /// `0.1.0 (commit 0123456789ab, 2026-12-01)`: the commit comes from `build.rs`.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CIB_BUILD_COMMIT_TEXT"), ")");
@@ -123,6 +123,27 @@ enum Command {
         config: Option<PathBuf>,
         /// Log lines for people (`text`) or one JSON object per line (`json`). The level filter
         /// comes from `CIB_LOG`, in `RUST_LOG`'s syntax (default `info`).
+        #[arg(long, env = "CIB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Run steps for a server on this machine: consume jobs for these labels from the broker and
+    /// run each as a process here (see docs/scaling.md).
+    Worker {
+        /// The broker: amqp://user:password@host:5672/vhost, or amqps:// with TLS.
+        #[arg(long, env = "CIB_BROKER_URL")]
+        broker: String,
+        /// What this machine offers, as KEY=VALUE pairs: os=macos,arch=arm64. Steps whose
+        /// `runs_on` asks for these (or some of them) come here.
+        #[arg(long)]
+        labels: String,
+        /// This worker's name in the steps' logs (default: the host name).
+        #[arg(long, env = "CIB_WORKER_NAME")]
+        name: Option<String>,
+        /// Keep a file per job this worker holds here (readable by its owner only), so that an
+        /// operator can tell which jobs a worker held when it died.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Log lines for people (`text`) or one JSON object per line (`json`).
         #[arg(long, env = "CIB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
@@ -563,6 +584,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve { config, log_format } => serve::run(config.as_deref(), &log_format),
+        Command::Worker { broker, labels, name, state_dir, log_format } => {
+            worker::run(&broker, &labels, name, state_dir, &log_format)
+        }
         Command::Store { command: StoreCommand::Copy { from, to } } => store::copy(&from, &to),
         Command::Pool { command: PoolCommand::List, remote } => match remote.resolve() {
             Ok(remote) => client::pool_list(&remote),

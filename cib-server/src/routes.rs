@@ -11,7 +11,7 @@ use axum::routing::MethodRouter;
 use http::{Method, StatusCode};
 
 use crate::api::{
-    artifacts, builds, caches, chat, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets,
+    artifacts, builds, caches, chat, deliveries, events, hooks, logs, meta, pools, repos, schedules, secrets, workers,
 };
 use crate::auth::Access;
 use crate::config::Role;
@@ -134,6 +134,13 @@ pub fn table() -> Vec<Route> {
         route!(POST "/api/v1/secrets/rekey", ADMIN, secrets::rekey, secrets::rekey_doc),
         route!(PUT "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::set, secrets::set_doc),
         route!(DELETE "/api/v1/secrets/{owner}/{name}/{secret}", ADMIN, secrets::remove, secrets::remove_doc),
+        // The worker API: `cib worker` processes, with job-scoped tokens the handlers check
+        // (API tokens open nothing here).
+        route!(POST "/api/v1/worker/jobs/{job}/claim", Signed, workers::claim, workers::claim_doc),
+        route!(GET "/api/v1/worker/jobs/{job}/workspace", Signed, workers::workspace, workers::workspace_doc),
+        route!(POST "/api/v1/worker/jobs/{job}/output", Signed, workers::output, workers::output_doc),
+        route!(POST "/api/v1/worker/jobs/{job}/heartbeat", Signed, workers::heartbeat, workers::heartbeat_doc),
+        route!(POST "/api/v1/worker/jobs/{job}/result", Signed, workers::result, workers::result_doc),
         // The web pages (HTML, `web/`), left out of the API's description. The streams and the
         // raw log are the API's own handlers, reached with the session's cookie, since a
         // browser's `EventSource` cannot send a bearer token.

@@ -40,6 +40,9 @@ pub struct AppState {
     pub artifacts: Arc<dyn cib_core::ports::Artifacts>,
     /// The engine's executor, for what it keeps beyond builds (caches).
     pub executor: Option<Arc<dyn cib_core::ports::Executor>>,
+    /// The broker side of remote workers, when `[broker]` is configured: the worker API
+    /// (`api/workers.rs`) calls it. Set once, by `cib serve`, after the server started.
+    pub workers: std::sync::OnceLock<Arc<cib_worker::BrokerExecutor>>,
     /// Builds the API's router, for requests the server makes to itself on a person's behalf
     /// (chat commands). Set by `server.rs`; a function rather than a router, since a router
     /// holds this state and would keep it alive.
@@ -116,6 +119,7 @@ impl AppState {
             notifiers: Vec::new(),
             artifacts: Arc::new(cib_core::ports::NoArtifacts),
             executor: None,
+            workers: std::sync::OnceLock::new(),
             api_router: std::sync::OnceLock::new(),
             slack_replays: cib_chat::verify::ReplayGuard::default(),
             role: tokio::sync::watch::Sender::new(Role::Single),

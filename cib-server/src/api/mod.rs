@@ -15,6 +15,7 @@ pub mod pools;
 pub mod repos;
 pub mod schedules;
 pub mod secrets;
+pub mod workers;
 
 use cib_core::spec;
 

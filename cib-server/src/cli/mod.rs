@@ -1,5 +1,5 @@
 //! The `cib` command's subcommands: local ones (`lint`, `schema`, `openapi`, `plan`, `run`,
-//! `init`, `completions`, `man`), the server (`serve`) and its store (`store copy`), and client commands that talk to a
+//! `init`, `completions`, `man`), the server (`serve`) and its store (`store copy`), a remote worker (`worker`), and client commands that talk to a
 //! server (`builds`, `build`, `logs`, `trigger`, `cancel`, `retry`, `approve`, `reject`,
 //! `merge`, `promote`, `approvals`, `envs`, `whoami`, `artifacts`, `pool`, `lease`, `secret`).
 
@@ -15,6 +15,7 @@ pub mod run;
 pub mod secret;
 pub mod serve;
 pub mod store;
+pub mod worker;
 
 use std::io::Write;
 use std::process::ExitCode;

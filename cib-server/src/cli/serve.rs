@@ -240,6 +240,26 @@ where
         }
     };
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // With `[broker]`, steps that ask for another operating system (or labels Docker lacks)
+    // go to remote workers; every other step to Docker, as without it.
+    let docker: Arc<dyn cib_core::ports::Executor> = Arc::new(executor);
+    let (executor, workers) = match &config.broker {
+        Some(broker) => match cib_worker::BrokerExecutor::start(broker.executor_config(&config.data_dir)) {
+            Ok(b) => {
+                eprint(&format!(
+                    "cib serve: remote workers through the broker {}",
+                    cib_worker::broker::redact(&broker.url)
+                ));
+                let routed = cib_worker::RoutingExecutor::new(docker, b.clone(), broker.local_offer());
+                (Arc::new(routed) as Arc<dyn cib_core::ports::Executor>, Some(b))
+            }
+            Err(e) => {
+                eprint(&format!("cib serve: [broker]: {e}"));
+                return ExitCode::from(3);
+            }
+        },
+        None => (docker, None),
+    };
     let renew = std::time::Duration::from_millis(config.leadership.renew_ms);
     let role = match &leadership {
         None => cib_server::state::Role::Single,
@@ -256,9 +276,12 @@ where
     };
     eprint(&format!("cib serve: role {}", role.name()));
     let clock: Arc<dyn cib_core::ports::Clock> = Arc::new(cib_core::engine::SystemClock);
-    let running = server::start_in_role(config, Arc::new(executor), store, Arc::new(vcs), notifiers, clock, role);
+    let running = server::start_in_role(config, executor, store, Arc::new(vcs), notifiers, clock, role);
     if let Some(l) = &leadership {
         lead(l.clone(), running.state.role.clone(), renew);
+    }
+    if let Some(broker) = workers {
+        let _ = running.state.workers.set(broker);
     }
     eprint(&format!("cib serve: listening on http://{address}"));
     let Running { state, mut engine_task, mut inbox_task, outgoing: _outgoing, scheduler_task: _scheduler } = running;

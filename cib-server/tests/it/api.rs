@@ -214,6 +214,11 @@ async fn every_route_answers_every_role_as_the_table_says() {
             let headers: Vec<(&str, String)> = Vec::new();
             let (status, _, _) = send(&s, route.method.as_str(), &path, &headers, b"{}".to_vec()).await;
             assert_eq!(status, 401, "{}: chat without configuration verifies nothing", route.path);
+        } else if route.path.starts_with("/api/v1/worker/") {
+            // A server without `[broker]` knows no job: every job-scoped token is refused.
+            let headers = vec![("authorization", "Bearer 0123456789abcdef".to_owned())];
+            let (status, _, _) = send(&s, route.method.as_str(), &path, &headers, b"{}".to_vec()).await;
+            assert_eq!(status, 401, "{}: no broker, no job", route.path);
         } else {
             assert_ne!(route.access, Access::Signed, "{}: a signed route without a check here", route.path);
         }

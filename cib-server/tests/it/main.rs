@@ -28,4 +28,5 @@ mod server;
 mod trust;
 mod web;
 mod web_browser;
+mod workers;
 mod workflow;

@@ -342,19 +342,19 @@ fn read_api(url: &str, path: &str) -> String {
     body
 }
 
-fn record(url: &str, id: &str) -> serde_json::Value {
+pub(super) fn record(url: &str, id: &str) -> serde_json::Value {
     let body = read_api(url, &format!("/api/v1/builds/{id}"));
     let start = body.find('{').unwrap_or(0);
     let end = body.rfind('}').map_or(body.len(), |e| e + 1);
     serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-fn log(url: &str, id: &str, step: &str, attempt: u32) -> String {
+pub(super) fn log(url: &str, id: &str, step: &str, attempt: u32) -> String {
     read_api(url, &format!("/api/v1/builds/{id}/steps/{step}/log?attempt={attempt}"))
 }
 
 /// The attempts of one step, as the build's record lists them: (attempt, status).
-fn attempts(record: &serde_json::Value, step: &str) -> Vec<(u64, String)> {
+pub(super) fn attempts(record: &serde_json::Value, step: &str) -> Vec<(u64, String)> {
     record["steps"]
         .as_array()
         .map(|steps| {
