@@ -992,6 +992,7 @@ pub fn conformance_job(build: &str, step: &str, image: &str, commands: &[&str]) 
         artifacts: None,
         needs_artifacts: Vec::new(),
         cache: Vec::new(),
+        runs_on: None,
     };
     StepJob {
         build: BuildId::from(build),

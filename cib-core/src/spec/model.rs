@@ -360,6 +360,24 @@ pub struct Step {
     /// Directories kept between builds under a key.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cache: Vec<Cache>,
+    /// Where the step runs, when its spec says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_on: Option<RunsOn>,
+}
+
+/// Where a step runs: `runs_on: {os: macos}` or `runs_on: {labels: {gpu: "yes"}}`.
+///
+/// Checked when the spec is read: an `os` is a lower-case word, label keys are words of
+/// letters, digits, `.`, `-` and `_`, and values have no spaces, `=`, `!` or `,`, so that an
+/// executor can turn each into a placement constraint (`node.labels.gpu==yes`) or a queue name
+/// without quoting. At least one of the two is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunsOn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A step's cache: the key as parts (resolved against the workspace before the step), the

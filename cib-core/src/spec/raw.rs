@@ -385,6 +385,26 @@ pub struct RawStep {
     /// and saved after it succeeds when the key was new.
     #[serde(default)]
     pub cache: Vec<Spanned<RawCache>>,
+    /// Where the step runs: an operating system (`os: linux`) and labels the machine must
+    /// carry (`labels: {gpu: "yes"}`). Without it, the step runs wherever the executor runs
+    /// steps.
+    #[serde(default)]
+    pub runs_on: Option<Keyed<RawRunsOn>>,
+}
+
+/// Where a step runs: `runs_on: {os: macos}` or `runs_on: {labels: {gpu: "yes"}}`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("patternProperties" = { "^x-": {} }))]
+#[schemars(rename = "RunsOn")]
+pub struct RawRunsOn {
+    /// The operating system the step needs, e.g. `linux`, `macos`, `windows` (lower case).
+    #[serde(default)]
+    pub os: Option<Spanned<String>>,
+    /// Labels the machine running the step must carry, each with this exact value (on Docker
+    /// Swarm, node labels: `node.labels.gpu == yes`). Values are text: quote `"true"` and numbers.
+    #[serde(default)]
+    pub labels: IndexMap<Spanned<String>, Spanned<String>>,
 }
 
 /// One cache of a step.

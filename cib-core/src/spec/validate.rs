@@ -446,7 +446,55 @@ fn step_model(c: &mut Checker, s: &RawStep, service_names: &[&str]) -> Step {
             .map(|n| NeedArtifacts { pipeline: n.value.pipeline.value.clone(), step: n.value.step.value.clone() })
             .collect(),
         cache: caches_model(c, s),
+        runs_on: runs_on_model(c, s),
     }
+}
+
+/// A word an executor can put in a placement constraint or a queue name as it is: letters,
+/// digits, `.`, `-` and `_`, starting with a letter or a digit, at most 128 characters.
+fn is_placement_word(s: &str) -> bool {
+    s.len() <= 128
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// A step's `runs_on`: an operating system and labels that executors can route by.
+fn runs_on_model(c: &mut Checker, s: &RawStep) -> Option<RunsOn> {
+    let keyed = s.runs_on.as_ref()?;
+    let raw = &keyed.0.value;
+    if s.gate.is_some() {
+        c.err(keyed.0.pos, "a gate step runs nowhere: remove 'runs_on'");
+    }
+    // A malformed `labels` was left out and reported already: do not call the block empty too.
+    if raw.os.is_none() && raw.labels.is_empty() && !c.partial {
+        c.err(keyed.0.pos, "'runs_on' needs an 'os' or 'labels' (or remove it)");
+    }
+    if let Some(os) = &raw.os
+        && !(is_placement_word(&os.value) && !os.value.chars().any(|ch| ch.is_ascii_uppercase()))
+    {
+        c.err(os.pos, format!("invalid os '{}': write it in lower case, like linux, macos or windows", os.value));
+    }
+    for (key, value) in &raw.labels {
+        if !is_placement_word(&key.value) {
+            c.err(key.pos, format!("invalid label name '{}': use letters, digits, '.', '-' and '_'", key.value));
+        }
+        let bad_value = value.value.is_empty()
+            || value.value.len() > 128
+            || value.value.chars().any(|ch| ch.is_whitespace() || ch.is_control() || matches!(ch, '=' | '!' | ','));
+        if bad_value {
+            c.err(
+                value.pos,
+                format!(
+                    "invalid value '{}' of label '{}': it cannot be empty or hold spaces, '=', '!' or ','",
+                    value.value, key.value
+                ),
+            );
+        }
+    }
+    Some(RunsOn {
+        os: raw.os.as_ref().map(|o| o.value.clone()),
+        labels: raw.labels.iter().map(|(k, v)| (k.value.clone(), v.value.clone())).collect(),
+    })
 }
 
 /// A step's caches: keys that parse, relative paths, and a container step to fill them.
@@ -605,6 +653,7 @@ fn step_placeholder() -> Step {
         artifacts: None,
         needs_artifacts: Vec::new(),
         cache: Vec::new(),
+        runs_on: None,
     }
 }
 

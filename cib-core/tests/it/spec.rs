@@ -487,6 +487,26 @@ cases! {
         promotion:
           requires: { downstream: ["acme/client", "acme/client", "not a repo"] }
     "#;
+    runs_on_os_and_labels = r#"
+        pipelines:
+          test:
+            steps:
+              - { name: mac, image: busybox, commands: [true], runs_on: { os: macos } }
+              - name: gpu
+                image: busybox
+                commands: [true]
+                runs_on: { os: linux, labels: { gpu: "yes", zone: eu-west.1 } }
+    "#;
+    invalid_runs_on = r#"
+        pipelines:
+          test:
+            steps:
+              - { name: a, image: busybox, commands: [true], runs_on: {} }
+              - { name: b, image: busybox, commands: [true], runs_on: { os: MacOS, labels: { "gpu type": x, ok: "a=b", empty: "" } } }
+              - { name: c, image: busybox, commands: [true], runs_on: { os: linux, labels: { gpu: yes }, arch: arm64 } }
+              - { name: d, gate: { kind: hold }, runs_on: { os: linux } }
+              - { name: e, image: busybox, commands: [true], runs_on: { labels: [gpu] } }
+    "#;
     invalid_limits = r#"
         pipelines:
           test:
