@@ -278,6 +278,47 @@ pub struct ServerConfig {
     /// Slack and Zulip (`[chat.slack]`, `[chat.zulip]`, `[[chat.repos]]`).
     #[serde(default)]
     pub chat: ChatFileConfig,
+    /// Where steps run: `docker` (the default: every step a container on one daemon) or
+    /// `swarm` (every step a Docker Swarm service; see docs/scaling.md).
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// `[swarm]`: settings of the Swarm executor.
+    #[serde(default)]
+    pub swarm: SwarmFileConfig,
+}
+
+/// The executor steps run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// One Docker daemon.
+    #[default]
+    Docker,
+    /// A Docker Swarm, through a manager.
+    Swarm,
+}
+
+/// `[swarm]`: how the Swarm executor reaches its nodes.
+///
+/// ```toml
+/// executor = "swarm"
+/// [swarm]
+/// helper_image = "busybox"              # fills workspaces: needs sh, ip, wget, tar
+/// serve_bind = "0.0.0.0:7070"           # where the workspace server listens
+/// serve_address = "10.0.0.5:7070"       # where nodes reach it (unset: the task's gateway)
+/// placement_timeout_secs = 30           # a task no node can take fails after this
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmFileConfig {
+    #[serde(default)]
+    pub helper_image: Option<String>,
+    #[serde(default)]
+    pub serve_bind: Option<SocketAddr>,
+    #[serde(default)]
+    pub serve_address: Option<String>,
+    #[serde(default)]
+    pub placement_timeout_secs: Option<u64>,
 }
 
 /// `[chat]`: the chat services cib posts notices to and takes commands from.
@@ -475,6 +516,8 @@ impl Default for ServerConfig {
             time_zone: None,
             cache_budget: None,
             chat: ChatFileConfig::default(),
+            executor: ExecutorKind::Docker,
+            swarm: SwarmFileConfig::default(),
         }
     }
 }
