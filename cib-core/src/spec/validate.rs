@@ -470,7 +470,7 @@ fn runs_on_model(c: &mut Checker, s: &RawStep) -> Option<RunsOn> {
         c.err(keyed.0.pos, "'runs_on' needs an 'os' or 'labels' (or remove it)");
     }
     if let Some(os) = &raw.os
-        && !(is_placement_word(&os.value) && !os.value.chars().any(|ch| ch.is_ascii_uppercase()))
+        && (!is_placement_word(&os.value) || os.value.chars().any(|ch| ch.is_ascii_uppercase()))
     {
         c.err(os.pos, format!("invalid os '{}': write it in lower case, like linux, macos or windows", os.value));
     }
