@@ -55,8 +55,9 @@ async fn main() {
     let docker = DockerExecutor::connect(DockerOptions::new(format!("{instance}-d")))
         .await
         .unwrap_or_else(|e| panic!("docker: {e}"));
-    let swarm =
-        SwarmExecutor::connect(SwarmOptions::new(format!("{instance}-s"))).await.unwrap_or_else(|e| panic!("swarm: {e}"));
+    let swarm = SwarmExecutor::connect(SwarmOptions::new(format!("{instance}-s")))
+        .await
+        .unwrap_or_else(|e| panic!("swarm: {e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     // The first step of each build makes and fills the workspace: measured apart.
     let first_docker = step(&docker, "bench-d", 0, dir.path()).await;

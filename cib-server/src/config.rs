@@ -1069,6 +1069,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_executor_is_docker_unless_the_file_says_swarm() {
+        let plain = ServerConfig::parse("data_dir = \"/srv/cib\"\n").expect("valid");
+        assert_eq!(plain.executor, ExecutorKind::Docker);
+        let swarm = ServerConfig::parse(
+            "executor = \"swarm\"\n[swarm]\nhelper_image = \"busybox\"\nserve_bind = \"0.0.0.0:7070\"\n\
+             serve_address = \"10.0.0.5:7070\"\nplacement_timeout_secs = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(swarm.executor, ExecutorKind::Swarm);
+        assert_eq!(swarm.swarm.serve_address.as_deref(), Some("10.0.0.5:7070"));
+        assert_eq!(swarm.swarm.placement_timeout_secs, Some(5));
+        assert!(ServerConfig::parse("executor = \"kubernetes\"\n").is_err());
+        assert!(ServerConfig::parse("[swarm]\nserve_adress = \"x\"\n").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
     fn the_store_is_sqlite_in_the_data_dir_unless_set_in_the_file_or_cib_store() {
         let plain = ServerConfig::parse("data_dir = \"/srv/cib\"\n").expect("valid");
         assert_eq!(plain.store_location(), Ok(StoreLocation::Sqlite(PathBuf::from("/srv/cib/cib.db"))));

@@ -619,14 +619,16 @@ impl Inner {
         let token = self.server.offer(archive).map_err(|e| ExecError::Transient(format!("a workspace token: {e}")))?;
         let name = self.service_name(&run.job.build, "fill");
         let spec = specs::fill_service(
-            names,
-            &self.options.docker,
-            &self.options.helper_image,
-            image,
-            run.job.step.runs_on.as_ref(),
-            self.options.serve_address.as_deref().unwrap_or(""),
-            self.server.port(),
-            &token,
+            &specs::Fill {
+                names,
+                options: &self.options.docker,
+                helper: &self.options.helper_image,
+                image,
+                runs_on: run.job.step.runs_on.as_ref(),
+                address: self.options.serve_address.as_deref().unwrap_or(""),
+                port: self.server.port(),
+                token: &token,
+            },
             &name,
         );
         let result = async {

@@ -254,19 +254,25 @@ pub fn workspace_mount(names: &BuildNames, image: &str) -> Mount {
     containers::workspace_mount(names, image)
 }
 
+/// What a workspace fill needs: where the archive is (`address`, empty for the task's gateway,
+/// `port`, `token`), the helper image, and the step whose node it picks.
+#[derive(Debug)]
+pub struct Fill<'a> {
+    pub names: &'a BuildNames,
+    pub options: &'a DockerOptions,
+    pub helper: &'a str,
+    /// The first step's image, which the volume's label remembers.
+    pub image: &'a str,
+    pub runs_on: Option<&'a RunsOn>,
+    pub address: &'a str,
+    pub port: u16,
+    pub token: &'a str,
+}
+
 /// The job that fills the build's workspace volume on the node Swarm picks for the build's
 /// first step (placed by that step's `runs_on`).
-pub fn fill_service(
-    names: &BuildNames,
-    options: &DockerOptions,
-    helper: &str,
-    image: &str,
-    runs_on: Option<&RunsOn>,
-    address: &str,
-    port: u16,
-    token: &str,
-    name: &str,
-) -> ServiceSpec {
+pub fn fill_service(f: &Fill<'_>, name: &str) -> ServiceSpec {
+    let Fill { names, options, helper, image, runs_on, address, port, token } = *f;
     let labels = names.labels(Role::Populate);
     let mut container = hardened(options, helper, labels.clone());
     container.command = Some(vec![
