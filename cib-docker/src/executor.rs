@@ -322,7 +322,7 @@ impl Drop for ContainerGuard {
 
 /// Removes a container with its anonymous volumes (an image's `VOLUME`s carry no labels of ours,
 /// so this is the only chance to remove them). Gone already counts as done.
-async fn remove_container(docker: &Docker, id: &str) -> Result<(), ExecError> {
+pub(crate) async fn remove_container(docker: &Docker, id: &str) -> Result<(), ExecError> {
     match docker.remove_container(id, Some(REMOVE)).await {
         Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),

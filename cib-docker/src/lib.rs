@@ -50,9 +50,11 @@ mod image;
 pub mod mask;
 pub mod naming;
 mod options;
+pub mod swarm;
 mod warm;
 mod workspace;
 
 pub use containers::{SCRIPT_PATH, WORKSPACE};
 pub use executor::{DockerExecutor, Resource, ResourceKind};
 pub use options::{DEFAULT_CAPABILITIES, DefaultLimits, DockerOptions};
+pub use swarm::{SwarmExecutor, SwarmOptions};

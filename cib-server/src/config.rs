@@ -285,6 +285,13 @@ pub struct ServerConfig {
     /// operating system, or labels the Docker side lacks, run on `cib worker` processes.
     #[serde(default)]
     pub broker: Option<BrokerFileConfig>,
+    /// Where steps run: `docker` (the default: every step a container on one daemon) or
+    /// `swarm` (every step a Docker Swarm service; see docs/scaling.md).
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// `[swarm]`: settings of the Swarm executor.
+    #[serde(default)]
+    pub swarm: SwarmFileConfig,
 }
 
 /// `[leadership]`: how the servers of one PostgreSQL store choose the one that runs the
@@ -387,6 +394,40 @@ impl BrokerFileConfig {
         }
         Ok(())
     }
+}
+
+/// The executor steps run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// One Docker daemon.
+    #[default]
+    Docker,
+    /// A Docker Swarm, through a manager.
+    Swarm,
+}
+
+/// `[swarm]`: how the Swarm executor reaches its nodes.
+///
+/// ```toml
+/// executor = "swarm"
+/// [swarm]
+/// helper_image = "busybox"              # fills workspaces: needs sh, ip, wget, tar
+/// serve_bind = "0.0.0.0:7070"           # where the workspace server listens
+/// serve_address = "10.0.0.5:7070"       # where nodes reach it (unset: the task's gateway)
+/// placement_timeout_secs = 30           # a task no node can take fails after this
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmFileConfig {
+    #[serde(default)]
+    pub helper_image: Option<String>,
+    #[serde(default)]
+    pub serve_bind: Option<SocketAddr>,
+    #[serde(default)]
+    pub serve_address: Option<String>,
+    #[serde(default)]
+    pub placement_timeout_secs: Option<u64>,
 }
 
 /// `[chat]`: the chat services cib posts notices to and takes commands from.
@@ -704,6 +745,8 @@ impl Default for ServerConfig {
             chat: ChatFileConfig::default(),
             leadership: LeadershipConfig::default(),
             broker: None,
+            executor: ExecutorKind::Docker,
+            swarm: SwarmFileConfig::default(),
         }
     }
 }
@@ -1272,6 +1315,22 @@ impl std::fmt::Debug for ScopedSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executor_is_docker_unless_the_file_says_swarm() {
+        let plain = ServerConfig::parse("data_dir = \"/srv/cib\"\n").expect("valid");
+        assert_eq!(plain.executor, ExecutorKind::Docker);
+        let swarm = ServerConfig::parse(
+            "executor = \"swarm\"\n[swarm]\nhelper_image = \"busybox\"\nserve_bind = \"0.0.0.0:7070\"\n\
+             serve_address = \"10.0.0.5:7070\"\nplacement_timeout_secs = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(swarm.executor, ExecutorKind::Swarm);
+        assert_eq!(swarm.swarm.serve_address.as_deref(), Some("10.0.0.5:7070"));
+        assert_eq!(swarm.swarm.placement_timeout_secs, Some(5));
+        assert!(ServerConfig::parse("executor = \"kubernetes\"\n").is_err());
+        assert!(ServerConfig::parse("[swarm]\nserve_adress = \"x\"\n").is_err(), "unknown keys are refused");
+    }
 
     #[test]
     fn the_store_is_sqlite_in_the_data_dir_unless_set_in_the_file_or_cib_store() {

@@ -14,4 +14,5 @@ mod lifecycle;
 mod logs;
 mod safety;
 mod services;
+mod swarm;
 mod warm;

@@ -199,15 +199,26 @@ where
     }
     let mut options = docker_options(config.instance.clone(), &config.operator_limits());
     options.cache_budget = config.cache_budget.map(|b| b.0);
-    let executor = match cib_docker::DockerExecutor::connect(options).await {
-        Ok(e) => {
-            // Unset, the limit fits the daemon: its CPU count decides (issue 16).
-            config.max_running_steps.get_or_insert(e.suggested_running_steps());
-            e
-        }
-        Err(e) => {
-            eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
-            return ExitCode::from(3);
+    let executor: Arc<dyn cib_core::ports::Executor> = match config.executor {
+        cib_server::config::ExecutorKind::Docker => match cib_docker::DockerExecutor::connect(options).await {
+            Ok(e) => {
+                // Unset, the limit fits the daemon: its CPU count decides (issue 16).
+                config.max_running_steps.get_or_insert(e.suggested_running_steps());
+                Arc::new(e)
+            }
+            Err(e) => {
+                eprint(&format!("cib serve: cannot use Docker: {e}\nStart a Docker daemon (or set DOCKER_HOST)."));
+                return ExitCode::from(3);
+            }
+        },
+        cib_server::config::ExecutorKind::Swarm => {
+            match cib_docker::SwarmExecutor::connect(swarm_options(options, &config.swarm)).await {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    eprint(&format!("cib serve: cannot use Docker Swarm: {e}"));
+                    return ExitCode::from(3);
+                }
+            }
         }
     };
     let github = match cib_server::forge::github_client(&config) {
@@ -242,7 +253,7 @@ where
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     // With `[broker]`, steps that ask for another operating system (or labels Docker lacks)
     // go to remote workers; every other step to Docker, as without it.
-    let docker: Arc<dyn cib_core::ports::Executor> = Arc::new(executor);
+    let docker = executor;
     let (executor, workers) = match &config.broker {
         Some(broker) => match cib_worker::BrokerExecutor::start(broker.executor_config(&config.data_dir)) {
             Ok(b) => {
@@ -345,6 +356,26 @@ pub fn docker_options(instance: String, limits: &cib_core::spec::OperatorLimits)
     }
     if let Some(pids) = limits.pids.default {
         options.default_limits.pids = pids;
+    }
+    options
+}
+
+/// The Swarm executor's options: the daemon's, and `[swarm]`.
+pub fn swarm_options(
+    docker: cib_docker::DockerOptions,
+    file: &cib_server::config::SwarmFileConfig,
+) -> cib_docker::SwarmOptions {
+    let mut options = cib_docker::SwarmOptions::new(docker.instance.clone());
+    options.docker = docker;
+    if let Some(image) = &file.helper_image {
+        options.helper_image = image.clone();
+    }
+    if let Some(bind) = file.serve_bind {
+        options.serve_bind = bind;
+    }
+    options.serve_address = file.serve_address.clone();
+    if let Some(secs) = file.placement_timeout_secs {
+        options.placement_timeout = std::time::Duration::from_secs(secs);
     }
     options
 }
