@@ -8,6 +8,7 @@ pub mod engine;
 pub mod event;
 pub mod forge;
 pub mod lease;
+pub mod mask;
 pub mod pipeline;
 pub mod policy;
 pub mod ports;

@@ -47,7 +47,7 @@ mod containers;
 mod errors;
 mod executor;
 mod image;
-pub mod mask;
+pub use cib_core::mask;
 pub mod naming;
 mod options;
 pub mod swarm;

@@ -13,7 +13,7 @@
 pub mod broker;
 pub mod dispatch;
 pub mod host;
-pub mod mask;
+pub use cib_core::mask;
 pub mod protocol;
 pub mod route;
 pub mod worker;
