@@ -107,6 +107,7 @@ pub fn claim_doc(_g: &mut DocGen) -> Op {
         .json(401, "The token does not open this job.", error_schema())
         .json(409, "Another worker holds the job.", error_schema())
         .json(410, "The step has ended.", error_schema())
+        .json(503, "The job's record could not be read or written; try again.", error_schema())
 }
 
 /// `GET /api/v1/worker/jobs/{job}/workspace`.
@@ -133,6 +134,8 @@ pub fn workspace_doc(_g: &mut DocGen) -> Op {
         .text(200, "The archive.", "application/gzip")
         .json(409, "The claim was taken over (fenced).", error_schema())
         .json(410, "The step has ended.", error_schema())
+        .json(401, "The token does not open this job.", error_schema())
+        .json(503, "The job's record could not be read or written; try again.", error_schema())
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,8 +192,11 @@ pub fn output_doc(_g: &mut DocGen) -> Op {
             "How many bytes of this claim's output the server holds.",
             json!({"type": "object", "properties": {"offset": {"type": "integer"}}}),
         )
+        .json(400, "The offset or the stream is malformed, or the chunk is too large.", error_schema())
         .json(409, "Fenced, or the wrong offset.", error_schema())
         .json(410, "The step has ended.", error_schema())
+        .json(401, "The token does not open this job.", error_schema())
+        .json(503, "The job's record could not be read or written; try again.", error_schema())
 }
 
 /// `POST /api/v1/worker/jobs/{job}/heartbeat`.
@@ -213,6 +219,8 @@ pub fn heartbeat_doc(_g: &mut DocGen) -> Op {
     .json(200, "Whether to stop.", json!({"type": "object", "properties": {"stop": {"type": ["string", "null"]}}}))
     .json(409, "The claim was taken over (fenced): stop.", error_schema())
     .json(410, "The step has ended: stop.", error_schema())
+    .json(401, "The token does not open this job.", error_schema())
+    .json(503, "The job's record could not be read or written; try again.", error_schema())
 }
 
 /// `POST /api/v1/worker/jobs/{job}/result`.
@@ -257,6 +265,8 @@ pub fn result_doc(_g: &mut DocGen) -> Op {
         .json(200, "Recorded.", json!({"type": "object", "properties": {"recorded": {"type": "boolean"}}}))
         .json(409, "The claim was taken over (fenced).", error_schema())
         .json(410, "The step has ended.", error_schema())
+        .json(401, "The token does not open this job.", error_schema())
+        .json(503, "The job's record could not be read or written; try again.", error_schema())
 }
 
 fn error_schema() -> serde_json::Value {
