@@ -69,6 +69,13 @@ async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes
         .map_err(|e| refuse(&JobError::BadRequest(format!("cannot read the body: {e:?}"))))
 }
 
+/// A small JSON body of the shape `T`; a body that is not one is refused with `shape`, the
+/// form it should have.
+async fn json_body<T: serde::de::DeserializeOwned>(body: axum::body::Body, shape: &str) -> Result<T, Response> {
+    let bytes = body_bytes(body, 64 * 1024).await?;
+    serde_json::from_slice(&bytes).map_err(|e| refuse(&JobError::BadRequest(format!("{shape}: {e}"))))
+}
+
 /// `POST /api/v1/worker/jobs/{job}/claim`.
 pub async fn claim(
     State(state): State<Arc<AppState>>,
@@ -80,13 +87,9 @@ pub async fn claim(
         Ok(o) => o,
         Err(r) => return r,
     };
-    let bytes = match body_bytes(body, 64 * 1024).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: ClaimRequest = match serde_json::from_slice(&bytes) {
+    let request: ClaimRequest = match json_body(body, "the claim must be {\"worker\": NAME}").await {
         Ok(r) => r,
-        Err(e) => return refuse(&JobError::BadRequest(format!("the claim must be {{\"worker\": NAME}}: {e}"))),
+        Err(r) => return r,
     };
     match broker.claim(&job, &token, &request.worker) {
         Ok(claim) => json_response(StatusCode::OK, &claim),
@@ -234,17 +237,10 @@ pub async fn result(
         Ok(o) => o,
         Err(r) => return r,
     };
-    let bytes = match body_bytes(body, 64 * 1024).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let result: ResultBody = match serde_json::from_slice(&bytes) {
+    let shape = "the result must be {\"outcome\": {\"exited\": CODE}} or a word such as \"timed_out\"";
+    let result: ResultBody = match json_body(body, shape).await {
         Ok(r) => r,
-        Err(e) => {
-            return refuse(&JobError::BadRequest(format!(
-                "the result must be {{\"outcome\": {{\"exited\": CODE}}}} or a word such as \"timed_out\": {e}"
-            )));
-        }
+        Err(r) => return r,
     };
     let blocking = tokio::task::spawn_blocking(move || broker.finish(&job, &token, result.outcome)).await;
     match blocking {
