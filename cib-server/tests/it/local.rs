@@ -386,7 +386,7 @@ fn version_names_the_commit_it_was_built_from() {
 }
 
 /// cib builds itself: `cib run` at the repository's root runs its own `.cib.yml` (formatting,
-/// then clippy and the tests of cib-core in rust:1.95) green.
+/// then the tests of cib-core in rust:1.95) green.
 #[test]
 fn cib_runs_its_own_spec_green() {
     let data = tempfile::tempdir().expect("temp dir");
