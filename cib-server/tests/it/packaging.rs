@@ -259,3 +259,80 @@ fn the_docker_image_builds_and_answers_healthz() {
     let files = docker_ok(&["run", "--rm", "-v", &format!("{}:/data", run.volume), "--entrypoint", "ls", tag, "/data"]);
     assert!(files.lines().any(|f| f == "cib.db"), "the data volume holds {files:?}");
 }
+
+/// The recipe the Dockerfile's `plan` stage makes from a context, as one digest of its files'
+/// names and contents: what decides whether the dependency layer is reused (`COPY --from` is
+/// cached by content).
+fn recipe_digest(context: &Path, tag: &str, made: &mut Vec<String>) -> String {
+    let context = context.to_str().expect("utf-8 path");
+    made.push(docker_ok(&[
+        "build",
+        "--quiet",
+        "--force-rm",
+        "--target",
+        "plan",
+        "--build-arg",
+        "BUILDER=rust:1.95",
+        "-t",
+        tag,
+        context,
+    ]));
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        tag,
+        "-c",
+        "cd /recipe && find . -type f | sort | xargs sha256sum | sha256sum",
+    ])
+}
+
+/// The docs' claim about the image's dependency layer: a change to a source file leaves the
+/// recipe the dependencies are built from as it was, so they are not compiled again, while a
+/// change to a manifest makes a new recipe. The recipe holds no line of cib's sources.
+#[test]
+fn the_images_dependency_layer_outlives_a_source_change_but_not_a_manifest_change() {
+    let images = Command::new("bash").arg(root().join("scripts/build-test-images")).output().expect("bash runs");
+    assert!(images.status.success(), "build-test-images: {}", String::from_utf8_lossy(&images.stderr));
+    let context = tempfile::tempdir().expect("temp dir");
+    let archive =
+        Command::new("git").args(["archive", "--format=tar", "HEAD"]).current_dir(root()).output().expect("git");
+    assert!(archive.status.success(), "git archive: {}", String::from_utf8_lossy(&archive.stderr));
+    let mut untar = Command::new("tar")
+        .args(["-x", "-C"])
+        .arg(context.path())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("tar");
+    std::io::Write::write_all(untar.stdin.as_mut().expect("stdin"), &archive.stdout).expect("untar");
+    drop(untar.stdin.take());
+    assert!(untar.wait().expect("tar").success());
+
+    let tag = format!("cib-test/recipe:{}", std::process::id());
+    // Every image the test builds is removed, the untagged earlier ones too.
+    struct Remove(Vec<String>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for image in &self.0 {
+                let _ = docker(&["rmi", "-f", image]);
+            }
+        }
+    }
+    let mut made = Remove(Vec::new());
+    let before = recipe_digest(context.path(), &tag, &mut made.0);
+
+    let lib = context.path().join("cib-core/src/lib.rs");
+    let mut source = std::fs::read_to_string(&lib).expect("lib.rs");
+    source.push_str("\n// a change to a source file\npub const RECIPE_PROBE: u8 = 1;\n");
+    std::fs::write(&lib, source).expect("write lib.rs");
+    assert_eq!(recipe_digest(context.path(), &tag, &mut made.0), before, "a source change made a new recipe");
+    let stubs = docker_ok(&["run", "--rm", "--entrypoint", "cat", &tag, "/recipe/cib-core/src/lib.rs"]);
+    assert_eq!(stubs, "pub fn main() {}", "the recipe holds sources");
+
+    let manifest = context.path().join("cib-core/Cargo.toml");
+    let mut text = std::fs::read_to_string(&manifest).expect("Cargo.toml");
+    text.push_str("\n# a change to a manifest\n");
+    std::fs::write(&manifest, text).expect("write Cargo.toml");
+    assert_ne!(recipe_digest(context.path(), &tag, &mut made.0), before, "a manifest change kept the recipe");
+}
