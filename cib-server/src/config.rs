@@ -340,6 +340,10 @@ pub struct BrokerFileConfig {
     /// the broker.
     #[serde(default)]
     pub docker_labels: BTreeMap<String, String>,
+    /// How many tries a job gets (3): the first delivery and `max_tries - 1` redeliveries
+    /// after a worker was lost; then it is dead-lettered and the step fails with that reason.
+    #[serde(default = "default_max_tries")]
+    pub max_tries: u32,
 }
 
 impl std::fmt::Debug for BrokerFileConfig {
@@ -351,12 +355,17 @@ impl std::fmt::Debug for BrokerFileConfig {
             .field("heartbeat", &self.heartbeat)
             .field("docker_os", &self.docker_os)
             .field("docker_labels", &self.docker_labels)
+            .field("max_tries", &self.max_tries)
             .finish()
     }
 }
 
 fn default_heartbeat() -> f64 {
     5.0
+}
+
+fn default_max_tries() -> u32 {
+    cib_worker::protocol::DEFAULT_MAX_TRIES
 }
 
 fn default_docker_os() -> String {
@@ -370,6 +379,7 @@ impl BrokerFileConfig {
             cib_worker::BrokerConfig::new(self.url.clone(), self.server_url.clone(), data_dir.join("worker-jobs"));
         config.heartbeat = std::time::Duration::from_secs_f64(self.heartbeat);
         config.stale_after = config.heartbeat * 3;
+        config.max_tries = self.max_tries;
         config
     }
 
@@ -387,6 +397,10 @@ impl BrokerFileConfig {
         }
         if !(self.heartbeat.is_finite() && (0.1..=300.0).contains(&self.heartbeat)) {
             return Err("[broker] heartbeat must be between 0.1 and 300 seconds".into());
+        }
+        let most = cib_worker::protocol::MAX_TRIES_LIMIT;
+        if !(1..=most).contains(&self.max_tries) {
+            return Err(format!("[broker] max_tries must be between 1 and {most} (it is {})", self.max_tries));
         }
         for (k, v) in &self.docker_labels {
             cib_worker::protocol::check_label_word(k).map_err(|e| format!("[broker] docker_labels: {e}"))?;
@@ -1470,6 +1484,7 @@ mod broker_tests {
         let executor = broker.executor_config(Path::new("/var/lib/cib"));
         assert_eq!(executor.stale_after, std::time::Duration::from_secs(15));
         assert_eq!(executor.state_dir, Path::new("/var/lib/cib/worker-jobs"));
+        assert_eq!(executor.max_tries, 3, "three tries, as the example says");
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("cib.toml");
         std::fs::write(&path, documented()).expect("write");
@@ -1484,6 +1499,10 @@ mod broker_tests {
         assert!(bad("[broker]\nurl = \"http://x\"\nserver_url = \"https://c\"\n").contains("amqp://"));
         assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"c\"\n").contains("server_url"));
         assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"https://c\"\nheartbeat = 0\n").contains("heartbeat"));
+        assert!(bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"https://c\"\nmax_tries = 0\n").contains("max_tries"));
+        assert!(
+            bad("[broker]\nurl = \"amqp://x\"\nserver_url = \"https://c\"\nmax_tries = 101\n").contains("max_tries")
+        );
         assert!(ServerConfig::parse("[broker]\nurl = \"amqp://x\"\nserverurl = \"https://c\"\n").is_err());
     }
 }

@@ -13,8 +13,9 @@
 //!   whose claim waits until the first one's heartbeats are stale, then gets the next fencing
 //!   number: from then on the first claim's token is refused (`fenced`), so its late output and
 //!   result count for nothing;
-//! - after [`crate::protocol::DELIVERY_LIMIT`] redeliveries the broker dead-letters the job;
-//!   the server reads the dead-letter queue and the step fails with that reason.
+//! - after [`BrokerConfig::max_tries`] tries (the first delivery and `max_tries - 1`
+//!   redeliveries) the broker dead-letters the job; the server reads the dead-letter queue and
+//!   the step fails with that reason.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::watch;
 
+use crate::broker::DeclareError;
 use crate::protocol::{Claim, JobMessage, Labels, queue_name};
 
 /// How the server reaches the broker and how it paces workers.
@@ -50,6 +52,9 @@ pub struct BrokerConfig {
     /// A claim whose last heartbeat is older than this is lost: another worker may take the
     /// job over. Three heartbeats by default.
     pub stale_after: Duration,
+    /// How many tries a job gets before the broker dead-letters it (the job queues'
+    /// `x-delivery-limit` is one less).
+    pub max_tries: u32,
 }
 
 impl BrokerConfig {
@@ -60,6 +65,7 @@ impl BrokerConfig {
             state_dir: state_dir.into(),
             heartbeat: Duration::from_secs(5),
             stale_after: Duration::from_secs(15),
+            max_tries: crate::protocol::DEFAULT_MAX_TRIES,
         }
     }
 }
@@ -146,6 +152,8 @@ pub struct BrokerExecutor {
     config: BrokerConfig,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     publisher: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
+    /// The job queues declared on the publisher's connection.
+    declared: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for BrokerExecutor {
@@ -189,6 +197,7 @@ impl BrokerExecutor {
             config,
             jobs: Mutex::new(HashMap::new()),
             publisher: tokio::sync::Mutex::new(None),
+            declared: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(read_dead_letters(Arc::downgrade(&executor)));
         Ok(executor)
@@ -203,22 +212,32 @@ impl BrokerExecutor {
     }
 
     /// Publishes a job message, connecting first when there is no connection.
-    async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), String> {
+    async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), DeclareError> {
         let mut publisher = self.publisher.lock().await;
         if publisher.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
-            let connection = crate::broker::connect(&self.config.url, 5, "cib-server").await?;
-            let channel = crate::broker::confirm_channel(&connection).await?;
+            self.declared.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            let connection =
+                crate::broker::connect(&self.config.url, 5, "cib-server").await.map_err(DeclareError::Other)?;
+            let channel = crate::broker::confirm_channel(&connection).await.map_err(DeclareError::Other)?;
             *publisher = Some((connection, channel));
         }
-        let Some((_, channel)) = publisher.as_ref() else { return Err("no channel".into()) };
+        let Some((connection, channel)) = publisher.as_ref() else {
+            return Err(DeclareError::Other("no channel".into()));
+        };
         let result = async {
-            crate::broker::declare_job_queue(channel, queue).await?;
-            crate::broker::publish(channel, queue, body).await
+            // Declared once per connection: a queue deleted since makes the publish fail
+            // (the job comes back unroutable), and the next try connects and declares again.
+            if !self.declared.lock().unwrap_or_else(|e| e.into_inner()).contains(queue) {
+                crate::broker::declare_job_queue(connection, queue, self.config.max_tries).await?;
+                self.declared.lock().unwrap_or_else(|e| e.into_inner()).insert(queue.to_owned());
+            }
+            crate::broker::publish(channel, queue, body).await.map_err(DeclareError::Other)
         }
         .await;
         if result.is_err() {
             // The next try connects again.
             *publisher = None;
+            self.declared.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         result
     }
@@ -613,7 +632,13 @@ impl BrokerExecutor {
         loop {
             match self.publish(&queue, &body).await {
                 Ok(()) => break,
-                Err(error) => {
+                // The queue's arguments disagree with max_tries: no retry can mend that, so the
+                // step fails now with the reason rather than wait for ever.
+                Err(DeclareError::Inequivalent(reason)) => {
+                    logs.write(Stream::Stderr, format!("cib: {reason}\n").as_bytes());
+                    return Err(ExecError::Misconfigured(reason));
+                }
+                Err(DeclareError::Other(error)) => {
                     if !warned {
                         logs.write(Stream::Stderr, format!("cib: waiting for the broker: {error}\n").as_bytes());
                         warned = true;

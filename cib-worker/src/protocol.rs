@@ -20,9 +20,13 @@ pub const DEAD_LETTER_EXCHANGE: &str = "cib.dead";
 pub const DEAD_LETTER_QUEUE: &str = "cib.dead";
 /// Queues of jobs are named this, followed by their label set (`cib.jobs.os=macos`).
 pub const JOB_QUEUE_PREFIX: &str = "cib.jobs.";
-/// How many times a job is handed out again after its worker was lost before it is
-/// dead-lettered (RabbitMQ's `x-delivery-limit` on the quorum queue).
-pub const DELIVERY_LIMIT: u32 = 3;
+/// How many tries a job gets by default before it is dead-lettered: the first delivery and two
+/// redeliveries after a worker was lost (`[broker] max_tries`). The broker enforces it, as the
+/// quorum queue's `x-delivery-limit` of `max_tries - 1`.
+pub const DEFAULT_MAX_TRIES: u32 = 3;
+/// The most tries `[broker] max_tries` may ask for: a job that kills its worker more often
+/// than this is not worth more machines.
+pub const MAX_TRIES_LIMIT: u32 = 100;
 /// A worker consumes every non-empty subset of its labels (so that a step asking for fewer
 /// labels finds it); beyond this many labels the queues would be too many.
 pub const MAX_LABELS: usize = 6;

@@ -184,28 +184,61 @@ pub async fn run(options: WorkerOptions, shutdown: impl std::future::Future<Outp
     }
 }
 
+/// How often a worker looks again for a job queue the server has not made yet.
+const QUEUE_LOOK_INTERVAL: Duration = Duration::from_secs(1);
+
 async fn consume_once(options: &Arc<WorkerOptions>, queues: &[String], client: &HttpClient) -> Result<(), String> {
     let connection = crate::broker::connect(&options.broker, 5, &format!("cib worker {}", options.name)).await?;
+    let connection = Arc::new(connection);
     let channel = crate::broker::consume_channel(&connection).await?;
-    let mut consumers = Vec::new();
+    // One task per queue: it waits until the server made the queue (only the server declares
+    // job queues, with its max_tries), then consumes it, and starts over if the broker cancels
+    // the consumer (the queue was deleted). Deliveries and failures come here; the tasks end
+    // with this call (the set aborts them when dropped).
+    let (sender, mut deliveries) = mpsc::unbounded_channel::<Result<Delivery, String>>();
+    let mut tasks = tokio::task::JoinSet::new();
     for queue in queues {
-        crate::broker::declare_job_queue(&channel, queue).await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("{}:{queue}", options.name).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("cannot consume {queue}: {e}"))?;
-        consumers.push(consumer);
+        let (connection, channel, sender, queue) = (connection.clone(), channel.clone(), sender.clone(), queue.clone());
+        let tag = format!("{}:{queue}", options.name);
+        tasks.spawn(async move {
+            let failed = loop {
+                match crate::broker::job_queue_waiting(&connection, &queue).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tokio::time::sleep(QUEUE_LOOK_INTERVAL).await;
+                        continue;
+                    }
+                    Err(error) => break error,
+                }
+                let consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        tag.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await;
+                let mut consumer = match consumer {
+                    Ok(c) => c,
+                    Err(e) => break format!("cannot consume {queue}: {e}"),
+                };
+                tracing::info!(%queue, "consuming jobs");
+                while let Some(delivery) = consumer.next().await {
+                    let delivery = delivery.map_err(|e| format!("the consumer of {queue} stopped: {e}"));
+                    let stop = delivery.is_err();
+                    if sender.send(delivery).is_err() || stop {
+                        return;
+                    }
+                }
+                tracing::info!(%queue, "the broker ended the consumer; looking for the queue again");
+            };
+            let _ = sender.send(Err(failed));
+        });
     }
-    tracing::info!(worker = %options.name, ?queues, "consuming jobs");
-    let mut deliveries = futures_util::stream::select_all(consumers);
-    while let Some(delivery) = deliveries.next().await {
-        let delivery = delivery.map_err(|e| format!("the consumer stopped: {e}"))?;
-        tokio::spawn(handle(options.clone(), client.clone(), delivery));
+    drop(sender);
+    tracing::info!(worker = %options.name, ?queues, "waiting for jobs");
+    while let Some(delivery) = deliveries.recv().await {
+        tokio::spawn(handle(options.clone(), client.clone(), delivery?));
     }
     Err("the broker closed the consumers".into())
 }

@@ -308,3 +308,120 @@ async fn swarm_places_by_node_labels_and_refuses_what_no_node_can_take() {
     }
     assert_swarm_clean(&exec).await;
 }
+
+/// A second node of the swarm (`scripts/swarm-second-node`): a second dockerd in a network
+/// namespace of its own, joined over a private veth pair, the test daemon its manager. Made
+/// under the swarm tests' lock; everything is undone when dropped, also when the test fails.
+struct SecondNode {
+    _lock: std::fs::File,
+    id: String,
+}
+
+const NODE2_SOCKET: &str = "unix:///tmp/cib-swarm-node2/docker.sock";
+
+fn second_node_script(action: &str) -> std::process::Output {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/swarm-second-node");
+    std::process::Command::new(script)
+        .arg(action)
+        .output()
+        .unwrap_or_else(|e| panic!("swarm-second-node {action}: {e}"))
+}
+
+impl SecondNode {
+    fn up() -> SecondNode {
+        let lock = std::fs::File::create("/tmp/cib-swarm-tests.lock").unwrap_or_else(|e| panic!("lock file: {e}"));
+        lock.lock().unwrap_or_else(|e| panic!("locking: {e}"));
+        let out = second_node_script("up");
+        if !out.status.success() {
+            second_node_script("down");
+            panic!("the second node could not be made: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        SecondNode { _lock: lock, id }
+    }
+}
+
+impl Drop for SecondNode {
+    fn drop(&mut self) {
+        let out = second_node_script("down");
+        // A failed undo fails a test that passed; during a failure's unwinding a second panic
+        // would abort, and the first failure is the one to read.
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("swarm-second-node down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// The volumes of `instance` that the daemon at `host` holds (`None`: the test daemon).
+fn volumes_on(host: Option<&str>, instance: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(host) = host {
+        args.extend(["-H", host]);
+    }
+    let filter = format!("label={LABEL_ENGINE}={instance}");
+    args.extend(["volume", "ls", "-q", "--filter", &filter]);
+    docker_cli(&args).lines().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_places_builds_on_a_second_node_by_label_and_keeps_each_build_on_one_node() {
+    let node2 = SecondNode::up();
+    let node1 = docker_cli(&["info", "--format", "{{.Swarm.NodeID}}"]);
+    assert_ne!(node1, node2.id);
+    let label = format!("cib-node-{}", std::process::id());
+    docker_cli(&["node", "update", "--label-add", &format!("{label}=one"), &node1]);
+    docker_cli(&["node", "update", "--label-add", &format!("{label}=two"), &node2.id]);
+    // The second node reaches the workspace server over the veth pair, not through its own
+    // default gateway.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("a free port: {e}"))
+        .port();
+    let exec = swarm_executor("node2", |o| {
+        o.serve_bind = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+        o.serve_address = Some(format!("192.168.251.1:{port}"));
+        o.placement_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let instance = exec.options().docker.instance.clone();
+    let dir = tempdir();
+    std::fs::write(dir.path().join("input.txt"), "from the checkout\n").unwrap_or_else(|e| panic!("{e}"));
+    let on = |value: &str| RunsOn { os: None, labels: BTreeMap::from([(label.clone(), value.to_owned())]) };
+
+    // A build whose first step asks for node two: its workspace is filled there, and its
+    // second step, which asks for nothing, follows it there and finds what the first wrote.
+    let mut first = job("far", "make", &["cat input.txt > made.txt", "echo made-on-two >> made.txt"]);
+    first.step.runs_on = Some(on("two"));
+    let sink = Sink::new();
+    let outcome = run_step(&exec, &step_run(first, dir.path()), sink.clone()).await;
+    assert_eq!(outcome.unwrap_or_else(|e| panic!("first step on node two: {e}")), Outcome::Exited(0));
+    let mut second = job("far", "use", &["cat made.txt"]);
+    second.step.depends_on = vec!["make".into()];
+    let outcome = run_step(&exec, &step_run(second, dir.path()), sink.clone()).await;
+    assert_eq!(outcome.unwrap_or_else(|e| panic!("second step: {e}")), Outcome::Exited(0));
+    assert_eq!(sink.text(Stream::Stdout), "from the checkout\nmade-on-two\n");
+    assert_eq!(volumes_on(Some(NODE2_SOCKET), &instance).len(), 1, "the build's workspace is on node two");
+    assert!(volumes_on(None, &instance).is_empty(), "and not on node one");
+
+    // A later step of that build that asks for node one cannot follow: a clear reason.
+    let mut elsewhere = job("far", "back", &["echo never"]);
+    elsewhere.step.runs_on = Some(on("one"));
+    let err = run_step(&exec, &step_run(elsewhere, dir.path()), Sink::new()).await.expect_err("pinned to node two");
+    assert!(err.message().contains(&format!("{label}=one")), "{err}");
+
+    // A build that asks for node one runs there.
+    let mut near = job("near", "here", &["cat input.txt"]);
+    near.step.runs_on = Some(on("one"));
+    let sink = Sink::new();
+    let outcome = run_step(&exec, &step_run(near, dir.path()), sink.clone()).await;
+    assert_eq!(outcome.unwrap_or_else(|e| panic!("step on node one: {e}")), Outcome::Exited(0));
+    assert_eq!(sink.text(Stream::Stdout), "from the checkout\n");
+    assert_eq!(volumes_on(None, &instance).len(), 1, "the second build's workspace is on node one");
+
+    for build in ["far", "near"] {
+        exec.cleanup(&BuildId::from(build)).await.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    }
+    assert_swarm_clean(&exec).await;
+    docker_cli(&["node", "update", "--label-rm", &label, &node1]);
+    drop(node2);
+}

@@ -250,11 +250,54 @@ fn a_job_that_kills_every_worker_is_dead_lettered_with_the_reason_on_the_step() 
         rec["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "deadly")).expect("the step").clone();
     assert_ne!(rec["build"]["status"], "success", "{rec:#}");
     let detail = step["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("dead-lettered after 4 tries (3 redeliveries)"), "the reason is on the step: {rec:#}");
+    assert!(
+        detail.contains(
+            "the job was dead-lettered after 3 tries (2 redeliveries): every worker that took it was lost before reporting a result"
+        ),
+        "the reason is on the step: {rec:#}"
+    );
     let text = log(&server.url, &id, "deadly", 1);
-    // Four claims, one per try: the first delivery and 3 redeliveries. (The step's own output
-    // may die with its worker before it is sent, so the claims are what is counted.)
-    assert!(text.contains("takes the step over (claim 4)"), "{text}");
-    assert!(!text.contains("(claim 5)"), "no fifth try: {text}");
+    // Three claims, one per try: the first delivery and 2 redeliveries (max_tries = 3 by
+    // default). The step's own output may die with its worker before it is sent, so the
+    // claims are what is counted.
+    assert!(text.contains("takes the step over (claim 3)"), "{text}");
+    assert!(!text.contains("(claim 4)"), "no fourth try: {text}");
     drop(server);
+}
+
+/// `[broker] max_tries` is the job queues' `x-delivery-limit`, which a quorum queue cannot
+/// change: a queue made with another limit is made again when it is empty, and left alone
+/// with a clear refusal while it holds jobs.
+#[test]
+fn a_changed_max_tries_replaces_an_empty_queue_and_refuses_one_that_holds_jobs() {
+    use cib_worker::broker::{self, DeclareError};
+    let url = broker(55672);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let queue = format!("cib.jobs.os=testos-tries-{}", std::process::id());
+        let connection = broker::connect(&url, 5, "cib test max_tries").await.expect("connects");
+        let channel = broker::confirm_channel(&connection).await.expect("a channel");
+        broker::declare_job_queue(&connection, &queue, 3).await.expect("made with 3 tries");
+        broker::declare_job_queue(&connection, &queue, 3).await.expect("declared again alike");
+        assert_eq!(broker::job_queue_waiting(&connection, &queue).await.expect("asks"), Some(0), "a worker finds it");
+        broker::publish(&channel, &queue, b"{}").await.expect("a job in it");
+        // It holds a job: not replaced, and the reason says what to do.
+        let refused = broker::declare_job_queue(&connection, &queue, 2).await.expect_err("refused");
+        let DeclareError::Inequivalent(reason) = &refused else { panic!("not the clear refusal: {refused}") };
+        assert!(reason.contains(&format!("the job queue {queue} exists with another delivery limit")), "{reason}");
+        assert!(reason.contains("max_tries = 2") && reason.contains("still holds jobs"), "{reason}");
+        assert!(reason.contains(&format!("rabbitmqctl delete_queue '{queue}'")), "{reason}");
+        // The job is still there.
+        let held = broker::job_queue_waiting(&connection, &queue).await.expect("asks");
+        assert_eq!(held, Some(1), "the refusal lost nothing");
+        // Once empty, it is made again with the new limit: a job in it, declaring with 2
+        // again needs no replacement, and declaring with 3 is now the one refused.
+        channel.queue_purge(queue.as_str().into(), Default::default()).await.expect("purged");
+        broker::declare_job_queue(&connection, &queue, 2).await.expect("replaced with 2 tries");
+        broker::publish(&channel, &queue, b"{}").await.expect("a job in it");
+        broker::declare_job_queue(&connection, &queue, 2).await.expect("it has the limit of 2 tries");
+        let refused = broker::declare_job_queue(&connection, &queue, 3).await.expect_err("3 is refused now");
+        assert!(matches!(refused, DeclareError::Inequivalent(_)), "{refused}");
+        channel.queue_delete(queue.as_str().into(), Default::default()).await.expect("removed");
+    });
 }
