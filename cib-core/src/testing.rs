@@ -1758,8 +1758,7 @@ pub async fn store_retention_conformance(store: Arc<dyn Store>) -> Result<(), St
     for id in ["d-dead", "d-pending", "d-new"] {
         check(store.delivery(id).await.map_err(err)?.is_some(), format!("{id} is kept"))?;
     }
-    let pending: Vec<String> =
-        store.pending_deliveries(10).await.map_err(err)?.into_iter().map(|d| d.id).collect();
+    let pending: Vec<String> = store.pending_deliveries(10).await.map_err(err)?.into_iter().map(|d| d.id).collect();
     check(pending == ["d-pending"], format!("the pending delivery is still pending: {pending:?}"))?;
     Ok(())
 }
