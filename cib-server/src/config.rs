@@ -1516,6 +1516,24 @@ max_matrix_cells = 64
         }
     }
 
+    /// The `[retention]` example of docs/operations.md loads with the values it shows.
+    #[test]
+    fn the_documented_retention_example_loads() {
+        let doc = include_str!("../../docs/operations.md");
+        let from = doc.find("<!-- retention -->").expect("the example is marked");
+        let start = from + doc[from..].find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        let config = ServerConfig::parse(&doc[start..end]).unwrap_or_else(|e| panic!("{e}"));
+        config.check().expect("valid");
+        let r = &config.retention;
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
+        assert_eq!(
+            (secs(r.logs), secs(r.events), secs(r.inbox)),
+            (Some(30 * 86_400), Some(30 * 86_400), Some(7 * 86_400))
+        );
+        assert_eq!((r.every.as_secs(), r.batch), (60, 1_000));
+    }
+
     #[test]
     fn sizes_are_read_with_their_suffixes() {
         assert_eq!(ByteSize::parse("64m"), Ok(ByteSize(64 << 20)));
