@@ -947,6 +947,48 @@ impl BuildUpdate {
     }
 }
 
+/// What one round of retention may delete (see [`Store::prune`]). A kind whose age is `None`
+/// is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prune {
+    /// The logs (chunks and time marks) of builds that finished before this time.
+    pub logs_before: Option<Timestamp>,
+    /// Events journaled before this time.
+    pub events_before: Option<Timestamp>,
+    /// No event after this sequence number is deleted: the lowest cursor of the outgoing
+    /// webhook receivers, whose undelivered events are their outbox. `u64::MAX` when there
+    /// are none.
+    pub events_keep_after: u64,
+    /// Processed webhook deliveries received before this time.
+    pub deliveries_before: Option<Timestamp>,
+    /// At most this many builds' logs, events and deliveries per call, so that a round never
+    /// holds the writer for long.
+    pub batch: usize,
+    /// Where the previous call's log pruning stopped (the queue time and id of the last build
+    /// it looked at): builds are visited in queue order, each once.
+    pub logs_after: Option<(Timestamp, BuildId)>,
+}
+
+impl Prune {
+    /// These rules with events kept after `seq`.
+    pub fn keep(self, seq: u64) -> Self {
+        Prune { events_keep_after: seq, ..self }
+    }
+}
+
+/// What one call of [`Store::prune`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Builds whose logs were deleted.
+    pub logs: usize,
+    pub events: usize,
+    pub deliveries: usize,
+    /// Where the next call's log pruning goes on from ([`Prune::logs_after`]).
+    pub logs_after: Option<(Timestamp, BuildId)>,
+    /// Whether the batch was used up by any kind: more may be left to delete now.
+    pub more: bool,
+}
+
 /// Durable storage: inputs (the engine's journal), events, the build records kept from them,
 /// logs and deliveries.
 #[async_trait]
@@ -1068,6 +1110,22 @@ pub trait Store: Send + Sync {
     /// moves back: a lower `seq` leaves it where it is, so a late or repeated write cannot
     /// make a receiver get events again that it has acknowledged.
     async fn advance_webhook_cursor(&self, receiver: &str, seq: u64) -> Result<(), StoreError>;
+
+    /// Deletes, in one bounded batch, what `rules` allow, and never what a restart or a
+    /// receiver still needs:
+    /// - logs only of builds that are finished, and finished before `logs_before`;
+    /// - events only before `events_before`, at or before `events_keep_after`, older than every
+    ///   input still in the journal (so the snapshot covers them: a replay does not make them
+    ///   again), and never the newest event (the engine numbers on from it);
+    /// - deliveries only when processed (neither pending nor dead) and received before
+    ///   `deliveries_before`.
+    ///
+    /// Build records, enqueues and the journal's snapshot are kept. A store that keeps
+    /// everything may leave the default, which deletes nothing.
+    async fn prune(&self, rules: &Prune) -> Result<Pruned, StoreError> {
+        let _ = rules;
+        Ok(Pruned::default())
+    }
 }
 
 /// The engine's clock. Tests use a manual one.

@@ -1629,3 +1629,136 @@ pub async fn store_log_limit_conformance(store: Arc<dyn Store>) -> Result<(), St
     }
     Ok(())
 }
+
+/// What every [`Store`] that prunes ([`Store::prune`]) must delete, and what it must keep: logs
+/// only of builds finished before the cutoff, visited once each in queue order; events only
+/// before the cutoff, up to the receivers' lowest cursor, covered by the snapshot, and never
+/// the newest; deliveries only when processed. `store` must be empty. Returns the first broken
+/// promise.
+pub async fn store_retention_conformance(store: Arc<dyn Store>) -> Result<(), String> {
+    use crate::event::{Conclusion, EventBody};
+    let err = |e: StoreError| e.to_string();
+    // The journal: inputs at 100, 200 and 300; a snapshot covers the first two.
+    for at in [100, 200, 300] {
+        store.append_input(&StoredInput { at: Timestamp(at), input: Input::Tick }).await.map_err(err)?;
+    }
+    store.save_snapshot(2, b"snapshot").await.map_err(err)?;
+
+    // Builds, in queue order: `old` (queued 10, finished 20), `running` (queued 15, never
+    // finished), `late` (queued 30, finished 400) and `new` (queued 500, finished 510).
+    let queued = |seq: u64, at: u64, build: &str| Event {
+        seq,
+        at: Timestamp(at),
+        body: EventBody::BuildQueued {
+            build: BuildId::from(build),
+            pipeline: "test".into(),
+            repo: "acme/app".into(),
+            commit: "c0ffee".into(),
+            branch: Some("main".into()),
+        },
+    };
+    let finished = |seq: u64, at: u64, build: &str| Event {
+        seq,
+        at: Timestamp(at),
+        body: EventBody::BuildFinished { build: BuildId::from(build), conclusion: Conclusion::Success },
+    };
+    let events = [
+        queued(1, 10, "old"),
+        queued(2, 15, "running"),
+        finished(3, 20, "old"),
+        queued(4, 30, "late"),
+        finished(5, 400, "late"),
+        queued(6, 500, "new"),
+        finished(7, 510, "new"),
+    ];
+    store.append_events(&events).await.map_err(err)?;
+    let key = |build: &str| LogKey { build: BuildId::from(build), step: "unit".into(), attempt: 1 };
+    for build in ["old", "running", "late", "new"] {
+        store.append_log(&key(build), format!("{build} says hello\n").as_bytes()).await.map_err(err)?;
+        if build != "running" {
+            store.finish_log(&key(build)).await.map_err(err)?;
+        }
+    }
+    let delivery = |id: &str, at: u64| Delivery {
+        id: id.into(),
+        source: "github".into(),
+        event: "push".into(),
+        received_at: Timestamp(at),
+        body: b"{}".to_vec(),
+    };
+    for (id, at) in [("d-old", 10), ("d-dead", 10), ("d-pending", 10), ("d-new", 500)] {
+        store.insert_delivery(&delivery(id, at)).await.map_err(err)?;
+    }
+    store.mark_delivery_done("d-old").await.map_err(err)?;
+    store.mark_delivery_done("d-new").await.map_err(err)?;
+    store.finish_delivery("d-dead", DeliveryOutcome::Dead { reason: "kept failing".into() }).await.map_err(err)?;
+
+    let has_log = async |build: &str| -> Result<bool, String> {
+        Ok(!store.read_log(&key(build), 0, 100).await.map_err(err)?.data.is_empty())
+    };
+    let event_seqs = async || -> Result<Vec<u64>, String> {
+        Ok(store.events_after(0, 100).await.map_err(err)?.into_iter().map(|e| e.seq).collect())
+    };
+    let rules = |batch: usize| Prune { events_keep_after: u64::MAX, batch, ..Prune::default() };
+
+    // Nothing asked, nothing deleted.
+    let pruned = store.prune(&rules(100)).await.map_err(err)?;
+    check(pruned == Pruned::default(), format!("a round with no ages deleted {pruned:?}"))?;
+
+    // Logs: the batch bounds the builds visited, and the cursor says where the next round goes on.
+    let pruned = store.prune(&Prune { logs_before: Some(Timestamp(100)), ..rules(1) }).await.map_err(err)?;
+    check(pruned.logs == 1 && pruned.more, format!("a batch of one: {pruned:?}"))?;
+    check(pruned.logs_after == Some((Timestamp(10), BuildId::from("old"))), format!("cursor: {pruned:?}"))?;
+    check(!has_log("old").await?, "the log of a build finished before the cutoff is deleted")?;
+    let read = store.read_log(&key("old"), 0, 100).await.map_err(err)?;
+    check(read.data.is_empty() && read.next_offset == 0, format!("a pruned log reads as unknown: {read:?}"))?;
+    let pruned = store
+        .prune(&Prune { logs_before: Some(Timestamp(100)), logs_after: pruned.logs_after, ..rules(100) })
+        .await
+        .map_err(err)?;
+    // `running` is passed over, and `late`, finished after the cutoff, stops the cursor.
+    check(pruned.logs == 0 && !pruned.more, format!("the second round: {pruned:?}"))?;
+    check(pruned.logs_after == Some((Timestamp(15), BuildId::from("running"))), format!("cursor: {pruned:?}"))?;
+    for build in ["running", "late", "new"] {
+        check(has_log(build).await?, format!("the log of {build} is kept"))?;
+    }
+    let pruned = store
+        .prune(&Prune { logs_before: Some(Timestamp(1_000)), logs_after: pruned.logs_after, ..rules(100) })
+        .await
+        .map_err(err)?;
+    check(pruned.logs == 2, format!("later, late and new go: {pruned:?}"))?;
+    check(!has_log("late").await? && !has_log("new").await?, "the logs of late and new are deleted")?;
+    check(has_log("running").await?, "a running build's log is never deleted")?;
+    let record = store.build(&BuildId::from("old")).await.map_err(err)?;
+    check(record.is_some_and(|b| b.build.status == BuildStatus::Success), "build records are kept")?;
+
+    // Events: not after the receivers' lowest cursor, not at or after the cutoff, a bounded
+    // range per round, not what the journal's tail would make again, never the newest.
+    let pruned =
+        store.prune(&Prune { events_before: Some(Timestamp(1_000)), ..rules(100) }.keep(2)).await.map_err(err)?;
+    check(pruned.events == 2, format!("up to a cursor at 2: {pruned:?}"))?;
+    check(event_seqs().await? == [3, 4, 5, 6, 7], "events left after a cursor at 2")?;
+    let pruned = store.prune(&Prune { events_before: Some(Timestamp(25)), ..rules(100) }).await.map_err(err)?;
+    check(pruned.events == 1, format!("before 25: {pruned:?}"))?;
+    let pruned = store.prune(&Prune { events_before: Some(Timestamp(1_000)), ..rules(1) }).await.map_err(err)?;
+    check(pruned.events == 1 && pruned.more, format!("a batch of one: {pruned:?}"))?;
+    check(event_seqs().await? == [5, 6, 7], "events left after a batch of one")?;
+    let pruned = store.prune(&Prune { events_before: Some(Timestamp(1_000)), ..rules(100) }).await.map_err(err)?;
+    check(pruned.events == 0, format!("events after the journal's oldest input (300) are kept: {pruned:?}"))?;
+    store.save_snapshot(3, b"later").await.map_err(err)?;
+    let pruned = store.prune(&Prune { events_before: Some(Timestamp(1_000)), ..rules(100) }).await.map_err(err)?;
+    check(pruned.events == 2, format!("once a snapshot covers the journal: {pruned:?}"))?;
+    check(event_seqs().await? == [7], "the newest event is kept")?;
+    check(store.last_event_seq().await.map_err(err)? == 7, "numbering goes on from the newest event")?;
+
+    // Deliveries: only processed ones received before the cutoff.
+    let pruned = store.prune(&Prune { deliveries_before: Some(Timestamp(100)), ..rules(100) }).await.map_err(err)?;
+    check(pruned.deliveries == 1, format!("deliveries: {pruned:?}"))?;
+    check(store.delivery("d-old").await.map_err(err)?.is_none(), "a processed old delivery is deleted")?;
+    for id in ["d-dead", "d-pending", "d-new"] {
+        check(store.delivery(id).await.map_err(err)?.is_some(), format!("{id} is kept"))?;
+    }
+    let pending: Vec<String> = store.pending_deliveries(10).await.map_err(err)?.into_iter().map(|d| d.id).collect();
+    check(pending == ["d-pending"], format!("the pending delivery is still pending: {pending:?}"))?;
+    Ok(())
+}

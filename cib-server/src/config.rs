@@ -292,6 +292,61 @@ pub struct ServerConfig {
     /// `[swarm]`: settings of the Swarm executor.
     #[serde(default)]
     pub swarm: SwarmFileConfig,
+    /// `[retention]`: how long logs, events and processed webhook deliveries are kept (all
+    /// of them, unless set). See `crate::retention`.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: what the active server deletes, and how often it looks. A kind left unset
+/// is kept for ever (the default).
+///
+/// ```toml
+/// [retention]
+/// logs = "30d"      # the logs of builds that finished this long ago
+/// events = "30d"    # events this old, once every outgoing webhook receiver has them
+/// inbox = "7d"      # processed webhook deliveries received this long ago (never pending or dead ones)
+/// every = "1m"      # how often a round runs (the default)
+/// batch = 1000      # the most rows of each kind one transaction deletes (the default)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub logs: Option<Duration>,
+    pub events: Option<Duration>,
+    pub inbox: Option<Duration>,
+    pub every: Duration,
+    pub batch: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { logs: None, events: None, inbox: None, every: Duration::from_secs(60), batch: 1_000 }
+    }
+}
+
+impl RetentionConfig {
+    /// Whether anything is ever deleted.
+    pub fn enabled(&self) -> bool {
+        self.logs.is_some() || self.events.is_some() || self.inbox.is_some()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (key, age) in [("logs", self.logs), ("events", self.events), ("inbox", self.inbox)] {
+            if age.is_some_and(|a| a.as_secs() == 0) {
+                return Err(format!(
+                    "[retention] {key} is 0s: keep things for some time, or leave {key} unset to keep them all"
+                ));
+            }
+        }
+        if self.every.as_secs() == 0 {
+            return Err("[retention] every is 0s: a round needs a pause after it (\"1m\" is the default)".into());
+        }
+        if self.batch == 0 || self.batch > 100_000 {
+            return Err(format!("[retention] batch is {}: give 1 to 100000 rows per transaction", self.batch));
+        }
+        Ok(())
+    }
 }
 
 /// `[leadership]`: how the servers of one PostgreSQL store choose the one that runs the
@@ -761,6 +816,7 @@ impl Default for ServerConfig {
             broker: None,
             executor: ExecutorKind::Docker,
             swarm: SwarmFileConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -1023,6 +1079,7 @@ impl ServerConfig {
                  and at least twice per lease, or a holder loses its lease between two renewals"
             ));
         }
+        self.retention.check()?;
         if self.inbox.max_attempts == 0 || self.inbox.concurrency == 0 {
             return Err("[inbox] max_attempts and concurrency must be at least 1".into());
         }
@@ -1446,6 +1503,49 @@ max_matrix_cells = 64
         // A TOML error says where; the key is on the line it shows.
         let error = limits("[limits]\nstep_timeout = \"soon\"").expect_err("bad");
         assert!(error.contains("step_timeout = \"soon\""), "{error}");
+    }
+
+    #[test]
+    fn retention_is_off_unless_set_and_bad_values_name_the_key() {
+        let off = ServerConfig::parse("").expect("empty");
+        assert!(!off.retention.enabled());
+        assert!(off.check().is_ok());
+        let on = ServerConfig::parse("[retention]\nlogs = \"30d\"\ninbox = \"7d\"\nbatch = 500").expect("valid");
+        assert_eq!(on.retention.logs.map(|d| d.as_secs()), Some(30 * 86_400));
+        assert_eq!(on.retention.inbox.map(|d| d.as_secs()), Some(7 * 86_400));
+        assert_eq!(on.retention.events, None);
+        assert_eq!((on.retention.every.as_secs(), on.retention.batch), (60, 500));
+        assert!(on.check().is_ok());
+        let cases = [
+            ("[retention]\nlogs = \"a month\"", "logs = \"a month\""),
+            ("[retention]\nevents = 30", "events"),
+            ("[retention]\ninbox = \"0s\"", "[retention] inbox is 0s"),
+            ("[retention]\nevery = \"0s\"", "[retention] every is 0s"),
+            ("[retention]\nbatch = 0", "[retention] batch is 0"),
+            ("[retention]\nlog = \"1d\"", "log"),
+        ];
+        for (text, want) in cases {
+            let error = ServerConfig::parse(text).and_then(|c| c.check().map(|()| c)).expect_err(text);
+            assert!(error.contains(want), "{text}: {error}");
+        }
+    }
+
+    /// The `[retention]` example of docs/operations.md loads with the values it shows.
+    #[test]
+    fn the_documented_retention_example_loads() {
+        let doc = include_str!("../../docs/operations.md");
+        let from = doc.find("<!-- retention -->").expect("the example is marked");
+        let start = from + doc[from..].find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        let config = ServerConfig::parse(&doc[start..end]).unwrap_or_else(|e| panic!("{e}"));
+        config.check().expect("valid");
+        let r = &config.retention;
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
+        assert_eq!(
+            (secs(r.logs), secs(r.events), secs(r.inbox)),
+            (Some(30 * 86_400), Some(30 * 86_400), Some(7 * 86_400))
+        );
+        assert_eq!((r.every.as_secs(), r.batch), (60, 1_000));
     }
 
     #[test]

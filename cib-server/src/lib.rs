@@ -17,6 +17,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod openapi;
 pub mod outgoing;
+pub mod retention;
 pub mod routes;
 pub mod scheduler;
 pub mod secrets;

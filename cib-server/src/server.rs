@@ -161,6 +161,13 @@ pub fn start_in_role<S: Store + SecretStore + SessionStore + ArtifactIndex + 'st
             expire_artifacts(state).await;
         }
     });
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            crate::state::wait_active(state.role.subscribe()).await;
+            crate::retention::run(state).await;
+        }
+    });
     let scheduler_task = tokio::spawn({
         let state = state.clone();
         async move {

@@ -537,6 +537,13 @@ impl Store for SqliteStore {
             other => Err(unexpected(other)),
         }
     }
+
+    async fn prune(&self, rules: &cib_core::ports::Prune) -> Result<cib_core::ports::Pruned, StoreError> {
+        match self.write(Op::Prune(rules.clone())).await? {
+            Done::Pruned(pruned) => Ok(pruned),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 /// The scope as stored: the repository has its own column.

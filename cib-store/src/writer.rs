@@ -118,6 +118,8 @@ pub(crate) enum Op {
     ExpireArtifacts {
         now: u64,
     },
+    /// One bounded round of retention (`Store::prune`).
+    Prune(cib_core::ports::Prune),
 }
 
 impl Op {
@@ -137,7 +139,7 @@ impl Op {
             | Op::TouchSession { .. }
             | Op::RemoveSession { .. }
             | Op::ExpireSessions { .. } => 0,
-            Op::PutArtifact(_) | Op::ExpireArtifacts { .. } => 0,
+            Op::PutArtifact(_) | Op::ExpireArtifacts { .. } | Op::Prune(_) => 0,
         }
     }
 }
@@ -156,6 +158,8 @@ pub(crate) enum Done {
     SecretRefused(SecretError),
     /// The artifact records a write removed.
     Artifacts(Vec<cib_core::ports::ArtifactRecord>),
+    /// What a round of retention deleted.
+    Pruned(cib_core::ports::Pruned),
 }
 
 /// A write and where its answer goes.
@@ -606,6 +610,7 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
             exec(conn, "DELETE FROM artifacts WHERE expires_at <= ?1", params![to_sql(*now)?])?;
             Ok(Done::Artifacts(expired))
         }
+        Op::Prune(rules) => prune(conn, rules).map(Done::Pruned),
         Op::ExpireSessions { before } => {
             let removed = exec(conn, "DELETE FROM web_sessions WHERE last_seen < ?1", params![to_sql(*before)?])?;
             Ok(Done::Count(removed))
@@ -653,6 +658,92 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
 }
 
 /// Applies one event's change to the build records, as [`BuildUpdate`] describes.
+/// One bounded round of retention; see `Store::prune` for what it may delete and what it
+/// keeps. The SQL is the same as PostgreSQL's (`postgres/mod.rs`), placeholders aside.
+fn prune(conn: &Connection, rules: &cib_core::ports::Prune) -> Result<cib_core::ports::Pruned, StoreError> {
+    use cib_core::event::BuildId;
+    use cib_core::time::Timestamp;
+    let batch = crate::error::sql_limit(rules.batch.max(1));
+    let mut out = cib_core::ports::Pruned { logs_after: rules.logs_after.clone(), ..Default::default() };
+    if let Some(before) = rules.logs_before {
+        let before = to_sql(before.0)?;
+        let (from_at, from_id) = match &rules.logs_after {
+            Some((at, id)) => (to_sql(at.0)?, id.0.clone()),
+            None => (-1, String::new()),
+        };
+        // Builds in queue order (the `builds_by_time` index), from where the last round
+        // stopped, among those queued before the cutoff: a build finished before it could
+        // only have been queued before it too.
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, queued_at, finished_at FROM builds
+                 WHERE (queued_at > ?1 OR (queued_at = ?1 AND id > ?2)) AND queued_at < ?3
+                 ORDER BY queued_at, id LIMIT ?4",
+            )
+            .map_err(db)?;
+        let rows: Vec<(String, i64, Option<i64>)> = stmt
+            .query_map(params![from_at, from_id, before, batch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .and_then(Iterator::collect)
+            .map_err(db)?;
+        let visited = rows.len();
+        let mut stopped = false;
+        for (id, queued_at, finished_at) in rows {
+            match finished_at {
+                // Finished after the cutoff: its turn comes in a later round, so the cursor
+                // waits here.
+                Some(finished) if finished >= before => {
+                    stopped = true;
+                    break;
+                }
+                Some(_) => {
+                    let removed = exec(conn, "DELETE FROM logs WHERE build = ?1", params![id])?;
+                    exec(conn, "DELETE FROM log_chunks WHERE build = ?1", params![id])?;
+                    exec(conn, "DELETE FROM log_times WHERE build = ?1", params![id])?;
+                    if removed > 0 {
+                        out.logs += 1;
+                    }
+                }
+                // Still running long after the cutoff (a gate waiting for weeks, say): its
+                // logs are not touched, and the cursor moves past it.
+                None => {}
+            }
+            out.logs_after = Some((Timestamp(from_sql(queued_at)?), BuildId(id)));
+        }
+        out.more |= !stopped && i64::try_from(visited).unwrap_or(i64::MAX) == batch;
+    }
+    if let Some(before) = rules.events_before {
+        let before = to_sql(before.0)?;
+        let keep = i64::try_from(rules.events_keep_after).unwrap_or(i64::MAX);
+        // The range of sequence numbers bounds the work; events are numbered in time order,
+        // so the oldest are at the low end.
+        let removed = exec(
+            conn,
+            "DELETE FROM events
+             WHERE seq < (SELECT MIN(seq) FROM events) + ?1
+               AND seq <= ?2
+               AND seq < (SELECT MAX(seq) FROM events)
+               AND at < ?3
+               AND at < COALESCE((SELECT at FROM inputs ORDER BY seq LIMIT 1), ?3)",
+            params![batch, keep, before],
+        )?;
+        out.events = removed;
+        out.more |= i64::try_from(removed).unwrap_or(i64::MAX) == batch;
+    }
+    if let Some(before) = rules.deliveries_before {
+        let before = to_sql(before.0)?;
+        let removed = exec(
+            conn,
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE done = 1 AND dead = 0 AND received_at < ?1
+                 ORDER BY done, received_at, id LIMIT ?2)",
+            params![before, batch],
+        )?;
+        out.deliveries = removed;
+        out.more |= i64::try_from(removed).unwrap_or(i64::MAX) == batch;
+    }
+    Ok(out)
+}
+
 fn apply_update(conn: &Connection, seq: u64, update: &BuildUpdate) -> Result<(), StoreError> {
     let opt = |t: Option<cib_core::time::Timestamp>| t.map(|t| to_sql(t.0)).transpose();
     match update {

@@ -920,6 +920,85 @@ impl Store for PgStore {
             .await?;
         Ok(())
     }
+
+    async fn prune(&self, rules: &cib_core::ports::Prune) -> Result<cib_core::ports::Pruned, StoreError> {
+        // SQLite's round (`writer.rs`, `prune`), statement for statement, in one transaction of
+        // the active server's epoch: a server that lost the lease deletes nothing.
+        let batch = sql_limit(rules.batch.max(1));
+        let mut out = cib_core::ports::Pruned { logs_after: rules.logs_after.clone(), ..Default::default() };
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        self.fence.check(&tx).await?;
+        if let Some(before) = rules.logs_before {
+            let before = to_sql(before.0)?;
+            let (from_at, from_id) = match &rules.logs_after {
+                Some((at, id)) => (to_sql(at.0)?, id.0.clone()),
+                None => (-1, String::new()),
+            };
+            let rows = tx
+                .rows(
+                    "SELECT id, queued_at, finished_at FROM builds
+                     WHERE (queued_at > $1 OR (queued_at = $1 AND id > $2)) AND queued_at < $3
+                     ORDER BY queued_at, id LIMIT $4",
+                    &[&from_at, &from_id, &before, &batch],
+                )
+                .await?;
+            let visited = rows.len();
+            let mut stopped = false;
+            for row in rows {
+                let (id, queued_at, finished_at): (String, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+                match finished_at {
+                    Some(finished) if finished >= before => {
+                        stopped = true;
+                        break;
+                    }
+                    Some(_) => {
+                        let removed = tx.exec("DELETE FROM logs WHERE build = $1", &[&id]).await?;
+                        tx.exec("DELETE FROM log_chunks WHERE build = $1", &[&id]).await?;
+                        tx.exec("DELETE FROM log_times WHERE build = $1", &[&id]).await?;
+                        if removed > 0 {
+                            out.logs += 1;
+                        }
+                    }
+                    None => {}
+                }
+                out.logs_after = Some((time(queued_at)?, BuildId(id)));
+            }
+            out.more |= !stopped && i64::try_from(visited).unwrap_or(i64::MAX) == batch;
+        }
+        if let Some(before) = rules.events_before {
+            let before = to_sql(before.0)?;
+            let keep = i64::try_from(rules.events_keep_after).unwrap_or(i64::MAX);
+            let removed = tx
+                .exec(
+                    "DELETE FROM events
+                     WHERE seq < (SELECT MIN(seq) FROM events) + $1
+                       AND seq <= $2
+                       AND seq < (SELECT MAX(seq) FROM events)
+                       AND at < $3
+                       AND at < COALESCE((SELECT at FROM inputs ORDER BY seq LIMIT 1), $3)",
+                    &[&batch, &keep, &before],
+                )
+                .await?;
+            out.events = usize::try_from(removed).unwrap_or(usize::MAX);
+            out.more |= i64::try_from(removed).unwrap_or(i64::MAX) == batch;
+        }
+        if let Some(before) = rules.deliveries_before {
+            let before = to_sql(before.0)?;
+            let removed = tx
+                .exec(
+                    "DELETE FROM deliveries WHERE id IN (
+                         SELECT id FROM deliveries WHERE done = 1 AND dead = 0 AND received_at < $1
+                         ORDER BY done, received_at, id LIMIT $2)",
+                    &[&before, &batch],
+                )
+                .await?;
+            out.deliveries = usize::try_from(removed).unwrap_or(usize::MAX);
+            out.more |= i64::try_from(removed).unwrap_or(i64::MAX) == batch;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
 }
 
 type SecretRow = (SecretInfo, Vec<u8>, Vec<u8>);

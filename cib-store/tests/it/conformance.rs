@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cib_core::testing::{store_conformance, store_log_limit_conformance};
+use cib_core::testing::{store_conformance, store_log_limit_conformance, store_retention_conformance};
 use cib_store::SqliteOptions;
 
 use crate::open;
@@ -30,4 +30,11 @@ async fn sqlite_passes_the_log_limit_suite() {
         let store = open(&dir.path().join("cib.db"), options);
         store_log_limit_conformance(Arc::new(store)).await.unwrap_or_else(|e| panic!("chunks of {chunk}: {e}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_passes_the_retention_suite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir.path().join("cib.db"), SqliteOptions::default());
+    store_retention_conformance(Arc::new(store)).await.expect("retention");
 }

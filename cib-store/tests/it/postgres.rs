@@ -10,7 +10,7 @@ use cib_core::event::BuildId;
 use cib_core::ports::{
     Delivery, ErrorKind, Intake, LogKey, SecretStore, SessionRecord, SessionStore, Store, StoreError, StoredInput,
 };
-use cib_core::testing::{store_conformance, store_log_limit_conformance};
+use cib_core::testing::{store_conformance, store_log_limit_conformance, store_retention_conformance};
 use cib_core::time::Timestamp;
 use cib_store::testing::TestDatabase;
 use cib_store::{PgOptions, PgStore, SCHEMA_VERSION, SqliteOptions};
@@ -34,6 +34,12 @@ async fn postgres_passes_the_store_suite_with_tiny_chunks() {
     let db = database().await;
     let options = PgOptions { log_chunk_size: 3, pool_size: 1, ..PgOptions::default() };
     store_conformance(Arc::new(connect(&db, options).await)).await.expect("conformance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_retention_suite() {
+    let db = database().await;
+    store_retention_conformance(Arc::new(connect(&db, PgOptions::default()).await)).await.expect("retention");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
