@@ -105,9 +105,13 @@ pub enum EngineError {
 }
 
 type Query = Box<dyn FnOnce(&Machine) + Send>;
+type Reply = oneshot::Sender<Result<(), EngineError>>;
+
+/// The most inputs the engine handles between two writes to the store.
+const BATCH: usize = 256;
 
 enum Command {
-    Input(Box<Input>, oneshot::Sender<Result<(), EngineError>>),
+    Input(Box<Input>, Reply),
     Query(Query),
     Shutdown(oneshot::Sender<()>),
 }
@@ -317,20 +321,54 @@ async fn run(
         let wake = next_timer.map_or(next_tick, |t| t.min(next_tick)).min(next_reconcile);
         let clock = runner.ports.clock.clone();
         tokio::select! {
-            command = commands.recv() => match command {
-                Some(Command::Input(input, reply)) => {
-                    let result = runner.process(*input).await;
-                    let _ = reply.send(result);
+            command = commands.recv() => {
+                // Inputs that are already waiting are handled as one batch with one write to
+                // the store (see `process_batch`); a query or a shutdown waits for the inputs
+                // sent before it, as callers expect.
+                let Some(first) = command else { return Ok(()) };
+                let mut batch = Vec::new();
+                let mut after = None;
+                match first {
+                    Command::Input(input, reply) => batch.push((*input, Some(reply))),
+                    other => after = Some(other),
                 }
-                Some(Command::Query(query)) => query(&runner.machine),
-                Some(Command::Shutdown(reply)) => {
-                    runner.ports.executor.detach();
-                    let _ = reply.send(());
-                    return Ok(());
+                while after.is_none() && batch.len() < BATCH {
+                    match commands.try_recv() {
+                        Ok(Command::Input(input, reply)) => batch.push((*input, Some(reply))),
+                        Ok(other) => after = Some(other),
+                        Err(_) => break,
+                    }
                 }
-                None => return Ok(()),
+                while batch.len() < BATCH {
+                    match completions.try_recv() {
+                        Ok(input) => batch.push((input, None)),
+                        Err(_) => break,
+                    }
+                }
+                if !batch.is_empty() {
+                    runner.process_batch(batch).await?;
+                }
+                match after {
+                    Some(Command::Query(query)) => query(&runner.machine),
+                    Some(Command::Shutdown(reply)) => {
+                        runner.ports.executor.detach();
+                        let _ = reply.send(());
+                        return Ok(());
+                    }
+                    // Inputs all went into the batch.
+                    Some(Command::Input(..)) | None => {}
+                }
             },
-            Some(input) = completions.recv() => runner.process(input).await?,
+            Some(input) = completions.recv() => {
+                let mut batch = vec![(input, None)];
+                while batch.len() < BATCH {
+                    match completions.try_recv() {
+                        Ok(input) => batch.push((input, None)),
+                        Err(_) => break,
+                    }
+                }
+                runner.process_batch(batch).await?;
+            }
             () = clock.sleep_until(wake) => {
                 let now = runner.ports.clock.now();
                 if now >= next_tick {
@@ -496,59 +534,127 @@ impl Runner {
 
     /// Stores an input, hands it to the machine and carries out the effects.
     async fn process(&mut self, input: Input) -> Result<(), EngineError> {
-        let now = self.ports.clock.now();
-        let effects = match input {
-            // Time is an argument of every input, so a tick that changed nothing need not be
-            // journaled: replaying without it gives the same machine. One that renewed or
-            // expired a lease is journaled, after the fact, at the time it was handled.
-            Input::Tick => {
-                let before = self.machine.clone();
-                let effects = self.machine.handle(Input::Tick, now);
-                if effects.is_empty() && self.machine == before {
-                    return Ok(());
-                }
-                self.journal_input(&StoredInput { at: now, input: Input::Tick }).await?;
-                effects
-            }
-            Input::Enqueue { ref build, .. }
-                if self.machine.build(build).is_none() && self.ports.store.build(build).await?.is_some() =>
+        self.process_batch(vec![(input, None)]).await
+    }
+
+    /// Hands inputs to the machine in order, then stores their journal entries and the events
+    /// they made in one write ([`Store::append_journal`]), and only then carries out the
+    /// effects and answers the senders: nothing happens outside that a replay of the durable
+    /// journal would not do again. One write per batch rather than two per input is what lets
+    /// a busy engine keep up when a commit is a round trip and a flush away (a database server).
+    ///
+    /// An enqueue of a build that already ran is answered at once and not journaled. If the
+    /// write fails, the machine has moved past the journal: every sender hears the error and
+    /// the engine stops, so that a restart rebuilds the machine from what is stored.
+    async fn process_batch(&mut self, batch: Vec<(Input, Option<Reply>)>) -> Result<(), EngineError> {
+        // Which enqueued builds already ran is read before the machine moves, so that a failed
+        // read leaves nothing half done. The machine forgets finished builds, so the store says.
+        let mut ran = std::collections::HashSet::new();
+        let mut inputs = Vec::with_capacity(batch.len());
+        for (input, reply) in batch {
+            if let Input::Enqueue { build, .. } = &input
+                && self.machine.build(build).is_none()
+                && !ran.contains(build)
             {
-                // The machine forgets finished builds, so the store says whether this build
-                // already ran: a replayed delivery must not run it again.
-                tracing::debug!(%build, "a build with this id already ran; the input is ignored");
-                return Ok(());
+                match self.ports.store.build(build).await {
+                    Ok(Some(_)) => {
+                        ran.insert(build.clone());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        match reply {
+                            Some(reply) => {
+                                let _ = reply.send(Err(e.into()));
+                            }
+                            None => return Err(e.into()),
+                        }
+                        continue;
+                    }
+                }
             }
-            input => {
-                self.journal_input(&StoredInput { at: now, input: input.clone() }).await?;
-                self.machine.handle(input, now)
-            }
-        };
+            inputs.push((input, reply));
+        }
+        let mut journal = Vec::with_capacity(inputs.len());
+        let mut effects = Vec::new();
         let mut events = Vec::new();
+        let mut replies = Vec::with_capacity(inputs.len());
+        for (input, reply) in inputs {
+            let now = self.ports.clock.now();
+            let from = effects.len();
+            match input {
+                // Time is an argument of every input, so a tick that changed nothing need not
+                // be journaled: replaying without it gives the same machine. One that renewed
+                // or expired a lease is journaled, after the fact, at the time it was handled.
+                Input::Tick => {
+                    let before = self.machine.clone();
+                    let made = self.machine.handle(Input::Tick, now);
+                    if made.is_empty() && self.machine == before {
+                        replies.extend(reply);
+                        continue;
+                    }
+                    journal.push(StoredInput { at: now, input: Input::Tick });
+                    effects.extend(made);
+                }
+                Input::Enqueue { ref build, .. } if self.machine.build(build).is_none() && ran.contains(build) => {
+                    // A replayed delivery must not run its build again.
+                    tracing::debug!(%build, "a build with this id already ran; the input is ignored");
+                    replies.extend(reply);
+                    continue;
+                }
+                input => {
+                    journal.push(StoredInput { at: now, input: input.clone() });
+                    effects.extend(self.machine.handle(input, now));
+                }
+            }
+            replies.extend(reply);
+            // After every input, as a replay does, so that the machine a replay rebuilds is
+            // this one. A build that finishes here is also one that already ran, for an
+            // enqueue later in the batch: the store does not have its record yet.
+            for effect in &effects[from..] {
+                if let Effect::Publish(Event { body: crate::event::EventBody::BuildFinished { build, .. }, .. }) = effect {
+                    ran.insert(build.clone());
+                }
+            }
+            self.machine.forget_finished();
+        }
+        let mut rest = Vec::with_capacity(effects.len());
         for effect in effects {
             match effect {
                 Effect::Publish(event) => events.push(event),
-                other => self.execute(other),
+                other => rest.push(other),
             }
         }
-        if !events.is_empty() {
-            self.ports.store.append_events(&events).await?;
-            for event in events {
-                let _ = self.events.send(event.clone());
-                let _ = self.notify.send(event);
+        if !journal.is_empty() || !events.is_empty() {
+            match self.ports.store.append_journal(&journal, &events).await {
+                Ok(last) => {
+                    if let Some(last) = last {
+                        self.last_seq = last;
+                    }
+                    let length = self.last_seq.saturating_sub(self.snapshot_seq);
+                    self.journal.store(length, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, inputs = journal.len(), "cannot store the journal; the engine stops");
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone().into()));
+                    }
+                    return Err(e.into());
+                }
             }
         }
-        // The records of a build that finished are stored now; the API reads them from there.
-        self.machine.forget_finished();
+        for effect in rest {
+            self.execute(effect);
+        }
+        for event in events {
+            let _ = self.events.send(event.clone());
+            let _ = self.notify.send(event);
+        }
+        for reply in replies {
+            let _ = reply.send(Ok(()));
+        }
         if self.last_seq.saturating_sub(self.snapshot_seq) >= self.config.snapshots.every_inputs {
             self.snapshot().await?;
         }
-        Ok(())
-    }
-
-    async fn journal_input(&mut self, input: &StoredInput) -> Result<(), EngineError> {
-        self.last_seq = self.ports.store.append_input(input).await?;
-        let length = self.last_seq.saturating_sub(self.snapshot_seq);
-        self.journal.store(length, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

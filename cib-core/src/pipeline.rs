@@ -706,6 +706,12 @@ pub struct Machine {
     /// Effects gathered while handling one input; always empty between inputs.
     #[serde(skip)]
     out: Vec<Effect>,
+    /// Builds that finished since [`Machine::forget_finished`] last ran: it forgets these
+    /// rather than look through every build after every input, which a backlog of thousands
+    /// of queued builds made the engine's main cost.
+    /// A restored machine finds them again (`Machine::restore`).
+    #[serde(skip)]
+    finished: BTreeSet<BuildId>,
     #[serde(skip)]
     spec_cache: SpecCache,
 }
@@ -786,6 +792,7 @@ impl Machine {
             published: BTreeMap::new(),
             downstream: BTreeMap::new(),
             out: Vec::new(),
+            finished: BTreeSet::new(),
             spec_cache: SpecCache::default(),
         })
     }
@@ -874,7 +881,11 @@ impl Machine {
     /// machine small on a long-running server. The engine calls it after every input, once the
     /// input's events are stored.
     pub fn forget_finished(&mut self) {
-        self.builds.retain(|_, b| !b.is_finished());
+        for id in std::mem::take(&mut self.finished) {
+            if self.builds.get(&id).is_some_and(Build::is_finished) {
+                self.builds.remove(&id);
+            }
+        }
     }
 
     /// The machine's whole state, written out for the engine's snapshots.
@@ -891,6 +902,7 @@ impl Machine {
             return Err(SnapshotError(format!("version {} is not {SNAPSHOT_VERSION}", read.version)));
         }
         let mut machine = read.machine;
+        machine.finished = machine.builds.values().filter(|b| b.is_finished()).map(|b| b.id.clone()).collect();
         for b in machine.builds.values_mut() {
             let (limits, cache) = (&machine.config.limits, &mut machine.spec_cache);
             if let Some(p) = plan_pipeline(cache, &b.spec, &b.pipeline.name, b.only.as_deref(), limits) {
@@ -1651,6 +1663,7 @@ impl Machine {
         }
         b.state = BuildState::Finished(conclusion);
         b.finished_at = Some(now);
+        self.finished.insert(id.clone());
         let queue = (b.context.repo.clone(), b.pipeline.name.clone());
         let kind = b.pipeline.kind;
         let key = b.supersede_key();

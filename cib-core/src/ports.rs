@@ -1018,6 +1018,21 @@ pub trait Store: Send + Sync {
     /// [`BuildUpdate::from_event`] says.
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
 
+    /// Appends inputs to the journal, in order, and events, as [`Store::append_input`] and
+    /// [`Store::append_events`] do, and returns the last input's sequence number (`None` when
+    /// `inputs` is empty). The engine calls it once for each batch of inputs it handled
+    /// together. A store that can should write it all in one transaction, one commit for the
+    /// batch; the default writes them one by one, which is correct too: inputs journaled
+    /// without their events get them again when the engine replays the journal.
+    async fn append_journal(&self, inputs: &[StoredInput], events: &[Event]) -> Result<Option<u64>, StoreError> {
+        let mut last = None;
+        for input in inputs {
+            last = Some(self.append_input(input).await?);
+        }
+        self.append_events(events).await?;
+        Ok(last)
+    }
+
     /// Events with a sequence number above `after`, in order, at most `limit`.
     async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
 

@@ -626,6 +626,7 @@ struct MemoryBuild {
 #[derive(Debug, Default)]
 struct Memory {
     inputs: BTreeMap<u64, StoredInput>,
+    journal_writes: usize,
     last_input: u64,
     snapshot: Option<(u64, Vec<u8>)>,
     /// The input that enqueued each build.
@@ -697,6 +698,11 @@ impl MemoryStore {
     pub fn input_count(&self) -> usize {
         lock(&self.inner).inputs.len()
     }
+
+    /// How many times [`Store::append_journal`] was called: the engine's writes of batches.
+    pub fn journal_writes(&self) -> usize {
+        lock(&self.inner).journal_writes
+    }
 }
 
 #[async_trait]
@@ -730,6 +736,16 @@ impl Store for MemoryStore {
 
     async fn enqueued(&self, build: &BuildId) -> Result<Option<StoredInput>, StoreError> {
         Ok(lock(&self.inner).enqueues.get(build).cloned())
+    }
+
+    async fn append_journal(&self, inputs: &[StoredInput], events: &[Event]) -> Result<Option<u64>, StoreError> {
+        lock(&self.inner).journal_writes += 1;
+        let mut last = None;
+        for input in inputs {
+            last = Some(self.append_input(input).await?);
+        }
+        self.append_events(events).await?;
+        Ok(last)
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {

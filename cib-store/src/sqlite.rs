@@ -326,6 +326,22 @@ pub(crate) fn journal_form(input: &Input) -> Result<(String, Option<Enqueue>), S
     })
 }
 
+/// Events as the writer stores them, each with the change it makes to the build records.
+fn event_rows(events: &[Event]) -> Result<Vec<EventRow>, StoreError> {
+    events
+        .iter()
+        .map(|e| {
+            Ok(EventRow {
+                seq: e.seq,
+                at: e.at.0,
+                build: e.body.build().map(|b| b.0.clone()),
+                body: to_json(&e.body, "an event")?,
+                update: BuildUpdate::from_event(e),
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Permanent(format!("cannot serialize {what}: {e}")))
 }
@@ -369,20 +385,24 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let rows = events
-            .iter()
-            .map(|e| {
-                Ok(EventRow {
-                    seq: e.seq,
-                    at: e.at.0,
-                    build: e.body.build().map(|b| b.0.clone()),
-                    body: to_json(&e.body, "an event")?,
-                    update: BuildUpdate::from_event(e),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        match self.write(Op::Events(rows)).await? {
+        match self.write(Op::Events(event_rows(events)?)).await? {
             Done::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn append_journal(&self, inputs: &[StoredInput], events: &[Event]) -> Result<Option<u64>, StoreError> {
+        let mut ops = Vec::with_capacity(inputs.len() + 1);
+        for input in inputs {
+            let (json, enqueue) = journal_form(&input.input)?;
+            ops.push(Op::Input { at: input.at.0, input: json, enqueue });
+        }
+        if !events.is_empty() {
+            ops.push(Op::Events(event_rows(events)?));
+        }
+        match self.write(Op::Journal(ops)).await? {
+            Done::Seq(0) => Ok(None),
+            Done::Seq(seq) => Ok(Some(seq)),
             other => Err(unexpected(other)),
         }
     }

@@ -54,6 +54,9 @@ pub(crate) enum Op {
         data: Vec<u8>,
     },
     Events(Vec<EventRow>),
+    /// One batch of the engine's (`Store::append_journal`): `Input`s, then `Events`, all in
+    /// the same savepoint. It answers the last input's number, or 0 when there is none.
+    Journal(Vec<Op>),
     AppendLog {
         key: LogKey,
         data: Vec<u8>,
@@ -129,6 +132,7 @@ impl Op {
             Op::Input { input, enqueue, .. } => input.len() + enqueue.as_ref().map_or(0, |e| e.spec.len()),
             Op::Snapshot { data, .. } => data.len(),
             Op::Events(rows) => rows.iter().map(|r| r.body.len()).sum(),
+            Op::Journal(ops) => ops.iter().map(Op::weight).sum(),
             Op::AppendLog { data, .. } => data.len(),
             Op::FinishLog { .. } | Op::LogTime { .. } => 0,
             Op::Delivery(d) | Op::DeliveryOnce { delivery: d, .. } => d.body.len(),
@@ -445,6 +449,15 @@ fn apply(conn: &Connection, logs: &LogConfig, op: &Op) -> Result<Done, StoreErro
             exec(conn, "DELETE FROM inputs WHERE seq <= ?1", params![seq])?;
             exec(conn, "DELETE FROM snapshots WHERE seq < ?1", params![seq])?;
             Ok(Done::Unit)
+        }
+        Op::Journal(ops) => {
+            let mut last = 0;
+            for op in ops {
+                if let Done::Seq(seq) = apply(conn, logs, op)? {
+                    last = seq;
+                }
+            }
+            Ok(Done::Seq(last))
         }
         Op::Events(rows) => {
             for row in rows {

@@ -44,6 +44,15 @@ impl World {
         &self,
         snapshots: SnapshotPolicy,
     ) -> (EngineHandle, tokio::task::JoinHandle<Result<(), cib_core::engine::EngineError>>) {
+        let (handle, future) = self.engine(snapshots);
+        (handle, tokio::spawn(future))
+    }
+
+    /// An engine not yet running: the caller drives the future.
+    fn engine(
+        &self,
+        snapshots: SnapshotPolicy,
+    ) -> (EngineHandle, impl std::future::Future<Output = Result<(), cib_core::engine::EngineError>> + use<>) {
         let ports = Ports {
             executor: self.executor.clone(),
             vcs: self.vcs.clone(),
@@ -61,8 +70,7 @@ impl World {
             reconcile_every: cib_core::engine::RECONCILE_EVERY,
             snapshots,
         };
-        let (handle, future) = Engine::start(ports, config);
-        (handle, tokio::spawn(future))
+        Engine::start(ports, config)
     }
 
     /// Commits the spec and returns the input that builds `pipeline` at that commit.
@@ -468,4 +476,64 @@ async fn quiet_ticks_are_not_journaled_and_a_snapshot_comes_with_time() {
     assert!(world.store.latest_snapshot().await.expect("read").is_some(), "ten minutes after the last input");
     assert_eq!(world.store.input_count(), 0, "the snapshot took the journal's place");
     assert_eq!(engine.journal_length(), 0);
+}
+
+/// Inputs that wait together are handled as one batch with one write to the store, and the
+/// journal it leaves replays to the same builds: a restart runs none of them again, and the
+/// same deliveries sent again are recognised as builds that already ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_waiting_together_are_journaled_in_one_write_and_replay_the_same() {
+    const BUILDS: usize = 40;
+    let world = World::new(Arc::new(SystemClock));
+    let (engine, future) = world.engine(SnapshotPolicy::default());
+    // Each on a branch of its own, so that no build supersedes another.
+    let inputs: Vec<Input> = (0..BUILDS)
+        .map(|i| match world.enqueue(&format!("b{i}"), SPEC, "test") {
+            Input::Enqueue { build, spec, pipeline, mut context, only, variables } => {
+                context.branch = Some(format!("feature/{i}"));
+                context.event = TriggerEvent::push(&format!("feature/{i}"));
+                Input::Enqueue { build, spec, pipeline, context, only, variables }
+            }
+            _ => unreachable!("an enqueue"),
+        })
+        .collect();
+    // Every submit is in the engine's queue before the engine runs.
+    let mut submits = tokio::task::JoinSet::new();
+    for input in inputs.clone() {
+        let engine = engine.clone();
+        submits.spawn(async move { engine.submit(input).await });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let task = tokio::spawn(future);
+    while let Some(done) = submits.join_next().await {
+        done.expect("submit task").expect("submit");
+    }
+    for i in 0..BUILDS {
+        assert_eq!(world.finished(&format!("b{i}")).await, Conclusion::Success);
+    }
+    let writes = world.store.journal_writes();
+    let journaled = world.store.input_count();
+    assert!(writes < journaled, "{writes} writes for {journaled} inputs: nothing was batched");
+    let runs = world.executor.runs().len();
+    assert_eq!(runs, BUILDS * 2, "each build ran its two steps once");
+    let finished = |events: &[Event]| {
+        events.iter().filter(|e| matches!(e.body, EventBody::BuildFinished { .. })).count()
+    };
+    assert_eq!(finished(&world.notifier.events()), BUILDS, "each build finished once");
+    engine.shutdown().await;
+    task.await.expect("engine task").expect("engine");
+
+    // A restart replays the journal; the deliveries sent again find builds that already ran.
+    let (engine, task) = world.start();
+    for input in inputs {
+        engine.submit(input).await.expect("submit again");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(world.executor.runs().len(), runs, "no build ran again");
+    for i in 0..BUILDS {
+        let record = world.store.build(&BuildId::from(format!("b{i}").as_str())).await.expect("read").expect("record");
+        assert_eq!(record.build.status, BuildStatus::Success, "b{i}");
+    }
+    engine.shutdown().await;
+    task.await.expect("engine task").expect("engine");
 }

@@ -413,39 +413,73 @@ fn sort_artifacts(found: &mut [ArtifactRecord]) {
 #[async_trait]
 impl Store for PgStore {
     async fn append_input(&self, input: &StoredInput) -> Result<u64, StoreError> {
-        let (json, enqueue) = journal_form(&input.input)?;
-        let at = to_sql(input.at.0)?;
+        let last = self.append_journal(std::slice::from_ref(input), &[]).await?;
+        last.ok_or_else(|| StoreError::Permanent("an input was not numbered".into()))
+    }
+
+    async fn append_journal(&self, inputs: &[StoredInput], events: &[Event]) -> Result<Option<u64>, StoreError> {
+        if inputs.is_empty() && events.is_empty() {
+            return Ok(None);
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        // The lock makes appends take turns, so the next number is free and numbers have no
-        // gaps; a snapshot may have taken every input, so its number counts too.
-        tx.exec("SELECT pg_advisory_xact_lock($1)", &[&JOURNAL_LOCK]).await?;
+        let mut last = None;
+        if !inputs.is_empty() {
+            // The lock makes appends take turns, so the next number is free and numbers have
+            // no gaps; a snapshot may have taken every input, so its number counts too.
+            tx.exec("SELECT pg_advisory_xact_lock($1)", &[&JOURNAL_LOCK]).await?;
+        }
         // Checked in the append's own transaction: see `leader.rs`.
         self.fence.check(&tx).await?;
-        let last: i64 = tx
-            .opt(
-                "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM inputs), 0), COALESCE((SELECT MAX(seq) FROM snapshots), 0))",
-                &[],
-            )
-            .await?
-            .map_or(0, |r| r.get(0));
-        let seq = from_sql(last)? + 1;
-        let sql_seq = to_sql(seq)?;
-        if let Some(e) = &enqueue {
-            tx.exec(
-                "INSERT INTO specs (sha256, text) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING",
-                &[&e.sha256, &e.spec],
-            )
-            .await?;
-            tx.exec(
-                "INSERT INTO enqueues (build, at, input) VALUES ($1, $2, $3) ON CONFLICT (build) DO NOTHING",
-                &[&e.build, &at, &json],
-            )
-            .await?;
+        if !inputs.is_empty() {
+            let max: i64 = tx
+                .opt(
+                    "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM inputs), 0), COALESCE((SELECT MAX(seq) FROM snapshots), 0))",
+                    &[],
+                )
+                .await?
+                .map_or(0, |r| r.get(0));
+            let mut seq = from_sql(max)?;
+            for input in inputs {
+                let (json, enqueue) = journal_form(&input.input)?;
+                let at = to_sql(input.at.0)?;
+                seq += 1;
+                let sql_seq = to_sql(seq)?;
+                if let Some(e) = &enqueue {
+                    tx.exec(
+                        "INSERT INTO specs (sha256, text) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING",
+                        &[&e.sha256, &e.spec],
+                    )
+                    .await?;
+                    tx.exec(
+                        "INSERT INTO enqueues (build, at, input) VALUES ($1, $2, $3) ON CONFLICT (build) DO NOTHING",
+                        &[&e.build, &at, &json],
+                    )
+                    .await?;
+                }
+                tx.exec("INSERT INTO inputs (seq, at, input) VALUES ($1, $2, $3)", &[&sql_seq, &at, &json]).await?;
+            }
+            last = Some(seq);
         }
-        tx.exec("INSERT INTO inputs (seq, at, input) VALUES ($1, $2, $3)", &[&sql_seq, &at, &json]).await?;
+        for event in events {
+            let (seq, at) = (to_sql(event.seq)?, to_sql(event.at.0)?);
+            let build = event.body.build().map(|b| b.0.clone());
+            let body = to_json(&event.body, "an event")?;
+            let inserted = tx
+                .exec(
+                    "INSERT INTO events (seq, at, build, body) VALUES ($1, $2, $3, $4) ON CONFLICT (seq) DO NOTHING",
+                    &[&seq, &at, &build, &body],
+                )
+                .await?;
+            // Only a new event moves the build records, so replays change nothing.
+            if inserted == 1
+                && let Some(update) = BuildUpdate::from_event(event)
+            {
+                apply_update(&tx, event.seq, &update).await?;
+            }
+        }
         tx.commit().await.map_err(db)?;
-        Ok(seq)
+        Ok(last)
     }
 
     async fn inputs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, StoredInput)>, StoreError> {
@@ -520,30 +554,7 @@ impl Store for PgStore {
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        self.fence.check(&tx).await?;
-        for event in events {
-            let (seq, at) = (to_sql(event.seq)?, to_sql(event.at.0)?);
-            let build = event.body.build().map(|b| b.0.clone());
-            let body = to_json(&event.body, "an event")?;
-            let inserted = tx
-                .exec(
-                    "INSERT INTO events (seq, at, build, body) VALUES ($1, $2, $3, $4) ON CONFLICT (seq) DO NOTHING",
-                    &[&seq, &at, &build, &body],
-                )
-                .await?;
-            // Only a new event moves the build records, so replays change nothing.
-            if inserted == 1
-                && let Some(update) = BuildUpdate::from_event(event)
-            {
-                apply_update(&tx, event.seq, &update).await?;
-            }
-        }
-        tx.commit().await.map_err(db)
+        self.append_journal(&[], events).await.map(|_| ())
     }
 
     async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
