@@ -611,7 +611,9 @@ impl Runner {
             // this one. A build that finishes here is also one that already ran, for an
             // enqueue later in the batch: the store does not have its record yet.
             for effect in &effects[from..] {
-                if let Effect::Publish(Event { body: crate::event::EventBody::BuildFinished { build, .. }, .. }) = effect {
+                if let Effect::Publish(Event { body: crate::event::EventBody::BuildFinished { build, .. }, .. }) =
+                    effect
+                {
                     ran.insert(build.clone());
                 }
             }

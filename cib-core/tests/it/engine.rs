@@ -516,9 +516,8 @@ async fn inputs_waiting_together_are_journaled_in_one_write_and_replay_the_same(
     assert!(writes < journaled, "{writes} writes for {journaled} inputs: nothing was batched");
     let runs = world.executor.runs().len();
     assert_eq!(runs, BUILDS * 2, "each build ran its two steps once");
-    let finished = |events: &[Event]| {
-        events.iter().filter(|e| matches!(e.body, EventBody::BuildFinished { .. })).count()
-    };
+    let finished =
+        |events: &[Event]| events.iter().filter(|e| matches!(e.body, EventBody::BuildFinished { .. })).count();
     assert_eq!(finished(&world.notifier.events()), BUILDS, "each build finished once");
     engine.shutdown().await;
     task.await.expect("engine task").expect("engine");
