@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::event::{BuildId, Event};
@@ -1227,10 +1228,45 @@ fn safe_dir_name(id: &str) -> String {
 
 /// Writes output to the store in batches: whatever arrived while the last write ran goes in
 /// the next one, so a chatty step costs few writes.
+/// How many logs the writer appends to at once. Appends to different logs are independent;
+/// a store with a pool (PostgreSQL) or a group commit (SQLite's writer) turns several at once
+/// into fewer commits, and a step's end waits for its log, so one append at a time made steps
+/// finish at the pace of the store's commits under load.
+const LOG_WRITES_AT_ONCE: usize = 16;
+
+/// How long output may wait in memory to be joined with more of the same log before it is
+/// stored. Readers of the stored log (the API's log stream polls every 200 ms) see it that
+/// much later; live readers get every piece at once through [`EngineHandle::subscribe_logs`].
+/// A step's end stores its output at once. Under load this turns a chatty step's many small
+/// appends, each a transaction, into a few.
+const LOG_WINDOW: Duration = Duration::from_millis(100);
+
+/// Output held for longer than [`LOG_WINDOW`] is stored even sooner when this many bytes wait.
+const LOG_HELD_BYTES: usize = 4 << 20;
+
 async fn write_logs(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogMessage>) {
     // When each log was last marked with a time: marks are kept to about one a second.
     let mut marked: HashMap<LogKey, Timestamp> = HashMap::new();
-    while let Some(first) = rx.recv().await {
+    // Output not stored yet, each log's pieces joined in order, with the time of the first.
+    let mut held: HashMap<LogKey, (Vec<u8>, Timestamp)> = HashMap::new();
+    let mut held_bytes = 0usize;
+    let mut held_since: Option<tokio::time::Instant> = None;
+    loop {
+        let message = match held_since {
+            Some(since) => tokio::select! {
+                message = rx.recv() => message,
+                () = tokio::time::sleep_until(since + LOG_WINDOW) => {
+                    flush(&store, held.drain().collect(), &mut marked).await;
+                    (held_bytes, held_since) = (0, None);
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(first) = message else {
+            flush(&store, held.drain().collect(), &mut marked).await;
+            return;
+        };
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
@@ -1238,47 +1274,82 @@ async fn write_logs(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogMe
                 break;
             }
         }
-        let mut pending: Vec<(LogKey, Vec<u8>, Timestamp)> = Vec::new();
+        let mut finishes = Vec::new();
         for message in batch {
             match message {
-                LogMessage::Data(key, data, at) => match pending.last_mut() {
-                    Some((last, buf, _)) if *last == key => buf.extend_from_slice(&data),
-                    _ => pending.push((key, data, at)),
-                },
-                LogMessage::Finish(key, done) => {
-                    flush(&store, &mut pending, &mut marked).await;
+                LogMessage::Data(key, data, at) => {
+                    held_bytes += data.len();
+                    held_since.get_or_insert_with(tokio::time::Instant::now);
+                    held.entry(key).or_insert_with(|| (Vec::new(), at)).0.extend_from_slice(&data);
+                }
+                LogMessage::Finish(key, done) => finishes.push((key, done)),
+            }
+        }
+        if held_bytes >= LOG_HELD_BYTES {
+            flush(&store, held.drain().collect(), &mut marked).await;
+            (held_bytes, held_since) = (0, None);
+        }
+        if finishes.is_empty() {
+            continue;
+        }
+        // A log's end follows its output: what is held of the finishing logs is stored first.
+        let ending: Vec<(LogKey, (Vec<u8>, Timestamp))> =
+            finishes.iter().filter_map(|(key, _)| held.remove_entry(key)).collect();
+        held_bytes = held.values().map(|(data, _)| data.len()).sum();
+        if held.is_empty() {
+            held_since = None;
+        }
+        flush(&store, ending, &mut marked).await;
+        let finished = futures_util::stream::iter(finishes)
+            .map(|(key, done)| {
+                let store = store.clone();
+                async move {
                     if let Err(error) = store.finish_log(&key).await {
                         tracing::warn!(%error, "cannot finish a log");
                     }
-                    marked.remove(&key);
-                    let _ = done.send(());
+                    (key, done)
                 }
-            }
+            })
+            .buffer_unordered(LOG_WRITES_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await;
+        for (key, done) in finished {
+            marked.remove(&key);
+            let _ = done.send(());
         }
-        flush(&store, &mut pending, &mut marked).await;
     }
 }
 
+/// Appends each log's output, several logs at once, and marks the time of those not marked
+/// for a second.
 async fn flush(
     store: &Arc<dyn Store>,
-    pending: &mut Vec<(LogKey, Vec<u8>, Timestamp)>,
+    pending: Vec<(LogKey, (Vec<u8>, Timestamp))>,
     marked: &mut HashMap<LogKey, Timestamp>,
 ) {
-    for (key, data, at) in pending.drain(..) {
-        match store.append_log(&key, &data).await {
-            Ok(length) => {
-                let due = marked.get(&key).is_none_or(|last| at.since(*last) >= Duration::from_secs(1));
-                if due {
+    let writes = pending.into_iter().map(|(key, (data, at))| {
+        let due = marked.get(&key).is_none_or(|last| at.since(*last) >= Duration::from_secs(1));
+        let store = store.clone();
+        async move {
+            match store.append_log(&key, &data).await {
+                Ok(length) if due => {
                     let start = length.saturating_sub(data.len() as u64);
                     if let Err(error) = store.mark_log_time(&key, start, at).await {
                         tracing::debug!(%error, "cannot mark a log's time");
                     }
-                    marked.insert(key, at);
+                    Some((key, at))
+                }
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(%error, build = %key.build, step = %key.step, "cannot store output");
+                    None
                 }
             }
-            Err(error) => tracing::warn!(%error, build = %key.build, step = %key.step, "cannot store output"),
         }
-    }
+    });
+    let marks: Vec<Option<(LogKey, Timestamp)>> =
+        futures_util::stream::iter(writes).buffer_unordered(LOG_WRITES_AT_ONCE).collect().await;
+    marked.extend(marks.into_iter().flatten());
 }
 
 /// Sends events to every notifier in order; a failing notifier is logged, never blocks the engine.
