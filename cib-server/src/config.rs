@@ -999,13 +999,15 @@ pub struct InboxConfig {
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
     pub max_attempts: u32,
-    /// Repositories processed at once (deliveries of one repository go in arrival order).
+    /// Deliveries processed at once, of different repositories (deliveries of one repository
+    /// go one at a time, in arrival order). Processing mostly waits on the engine and the
+    /// store, so this is well above the cores.
     pub concurrency: usize,
 }
 
 impl Default for InboxConfig {
     fn default() -> Self {
-        InboxConfig { retry_base_ms: 1_000, retry_max_ms: 600_000, max_attempts: 8, concurrency: 8 }
+        InboxConfig { retry_base_ms: 1_000, retry_max_ms: 600_000, max_attempts: 8, concurrency: 32 }
     }
 }
 

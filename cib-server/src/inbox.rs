@@ -576,100 +576,206 @@ async fn finish(state: &AppState, id: &str, outcome: DeliveryOutcome) {
     }
 }
 
-/// Processes one repository's due deliveries in arrival order. A delivery that fails is tried
-/// again later, after its backoff; it does not hold up the ones after it, so one broken
-/// delivery never jams its repository.
-async fn process_repo(state: Arc<AppState>, repo: String, deliveries: Vec<(Delivery, u32, ForgeEvent)>) {
-    for (delivery, failed_before, event) in deliveries {
-        let id = delivery.id.clone();
-        match process(&state, &id, event).await {
-            Ok(result) => {
-                tracing::info!(delivery = %id, %repo, ?result, "delivery processed");
-                let reason = match result {
-                    Processed::Builds(builds) => {
-                        state.metrics.delivery(&delivery.event, "built");
-                        for build in &builds {
-                            tracing::info!(delivery = %id, %repo, build = %build.0, "build enqueued");
-                            state.metrics.build_from_delivery(build, delivery.received_at);
-                        }
-                        None
+/// Processes one delivery and records its outcome. A delivery that fails is tried again
+/// later, after its backoff; it does not hold up the ones after it, so one broken delivery
+/// never jams its repository.
+async fn process_one(state: &Arc<AppState>, repo: &str, delivery: Delivery, failed_before: u32, event: ForgeEvent) {
+    let id = delivery.id.clone();
+    match process(state, &id, event).await {
+        Ok(result) => {
+            tracing::info!(delivery = %id, %repo, ?result, "delivery processed");
+            let reason = match result {
+                Processed::Builds(builds) => {
+                    state.metrics.delivery(&delivery.event, "built");
+                    for build in &builds {
+                        tracing::info!(delivery = %id, %repo, build = %build.0, "build enqueued");
+                        state.metrics.build_from_delivery(build, delivery.received_at);
                     }
-                    Processed::Nothing(why) => {
-                        state.metrics.delivery(&delivery.event, "nothing");
-                        Some(why)
-                    }
-                };
-                finish(&state, &id, DeliveryOutcome::Done { reason }).await;
-            }
-            Err(e) => {
-                let failed = failed_before + 1;
-                let reason = e.to_string();
-                let outcome = if failed >= state.config.inbox.max_attempts { "dead" } else { "retry" };
-                state.metrics.delivery(&delivery.event, outcome);
-                if failed >= state.config.inbox.max_attempts {
-                    tracing::warn!(delivery = %id, %repo, attempts = failed, error = %e, "delivery set aside as dead");
-                    finish(&state, &id, DeliveryOutcome::Dead { reason }).await;
-                } else {
-                    let wait = backoff(&state.config.inbox, failed);
-                    let at = state.clock.now() + wait;
-                    tracing::warn!(
-                        delivery = %id, %repo, attempts = failed, kind = ?e.kind(), error = %e,
-                        retry_in_ms = wait.as_millis() as u64, "delivery failed; it will be tried again"
-                    );
-                    finish(&state, &id, DeliveryOutcome::Retry { at, reason }).await;
+                    None
                 }
+                Processed::Nothing(why) => {
+                    state.metrics.delivery(&delivery.event, "nothing");
+                    Some(why)
+                }
+            };
+            finish(state, &id, DeliveryOutcome::Done { reason }).await;
+        }
+        Err(e) => {
+            let failed = failed_before + 1;
+            let reason = e.to_string();
+            let outcome = if failed >= state.config.inbox.max_attempts { "dead" } else { "retry" };
+            state.metrics.delivery(&delivery.event, outcome);
+            if failed >= state.config.inbox.max_attempts {
+                tracing::warn!(delivery = %id, %repo, attempts = failed, error = %e, "delivery set aside as dead");
+                finish(state, &id, DeliveryOutcome::Dead { reason }).await;
+            } else {
+                let wait = backoff(&state.config.inbox, failed);
+                let at = state.clock.now() + wait;
+                tracing::warn!(
+                    delivery = %id, %repo, attempts = failed, kind = ?e.kind(), error = %e,
+                    retry_in_ms = wait.as_millis() as u64, "delivery failed; it will be tried again"
+                );
+                finish(state, &id, DeliveryOutcome::Retry { at, reason }).await;
             }
         }
     }
 }
 
-/// Works through the due deliveries, round after round: those that can never build anything
+/// The most deliveries the inbox holds in hand (queued behind their repository or being
+/// processed) before it reads more from the store.
+const IN_HAND: usize = 1_000;
+
+/// How often, at most, the inbox reads the store for due deliveries: webhooks arriving within
+/// this time are read together.
+const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// What the inbox holds in hand: the ids being worked on, and each busy repository's queue.
+/// A repository with an entry has a task working through its queue; the task removes the
+/// entry, under the same lock, when it finds the queue empty.
+#[derive(Default)]
+struct InHand {
+    ids: std::collections::HashSet<String>,
+    queues: std::collections::HashMap<String, std::collections::VecDeque<(Delivery, u32, ForgeEvent)>>,
+    /// The delivery each busy repository's task is processing.
+    working: std::collections::HashMap<String, String>,
+}
+
+impl InHand {
+    /// Lets go of a repository whose task died: its deliveries are due in the store still,
+    /// and the next read picks them up again.
+    fn release(&mut self, repo: &str) {
+        for (delivery, _, _) in self.queues.remove(repo).unwrap_or_default() {
+            self.ids.remove(&delivery.id);
+        }
+        if let Some(id) = self.working.remove(repo) {
+            self.ids.remove(&id);
+        }
+    }
+}
+
+fn lock(hand: &std::sync::Mutex<InHand>) -> std::sync::MutexGuard<'_, InHand> {
+    hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Works through one repository's queue in arrival order, one delivery at a time, each
+/// holding one of the inbox's `concurrency` permits while it is processed.
+async fn work_repo(
+    state: Arc<AppState>,
+    repo: String,
+    hand: Arc<std::sync::Mutex<InHand>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    freed: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let next = {
+            let mut hand = lock(&hand);
+            let next = hand.queues.get_mut(&repo).and_then(std::collections::VecDeque::pop_front);
+            match &next {
+                Some((delivery, _, _)) => {
+                    hand.working.insert(repo.clone(), delivery.id.clone());
+                }
+                None => {
+                    hand.queues.remove(&repo);
+                    hand.working.remove(&repo);
+                }
+            }
+            next
+        };
+        let Some((delivery, failed, event)) = next else { return };
+        let id = delivery.id.clone();
+        {
+            let _permit = gate.acquire().await;
+            process_one(&state, &repo, delivery, failed, event).await;
+        }
+        // Only once its outcome is stored: until then the store still lists it as due, and
+        // the id in hand keeps it from being picked up twice.
+        lock(&hand).ids.remove(&id);
+        freed.notify_one();
+    }
+}
+
+/// Works through the due deliveries as they come: those that can never build anything
 /// (unreadable, for a repository this server does not build, ignored events) are set aside at
-/// once and together; the rest are processed concurrently across repositories and in arrival
-/// order within one.
+/// once and together; the rest go to their repository's queue, processed in arrival order
+/// within a repository and concurrently across repositories (`[inbox] concurrency` at once).
+/// The store is read again as soon as webhooks arrive or work is done (at most every
+/// `READ_EVERY`), not after a whole round: a webhook waits for the deliveries of its own
+/// repository before it, not for the slowest delivery of a batch.
 pub async fn run(state: Arc<AppState>) {
     let gate = Arc::new(tokio::sync::Semaphore::new(state.config.inbox.concurrency));
+    let hand = Arc::new(std::sync::Mutex::new(InHand::default()));
+    let freed = Arc::new(tokio::sync::Notify::new());
+    // The repositories' tasks belong to this one: they end when the inbox is stopped.
+    let mut workers = tokio::task::JoinSet::new();
+    let mut working_on: std::collections::HashMap<tokio::task::Id, String> = Default::default();
     loop {
+        while let Some(ended) = workers.try_join_next_with_id() {
+            match ended {
+                Ok((task, ())) => {
+                    working_on.remove(&task);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a repository's inbox task failed");
+                    if let Some(repo) = working_on.remove(&e.id()) {
+                        lock(&hand).release(&repo);
+                    }
+                }
+            }
+        }
         let notified = state.inbox.notified();
-        let due = match state.store.due_deliveries(state.clock.now(), 200).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the inbox");
-                Vec::new()
+        let in_hand = lock(&hand).ids.len();
+        let due = if in_hand >= IN_HAND {
+            Vec::new()
+        } else {
+            // The deliveries in hand are due too (their outcome is not stored yet): the read
+            // asks for that many more.
+            match state.store.due_deliveries(state.clock.now(), in_hand + 200).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the inbox");
+                    Vec::new()
+                }
             }
         };
-        if due.is_empty() {
-            // Retries come due with time, so the inbox looks again soon even when nothing new
-            // arrives.
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
-            }
-            continue;
-        }
         let mut at_once = Vec::new();
-        let mut by_repo: std::collections::BTreeMap<String, Vec<(Delivery, u32, ForgeEvent)>> = Default::default();
-        // Repositories in the order their oldest due delivery arrived.
-        let mut order = Vec::new();
-        for (delivery, failed) in due {
-            match parse_delivery(&delivery) {
-                Err(e) => {
-                    state.metrics.delivery(&delivery.event, "unreadable");
-                    at_once.push((delivery.id, Some(e.to_string())));
+        let mut fresh = 0usize;
+        {
+            let mut held = lock(&hand);
+            for (delivery, failed) in due {
+                if held.ids.contains(&delivery.id) {
+                    continue;
                 }
-                Ok(event) => match set_aside(&state.config, &event, &delivery.event) {
-                    Some((outcome, reason)) => {
-                        state.metrics.delivery(&delivery.event, outcome);
-                        at_once.push((delivery.id, Some(reason)));
+                fresh += 1;
+                match parse_delivery(&delivery) {
+                    Err(e) => {
+                        state.metrics.delivery(&delivery.event, "unreadable");
+                        at_once.push((delivery.id, Some(e.to_string())));
                     }
-                    None => {
-                        let repo = repo_of(&event).unwrap_or_default().to_owned();
-                        if !by_repo.contains_key(&repo) {
-                            order.push(repo.clone());
+                    Ok(event) => match set_aside(&state.config, &event, &delivery.event) {
+                        Some((outcome, reason)) => {
+                            state.metrics.delivery(&delivery.event, outcome);
+                            at_once.push((delivery.id, Some(reason)));
                         }
-                        by_repo.entry(repo).or_default().push((delivery, failed, event));
-                    }
-                },
+                        None => {
+                            let repo = repo_of(&event).unwrap_or_default().to_owned();
+                            held.ids.insert(delivery.id.clone());
+                            match held.queues.get_mut(&repo) {
+                                Some(queue) => queue.push_back((delivery, failed, event)),
+                                None => {
+                                    held.queues.insert(repo.clone(), [(delivery, failed, event)].into());
+                                    let task = workers.spawn(work_repo(
+                                        state.clone(),
+                                        repo.clone(),
+                                        hand.clone(),
+                                        gate.clone(),
+                                        freed.clone(),
+                                    ));
+                                    working_on.insert(task.id(), repo);
+                                }
+                            }
+                        }
+                    },
+                }
             }
         }
         // Set aside a few at a time: the store commits them together, and webhooks arriving
@@ -684,19 +790,24 @@ pub async fn run(state: Arc<AppState>) {
             },
         )
         .await;
-        let mut tasks = tokio::task::JoinSet::new();
-        for repo in order {
-            let deliveries = by_repo.remove(&repo).unwrap_or_default();
-            let (state, gate) = (state.clone(), gate.clone());
-            tasks.spawn(async move {
-                let _permit = gate.acquire_owned().await;
-                process_repo(state, repo, deliveries).await;
-            });
+        // Each read returns the deliveries in hand too, so reads are spaced out more as more
+        // are in hand: every 20 ms when few are, about every 200 ms with a thousand.
+        let pause = READ_EVERY * (1 + u32::try_from(in_hand / 100).unwrap_or(u32::MAX));
+        if fresh > 0 {
+            // More may be waiting than one read takes; read again soon.
+            tokio::time::sleep(pause).await;
+            continue;
         }
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                tracing::error!(error = %e, "a repository's inbox task failed");
+        // Retries come due with time, so the inbox looks again soon even when nothing new
+        // arrives.
+        tokio::select! {
+            () = notified => {}
+            () = freed.notified() => {
+                // Room was made for more of a backlog; the deliveries ending meanwhile are
+                // answered by the same read.
+                tokio::time::sleep(pause).await;
             }
+            () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
         }
     }
 }
