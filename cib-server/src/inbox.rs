@@ -638,6 +638,9 @@ struct InHand {
     queues: std::collections::HashMap<String, std::collections::VecDeque<(Delivery, u32, ForgeEvent)>>,
     /// The delivery each busy repository's task is processing.
     working: std::collections::HashMap<String, String>,
+    /// Deliveries let go of since the current read of the store began: the read may have
+    /// begun before their outcome was stored, and so list them as due when they are not.
+    let_go: std::collections::HashSet<String>,
 }
 
 impl InHand {
@@ -689,7 +692,10 @@ async fn work_repo(
         }
         // Only once its outcome is stored: until then the store still lists it as due, and
         // the id in hand keeps it from being picked up twice.
-        lock(&hand).ids.remove(&id);
+        let mut held = lock(&hand);
+        held.ids.remove(&id);
+        held.let_go.insert(id);
+        drop(held);
         freed.notify_one();
     }
 }
@@ -723,7 +729,11 @@ pub async fn run(state: Arc<AppState>) {
             }
         }
         let notified = state.inbox.notified();
-        let in_hand = lock(&hand).ids.len();
+        let in_hand = {
+            let mut held = lock(&hand);
+            held.let_go.clear();
+            held.ids.len()
+        };
         let due = if in_hand >= IN_HAND {
             Vec::new()
         } else {
@@ -742,7 +752,7 @@ pub async fn run(state: Arc<AppState>) {
         {
             let mut held = lock(&hand);
             for (delivery, failed) in due {
-                if held.ids.contains(&delivery.id) {
+                if held.ids.contains(&delivery.id) || held.let_go.contains(&delivery.id) {
                     continue;
                 }
                 fresh += 1;
