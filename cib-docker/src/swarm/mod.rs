@@ -28,6 +28,7 @@ mod serve;
 pub mod specs;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,7 +44,7 @@ use bollard::query_parameters::{
 };
 use cib_core::event::BuildId;
 use cib_core::pipeline::StopReason;
-use cib_core::ports::{ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
+use cib_core::ports::{CacheJob, ExecError, Executor, LogSink, Outcome, StepRun, StopSignal, Stream};
 use cib_core::spec;
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -344,6 +345,34 @@ impl Executor for SwarmExecutor {
     fn detach(&self) {
         self.0.detached.store(true, Ordering::SeqCst);
     }
+
+    // The workspace of a Swarm build lives in a volume on whichever node runs it, out of the
+    // server's reach: what reads or writes it from the server is refused in words, rather than
+    // left to the trait's defaults, which would keep no cache and publish or keep the files of
+    // the checkout instead of those the steps made.
+    async fn export_workspace(&self, _build: &BuildId, _dest: &Path) -> Result<(), ExecError> {
+        Err(unavailable("deliverables and `artifacts` (they read the steps' workspace back)"))
+    }
+
+    async fn import_archive(&self, _run: &StepRun, _archive: &Path) -> Result<(), ExecError> {
+        Err(unavailable("`needs_artifacts`"))
+    }
+
+    async fn restore_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<Option<String>, ExecError> {
+        Err(unavailable("`cache`"))
+    }
+
+    async fn save_cache(&self, _run: &StepRun, _cache: &CacheJob) -> Result<bool, ExecError> {
+        Err(unavailable("`cache`"))
+    }
+}
+
+/// Why a feature that needs the build's workspace on the server's daemon is refused on Swarm.
+fn unavailable(what: &str) -> ExecError {
+    ExecError::Permanent(format!(
+        "{what} cannot be had on Docker Swarm, where the workspace stays on the node that runs the build \
+         (docs/scaling.md): run this pipeline with the single-daemon executor"
+    ))
 }
 
 impl Inner {

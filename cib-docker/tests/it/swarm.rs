@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bollard::query_parameters::{ListSecretsOptions, ListServicesOptions};
 use cib_core::event::BuildId;
 use cib_core::pipeline::{StepJob, StopReason};
-use cib_core::ports::{ExecError, Executor, Outcome, StepRun, StopSignal, Stream};
+use cib_core::ports::{CacheJob, ExecError, Executor, Outcome, StepRun, StopSignal, Stream};
 use cib_core::spec::{self, RunsOn};
 use cib_core::testing::executor_conformance;
 use cib_docker::naming::LABEL_ENGINE;
@@ -424,4 +424,36 @@ async fn swarm_places_builds_on_a_second_node_by_label_and_keeps_each_build_on_o
     assert_swarm_clean(&exec).await;
     docker_cli(&["node", "update", "--label-rm", &label, &node1]);
     drop(node2);
+}
+
+/// What needs the build's workspace on the server's daemon (caches, artifacts, deliverables
+/// that read the workspace back) is refused in words on Swarm, never quietly skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_refuses_caches_artifacts_and_workspace_reads_in_words() {
+    let _swarm = swarm();
+    let exec = swarm_executor("unavailable", |_| {}).await;
+    let dir = tempdir();
+    let run = step_run(job("unavailable", "cached", &["true"]), dir.path());
+    let cache = CacheJob {
+        repo: "acme/shop".into(),
+        key: "deps-1".into(),
+        restore_keys: vec!["deps-".into()],
+        paths: vec!["target".into()],
+        write: "trusted".into(),
+        reads: vec!["trusted".into()],
+    };
+    let said = |what: &str, err: ExecError| {
+        assert_eq!(err.kind(), cib_core::ports::ErrorKind::Permanent, "{what}: {err}");
+        assert!(err.message().contains(what), "{err}");
+        assert!(err.message().contains("cannot be had on Docker Swarm"), "{err}");
+        assert!(err.message().contains("single-daemon executor"), "{err}");
+    };
+    said("`cache`", exec.restore_cache(&run, &cache).await.expect_err("restore refused"));
+    said("`cache`", exec.save_cache(&run, &cache).await.expect_err("save refused"));
+    said("`needs_artifacts`", exec.import_archive(&run, &dir.path().join("a.tgz")).await.expect_err("import refused"));
+    said(
+        "deliverables and `artifacts`",
+        exec.export_workspace(&run.job.build, dir.path()).await.expect_err("export refused"),
+    );
+    assert_swarm_clean(&exec).await;
 }
